@@ -1,0 +1,209 @@
+//! rkyv archives written straight into shared memory, and read back in place.
+//!
+//! [`ShmWriter`] is an rkyv writer over a fixed region (a task slot, an arena block, a result
+//! ring record): serialising writes the archive bytes exactly once, where the reader will find
+//! them. The same writer in *counting* mode (no buffer) measures an archive first, for values that
+//! must go somewhere bigger than a slot.
+//!
+//! Readers always validate (`rkyv::access` with bytecheck): a worker is a separate failure domain
+//! and a C host can send anything, so bytes from another process are checked before use. For the
+//! plain-data types typical of tasks this costs nanoseconds.
+
+use rkyv::api::high::{HighDeserializer, HighSerializer, HighValidator};
+use rkyv::bytecheck::CheckBytes;
+use rkyv::rancor::{BoxedError, Source};
+use rkyv::ser::allocator::ArenaHandle;
+use rkyv::ser::{Positional, Writer};
+use rkyv::{Archive, Deserialize, Serialize};
+
+/// The rkyv writer this crate serialises with: into a fixed shared-memory region, or counting
+/// only. Users never construct one; it appears in the [`Message`] bound.
+#[derive(Debug)]
+pub struct ShmWriter {
+    ptr: *mut u8,
+    cap: usize,
+    pos: usize,
+}
+
+impl ShmWriter {
+    /// A writer into `cap` bytes at `ptr`, which the caller owns exclusively while writing.
+    pub(crate) fn new(ptr: *mut u8, cap: usize) -> Self {
+        ShmWriter { ptr, cap, pos: 0 }
+    }
+
+    /// A writer that only counts bytes.
+    pub(crate) fn counting() -> Self {
+        ShmWriter {
+            ptr: std::ptr::null_mut(),
+            cap: usize::MAX,
+            pos: 0,
+        }
+    }
+}
+
+impl Positional for ShmWriter {
+    fn pos(&self) -> usize {
+        self.pos
+    }
+}
+
+impl<E: Source> Writer<E> for ShmWriter {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), E> {
+        let end = self.pos.checked_add(bytes.len());
+        match end {
+            Some(end) if end <= self.cap => {
+                if !self.ptr.is_null() {
+                    // SAFETY: `ptr..ptr+cap` is a region the writer's creator owns exclusively
+                    // (see `new`), `pos + len <= cap`, and `bytes` cannot overlap it (it is a
+                    // Rust value being serialised, not shared memory being written).
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            bytes.as_ptr(),
+                            self.ptr.add(self.pos),
+                            bytes.len(),
+                        )
+                    };
+                }
+                self.pos = end;
+                Ok(())
+            }
+            _ => Err(E::new(Overflow)),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("archive does not fit in its shared-memory region")]
+struct Overflow;
+
+/// A type that can travel through the pool as a task, a spawn argument, a spawn output or a
+/// result: it derives rkyv's `Archive`, `Serialize` and `Deserialize`, and its archived form can
+/// be validated (`bytecheck`, on by default in rkyv's derive).
+///
+/// It is implemented automatically; derive the three rkyv traits on your type:
+///
+/// ```
+/// #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+/// struct Resize { width: u32, height: u32, name: String }
+///
+/// fn assert_message<T: stateful_pool::Message>() {}
+/// assert_message::<Resize>();
+/// assert_message::<Vec<u8>>();
+/// ```
+pub trait Message:
+    Sized
+    + Archive<
+        Archived: for<'a> CheckBytes<HighValidator<'a, BoxedError>>
+                      + Deserialize<Self, HighDeserializer<BoxedError>>,
+    > + for<'a> Serialize<HighSerializer<ShmWriter, ArenaHandle<'a>, BoxedError>>
+    + Send
+    + 'static
+{
+}
+
+impl<T> Message for T where
+    T: Archive<
+            Archived: for<'a> CheckBytes<HighValidator<'a, BoxedError>>
+                          + Deserialize<T, HighDeserializer<BoxedError>>,
+        > + for<'a> Serialize<HighSerializer<ShmWriter, ArenaHandle<'a>, BoxedError>>
+        + Send
+        + 'static
+{
+}
+
+/// Why encoding failed.
+#[derive(Debug)]
+pub(crate) enum EncodeError {
+    /// The archive is larger than the region (retry somewhere bigger).
+    Overflow,
+    /// The value's `Serialize` impl failed.
+    Failed(String),
+}
+
+/// Serialises `value` into `cap` bytes at `ptr`; returns the archive length.
+pub(crate) fn encode_into<T: Message>(
+    value: &T,
+    ptr: *mut u8,
+    cap: usize,
+) -> Result<usize, EncodeError> {
+    match rkyv::api::high::to_bytes_in::<_, BoxedError>(value, ShmWriter::new(ptr, cap)) {
+        Ok(w) => Ok(w.pos),
+        // The writer is gone with the error; tell overflow from a failing `Serialize` by
+        // measuring (only on this failure path).
+        Err(e) => match encoded_len(value) {
+            Ok(n) if n > cap => Err(EncodeError::Overflow),
+            Ok(_) => Err(EncodeError::Failed(e.to_string())),
+            Err(e) => Err(e),
+        },
+    }
+}
+
+/// The length of `value`'s archive.
+pub(crate) fn encoded_len<T: Message>(value: &T) -> Result<usize, EncodeError> {
+    match rkyv::api::high::to_bytes_in::<_, BoxedError>(value, ShmWriter::counting()) {
+        Ok(w) => Ok(w.pos),
+        Err(e) => Err(EncodeError::Failed(e.to_string())),
+    }
+}
+
+/// Validates `bytes` as an archive of `T` and returns a reference into them.
+pub(crate) fn access<T: Message>(bytes: &[u8]) -> Result<&T::Archived, String> {
+    rkyv::access::<T::Archived, BoxedError>(bytes).map_err(|e| e.to_string())
+}
+
+/// Validates and deserialises `bytes` into an owned `T`.
+pub(crate) fn decode<T: Message>(bytes: &[u8]) -> Result<T, String> {
+    let archived = access::<T>(bytes)?;
+    rkyv::deserialize::<T, BoxedError>(archived).map_err(|e| e.to_string())
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[repr(C, align(16))]
+    struct Buf([u8; 256]);
+
+    #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, PartialEq)]
+    struct T {
+        a: u64,
+        s: String,
+        v: Vec<u32>,
+    }
+
+    #[test]
+    fn roundtrip_in_place_and_counting_agree() {
+        let value = T {
+            a: 7,
+            s: "hello".into(),
+            v: vec![1, 2, 3],
+        };
+        let mut buf = Buf([0; 256]);
+        let n = encode_into(&value, buf.0.as_mut_ptr(), 256).unwrap();
+        assert_eq!(encoded_len(&value).unwrap(), n);
+        assert_eq!(decode::<T>(&buf.0[..n]).unwrap(), value);
+        assert_eq!(access::<T>(&buf.0[..n]).unwrap().s.as_str(), "hello");
+    }
+
+    #[test]
+    fn overflow_is_reported_as_such() {
+        let value = T {
+            a: 1,
+            s: "x".repeat(300),
+            v: vec![],
+        };
+        let mut buf = Buf([0; 256]);
+        assert!(matches!(
+            encode_into(&value, buf.0.as_mut_ptr(), 256),
+            Err(EncodeError::Overflow)
+        ));
+    }
+
+    #[test]
+    fn garbage_is_rejected_not_ub() {
+        let mut buf = Buf([0xAB; 256]);
+        buf.0[0] = 1;
+        assert!(decode::<T>(&buf.0[..64]).is_err());
+        assert!(decode::<T>(&buf.0[..0]).is_err());
+    }
+}

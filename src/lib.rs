@@ -1,0 +1,133 @@
+//! # stateful-pool
+//!
+//! A pool of **stateful worker processes**: spawn each worker once (load a model onto its GPUs,
+//! open a big index, warm up an engine), then execute many tasks on it from any number of
+//! threads or async tasks, at the lowest latency we can reach.
+//!
+//! Tasks and results are [rkyv](https://docs.rs/rkyv) archives written directly into a
+//! shared-memory segment and carried by lock-free rings: a bounded task queue that the next idle
+//! worker pulls from, and one completion ring per worker back to the parent. Workers read tasks
+//! in place; the parent reads results in place. Large payloads are written once into a buffer
+//! loaned from shared memory ([`Pool::loan`]).
+//!
+//! ## Quick start
+//!
+//! ```no_run
+//! use stateful_pool::{BoxError, Pool, TaskContext, Worker, WorkerContext};
+//!
+//! struct Square { gpu_ids: Vec<u32> }
+//!
+//! impl Worker for Square {
+//!     type SpawnArgs = Vec<u32>;
+//!     type SpawnOutput = String;
+//!     type Task = i64;
+//!     type Output = String;
+//!
+//!     // Runs once, in the worker's own process.
+//!     fn spawn(gpu_ids: Vec<u32>, _: &WorkerContext) -> Result<(Self, String), BoxError> {
+//!         let msg = format!("Worker initialized on GPU: {gpu_ids:?}");
+//!         Ok((Square { gpu_ids }, msg))
+//!     }
+//!
+//!     // Runs for every task; `task` is read in place in shared memory.
+//!     fn execute(&mut self, task: &rkyv::Archived<i64>, _: &TaskContext<'_>) -> Result<String, BoxError> {
+//!         let v = task.to_native();
+//!         Ok(format!("Square of {v} is {} (GPU {:?})", v * v, self.gpu_ids))
+//!     }
+//! }
+//!
+//! fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     stateful_pool::init(); // workers branch off here; must come first
+//!
+//!     let pool = Pool::<Square>::builder().queue_size(100).build()?;
+//!     println!("{}", pool.spawn(&vec![0, 1])?);
+//!     println!("{}", pool.execute(&100)?);
+//!     Ok(())
+//! } // dropping the pool finishes queued tasks and stops the workers
+//! ```
+//!
+//! ## How a worker process starts
+//!
+//! A worker is the running program re-executed (never a bare `fork`, which is unsafe in a
+//! multi-threaded parent and breaks CUDA). The re-executed program must reach [`init`] before
+//! doing anything else; there it maps the pool's segment and serves, and never returns. In
+//! `cargo test` integration tests and benches, where you do not write `main`, put
+//! [`worker_hook!()`](worker_hook) at the top level of the test file instead.
+//!
+//! See `ARCHITECTURE.md` for the shared-memory layout and the ring protocols.
+
+#![warn(missing_docs, missing_debug_implementations)]
+
+pub(crate) mod sync;
+
+#[cfg(not(loom))]
+mod codec;
+#[cfg(not(loom))]
+mod error;
+#[cfg(not(loom))]
+mod pool;
+#[cfg(not(loom))]
+mod process;
+pub(crate) mod ring;
+#[cfg(not(loom))]
+mod shm;
+#[cfg(not(loom))]
+mod sys;
+#[cfg(not(loom))]
+mod worker;
+
+#[cfg(not(loom))]
+pub use codec::{Message, ShmWriter};
+#[cfg(not(loom))]
+pub use error::{BuildError, SpawnError, SubmitError, TaskError};
+#[cfg(not(loom))]
+pub use pool::Pool;
+#[cfg(not(loom))]
+pub use pool::builder::{PoolBuilder, WaitStrategy};
+#[cfg(not(loom))]
+pub use pool::handle::{Loan, ResultRef, SpawnHandle, TaskHandle};
+#[cfg(not(loom))]
+pub use worker::{BoxError, TaskContext, Worker, WorkerContext};
+
+/// Turns this process into a worker if the pool launched it as one; otherwise returns at once
+/// (a single environment lookup).
+///
+/// Call it first thing in `main`, before starting threads or doing work: a worker process runs
+/// your program's code up to this call. In a worker it never returns: it serves tasks until the
+/// pool shuts down, then exits the process.
+#[cfg(not(loom))]
+pub fn init() {
+    let Some(boot) = std::env::var_os(worker::boot::BOOT_ENV) else {
+        return;
+    };
+    let boot = boot.to_string_lossy().into_owned();
+    // SAFETY: `init` is documented to run first in `main` (or from `worker_hook!`'s
+    // constructor, before `main`), while the process has a single thread, so nothing reads the
+    // environment concurrently. Removing the variable lets a worker build pools of its own.
+    unsafe { std::env::remove_var(worker::boot::BOOT_ENV) };
+    worker::boot::enter(&boot)
+}
+
+/// Makes a binary whose `main` you do not write (a `cargo test` integration test, a criterion
+/// bench) able to serve as a worker: expands to a constructor that calls [`init`] before `main`.
+///
+/// ```ignore
+/// // tests/my_pool.rs
+/// stateful_pool::worker_hook!();
+///
+/// #[test]
+/// fn it_works() { /* build a Pool, spawn, execute */ }
+/// ```
+#[macro_export]
+macro_rules! worker_hook {
+    () => {
+        #[used]
+        #[unsafe(link_section = ".init_array")]
+        static __STATEFUL_POOL_WORKER_HOOK: extern "C" fn() = {
+            extern "C" fn __stateful_pool_worker_hook() {
+                $crate::init();
+            }
+            __stateful_pool_worker_hook
+        };
+    };
+}

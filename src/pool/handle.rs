@@ -1,0 +1,426 @@
+//! Handles on work in flight: [`TaskHandle`] (wait, wait with a timeout, try, or `.await`),
+//! [`ResultRef`] (a result read in place), [`SpawnHandle`], and [`Loan`] (a payload buffer in
+//! shared memory). None of them needs a particular async runtime: futures are woken by the
+//! pool's own reactor thread.
+
+use super::shared::Shared;
+use crate::codec::{self, Message};
+use crate::error::{SpawnError, TaskError};
+use crate::ring::bytes::{
+    KIND_BAD_TASK, KIND_CANCELLED, KIND_ERR, KIND_OK, KIND_PANIC, KIND_TOO_LARGE,
+};
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+/// A submitted task. Collect its result with [`wait`](Self::wait),
+/// [`wait_timeout`](Self::wait_timeout), [`try_wait`](Self::try_wait), by `.await`ing it, or
+/// in place with [`wait_ref`](Self::wait_ref).
+///
+/// Dropping a handle without collecting cancels the task if no worker has started it (it will
+/// never run); if it already started, its result is discarded and its slot reclaimed.
+#[must_use = "dropping a TaskHandle cancels the task if it has not started"]
+#[derive(Debug)]
+pub struct TaskHandle<T: Message> {
+    shared: Arc<Shared>,
+    slot: u32,
+    task_id: u64,
+    taken: bool,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<T: Message> TaskHandle<T> {
+    pub(crate) fn new(shared: Arc<Shared>, slot: u32, task_id: u64) -> Self {
+        TaskHandle {
+            shared,
+            slot,
+            task_id,
+            taken: false,
+            _t: PhantomData,
+        }
+    }
+
+    /// The task's pool-unique id (as [`TaskContext::task_id`](crate::TaskContext::task_id)
+    /// shows it to the worker).
+    pub fn task_id(&self) -> u64 {
+        self.task_id
+    }
+
+    /// Whether the result is ready (collecting it will not block).
+    pub fn is_finished(&self) -> bool {
+        self.shared.is_done(self.slot)
+    }
+
+    /// Blocks until the task finishes and returns its result.
+    pub fn wait(mut self) -> Result<T, TaskError> {
+        self.shared.wait_done(self.slot, None);
+        self.take()
+    }
+
+    /// Waits at most `timeout`; on timeout gives the handle back so you can wait again.
+    pub fn wait_timeout(mut self, timeout: Duration) -> Result<Result<T, TaskError>, Self> {
+        if self
+            .shared
+            .wait_done(self.slot, Some(Instant::now() + timeout))
+        {
+            Ok(self.take())
+        } else {
+            Err(self)
+        }
+    }
+
+    /// Returns the result if the task has finished, else gives the handle back.
+    pub fn try_wait(mut self) -> Result<Result<T, TaskError>, Self> {
+        if self.shared.is_done(self.slot) {
+            Ok(self.take())
+        } else {
+            Err(self)
+        }
+    }
+
+    /// Blocks until the task finishes and returns its result *in place*: a validated view of
+    /// the archived output in shared memory, with no copy and no deserialisation. The space is
+    /// released when the [`ResultRef`] is dropped (hold it briefly: the worker's completion ring
+    /// cannot reuse the space until then).
+    pub fn wait_ref(mut self) -> Result<ResultRef<T>, TaskError> {
+        self.shared.wait_done(self.slot, None);
+        self.taken = true;
+        let shared = self.shared.clone();
+        let slot = self.slot;
+        match outcome(&shared, slot) {
+            Outcome::Ok { ptr, len, worker } => {
+                // SAFETY: DONE was observed (Acquire) so the record is complete, and it stays
+                // untouched until this slot is retired, which only the ResultRef's drop does.
+                let bytes = unsafe { std::slice::from_raw_parts(ptr, len) };
+                match codec::access::<T>(bytes) {
+                    Ok(_) => Ok(ResultRef {
+                        shared,
+                        slot,
+                        ptr,
+                        len,
+                        _t: PhantomData,
+                    }),
+                    Err(message) => {
+                        shared.retire(slot);
+                        Err(TaskError::BadResult { worker, message })
+                    }
+                }
+            }
+            Outcome::Err(e) => {
+                shared.retire(slot);
+                Err(e)
+            }
+        }
+    }
+
+    fn take(&mut self) -> Result<T, TaskError> {
+        debug_assert!(!self.taken);
+        self.taken = true;
+        let r = match outcome(&self.shared, self.slot) {
+            Outcome::Ok { ptr, len, worker } => {
+                // SAFETY: as in `wait_ref`; the slice is dropped before `retire` below.
+                let bytes = unsafe { std::slice::from_raw_parts(ptr, len) };
+                codec::decode::<T>(bytes)
+                    .map_err(|message| TaskError::BadResult { worker, message })
+            }
+            Outcome::Err(e) => Err(e),
+        };
+        self.shared.retire(self.slot);
+        r
+    }
+}
+
+enum Outcome {
+    Ok {
+        ptr: *const u8,
+        len: usize,
+        worker: usize,
+    },
+    Err(TaskError),
+}
+
+/// Reads a finished slot's outcome (the caller has observed DONE).
+fn outcome(shared: &Shared, slot: u32) -> Outcome {
+    let sh = shared.slot(slot);
+    let kind = sh.result_kind.load(Ordering::Relaxed);
+    let worker = sh.result_worker.load(Ordering::Relaxed);
+    if kind == KIND_CANCELLED {
+        return Outcome::Err(TaskError::Cancelled);
+    }
+    let bad = |message: &str| {
+        Outcome::Err(TaskError::BadResult {
+            worker: worker as usize,
+            message: message.to_string(),
+        })
+    };
+    let Some(ring) = shared.result_ring(worker) else {
+        return bad("result names a worker seat out of range");
+    };
+    let len = sh.result_len.load(Ordering::Relaxed) as u64;
+    let rec = sh.result_rec.load(Ordering::Relaxed);
+    let Some(ptr) = ring.data(rec, len) else {
+        return bad("result record out of range");
+    };
+    let worker = worker as usize;
+    // SAFETY: in range (checked by `data`); complete and stable as explained in `wait_ref`.
+    let text = || {
+        String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(ptr, len as usize) })
+            .into_owned()
+    };
+    match kind {
+        KIND_OK => Outcome::Ok {
+            ptr,
+            len: len as usize,
+            worker,
+        },
+        KIND_ERR => Outcome::Err(TaskError::Failed {
+            worker,
+            message: text(),
+        }),
+        KIND_PANIC => Outcome::Err(TaskError::Panicked {
+            worker,
+            message: text(),
+        }),
+        KIND_BAD_TASK => Outcome::Err(TaskError::BadTask {
+            worker,
+            message: text(),
+        }),
+        KIND_TOO_LARGE if len == 8 => {
+            let mut b = [0u8; 8];
+            // SAFETY: 8 bytes in range.
+            unsafe { std::ptr::copy_nonoverlapping(ptr, b.as_mut_ptr(), 8) };
+            Outcome::Err(TaskError::ResultTooLarge {
+                worker,
+                len: u64::from_le_bytes(b) as usize,
+                max: ring.max_record_len() as usize,
+            })
+        }
+        _ => bad("unknown result kind"),
+    }
+}
+
+impl<T: Message> Future for TaskHandle<T> {
+    type Output = Result<T, TaskError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        assert!(!this.taken, "TaskHandle polled after it completed");
+        if this.shared.is_done(this.slot)
+            || this
+                .shared
+                .register_waker(this.slot, this.task_id, cx.waker())
+        {
+            return Poll::Ready(this.take());
+        }
+        Poll::Pending
+    }
+}
+
+impl<T: Message> Drop for TaskHandle<T> {
+    fn drop(&mut self) {
+        if !self.taken {
+            self.shared.detach(self.slot, self.task_id);
+        }
+    }
+}
+
+/// A task's result read in place: derefs to the validated archived output in shared memory.
+/// Dropping it releases the space.
+#[derive(Debug)]
+pub struct ResultRef<T: Message> {
+    shared: Arc<Shared>,
+    slot: u32,
+    ptr: *const u8,
+    len: usize,
+    _t: PhantomData<fn() -> T>,
+}
+
+// SAFETY: the view is of immutable bytes in a mapping kept alive by `shared`; the archived type
+// is plain data readable from any thread (rkyv archives are `Portable`).
+unsafe impl<T: Message> Send for ResultRef<T> where T::Archived: Sync {}
+// SAFETY: as for Send.
+unsafe impl<T: Message> Sync for ResultRef<T> where T::Archived: Sync {}
+
+impl<T: Message> ResultRef<T> {
+    /// The raw archive bytes.
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: validated at construction; stable until drop (see `TaskHandle::wait_ref`).
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    /// Deserialises the archived output into an owned value.
+    pub fn to_owned(&self) -> T {
+        codec::decode::<T>(self.bytes()).expect("validated at construction")
+    }
+}
+
+impl<T: Message> std::ops::Deref for ResultRef<T> {
+    type Target = T::Archived;
+    fn deref(&self) -> &T::Archived {
+        // SAFETY: the bytes were validated as `T::Archived` when the ResultRef was made and
+        // have not changed since (the worker never rewrites a record before it is released).
+        unsafe { rkyv::access_unchecked::<T::Archived>(self.bytes()) }
+    }
+}
+
+impl<T: Message> Drop for ResultRef<T> {
+    fn drop(&mut self) {
+        self.shared.retire(self.slot);
+    }
+}
+
+/// How a spawn ended, as the supervisor reports it.
+#[derive(Debug)]
+pub(crate) enum SpawnOutcome {
+    /// Ready: the spawn output's archive bytes.
+    Ready(Vec<u8>),
+    Failed(SpawnError),
+}
+
+/// A one-shot cell the supervisor fills when a spawn ends.
+#[derive(Debug, Default)]
+pub(crate) struct SpawnReply {
+    state: Mutex<(Option<SpawnOutcome>, Option<Waker>)>,
+    cv: Condvar,
+}
+
+impl SpawnReply {
+    pub(crate) fn complete(&self, o: SpawnOutcome) {
+        let waker = {
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            s.0 = Some(o);
+            s.1.take()
+        };
+        self.cv.notify_all();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+/// A worker being spawned. [`wait`](Self::wait) for (or `.await`) the value its spawn step
+/// returned.
+#[must_use = "a SpawnHandle carries the spawn step's outcome"]
+#[derive(Debug)]
+pub struct SpawnHandle<O: Message> {
+    pub(crate) reply: Arc<SpawnReply>,
+    pub(crate) seat: usize,
+    pub(crate) _o: PhantomData<fn() -> O>,
+}
+
+impl<O: Message> SpawnHandle<O> {
+    /// The seat index of the worker being spawned.
+    pub fn worker_index(&self) -> usize {
+        self.seat
+    }
+
+    /// Blocks until the worker is ready and returns its spawn output.
+    pub fn wait(self) -> Result<O, SpawnError> {
+        let mut s = self.reply.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(o) = s.0.take() {
+                drop(s);
+                return self.finish(o);
+            }
+            s = self.reply.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn finish(&self, o: SpawnOutcome) -> Result<O, SpawnError> {
+        match o {
+            SpawnOutcome::Ready(bytes) => {
+                // Copy into 16-aligned memory: a Vec<u8> is only 1-aligned.
+                let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len());
+                aligned.extend_from_slice(&bytes);
+                codec::decode::<O>(&aligned).map_err(|message| SpawnError::BadOutput {
+                    worker: self.seat,
+                    message,
+                })
+            }
+            SpawnOutcome::Failed(e) => Err(e),
+        }
+    }
+}
+
+impl<O: Message> Future for SpawnHandle<O> {
+    type Output = Result<O, SpawnError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let mut s = this.reply.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(o) = s.0.take() {
+            drop(s);
+            return Poll::Ready(this.finish(o));
+        }
+        s.1 = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+/// A writable buffer in the pool's shared memory, to be sent with a task as its payload
+/// ([`Pool::submit_with_payload`](crate::Pool::submit_with_payload)): the caller writes the data
+/// once, in place, and the worker reads it in place
+/// ([`TaskContext::payload`](crate::TaskContext::payload)). Zero copies.
+///
+/// The buffer is 64-byte aligned. Its initial contents are unspecified (earlier data or zeros).
+/// Dropping an unsent loan returns its space.
+#[derive(Debug)]
+pub struct Loan {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) off: u64,
+    pub(crate) len: u64,
+    pub(crate) blk: u64,
+    pub(crate) sent: bool,
+}
+
+impl Loan {
+    /// Length of the buffer in bytes (as requested).
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    /// Whether the buffer is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The buffer, to fill.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        let p = self
+            .shared
+            .seg
+            .bytes_ptr(self.off as usize, self.len as usize);
+        // SAFETY: the arena block belongs to this loan alone until it is submitted (which
+        // consumes the loan) or dropped; no other process touches it before the submit publishes
+        // it; u8 has no invalid values.
+        unsafe { std::slice::from_raw_parts_mut(p, self.len as usize) }
+    }
+
+    /// The buffer, to read back.
+    pub fn as_slice(&self) -> &[u8] {
+        let p = self
+            .shared
+            .seg
+            .bytes_ptr(self.off as usize, self.len as usize);
+        // SAFETY: as in `as_mut_slice`.
+        unsafe { std::slice::from_raw_parts(p, self.len as usize) }
+    }
+
+    /// Hands the block over to a submitted task (which frees it when retired).
+    pub(crate) fn into_parts(mut self) -> (u64, u64, u64) {
+        self.sent = true;
+        (self.off, self.len, self.blk)
+    }
+}
+
+impl Drop for Loan {
+    fn drop(&mut self) {
+        if !self.sent {
+            self.shared.arena.free(self.off, self.blk);
+        }
+    }
+}

@@ -1,0 +1,530 @@
+//! [`Pool`]: spawn stateful workers once, execute many tasks, from any number of threads or
+//! async tasks.
+
+pub(crate) mod arena;
+pub(crate) mod builder;
+pub(crate) mod handle;
+pub(crate) mod shared;
+pub(crate) mod supervisor;
+
+use self::arena::Block;
+use self::builder::Config;
+use self::handle::{Loan, SpawnHandle, SpawnReply, TaskHandle};
+use self::shared::Shared;
+use self::supervisor::{SupMsg, reactor_loop, reap, supervisor_loop};
+use crate::codec::{self, EncodeError};
+use crate::error::{BuildError, SpawnError, SubmitError, TaskError};
+use crate::shm::layout::{Layout, Params, SegmentHeader, VERSION, WorkerCtl, ctl_state};
+use crate::shm::segment::Segment;
+use crate::worker::Worker;
+use crate::worker::boot::{BOOT_ENV, Boot, entry_offset, fingerprint, type_hash};
+use std::future::poll_fn;
+use std::marker::PhantomData;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// A pool of stateful worker processes of type `W`.
+///
+/// `Pool` is `Send + Sync`: share it by reference (scoped threads) or in an `Arc`. Dropping it
+/// (or calling [`shutdown`](Self::shutdown)) stops new submissions, lets the workers finish
+/// every task already queued, then stops them (killing any still running after the shutdown
+/// timeout). Tasks left queued with no live worker to run them complete with
+/// [`TaskError::Cancelled`]. Handles outlive the pool: results computed before shutdown can
+/// still be collected.
+///
+/// A program that uses a pool must call [`init`](crate::init) first thing in `main` (tests and
+/// benches use [`worker_hook!`](crate::worker_hook) instead): workers are this same program,
+/// re-executed, and `init` is where they branch off into serving.
+#[derive(Debug)]
+pub struct Pool<W: Worker> {
+    shared: Arc<Shared>,
+    sup_tx: Mutex<Sender<SupMsg>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    _w: PhantomData<fn() -> W>,
+}
+
+impl<W: Worker> Pool<W> {
+    /// A builder to configure the pool.
+    pub fn builder() -> builder::PoolBuilder<W> {
+        builder::PoolBuilder::new()
+    }
+
+    /// A pool with the default settings.
+    pub fn new() -> Result<Self, BuildError> {
+        Self::builder().build()
+    }
+
+    pub(crate) fn from_config(cfg: Config) -> Result<Self, BuildError> {
+        if std::env::var_os(BOOT_ENV).is_some() {
+            return Err(BuildError::InsideWorker);
+        }
+        let bad = |m: &str| Err(BuildError::InvalidConfig(m.to_string()));
+        if cfg.queue_size == 0 || cfg.queue_size > (1 << 24) {
+            return bad("queue_size must be in 1..=16777216");
+        }
+        if cfg.max_workers == 0 || cfg.max_workers > 4096 {
+            return bad("max_workers must be in 1..=4096");
+        }
+        if cfg.result_ring_bytes < 4096 || cfg.result_ring_bytes > (1 << 32) {
+            return bad("result_ring_bytes must be in 4 KiB..=4 GiB");
+        }
+        if cfg.spawn_area_bytes < 256 || cfg.spawn_area_bytes > (1 << 30) {
+            return bad("spawn_area_bytes must be in 256..=1 GiB");
+        }
+        if cfg.slot_bytes > (1 << 24) {
+            return bad("slot_bytes must be at most 16 MiB");
+        }
+        let up64 = |n: usize| n.div_ceil(64) * 64;
+        let params = Params {
+            n_slots: cfg.queue_size as u32,
+            slot_inline: up64(cfg.slot_bytes.max(64)) as u32,
+            max_workers: cfg.max_workers as u32,
+            spawn_area: up64(cfg.spawn_area_bytes) as u32,
+            result_ring: up64(cfg.result_ring_bytes) as u64,
+            arena: (cfg.arena_bytes / 64 * 64) as u64,
+        };
+        let max_task_bytes = cfg
+            .max_task_bytes
+            .unwrap_or(params.arena as usize)
+            .min(params.arena as usize)
+            .min(u32::MAX as usize);
+        let Some(layout) = Layout::new(params) else {
+            return bad("sizes overflow");
+        };
+        let seg = Segment::create(layout.total).map_err(BuildError::Shm)?;
+        // Initialise the segment before anyone else can map it (nobody has the fd yet).
+        let hdr_ptr = seg.base() as *mut SegmentHeader;
+        let spin_ns = cfg.worker_wait.spin().as_nanos().min(u64::MAX as u128) as u64;
+        // SAFETY: the mapping is fresh, private to us, page-aligned and at least a header long
+        // (the layout starts with it); no reference into it exists yet.
+        unsafe { hdr_ptr.write(SegmentHeader::new(&layout, type_hash::<W>(), spin_ns)) };
+        for i in 0..layout.ring_cap {
+            let p =
+                seg.bytes_ptr(layout.task_cells + i * 16, 16) as *mut crate::ring::mpmc::MpmcCell;
+            // SAFETY: in bounds (bytes_ptr checked), 16-aligned (region is 64-aligned, cells 16
+            // bytes), not yet shared.
+            unsafe { p.write(crate::ring::mpmc::MpmcCell::new(i as u64)) };
+        }
+        for i in 0..params.max_workers as usize {
+            let off = layout.ctls + i * size_of::<WorkerCtl>();
+            let p = seg.bytes_ptr(off, size_of::<WorkerCtl>()) as *mut WorkerCtl;
+            // SAFETY: as above, for the worker control blocks.
+            unsafe { p.write(WorkerCtl::new()) };
+        }
+        // Slot headers and rings are valid all-zero. Publish: version last.
+        seg.get::<SegmentHeader>(0)
+            .version
+            .store(VERSION, Ordering::Release);
+
+        let program = cfg
+            .program
+            .clone()
+            .unwrap_or_else(crate::process::current_program);
+        let shared = Arc::new(Shared::new(seg, layout, cfg, max_task_bytes));
+        let (tx, rx) = channel();
+        let mut threads = Vec::new();
+        let s = shared.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("stateful-pool-supervisor".into())
+                .spawn(move || supervisor_loop(s, rx, program))
+                .map_err(BuildError::Thread)?,
+        );
+        let s = shared.clone();
+        match std::thread::Builder::new()
+            .name("stateful-pool-reactor".into())
+            .spawn(move || reactor_loop(s))
+        {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                let _ = tx.send(SupMsg::Stop);
+                shared.header().lifecycle.notify_all();
+                for t in threads {
+                    let _ = t.join();
+                }
+                return Err(BuildError::Thread(e));
+            }
+        }
+        Ok(Pool {
+            shared,
+            sup_tx: Mutex::new(tx),
+            threads: Mutex::new(threads),
+            _w: PhantomData,
+        })
+    }
+
+    // ---- spawning ----
+
+    /// Starts a worker process with `args` and blocks until its spawn step returned; gives
+    /// back the spawn step's value.
+    pub fn spawn(&self, args: &W::SpawnArgs) -> Result<W::SpawnOutput, SpawnError> {
+        self.submit_spawn(args)?.wait()
+    }
+
+    /// Starts a worker process with `args`; returns at once with a handle to wait on (or
+    /// `.await`). Several workers started this way start concurrently.
+    pub fn submit_spawn(
+        &self,
+        args: &W::SpawnArgs,
+    ) -> Result<SpawnHandle<W::SpawnOutput>, SpawnError> {
+        let shared = &self.shared;
+        if shared.closing.load(Ordering::SeqCst) {
+            return Err(SpawnError::Shutdown);
+        }
+        let seat = {
+            let mut seats = shared.lock_seats();
+            let Some(i) = seats.iter().position(|s| !s.in_use) else {
+                return Err(SpawnError::NoCapacity { max: seats.len() });
+            };
+            seats[i].in_use = true;
+            i as u32
+        };
+        let release_seat = || shared.lock_seats()[seat as usize].in_use = false;
+        let cap = shared.layout.params.spawn_area as usize;
+        let area = shared
+            .seg
+            .bytes_ptr(shared.layout.spawn_area_off(seat), cap);
+        let len = match codec::encode_into(args, area, cap) {
+            Ok(n) => n,
+            Err(EncodeError::Overflow) => {
+                release_seat();
+                let len = codec::encoded_len(args).unwrap_or(usize::MAX);
+                return Err(SpawnError::ArgsTooLarge { len, max: cap });
+            }
+            Err(EncodeError::Failed(m)) => {
+                release_seat();
+                return Err(SpawnError::Encode(m));
+            }
+        };
+        let ctl = shared.ctl(seat);
+        ctl.spawn_args_len.store(len as u64, Ordering::Relaxed);
+        ctl.spawn_out_len.store(0, Ordering::Relaxed);
+        ctl.spawn_kind.store(0, Ordering::Relaxed);
+        ctl.claim.store(0, Ordering::Relaxed);
+        ctl.current_slot.store(u32::MAX, Ordering::Relaxed);
+        ctl.generation.fetch_add(1, Ordering::Relaxed);
+        if let Some(ring) = shared.result_ring(seat) {
+            ring.reset();
+        }
+        ctl.state.store(ctl_state::STARTING, Ordering::Release);
+        let reply = Arc::new(SpawnReply::default());
+        let boot = Boot {
+            seat,
+            parent_pid: std::process::id(),
+            entry: entry_offset::<W>(),
+            fingerprint: fingerprint(),
+        }
+        .encode();
+        let sent = self
+            .sup_tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(SupMsg::Launch {
+                seat,
+                boot,
+                reply: reply.clone(),
+            });
+        if sent.is_err() {
+            release_seat();
+            return Err(SpawnError::Shutdown);
+        }
+        shared.header().lifecycle.notify_all();
+        Ok(SpawnHandle {
+            reply,
+            seat: seat as usize,
+            _o: PhantomData,
+        })
+    }
+
+    /// Starts a worker; the future resolves to its spawn output. Works on any executor.
+    pub async fn spawn_async(&self, args: &W::SpawnArgs) -> Result<W::SpawnOutput, SpawnError> {
+        self.submit_spawn(args)?.await
+    }
+
+    /// Starts one worker per element of `args`, concurrently, and waits for all of them.
+    /// Returns each spawn's outcome in order.
+    pub fn spawn_many<'a>(
+        &self,
+        args: impl IntoIterator<Item = &'a W::SpawnArgs>,
+    ) -> Vec<Result<W::SpawnOutput, SpawnError>> {
+        let handles: Vec<_> = args.into_iter().map(|a| self.submit_spawn(a)).collect();
+        handles
+            .into_iter()
+            .map(|h| h.and_then(|h| h.wait()))
+            .collect()
+    }
+
+    /// Number of workers whose spawn step has finished and that are serving.
+    pub fn num_workers(&self) -> usize {
+        (0..self.shared.layout.params.max_workers)
+            .filter(|&i| self.shared.ctl(i).state.load(Ordering::Acquire) == ctl_state::READY)
+            .count()
+    }
+
+    /// Process ids of the serving workers, by seat.
+    pub fn worker_pids(&self) -> Vec<(usize, u32)> {
+        (0..self.shared.layout.params.max_workers)
+            .filter(|&i| self.shared.ctl(i).state.load(Ordering::Acquire) == ctl_state::READY)
+            .map(|i| (i as usize, self.shared.ctl(i).pid.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// Tasks each worker seat has completed so far (index = seat).
+    pub fn tasks_done_per_worker(&self) -> Vec<u64> {
+        (0..self.shared.layout.params.max_workers)
+            .map(|i| self.shared.ctl(i).tasks_done.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    // ---- tasks ----
+
+    /// Runs `task` on the next free worker and blocks for its result.
+    pub fn execute(&self, task: &W::Task) -> Result<W::Output, TaskError> {
+        Ok(self.submit(task)?.wait()?)
+    }
+
+    /// Queues `task` (waiting for room if the queue is full) and returns a handle at once.
+    pub fn submit(&self, task: &W::Task) -> Result<TaskHandle<W::Output>, SubmitError> {
+        self.submit_block(task, None, Block::Until(None))
+    }
+
+    /// Queues `task`, or fails at once with [`SubmitError::QueueFull`] if the queue is full.
+    pub fn try_submit(&self, task: &W::Task) -> Result<TaskHandle<W::Output>, SubmitError> {
+        self.submit_block(task, None, Block::No)
+    }
+
+    /// Queues `task`, waiting at most `timeout` for room ([`SubmitError::Timeout`]).
+    pub fn submit_timeout(
+        &self,
+        task: &W::Task,
+        timeout: Duration,
+    ) -> Result<TaskHandle<W::Output>, SubmitError> {
+        self.submit_block(task, None, Block::Until(Some(Instant::now() + timeout)))
+    }
+
+    /// Queues `task` without blocking the thread: if the queue is full, the future waits for
+    /// room. Works on any executor.
+    pub async fn submit_async(&self, task: &W::Task) -> Result<TaskHandle<W::Output>, SubmitError> {
+        poll_fn(|cx| match self.try_submit(task) {
+            Err(SubmitError::QueueFull) => {
+                self.shared.wait_slot_async(cx.waker());
+                if self.shared.has_free_slot() || self.shared.closing.load(Ordering::SeqCst) {
+                    cx.waker().wake_by_ref();
+                }
+                Poll::Pending
+            }
+            other => Poll::Ready(other),
+        })
+        .await
+    }
+
+    /// Runs `task` and resolves to its result, without blocking the thread. Works on any
+    /// executor (tokio, smol, `futures::executor::block_on`, …).
+    pub async fn execute_async(&self, task: &W::Task) -> Result<W::Output, TaskError> {
+        Ok(self.submit_async(task).await?.await?)
+    }
+
+    // ---- large payloads ----
+
+    /// Lends a writable buffer of `len` bytes in shared memory, waiting for room in the task
+    /// arena. Fill it, then send it with [`submit_with_payload`](Self::submit_with_payload):
+    /// the worker reads it in place. Fails with [`SubmitError::PayloadTooLarge`] above
+    /// `max_task_bytes`.
+    pub fn loan(&self, len: usize) -> Result<Loan, SubmitError> {
+        self.loan_block(len, Block::Until(None))
+    }
+
+    /// As [`loan`](Self::loan), but fails with [`SubmitError::QueueFull`] instead of waiting.
+    pub fn try_loan(&self, len: usize) -> Result<Loan, SubmitError> {
+        self.loan_block(len, Block::No)
+    }
+
+    fn loan_block(&self, len: usize, block: Block) -> Result<Loan, SubmitError> {
+        let shared = &self.shared;
+        if len > shared.max_task_bytes {
+            return Err(SubmitError::PayloadTooLarge {
+                len,
+                max: shared.max_task_bytes,
+            });
+        }
+        if shared.closing.load(Ordering::SeqCst) {
+            return Err(SubmitError::Shutdown);
+        }
+        match shared
+            .arena
+            .alloc(len as u64, block, || shared.closing.load(Ordering::SeqCst))
+        {
+            Some((off, blk)) => Ok(Loan {
+                shared: shared.clone(),
+                off,
+                len: len as u64,
+                blk,
+                sent: false,
+            }),
+            None if shared.closing.load(Ordering::SeqCst) => Err(SubmitError::Shutdown),
+            None => Err(SubmitError::QueueFull),
+        }
+    }
+
+    /// Queues `task` with a loaned payload, which the worker sees as
+    /// [`TaskContext::payload`](crate::TaskContext::payload). On error the loan is freed.
+    pub fn submit_with_payload(
+        &self,
+        task: &W::Task,
+        payload: Loan,
+    ) -> Result<TaskHandle<W::Output>, SubmitError> {
+        if payload.shared.id != self.shared.id {
+            return Err(SubmitError::ForeignLoan);
+        }
+        self.submit_block(task, Some(payload), Block::Until(None))
+    }
+
+    /// Runs `task` with a loaned payload and blocks for its result.
+    pub fn execute_with_payload(
+        &self,
+        task: &W::Task,
+        payload: Loan,
+    ) -> Result<W::Output, TaskError> {
+        Ok(self.submit_with_payload(task, payload)?.wait()?)
+    }
+
+    fn submit_block(
+        &self,
+        task: &W::Task,
+        payload: Option<Loan>,
+        block: Block,
+    ) -> Result<TaskHandle<W::Output>, SubmitError> {
+        // The loan's block passes to the slot only once the submit succeeds; until then the
+        // Loan value owns it (and frees it on an error).
+        let parts = payload.as_ref().map(|l| (l.off, l.len, l.blk));
+        let (slot, id) = self.shared.submit_with(task, parts, block)?;
+        if let Some(l) = payload {
+            let _ = l.into_parts();
+        }
+        Ok(TaskHandle::new(self.shared.clone(), slot, id))
+    }
+
+    /// Tasks queued and not yet taken by a worker (a snapshot).
+    pub fn queued(&self) -> usize {
+        self.shared.task_ring().len()
+    }
+
+    // ---- shutdown ----
+
+    /// Stops the pool: new submissions fail, workers finish every queued task and exit
+    /// (killed after the shutdown timeout), and the pool's threads stop. Same as dropping it.
+    pub fn shutdown(self) {
+        drop(self);
+    }
+
+    fn stop(&self) {
+        let shared = &self.shared;
+        if shared.closing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        shared.quiesce_submits();
+        // Every task that will ever be queued is queued: let workers drain and exit.
+        let hdr = shared.header();
+        hdr.shutdown.store(1, Ordering::SeqCst);
+        hdr.task_ready.notify_all();
+        let deadline = Instant::now() + shared.cfg.shutdown_timeout;
+        for seat in 0..shared.layout.params.max_workers {
+            let running = shared.lock_seats()[seat as usize].child.is_some();
+            if running {
+                let grace = deadline.saturating_duration_since(Instant::now());
+                reap(shared, seat, grace);
+                let ctl = shared.ctl(seat);
+                if ctl.state.load(Ordering::Acquire) != ctl_state::EMPTY {
+                    ctl.state.store(ctl_state::EXITED, Ordering::Release);
+                }
+            }
+        }
+        let _ = self
+            .sup_tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(SupMsg::Stop);
+        hdr.lifecycle.notify_all();
+        // Workers are gone: whatever was not finished never will be.
+        shared.cancel_unfinished();
+        shared.reactor_stop.store(true, Ordering::SeqCst);
+        hdr.doorbell.notify_all();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+        // A spawn that was racing with shutdown may have launched a process: reap it too.
+        for seat in 0..shared.layout.params.max_workers {
+            reap(shared, seat, Duration::ZERO);
+        }
+    }
+}
+
+impl<W: Worker> Drop for Pool<W> {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    struct Nop;
+    impl Worker for Nop {
+        type SpawnArgs = ();
+        type SpawnOutput = ();
+        type Task = u64;
+        type Output = u64;
+        fn spawn(_: (), _: &crate::WorkerContext) -> Result<(Self, ()), crate::BoxError> {
+            Ok((Nop, ()))
+        }
+        fn execute(
+            &mut self,
+            t: &rkyv::Archived<u64>,
+            _: &crate::TaskContext<'_>,
+        ) -> Result<u64, crate::BoxError> {
+            Ok(t.to_native())
+        }
+    }
+
+    #[test]
+    fn pool_and_handles_are_send_and_sync() {
+        assert_send_sync::<Pool<Nop>>();
+        fn assert_send<T: Send>() {}
+        assert_send::<TaskHandle<u64>>();
+        assert_send::<SpawnHandle<u64>>();
+        assert_send::<Loan>();
+    }
+
+    #[test]
+    fn invalid_configs_are_rejected() {
+        for b in [
+            Pool::<Nop>::builder().queue_size(0),
+            Pool::<Nop>::builder().max_workers(0),
+            Pool::<Nop>::builder().result_ring_bytes(16),
+        ] {
+            assert!(matches!(b.build(), Err(BuildError::InvalidConfig(_))));
+        }
+    }
+
+    #[test]
+    fn tasks_queued_with_no_worker_are_cancelled_at_shutdown() {
+        let pool = Pool::<Nop>::builder().queue_size(4).build().unwrap();
+        let h = pool.submit(&1).unwrap();
+        assert_eq!(pool.queued(), 1);
+        let full: Vec<_> = (0..3).map(|i| pool.try_submit(&i).unwrap()).collect();
+        assert_eq!(pool.try_submit(&9).unwrap_err(), SubmitError::QueueFull);
+        pool.shutdown();
+        assert_eq!(h.wait(), Err(TaskError::Cancelled));
+        for h in full {
+            assert_eq!(h.wait(), Err(TaskError::Cancelled));
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! The bounded multi-producer multi-consumer queue of `u32` slot indices (Dmitry Vyukov's
+//! algorithm, as in crossbeam's `ArrayQueue`), laid out for shared memory and made repairable
+//! after a consumer dies mid-pop.
+//!
+//! The same code runs over a shared-memory segment (the task queue: parent threads push,
+//! worker processes pop) and over heap memory (the parent's free-slot list, loom and Miri tests):
+//! [`MpmcRing`] is a view over a header and a cell array wherever they live.
+//!
+//! # Protocol
+//!
+//! Positions are `u64` and never wrap. Cell `i` has a `seq` stamp:
+//! - `seq == pos`: the cell is empty and the producer that claims position `pos` may write it;
+//! - `seq == pos + 1`: the cell is full and the consumer that claims `pos` may read it;
+//! - after reading, the consumer stores `seq = pos + capacity`, the next lap's "empty" stamp.
+//!
+//! A producer claims `pos = tail` by CAS `tail → tail + 1`, writes the value, then stores
+//! `seq = pos + 1` (Release). A consumer claims `pos = head` by CAS `head → head + 1`, reads the
+//! value (its Acquire load of `seq` saw the producer's Release), then stores `seq = pos + cap`.
+//!
+//! # Crash repair (intent record)
+//!
+//! A consumer killed between its `head` CAS and its `seq` store would leave the cell "full"
+//! forever and wedge producers one lap later. So a consumer that passes a `claim` word (the
+//! worker's control block in shared memory) writes `claim = pos + 1` *before* its CAS and clears
+//! it after its `seq` store. A supervisor that finds a dead worker with `claim = p + 1`,
+//! `head > p` and the cell's `seq == p + 1` knows the dead worker won position `p` and did not
+//! finish: it takes the value (that task joins the dead worker's failures) and stores
+//! `seq = p + cap` itself (see [`MpmcRing::repair`]). If `seq != p + 1` the pop completed (or the
+//! CAS was lost) and there is nothing to repair.
+
+use crate::sync::{AtomicU32, AtomicU64, CachePadded, Ordering};
+
+/// Shared counters of a ring. `#[repr(C)]`, all atomics: any zeroed or initialised bytes are a
+/// valid value, so it can live in shared memory.
+#[repr(C)]
+#[derive(Debug)]
+pub(crate) struct MpmcHeader {
+    /// Next position a consumer will claim.
+    head: CachePadded<AtomicU64>,
+    /// Next position a producer will claim.
+    tail: CachePadded<AtomicU64>,
+}
+
+/// One cell: a sequence stamp and the value (a slot index).
+#[repr(C)]
+#[derive(Debug)]
+pub(crate) struct MpmcCell {
+    seq: AtomicU64,
+    value: AtomicU32,
+    _pad: u32,
+}
+
+/// A view of a ring: its header and its cells (length = capacity, a power of two).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MpmcRing<'a> {
+    hdr: &'a MpmcHeader,
+    cells: &'a [MpmcCell],
+    mask: u64,
+}
+
+impl MpmcHeader {
+    pub(crate) fn new() -> Self {
+        MpmcHeader {
+            head: CachePadded(AtomicU64::new(0)),
+            tail: CachePadded(AtomicU64::new(0)),
+        }
+    }
+}
+
+impl MpmcCell {
+    pub(crate) fn new(index: u64) -> Self {
+        MpmcCell {
+            seq: AtomicU64::new(index),
+            value: AtomicU32::new(0),
+            _pad: 0,
+        }
+    }
+}
+
+impl<'a> MpmcRing<'a> {
+    /// A view over initialised storage: `cells[i].seq == i` before first use (or any state the
+    /// protocol reached), `cells.len()` a power of two.
+    pub(crate) fn new(hdr: &'a MpmcHeader, cells: &'a [MpmcCell]) -> Self {
+        assert!(
+            cells.len().is_power_of_two(),
+            "ring capacity must be a power of two"
+        );
+        MpmcRing {
+            hdr,
+            cells,
+            mask: cells.len() as u64 - 1,
+        }
+    }
+
+    /// Capacity in values.
+    pub(crate) fn capacity(&self) -> usize {
+        self.cells.len()
+    }
+
+    #[inline]
+    fn cell(&self, pos: u64) -> &MpmcCell {
+        &self.cells[(pos & self.mask) as usize]
+    }
+
+    /// Pushes `value`; on a full ring hands it back.
+    pub(crate) fn push(&self, value: u32) -> Result<(), u32> {
+        let cap = self.cells.len() as u64;
+        let mut tail = self.hdr.tail.load(Ordering::Relaxed);
+        loop {
+            let cell = self.cell(tail);
+            // SYNC POINT: Acquire pairs with the consumer's Release store of `seq = pos + cap`,
+            // so its read of the old value happened before we overwrite it.
+            let seq = cell.seq.load(Ordering::Acquire);
+            if seq == tail {
+                match self.hdr.tail.compare_exchange_weak(
+                    tail,
+                    tail + 1,
+                    Ordering::SeqCst,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => {
+                        cell.value.store(value, Ordering::Relaxed);
+                        // SYNC POINT: value visible to the consumer's Acquire load of `seq`.
+                        cell.seq.store(tail + 1, Ordering::Release);
+                        return Ok(());
+                    }
+                    Err(t) => tail = t,
+                }
+            } else if seq.wrapping_add(cap) == tail + 1 {
+                // The cell still holds last lap's value: full, unless a consumer moved on.
+                if self.hdr.head.load(Ordering::SeqCst) + cap == tail {
+                    return Err(value);
+                }
+                crate::sync::spin_hint();
+                tail = self.hdr.tail.load(Ordering::Relaxed);
+            } else {
+                crate::sync::spin_hint();
+                tail = self.hdr.tail.load(Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Pops a value, or `None` if the ring is empty. With `claim`, records the intent described
+    /// in the module docs so a crash mid-pop can be repaired.
+    pub(crate) fn pop(&self, claim: Option<&AtomicU64>) -> Option<u32> {
+        let cap = self.cells.len() as u64;
+        let mut head = self.hdr.head.load(Ordering::Relaxed);
+        loop {
+            let cell = self.cell(head);
+            // SYNC POINT: Acquire pairs with the producer's Release store of `seq = pos + 1`.
+            let seq = cell.seq.load(Ordering::Acquire);
+            if seq == head + 1 {
+                if let Some(c) = claim {
+                    c.store(head + 1, Ordering::SeqCst);
+                }
+                match self.hdr.head.compare_exchange_weak(
+                    head,
+                    head + 1,
+                    Ordering::SeqCst,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => {
+                        let value = cell.value.load(Ordering::Relaxed);
+                        // SYNC POINT: our read is done before a producer's Acquire sees this.
+                        cell.seq.store(head + cap, Ordering::Release);
+                        if let Some(c) = claim {
+                            c.store(0, Ordering::Release);
+                        }
+                        return Some(value);
+                    }
+                    Err(h) => head = h,
+                }
+            } else if seq == head {
+                // Empty cell: empty ring, unless a producer is mid-push at this position.
+                if self.hdr.tail.load(Ordering::SeqCst) == head {
+                    if let Some(c) = claim {
+                        c.store(0, Ordering::Release);
+                    }
+                    return None;
+                }
+                crate::sync::spin_hint();
+                head = self.hdr.head.load(Ordering::Relaxed);
+            } else {
+                crate::sync::spin_hint();
+                head = self.hdr.head.load(Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Whether the ring looks empty right now (a snapshot; for wait conditions).
+    pub(crate) fn is_empty(&self) -> bool {
+        let head = self.hdr.head.load(Ordering::SeqCst);
+        let tail = self.hdr.tail.load(Ordering::SeqCst);
+        tail <= head
+    }
+
+    /// Number of values in the ring right now (a snapshot).
+    pub(crate) fn len(&self) -> usize {
+        let head = self.hdr.head.load(Ordering::SeqCst);
+        let tail = self.hdr.tail.load(Ordering::SeqCst);
+        tail.saturating_sub(head) as usize
+    }
+
+    /// Repairs a pop left half-done by a consumer that died with intent record `claim_value`
+    /// (the `claim` word's content, `pos + 1`; 0 means no pop in progress). Returns the value the
+    /// dead consumer had claimed and not released, if any; afterwards the cell is empty for the
+    /// next lap and the ring works again.
+    ///
+    /// Must only be called once the consumer is known dead (it can no longer store).
+    pub(crate) fn repair(&self, claim_value: u64) -> Option<u32> {
+        if claim_value == 0 {
+            return None;
+        }
+        let pos = claim_value - 1;
+        let cap = self.cells.len() as u64;
+        if self.hdr.head.load(Ordering::SeqCst) <= pos {
+            // The CAS never happened: the position is still available to live consumers.
+            return None;
+        }
+        let cell = self.cell(pos);
+        if cell.seq.load(Ordering::Acquire) == pos + 1 {
+            // Either the dead consumer won the CAS and did not store `seq`, or a live consumer
+            // won it and is about to. The caller distinguishes by checking that no live worker
+            // has `claim == pos + 1` (a live consumer finishes within nanoseconds).
+            let value = cell.value.load(Ordering::Relaxed);
+            if cell
+                .seq
+                .compare_exchange(pos + 1, pos + cap, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
+                return Some(value);
+            }
+        }
+        None
+    }
+}
+
+/// A ring whose storage is on the heap: the parent's free-slot list, and the tests.
+#[derive(Debug)]
+pub(crate) struct HeapMpmc {
+    hdr: Box<MpmcHeader>,
+    cells: Box<[MpmcCell]>,
+}
+
+impl HeapMpmc {
+    /// A ring for at least `min_capacity` values (rounded up to a power of two).
+    pub(crate) fn with_capacity(min_capacity: usize) -> Self {
+        let cap = min_capacity.max(1).next_power_of_two();
+        HeapMpmc {
+            hdr: Box::new(MpmcHeader::new()),
+            cells: (0..cap as u64).map(MpmcCell::new).collect(),
+        }
+    }
+
+    /// The ring view.
+    pub(crate) fn ring(&self) -> MpmcRing<'_> {
+        MpmcRing::new(&self.hdr, &self.cells)
+    }
+}

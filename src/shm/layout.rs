@@ -1,0 +1,308 @@
+//! What lives where in a pool's segment. Both sides compute the same offsets from the same
+//! [`Params`], which the parent stores in the header; a worker checks magic, version and total
+//! length before it touches anything else.
+//!
+//! ```text
+//! offset 0      SegmentHeader      magic, version, params, event counts, task-ring counters
+//!               task cells         ring_cap × MpmcCell (16 B)        the task queue
+//!               slot headers       n_slots × SlotHeader (64 B)       one per in-flight task
+//!               worker controls    max_workers × WorkerCtl (128 B)   one per worker seat
+//!               slot inline data   n_slots × slot_inline             small task archives
+//!               spawn areas        max_workers × spawn_area          spawn args, then output
+//!               result rings       max_workers × (128 B + result_ring) completion rings
+//!               task arena         arena                              large tasks and loans
+//! ```
+//! Every region starts on a 64-byte boundary; the total is rounded up to a page.
+
+use super::segment::ShmSafe;
+use crate::ring::bytes::ByteRingHeader;
+use crate::ring::mpmc::{MpmcCell, MpmcHeader};
+use crate::ring::wait::EventCount;
+use crate::sync::{AtomicU32, AtomicU64, CachePadded};
+
+/// "SPOOLSHM" as a little-endian u64: the first word of every segment.
+pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"SPOOLSHM");
+/// Protocol version; bump on any layout or protocol change.
+pub(crate) const VERSION: u32 = 1;
+
+/// Sizes that define a segment's layout.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Params {
+    pub(crate) n_slots: u32,
+    pub(crate) slot_inline: u32,
+    pub(crate) max_workers: u32,
+    pub(crate) spawn_area: u32,
+    pub(crate) result_ring: u64,
+    pub(crate) arena: u64,
+}
+
+/// The segment header.
+#[repr(C)]
+#[derive(Debug)]
+pub(crate) struct SegmentHeader {
+    pub(crate) magic: u64,
+    /// Stored last by the creator (Release); 0 means "not ready".
+    pub(crate) version: AtomicU32,
+    _pad0: u32,
+    pub(crate) total_len: u64,
+    /// Hash of the worker type's name: a worker of another type refuses to serve.
+    pub(crate) worker_type_hash: u64,
+    pub(crate) params: Params,
+    /// How long an idle worker spins before parking, in nanoseconds.
+    pub(crate) worker_spin_ns: u64,
+    /// Set (1) when the parent shuts down: workers finish the queue and exit.
+    pub(crate) shutdown: AtomicU32,
+    _pad1: u32,
+    /// Workers wait here for tasks; submitters notify.
+    pub(crate) task_ready: CachePadded<EventCount>,
+    /// The parent's reactor waits here; workers ring it for async/detached completions.
+    pub(crate) doorbell: CachePadded<EventCount>,
+    /// Workers wait here for room in their result ring; the parent notifies on release.
+    pub(crate) space: CachePadded<EventCount>,
+    /// The supervisor waits here for spawn progress (ready/failed).
+    pub(crate) lifecycle: CachePadded<EventCount>,
+    /// Counters of the task queue.
+    pub(crate) task_ring: MpmcHeader,
+}
+
+/// Task slot state bits (the futex word of the slot).
+pub(crate) mod slot_state {
+    /// A worker popped the slot and owns it.
+    pub(crate) const CLAIMED: u32 = 1;
+    /// The worker published the result (or skipped a cancelled task).
+    pub(crate) const DONE: u32 = 2;
+    /// The caller gave up on the task: a worker that has not started it skips it.
+    pub(crate) const CANCELLED: u32 = 4;
+    /// A thread sleeps on this word: the worker must `FUTEX_WAKE` it.
+    pub(crate) const WAIT_THREAD: u32 = 8;
+    /// The reactor watches this slot: the worker must ring the doorbell.
+    pub(crate) const WAIT_REACTOR: u32 = 16;
+}
+
+/// One task slot's header.
+#[repr(C)]
+#[derive(Debug)]
+pub(crate) struct SlotHeader {
+    pub(crate) state: AtomicU32,
+    /// `(worker index + 1) | generation << 16` of the worker that claimed it; 0 if none.
+    pub(crate) owner: AtomicU32,
+    /// Unique id of the task (parent-assigned, never reused).
+    pub(crate) task_id: AtomicU64,
+    /// Segment offset and length of the task archive.
+    pub(crate) task_off: AtomicU64,
+    pub(crate) task_len: AtomicU32,
+    pub(crate) result_len: AtomicU32,
+    /// Segment offset and length of a loaned payload (length 0: none).
+    pub(crate) payload_off: AtomicU64,
+    pub(crate) payload_len: AtomicU64,
+    /// Offset of the result record in the worker's completion ring.
+    pub(crate) result_rec: AtomicU64,
+    pub(crate) result_kind: AtomicU32,
+    pub(crate) result_worker: AtomicU32,
+}
+
+/// Worker seat states.
+pub(crate) mod ctl_state {
+    pub(crate) const EMPTY: u32 = 0;
+    pub(crate) const STARTING: u32 = 1;
+    pub(crate) const READY: u32 = 2;
+    pub(crate) const FAILED: u32 = 3;
+    pub(crate) const EXITED: u32 = 4;
+}
+
+/// One worker seat's control block: written by that worker (and the parent between lives).
+#[repr(C)]
+#[derive(Debug)]
+pub(crate) struct WorkerCtl {
+    pub(crate) state: AtomicU32,
+    pub(crate) generation: AtomicU32,
+    pub(crate) pid: AtomicU32,
+    /// Record kind of the spawn step's outcome (`KIND_OK`, `KIND_ERR`, `KIND_PANIC`).
+    pub(crate) spawn_kind: AtomicU32,
+    pub(crate) spawn_args_len: AtomicU64,
+    pub(crate) spawn_out_len: AtomicU64,
+    /// Intent record of the task-queue pop in progress (see `ring::mpmc`).
+    pub(crate) claim: AtomicU64,
+    /// Slot the worker is executing, `u32::MAX` if none.
+    pub(crate) current_slot: AtomicU32,
+    _pad: u32,
+    pub(crate) tasks_done: AtomicU64,
+    _reserved: [u64; 9],
+}
+
+// SAFETY: all of these are #[repr(C)], hold only integers and atomics (no pointers), are valid
+// for every bit pattern, and are mutated only through atomics once shared (the header's plain
+// fields are written once before the segment is shared).
+unsafe impl ShmSafe for SegmentHeader {}
+// SAFETY: as above.
+unsafe impl ShmSafe for SlotHeader {}
+// SAFETY: as above.
+unsafe impl ShmSafe for WorkerCtl {}
+// SAFETY: as above.
+unsafe impl ShmSafe for MpmcCell {}
+// SAFETY: as above.
+unsafe impl ShmSafe for ByteRingHeader {}
+
+const fn up(n: usize, a: usize) -> usize {
+    (n + a - 1) / a * a
+}
+
+/// Offsets of every region, computed from [`Params`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Layout {
+    pub(crate) params: Params,
+    pub(crate) ring_cap: usize,
+    pub(crate) task_cells: usize,
+    pub(crate) slots: usize,
+    pub(crate) ctls: usize,
+    pub(crate) slot_data: usize,
+    pub(crate) spawn_areas: usize,
+    pub(crate) result_rings: usize,
+    pub(crate) result_ring_stride: usize,
+    pub(crate) arena: usize,
+    pub(crate) total: usize,
+}
+
+/// Size of the header in front of each completion ring's data.
+pub(crate) const RING_HDR: usize = 128;
+
+impl Layout {
+    /// Computes the layout; `None` if the sizes overflow.
+    pub(crate) fn new(p: Params) -> Option<Layout> {
+        let n_slots = p.n_slots as usize;
+        let workers = p.max_workers as usize;
+        let ring_cap = n_slots.max(1).next_power_of_two();
+        let mut at = up(size_of::<SegmentHeader>(), 64);
+        let task_cells = at;
+        at = at.checked_add(ring_cap.checked_mul(size_of::<MpmcCell>())?)?;
+        at = up(at, 64);
+        let slots = at;
+        at = at.checked_add(n_slots.checked_mul(size_of::<SlotHeader>())?)?;
+        let ctls = at;
+        at = at.checked_add(workers.checked_mul(size_of::<WorkerCtl>())?)?;
+        at = up(at, 64);
+        let slot_data = at;
+        at = at.checked_add(n_slots.checked_mul(p.slot_inline as usize)?)?;
+        let spawn_areas = at;
+        at = at.checked_add(workers.checked_mul(p.spawn_area as usize)?)?;
+        let result_rings = at;
+        let result_ring_stride = RING_HDR.checked_add(usize::try_from(p.result_ring).ok()?)?;
+        at = at.checked_add(workers.checked_mul(result_ring_stride)?)?;
+        let arena = at;
+        at = at.checked_add(usize::try_from(p.arena).ok()?)?;
+        let total = up(at, 4096);
+        Some(Layout {
+            params: p,
+            ring_cap,
+            task_cells,
+            slots,
+            ctls,
+            slot_data,
+            spawn_areas,
+            result_rings,
+            result_ring_stride,
+            arena,
+            total,
+        })
+    }
+
+    pub(crate) fn slot_data_off(&self, slot: u32) -> usize {
+        self.slot_data + slot as usize * self.params.slot_inline as usize
+    }
+
+    pub(crate) fn spawn_area_off(&self, worker: u32) -> usize {
+        self.spawn_areas + worker as usize * self.params.spawn_area as usize
+    }
+
+    pub(crate) fn result_ring_off(&self, worker: u32) -> usize {
+        self.result_rings + worker as usize * self.result_ring_stride
+    }
+}
+
+impl SegmentHeader {
+    /// A header for a new segment, version still 0 (not ready).
+    pub(crate) fn new(layout: &Layout, worker_type_hash: u64, worker_spin_ns: u64) -> Self {
+        SegmentHeader {
+            magic: MAGIC,
+            version: AtomicU32::new(0),
+            _pad0: 0,
+            total_len: layout.total as u64,
+            worker_type_hash,
+            params: layout.params,
+            worker_spin_ns,
+            shutdown: AtomicU32::new(0),
+            _pad1: 0,
+            task_ready: CachePadded(EventCount::new()),
+            doorbell: CachePadded(EventCount::new()),
+            space: CachePadded(EventCount::new()),
+            lifecycle: CachePadded(EventCount::new()),
+            task_ring: MpmcHeader::new(),
+        }
+    }
+}
+
+impl WorkerCtl {
+    pub(crate) fn new() -> Self {
+        WorkerCtl {
+            state: AtomicU32::new(ctl_state::EMPTY),
+            generation: AtomicU32::new(0),
+            pid: AtomicU32::new(0),
+            spawn_kind: AtomicU32::new(0),
+            spawn_args_len: AtomicU64::new(0),
+            spawn_out_len: AtomicU64::new(0),
+            claim: AtomicU64::new(0),
+            current_slot: AtomicU32::new(u32::MAX),
+            _pad: 0,
+            tasks_done: AtomicU64::new(0),
+            _reserved: [0; 9],
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn struct_sizes_are_fixed() {
+        assert_eq!(size_of::<SlotHeader>(), 64);
+        assert_eq!(size_of::<WorkerCtl>(), 128);
+        assert_eq!(size_of::<MpmcCell>(), 16);
+        assert!(size_of::<ByteRingHeader>() <= RING_HDR);
+        assert_eq!(align_of::<SegmentHeader>(), 64);
+    }
+
+    #[test]
+    fn regions_are_aligned_and_ordered() {
+        let l = Layout::new(Params {
+            n_slots: 100,
+            slot_inline: 1024,
+            max_workers: 3,
+            spawn_area: 4096,
+            result_ring: 1 << 16,
+            arena: 1 << 20,
+        })
+        .unwrap();
+        assert_eq!(l.ring_cap, 128);
+        for off in [
+            l.task_cells,
+            l.slots,
+            l.ctls,
+            l.slot_data,
+            l.spawn_areas,
+            l.result_rings,
+            l.arena,
+        ] {
+            assert_eq!(off % 64, 0);
+        }
+        assert!(l.task_cells < l.slots && l.slots < l.ctls && l.ctls < l.slot_data);
+        assert!(
+            l.slot_data < l.spawn_areas
+                && l.spawn_areas < l.result_rings
+                && l.result_rings < l.arena
+        );
+        assert_eq!(l.total % 4096, 0);
+        assert!(l.total >= l.arena + (1 << 20));
+    }
+}

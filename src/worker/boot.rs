@@ -1,0 +1,189 @@
+//! How a worker process starts: the parent executes a program (by default its own executable,
+//! `/proc/self/exe`) with the segment's memfd as fd 3 and a boot string in the environment; the
+//! child's `init()` recognises it, maps the segment and enters the worker's main loop, never
+//! returning into the user's `main`.
+//!
+//! The entry point is `main_loop::run::<W>` for the pool's worker type `W`, passed as an offset
+//! from an anchor function in this crate (the same binary has the same offsets, whatever ASLR
+//! did), together with a fingerprint (a second offset) that catches a different binary, and a
+//! hash of `W`'s type name that catches a different worker type.
+
+use crate::shm::layout::{Layout, MAGIC, SegmentHeader, VERSION};
+use crate::shm::segment::Segment;
+use std::os::fd::{FromRawFd, OwnedFd};
+
+/// The environment variable carrying the boot string.
+pub(crate) const BOOT_ENV: &str = "STATEFUL_POOL_WORKER";
+/// The fd number the segment arrives on.
+pub(crate) const SEGMENT_FD: i32 = 3;
+
+/// What the parent tells a worker process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Boot {
+    pub(crate) seat: u32,
+    pub(crate) parent_pid: u32,
+    pub(crate) entry: usize,
+    pub(crate) fingerprint: usize,
+}
+
+impl Boot {
+    pub(crate) fn encode(&self) -> String {
+        format!(
+            "v{VERSION}:{}:{}:{:x}:{:x}",
+            self.seat, self.parent_pid, self.entry, self.fingerprint
+        )
+    }
+
+    pub(crate) fn decode(s: &str) -> Option<Boot> {
+        let mut it = s.split(':');
+        if it.next()? != format!("v{VERSION}") {
+            return None;
+        }
+        let seat = it.next()?.parse().ok()?;
+        let parent_pid = it.next()?.parse().ok()?;
+        let entry = usize::from_str_radix(it.next()?, 16).ok()?;
+        let fingerprint = usize::from_str_radix(it.next()?, 16).ok()?;
+        if it.next().is_some() {
+            return None;
+        }
+        Some(Boot {
+            seat,
+            parent_pid,
+            entry,
+            fingerprint,
+        })
+    }
+}
+
+#[inline(never)]
+fn anchor() -> usize {
+    // Never called for its value; its address is the origin of the entry offsets. The body
+    // is distinct so the linker cannot fold it into another function.
+    std::hint::black_box(0x5f00_1a2c)
+}
+
+/// The fingerprint of this binary: the distance between two of our functions.
+pub(crate) fn fingerprint() -> usize {
+    (crate::init as fn() as usize).wrapping_sub(anchor as fn() -> usize as usize)
+}
+
+/// The offset that names `main_loop::run::<W>` in this binary.
+pub(crate) fn entry_offset<W: crate::Worker>() -> usize {
+    let f: fn(WorkerProcess) -> ! = super::main_loop::run::<W>;
+    (f as usize).wrapping_sub(anchor as fn() -> usize as usize)
+}
+
+/// FNV-1a of `W`'s type name: a worker of another type refuses the segment.
+pub(crate) fn type_hash<W: 'static>() -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in std::any::type_name::<W>().bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// A worker process's view of its pool: the mapped segment and who it is.
+#[derive(Debug)]
+pub(crate) struct WorkerProcess {
+    pub(crate) seg: Segment,
+    pub(crate) layout: Layout,
+    pub(crate) seat: u32,
+    pub(crate) parent_pid: u32,
+}
+
+impl WorkerProcess {
+    pub(crate) fn header(&self) -> &SegmentHeader {
+        self.seg.get::<SegmentHeader>(0)
+    }
+}
+
+fn die(msg: &str) -> ! {
+    eprintln!("stateful-pool worker: {msg}");
+    std::process::exit(101)
+}
+
+/// The worker side of `init()`: called when [`BOOT_ENV`] is set. Never returns.
+pub(crate) fn enter(boot_str: &str) -> ! {
+    let Some(boot) = Boot::decode(boot_str) else {
+        die(&format!(
+            "malformed {BOOT_ENV}={boot_str:?} (protocol v{VERSION} expected)"
+        ))
+    };
+    // Fate-share with the parent: PDEATHSIG was set before exec (it survives exec); the parent
+    // may already have died before that, so check the parent pid too.
+    // SAFETY: getppid has no preconditions.
+    if unsafe { libc::getppid() } as u32 != boot.parent_pid {
+        std::process::exit(102);
+    }
+    if boot.fingerprint != fingerprint() {
+        die("launched by a different binary than this one (fingerprint mismatch)")
+    }
+    // SAFETY: fd 3 was placed by the parent's launcher for us and nothing else in this process
+    // owns it (init() runs before the program opens files).
+    let fd = unsafe { OwnedFd::from_raw_fd(SEGMENT_FD) };
+    let seg = match Segment::open(fd) {
+        Ok(s) => s,
+        Err(e) => die(&format!(
+            "cannot map the pool segment on fd {SEGMENT_FD}: {e}"
+        )),
+    };
+    if seg.len() < size_of::<SegmentHeader>() {
+        die("pool segment too small for a header")
+    }
+    let hdr = seg.get::<SegmentHeader>(0);
+    let version = hdr.version.load(std::sync::atomic::Ordering::Acquire);
+    if hdr.magic != MAGIC || version != VERSION {
+        die(&format!(
+            "protocol mismatch: segment has magic {:#x} version {version}, this binary speaks {MAGIC:#x} v{VERSION}",
+            hdr.magic
+        ))
+    }
+    let Some(layout) = Layout::new(hdr.params) else {
+        die("segment parameters overflow")
+    };
+    if layout.total as u64 != hdr.total_len || layout.total > seg.len() {
+        die("segment length does not match its parameters")
+    }
+    if boot.seat >= hdr.params.max_workers {
+        die("seat index out of range")
+    }
+    let entry_addr = (anchor as fn() -> usize as usize).wrapping_add(boot.entry);
+    // SAFETY: the parent computed `boot.entry` as the offset of `main_loop::run::<W>` from
+    // `anchor` in the same binary (the fingerprint check above guarantees the same code layout),
+    // so `entry_addr` is the address of a function with exactly this signature.
+    let entry: fn(WorkerProcess) -> ! =
+        unsafe { std::mem::transmute::<usize, fn(WorkerProcess) -> !>(entry_addr) };
+    entry(WorkerProcess {
+        seg,
+        layout,
+        seat: boot.seat,
+        parent_pid: boot.parent_pid,
+    })
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_string_roundtrips_and_rejects_garbage() {
+        let b = Boot {
+            seat: 3,
+            parent_pid: 1234,
+            entry: 0xdead_beef,
+            fingerprint: usize::MAX - 5,
+        };
+        assert_eq!(Boot::decode(&b.encode()), Some(b));
+        assert_eq!(Boot::decode("v0:1:2:3:4"), None);
+        assert_eq!(Boot::decode("v1:1:2:3"), None);
+        assert_eq!(Boot::decode("v1:x:2:3:4"), None);
+        assert_eq!(Boot::decode(""), None);
+    }
+
+    #[test]
+    fn type_hash_tells_types_apart() {
+        assert_ne!(type_hash::<u32>(), type_hash::<u64>());
+        assert_eq!(type_hash::<String>(), type_hash::<String>());
+    }
+}

@@ -1,0 +1,353 @@
+//! The worker process's main loop: run the spawn step, then pop tasks from the shared queue,
+//! execute them in place, and write each result straight into this worker's completion ring.
+//!
+//! Internal protocol state is never left half-updated by a user panic: user code (spawn,
+//! execute, `Serialize` of the output) runs under `catch_unwind`, and a panic becomes that
+//! step's error record.
+
+use super::boot::{WorkerProcess, type_hash};
+use super::{TaskContext, Worker, WorkerContext};
+use crate::codec::{self, EncodeError};
+use crate::ring::bytes::{
+    ByteRing, KIND_BAD_TASK, KIND_CANCELLED, KIND_ERR, KIND_OK, KIND_PANIC, KIND_TOO_LARGE,
+    REC_ALIGN, Reservation,
+};
+use crate::ring::mpmc::{MpmcCell, MpmcRing};
+use crate::ring::wait::wait_on;
+use crate::shm::layout::{RING_HDR, SlotHeader, WorkerCtl, ctl_state, slot_state};
+use crate::sys::futex_wake;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// Turns a panic payload into its message.
+pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_string()
+    }
+}
+
+/// Entry point of a worker process serving worker type `W`. Never returns.
+pub(crate) fn run<W: Worker>(wp: WorkerProcess) -> ! {
+    let hdr = wp.header();
+    let layout = wp.layout;
+    let ctl = wp
+        .seg
+        .get::<WorkerCtl>(layout.ctls + wp.seat as usize * size_of::<WorkerCtl>());
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() } as u32;
+    ctl.pid.store(pid, Ordering::Relaxed);
+    let spawn_off = layout.spawn_area_off(wp.seat);
+    let spawn_cap = layout.params.spawn_area as usize;
+
+    let fail = |kind: u32, msg: &str| -> ! {
+        let bytes = msg.as_bytes();
+        let n = bytes.len().min(spawn_cap);
+        let dst = wp.seg.bytes_ptr(spawn_off, n);
+        // SAFETY: the spawn area belongs to this worker while its seat is STARTING; `n` is
+        // within it; the source is our own string.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, n) };
+        ctl.spawn_out_len.store(n as u64, Ordering::Relaxed);
+        ctl.spawn_kind.store(kind, Ordering::Relaxed);
+        ctl.state.store(ctl_state::FAILED, Ordering::Release);
+        hdr.lifecycle.notify_all();
+        std::process::exit(1)
+    };
+
+    if hdr.worker_type_hash != type_hash::<W>() {
+        fail(
+            KIND_ERR,
+            &format!(
+                "worker type mismatch: this process serves {}",
+                std::any::type_name::<W>()
+            ),
+        )
+    }
+
+    let wctx = WorkerContext {
+        index: wp.seat as usize,
+        generation: ctl.generation.load(Ordering::Relaxed),
+        pid,
+    };
+
+    // ---- the spawn step ----
+    let args_len = ctl.spawn_args_len.load(Ordering::Acquire) as usize;
+    if args_len > spawn_cap {
+        fail(KIND_ERR, "spawn arguments length out of range")
+    }
+    let args_ptr = wp.seg.bytes_ptr(spawn_off, args_len);
+    // SAFETY: the parent wrote `args_len` bytes of spawn arguments here before launching us and
+    // does not touch the area until we report; the slice ends before we overwrite the area.
+    let args_bytes = unsafe { std::slice::from_raw_parts(args_ptr as *const u8, args_len) };
+    let args = match codec::decode::<W::SpawnArgs>(args_bytes) {
+        Ok(a) => a,
+        Err(e) => fail(KIND_ERR, &format!("invalid spawn arguments: {e}")),
+    };
+    let (mut state, output) = match catch_unwind(AssertUnwindSafe(|| W::spawn(args, &wctx))) {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => fail(KIND_ERR, &e.to_string()),
+        Err(p) => fail(KIND_PANIC, &panic_message(&*p)),
+    };
+    let out_ptr = wp.seg.bytes_ptr(spawn_off, spawn_cap);
+    let encoded = catch_unwind(AssertUnwindSafe(|| {
+        codec::encode_into(&output, out_ptr, spawn_cap)
+    }));
+    drop(output);
+    match encoded {
+        Ok(Ok(n)) => ctl.spawn_out_len.store(n as u64, Ordering::Relaxed),
+        Ok(Err(EncodeError::Overflow)) => fail(
+            KIND_ERR,
+            &format!("spawn output does not fit the spawn area of {spawn_cap} bytes"),
+        ),
+        Ok(Err(EncodeError::Failed(m))) => {
+            fail(KIND_ERR, &format!("cannot serialise spawn output: {m}"))
+        }
+        Err(p) => fail(KIND_PANIC, &panic_message(&*p)),
+    }
+    ctl.spawn_kind.store(KIND_OK, Ordering::Relaxed);
+    // SYNC POINT: spawn output visible to the supervisor's Acquire load of the state.
+    ctl.state.store(ctl_state::READY, Ordering::Release);
+    hdr.lifecycle.notify_all();
+
+    // ---- serve ----
+    let ring = MpmcRing::new(
+        &hdr.task_ring,
+        wp.seg.slice::<MpmcCell>(layout.task_cells, layout.ring_cap),
+    );
+    let slots = wp
+        .seg
+        .slice::<SlotHeader>(layout.slots, layout.params.n_slots as usize);
+    let ring_off = layout.result_ring_off(wp.seat);
+    // SAFETY: this seat's completion ring: header at `ring_off`, `result_ring` data bytes after
+    // the 128-byte header (64-aligned by the layout); this process is its only producer.
+    let results = unsafe {
+        ByteRing::new(
+            wp.seg.get(ring_off),
+            wp.seg
+                .bytes_ptr(ring_off + RING_HDR, layout.params.result_ring as usize),
+            layout.params.result_ring,
+        )
+    };
+    let spin = Duration::from_nanos(hdr.worker_spin_ns);
+    let owner_tag = (wp.seat + 1) | (wctx.generation << 16);
+    let server = Server {
+        wp: &wp,
+        results,
+        spin,
+    };
+
+    loop {
+        let Some(slot) = ring.pop(Some(&ctl.claim)) else {
+            wait_on(&hdr.task_ready, spin, None, || {
+                !ring.is_empty() || hdr.shutdown.load(Ordering::Acquire) != 0
+            });
+            if hdr.shutdown.load(Ordering::Acquire) != 0 && ring.is_empty() {
+                break;
+            }
+            continue;
+        };
+        let Some(sh) = slots.get(slot as usize) else {
+            // A corrupt index cannot come from our parent; skip it rather than crash.
+            continue;
+        };
+        ctl.current_slot.store(slot, Ordering::Relaxed);
+        sh.owner.store(owner_tag, Ordering::Relaxed);
+        let prev = sh.state.fetch_or(slot_state::CLAIMED, Ordering::AcqRel);
+        if prev & slot_state::CANCELLED != 0 {
+            server.publish(sh, 0, 0, KIND_CANCELLED);
+        } else {
+            server.serve_one(&mut state, &wctx, slot, sh);
+        }
+        ctl.current_slot.store(u32::MAX, Ordering::Relaxed);
+        ctl.tasks_done.fetch_add(1, Ordering::Relaxed);
+    }
+    drop(state);
+    ctl.state.store(ctl_state::EXITED, Ordering::Release);
+    std::process::exit(0)
+}
+
+struct Server<'a> {
+    wp: &'a WorkerProcess,
+    results: ByteRing<'a>,
+    spin: Duration,
+}
+
+impl Server<'_> {
+    fn serve_one<W: Worker>(
+        &self,
+        state: &mut W,
+        wctx: &WorkerContext,
+        slot: u32,
+        sh: &SlotHeader,
+    ) {
+        let seg = &self.wp.seg;
+        let task_off = sh.task_off.load(Ordering::Relaxed) as usize;
+        let task_len = sh.task_len.load(Ordering::Relaxed) as usize;
+        let pay_off = sh.payload_off.load(Ordering::Relaxed) as usize;
+        let pay_len = sh.payload_len.load(Ordering::Relaxed) as usize;
+        let in_range =
+            |off: usize, len: usize| off.checked_add(len).is_some_and(|e| e <= seg.len());
+        if !in_range(task_off, task_len) || !in_range(pay_off, pay_len) {
+            self.write_message(sh, slot, KIND_BAD_TASK, "task location out of range");
+            return;
+        }
+        // SAFETY: the slot's task bytes (and payload) were written by the parent before it
+        // pushed the slot index (Release) that our pop Acquired; the parent does not touch them
+        // until we publish DONE, after our last use of these slices.
+        let task_bytes =
+            unsafe { std::slice::from_raw_parts(seg.bytes_ptr(task_off, task_len), task_len) };
+        // SAFETY: as above, for the loaned payload.
+        let payload =
+            unsafe { std::slice::from_raw_parts(seg.bytes_ptr(pay_off, pay_len), pay_len) };
+        let task = match codec::access::<W::Task>(task_bytes) {
+            Ok(t) => t,
+            Err(e) => {
+                self.write_message(sh, slot, KIND_BAD_TASK, &e);
+                return;
+            }
+        };
+        let tctx = TaskContext {
+            worker: wctx,
+            task_id: sh.task_id.load(Ordering::Relaxed),
+            payload,
+        };
+        match catch_unwind(AssertUnwindSafe(|| state.execute(task, &tctx))) {
+            Ok(Ok(out)) => self.write_output(sh, slot, &out),
+            Ok(Err(e)) => self.write_message(sh, slot, KIND_ERR, &e.to_string()),
+            Err(p) => self.write_message(sh, slot, KIND_PANIC, &panic_message(&*p)),
+        }
+    }
+
+    /// Reserves `len` data bytes in the completion ring, waiting for the parent to release
+    /// space if needed. `None` if it can never fit.
+    fn reserve(&self, len: u64) -> Option<Reservation> {
+        let mut got = None;
+        let hdr = self.wp.header();
+        let fits = wait_on(&hdr.space, self.spin, None, || {
+            match self.results.try_reserve(len) {
+                Ok(Some(r)) => {
+                    got = Some(r);
+                    true
+                }
+                Ok(None) => false,
+                Err(()) => true,
+            }
+        });
+        debug_assert!(fits);
+        got
+    }
+
+    fn write_output<T: crate::Message>(&self, sh: &SlotHeader, slot: u32, out: &T) {
+        // Fast path: serialise straight into whatever contiguous room the ring has now.
+        if let Ok(Some(r)) = self.results.try_reserve(0) {
+            let room = self.contiguous_room(&r);
+            if room > 0 {
+                let ptr = self.results.data_ptr(&r);
+                match catch_unwind(AssertUnwindSafe(|| codec::encode_into(out, ptr, room))) {
+                    Ok(Ok(n)) => {
+                        let r = r.with_len(n as u64);
+                        let off = self.results.commit(r, n as u64, KIND_OK, slot);
+                        self.publish(sh, off, n as u64, KIND_OK);
+                        return;
+                    }
+                    Ok(Err(EncodeError::Overflow)) => {}
+                    Ok(Err(EncodeError::Failed(m))) => {
+                        self.write_message(
+                            sh,
+                            slot,
+                            KIND_ERR,
+                            &format!("cannot serialise output: {m}"),
+                        );
+                        return;
+                    }
+                    Err(p) => {
+                        self.write_message(sh, slot, KIND_PANIC, &panic_message(&*p));
+                        return;
+                    }
+                }
+            }
+        }
+        // Slow path: measure, wait for exactly that much room, write.
+        let len = match catch_unwind(AssertUnwindSafe(|| codec::encoded_len(out))) {
+            Ok(Ok(n)) => n as u64,
+            Ok(Err(e)) => {
+                let m = match e {
+                    EncodeError::Failed(m) => m,
+                    EncodeError::Overflow => "overflow while counting".into(),
+                };
+                self.write_message(sh, slot, KIND_ERR, &format!("cannot serialise output: {m}"));
+                return;
+            }
+            Err(p) => {
+                self.write_message(sh, slot, KIND_PANIC, &panic_message(&*p));
+                return;
+            }
+        };
+        if len > self.results.max_record_len() {
+            self.write_bytes(sh, slot, KIND_TOO_LARGE, &len.to_le_bytes());
+            return;
+        }
+        let r = self.reserve(len).expect("checked against max_record_len");
+        let ptr = self.results.data_ptr(&r);
+        match codec::encode_into(out, ptr, len as usize) {
+            Ok(n) => {
+                let off = self.results.commit(r, n as u64, KIND_OK, slot);
+                self.publish(sh, off, n as u64, KIND_OK);
+            }
+            Err(_) => {
+                self.write_message(sh, slot, KIND_ERR, "output changed size while serialising")
+            }
+        }
+    }
+
+    /// Contiguous bytes writable at a zero-length reservation without wrapping or waiting.
+    fn contiguous_room(&self, r: &Reservation) -> usize {
+        let cap = self.results.capacity();
+        let off = r.record_offset(cap);
+        let free = cap - self.results.used();
+        let till_end = cap - off;
+        (free.min(till_end).saturating_sub(REC_ALIGN) & !(REC_ALIGN - 1)) as usize
+    }
+
+    fn write_message(&self, sh: &SlotHeader, slot: u32, kind: u32, msg: &str) {
+        let max = (self.results.max_record_len() as usize).min(64 * 1024);
+        let mut end = msg.len().min(max);
+        while !msg.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.write_bytes(sh, slot, kind, &msg.as_bytes()[..end]);
+    }
+
+    fn write_bytes(&self, sh: &SlotHeader, slot: u32, kind: u32, bytes: &[u8]) {
+        let r = self
+            .reserve(bytes.len() as u64)
+            .expect("small records always fit the ring");
+        // SAFETY: the reservation gives us `bytes.len()` writable bytes in our own ring.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.results.data_ptr(&r), bytes.len())
+        };
+        let off = self.results.commit(r, bytes.len() as u64, kind, slot);
+        self.publish(sh, off, bytes.len() as u64, kind);
+    }
+
+    /// Publishes the outcome in the slot and wakes whoever waits for it.
+    fn publish(&self, sh: &SlotHeader, rec: u64, len: u64, kind: u32) {
+        sh.result_worker.store(self.wp.seat, Ordering::Relaxed);
+        sh.result_rec.store(rec, Ordering::Relaxed);
+        sh.result_len.store(len as u32, Ordering::Relaxed);
+        sh.result_kind.store(kind, Ordering::Relaxed);
+        // SYNC POINT: the result (ring record and slot fields) is visible to the caller's
+        // Acquire load of `state` that sees DONE.
+        let prev = sh.state.fetch_or(slot_state::DONE, Ordering::AcqRel);
+        if prev & slot_state::WAIT_THREAD != 0 {
+            futex_wake(&sh.state, i32::MAX);
+        }
+        if prev & slot_state::WAIT_REACTOR != 0 {
+            self.wp.header().doorbell.notify_all();
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! The [`Worker`] trait users implement, the contexts their steps receive, and the worker
+//! process's main loop.
+
+pub(crate) mod boot;
+pub(crate) mod main_loop;
+
+use crate::codec::Message;
+use rkyv::Archived;
+
+/// The error type a worker's steps may return: anything that converts into a boxed error
+/// (`?` on any `std::error::Error`, or `"message".into()`).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A stateful worker: built once inside its own process by [`spawn`](Worker::spawn), then asked
+/// to [`execute`](Worker::execute) many tasks with `&mut self`.
+///
+/// The four associated types are user types deriving rkyv's `Archive`, `Serialize` and
+/// `Deserialize` (see [`Message`]). A task arrives *archived*: `execute` reads it in place in
+/// shared memory, with no copy and no deserialisation.
+///
+/// # Example
+///
+/// ```
+/// use stateful_pool::{BoxError, TaskContext, Worker, WorkerContext};
+///
+/// struct Square { gpu_ids: Vec<u32> }
+///
+/// impl Worker for Square {
+///     type SpawnArgs = Vec<u32>;   // the GPU ids this worker owns
+///     type SpawnOutput = String;   // a greeting for whoever spawned it
+///     type Task = i64;
+///     type Output = i64;
+///
+///     fn spawn(gpu_ids: Vec<u32>, _ctx: &WorkerContext) -> Result<(Self, String), BoxError> {
+///         let msg = format!("ready on GPUs {gpu_ids:?}");
+///         Ok((Square { gpu_ids }, msg))
+///     }
+///
+///     fn execute(&mut self, task: &rkyv::Archived<i64>, _ctx: &TaskContext<'_>) -> Result<i64, BoxError> {
+///         let v = task.to_native();
+///         v.checked_mul(v).ok_or_else(|| "overflow".into())
+///     }
+/// }
+/// ```
+pub trait Worker: Sized + 'static {
+    /// Arguments of the spawn step (e.g. the GPU ids a worker owns).
+    type SpawnArgs: Message;
+    /// What the spawn step returns to whoever spawned the worker.
+    type SpawnOutput: Message;
+    /// A task.
+    type Task: Message;
+    /// A task's result.
+    type Output: Message;
+
+    /// Runs once, inside the new worker process, with this worker's own arguments; builds the
+    /// worker's state (load a model, open an index, …). An `Err` or a panic fails the
+    /// corresponding `Pool::spawn` call and the process exits.
+    fn spawn(
+        args: Self::SpawnArgs,
+        ctx: &WorkerContext,
+    ) -> Result<(Self, Self::SpawnOutput), BoxError>;
+
+    /// Runs for every task this worker takes. `task` is the archived task, read in place in
+    /// shared memory. An `Err` or a panic becomes that task's [`TaskError`](crate::TaskError)
+    /// carrying the message; the worker keeps serving.
+    fn execute(
+        &mut self,
+        task: &Archived<Self::Task>,
+        ctx: &TaskContext<'_>,
+    ) -> Result<Self::Output, BoxError>;
+}
+
+/// What a worker knows about itself, given to [`Worker::spawn`].
+#[derive(Debug, Clone)]
+pub struct WorkerContext {
+    pub(crate) index: usize,
+    pub(crate) generation: u32,
+    pub(crate) pid: u32,
+}
+
+impl WorkerContext {
+    /// The worker's seat index in the pool (0-based, stable across restarts of that seat).
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// How many times this seat has been started (1 for the first start).
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    /// The worker's process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+}
+
+/// What [`Worker::execute`] gets besides the task: who runs it, and a loaned payload.
+#[derive(Debug)]
+pub struct TaskContext<'a> {
+    pub(crate) worker: &'a WorkerContext,
+    pub(crate) task_id: u64,
+    pub(crate) payload: &'a [u8],
+}
+
+impl TaskContext<'_> {
+    /// The worker running the task.
+    pub fn worker(&self) -> &WorkerContext {
+        self.worker
+    }
+
+    /// The task's pool-unique id.
+    pub fn task_id(&self) -> u64 {
+        self.task_id
+    }
+
+    /// The payload the caller wrote in place through a [`Loan`](crate::Loan), read in place in
+    /// shared memory (16-byte aligned). Empty if the task was submitted without one.
+    pub fn payload(&self) -> &[u8] {
+        self.payload
+    }
+}
