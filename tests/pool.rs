@@ -1,0 +1,392 @@
+//! Behaviour of the pool API: spawn, execute, submit/wait/timeout/try, async on two executors,
+//! errors and panics, large tasks and results, loans, cancellation, queue full, shutdown.
+
+mod common;
+use common::*;
+use stateful_pool::{Pool, SpawnError, SubmitError, TaskError, WaitStrategy};
+use std::sync::Arc;
+use std::time::Duration;
+
+stateful_pool::worker_hook!();
+
+fn pool(workers: usize) -> Pool<TestWorker> {
+    let pool = Pool::<TestWorker>::builder()
+        .queue_size(64)
+        .build()
+        .expect("build pool");
+    for i in 0..workers {
+        let hello = pool.spawn(&Spawn::ok(&format!("w{i}"))).expect("spawn");
+        assert!(
+            hello.starts_with(&format!("w{i} ready as worker")),
+            "{hello}"
+        );
+    }
+    pool
+}
+
+#[test]
+fn spawn_returns_the_spawn_value_and_execute_returns_the_result() {
+    watchdog(60, || {
+        let pool = pool(1);
+        assert_eq!(pool.num_workers(), 1);
+        let out = pool.execute(&Cmd::Echo(42)).unwrap();
+        assert_eq!(out.value, 42);
+        assert_eq!(out.worker, 0);
+    });
+}
+
+#[test]
+fn submit_spawn_starts_workers_concurrently_and_each_gets_its_own_args() {
+    watchdog(60, || {
+        let pool = Pool::<TestWorker>::builder().build().unwrap();
+        let hs: Vec<_> = (0..3)
+            .map(|i| pool.submit_spawn(&Spawn::ok(&format!("gpu{i}"))).unwrap())
+            .collect();
+        let mut hellos: Vec<String> = hs.into_iter().map(|h| h.wait().unwrap()).collect();
+        hellos.sort();
+        for (i, h) in hellos.iter().enumerate() {
+            assert!(h.starts_with(&format!("gpu{i} ready")), "{h}");
+        }
+        assert_eq!(pool.num_workers(), 3);
+        assert_eq!(pool.worker_pids().len(), 3);
+        let outs = pool.spawn_many(&[Spawn::ok("a"), Spawn::ok("b")]);
+        assert!(outs.iter().all(|o| o.is_ok()));
+        assert_eq!(pool.num_workers(), 5);
+    });
+}
+
+#[test]
+fn handle_wait_timeout_and_try_wait() {
+    watchdog(60, || {
+        let pool = pool(1);
+        let gate = gate_path("timeout");
+        let h = pool
+            .submit(&Cmd::Gate(gate.to_string_lossy().into()))
+            .unwrap();
+        let h = h
+            .try_wait()
+            .expect_err("not finished before the gate opens");
+        let h = h
+            .wait_timeout(Duration::from_millis(20))
+            .expect_err("still not finished");
+        assert!(!h.is_finished());
+        std::fs::write(&gate, b"").unwrap();
+        let out = h
+            .wait_timeout(Duration::from_secs(30))
+            .expect("finished")
+            .unwrap();
+        assert_eq!(out.value, 1);
+        let mut h = pool.submit(&Cmd::Echo(5)).unwrap();
+        let out = loop {
+            match h.try_wait() {
+                Ok(r) => break r.unwrap(),
+                Err(back) => {
+                    std::thread::yield_now();
+                    h = back;
+                }
+            }
+        };
+        assert_eq!(out.value, 5);
+        let _ = std::fs::remove_file(&gate);
+    });
+}
+
+#[test]
+fn execute_errors_and_panics_reach_the_caller_and_the_worker_keeps_serving() {
+    watchdog(60, || {
+        let pool = pool(1);
+        match pool.execute(&Cmd::Fail("bad input 7".into())) {
+            Err(TaskError::Failed { worker: 0, message }) => assert_eq!(message, "bad input 7"),
+            other => panic!("expected Failed, got {other:?}"),
+        }
+        match pool.execute(&Cmd::Panic("boom 9".into())) {
+            Err(TaskError::Panicked { worker: 0, message }) => assert_eq!(message, "boom 9"),
+            other => panic!("expected Panicked, got {other:?}"),
+        }
+        // Same process, state intact: it counted both failed tasks.
+        assert_eq!(pool.execute(&Cmd::Count).unwrap().value, 2);
+        assert_eq!(pool.execute(&Cmd::Echo(3)).unwrap().value, 3);
+    });
+}
+
+#[test]
+fn a_failing_spawn_step_fails_that_spawn_call_and_frees_the_seat() {
+    watchdog(60, || {
+        let pool = Pool::<TestWorker>::builder()
+            .max_workers(1)
+            .build()
+            .unwrap();
+        let e = pool
+            .spawn(&Spawn {
+                tag: "x".into(),
+                fail: true,
+                panic: false,
+            })
+            .unwrap_err();
+        match e {
+            SpawnError::Failed { worker: 0, message } => assert_eq!(message, "refusing to start x"),
+            other => panic!("expected Failed, got {other:?}"),
+        }
+        let e = pool
+            .spawn(&Spawn {
+                tag: "y".into(),
+                fail: false,
+                panic: true,
+            })
+            .unwrap_err();
+        match e {
+            SpawnError::Panicked { message, .. } => assert_eq!(message, "spawn panic for y"),
+            other => panic!("expected Panicked, got {other:?}"),
+        }
+        assert_eq!(pool.num_workers(), 0);
+        // The single seat is free again.
+        pool.spawn(&Spawn::ok("z")).unwrap();
+        assert!(matches!(
+            pool.spawn(&Spawn::ok("too many")),
+            Err(SpawnError::NoCapacity { max: 1 })
+        ));
+        assert_eq!(pool.execute(&Cmd::Echo(1)).unwrap().value, 1);
+    });
+}
+
+#[test]
+fn async_api_works_on_a_plain_block_on() {
+    watchdog(60, || {
+        let pool = Pool::<TestWorker>::builder().build().unwrap();
+        futures_executor::block_on(async {
+            let hello = pool.spawn_async(&Spawn::ok("async")).await.unwrap();
+            assert!(hello.starts_with("async ready"));
+            assert_eq!(pool.execute_async(&Cmd::Echo(11)).await.unwrap().value, 11);
+            let h = pool.submit(&Cmd::SleepMs(5)).unwrap();
+            assert_eq!(h.await.unwrap().value, 0);
+            let spawn = pool.submit_spawn(&Spawn::ok("second")).unwrap();
+            assert!(spawn.await.unwrap().starts_with("second"));
+        });
+    });
+}
+
+#[test]
+fn async_api_works_on_tokio_with_many_concurrent_futures() {
+    watchdog(120, || {
+        let pool = Arc::new(pool(2));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut tasks = Vec::new();
+            for i in 0..500u64 {
+                let pool = pool.clone();
+                tasks.push(tokio::spawn(async move {
+                    let out = pool.execute_async(&Cmd::Echo(i)).await.unwrap();
+                    assert_eq!(out.value, i);
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+            match pool.execute_async(&Cmd::Fail("async err".into())).await {
+                Err(TaskError::Failed { message, .. }) => assert_eq!(message, "async err"),
+                other => panic!("{other:?}"),
+            }
+        });
+    });
+}
+
+#[test]
+fn tasks_larger_than_a_slot_and_large_results_work() {
+    watchdog(60, || {
+        let pool = Pool::<TestWorker>::builder()
+            .slot_bytes(256)
+            .result_ring_bytes(8 << 20)
+            .build()
+            .unwrap();
+        pool.spawn(&Spawn::ok("big")).unwrap();
+        let v: Vec<u8> = (0..3_000_000u32).map(|i| (i % 7) as u8).collect();
+        let expect: u64 = v.iter().map(|&b| b as u64).sum();
+        assert_eq!(pool.execute(&Cmd::SumVec(v)).unwrap().value, expect);
+        // Many results, each a sizeable share of the ring, so the ring wraps several times.
+        for round in 0..6 {
+            let n = 1_500_000 + round * 1000;
+            let out = pool.execute(&Cmd::MakeBytes(n)).unwrap();
+            assert_eq!(out.bytes.len(), n as usize);
+            assert!(
+                out.bytes
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &b)| b == (i % 251) as u8)
+            );
+        }
+        // Read in place, without deserialising.
+        let r = pool
+            .submit(&Cmd::MakeBytes(4096))
+            .unwrap()
+            .wait_ref()
+            .unwrap();
+        assert_eq!(r.bytes.len(), 4096);
+        assert_eq!(r.bytes[300], (300 % 251) as u8);
+        drop(r);
+    });
+}
+
+#[test]
+fn oversized_tasks_and_results_get_clear_errors() {
+    watchdog(60, || {
+        let pool = Pool::<TestWorker>::builder()
+            .slot_bytes(128)
+            .max_task_bytes(1 << 20)
+            .result_ring_bytes(64 << 10)
+            .build()
+            .unwrap();
+        pool.spawn(&Spawn::ok("small")).unwrap();
+        match pool.submit(&Cmd::SumVec(vec![1; 2 << 20])) {
+            Err(SubmitError::PayloadTooLarge { len, max }) => {
+                assert!(len > 2 << 20);
+                assert_eq!(max, 1 << 20);
+            }
+            other => panic!("expected PayloadTooLarge, got {other:?}"),
+        }
+        assert!(matches!(
+            pool.loan(2 << 20),
+            Err(SubmitError::PayloadTooLarge { .. })
+        ));
+        match pool.execute(&Cmd::MakeBytes(100_000)) {
+            Err(TaskError::ResultTooLarge {
+                worker: 0,
+                len,
+                max,
+            }) => {
+                assert!(len > 100_000);
+                assert_eq!(max, (64 << 10) - 16);
+            }
+            other => panic!("expected ResultTooLarge, got {other:?}"),
+        }
+        // The worker is fine.
+        assert_eq!(pool.execute(&Cmd::Echo(8)).unwrap().value, 8);
+    });
+}
+
+#[test]
+fn a_loaned_16_mib_payload_is_read_in_place() {
+    watchdog(60, || {
+        let pool = pool(1);
+        let mut loan = pool.loan(16 << 20).unwrap();
+        assert_eq!(loan.len(), 16 << 20);
+        assert_eq!(loan.as_mut_slice().as_ptr() as usize % 64, 0);
+        for (i, b) in loan.as_mut_slice().iter_mut().enumerate() {
+            *b = (i / 4096 % 200) as u8;
+        }
+        let expect: u64 = (0..(16 << 20) / 4096).map(|k| (k % 200) as u64).sum();
+        let out = pool.execute_with_payload(&Cmd::SumPayload, loan).unwrap();
+        assert_eq!(out.value, expect);
+        assert_eq!(
+            u64::from_le_bytes(out.bytes[..8].try_into().unwrap()),
+            16 << 20
+        );
+        // An unsent loan gives its space back; the arena serves the next loan.
+        drop(pool.loan(32 << 20).unwrap());
+        let loan = pool.loan(48 << 20).unwrap();
+        drop(loan);
+    });
+}
+
+#[test]
+fn the_queue_bound_is_enforced_try_submit_fails_and_submit_waits() {
+    watchdog(60, || {
+        let pool = Pool::<TestWorker>::builder().queue_size(4).build().unwrap();
+        pool.spawn(&Spawn::ok("q")).unwrap();
+        let gate = gate_path("full");
+        let g = gate.to_string_lossy().to_string();
+        let hs: Vec<_> = (0..4)
+            .map(|_| pool.submit(&Cmd::Gate(g.clone())).unwrap())
+            .collect();
+        assert_eq!(
+            pool.try_submit(&Cmd::Echo(1)).unwrap_err(),
+            SubmitError::QueueFull
+        );
+        assert_eq!(
+            pool.submit_timeout(&Cmd::Echo(1), Duration::from_millis(10))
+                .unwrap_err(),
+            SubmitError::Timeout
+        );
+        std::thread::scope(|s| {
+            let blocked = s.spawn(|| pool.submit(&Cmd::Echo(77)).unwrap().wait().unwrap());
+            std::fs::write(&gate, b"").unwrap();
+            for h in hs {
+                assert_eq!(h.wait().unwrap().value, 1);
+            }
+            assert_eq!(blocked.join().unwrap().value, 77);
+        });
+        let _ = std::fs::remove_file(&gate);
+    });
+}
+
+#[test]
+fn dropping_a_handle_before_the_task_starts_means_it_never_runs() {
+    watchdog(60, || {
+        let pool = pool(1);
+        let gate = gate_path("cancel");
+        let g = gate.to_string_lossy().to_string();
+        let blocker = pool.submit(&Cmd::Gate(g)).unwrap();
+        for i in 0..10 {
+            drop(pool.submit(&Cmd::Echo(i)).unwrap());
+        }
+        std::fs::write(&gate, b"").unwrap();
+        assert_eq!(blocker.wait().unwrap().value, 1);
+        // Only the gate task and this one ran: the ten dropped tasks were skipped.
+        assert_eq!(pool.execute(&Cmd::Count).unwrap().value, 1);
+        // Dropped after start: the result is discarded and the slot reused (64 slots, 200 tasks).
+        for i in 0..200 {
+            drop(pool.submit(&Cmd::Echo(i)).unwrap());
+        }
+        assert_eq!(pool.execute(&Cmd::Echo(5)).unwrap().value, 5);
+        let _ = std::fs::remove_file(&gate);
+    });
+}
+
+#[test]
+fn shutdown_finishes_queued_tasks_and_then_rejects_new_work() {
+    watchdog(60, || {
+        let pool = Pool::<TestWorker>::builder()
+            .wait_strategy(WaitStrategy::Park)
+            .build()
+            .unwrap();
+        pool.spawn(&Spawn::ok("a")).unwrap();
+        pool.spawn(&Spawn::ok("b")).unwrap();
+        let hs: Vec<_> = (0..20)
+            .map(|_| pool.submit(&Cmd::SleepMs(5)).unwrap())
+            .collect();
+        let pids: Vec<u32> = pool.worker_pids().iter().map(|p| p.1).collect();
+        pool.shutdown();
+        for h in hs {
+            assert_eq!(
+                h.wait().unwrap().value,
+                0,
+                "queued tasks complete on shutdown"
+            );
+        }
+        for pid in pids {
+            // Reaped: the pid no longer names our child.
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            assert!(!stat.contains(") Z "), "worker {pid} left a zombie");
+        }
+    });
+}
+
+#[test]
+fn a_pool_is_shared_by_reference_across_threads() {
+    watchdog(60, || {
+        let pool = pool(2);
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let pool = &pool;
+                s.spawn(move || {
+                    for i in 0..200 {
+                        let v = t * 1000 + i;
+                        assert_eq!(pool.execute(&Cmd::Echo(v)).unwrap().value, v);
+                    }
+                });
+            }
+        });
+    });
+}
