@@ -157,7 +157,7 @@ pub(crate) fn decode<T: Message>(bytes: &[u8]) -> Result<T, String> {
     rkyv::deserialize::<T, BoxedError>(archived).map_err(|e| e.to_string())
 }
 
-#[cfg(all(test, not(loom)))]
+#[cfg(all(test, not(stateful_pool_loom)))]
 mod tests {
     use super::*;
 

@@ -60,33 +60,33 @@
 
 pub(crate) mod sync;
 
-#[cfg(not(loom))]
+#[cfg(not(stateful_pool_loom))]
 mod codec;
-#[cfg(not(loom))]
+#[cfg(not(stateful_pool_loom))]
 mod error;
-#[cfg(not(loom))]
+#[cfg(not(stateful_pool_loom))]
 mod pool;
-#[cfg(not(loom))]
+#[cfg(not(stateful_pool_loom))]
 mod process;
 pub(crate) mod ring;
-#[cfg(not(loom))]
+#[cfg(not(stateful_pool_loom))]
 mod shm;
-#[cfg(not(loom))]
+#[cfg(not(stateful_pool_loom))]
 mod sys;
-#[cfg(not(loom))]
+#[cfg(not(stateful_pool_loom))]
 mod worker;
 
-#[cfg(not(loom))]
+#[cfg(not(stateful_pool_loom))]
 pub use codec::{Message, ShmWriter};
-#[cfg(not(loom))]
+#[cfg(not(stateful_pool_loom))]
 pub use error::{BuildError, SpawnError, SubmitError, TaskError};
-#[cfg(not(loom))]
+#[cfg(not(stateful_pool_loom))]
 pub use pool::Pool;
-#[cfg(not(loom))]
+#[cfg(not(stateful_pool_loom))]
 pub use pool::builder::{PoolBuilder, WaitStrategy};
-#[cfg(not(loom))]
+#[cfg(not(stateful_pool_loom))]
 pub use pool::handle::{Loan, ResultRef, SpawnHandle, TaskHandle};
-#[cfg(not(loom))]
+#[cfg(not(stateful_pool_loom))]
 pub use worker::{BoxError, TaskContext, Worker, WorkerContext};
 
 /// Turns this process into a worker if the pool launched it as one; otherwise returns at once
@@ -95,7 +95,7 @@ pub use worker::{BoxError, TaskContext, Worker, WorkerContext};
 /// Call it first thing in `main`, before starting threads or doing work: a worker process runs
 /// your program's code up to this call. In a worker it never returns: it serves tasks until the
 /// pool shuts down, then exits the process.
-#[cfg(not(loom))]
+#[cfg(not(stateful_pool_loom))]
 pub fn init() {
     let Some(boot) = std::env::var_os(worker::boot::BOOT_ENV) else {
         return;

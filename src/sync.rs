@@ -1,20 +1,20 @@
-//! The atomics facade: `std` atomics normally, loom's under `--cfg loom`.
+//! The atomics facade: `std` atomics normally, loom's under `--cfg stateful_pool_loom`.
 //!
 //! Every lock-free structure in this crate takes its atomics from here, so loom model tests
-//! (`RUSTFLAGS="--cfg loom" cargo test --lib loom`) and Miri run the very same ring code over
+//! (`RUSTFLAGS="--cfg stateful_pool_loom" cargo test --lib loom`) and Miri run the very same ring code over
 //! heap memory that the pool runs over shared memory.
 
-#[cfg(loom)]
+#[cfg(stateful_pool_loom)]
 pub(crate) use loom::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
-#[cfg(not(loom))]
+#[cfg(not(stateful_pool_loom))]
 pub(crate) use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 
 /// A hint inside a spin loop; under loom it yields so the model can make progress.
 #[inline]
 pub(crate) fn spin_hint() {
-    #[cfg(loom)]
+    #[cfg(stateful_pool_loom)]
     loom::thread::yield_now();
-    #[cfg(not(loom))]
+    #[cfg(not(stateful_pool_loom))]
     std::hint::spin_loop();
 }
 

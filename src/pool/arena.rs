@@ -119,7 +119,7 @@ impl Arena {
     }
 }
 
-#[cfg(all(test, not(loom)))]
+#[cfg(all(test, not(stateful_pool_loom)))]
 mod tests {
     use super::*;
 

@@ -470,7 +470,7 @@ impl<W: Worker> Drop for Pool<W> {
     }
 }
 
-#[cfg(all(test, not(loom)))]
+#[cfg(all(test, not(stateful_pool_loom)))]
 mod tests {
     use super::*;
 

@@ -62,14 +62,16 @@ impl ByteRingHeader {
     }
 }
 
-/// The header in front of each record's data.
+/// The header in front of each record's data: `len`, `kind` and `slot` are plain words the
+/// producer writes before publishing `tail` (so the consumer reads them after its Acquire);
+/// the fourth word is the `released` flag, an atomic (see [`ByteRing::released`]).
 #[repr(C)]
-#[derive(Debug)]
-pub(crate) struct RecordHeader {
-    len: AtomicU32,
-    kind: AtomicU32,
-    slot: AtomicU32,
-    released: AtomicU32,
+#[derive(Debug, Clone, Copy)]
+struct RecordHeader {
+    len: u32,
+    kind: u32,
+    slot: u32,
+    released: u32,
 }
 
 /// A view of one byte ring: counters plus `capacity` data bytes at `data`.
@@ -78,6 +80,10 @@ pub(crate) struct ByteRing<'a> {
     hdr: &'a ByteRingHeader,
     data: *mut u8,
     cap: u64,
+    /// Where the `released` flags live: `None` = the fourth word of each record header (shared
+    /// memory); `Some` = a side table of one atomic per 16-byte position (heap storage, the only
+    /// form loom can model, since loom atomics cannot be cast from raw bytes).
+    flags: Option<&'a [AtomicU32]>,
 }
 
 // SAFETY: the ring only hands out raw pointers; who may touch which bytes when is the protocol
@@ -123,7 +129,35 @@ impl<'a> ByteRing<'a> {
     pub(crate) unsafe fn new(hdr: &'a ByteRingHeader, data: *mut u8, cap: u64) -> Self {
         debug_assert!(cap % REC_ALIGN == 0 && cap >= 2 * REC_ALIGN);
         debug_assert!((data as usize) % REC_ALIGN as usize == 0);
-        ByteRing { hdr, data, cap }
+        #[cfg(stateful_pool_loom)]
+        panic!("under loom, use ByteRing::with_flags");
+        #[cfg(not(stateful_pool_loom))]
+        ByteRing {
+            hdr,
+            data,
+            cap,
+            flags: None,
+        }
+    }
+
+    /// As [`new`](Self::new), with the `released` flags in a side table of `cap / 16` atomics.
+    ///
+    /// # Safety
+    /// As for [`new`](Self::new).
+    #[cfg(test)]
+    pub(crate) unsafe fn with_flags(
+        hdr: &'a ByteRingHeader,
+        data: *mut u8,
+        cap: u64,
+        flags: &'a [AtomicU32],
+    ) -> Self {
+        assert_eq!(flags.len() as u64, cap / REC_ALIGN);
+        ByteRing {
+            hdr,
+            data,
+            cap,
+            flags: Some(flags),
+        }
     }
 
     /// Capacity in bytes.
@@ -136,12 +170,46 @@ impl<'a> ByteRing<'a> {
         self.cap - REC_ALIGN
     }
 
-    fn record(&self, offset: u64) -> &RecordHeader {
-        debug_assert!(offset % REC_ALIGN == 0 && offset + REC_ALIGN <= self.cap);
-        // SAFETY: offset is 16-aligned and inside the data area (checked above / by the
-        // callers' arithmetic), the data area is 16-aligned, and RecordHeader is four atomics,
-        // valid for any bit pattern.
-        unsafe { &*(self.data.add(offset as usize) as *const RecordHeader) }
+    fn record_ptr(&self, offset: u64) -> *mut RecordHeader {
+        assert!(offset % REC_ALIGN == 0 && offset + REC_ALIGN <= self.cap);
+        // SAFETY: offset is 16-aligned and inside the data area (asserted above).
+        unsafe { self.data.add(offset as usize) as *mut RecordHeader }
+    }
+
+    /// Reads the plain words of a record header (published before `tail`, see the protocol).
+    fn read_record(&self, offset: u64) -> RecordHeader {
+        // SAFETY: in bounds and aligned (record_ptr); the producer wrote these words before its
+        // Release store of `tail`, which the caller Acquired, and does not rewrite them until
+        // the record is released and `head` passes it.
+        unsafe { self.record_ptr(offset).read_volatile() }
+    }
+
+    /// Writes the plain words of a record header (producer only, before publishing `tail`).
+    fn write_record(&self, offset: u64, len: u32, kind: u32, slot: u32) {
+        let p = self.record_ptr(offset);
+        // SAFETY: the producer owns the bytes between `tail` and `head + cap`, which include
+        // this header; we write the three plain words (not the flag word, which is atomic).
+        unsafe {
+            std::ptr::addr_of_mut!((*p).len).write_volatile(len);
+            std::ptr::addr_of_mut!((*p).kind).write_volatile(kind);
+            std::ptr::addr_of_mut!((*p).slot).write_volatile(slot);
+        }
+    }
+
+    /// The `released` flag of the record at `offset`.
+    fn released(&self, offset: u64) -> &AtomicU32 {
+        match self.flags {
+            Some(f) => &f[(offset / REC_ALIGN) as usize],
+            #[cfg(not(stateful_pool_loom))]
+            None => {
+                let p = self.record_ptr(offset);
+                // SAFETY: the flag word is 4-byte aligned inside the record header, lives as
+                // long as the mapping (`'a`), and is only ever accessed atomically.
+                unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*p).released)) }
+            }
+            #[cfg(stateful_pool_loom)]
+            None => unreachable!("loom rings always have a flag table"),
+        }
     }
 
     // ---- producer side (the worker) ----
@@ -186,20 +254,13 @@ impl<'a> ByteRing<'a> {
     pub(crate) fn commit(&self, r: Reservation, len: u64, kind: u32, slot: u32) -> u64 {
         debug_assert!(REC_ALIGN + align16(len) <= r.size);
         if r.pad > 0 {
-            let pad_rec = self.record(r.pos % self.cap);
-            pad_rec
-                .len
-                .store((r.pad - REC_ALIGN) as u32, Ordering::Relaxed);
-            pad_rec.kind.store(KIND_PAD, Ordering::Relaxed);
-            pad_rec.slot.store(u32::MAX, Ordering::Relaxed);
-            pad_rec.released.store(1, Ordering::Relaxed);
+            let pad_off = r.pos % self.cap;
+            self.write_record(pad_off, (r.pad - REC_ALIGN) as u32, KIND_PAD, u32::MAX);
+            self.released(pad_off).store(1, Ordering::Relaxed);
         }
         let offset = r.record_offset(self.cap);
-        let rec = self.record(offset);
-        rec.len.store(len as u32, Ordering::Relaxed);
-        rec.kind.store(kind, Ordering::Relaxed);
-        rec.slot.store(slot, Ordering::Relaxed);
-        rec.released.store(0, Ordering::Relaxed);
+        self.write_record(offset, len as u32, kind, slot);
+        self.released(offset).store(0, Ordering::Relaxed);
         // SYNC POINT: data and headers visible to a consumer that Acquire-loads `tail` (the
         // head advance) or the task slot's state (the reader, published after this).
         self.hdr
@@ -225,7 +286,7 @@ impl<'a> ByteRing<'a> {
     pub(crate) fn release(&self, offset: u64) {
         // SYNC POINT: our reads of the record are done before the head advance that observes
         // this flag (Acquire in `advance`), and so before the producer reuses the bytes.
-        self.record(offset).released.store(1, Ordering::Release);
+        self.released(offset).store(1, Ordering::Release);
     }
 
     /// Moves `head` over contiguous released records. Only one thread may run this at a time
@@ -236,11 +297,11 @@ impl<'a> ByteRing<'a> {
         let start = self.hdr.head.load(Ordering::Relaxed);
         let mut head = start;
         while head < tail {
-            let rec = self.record(head % self.cap);
-            if rec.released.load(Ordering::Acquire) == 0 {
+            let off = head % self.cap;
+            if self.released(off).load(Ordering::Acquire) == 0 {
                 break;
             }
-            head += REC_ALIGN + align16(rec.len.load(Ordering::Relaxed) as u64);
+            head += REC_ALIGN + align16(self.read_record(off).len as u64);
         }
         if head != start {
             // SYNC POINT: pairs with the producer's Acquire load of `head` in `try_reserve`.

@@ -235,6 +235,20 @@ impl<'a> MpmcRing<'a> {
     }
 }
 
+#[cfg(test)]
+impl MpmcRing<'_> {
+    /// Test helper: a consumer that records its intent, wins the `head` CAS, and dies before
+    /// reading the value or storing `seq` (the crash window `repair` exists for).
+    pub(crate) fn pop_and_die_after_cas(&self, claim: &AtomicU64) {
+        let head = self.hdr.head.load(Ordering::SeqCst);
+        claim.store(head + 1, Ordering::SeqCst);
+        self.hdr
+            .head
+            .compare_exchange(head, head + 1, Ordering::SeqCst, Ordering::Relaxed)
+            .expect("no concurrent consumer in this test");
+    }
+}
+
 /// A ring whose storage is on the heap: the parent's free-slot list, and the tests.
 #[derive(Debug)]
 pub(crate) struct HeapMpmc {

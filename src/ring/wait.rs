@@ -33,7 +33,7 @@ pub(crate) struct EventCount {
     epoch: AtomicU32,
     /// Number of waiters between `prepare` and the end of `wait`/`cancel`.
     sleepers: AtomicU32,
-    #[cfg(loom)]
+    #[cfg(stateful_pool_loom)]
     model: FutexModel,
 }
 
@@ -47,7 +47,7 @@ impl EventCount {
         EventCount {
             epoch: AtomicU32::new(0),
             sleepers: AtomicU32::new(0),
-            #[cfg(loom)]
+            #[cfg(stateful_pool_loom)]
             model: FutexModel::default(),
         }
     }
@@ -93,17 +93,17 @@ impl EventCount {
         }
     }
 
-    #[cfg(not(loom))]
+    #[cfg(not(stateful_pool_loom))]
     fn futex_wait(&self, expected: u32, timeout: Option<Duration>) {
         crate::sys::futex_wait(&self.epoch, expected, timeout);
     }
 
-    #[cfg(not(loom))]
+    #[cfg(not(stateful_pool_loom))]
     fn futex_wake(&self, n: i32) {
         crate::sys::futex_wake(&self.epoch, n);
     }
 
-    #[cfg(loom)]
+    #[cfg(stateful_pool_loom)]
     fn futex_wait(&self, expected: u32, _timeout: Option<Duration>) {
         // A futex modelled exactly: the value check and the sleep are atomic w.r.t. wake,
         // and there are no spurious wake-ups, so a lost wake-up shows up as a loom deadlock.
@@ -113,14 +113,14 @@ impl EventCount {
         }
     }
 
-    #[cfg(loom)]
+    #[cfg(stateful_pool_loom)]
     fn futex_wake(&self, _n: i32) {
         let _guard = self.model.lock.lock().unwrap();
         self.model.cv.notify_all();
     }
 }
 
-#[cfg(loom)]
+#[cfg(stateful_pool_loom)]
 #[derive(Debug, Default)]
 struct FutexModel {
     lock: loom::sync::Mutex<()>,

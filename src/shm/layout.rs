@@ -260,7 +260,7 @@ impl WorkerCtl {
     }
 }
 
-#[cfg(all(test, not(loom)))]
+#[cfg(all(test, not(stateful_pool_loom)))]
 mod tests {
     use super::*;
 

@@ -162,7 +162,7 @@ pub(crate) fn enter(boot_str: &str) -> ! {
     })
 }
 
-#[cfg(all(test, not(loom)))]
+#[cfg(all(test, not(stateful_pool_loom)))]
 mod tests {
     use super::*;
 
