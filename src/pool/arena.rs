@@ -36,10 +36,6 @@ impl Arena {
         }
     }
 
-    pub(crate) fn size(&self) -> u64 {
-        self.size
-    }
-
     /// Rounds a request up to the granularity.
     pub(crate) fn rounded(len: u64) -> u64 {
         len.max(1).div_ceil(ARENA_ALIGN) * ARENA_ALIGN

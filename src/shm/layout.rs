@@ -271,6 +271,7 @@ mod tests {
         assert_eq!(size_of::<MpmcCell>(), 16);
         assert!(size_of::<ByteRingHeader>() <= RING_HDR);
         assert_eq!(align_of::<SegmentHeader>(), 64);
+        assert_eq!(size_of::<SegmentHeader>(), 512);
     }
 
     #[test]

@@ -89,7 +89,6 @@ pub(crate) struct WorkerProcess {
     pub(crate) seg: Segment,
     pub(crate) layout: Layout,
     pub(crate) seat: u32,
-    pub(crate) parent_pid: u32,
 }
 
 impl WorkerProcess {
@@ -158,7 +157,6 @@ pub(crate) fn enter(boot_str: &str) -> ! {
         seg,
         layout,
         seat: boot.seat,
-        parent_pid: boot.parent_pid,
     })
 }
 
