@@ -7,7 +7,7 @@ use super::shared::Shared;
 use crate::codec::{self, Message};
 use crate::error::{SpawnError, TaskError};
 use crate::ring::bytes::{
-    KIND_BAD_TASK, KIND_CANCELLED, KIND_ERR, KIND_OK, KIND_PANIC, KIND_TOO_LARGE,
+    KIND_BAD_TASK, KIND_CANCELLED, KIND_ERR, KIND_OK, KIND_PANIC, KIND_TOO_LARGE, REC_INLINE,
 };
 use std::future::Future;
 use std::marker::PhantomData;
@@ -162,8 +162,18 @@ fn outcome(shared: &Shared, slot: u32) -> Outcome {
     };
     let len = sh.result_len.load(Ordering::Relaxed) as u64;
     let rec = sh.result_rec.load(Ordering::Relaxed);
-    let Some(ptr) = ring.data(rec, len) else {
-        return bad("result record out of range");
+    let ptr = if rec == REC_INLINE {
+        if kind != KIND_OK || len > shared.layout.params.slot_inline as u64 {
+            return bad("inline result out of range");
+        }
+        shared
+            .seg
+            .bytes_ptr(shared.layout.slot_data_off(slot), len as usize) as *const u8
+    } else {
+        match ring.data(rec, len) {
+            Some(p) => p,
+            None => return bad("result record out of range"),
+        }
     };
     let worker = worker as usize;
     // SAFETY: in range (checked by `data`); complete and stable as explained in `wait_ref`.

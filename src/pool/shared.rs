@@ -22,7 +22,7 @@
 use super::arena::{Arena, Block};
 use super::builder::Config;
 use crate::error::SubmitError;
-use crate::ring::bytes::{ByteRing, KIND_CANCELLED};
+use crate::ring::bytes::{ByteRing, KIND_CANCELLED, REC_INLINE};
 use crate::ring::mpmc::{HeapMpmc, MpmcCell, MpmcRing};
 use crate::ring::wait::{EventCount, spin_until, wait_on};
 use crate::shm::layout::{Layout, RING_HDR, SegmentHeader, SlotHeader, WorkerCtl, slot_state};
@@ -401,10 +401,10 @@ impl Shared {
     pub(crate) fn retire(&self, slot: u32) {
         let sh = self.slot(slot);
         let kind = sh.result_kind.load(Ordering::Relaxed);
-        if kind != 0 && kind != KIND_CANCELLED {
+        let rec = sh.result_rec.load(Ordering::Relaxed);
+        if kind != 0 && kind != KIND_CANCELLED && rec != REC_INLINE {
             let seat = sh.result_worker.load(Ordering::Relaxed);
             if let Some(ring) = self.result_ring(seat) {
-                let rec = sh.result_rec.load(Ordering::Relaxed);
                 if rec % 16 == 0 && rec + 16 <= ring.capacity() {
                     ring.release(rec);
                     let moved = {

@@ -36,6 +36,10 @@ pub(crate) const KIND_TOO_LARGE: u32 = 6;
 /// Slot-only outcome (no record): the task was cancelled before it started.
 pub(crate) const KIND_CANCELLED: u32 = 7;
 
+/// A slot's `result_rec` value meaning "no ring record: the output archive is inline in the
+/// slot's own data area" (small results; saves the ring's cache-line hand-offs).
+pub(crate) const REC_INLINE: u64 = u64::MAX;
+
 /// Size of a record header; also the alignment of every record.
 pub(crate) const REC_ALIGN: u64 = 16;
 

@@ -10,7 +10,7 @@ use super::{TaskContext, Worker, WorkerContext};
 use crate::codec::{self, EncodeError};
 use crate::ring::bytes::{
     ByteRing, KIND_BAD_TASK, KIND_CANCELLED, KIND_ERR, KIND_OK, KIND_PANIC, KIND_TOO_LARGE,
-    REC_ALIGN, Reservation,
+    REC_ALIGN, REC_INLINE, Reservation,
 };
 use crate::ring::mpmc::{MpmcCell, MpmcRing};
 use crate::ring::wait::wait_on;
@@ -242,6 +242,27 @@ impl Server<'_> {
     }
 
     fn write_output<T: crate::Message>(&self, sh: &SlotHeader, slot: u32, out: &T) {
+        // Fastest path: a small output goes inline into the task's own slot, whose cache lines
+        // this worker already holds. The task archive there is dead: `execute` has returned
+        // and `out` borrows nothing from it.
+        let layout = &self.wp.layout;
+        let cap = layout.params.slot_inline as usize;
+        let ptr = self.wp.seg.bytes_ptr(layout.slot_data_off(slot), cap);
+        match catch_unwind(AssertUnwindSafe(|| codec::encode_into(out, ptr, cap))) {
+            Ok(Ok(n)) => {
+                self.publish(sh, REC_INLINE, n as u64, KIND_OK);
+                return;
+            }
+            Ok(Err(EncodeError::Overflow)) => {}
+            Ok(Err(EncodeError::Failed(m))) => {
+                self.write_message(sh, slot, KIND_ERR, &format!("cannot serialise output: {m}"));
+                return;
+            }
+            Err(p) => {
+                self.write_message(sh, slot, KIND_PANIC, &panic_message(&*p));
+                return;
+            }
+        }
         // Fast path: serialise straight into whatever contiguous room the ring has now.
         if let Ok(Some(r)) = self.results.try_reserve(0) {
             let room = self.contiguous_room(&r);
