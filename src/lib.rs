@@ -111,12 +111,13 @@ pub fn init() {
 /// Makes a binary whose `main` you do not write (a `cargo test` integration test, a criterion
 /// bench) able to serve as a worker: expands to a constructor that calls [`init`] before `main`.
 ///
-/// ```ignore
+/// ```no_run
 /// // tests/my_pool.rs
 /// stateful_pool::worker_hook!();
 ///
 /// #[test]
 /// fn it_works() { /* build a Pool, spawn, execute */ }
+/// # fn main() {}
 /// ```
 #[macro_export]
 macro_rules! worker_hook {

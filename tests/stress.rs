@@ -97,3 +97,66 @@ fn an_idle_worker_takes_the_next_task_while_another_is_busy() {
         let _ = std::fs::remove_file(&gate);
     });
 }
+
+#[test]
+fn handles_dropped_at_every_stage_leave_no_slot_behind() {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+    watchdog(300, || {
+        const SLOTS: usize = 16;
+        let pool = Pool::<TestWorker>::builder()
+            .queue_size(SLOTS)
+            .build()
+            .unwrap();
+        pool.spawn(&Spawn::ok("d0")).unwrap();
+        pool.spawn(&Spawn::ok("d1")).unwrap();
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let pool = &pool;
+                s.spawn(move || {
+                    let mut cx = Context::from_waker(Waker::noop());
+                    for i in 0..2000u64 {
+                        let v = t * 10_000 + i;
+                        let mut h = pool.submit(&Cmd::Echo(v)).unwrap();
+                        match i % 4 {
+                            0 => drop(h), // likely before the task starts
+                            1 => {
+                                // Registered with the reactor, then abandoned.
+                                match std::pin::Pin::new(&mut h).poll(&mut cx) {
+                                    Poll::Ready(r) => assert_eq!(r.unwrap().value, v),
+                                    Poll::Pending => drop(h),
+                                }
+                            }
+                            2 => {
+                                // Abandoned after it finished.
+                                while !h.is_finished() {
+                                    std::thread::yield_now();
+                                }
+                                drop(h);
+                            }
+                            _ => assert_eq!(h.wait().unwrap().value, v),
+                        }
+                    }
+                });
+            }
+        });
+        // Every slot came back exactly once: all of them can be taken (waiting for the reactor
+        // to retire the last detached ones; a leaked slot would hang here and trip the
+        // watchdog), and not one more.
+        let gate = gate_path("drops");
+        let g = gate.to_string_lossy().to_string();
+        let held: Vec<_> = (0..SLOTS)
+            .map(|_| pool.submit(&Cmd::Gate(g.clone())).unwrap())
+            .collect();
+        assert_eq!(
+            pool.try_submit(&Cmd::Echo(0)).unwrap_err(),
+            stateful_pool::SubmitError::QueueFull,
+            "a slot was returned twice"
+        );
+        std::fs::write(&gate, b"").unwrap();
+        for h in held {
+            assert_eq!(h.wait().unwrap().value, 1);
+        }
+        let _ = std::fs::remove_file(&gate);
+    });
+}

@@ -130,8 +130,9 @@ impl<W: Worker> PoolBuilder<W> {
         self
     }
 
-    /// Bytes of each worker's completion ring; a result archive may be up to this minus 16
-    /// bytes. Default 4 MiB. Memory is committed only as it is used.
+    /// Bytes of each worker's completion ring; a result archive may be up to half of this minus
+    /// 16 bytes (larger ones fail with `TaskError::ResultTooLarge`). Results that fit a task
+    /// slot travel inline in the slot instead. Default 4 MiB, committed only as it is used.
     pub fn result_ring_bytes(mut self, n: usize) -> Self {
         self.cfg.result_ring_bytes = n;
         self

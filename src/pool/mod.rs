@@ -427,6 +427,18 @@ impl<W: Worker> Pool<W> {
             return;
         }
         shared.quiesce_submits();
+        // Every launch request sent before `closing` is handled once this round trip returns
+        // (later ones are refused), so every worker process that will ever exist is in `seats`.
+        let (done_tx, done_rx) = channel();
+        let sent = self
+            .sup_tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(SupMsg::Sync(done_tx));
+        shared.header().lifecycle.notify_all();
+        if sent.is_ok() {
+            let _ = done_rx.recv_timeout(shared.cfg.shutdown_timeout);
+        }
         // Every task that will ever be queued is queued: let workers drain and exit.
         let hdr = shared.header();
         hdr.shutdown.store(1, Ordering::SeqCst);

@@ -16,8 +16,8 @@
 //!    record, frees arena blocks, and returns the index to the free list.
 //!
 //! Every slot is retired exactly once, by whoever owns it: the handle that collects the result,
-//! or — if the handle was dropped first (detached) — the reactor, arbitrated by an atomic swap
-//! of the slot's `detached` flag.
+//! or — if the handle was dropped first (detached) — the reactor, arbitrated by a
+//! compare-exchange of the slot's `detached` word from that task's id to 0.
 
 use super::arena::{Arena, Block};
 use super::builder::Config;
@@ -47,8 +47,10 @@ pub(crate) struct SlotMeta {
     waker: Mutex<Option<Waker>>,
     /// Task id the reactor should look at when the slot completes (0: none).
     interest: AtomicU64,
-    /// The handle was dropped: the reactor retires the slot on completion.
-    detached: AtomicBool,
+    /// Id of a task whose handle was dropped (0: none): the reactor retires the slot when that
+    /// task completes. Holding the id (not a bool) keeps a slow reactor pass from retiring a
+    /// later task that reused the slot.
+    detached: AtomicU64,
     /// Taken from the free list and not yet returned.
     in_use: AtomicBool,
 }
@@ -386,13 +388,28 @@ impl Shared {
     pub(crate) fn detach(&self, slot: u32, task_id: u64) {
         let meta = &self.meta[slot as usize];
         meta.waker.lock().unwrap_or_else(|e| e.into_inner()).take();
-        meta.detached.store(true, Ordering::SeqCst);
-        meta.interest.store(task_id, Ordering::SeqCst);
-        let prev = self.slot(slot).state.fetch_or(
+        let st = &self.slot(slot).state;
+        // While `detached` is unset only this handle may retire the slot, so this fetch_or
+        // lands on our own task's state word, never on a successor's.
+        let prev = st.fetch_or(
             slot_state::WAIT_REACTOR | slot_state::CANCELLED,
             Ordering::AcqRel,
         );
-        if prev & slot_state::DONE != 0 && meta.detached.swap(false, Ordering::AcqRel) {
+        if prev & slot_state::DONE != 0 {
+            self.retire(slot);
+            return;
+        }
+        meta.detached.store(task_id, Ordering::SeqCst);
+        meta.interest.store(task_id, Ordering::SeqCst);
+        // DONE may have landed between the fetch_or above and the stores: the worker then rang
+        // the doorbell before the reactor could see our interest. Re-check (an RMW, so a later
+        // DONE reads from it and its doorbell happens after our stores) and arbitrate.
+        if st.fetch_or(0, Ordering::AcqRel) & slot_state::DONE != 0
+            && meta
+                .detached
+                .compare_exchange(task_id, 0, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
             self.retire(slot);
         }
     }
@@ -421,6 +438,7 @@ impl Shared {
         }
         let meta = &self.meta[slot as usize];
         meta.interest.store(0, Ordering::SeqCst);
+        meta.detached.store(0, Ordering::SeqCst);
         meta.waker.lock().unwrap_or_else(|e| e.into_inner()).take();
         for blk in [&meta.task_blk, &meta.pay_blk] {
             let len = blk.1.swap(0, Ordering::Relaxed);
@@ -477,7 +495,11 @@ impl Shared {
             if let Some(w) = waker {
                 w.wake();
             }
-            if meta.detached.swap(false, Ordering::AcqRel) {
+            if meta
+                .detached
+                .compare_exchange(id, 0, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
                 self.retire(i as u32);
             }
         }

@@ -30,6 +30,9 @@ pub(crate) enum SupMsg {
         boot: String,
         reply: Arc<SpawnReply>,
     },
+    /// Reply once every earlier message is handled (shutdown uses it so that every worker
+    /// process that will ever exist is known before it reaps them).
+    Sync(std::sync::mpsc::Sender<()>),
     /// Finish pending start-ups as failed and exit.
     Stop,
 }
@@ -49,6 +52,14 @@ pub(crate) fn supervisor_loop(shared: Arc<Shared>, rx: Receiver<SupMsg>, program
         let mut progressed = false;
         loop {
             match rx.try_recv() {
+                Ok(SupMsg::Sync(done)) => {
+                    let _ = done.send(());
+                }
+                Ok(SupMsg::Launch { reply, seat, .. }) if shared.closing.load(Ordering::SeqCst) => {
+                    progressed = true;
+                    free_seat(&shared, seat);
+                    reply.complete(SpawnOutcome::Failed(SpawnError::Shutdown));
+                }
                 Ok(SupMsg::Launch { seat, boot, reply }) => {
                     progressed = true;
                     match launch(&program, shared.seg.fd(), &boot) {
@@ -110,32 +121,33 @@ fn free_seat(shared: &Shared, seat: u32) {
         .store(ctl_state::EMPTY, Ordering::Release);
 }
 
+/// A copy of what a worker that reported READY or FAILED wrote in its spawn area: the spawn
+/// output's archive, or the failure message.
+fn spawn_report(shared: &Shared, seat: u32) -> Vec<u8> {
+    let ctl = shared.ctl(seat);
+    let len = (ctl.spawn_out_len.load(Ordering::Relaxed) as usize)
+        .min(shared.layout.params.spawn_area as usize);
+    let ptr = shared
+        .seg
+        .bytes_ptr(shared.layout.spawn_area_off(seat), len);
+    // SAFETY: the worker wrote these bytes before its Release store of READY/FAILED, which the
+    // caller Acquired; it never writes the area again in this life, and `len` is clamped to the
+    // area.
+    unsafe { std::slice::from_raw_parts(ptr, len) }.to_vec()
+}
+
 /// Checks one start-up; returns whether it is finished (and replied to).
 fn check_start(shared: &Shared, p: &Pending, stop: bool) -> bool {
     let ctl = shared.ctl(p.seat);
     let worker = p.seat as usize;
     match ctl.state.load(Ordering::Acquire) {
         ctl_state::READY => {
-            let len = (ctl.spawn_out_len.load(Ordering::Relaxed) as usize)
-                .min(shared.layout.params.spawn_area as usize);
-            let ptr = shared
-                .seg
-                .bytes_ptr(shared.layout.spawn_area_off(p.seat), len);
-            // SAFETY: a READY worker wrote its spawn output here before its Release store of
-            // the state, which we Acquired; it never writes the area again in this life.
-            let bytes = unsafe { std::slice::from_raw_parts(ptr, len) }.to_vec();
-            p.reply.complete(SpawnOutcome::Ready(bytes));
+            p.reply
+                .complete(SpawnOutcome::Ready(spawn_report(shared, p.seat)));
             true
         }
         ctl_state::FAILED => {
-            let len = (ctl.spawn_out_len.load(Ordering::Relaxed) as usize)
-                .min(shared.layout.params.spawn_area as usize);
-            let ptr = shared
-                .seg
-                .bytes_ptr(shared.layout.spawn_area_off(p.seat), len);
-            // SAFETY: as above, for the failure message.
-            let message = String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(ptr, len) })
-                .into_owned();
+            let message = String::from_utf8_lossy(&spawn_report(shared, p.seat)).into_owned();
             let err = if ctl.spawn_kind.load(Ordering::Relaxed) == KIND_PANIC {
                 SpawnError::Panicked { worker, message }
             } else {

@@ -171,9 +171,13 @@ impl<'a> ByteRing<'a> {
         self.cap
     }
 
-    /// The largest data length one record can carry.
+    /// The largest data length one record can carry: half the ring, less a header. Capping a
+    /// record at half the ring guarantees it fits after waiting even when it needs a pad: if
+    /// `off + size > cap` then `off > cap/2 >= size`, so `pad + size = cap - off + size < cap`.
+    /// (A record of up to the whole ring could need more than the ring once padded, and its
+    /// producer would wait forever.)
     pub(crate) fn max_record_len(&self) -> u64 {
-        self.cap - REC_ALIGN
+        (self.cap / 2) / REC_ALIGN * REC_ALIGN - REC_ALIGN
     }
 
     fn record_ptr(&self, offset: u64) -> *mut RecordHeader {
@@ -223,10 +227,10 @@ impl<'a> ByteRing<'a> {
     /// Tries to reserve room for a record with `len` data bytes. `Err(())` if it can never fit;
     /// `Ok(None)` if the ring is too full right now (wait for the consumer and retry).
     pub(crate) fn try_reserve(&self, len: u64) -> Result<Option<Reservation>, ()> {
-        let size = REC_ALIGN + align16(len);
-        if size > self.cap {
+        if len > self.max_record_len() {
             return Err(());
         }
+        let size = REC_ALIGN + align16(len);
         let tail = self.hdr.tail.load(Ordering::Relaxed);
         let off = tail % self.cap;
         let pad = if off + size > self.cap {
