@@ -57,6 +57,8 @@
 //! See `ARCHITECTURE.md` for the shared-memory layout and the ring protocols.
 
 #![warn(missing_docs, missing_debug_implementations)]
+// Under loom only the rings are compiled (the pool needs real processes): the rest is unused.
+#![cfg_attr(stateful_pool_loom, allow(dead_code, unused))]
 
 pub(crate) mod sync;
 

@@ -176,10 +176,10 @@ fn outcome(shared: &Shared, slot: u32) -> Outcome {
         }
     };
     let worker = worker as usize;
-    // SAFETY: in range (checked by `data`); complete and stable as explained in `wait_ref`.
     let text = || {
-        String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(ptr, len as usize) })
-            .into_owned()
+        // SAFETY: in range (checked by `data`); complete and stable as explained in `wait_ref`.
+        let bytes = unsafe { std::slice::from_raw_parts(ptr, len as usize) };
+        String::from_utf8_lossy(bytes).into_owned()
     };
     match kind {
         KIND_OK => Outcome::Ok {

@@ -284,7 +284,7 @@ impl<W: Worker> Pool<W> {
 
     /// Runs `task` on the next free worker and blocks for its result.
     pub fn execute(&self, task: &W::Task) -> Result<W::Output, TaskError> {
-        Ok(self.submit(task)?.wait()?)
+        self.submit(task)?.wait()
     }
 
     /// Queues `task` (waiting for room if the queue is full) and returns a handle at once.
@@ -325,7 +325,7 @@ impl<W: Worker> Pool<W> {
     /// Runs `task` and resolves to its result, without blocking the thread. Works on any
     /// executor (tokio, smol, `futures::executor::block_on`, …).
     pub async fn execute_async(&self, task: &W::Task) -> Result<W::Output, TaskError> {
-        Ok(self.submit_async(task).await?.await?)
+        self.submit_async(task).await?.await
     }
 
     // ---- large payloads ----
@@ -389,7 +389,7 @@ impl<W: Worker> Pool<W> {
         task: &W::Task,
         payload: Loan,
     ) -> Result<W::Output, TaskError> {
-        Ok(self.submit_with_payload(task, payload)?.wait()?)
+        self.submit_with_payload(task, payload)?.wait()
     }
 
     fn submit_block(

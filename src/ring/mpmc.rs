@@ -239,7 +239,7 @@ impl<'a> MpmcRing<'a> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, stateful_pool_loom))]
 impl MpmcRing<'_> {
     /// Test helper: a consumer that records its intent, wins the `head` CAS, and dies before
     /// reading the value or storing `seq` (the crash window `repair` exists for).

@@ -101,8 +101,8 @@ mod std_tests {
                     }
                 });
             }
-            for t in 0..THREADS as usize {
-                let (q, seen, popped, claim) = (&q, &seen, &popped, &claims[t]);
+            for claim in &claims {
+                let (q, seen, popped) = (&q, &seen, &popped);
                 s.spawn(move || {
                     while popped.load(Ordering::SeqCst) < (COUNT * THREADS) as usize {
                         match q.ring().pop(Some(claim)) {
@@ -152,11 +152,8 @@ mod std_tests {
         // The third record is intact.
         let p = r.data(recs[2], 40).unwrap();
         // SAFETY: in range (checked by `data`), written above.
-        assert!(
-            unsafe { std::slice::from_raw_parts(p, 40) }
-                .iter()
-                .all(|&b| b == 3)
-        );
+        let third = unsafe { std::slice::from_raw_parts(p, 40) };
+        assert!(third.iter().all(|&b| b == 3));
         r.release(recs[2]);
         assert!(r.advance()); // over record 3 and the pad
         r.release(off);

@@ -145,7 +145,7 @@ unsafe impl ShmSafe for MpmcCell {}
 unsafe impl ShmSafe for ByteRingHeader {}
 
 const fn up(n: usize, a: usize) -> usize {
-    (n + a - 1) / a * a
+    n.div_ceil(a) * a
 }
 
 /// Offsets of every region, computed from [`Params`].

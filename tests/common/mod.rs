@@ -1,5 +1,5 @@
 //! A worker for tests: each task is a command that exercises one behaviour.
-#![allow(dead_code)]
+#![allow(dead_code, unreachable_pub)]
 
 use rkyv::{Archive, Deserialize, Serialize};
 use stateful_pool::{BoxError, TaskContext, Worker, WorkerContext};
