@@ -390,3 +390,26 @@ fn a_pool_is_shared_by_reference_across_threads() {
         });
     });
 }
+
+#[test]
+fn spawns_racing_shutdown_all_resolve() {
+    watchdog(120, || {
+        for _ in 0..3 {
+            let pool = Pool::<TestWorker>::builder()
+                .max_workers(4)
+                .build()
+                .unwrap();
+            let handles: Vec<_> = (0..4)
+                .map(|i| pool.submit_spawn(&Spawn::ok(&format!("r{i}"))).unwrap())
+                .collect();
+            pool.shutdown();
+            for h in handles {
+                match h.wait() {
+                    Ok(hello) => assert!(hello.starts_with('r')),
+                    Err(SpawnError::Shutdown) => {}
+                    Err(e) => panic!("unexpected spawn outcome: {e}"),
+                }
+            }
+        }
+    });
+}
