@@ -437,9 +437,12 @@ impl Shared {
             }
         }
         let meta = &self.meta[slot as usize];
-        meta.interest.store(0, Ordering::SeqCst);
+        // A waker is only ever stored together with `interest` (and the reactor takes it when it
+        // clears `interest`), so synchronous callers skip the waker lock entirely.
+        if meta.interest.swap(0, Ordering::SeqCst) != 0 {
+            meta.waker.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }
         meta.detached.store(0, Ordering::SeqCst);
-        meta.waker.lock().unwrap_or_else(|e| e.into_inner()).take();
         for blk in [&meta.task_blk, &meta.pay_blk] {
             let len = blk.1.swap(0, Ordering::Relaxed);
             if len != 0 {
