@@ -51,7 +51,9 @@ pub(crate) struct SlotMeta {
     /// task completes. Holding the id (not a bool) keeps a slow reactor pass from retiring a
     /// later task that reused the slot.
     detached: AtomicU64,
-    /// Taken from the free list and not yet returned.
+    /// Taken from the free list and not yet returned. Read only by shutdown's cancel pass, which
+    /// runs after `quiesce_submits` (SeqCst on `active_submits`) has ordered every submit's
+    /// store before it, so the stores can be Relaxed.
     in_use: AtomicBool,
 }
 
@@ -176,7 +178,7 @@ impl Shared {
     fn acquire_slot(&self, block: Block) -> Result<u32, SubmitError> {
         let free = self.free_slots.ring();
         if let Some(s) = free.pop(None) {
-            self.meta[s as usize].in_use.store(true, Ordering::SeqCst);
+            self.meta[s as usize].in_use.store(true, Ordering::Relaxed);
             return Ok(s);
         }
         let deadline = match block {
@@ -198,7 +200,7 @@ impl Shared {
         );
         match got {
             Some(s) => {
-                self.meta[s as usize].in_use.store(true, Ordering::SeqCst);
+                self.meta[s as usize].in_use.store(true, Ordering::Relaxed);
                 Ok(s)
             }
             None if !ok => Err(SubmitError::Timeout),
@@ -218,8 +220,8 @@ impl Shared {
         self.slot_waiters_n.store(w.len(), Ordering::SeqCst);
     }
 
-    /// Submits a task: `write` serialises the archive into a region and returns its length.
-    /// `payload` is an arena block already filled by a loan.
+    /// Submits a task: serialises it into its slot (or an arena block if it is too big) and
+    /// queues it. `payload` is `(offset, len, block len)` of an arena block a loan filled.
     pub(crate) fn submit_with<T: crate::Message>(
         &self,
         task: &T,
@@ -442,7 +444,8 @@ impl Shared {
         if meta.interest.swap(0, Ordering::SeqCst) != 0 {
             meta.waker.lock().unwrap_or_else(|e| e.into_inner()).take();
         }
-        meta.detached.store(0, Ordering::SeqCst);
+        // `detached` needs no reset: every arbiter compare-exchanges it from a specific task id,
+        // and ids are never reused, so a stale id can never match.
         for blk in [&meta.task_blk, &meta.pay_blk] {
             let len = blk.1.swap(0, Ordering::Relaxed);
             if len != 0 {

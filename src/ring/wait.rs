@@ -139,7 +139,6 @@ pub(crate) fn spin_until(budget: Duration, mut cond: impl FnMut() -> bool) -> bo
     }
     let start = Instant::now();
     let half = budget / 2;
-    let mut i: u32 = 0;
     loop {
         for _ in 0..32 {
             crate::sync::spin_hint();
@@ -147,7 +146,6 @@ pub(crate) fn spin_until(budget: Duration, mut cond: impl FnMut() -> bool) -> bo
                 return true;
             }
         }
-        i = i.wrapping_add(1);
         let elapsed = start.elapsed();
         if elapsed >= budget {
             return false;
