@@ -459,7 +459,7 @@ impl Shared {
         self.slot(slot).state.store(0, Ordering::Relaxed);
         self.meta[slot as usize]
             .in_use
-            .store(false, Ordering::SeqCst);
+            .store(false, Ordering::Relaxed);
         if self.free_slots.ring().push(slot).is_err() {
             unreachable!("the free list has room for every slot");
         }
