@@ -19,6 +19,18 @@ pub enum BuildError {
          serving: call stateful_pool::init() first thing in main (or use worker_hook!())"
     )]
     InsideWorker,
+    /// The machine does not have the memory to reserve the segment (it is reserved in full at
+    /// creation, so a shortage shows up here rather than as a crash later).
+    #[error(
+        "cannot reserve {bytes} bytes of shared memory ({available}); shrink the pool's \
+         queue_size, task_arena_bytes or result_ring_bytes, or free memory"
+    )]
+    NoSpace {
+        /// Size of the segment.
+        bytes: u64,
+        /// What was available, in words.
+        available: String,
+    },
     /// A thread of the pool could not be started.
     #[error("cannot start a pool thread: {0}")]
     Thread(#[source] std::io::Error),
@@ -129,6 +141,10 @@ pub enum SubmitError {
     /// The loan belongs to another pool.
     #[error("the loan was made by another pool")]
     ForeignLoan,
+    /// Every worker this pool had has failed for good (its restart budget ran out): nothing
+    /// could run the task. Spawn a new worker to serve again.
+    #[error("no live worker: every worker failed past its restart budget")]
+    NoWorkers,
 }
 
 /// A task did not produce a value.
@@ -179,7 +195,104 @@ pub enum TaskError {
         /// What validation said.
         message: String,
     },
-    /// The task was cancelled before a worker started it.
+    /// The task was cancelled before a worker started it (or shutdown killed the worker that
+    /// was running it).
     #[error("the task was cancelled")]
     Cancelled,
+    /// The worker process running the task died (a crash, a kill, an exit) before publishing
+    /// its result. The task may or may not have run to completion (at-most-once semantics);
+    /// tasks submitted with retries are re-run instead, until their retries run out.
+    #[error("worker {worker} (pid {pid}) died while running the task: {cause}")]
+    WorkerDied {
+        /// Seat index of the worker.
+        worker: usize,
+        /// Its process id.
+        pid: u32,
+        /// How it ended.
+        cause: ExitCause,
+    },
+    /// The task ran longer than its timeout; its worker was killed (and restarted).
+    #[error("worker {worker}: task timed out after {after:?}; the worker was killed")]
+    Timeout {
+        /// Seat index of the worker.
+        worker: usize,
+        /// The timeout.
+        after: Duration,
+    },
+    /// The worker declared itself unusable while running the task
+    /// ([`Poisoned`](crate::Poisoned)); it is restarted fresh.
+    #[error("worker {worker} is poisoned: {message}")]
+    Poisoned {
+        /// Seat index of the worker.
+        worker: usize,
+        /// The worker's message.
+        message: String,
+    },
+    /// Every worker has failed for good: nothing could run the task.
+    #[error("no live worker: every worker failed past its restart budget")]
+    NoWorkers,
+}
+
+/// How a worker process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExitCause {
+    /// Killed by this signal (e.g. 9 = SIGKILL, 11 = SIGSEGV, 6 = SIGABRT).
+    Signal(i32),
+    /// Exited with this status code (an `exit()` inside a task is a death too).
+    Exit(i32),
+}
+
+impl ExitCause {
+    pub(crate) fn from_status(status: std::process::ExitStatus) -> ExitCause {
+        use std::os::unix::process::ExitStatusExt;
+        match (status.signal(), status.code()) {
+            (Some(sig), _) => ExitCause::Signal(sig),
+            (None, Some(code)) => ExitCause::Exit(code),
+            (None, None) => ExitCause::Exit(-1),
+        }
+    }
+
+    /// Packs the cause into a slot's 32-bit field: bit 31 set = signal.
+    pub(crate) fn encode(self) -> u32 {
+        match self {
+            ExitCause::Signal(s) => (1 << 31) | (s as u32 & 0xffff),
+            ExitCause::Exit(c) => c as u32 & 0xffff,
+        }
+    }
+
+    pub(crate) fn decode(v: u32) -> ExitCause {
+        if v & (1 << 31) != 0 {
+            ExitCause::Signal((v & 0xffff) as i32)
+        } else {
+            ExitCause::Exit((v & 0xffff) as i16 as i32)
+        }
+    }
+}
+
+impl std::fmt::Display for ExitCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            ExitCause::Signal(s) => {
+                let name = match s {
+                    1 => "SIGHUP",
+                    2 => "SIGINT",
+                    4 => "SIGILL",
+                    6 => "SIGABRT",
+                    7 => "SIGBUS",
+                    8 => "SIGFPE",
+                    9 => "SIGKILL",
+                    11 => "SIGSEGV",
+                    13 => "SIGPIPE",
+                    15 => "SIGTERM",
+                    _ => "",
+                };
+                if name.is_empty() {
+                    write!(f, "killed by signal {s}")
+                } else {
+                    write!(f, "killed by signal {s} ({name})")
+                }
+            }
+            ExitCause::Exit(c) => write!(f, "exited with code {c}"),
+        }
+    }
 }

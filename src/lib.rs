@@ -67,6 +67,8 @@ mod codec;
 #[cfg(not(stateful_pool_loom))]
 mod error;
 #[cfg(not(stateful_pool_loom))]
+mod failpoint;
+#[cfg(not(stateful_pool_loom))]
 mod pool;
 #[cfg(not(stateful_pool_loom))]
 mod process;
@@ -81,15 +83,17 @@ mod worker;
 #[cfg(not(stateful_pool_loom))]
 pub use codec::{Message, ShmWriter};
 #[cfg(not(stateful_pool_loom))]
-pub use error::{BuildError, SpawnError, SubmitError, TaskError};
+pub use error::{BuildError, ExitCause, SpawnError, SubmitError, TaskError};
 #[cfg(not(stateful_pool_loom))]
 pub use pool::Pool;
 #[cfg(not(stateful_pool_loom))]
-pub use pool::builder::{PoolBuilder, WaitStrategy};
+pub use pool::builder::{PoolBuilder, RestartPolicy, WaitStrategy};
+#[cfg(not(stateful_pool_loom))]
+pub use pool::events::{PoolEvent, PoolStats, TaskOptions, WorkerInfo, WorkerState};
 #[cfg(not(stateful_pool_loom))]
 pub use pool::handle::{Loan, ResultRef, SpawnHandle, TaskHandle};
 #[cfg(not(stateful_pool_loom))]
-pub use worker::{BoxError, TaskContext, Worker, WorkerContext};
+pub use worker::{BoxError, Poisoned, TaskContext, Worker, WorkerContext};
 
 /// Turns this process into a worker if the pool launched it as one; otherwise returns at once
 /// (a single environment lookup).

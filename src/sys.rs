@@ -5,7 +5,7 @@
 //! `libc` for these.
 
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
@@ -69,7 +69,11 @@ fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
 ///
 /// A memfd has no name in `/dev/shm` and is freed with its last fd or mapping, so no crash can
 /// leak it; only holders of the fd can map it, so it is private to the pool by construction.
-pub(crate) fn memfd_sealed(len: u64) -> io::Result<OwnedFd> {
+/// Its mode is set to 0600 all the same (it shows in `/proc/<pid>/fd`).
+///
+/// With `reserve`, every page is allocated now (`fallocate`), so running out of memory is an
+/// error here rather than a SIGBUS or an OOM kill at first touch.
+pub(crate) fn memfd_sealed(len: u64, reserve: bool) -> io::Result<OwnedFd> {
     // SAFETY: the name is a valid NUL-terminated C string; flags are valid memfd flags.
     let raw = check(unsafe {
         libc::memfd_create(
@@ -79,9 +83,17 @@ pub(crate) fn memfd_sealed(len: u64) -> io::Result<OwnedFd> {
     })?;
     // SAFETY: `raw` is a freshly created fd that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    use std::os::fd::AsRawFd;
+    // SAFETY: `fd` is a valid open memfd.
+    check(unsafe { libc::fchmod(fd.as_raw_fd(), 0o600) })?;
     // SAFETY: `fd` is a valid open memfd.
     check(unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) })?;
+    if reserve {
+        // SAFETY: `fd` is a valid open memfd of `len` bytes.
+        let r = unsafe { libc::fallocate(fd.as_raw_fd(), 0, 0, len as libc::off_t) };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
     // SAFETY: `fd` is a valid open memfd created with MFD_ALLOW_SEALING.
     check(unsafe {
         libc::fcntl(
@@ -91,4 +103,115 @@ pub(crate) fn memfd_sealed(len: u64) -> io::Result<OwnedFd> {
         )
     })?;
     Ok(fd)
+}
+
+/// Creates a non-blocking, close-on-exec eventfd (the supervisor's wake-up line).
+pub(crate) fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd takes an initial value and flags; no pointers.
+    let raw = check(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
+    // SAFETY: `raw` is a freshly created fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Adds 1 to an eventfd's counter (wakes whoever polls it). Never blocks; a full counter
+/// (EAGAIN) already means "readable", so errors are ignored.
+pub(crate) fn eventfd_signal(fd: BorrowedFd<'_>) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live u64 on our stack to an fd we borrow.
+    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+}
+
+/// Resets an eventfd's counter to 0 (non-blocking read).
+pub(crate) fn eventfd_drain(fd: BorrowedFd<'_>) {
+    let mut v: u64 = 0;
+    // SAFETY: reads at most 8 bytes into a live u64 on our stack; the fd is non-blocking.
+    unsafe { libc::read(fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+}
+
+/// Opens a pidfd for a child process that has not been reaped yet.
+pub(crate) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags; no pointers.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as libc::c_int) })
+}
+
+/// Sends `sig` to the process behind `pidfd` (never to a recycled pid).
+pub(crate) fn pidfd_kill(pidfd: BorrowedFd<'_>, sig: i32) -> io::Result<()> {
+    // SAFETY: pidfd_send_signal with a null siginfo and no flags.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0u32,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Waits until one of `fds` is readable or `timeout` passes (`None`: forever); returns the
+/// readable flags, one per fd. EINTR counts as "nothing ready".
+pub(crate) fn poll_readable(fds: &[BorrowedFd<'_>], timeout: Option<Duration>) -> Vec<bool> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|fd| libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ms = match timeout {
+        None => -1,
+        // Round up so a short timeout does not become a busy loop of 0 ms polls.
+        Some(d) => d.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int,
+    };
+    // SAFETY: `pfds` is a valid array of `pfds.len()` pollfds on our heap.
+    let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
+    if r <= 0 {
+        return vec![false; fds.len()];
+    }
+    pfds.iter().map(|p| p.revents != 0).collect()
+}
+
+/// Memory this process may still commit, in bytes: the smaller of the system's
+/// `MemAvailable` and the room left under this process's cgroup (v2) memory limit. `None` if
+/// neither can be read.
+pub(crate) fn memory_available() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    });
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("0::"))
+                .map(|p| p.trim().to_string())
+        })
+        .and_then(|path| {
+            let dir = std::path::Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
+            let max = std::fs::read_to_string(dir.join("memory.max")).ok()?;
+            let max: u64 = max.trim().parse().ok()?; // "max" = no limit
+            let cur: u64 = std::fs::read_to_string(dir.join("memory.current"))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()?;
+            Some(max.saturating_sub(cur))
+        });
+    match (meminfo, cgroup) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }

@@ -94,7 +94,12 @@ fn handle_wait_timeout_and_try_wait() {
 #[test]
 fn execute_errors_and_panics_reach_the_caller_and_the_worker_keeps_serving() {
     watchdog(60, || {
-        let pool = pool(1);
+        // Keep the worker after a panic (the default replaces it: see tests/faults.rs).
+        let pool = Pool::<TestWorker>::builder()
+            .restart_on_panic(false)
+            .build()
+            .unwrap();
+        pool.spawn(&Spawn::ok("w0")).unwrap();
         match pool.execute(&Cmd::Fail("bad input 7".into())) {
             Err(TaskError::Failed { worker: 0, message }) => assert_eq!(message, "bad input 7"),
             other => panic!("expected Failed, got {other:?}"),
@@ -118,6 +123,9 @@ fn a_failing_spawn_step_fails_that_spawn_call_and_frees_the_seat() {
             .unwrap();
         let e = pool
             .spawn(&Spawn {
+                counters: String::new(),
+                die_if_exists: String::new(),
+                hang_ms: 0,
                 tag: "x".into(),
                 fail: true,
                 panic: false,
@@ -129,6 +137,9 @@ fn a_failing_spawn_step_fails_that_spawn_call_and_frees_the_seat() {
         }
         let e = pool
             .spawn(&Spawn {
+                counters: String::new(),
+                die_if_exists: String::new(),
+                hang_ms: 0,
                 tag: "y".into(),
                 fail: false,
                 panic: true,

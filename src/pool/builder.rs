@@ -1,11 +1,86 @@
 //! [`PoolBuilder`]: sizes, limits and wait strategy of a pool.
 
 use super::Pool;
+use super::events::PoolEvent;
 use crate::error::BuildError;
 use crate::worker::Worker;
 use std::marker::PhantomData;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+
+/// When a dead worker is restarted, and when the pool gives up on it.
+///
+/// A worker that dies (crash, kill, `exit`, task timeout, poisoned, or a panic under
+/// [`PoolBuilder::restart_on_panic`]) is started again with the same spawn arguments. Restarts
+/// back off exponentially: the first within the window is immediate, the next waits
+/// `backoff_initial`, then twice that, up to `backoff_max`. A seat that needs more than
+/// `max_restarts` restarts within `window` (or whose restart keeps failing) is marked failed;
+/// the pool keeps serving with the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestartPolicy {
+    /// Restarts allowed within `window` before the seat is marked failed.
+    pub max_restarts: u32,
+    /// The sliding window the restarts are counted in.
+    pub window: Duration,
+    /// Delay before the second restart within the window (doubling after).
+    pub backoff_initial: Duration,
+    /// Upper bound of the delay.
+    pub backoff_max: Duration,
+}
+
+impl Default for RestartPolicy {
+    /// 5 restarts per minute, backing off from 50 ms to 2 s.
+    fn default() -> Self {
+        RestartPolicy {
+            max_restarts: 5,
+            window: Duration::from_secs(60),
+            backoff_initial: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(2),
+        }
+    }
+}
+
+impl RestartPolicy {
+    /// Never restart: a dead worker's seat is marked failed at once.
+    pub fn never() -> Self {
+        RestartPolicy {
+            max_restarts: 0,
+            ..Self::default()
+        }
+    }
+
+    /// Always restart at once, without limit or back-off (chaos tests, churn).
+    pub fn unlimited() -> Self {
+        RestartPolicy {
+            max_restarts: u32::MAX,
+            window: Duration::from_secs(1),
+            backoff_initial: Duration::ZERO,
+            backoff_max: Duration::ZERO,
+        }
+    }
+
+    /// The delay before a restart when `recent` restarts already happened in the window.
+    pub(crate) fn delay(&self, recent: u32) -> Duration {
+        if recent == 0 {
+            return Duration::ZERO;
+        }
+        let factor = 1u32.checked_shl(recent - 1).unwrap_or(u32::MAX);
+        self.backoff_initial
+            .saturating_mul(factor)
+            .min(self.backoff_max)
+    }
+}
+
+/// A callback receiving [`PoolEvent`]s (on the pool's supervisor thread: keep it short).
+#[derive(Clone)]
+pub(crate) struct EventHook(pub(crate) Arc<dyn Fn(&PoolEvent) + Send + Sync>);
+
+impl std::fmt::Debug for EventHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<event hook>")
+    }
+}
 
 /// How waiting sides (idle workers, callers waiting for a result) wait.
 ///
@@ -55,6 +130,13 @@ pub(crate) struct Config {
     pub(crate) spawn_timeout: Duration,
     pub(crate) shutdown_timeout: Duration,
     pub(crate) program: Option<PathBuf>,
+    pub(crate) restart: RestartPolicy,
+    pub(crate) restart_on_panic: bool,
+    pub(crate) task_timeout: Option<Duration>,
+    pub(crate) task_retries: u32,
+    pub(crate) on_event: Option<EventHook>,
+    pub(crate) worker_env: Vec<(String, String)>,
+    pub(crate) reserve_memory: bool,
 }
 
 impl Default for Config {
@@ -72,6 +154,13 @@ impl Default for Config {
             spawn_timeout: Duration::from_secs(120),
             shutdown_timeout: Duration::from_secs(30),
             program: None,
+            restart: RestartPolicy::default(),
+            restart_on_panic: true,
+            task_timeout: None,
+            task_retries: 0,
+            on_event: None,
+            worker_env: Vec::new(),
+            reserve_memory: true,
         }
     }
 }
@@ -196,6 +285,61 @@ impl<W: Worker> PoolBuilder<W> {
     /// code; a different binary is refused at start-up with a clear error.
     pub fn program(mut self, path: impl Into<PathBuf>) -> Self {
         self.cfg.program = Some(path.into());
+        self
+    }
+
+    /// When dead workers are restarted. Default: [`RestartPolicy::default`].
+    pub fn restart_policy(mut self, p: RestartPolicy) -> Self {
+        self.cfg.restart = p;
+        self
+    }
+
+    /// Whether a worker whose task panicked is replaced by a fresh one (default `true`: a
+    /// panic may have left its state half-updated). The task fails with
+    /// [`TaskError::Panicked`](crate::TaskError::Panicked) either way; with `false` the worker
+    /// keeps serving with its state as the panic left it.
+    pub fn restart_on_panic(mut self, yes: bool) -> Self {
+        self.cfg.restart_on_panic = yes;
+        self
+    }
+
+    /// Default limit on a task's execution time, counted from when a worker starts it. A task
+    /// past it fails with [`TaskError::Timeout`](crate::TaskError::Timeout) and its worker is
+    /// killed and restarted. Checked every few milliseconds. Default: none. Per task:
+    /// [`TaskOptions::timeout`](crate::TaskOptions::timeout).
+    pub fn task_timeout(mut self, d: Duration) -> Self {
+        self.cfg.task_timeout = Some(d);
+        self
+    }
+
+    /// Default number of times a task whose worker died is re-run on another (or the
+    /// restarted) worker. Default 0 (at-most-once): only set it for idempotent work. Per
+    /// task: [`TaskOptions::retries`](crate::TaskOptions::retries).
+    pub fn task_retries(mut self, n: u32) -> Self {
+        self.cfg.task_retries = n;
+        self
+    }
+
+    /// Calls `f` for every [`PoolEvent`] (a worker died, restarted, failed; a task timed
+    /// out). It runs on the pool's supervisor thread: keep it short and do not call back into
+    /// the pool's spawn or shutdown from it.
+    pub fn on_event(mut self, f: impl Fn(&PoolEvent) + Send + Sync + 'static) -> Self {
+        self.cfg.on_event = Some(EventHook(Arc::new(f)));
+        self
+    }
+
+    /// Sets an environment variable for worker processes (e.g. `CUDA_VISIBLE_DEVICES`,
+    /// `RUST_LOG`).
+    pub fn worker_env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.cfg.worker_env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Whether the segment's memory is reserved in full when the pool is built (default
+    /// `true`): a shortage is then a [`BuildError::NoSpace`] at build time instead of a crash
+    /// when a page is first touched. With `false` pages are committed as they are used.
+    pub fn reserve_memory(mut self, yes: bool) -> Self {
+        self.cfg.reserve_memory = yes;
         self
     }
 

@@ -5,9 +5,11 @@
 
 use super::shared::Shared;
 use crate::codec::{self, Message};
+use crate::error::ExitCause;
 use crate::error::{SpawnError, TaskError};
 use crate::ring::bytes::{
-    KIND_BAD_TASK, KIND_CANCELLED, KIND_ERR, KIND_OK, KIND_PANIC, KIND_TOO_LARGE, REC_INLINE,
+    KIND_BAD_TASK, KIND_CANCELLED, KIND_DIED, KIND_ERR, KIND_NO_WORKERS, KIND_OK, KIND_PANIC,
+    KIND_POISONED, KIND_TIMEOUT, KIND_TOO_LARGE, REC_INLINE,
 };
 use std::future::Future;
 use std::marker::PhantomData;
@@ -148,8 +150,26 @@ fn outcome(shared: &Shared, slot: u32) -> Outcome {
     let sh = shared.slot(slot);
     let kind = sh.result_kind.load(Ordering::Relaxed);
     let worker = sh.result_worker.load(Ordering::Relaxed);
-    if kind == KIND_CANCELLED {
-        return Outcome::Err(TaskError::Cancelled);
+    let rec = sh.result_rec.load(Ordering::Relaxed);
+    let len = sh.result_len.load(Ordering::Relaxed) as u64;
+    // Outcomes the parent decided carry no bytes.
+    match kind {
+        KIND_CANCELLED => return Outcome::Err(TaskError::Cancelled),
+        KIND_NO_WORKERS => return Outcome::Err(TaskError::NoWorkers),
+        KIND_DIED => {
+            return Outcome::Err(TaskError::WorkerDied {
+                worker: worker as usize,
+                pid: rec as u32,
+                cause: ExitCause::decode(len as u32),
+            });
+        }
+        KIND_TIMEOUT => {
+            return Outcome::Err(TaskError::Timeout {
+                worker: worker as usize,
+                after: std::time::Duration::from_nanos(rec),
+            });
+        }
+        _ => {}
     }
     let bad = |message: &str| {
         Outcome::Err(TaskError::BadResult {
@@ -160,15 +180,15 @@ fn outcome(shared: &Shared, slot: u32) -> Outcome {
     let Some(ring) = shared.result_ring(worker) else {
         return bad("result names a worker seat out of range");
     };
-    let len = sh.result_len.load(Ordering::Relaxed) as u64;
-    let rec = sh.result_rec.load(Ordering::Relaxed);
-    let ptr = if rec == REC_INLINE {
-        if kind != KIND_OK || len > shared.layout.params.slot_inline as u64 {
+    let ptr = if rec & REC_INLINE != 0 {
+        let at = rec & !REC_INLINE;
+        if kind != KIND_OK || at.saturating_add(len) > shared.layout.params.slot_inline as u64 {
             return bad("inline result out of range");
         }
-        shared
-            .seg
-            .bytes_ptr(shared.layout.slot_data_off(slot), len as usize) as *const u8
+        shared.seg.bytes_ptr(
+            shared.layout.slot_data_off(slot) + at as usize,
+            len as usize,
+        ) as *const u8
     } else {
         match ring.data(rec, len) {
             Some(p) => p,
@@ -196,6 +216,10 @@ fn outcome(shared: &Shared, slot: u32) -> Outcome {
             message: text(),
         }),
         KIND_BAD_TASK => Outcome::Err(TaskError::BadTask {
+            worker,
+            message: text(),
+        }),
+        KIND_POISONED => Outcome::Err(TaskError::Poisoned {
             worker,
             message: text(),
         }),

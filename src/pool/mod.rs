@@ -3,18 +3,22 @@
 
 pub(crate) mod arena;
 pub(crate) mod builder;
+pub(crate) mod events;
 pub(crate) mod handle;
 pub(crate) mod shared;
 pub(crate) mod supervisor;
 
 use self::arena::Block;
 use self::builder::Config;
+use self::events::{PoolStats, TaskOptions, WorkerInfo};
 use self::handle::{Loan, SpawnHandle, SpawnReply, TaskHandle};
 use self::shared::Shared;
-use self::supervisor::{SupMsg, reactor_loop, reap, supervisor_loop};
+use self::supervisor::{ReplyGuard, SupMsg, reactor_loop, supervisor_loop};
 use crate::codec::{self, EncodeError};
 use crate::error::{BuildError, SpawnError, SubmitError, TaskError};
-use crate::shm::layout::{Layout, Params, SegmentHeader, VERSION, WorkerCtl, ctl_state};
+use crate::shm::layout::{
+    FLAG_RESTART_ON_PANIC, Layout, Params, SegmentHeader, VERSION, WorkerCtl, ctl_state,
+};
 use crate::shm::segment::Segment;
 use crate::worker::Worker;
 use crate::worker::boot::{BOOT_ENV, Boot, entry_offset, fingerprint, type_hash};
@@ -27,14 +31,33 @@ use std::task::Poll;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// How [`Pool::stop`] treats queued tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopMode {
+    /// Workers finish every queued task first.
+    Graceful,
+    /// Queued tasks fail with `Cancelled`; running tasks finish.
+    Immediate,
+}
+
 /// A pool of stateful worker processes of type `W`.
 ///
 /// `Pool` is `Send + Sync`: share it by reference (scoped threads) or in an `Arc`. Dropping it
 /// (or calling [`shutdown`](Self::shutdown)) stops new submissions, lets the workers finish
 /// every task already queued, then stops them (killing any still running after the shutdown
-/// timeout). Tasks left queued with no live worker to run them complete with
-/// [`TaskError::Cancelled`]. Handles outlive the pool: results computed before shutdown can
-/// still be collected.
+/// timeout); [`shutdown_now`](Self::shutdown_now) cancels the queued tasks instead. Tasks left
+/// with no live worker to run them complete with [`TaskError::Cancelled`]. Handles outlive the
+/// pool: results computed before shutdown can still be collected.
+///
+/// # Faults
+///
+/// A worker process that dies (killed, crashed, `exit`ed, killed for a task past its timeout)
+/// is noticed at once (the kernel's process-exit notification), the one task it was running
+/// fails with [`TaskError::WorkerDied`] naming the worker, its pid and the signal or exit code
+/// (or is re-run, for tasks submitted with retries), every other task is unaffected, and the
+/// worker is restarted with the same spawn arguments under the
+/// [`RestartPolicy`](crate::RestartPolicy). See [`stats`](Self::stats),
+/// [`workers`](Self::workers) and [`PoolBuilder::on_event`](crate::PoolBuilder::on_event).
 ///
 /// A program that uses a pool must call [`init`](crate::init) first thing in `main` (tests and
 /// benches use [`worker_hook!`](crate::worker_hook) instead): workers are this same program,
@@ -95,13 +118,47 @@ impl<W: Worker> Pool<W> {
         let Some(layout) = Layout::new(params) else {
             return bad("sizes overflow");
         };
-        let seg = Segment::create(layout.total).map_err(BuildError::Shm)?;
+        let bytes = layout.total as u64;
+        if cfg.reserve_memory {
+            if let Some(avail) = crate::sys::memory_available() {
+                if bytes > avail {
+                    return Err(BuildError::NoSpace {
+                        bytes,
+                        available: format!("{avail} bytes available"),
+                    });
+                }
+            }
+        }
+        let seg = Segment::create(layout.total, cfg.reserve_memory).map_err(|e| {
+            match e.raw_os_error() {
+                Some(libc::ENOSPC) | Some(libc::ENOMEM) | Some(libc::EFBIG) => {
+                    BuildError::NoSpace {
+                        bytes,
+                        available: format!("reservation failed: {e}"),
+                    }
+                }
+                _ => BuildError::Shm(e),
+            }
+        })?;
+        let wake = crate::sys::eventfd().map_err(BuildError::Shm)?;
         // Initialise the segment before anyone else can map it (nobody has the fd yet).
         let hdr_ptr = seg.base() as *mut SegmentHeader;
         let spin_ns = cfg.worker_wait.spin().as_nanos().min(u64::MAX as u128) as u64;
+        let flags = if cfg.restart_on_panic {
+            FLAG_RESTART_ON_PANIC
+        } else {
+            0
+        };
         // SAFETY: the mapping is fresh, private to us, page-aligned and at least a header long
         // (the layout starts with it); no reference into it exists yet.
-        unsafe { hdr_ptr.write(SegmentHeader::new(&layout, type_hash::<W>(), spin_ns)) };
+        unsafe {
+            hdr_ptr.write(SegmentHeader::new(
+                &layout,
+                type_hash::<W>(),
+                spin_ns,
+                flags,
+            ))
+        };
         for i in 0..layout.ring_cap {
             let p =
                 seg.bytes_ptr(layout.task_cells + i * 16, 16) as *mut crate::ring::mpmc::MpmcCell;
@@ -124,7 +181,7 @@ impl<W: Worker> Pool<W> {
             .program
             .clone()
             .unwrap_or_else(crate::process::current_program);
-        let shared = Arc::new(Shared::new(seg, layout, cfg, max_task_bytes));
+        let shared = Arc::new(Shared::new(seg, layout, cfg, max_task_bytes, wake));
         let (tx, rx) = channel();
         let mut threads = Vec::new();
         let s = shared.clone();
@@ -141,8 +198,12 @@ impl<W: Worker> Pool<W> {
         {
             Ok(t) => threads.push(t),
             Err(e) => {
-                let _ = tx.send(SupMsg::Stop);
-                shared.header().lifecycle.notify_all();
+                let (done, _) = channel();
+                let _ = tx.send(SupMsg::Shutdown {
+                    immediate: true,
+                    done,
+                });
+                shared.wake_supervisor();
                 for t in threads {
                     let _ = t.join();
                 }
@@ -175,6 +236,19 @@ impl<W: Worker> Pool<W> {
         if shared.closing.load(Ordering::SeqCst) {
             return Err(SpawnError::Shutdown);
         }
+        let cap = shared.layout.params.spawn_area as usize;
+        let len = codec::encoded_len(args).map_err(|e| match e {
+            EncodeError::Failed(m) => SpawnError::Encode(m),
+            EncodeError::Overflow => SpawnError::Encode("archive overflow".into()),
+        })?;
+        if len > cap {
+            return Err(SpawnError::ArgsTooLarge { len, max: cap });
+        }
+        let mut buf = vec![0u8; len];
+        codec::encode_into(args, buf.as_mut_ptr(), len).map_err(|e| match e {
+            EncodeError::Failed(m) => SpawnError::Encode(m),
+            EncodeError::Overflow => SpawnError::Encode("archive changed size".into()),
+        })?;
         let seat = {
             let mut seats = shared.lock_seats();
             let Some(i) = seats.iter().position(|s| !s.in_use) else {
@@ -183,34 +257,6 @@ impl<W: Worker> Pool<W> {
             seats[i].in_use = true;
             i as u32
         };
-        let release_seat = || shared.lock_seats()[seat as usize].in_use = false;
-        let cap = shared.layout.params.spawn_area as usize;
-        let area = shared
-            .seg
-            .bytes_ptr(shared.layout.spawn_area_off(seat), cap);
-        let len = match codec::encode_into(args, area, cap) {
-            Ok(n) => n,
-            Err(EncodeError::Overflow) => {
-                release_seat();
-                let len = codec::encoded_len(args).unwrap_or(usize::MAX);
-                return Err(SpawnError::ArgsTooLarge { len, max: cap });
-            }
-            Err(EncodeError::Failed(m)) => {
-                release_seat();
-                return Err(SpawnError::Encode(m));
-            }
-        };
-        let ctl = shared.ctl(seat);
-        ctl.spawn_args_len.store(len as u64, Ordering::Relaxed);
-        ctl.spawn_out_len.store(0, Ordering::Relaxed);
-        ctl.spawn_kind.store(0, Ordering::Relaxed);
-        ctl.claim.store(0, Ordering::Relaxed);
-        ctl.current_slot.store(u32::MAX, Ordering::Relaxed);
-        ctl.generation.fetch_add(1, Ordering::Relaxed);
-        if let Some(ring) = shared.result_ring(seat) {
-            ring.reset();
-        }
-        ctl.state.store(ctl_state::STARTING, Ordering::Release);
         let reply = Arc::new(SpawnReply::default());
         let boot = Boot {
             seat,
@@ -225,14 +271,15 @@ impl<W: Worker> Pool<W> {
             .unwrap_or_else(|e| e.into_inner())
             .send(SupMsg::Launch {
                 seat,
+                args: buf,
                 boot,
-                reply: reply.clone(),
+                reply: ReplyGuard::new(reply.clone()),
             });
         if sent.is_err() {
-            release_seat();
+            shared.lock_seats()[seat as usize].in_use = false;
             return Err(SpawnError::Shutdown);
         }
-        shared.header().lifecycle.notify_all();
+        shared.wake_supervisor();
         Ok(SpawnHandle {
             reply,
             seat: seat as usize,
@@ -273,11 +320,38 @@ impl<W: Worker> Pool<W> {
             .collect()
     }
 
-    /// Tasks each worker seat has completed so far (index = seat).
+    /// Tasks each worker seat's current process has completed so far (index = seat).
     pub fn tasks_done_per_worker(&self) -> Vec<u64> {
         (0..self.shared.layout.params.max_workers)
             .map(|i| self.shared.ctl(i).tasks_done.load(Ordering::Relaxed))
             .collect()
+    }
+
+    /// Every worker seat that was ever used: state, pid, lives, restarts (a snapshot).
+    pub fn workers(&self) -> Vec<WorkerInfo> {
+        let seats = self.shared.lock_seats().clone();
+        seats
+            .into_iter()
+            .enumerate()
+            .filter(|(_, s)| s.in_use || s.state != events::WorkerState::Empty)
+            .map(|(i, s)| {
+                let ctl = self.shared.ctl(i as u32);
+                WorkerInfo {
+                    index: i,
+                    state: s.state,
+                    pid: s.pid,
+                    generation: ctl.generation.load(Ordering::Relaxed),
+                    restarts: s.restarts,
+                    tasks_done: ctl.tasks_done.load(Ordering::Relaxed),
+                }
+            })
+            .collect()
+    }
+
+    /// Counters of worker deaths, restarts, failed seats, and tasks that died, timed out or
+    /// were retried.
+    pub fn stats(&self) -> PoolStats {
+        self.shared.stats.snapshot()
     }
 
     // ---- tasks ----
@@ -290,6 +364,25 @@ impl<W: Worker> Pool<W> {
     /// Queues `task` (waiting for room if the queue is full) and returns a handle at once.
     pub fn submit(&self, task: &W::Task) -> Result<TaskHandle<W::Output>, SubmitError> {
         self.submit_block(task, None, Block::Until(None))
+    }
+
+    /// Queues `task` with its own timeout and retry settings (see [`TaskOptions`]), waiting for
+    /// room if the queue is full.
+    pub fn submit_with_options(
+        &self,
+        task: &W::Task,
+        opts: TaskOptions,
+    ) -> Result<TaskHandle<W::Output>, SubmitError> {
+        self.submit_full(task, None, Block::Until(None), opts)
+    }
+
+    /// Runs `task` with its own timeout and retry settings and blocks for its result.
+    pub fn execute_with_options(
+        &self,
+        task: &W::Task,
+        opts: TaskOptions,
+    ) -> Result<W::Output, TaskError> {
+        self.submit_with_options(task, opts)?.wait()
     }
 
     /// Queues `task`, or fails at once with [`SubmitError::QueueFull`] if the queue is full.
@@ -398,10 +491,20 @@ impl<W: Worker> Pool<W> {
         payload: Option<Loan>,
         block: Block,
     ) -> Result<TaskHandle<W::Output>, SubmitError> {
+        self.submit_full(task, payload, block, TaskOptions::default())
+    }
+
+    fn submit_full(
+        &self,
+        task: &W::Task,
+        payload: Option<Loan>,
+        block: Block,
+        opts: TaskOptions,
+    ) -> Result<TaskHandle<W::Output>, SubmitError> {
         // The loan's block passes to the slot only once the submit succeeds; until then the
         // Loan value owns it (and frees it on an error).
         let parts = payload.as_ref().map(|l| (l.off, l.len, l.blk));
-        let (slot, id) = self.shared.submit_with(task, parts, block)?;
+        let (slot, id) = self.shared.submit_with(task, parts, block, opts)?;
         if let Some(l) = payload {
             let _ = l.into_parts();
         }
@@ -421,64 +524,52 @@ impl<W: Worker> Pool<W> {
         drop(self);
     }
 
-    fn stop(&self) {
+    /// Stops the pool at once: queued tasks fail with [`TaskError::Cancelled`], running tasks
+    /// finish (killed after the shutdown timeout, failing with `Cancelled`), and the pool's
+    /// threads stop.
+    pub fn shutdown_now(self) {
+        self.stop(StopMode::Immediate);
+    }
+
+    /// The shutdown sequence; runs once (later calls return at once). Bounded: the supervisor
+    /// kills workers still running after the shutdown timeout.
+    fn stop(&self, mode: StopMode) {
         let shared = &self.shared;
         if shared.closing.swap(true, Ordering::SeqCst) {
             return;
         }
+        // From here no submit can start; wait out those in progress so every task that will
+        // ever be queued is queued before the workers are told to drain.
         shared.quiesce_submits();
-        // Every launch request sent before `closing` is handled once this round trip returns
-        // (later ones are refused), so every worker process that will ever exist is in `seats`.
         let (done_tx, done_rx) = channel();
         let sent = self
             .sup_tx
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .send(SupMsg::Sync(done_tx));
-        shared.header().lifecycle.notify_all();
+            .send(SupMsg::Shutdown {
+                immediate: mode == StopMode::Immediate,
+                done: done_tx,
+            });
+        shared.wake_supervisor();
         if sent.is_ok() {
-            let _ = done_rx.recv_timeout(shared.cfg.shutdown_timeout);
+            // Returns when the supervisor has stopped every worker, or if it died (the sender
+            // is dropped with it).
+            let _ = done_rx.recv();
         }
-        // Every task that will ever be queued is queued: let workers drain and exit.
-        let hdr = shared.header();
-        hdr.shutdown.store(1, Ordering::SeqCst);
-        hdr.task_ready.notify_all();
-        let deadline = Instant::now() + shared.cfg.shutdown_timeout;
-        for seat in 0..shared.layout.params.max_workers {
-            let running = shared.lock_seats()[seat as usize].child.is_some();
-            if running {
-                let grace = deadline.saturating_duration_since(Instant::now());
-                reap(shared, seat, grace);
-                let ctl = shared.ctl(seat);
-                if ctl.state.load(Ordering::Acquire) != ctl_state::EMPTY {
-                    ctl.state.store(ctl_state::EXITED, Ordering::Release);
-                }
-            }
-        }
-        let _ = self
-            .sup_tx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send(SupMsg::Stop);
-        hdr.lifecycle.notify_all();
-        // Workers are gone: whatever was not finished never will be.
+        // The supervisor answered everything left; if it died instead, do it here.
         shared.cancel_unfinished();
         shared.reactor_stop.store(true, Ordering::SeqCst);
-        hdr.doorbell.notify_all();
+        shared.header().doorbell.notify_all();
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
         for t in threads {
             let _ = t.join();
-        }
-        // A spawn that was racing with shutdown may have launched a process: reap it too.
-        for seat in 0..shared.layout.params.max_workers {
-            reap(shared, seat, Duration::ZERO);
         }
     }
 }
 
 impl<W: Worker> Drop for Pool<W> {
     fn drop(&mut self) {
-        self.stop();
+        self.stop(StopMode::Graceful);
     }
 }
 

@@ -21,15 +21,16 @@
 
 use super::arena::{Arena, Block};
 use super::builder::Config;
+use super::events::{StatCounters, TaskOptions, WorkerState};
 use crate::error::SubmitError;
-use crate::ring::bytes::{ByteRing, KIND_CANCELLED, REC_INLINE};
+use crate::ring::bytes::{ByteRing, KIND_CANCELLED, has_ring_record};
 use crate::ring::mpmc::{HeapMpmc, MpmcCell, MpmcRing};
 use crate::ring::wait::{EventCount, spin_until, wait_on};
 use crate::shm::layout::{Layout, RING_HDR, SegmentHeader, SlotHeader, WorkerCtl, slot_state};
 use crate::shm::segment::Segment;
 use crate::sys::{futex_wait, futex_wake};
-use std::process::Child;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::task::Waker;
 use std::time::Instant;
@@ -55,13 +56,38 @@ pub(crate) struct SlotMeta {
     /// runs after `quiesce_submits` (SeqCst on `active_submits`) has ordered every submit's
     /// store before it, so the stores can be Relaxed.
     in_use: AtomicBool,
+    /// The task's execution time limit in nanoseconds (0: none); read by the supervisor.
+    pub(crate) timeout_ns: AtomicU64,
+    /// How many more times the task may be re-run if its worker dies.
+    pub(crate) retries_left: AtomicU32,
 }
 
-/// A worker seat, as the parent tracks it.
-#[derive(Debug, Default)]
+impl SlotMeta {
+    /// Id of the task now in the slot.
+    pub(crate) fn task_id(&self) -> u64 {
+        self.task_id.load(Ordering::Relaxed)
+    }
+}
+
+/// A worker seat, as the parent tracks it (the supervisor owns the process itself).
+#[derive(Debug, Clone)]
 pub(crate) struct Seat {
+    /// Taken by a spawn (a live, starting, restarting worker); free seats can be spawned into.
     pub(crate) in_use: bool,
-    pub(crate) child: Option<Child>,
+    pub(crate) state: WorkerState,
+    pub(crate) pid: u32,
+    pub(crate) restarts: u64,
+}
+
+impl Default for Seat {
+    fn default() -> Self {
+        Seat {
+            in_use: false,
+            state: WorkerState::Empty,
+            pid: 0,
+            restarts: 0,
+        }
+    }
 }
 
 /// The parent's state of one pool, shared by the pool, its handles and its threads.
@@ -87,12 +113,26 @@ pub(crate) struct Shared {
     pub(crate) seats: Mutex<Vec<Seat>>,
     /// Identifies this pool (loans must come back to the pool that made them).
     pub(crate) id: u64,
+    /// The supervisor's wake-up line (an eventfd it polls; workers get a copy as fd 4).
+    pub(crate) wake: OwnedFd,
+    /// Set while every worker has failed for good: submits fail fast with `NoWorkers`.
+    pub(crate) no_workers: AtomicBool,
+    /// Tasks with a timeout submitted and not yet retired (the supervisor watches the clock
+    /// only while this is non-zero).
+    pub(crate) timed_in_flight: AtomicUsize,
+    pub(crate) stats: StatCounters,
 }
 
 static NEXT_POOL_ID: AtomicU64 = AtomicU64::new(1);
 
 impl Shared {
-    pub(crate) fn new(seg: Segment, layout: Layout, cfg: Config, max_task_bytes: usize) -> Shared {
+    pub(crate) fn new(
+        seg: Segment,
+        layout: Layout,
+        cfg: Config,
+        max_task_bytes: usize,
+        wake: OwnedFd,
+    ) -> Shared {
         let n = layout.params.n_slots as usize;
         let free_slots = HeapMpmc::with_capacity(n);
         for i in 0..n as u32 {
@@ -122,6 +162,10 @@ impl Shared {
                     .collect(),
             ),
             id: NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed),
+            wake,
+            no_workers: AtomicBool::new(false),
+            timed_in_flight: AtomicUsize::new(0),
+            stats: StatCounters::default(),
             seg,
             layout,
             cfg,
@@ -170,6 +214,11 @@ impl Shared {
 
     pub(crate) fn lock_seats(&self) -> MutexGuard<'_, Vec<Seat>> {
         self.seats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes the supervisor thread.
+    pub(crate) fn wake_supervisor(&self) {
+        crate::sys::eventfd_signal(self.wake.as_fd());
     }
 
     // ---- submission ----
@@ -227,9 +276,10 @@ impl Shared {
         task: &T,
         payload: Option<(u64, u64, u64)>,
         block: Block,
+        opts: TaskOptions,
     ) -> Result<(u32, u64), SubmitError> {
         self.active_submits.fetch_add(1, Ordering::SeqCst);
-        let r = self.submit_inner(task, payload, block);
+        let r = self.submit_inner(task, payload, block, opts);
         self.active_submits.fetch_sub(1, Ordering::SeqCst);
         r
     }
@@ -239,10 +289,14 @@ impl Shared {
         task: &T,
         payload: Option<(u64, u64, u64)>,
         block: Block,
+        opts: TaskOptions,
     ) -> Result<(u32, u64), SubmitError> {
         use crate::codec::{EncodeError, encode_into, encoded_len};
         if self.closing.load(Ordering::SeqCst) {
             return Err(SubmitError::Shutdown);
+        }
+        if self.no_workers.load(Ordering::SeqCst) {
+            return Err(SubmitError::NoWorkers);
         }
         let slot = self.acquire_slot(block)?;
         let inline_off = self.layout.slot_data_off(slot);
@@ -307,15 +361,90 @@ impl Shared {
         sh.payload_len.store(pay_len, Ordering::Relaxed);
         sh.owner.store(0, Ordering::Relaxed);
         sh.result_kind.store(0, Ordering::Relaxed);
-        sh.state.store(0, Ordering::Relaxed);
+        // Release: a supervisor that Acquires this state (checking a dead worker's claim) sees
+        // the new task id, never the previous task's.
+        sh.state.store(0, Ordering::Release);
         meta.task_id.store(task_id, Ordering::Relaxed);
+        let timeout = opts.timeout.or(self.cfg.task_timeout);
+        let timeout_ns = timeout.map_or(0, |d| d.as_nanos().clamp(1, u64::MAX as u128) as u64);
+        meta.timeout_ns.store(timeout_ns, Ordering::Relaxed);
+        if timeout_ns != 0 {
+            self.timed_in_flight.fetch_add(1, Ordering::SeqCst);
+            self.wake_supervisor();
+        }
+        meta.retries_left.store(
+            opts.retries.unwrap_or(self.cfg.task_retries),
+            Ordering::Relaxed,
+        );
         // SYNC POINT: the push's Release store of the cell stamp publishes the slot contents
         // written above to the worker's Acquire in pop.
         if self.task_ring().push(slot).is_err() {
             unreachable!("the task ring has room for every slot");
         }
         self.header().task_ready.notify_one();
+        // The supervisor may have declared "no workers" and drained the queue between our
+        // check above and the push (SeqCst both sides: it sees our push, or we see its flag).
+        if self.no_workers.load(Ordering::SeqCst) {
+            self.fail_queued(crate::ring::bytes::KIND_NO_WORKERS);
+        }
         Ok((slot, task_id))
+    }
+
+    /// Takes every task still in the queue and completes it with `kind` (no worker will run
+    /// them). Safe against workers popping at the same time: each task goes to whoever pops it.
+    pub(crate) fn fail_queued(&self, kind: u32) -> usize {
+        let ring = self.task_ring();
+        let mut n = 0;
+        while let Some(slot) = ring.pop(None) {
+            if slot < self.layout.params.n_slots {
+                self.complete_from_parent(slot, kind, u32::MAX, 0, 0);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Publishes an outcome the parent decided (no ring record): cancelled, worker died, timed
+    /// out, no workers. The caller owns the slot's task (it popped it, or its worker is dead).
+    pub(crate) fn complete_from_parent(
+        &self,
+        slot: u32,
+        kind: u32,
+        worker: u32,
+        rec: u64,
+        len: u32,
+    ) {
+        let sh = self.slot(slot);
+        sh.result_worker.store(worker, Ordering::Relaxed);
+        sh.result_rec.store(rec, Ordering::Relaxed);
+        sh.result_len.store(len, Ordering::Relaxed);
+        sh.result_kind.store(kind, Ordering::Relaxed);
+        // SYNC POINT: as in the worker's publish, the fields above are visible to whoever
+        // Acquires DONE.
+        let prev = sh.state.fetch_or(slot_state::DONE, Ordering::AcqRel);
+        if prev & slot_state::WAIT_THREAD != 0 {
+            futex_wake(&sh.state, i32::MAX);
+        }
+        if prev & slot_state::WAIT_REACTOR != 0 {
+            self.header().doorbell.notify_all();
+        }
+    }
+
+    /// Puts a task whose worker died back in the queue, for another worker to run (its retry
+    /// policy allowed it). Waiter bits are kept; the claim is undone.
+    pub(crate) fn requeue(&self, slot: u32) {
+        let sh = self.slot(slot);
+        sh.owner.store(0, Ordering::Relaxed);
+        sh.state.fetch_and(!slot_state::CLAIMED, Ordering::AcqRel);
+        if self.task_ring().push(slot).is_err() {
+            unreachable!("the task ring has room for every slot");
+        }
+        self.header().task_ready.notify_one();
+    }
+
+    /// Parent-local facts of a slot (for the supervisor).
+    pub(crate) fn meta(&self, slot: u32) -> &SlotMeta {
+        &self.meta[slot as usize]
     }
 
     fn abort_submit(&self, slot: u32, e: SubmitError) -> SubmitError {
@@ -421,7 +550,7 @@ impl Shared {
         let sh = self.slot(slot);
         let kind = sh.result_kind.load(Ordering::Relaxed);
         let rec = sh.result_rec.load(Ordering::Relaxed);
-        if kind != 0 && kind != KIND_CANCELLED && rec != REC_INLINE {
+        if has_ring_record(kind, rec) {
             let seat = sh.result_worker.load(Ordering::Relaxed);
             if let Some(ring) = self.result_ring(seat) {
                 if rec % 16 == 0 && rec + 16 <= ring.capacity() {
@@ -439,6 +568,9 @@ impl Shared {
             }
         }
         let meta = &self.meta[slot as usize];
+        if meta.timeout_ns.swap(0, Ordering::Relaxed) != 0 {
+            self.timed_in_flight.fetch_sub(1, Ordering::SeqCst);
+        }
         // A waker is only ever stored together with `interest` (and the reactor takes it when it
         // clears `interest`), so synchronous callers skip the waker lock entirely.
         if meta.interest.swap(0, Ordering::SeqCst) != 0 {
@@ -456,7 +588,8 @@ impl Shared {
     }
 
     fn release_slot(&self, slot: u32) {
-        self.slot(slot).state.store(0, Ordering::Relaxed);
+        // The slot's state keeps DONE until the next submit resets it: a supervisor checking a
+        // dead worker's stale claim on this slot must never mistake it for a task in progress.
         self.meta[slot as usize]
             .in_use
             .store(false, Ordering::Relaxed);
@@ -518,15 +651,10 @@ impl Shared {
         let ring = self.task_ring();
         while ring.pop(None).is_some() {}
         for i in 0..self.layout.params.n_slots {
-            let sh = self.slot(i);
-            let st = sh.state.load(Ordering::Acquire);
+            let st = self.slot(i).state.load(Ordering::Acquire);
             let in_use = self.meta[i as usize].in_use.load(Ordering::SeqCst);
             if in_use && st & slot_state::DONE == 0 {
-                sh.result_kind.store(KIND_CANCELLED, Ordering::Relaxed);
-                let prev = sh.state.fetch_or(slot_state::DONE, Ordering::AcqRel);
-                if prev & slot_state::WAIT_THREAD != 0 {
-                    futex_wake(&sh.state, i32::MAX);
-                }
+                self.complete_from_parent(i, KIND_CANCELLED, u32::MAX, 0, 0);
             }
         }
         self.header().doorbell.notify_all();

@@ -36,9 +36,31 @@ pub(crate) const KIND_TOO_LARGE: u32 = 6;
 /// Slot-only outcome (no record): the task was cancelled before it started.
 pub(crate) const KIND_CANCELLED: u32 = 7;
 
-/// A slot's `result_rec` value meaning "no ring record: the output archive is inline in the
-/// slot's own data area" (small results; saves the ring's cache-line hand-offs).
-pub(crate) const REC_INLINE: u64 = u64::MAX;
+/// Bit of a slot's `result_rec` meaning "no ring record: the output archive is inline in the
+/// slot's own data area, at the offset in the low bits" (small results; saves the ring's
+/// cache-line hand-offs). The offset is past the task's own archive, which stays intact so a
+/// task whose worker died can be re-run.
+pub(crate) const REC_INLINE: u64 = 1 << 63;
+/// Slot-only outcome: the worker running the task died; `result_rec` = its pid, `result_len` =
+/// the encoded cause (see `ExitCause::encode`).
+pub(crate) const KIND_DIED: u32 = 8;
+/// Slot-only outcome: the task ran past its timeout and its worker was killed; `result_rec` =
+/// the timeout in nanoseconds.
+pub(crate) const KIND_TIMEOUT: u32 = 9;
+/// Slot-only outcome: every worker has failed for good; nothing can run the task.
+pub(crate) const KIND_NO_WORKERS: u32 = 10;
+/// Record kind: the worker declared itself poisoned while running the task (and retires); the
+/// data is the message.
+pub(crate) const KIND_POISONED: u32 = 11;
+
+/// Whether an outcome of `kind` at `rec` occupies a record in the worker's completion ring
+/// (which retiring the slot must release).
+pub(crate) fn has_ring_record(kind: u32, rec: u64) -> bool {
+    matches!(
+        kind,
+        KIND_OK | KIND_ERR | KIND_PANIC | KIND_BAD_TASK | KIND_TOO_LARGE | KIND_POISONED
+    ) && rec & REC_INLINE == 0
+}
 
 /// Size of a record header; also the alignment of every record.
 pub(crate) const REC_ALIGN: u64 = 16;
@@ -325,12 +347,5 @@ impl<'a> ByteRing<'a> {
     /// Bytes currently occupied (a snapshot).
     pub(crate) fn used(&self) -> u64 {
         self.hdr.tail.load(Ordering::SeqCst) - self.hdr.head.load(Ordering::SeqCst)
-    }
-
-    /// Drops every record: `head = tail`. Only when the producer is gone (a dead worker's ring,
-    /// before its replacement attaches).
-    pub(crate) fn reset(&self) {
-        let tail = self.hdr.tail.load(Ordering::Acquire);
-        self.hdr.head.store(tail, Ordering::Release);
     }
 }

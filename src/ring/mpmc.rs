@@ -27,6 +27,11 @@
 //! finish: it takes the value (that task joins the dead worker's failures) and stores
 //! `seq = p + cap` itself (see [`MpmcRing::repair`]). If `seq != p + 1` the pop completed (or the
 //! CAS was lost) and there is nothing to repair.
+//!
+//! A worker pops with [`MpmcRing::pop_tracked`], which also stores the value it won in the
+//! worker's `current_slot` word *before* releasing the cell: after the CAS, the value is always
+//! either still in the cell (repairable) or in `current_slot`, so a death at any instant
+//! leaves the claimed slot findable.
 
 use crate::sync::{AtomicU32, AtomicU64, CachePadded, Ordering};
 
@@ -144,6 +149,29 @@ impl<'a> MpmcRing<'a> {
     /// Pops a value, or `None` if the ring is empty. With `claim`, records the intent described
     /// in the module docs so a crash mid-pop can be repaired.
     pub(crate) fn pop(&self, claim: Option<&AtomicU64>) -> Option<u32> {
+        self.pop_inner(claim, None, || {})
+    }
+
+    /// A worker's pop: records the intent in `claim` (module docs) and stores the value it won
+    /// in `current` *before* releasing the cell, so at every instant after the `head` CAS
+    /// either the cell still holds the value (`repair` finds it) or `current` does. `mid` runs
+    /// between the CAS and the release (a failpoint for the crash tests; a no-op otherwise).
+    pub(crate) fn pop_tracked(
+        &self,
+        claim: &AtomicU64,
+        current: &AtomicU32,
+        mid: impl Fn(),
+    ) -> Option<u32> {
+        self.pop_inner(Some(claim), Some(current), mid)
+    }
+
+    #[inline(always)]
+    fn pop_inner(
+        &self,
+        claim: Option<&AtomicU64>,
+        current: Option<&AtomicU32>,
+        mid: impl Fn(),
+    ) -> Option<u32> {
         let cap = self.cells.len() as u64;
         let mut head = self.hdr.head.load(Ordering::Relaxed);
         loop {
@@ -161,7 +189,11 @@ impl<'a> MpmcRing<'a> {
                     Ordering::Relaxed,
                 ) {
                     Ok(_) => {
+                        mid();
                         let value = cell.value.load(Ordering::Relaxed);
+                        if let Some(cur) = current {
+                            cur.store(value, Ordering::SeqCst);
+                        }
                         // SYNC POINT: our read is done before a producer's Acquire sees this.
                         cell.seq.store(head + cap, Ordering::Release);
                         if let Some(c) = claim {
@@ -207,10 +239,9 @@ impl<'a> MpmcRing<'a> {
     /// dead consumer had claimed and not released, if any; afterwards the cell is empty for the
     /// next lap and the ring works again.
     ///
-    /// Must only be called once the consumer is known dead (it can no longer store).
-    // Model-checked now (loom); the supervisor's dead-worker recovery is the fault-handling
-    // issue's work.
-    #[allow(dead_code)]
+    /// Must only be called once the consumer is known dead (it can no longer store), and only
+    /// if no live consumer's claim word holds the same `claim_value` (such a consumer won the
+    /// position itself and is about to release the cell).
     pub(crate) fn repair(&self, claim_value: u64) -> Option<u32> {
         if claim_value == 0 {
             return None;

@@ -23,7 +23,7 @@ use crate::sync::{AtomicU32, AtomicU64, CachePadded};
 /// "SPOOLSHM" as a little-endian u64: the first word of every segment.
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"SPOOLSHM");
 /// Protocol version; bump on any layout or protocol change.
-pub(crate) const VERSION: u32 = 1;
+pub(crate) const VERSION: u32 = 2;
 
 /// Sizes that define a segment's layout.
 #[repr(C)]
@@ -53,15 +53,14 @@ pub(crate) struct SegmentHeader {
     pub(crate) worker_spin_ns: u64,
     /// Set (1) when the parent shuts down: workers finish the queue and exit.
     pub(crate) shutdown: AtomicU32,
-    _pad1: u32,
+    /// Behaviour flags (`FLAG_*`), written once before the segment is shared.
+    pub(crate) flags: u32,
     /// Workers wait here for tasks; submitters notify.
     pub(crate) task_ready: CachePadded<EventCount>,
     /// The parent's reactor waits here; workers ring it for async/detached completions.
     pub(crate) doorbell: CachePadded<EventCount>,
     /// Workers wait here for room in their result ring; the parent notifies on release.
     pub(crate) space: CachePadded<EventCount>,
-    /// The supervisor waits here for spawn progress (ready/failed).
-    pub(crate) lifecycle: CachePadded<EventCount>,
     /// Counters of the task queue.
     pub(crate) task_ring: MpmcHeader,
 }
@@ -109,7 +108,13 @@ pub(crate) mod ctl_state {
     pub(crate) const READY: u32 = 2;
     pub(crate) const FAILED: u32 = 3;
     pub(crate) const EXITED: u32 = 4;
+    /// The worker published its last task's outcome and exits to be replaced (it declared
+    /// itself poisoned, or a task panicked under the restart-on-panic policy).
+    pub(crate) const RETIRING: u32 = 5;
 }
+
+/// Header flag: a worker whose task panicked retires and is restarted fresh.
+pub(crate) const FLAG_RESTART_ON_PANIC: u32 = 1;
 
 /// One worker seat's control block: written by that worker (and the parent between lives).
 #[repr(C)]
@@ -124,11 +129,15 @@ pub(crate) struct WorkerCtl {
     pub(crate) spawn_out_len: AtomicU64,
     /// Intent record of the task-queue pop in progress (see `ring::mpmc`).
     pub(crate) claim: AtomicU64,
-    /// Slot the worker is executing, `u32::MAX` if none.
+    /// Slot the worker holds, `u32::MAX` if none: stored inside the pop (before the ring cell
+    /// is released) and cleared after the outcome is published.
     pub(crate) current_slot: AtomicU32,
     _pad: u32,
     pub(crate) tasks_done: AtomicU64,
-    _reserved: [u64; 9],
+    /// Id of the task in `current_slot`, stored right after the pop (0 until then); cleared
+    /// after `current_slot`. Tells a slot's current task from a later one that reused it.
+    pub(crate) current_task: AtomicU64,
+    _reserved: [u64; 8],
 }
 
 // SAFETY: all of these are #[repr(C)], hold only integers and atomics (no pointers), are valid
@@ -222,7 +231,12 @@ impl Layout {
 
 impl SegmentHeader {
     /// A header for a new segment, version still 0 (not ready).
-    pub(crate) fn new(layout: &Layout, worker_type_hash: u64, worker_spin_ns: u64) -> Self {
+    pub(crate) fn new(
+        layout: &Layout,
+        worker_type_hash: u64,
+        worker_spin_ns: u64,
+        flags: u32,
+    ) -> Self {
         SegmentHeader {
             magic: MAGIC,
             version: AtomicU32::new(0),
@@ -232,11 +246,10 @@ impl SegmentHeader {
             params: layout.params,
             worker_spin_ns,
             shutdown: AtomicU32::new(0),
-            _pad1: 0,
+            flags,
             task_ready: CachePadded(EventCount::new()),
             doorbell: CachePadded(EventCount::new()),
             space: CachePadded(EventCount::new()),
-            lifecycle: CachePadded(EventCount::new()),
             task_ring: MpmcHeader::new(),
         }
     }
@@ -255,7 +268,8 @@ impl WorkerCtl {
             current_slot: AtomicU32::new(u32::MAX),
             _pad: 0,
             tasks_done: AtomicU64::new(0),
-            _reserved: [0; 9],
+            current_task: AtomicU64::new(0),
+            _reserved: [0; 8],
         }
     }
 }
@@ -271,7 +285,7 @@ mod tests {
         assert_eq!(size_of::<MpmcCell>(), 16);
         assert!(size_of::<ByteRingHeader>() <= RING_HDR);
         assert_eq!(align_of::<SegmentHeader>(), 64);
-        assert_eq!(size_of::<SegmentHeader>(), 512);
+        assert_eq!(size_of::<SegmentHeader>(), 448);
     }
 
     #[test]

@@ -24,9 +24,10 @@ pub(crate) struct Segment {
 }
 
 impl Segment {
-    /// Creates a zero-filled segment of `len` bytes (sealed against resizing).
-    pub(crate) fn create(len: usize) -> io::Result<Segment> {
-        let fd = crate::sys::memfd_sealed(len as u64)?;
+    /// Creates a zero-filled segment of `len` bytes (sealed against resizing), its memory
+    /// reserved up front if `reserve`.
+    pub(crate) fn create(len: usize, reserve: bool) -> io::Result<Segment> {
+        let fd = crate::sys::memfd_sealed(len as u64, reserve)?;
         let map = MmapOptions::new().len(len).map_raw(&fd)?;
         Ok(Segment { map, fd })
     }

@@ -10,12 +10,15 @@
 
 use crate::shm::layout::{Layout, MAGIC, SegmentHeader, VERSION};
 use crate::shm::segment::Segment;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 
 /// The environment variable carrying the boot string.
 pub(crate) const BOOT_ENV: &str = "STATEFUL_POOL_WORKER";
 /// The fd number the segment arrives on.
 pub(crate) const SEGMENT_FD: i32 = 3;
+/// The fd number of the parent supervisor's eventfd: the worker writes to it after reporting
+/// its spawn step's outcome (ready or failed), which wakes the supervisor's `poll`.
+pub(crate) const NOTIFY_FD: i32 = 4;
 
 /// What the parent tells a worker process.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,11 +92,19 @@ pub(crate) struct WorkerProcess {
     pub(crate) seg: Segment,
     pub(crate) layout: Layout,
     pub(crate) seat: u32,
+    pub(crate) notify: Option<OwnedFd>,
 }
 
 impl WorkerProcess {
     pub(crate) fn header(&self) -> &SegmentHeader {
         self.seg.get::<SegmentHeader>(0)
+    }
+
+    /// Wakes the parent's supervisor (after a spawn-step report).
+    pub(crate) fn notify_parent(&self) {
+        if let Some(fd) = &self.notify {
+            crate::sys::eventfd_signal(fd.as_fd());
+        }
     }
 }
 
@@ -147,6 +158,14 @@ pub(crate) fn enter(boot_str: &str) -> ! {
     if boot.seat >= hdr.params.max_workers {
         die("seat index out of range")
     }
+    // SAFETY: fd 4, when valid, was placed by the launcher for us alone (the check is fcntl).
+    let notify = (unsafe { libc::fcntl(NOTIFY_FD, libc::F_GETFD) } >= 0).then(|| {
+        // Keep it out of any process the worker's own code starts.
+        // SAFETY: NOTIFY_FD is open (checked above) and owned by nothing else here.
+        unsafe { libc::fcntl(NOTIFY_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
+        // SAFETY: as above; this is its only owner.
+        unsafe { OwnedFd::from_raw_fd(NOTIFY_FD) }
+    });
     let entry_addr = (anchor as fn() -> usize as usize).wrapping_add(boot.entry);
     // SAFETY: the parent computed `boot.entry` as the offset of `main_loop::run::<W>` from
     // `anchor` in the same binary (the fingerprint check above guarantees the same code layout),
@@ -157,6 +176,7 @@ pub(crate) fn enter(boot_str: &str) -> ! {
         seg,
         layout,
         seat: boot.seat,
+        notify,
     })
 }
 

@@ -8,13 +8,16 @@
 use super::boot::{WorkerProcess, type_hash};
 use super::{TaskContext, Worker, WorkerContext};
 use crate::codec::{self, EncodeError};
+use crate::failpoint;
 use crate::ring::bytes::{
-    ByteRing, KIND_BAD_TASK, KIND_CANCELLED, KIND_ERR, KIND_OK, KIND_PANIC, KIND_TOO_LARGE,
-    REC_ALIGN, REC_INLINE, Reservation,
+    ByteRing, KIND_BAD_TASK, KIND_CANCELLED, KIND_ERR, KIND_OK, KIND_PANIC, KIND_POISONED,
+    KIND_TOO_LARGE, REC_ALIGN, REC_INLINE, Reservation, align16,
 };
 use crate::ring::mpmc::{MpmcCell, MpmcRing};
 use crate::ring::wait::wait_on;
-use crate::shm::layout::{RING_HDR, SlotHeader, WorkerCtl, ctl_state, slot_state};
+use crate::shm::layout::{
+    FLAG_RESTART_ON_PANIC, RING_HDR, SlotHeader, WorkerCtl, ctl_state, slot_state,
+};
 use crate::sys::futex_wake;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::Ordering;
@@ -54,7 +57,7 @@ pub(crate) fn run<W: Worker>(wp: WorkerProcess) -> ! {
         ctl.spawn_out_len.store(n as u64, Ordering::Relaxed);
         ctl.spawn_kind.store(kind, Ordering::Relaxed);
         ctl.state.store(ctl_state::FAILED, Ordering::Release);
-        hdr.lifecycle.notify_all();
+        wp.notify_parent();
         std::process::exit(1)
     };
 
@@ -73,6 +76,7 @@ pub(crate) fn run<W: Worker>(wp: WorkerProcess) -> ! {
         generation: ctl.generation.load(Ordering::Relaxed),
         pid,
     };
+    failpoint::configure(wctx.generation);
 
     // ---- the spawn step ----
     let args_len = ctl.spawn_args_len.load(Ordering::Acquire) as usize;
@@ -111,7 +115,7 @@ pub(crate) fn run<W: Worker>(wp: WorkerProcess) -> ! {
     ctl.spawn_kind.store(KIND_OK, Ordering::Relaxed);
     // SYNC POINT: spawn output visible to the supervisor's Acquire load of the state.
     ctl.state.store(ctl_state::READY, Ordering::Release);
-    hdr.lifecycle.notify_all();
+    wp.notify_parent();
 
     // ---- serve ----
     let ring = MpmcRing::new(
@@ -138,10 +142,14 @@ pub(crate) fn run<W: Worker>(wp: WorkerProcess) -> ! {
         wp: &wp,
         results,
         spin,
+        restart_on_panic: hdr.flags & FLAG_RESTART_ON_PANIC != 0,
     };
 
     loop {
-        let Some(slot) = ring.pop(Some(&ctl.claim)) else {
+        // The pop records the slot in `current_slot` before releasing the queue cell (see
+        // `MpmcRing::pop_tracked`), so a death at any step leaves the claim findable.
+        let popped = ring.pop_tracked(&ctl.claim, &ctl.current_slot, || failpoint::hit("pop_mid"));
+        let Some(slot) = popped else {
             wait_on(&hdr.task_ready, spin, None, || {
                 !ring.is_empty() || hdr.shutdown.load(Ordering::Acquire) != 0
             });
@@ -152,18 +160,35 @@ pub(crate) fn run<W: Worker>(wp: WorkerProcess) -> ! {
         };
         let Some(sh) = slots.get(slot as usize) else {
             // A corrupt index cannot come from our parent; skip it rather than crash.
+            ctl.current_slot.store(u32::MAX, Ordering::Relaxed);
             continue;
         };
-        ctl.current_slot.store(slot, Ordering::Relaxed);
+        // Which task this is: the supervisor compares it with the slot's task id to tell our
+        // task from a later one that reused the slot after we published.
+        ctl.current_task
+            .store(sh.task_id.load(Ordering::Relaxed), Ordering::Relaxed);
         sh.owner.store(owner_tag, Ordering::Relaxed);
         let prev = sh.state.fetch_or(slot_state::CLAIMED, Ordering::AcqRel);
-        if prev & slot_state::CANCELLED != 0 {
+        failpoint::hit("after_claim");
+        let retire = if prev & slot_state::CANCELLED != 0 {
             server.publish(sh, 0, 0, KIND_CANCELLED);
+            None
         } else {
-            server.serve_one(&mut state, &wctx, slot, sh);
-        }
+            server.serve_one(&mut state, &wctx, slot, sh)
+        };
+        failpoint::hit("after_publish");
+        // Order matters (see `WorkerCtl::current_task`): the slot first, then the task id.
         ctl.current_slot.store(u32::MAX, Ordering::Relaxed);
+        ctl.current_task.store(0, Ordering::Relaxed);
         ctl.tasks_done.fetch_add(1, Ordering::Relaxed);
+        if let Some(kind) = retire {
+            // Poisoned, or panicked under the restart policy: the outcome is published; leave
+            // without running the state's destructor (it may be what is broken) and let the
+            // supervisor start a fresh worker.
+            ctl.spawn_kind.store(kind, Ordering::Relaxed);
+            ctl.state.store(ctl_state::RETIRING, Ordering::Release);
+            std::process::exit(0);
+        }
     }
     drop(state);
     ctl.state.store(ctl_state::EXITED, Ordering::Release);
@@ -174,16 +199,19 @@ struct Server<'a> {
     wp: &'a WorkerProcess,
     results: ByteRing<'a>,
     spin: Duration,
+    restart_on_panic: bool,
 }
 
 impl Server<'_> {
+    /// Runs one task and publishes its outcome. Returns `Some(kind)` if the worker must retire
+    /// afterwards (`KIND_POISONED`, or `KIND_PANIC` under the restart-on-panic policy).
     fn serve_one<W: Worker>(
         &self,
         state: &mut W,
         wctx: &WorkerContext,
         slot: u32,
         sh: &SlotHeader,
-    ) {
+    ) -> Option<u32> {
         let seg = &self.wp.seg;
         let task_off = sh.task_off.load(Ordering::Relaxed) as usize;
         let task_len = sh.task_len.load(Ordering::Relaxed) as usize;
@@ -193,7 +221,7 @@ impl Server<'_> {
             |off: usize, len: usize| off.checked_add(len).is_some_and(|e| e <= seg.len());
         if !in_range(task_off, task_len) || !in_range(pay_off, pay_len) {
             self.write_message(sh, slot, KIND_BAD_TASK, "task location out of range");
-            return;
+            return None;
         }
         // SAFETY: the slot's task bytes (and payload) were written by the parent before it
         // pushed the slot index (Release) that our pop Acquired; the parent does not touch them
@@ -207,8 +235,16 @@ impl Server<'_> {
             Ok(t) => t,
             Err(e) => {
                 self.write_message(sh, slot, KIND_BAD_TASK, &e);
-                return;
+                return None;
             }
+        };
+        failpoint::hit("mid_read");
+        // An inline result goes after the task's own archive (if that is inline too), which
+        // must stay intact: a task whose worker dies may be re-run from it.
+        let inline_from = if task_off == self.wp.layout.slot_data_off(slot) {
+            align16(task_len as u64) as usize
+        } else {
+            0
         };
         let tctx = TaskContext {
             worker: wctx,
@@ -216,9 +252,24 @@ impl Server<'_> {
             payload,
         };
         match catch_unwind(AssertUnwindSafe(|| state.execute(task, &tctx))) {
-            Ok(Ok(out)) => self.write_output(sh, slot, &out),
-            Ok(Err(e)) => self.write_message(sh, slot, KIND_ERR, &e.to_string()),
-            Err(p) => self.write_message(sh, slot, KIND_PANIC, &panic_message(&*p)),
+            Ok(Ok(out)) => {
+                self.write_output(sh, slot, inline_from, &out);
+                None
+            }
+            Ok(Err(e)) => match e.downcast_ref::<super::Poisoned>() {
+                Some(p) => {
+                    self.write_message(sh, slot, KIND_POISONED, p.message());
+                    Some(KIND_POISONED)
+                }
+                None => {
+                    self.write_message(sh, slot, KIND_ERR, &e.to_string());
+                    None
+                }
+            },
+            Err(p) => {
+                self.write_message(sh, slot, KIND_PANIC, &panic_message(&*p));
+                self.restart_on_panic.then_some(KIND_PANIC)
+            }
         }
     }
 
@@ -241,16 +292,24 @@ impl Server<'_> {
         got
     }
 
-    fn write_output<T: crate::Message>(&self, sh: &SlotHeader, slot: u32, out: &T) {
+    fn write_output<T: crate::Message>(
+        &self,
+        sh: &SlotHeader,
+        slot: u32,
+        inline_from: usize,
+        out: &T,
+    ) {
         // Fastest path: a small output goes inline into the task's own slot, whose cache lines
-        // this worker already holds. The task archive there is dead: `execute` has returned
-        // and `out` borrows nothing from it.
+        // this worker already holds, after the task archive.
         let layout = &self.wp.layout;
-        let cap = layout.params.slot_inline as usize;
-        let ptr = self.wp.seg.bytes_ptr(layout.slot_data_off(slot), cap);
+        let cap = (layout.params.slot_inline as usize).saturating_sub(inline_from);
+        let ptr = self
+            .wp
+            .seg
+            .bytes_ptr(layout.slot_data_off(slot) + inline_from, cap);
         match catch_unwind(AssertUnwindSafe(|| codec::encode_into(out, ptr, cap))) {
             Ok(Ok(n)) => {
-                self.publish(sh, REC_INLINE, n as u64, KIND_OK);
+                self.publish(sh, REC_INLINE | inline_from as u64, n as u64, KIND_OK);
                 return;
             }
             Ok(Err(EncodeError::Overflow)) => {}
@@ -357,6 +416,7 @@ impl Server<'_> {
 
     /// Publishes the outcome in the slot and wakes whoever waits for it.
     fn publish(&self, sh: &SlotHeader, rec: u64, len: u64, kind: u32) {
+        failpoint::hit("after_result_write");
         sh.result_worker.store(self.wp.seat, Ordering::Relaxed);
         sh.result_rec.store(rec, Ordering::Relaxed);
         sh.result_len.store(len as u32, Ordering::Relaxed);

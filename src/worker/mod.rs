@@ -61,14 +61,54 @@ pub trait Worker: Sized + 'static {
     ) -> Result<(Self, Self::SpawnOutput), BoxError>;
 
     /// Runs for every task this worker takes. `task` is the archived task, read in place in
-    /// shared memory. An `Err` or a panic becomes that task's [`TaskError`](crate::TaskError)
-    /// carrying the message; the worker keeps serving.
+    /// shared memory. An `Err` becomes that task's [`TaskError::Failed`](crate::TaskError)
+    /// carrying the message, and the worker keeps serving. A panic becomes
+    /// [`TaskError::Panicked`](crate::TaskError); the worker is then replaced by a fresh one
+    /// unless [`PoolBuilder::restart_on_panic`](crate::PoolBuilder::restart_on_panic) is off.
+    /// Returning a [`Poisoned`] error fails the task and replaces the worker.
     fn execute(
         &mut self,
         task: &Archived<Self::Task>,
         ctx: &TaskContext<'_>,
     ) -> Result<Self::Output, BoxError>;
 }
+
+/// An error a worker returns from [`Worker::execute`] to declare itself unusable (a sticky CUDA
+/// error, a corrupted native library): the task fails with
+/// [`TaskError::Poisoned`](crate::TaskError::Poisoned), the process exits without running its
+/// state's destructor, and the pool starts a fresh worker with the same spawn arguments.
+///
+/// ```
+/// # use stateful_pool::{BoxError, Poisoned};
+/// fn check(cuda_status: i32) -> Result<(), BoxError> {
+///     if cuda_status == 700 {
+///         return Err(Poisoned::new("CUDA error 700 (illegal address): context is unusable").into());
+///     }
+///     Ok(())
+/// }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Poisoned(String);
+
+impl Poisoned {
+    /// A poison error with a message for the task's caller.
+    pub fn new(message: impl Into<String>) -> Self {
+        Poisoned(message.into())
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Poisoned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "worker poisoned: {}", self.0)
+    }
+}
+
+impl std::error::Error for Poisoned {}
 
 /// What a worker knows about itself, given to [`Worker::spawn`].
 #[derive(Debug, Clone)]

@@ -10,6 +10,13 @@ pub struct Spawn {
     pub tag: String,
     pub fail: bool,
     pub panic: bool,
+    /// Path of a file of u32 execution counters (one per task id) that `Tick` increments;
+    /// empty: none.
+    pub counters: String,
+    /// Exit the process (code 7) in the spawn step if this file exists.
+    pub die_if_exists: String,
+    /// Sleep this long in the spawn step (milliseconds).
+    pub hang_ms: u64,
 }
 
 impl Spawn {
@@ -18,6 +25,9 @@ impl Spawn {
             tag: tag.into(),
             fail: false,
             panic: false,
+            counters: String::new(),
+            die_if_exists: String::new(),
+            hang_ms: 0,
         }
     }
 }
@@ -44,6 +54,24 @@ pub enum Cmd {
     Count,
     /// Returns the number of heap allocations this worker process made so far.
     Allocs,
+    /// Returns this worker's process id.
+    Pid,
+    /// Aborts the process (SIGABRT).
+    Abort,
+    /// Dereferences a null pointer (SIGSEGV).
+    Segfault,
+    /// Calls `exit` with this code.
+    Exit(i32),
+    /// Sends SIGKILL to itself.
+    KillSelf,
+    /// Declares the worker poisoned with this message.
+    Poison(String),
+    /// Increments execution counter `id` (see `Spawn::counters`) and returns `id * 3`.
+    Tick(u32),
+    /// As `Tick`, but first sleeps this many microseconds.
+    TickSlow(u32, u32),
+    /// If this file does not exist: creates it and SIGKILLs itself; else returns 1.
+    DieOnce(String),
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -56,6 +84,7 @@ pub struct Out {
 pub struct TestWorker {
     pub tag: String,
     pub executed: u64,
+    pub counters: Option<memmap2::MmapMut>,
 }
 
 impl Worker for TestWorker {
@@ -71,11 +100,26 @@ impl Worker for TestWorker {
         if args.panic {
             panic!("spawn panic for {}", args.tag);
         }
+        std::thread::sleep(Duration::from_millis(args.hang_ms));
+        if !args.die_if_exists.is_empty() && std::path::Path::new(&args.die_if_exists).exists() {
+            std::process::exit(7);
+        }
+        let counters = if args.counters.is_empty() {
+            None
+        } else {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&args.counters)?;
+            // SAFETY: a test-owned file every process maps shared; accessed only atomically.
+            Some(unsafe { memmap2::MmapMut::map_mut(&f)? })
+        };
         let hello = format!("{} ready as worker {}", args.tag, ctx.index());
         Ok((
             TestWorker {
                 tag: args.tag,
                 executed: 0,
+                counters,
             },
             hello,
         ))
@@ -125,7 +169,123 @@ impl Worker for TestWorker {
             }
             ArchivedCmd::Count => out(before),
             ArchivedCmd::Allocs => out(alloc_count()),
+            ArchivedCmd::Pid => out(std::process::id() as u64),
+            ArchivedCmd::Abort => std::process::abort(),
+            ArchivedCmd::Segfault => {
+                // SAFETY: none: this is the point (a crash inside execute).
+                unsafe { std::ptr::null_mut::<u64>().write_volatile(1) };
+                out(0)
+            }
+            ArchivedCmd::Exit(c) => std::process::exit(c.to_native()),
+            ArchivedCmd::KillSelf => {
+                // SAFETY: plain syscalls.
+                unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+                out(0)
+            }
+            ArchivedCmd::Poison(m) => {
+                return Err(stateful_pool::Poisoned::new(m.as_str()).into());
+            }
+            ArchivedCmd::Tick(id) => out(self.tick(id.to_native())),
+            ArchivedCmd::DieOnce(path) => {
+                let p = std::path::Path::new(path.as_str());
+                if !p.exists() {
+                    std::fs::write(p, b"died")?;
+                    // SAFETY: plain syscalls.
+                    unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+                }
+                out(1)
+            }
+            ArchivedCmd::TickSlow(id, us) => {
+                std::thread::sleep(Duration::from_micros(us.to_native() as u64));
+                out(self.tick(id.to_native()))
+            }
         })
+    }
+}
+
+impl TestWorker {
+    fn tick(&mut self, id: u32) -> u64 {
+        let m = self
+            .counters
+            .as_mut()
+            .expect("spawned without a counters file");
+        let words = m.len() / 4;
+        assert!((id as usize) < words, "tick id out of range");
+        // SAFETY: in bounds, 4-aligned (page-aligned map), and every process only touches the
+        // words atomically.
+        let a = unsafe {
+            &*(m.as_mut_ptr().add(id as usize * 4) as *const std::sync::atomic::AtomicU32)
+        };
+        a.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        id as u64 * 3
+    }
+}
+
+/// A file of `n` zeroed u32 counters, mapped in the test process too.
+pub struct Counters {
+    pub path: std::path::PathBuf,
+    pub map: memmap2::MmapMut,
+}
+
+impl Counters {
+    pub fn new(name: &str, n: usize) -> Self {
+        let path = gate_path(name);
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        f.set_len((n * 4) as u64).unwrap();
+        // SAFETY: our own fresh file.
+        let map = unsafe { memmap2::MmapMut::map_mut(&f).unwrap() };
+        Counters { path, map }
+    }
+
+    pub fn get(&self, id: usize) -> u32 {
+        // SAFETY: as in `TestWorker::tick`.
+        let a = unsafe { &*(self.map.as_ptr().add(id * 4) as *const std::sync::atomic::AtomicU32) };
+        a.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn spawn_args(&self, tag: &str) -> Spawn {
+        Spawn {
+            counters: self.path.to_string_lossy().into_owned(),
+            ..Spawn::ok(tag)
+        }
+    }
+}
+
+impl Drop for Counters {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Whether process `pid` is gone (no such process, or a zombie waiting to be reaped by
+/// someone else).
+pub fn process_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(s) => s
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|c| c == 'Z' || c == 'X'),
+    }
+}
+
+/// Polls `cond` every 5 ms until it holds or `secs` pass; returns whether it held.
+pub fn wait_until(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() > end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

@@ -1,0 +1,88 @@
+//! Failpoints: named places in the worker's protocol where a test can make the worker process
+//! die (SIGKILL to itself), to check that every task still resolves exactly once.
+//!
+//! Compiled in only with the `failpoints` cargo feature (the crate's own tests turn it on);
+//! otherwise [`hit`] is an empty inline function.
+//!
+//! A test sets `STATEFUL_POOL_FAILPOINTS` in the workers' environment
+//! ([`PoolBuilder::worker_env`](crate::PoolBuilder::worker_env)) to a comma-separated list of
+//! `name@n` or `name@n/g`: die at the `n`-th hit of `name` (1-based), only in the worker's
+//! `g`-th life (generation) if `/g` is given.
+//!
+//! The names, in the order a task meets them: `pop_mid` (inside the queue pop, after winning
+//! the position and before releasing the cell), `after_claim` (the slot is claimed, the task not
+//! yet read), `mid_read` (the task is validated, not yet executed), `after_result_write` (the
+//! result is written, not yet published), `after_publish` (published, before the worker clears
+//! its claim on the slot).
+
+/// The environment variable read by workers.
+#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+pub(crate) const ENV: &str = "STATEFUL_POOL_FAILPOINTS";
+
+#[cfg(feature = "failpoints")]
+mod imp {
+    use std::sync::Mutex;
+    use std::sync::OnceLock;
+
+    struct Point {
+        name: String,
+        at: u64,
+        generation: Option<u32>,
+        hits: u64,
+    }
+
+    static POINTS: OnceLock<Option<Mutex<Vec<Point>>>> = OnceLock::new();
+
+    /// Reads the configuration (once, at worker start-up).
+    pub(crate) fn configure(generation: u32) {
+        POINTS.get_or_init(|| {
+            let spec = std::env::var(super::ENV).ok()?;
+            let mut v = Vec::new();
+            for item in spec.split(',').filter(|s| !s.is_empty()) {
+                let (name, rest) = item.split_once('@')?;
+                let (at, g) = match rest.split_once('/') {
+                    Some((a, g)) => (a.parse().ok()?, Some(g.parse().ok()?)),
+                    None => (rest.parse().ok()?, None),
+                };
+                if g.is_none_or(|g| g == generation) {
+                    v.push(Point {
+                        name: name.to_string(),
+                        at,
+                        generation: g,
+                        hits: 0,
+                    });
+                }
+            }
+            Some(Mutex::new(v))
+        });
+    }
+
+    /// Dies here if the configuration says so.
+    pub(crate) fn hit(name: &str) {
+        let Some(Some(points)) = POINTS.get() else {
+            return;
+        };
+        let mut points = points.lock().unwrap_or_else(|e| e.into_inner());
+        for p in points.iter_mut().filter(|p| p.name == name) {
+            let _ = p.generation;
+            p.hits += 1;
+            if p.hits == p.at {
+                // SAFETY: getpid and kill have no memory-safety preconditions.
+                unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+#[cfg(feature = "failpoints")]
+pub(crate) use imp::{configure, hit};
+
+/// Reads the configuration (no-op without the `failpoints` feature).
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub(crate) fn configure(_generation: u32) {}
+
+/// A failpoint (no-op without the `failpoints` feature).
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub(crate) fn hit(_name: &str) {}

@@ -1,0 +1,175 @@
+//! What the pool tells its user about faults: [`PoolEvent`]s (through
+//! [`PoolBuilder::on_event`](crate::PoolBuilder::on_event)), counters ([`PoolStats`]), and each
+//! worker seat's state ([`WorkerInfo`]). Also [`TaskOptions`], the per-task fault settings.
+
+use crate::error::ExitCause;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Something that happened to the pool's workers, reported as it happens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PoolEvent {
+    /// A worker process ended while it should have been serving.
+    WorkerDied {
+        /// Seat index.
+        worker: usize,
+        /// Process id.
+        pid: u32,
+        /// How it ended.
+        cause: ExitCause,
+        /// Why, when the pool knows better than the exit status: `"timeout"` (the pool killed
+        /// it for a task past its timeout), `"poisoned"`, `"panic"` (it retired after a panic),
+        /// or `"crash"`.
+        reason: &'static str,
+        /// Tasks it held that failed with [`TaskError::WorkerDied`](crate::TaskError) (or
+        /// `Timeout`).
+        tasks_failed: usize,
+        /// Tasks it held that were queued again under their retry policy.
+        tasks_retried: usize,
+    },
+    /// A dead worker's replacement finished its spawn step and serves.
+    WorkerRestarted {
+        /// Seat index.
+        worker: usize,
+        /// The new process id.
+        pid: u32,
+        /// Lives of this seat so far (1 = the first start).
+        generation: u32,
+    },
+    /// A restart attempt failed (its spawn step failed, or the process could not start).
+    RestartFailed {
+        /// Seat index.
+        worker: usize,
+        /// What went wrong.
+        message: String,
+    },
+    /// The seat ran out of restarts: it is marked failed and the pool serves without it.
+    WorkerFailed {
+        /// Seat index.
+        worker: usize,
+        /// Restarts spent within the window.
+        restarts: u32,
+    },
+    /// No worker is left alive: queued and new tasks fail with `NoWorkers` until a worker is
+    /// spawned again.
+    NoWorkersLeft,
+}
+
+/// Counters of the pool's fault handling since it was built.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PoolStats {
+    /// Worker processes that ended while they should have been serving.
+    pub worker_deaths: u64,
+    /// Replacements that finished their spawn step.
+    pub restarts: u64,
+    /// Seats marked failed after running out of restarts.
+    pub failed_workers: u64,
+    /// Tasks that failed because their worker died (`WorkerDied`).
+    pub tasks_died: u64,
+    /// Tasks that failed their timeout (`Timeout`).
+    pub tasks_timed_out: u64,
+    /// Re-runs of tasks whose worker died, under their retry policy.
+    pub tasks_retried: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct StatCounters {
+    pub(crate) worker_deaths: AtomicU64,
+    pub(crate) restarts: AtomicU64,
+    pub(crate) failed_workers: AtomicU64,
+    pub(crate) tasks_died: AtomicU64,
+    pub(crate) tasks_timed_out: AtomicU64,
+    pub(crate) tasks_retried: AtomicU64,
+}
+
+impl StatCounters {
+    pub(crate) fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> PoolStats {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        PoolStats {
+            worker_deaths: g(&self.worker_deaths),
+            restarts: g(&self.restarts),
+            failed_workers: g(&self.failed_workers),
+            tasks_died: g(&self.tasks_died),
+            tasks_timed_out: g(&self.tasks_timed_out),
+            tasks_retried: g(&self.tasks_retried),
+        }
+    }
+}
+
+/// The state of a worker seat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WorkerState {
+    /// Never used, or freed after a failed spawn.
+    Empty,
+    /// Its process is starting (first start or a restart).
+    Starting,
+    /// Serving tasks.
+    Ready,
+    /// Dead; waiting out its back-off before the restart.
+    Restarting,
+    /// Out of restarts; the pool serves without it.
+    Failed,
+    /// Stopped by shutdown.
+    Stopped,
+}
+
+/// One worker seat, as [`Pool::workers`](crate::Pool::workers) reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkerInfo {
+    /// Seat index.
+    pub index: usize,
+    /// Its state.
+    pub state: WorkerState,
+    /// Process id of its current (or last) process, 0 if none.
+    pub pid: u32,
+    /// Lives so far (1 = the first start).
+    pub generation: u32,
+    /// Restarts so far (all time).
+    pub restarts: u64,
+    /// Tasks its current process completed.
+    pub tasks_done: u64,
+}
+
+/// Fault settings of one task, overriding the pool's defaults
+/// ([`PoolBuilder::task_timeout`](crate::PoolBuilder::task_timeout),
+/// [`PoolBuilder::task_retries`](crate::PoolBuilder::task_retries)).
+///
+/// ```
+/// # use std::time::Duration;
+/// let opts = stateful_pool::TaskOptions::new()
+///     .timeout(Duration::from_secs(5)) // fail (and restart the worker) past 5 s of running
+///     .retries(2);                     // idempotent: re-run up to twice if its worker dies
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TaskOptions {
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) retries: Option<u32>,
+}
+
+impl TaskOptions {
+    /// The pool's defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Limit on the task's execution time, counted from when a worker starts it.
+    pub fn timeout(mut self, d: Duration) -> Self {
+        self.timeout = Some(d);
+        self
+    }
+
+    /// Times the task is re-run if its worker dies while running it (only for idempotent
+    /// work: the task may have partly or fully run before the death).
+    pub fn retries(mut self, n: u32) -> Self {
+        self.retries = Some(n);
+        self
+    }
+}

@@ -1,0 +1,554 @@
+//! Faults: workers that die (killed, crashing, exiting, panicking, poisoned, hanging, at every
+//! protocol step), crash loops, retries, shutdown modes, spawn failures, memory shortage.
+//! Every test runs under a watchdog; none sleeps to synchronise.
+
+mod common;
+use common::*;
+use stateful_pool::{
+    BuildError, ExitCause, Pool, PoolEvent, RestartPolicy, SpawnError, SubmitError, TaskError,
+    TaskOptions, WorkerState,
+};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+stateful_pool::worker_hook!();
+
+type Events = Arc<Mutex<Vec<PoolEvent>>>;
+
+fn builder(events: &Events) -> stateful_pool::PoolBuilder<TestWorker> {
+    let ev = events.clone();
+    Pool::<TestWorker>::builder()
+        .queue_size(64)
+        .on_event(move |e| ev.lock().unwrap().push(e.clone()))
+}
+
+fn pid_of(pool: &Pool<TestWorker>) -> u32 {
+    pool.execute(&Cmd::Pid).unwrap().value as u32
+}
+
+fn sigkill(pid: u32) {
+    // SAFETY: plain syscall on a pid we own (a worker of this test's pool).
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+}
+
+fn restarted(pool: &Pool<TestWorker>, n: u64) -> bool {
+    wait_until(30, || {
+        pool.stats().restarts >= n && pool.workers().iter().any(|w| w.state == WorkerState::Ready)
+    })
+}
+
+#[test]
+fn a_worker_killed_mid_task_fails_that_task_only_and_is_restarted_with_the_same_args() {
+    watchdog(60, || {
+        let events = Events::default();
+        let pool = builder(&events).build().unwrap();
+        pool.spawn(&Spawn::ok("solo")).unwrap();
+        let pid = pid_of(&pool);
+        let gate = gate_path("killed-mid-task");
+        let running = pool
+            .submit(&Cmd::Gate(gate.to_string_lossy().into()))
+            .unwrap();
+        // Wait until the worker has taken it (the queue is empty again), then queue more.
+        assert!(wait_until(30, || pool.queued() == 0));
+        let queued: Vec<_> = (0..10)
+            .map(|i| pool.submit(&Cmd::Echo(i)).unwrap())
+            .collect();
+        let t0 = Instant::now();
+        sigkill(pid);
+        match running.wait() {
+            Err(TaskError::WorkerDied {
+                worker: 0,
+                pid: p,
+                cause: ExitCause::Signal(9),
+            }) => assert_eq!(p, pid),
+            other => panic!("expected WorkerDied by SIGKILL, got {other:?}"),
+        }
+        eprintln!("death noticed and answered in {:?}", t0.elapsed());
+        // Every other task completes, exactly once, on the restarted worker.
+        for (i, h) in queued.into_iter().enumerate() {
+            assert_eq!(h.wait().unwrap().value, i as u64);
+        }
+        let new_pid = pid_of(&pool);
+        assert_ne!(new_pid, pid);
+        let w = &pool.workers()[0];
+        assert_eq!(
+            (w.state, w.generation, w.restarts, w.pid),
+            (WorkerState::Ready, 2, 1, new_pid)
+        );
+        // Same spawn arguments: the restarted worker has the same tag.
+        let s = pool.stats();
+        assert_eq!((s.worker_deaths, s.restarts, s.tasks_died), (1, 1, 1));
+        let ev = events.lock().unwrap().clone();
+        assert!(
+            matches!(
+                ev[0],
+                PoolEvent::WorkerDied { worker: 0, pid: p, cause: ExitCause::Signal(9), reason: "crash", tasks_failed: 1, tasks_retried: 0 } if p == pid
+            ),
+            "{ev:?}"
+        );
+        assert!(
+            matches!(
+                ev[1],
+                PoolEvent::WorkerRestarted {
+                    worker: 0,
+                    generation: 2,
+                    ..
+                }
+            ),
+            "{ev:?}"
+        );
+        let _ = std::fs::remove_file(gate);
+    });
+}
+
+#[test]
+fn crashes_inside_execute_are_named_by_signal_or_exit_code() {
+    watchdog(90, || {
+        let pool = Pool::<TestWorker>::builder()
+            .restart_policy(RestartPolicy::unlimited())
+            .build()
+            .unwrap();
+        pool.spawn(&Spawn::ok("crashy")).unwrap();
+        let cases = [
+            (Cmd::Abort, ExitCause::Signal(libc::SIGABRT)),
+            (Cmd::Segfault, ExitCause::Signal(libc::SIGSEGV)),
+            (Cmd::KillSelf, ExitCause::Signal(libc::SIGKILL)),
+            (Cmd::Exit(3), ExitCause::Exit(3)),
+            // A clean exit in the middle of a task is still a death.
+            (Cmd::Exit(0), ExitCause::Exit(0)),
+        ];
+        for (i, (cmd, want)) in cases.into_iter().enumerate() {
+            let pid = pid_of(&pool);
+            match pool.execute(&cmd) {
+                Err(TaskError::WorkerDied {
+                    worker: 0,
+                    pid: p,
+                    cause,
+                }) => {
+                    assert_eq!((p, cause), (pid, want), "{cmd:?}");
+                    let msg = TaskError::WorkerDied {
+                        worker: 0,
+                        pid: p,
+                        cause,
+                    }
+                    .to_string();
+                    assert!(msg.contains(&pid.to_string()), "{msg}");
+                }
+                other => panic!("{cmd:?}: expected WorkerDied, got {other:?}"),
+            }
+            // The pool keeps serving (the next execute waits for the restart).
+            assert_eq!(pool.execute(&Cmd::Echo(i as u64)).unwrap().value, i as u64);
+        }
+        assert_eq!(pool.stats().worker_deaths, 5);
+        assert_eq!(pool.stats().tasks_died, 5);
+    });
+}
+
+#[test]
+fn a_panic_replaces_the_worker_by_default_and_a_poisoned_worker_too() {
+    watchdog(60, || {
+        let events = Events::default();
+        let pool = builder(&events).build().unwrap();
+        pool.spawn(&Spawn::ok("p")).unwrap();
+        assert_eq!(pool.execute(&Cmd::Count).unwrap().value, 0);
+        let pid = pid_of(&pool);
+        match pool.execute(&Cmd::Panic("torn state".into())) {
+            Err(TaskError::Panicked { worker: 0, message }) => assert_eq!(message, "torn state"),
+            other => panic!("expected Panicked, got {other:?}"),
+        }
+        // A fresh worker: new process, fresh state.
+        assert_eq!(pool.execute(&Cmd::Count).unwrap().value, 0);
+        let pid2 = pid_of(&pool);
+        assert_ne!(pid2, pid);
+        match pool.execute(&Cmd::Poison("sticky CUDA error".into())) {
+            Err(TaskError::Poisoned { worker: 0, message }) => {
+                assert_eq!(message, "sticky CUDA error")
+            }
+            other => panic!("expected Poisoned, got {other:?}"),
+        }
+        assert_ne!(pid_of(&pool), pid2);
+        assert_eq!(pool.workers()[0].generation, 3);
+        let reasons: Vec<_> = events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|e| match e {
+                PoolEvent::WorkerDied {
+                    reason,
+                    tasks_failed,
+                    ..
+                } => Some((*reason, *tasks_failed)),
+                _ => None,
+            })
+            .collect();
+        // The task was answered before the worker retired: nothing failed with it.
+        assert_eq!(reasons, [("panic", 0), ("poisoned", 0)]);
+    });
+}
+
+#[test]
+fn an_idle_worker_that_dies_fails_nothing_and_is_restarted() {
+    watchdog(60, || {
+        let pool = Pool::<TestWorker>::builder().build().unwrap();
+        pool.spawn(&Spawn::ok("idle")).unwrap();
+        pool.spawn(&Spawn::ok("idle")).unwrap();
+        let before: Vec<u32> = pool.workers().iter().map(|w| w.pid).collect();
+        sigkill(before[1]);
+        assert!(restarted(&pool, 1));
+        assert!(wait_until(30, || pool.num_workers() == 2));
+        let after: Vec<u32> = pool.workers().iter().map(|w| w.pid).collect();
+        assert_eq!(after[0], before[0]);
+        assert_ne!(after[1], before[1]);
+        assert_eq!(pool.stats().tasks_died, 0);
+        let handles: Vec<_> = (0..20)
+            .map(|i| pool.submit(&Cmd::Echo(i)).unwrap())
+            .collect();
+        for (i, h) in handles.into_iter().enumerate() {
+            assert_eq!(h.wait().unwrap().value, i as u64);
+        }
+    });
+}
+
+#[test]
+fn a_task_past_its_timeout_fails_and_its_worker_is_replaced_others_unaffected() {
+    watchdog(60, || {
+        let events = Events::default();
+        let pool = builder(&events).build().unwrap();
+        pool.spawn(&Spawn::ok("a")).unwrap();
+        pool.spawn(&Spawn::ok("b")).unwrap();
+        let gate = gate_path("never-opened");
+        let hung = pool
+            .submit_with_options(
+                &Cmd::Gate(gate.to_string_lossy().into()),
+                TaskOptions::new().timeout(Duration::from_millis(200)),
+            )
+            .unwrap();
+        // The other worker keeps serving while one hangs.
+        for i in 0..50 {
+            assert_eq!(pool.execute(&Cmd::Echo(i)).unwrap().value, i);
+        }
+        match hung.wait() {
+            Err(TaskError::Timeout { after, .. }) => assert_eq!(after, Duration::from_millis(200)),
+            other => panic!("expected Timeout, got {other:?}"),
+        }
+        assert!(restarted(&pool, 1));
+        assert!(wait_until(30, || pool.num_workers() == 2));
+        assert_eq!(pool.stats().tasks_timed_out, 1);
+        assert!(events.lock().unwrap().iter().any(|e| matches!(
+            e,
+            PoolEvent::WorkerDied {
+                reason: "timeout",
+                cause: ExitCause::Signal(9),
+                ..
+            }
+        )));
+        // Tasks that finish in time are untouched by their timeout.
+        let opts = TaskOptions::new().timeout(Duration::from_secs(30));
+        assert_eq!(
+            pool.execute_with_options(&Cmd::Echo(5), opts)
+                .unwrap()
+                .value,
+            5
+        );
+
+        // The pool default applies to every task.
+        let pool2 = Pool::<TestWorker>::builder()
+            .task_timeout(Duration::from_millis(100))
+            .build()
+            .unwrap();
+        pool2.spawn(&Spawn::ok("c")).unwrap();
+        assert!(matches!(
+            pool2.execute(&Cmd::SleepMs(60_000)),
+            Err(TaskError::Timeout { worker: 0, .. })
+        ));
+        assert_eq!(pool2.execute(&Cmd::Echo(1)).unwrap().value, 1);
+    });
+}
+
+#[test]
+fn retries_rerun_idempotent_tasks_and_are_off_by_default() {
+    watchdog(60, || {
+        let pool = Pool::<TestWorker>::builder().build().unwrap();
+        pool.spawn(&Spawn::ok("r1")).unwrap();
+        pool.spawn(&Spawn::ok("r2")).unwrap();
+        // Default: at-most-once, the death is the task's outcome.
+        let marker = gate_path("die-once-a");
+        let cmd = Cmd::DieOnce(marker.to_string_lossy().into());
+        assert!(matches!(
+            pool.execute(&cmd),
+            Err(TaskError::WorkerDied { .. })
+        ));
+        // With a retry, it runs again elsewhere and succeeds once.
+        let marker2 = gate_path("die-once-b");
+        let cmd = Cmd::DieOnce(marker2.to_string_lossy().into());
+        let out = pool
+            .execute_with_options(&cmd, TaskOptions::new().retries(1))
+            .unwrap();
+        assert_eq!(out.value, 1);
+        let s = pool.stats();
+        assert_eq!((s.tasks_retried, s.tasks_died, s.worker_deaths), (1, 1, 2));
+        // The pool-wide default works the same way.
+        let pool2 = Pool::<TestWorker>::builder()
+            .task_retries(2)
+            .build()
+            .unwrap();
+        pool2.spawn(&Spawn::ok("r3")).unwrap();
+        let marker3 = gate_path("die-once-c");
+        let cmd = Cmd::DieOnce(marker3.to_string_lossy().into());
+        assert_eq!(pool2.execute(&cmd).unwrap().value, 1);
+        for m in [marker, marker2, marker3] {
+            let _ = std::fs::remove_file(m);
+        }
+    });
+}
+
+/// Kills the worker at each protocol step (failpoints) while 8 tasks are in flight: every task
+/// resolves exactly once, the failed one (if any) with `WorkerDied`, and the queue keeps
+/// working afterwards.
+#[test]
+fn death_at_every_protocol_step_resolves_every_task_exactly_once() {
+    watchdog(120, || {
+        for (point, lost) in [
+            ("pop_mid", 1),
+            ("after_claim", 1),
+            ("mid_read", 1),
+            ("after_result_write", 1),
+            ("after_publish", 0),
+        ] {
+            for retries in [0, 1] {
+                eprintln!("failpoint {point}, retries {retries}");
+                let pool = Pool::<TestWorker>::builder()
+                    .queue_size(8)
+                    .worker_env("STATEFUL_POOL_FAILPOINTS", format!("{point}@3/1"))
+                    .task_retries(retries)
+                    .build()
+                    .unwrap();
+                pool.spawn(&Spawn::ok("fp")).unwrap();
+                let mut died = 0;
+                let handles: Vec<_> = (0..8u64)
+                    .map(|i| pool.submit(&Cmd::Echo(i)))
+                    .collect::<Result<_, _>>()
+                    .unwrap_or_else(|e| panic!("{point}: submit failed: {e}"));
+                for (i, h) in handles.into_iter().enumerate() {
+                    match h.wait() {
+                        Ok(o) => assert_eq!(o.value, i as u64, "{point}"),
+                        Err(TaskError::WorkerDied { .. }) => died += 1,
+                        Err(e) => panic!("{point}: unexpected {e}"),
+                    }
+                }
+                let want = if retries > 0 { 0 } else { lost };
+                assert_eq!(
+                    died, want,
+                    "{point} (retries {retries}): tasks lost to the death"
+                );
+                assert_eq!(pool.stats().worker_deaths, 1, "{point}");
+                // The queue still works, across several laps past the repaired cell.
+                for i in 0..40u64 {
+                    assert_eq!(pool.execute(&Cmd::Echo(i)).unwrap().value, i, "{point}");
+                }
+            }
+        }
+    });
+}
+
+#[test]
+fn a_crash_loop_uses_up_its_budget_then_tasks_fail_fast_until_a_new_spawn() {
+    watchdog(60, || {
+        let events = Events::default();
+        let policy = RestartPolicy {
+            max_restarts: 2,
+            window: Duration::from_secs(60),
+            backoff_initial: Duration::from_millis(20),
+            backoff_max: Duration::from_millis(100),
+        };
+        let pool = builder(&events).restart_policy(policy).build().unwrap();
+        let marker = gate_path("crash-loop");
+        let args = Spawn {
+            die_if_exists: marker.to_string_lossy().into(),
+            ..Spawn::ok("loop")
+        };
+        pool.spawn(&args).unwrap();
+        // From now on every start dies in its spawn step.
+        std::fs::write(&marker, b"x").unwrap();
+        assert!(matches!(
+            pool.execute(&Cmd::KillSelf),
+            Err(TaskError::WorkerDied { .. })
+        ));
+        // Tasks queued while it restarts fail once the budget is gone; they never hang.
+        let pending = pool.submit(&Cmd::Echo(1));
+        if let Ok(h) = pending {
+            assert_eq!(h.wait(), Err(TaskError::NoWorkers));
+        } else {
+            assert_eq!(pending.unwrap_err(), SubmitError::NoWorkers);
+        }
+        assert_eq!(
+            pool.execute(&Cmd::Echo(2)),
+            Err(TaskError::Submit(SubmitError::NoWorkers))
+        );
+        assert_eq!(pool.workers()[0].state, WorkerState::Failed);
+        assert_eq!(pool.stats().failed_workers, 1);
+        {
+            let ev = events.lock().unwrap();
+            let fails = ev
+                .iter()
+                .filter(|e| matches!(e, PoolEvent::RestartFailed { .. }))
+                .count();
+            assert_eq!(fails, 2, "{ev:?}");
+            assert!(ev.iter().any(|e| matches!(
+                e,
+                PoolEvent::WorkerFailed {
+                    worker: 0,
+                    restarts: 2
+                }
+            )));
+            assert!(
+                matches!(ev.last(), Some(PoolEvent::NoWorkersLeft)),
+                "{ev:?}"
+            );
+        }
+        // A new spawn serves again.
+        std::fs::remove_file(&marker).unwrap();
+        pool.spawn(&Spawn::ok("fresh")).unwrap();
+        assert_eq!(pool.execute(&Cmd::Echo(3)).unwrap().value, 3);
+
+        // A spawn step that fails on every restart from the start: same end.
+        let pool = Pool::<TestWorker>::builder()
+            .restart_policy(RestartPolicy::never())
+            .build()
+            .unwrap();
+        pool.spawn(&Spawn::ok("once")).unwrap();
+        assert!(matches!(
+            pool.execute(&Cmd::Abort),
+            Err(TaskError::WorkerDied { .. })
+        ));
+        assert!(wait_until(30, || pool.stats().failed_workers == 1));
+        assert_eq!(
+            pool.execute(&Cmd::Echo(1)),
+            Err(TaskError::Submit(SubmitError::NoWorkers))
+        );
+    });
+}
+
+#[test]
+fn shutdown_now_cancels_queued_tasks_and_running_ones_finish() {
+    watchdog(60, || {
+        let pool = Pool::<TestWorker>::builder().build().unwrap();
+        pool.spawn(&Spawn::ok("s")).unwrap();
+        let gate = gate_path("shutdown-now");
+        let running = pool
+            .submit(&Cmd::Gate(gate.to_string_lossy().into()))
+            .unwrap();
+        assert!(wait_until(30, || pool.queued() == 0));
+        let queued: Vec<_> = (0..5)
+            .map(|i| pool.submit(&Cmd::Echo(i)).unwrap())
+            .collect();
+        let stopper = std::thread::spawn(move || pool.shutdown_now());
+        // The queued tasks are cancelled while the running one still blocks the worker.
+        for h in queued {
+            assert_eq!(h.wait(), Err(TaskError::Cancelled));
+        }
+        std::fs::write(&gate, b"open").unwrap();
+        assert_eq!(running.wait().unwrap().value, 1);
+        stopper.join().unwrap();
+        let _ = std::fs::remove_file(gate);
+    });
+}
+
+#[test]
+fn drop_is_bounded_by_the_shutdown_timeout_even_with_a_hung_task() {
+    watchdog(60, || {
+        let pool = Pool::<TestWorker>::builder()
+            .shutdown_timeout(Duration::from_millis(300))
+            .build()
+            .unwrap();
+        pool.spawn(&Spawn::ok("h")).unwrap();
+        let hung = pool.submit(&Cmd::SleepMs(600_000)).unwrap();
+        assert!(wait_until(30, || pool.queued() == 0));
+        let queued = pool.submit(&Cmd::Echo(1)).unwrap();
+        drop(pool);
+        assert_eq!(hung.wait(), Err(TaskError::Cancelled));
+        assert_eq!(queued.wait(), Err(TaskError::Cancelled));
+    });
+}
+
+#[test]
+fn failed_spawns_report_clearly_and_leave_no_process_and_the_pool_usable() {
+    watchdog(60, || {
+        let pool = Pool::<TestWorker>::builder()
+            .max_workers(2)
+            .spawn_timeout(Duration::from_millis(500))
+            .build()
+            .unwrap();
+        let err = pool
+            .spawn(&Spawn {
+                hang_ms: 30_000,
+                ..Spawn::ok("slow")
+            })
+            .unwrap_err();
+        assert!(matches!(err, SpawnError::Timeout { .. }), "{err}");
+        let marker = gate_path("exit-in-spawn");
+        std::fs::write(&marker, b"x").unwrap();
+        let err = pool
+            .spawn(&Spawn {
+                die_if_exists: marker.to_string_lossy().into(),
+                ..Spawn::ok("exits")
+            })
+            .unwrap_err();
+        match &err {
+            SpawnError::Exited { pid, status, .. } => {
+                assert!(status.contains("exit code 7"), "{err}");
+                assert!(wait_until(30, || process_gone(*pid)));
+            }
+            other => panic!("expected Exited, got {other}"),
+        }
+        let _ = std::fs::remove_file(marker);
+        // Nothing left running, every seat free again.
+        assert_eq!(pool.num_workers(), 0);
+        assert!(pool.workers().iter().all(|w| w.state == WorkerState::Empty));
+        pool.spawn(&Spawn::ok("a")).unwrap();
+        pool.spawn(&Spawn::ok("b")).unwrap();
+        assert_eq!(pool.execute(&Cmd::Echo(4)).unwrap().value, 4);
+
+        let missing = Pool::<TestWorker>::builder()
+            .program("/nonexistent/stateful-pool-worker")
+            .build()
+            .unwrap();
+        assert!(matches!(
+            missing.spawn(&Spawn::ok("x")),
+            Err(SpawnError::Launch { .. })
+        ));
+        assert!(missing.workers().is_empty());
+    });
+}
+
+#[test]
+fn too_little_memory_is_a_clear_error_at_build_time() {
+    let Err(err) = Pool::<TestWorker>::builder()
+        .task_arena_bytes(1 << 46) // 64 TiB: more than any test machine has
+        .build()
+    else {
+        panic!("a 64 TiB pool was built");
+    };
+    assert!(matches!(err, BuildError::NoSpace { .. }), "{err}");
+    assert!(err.to_string().contains("cannot reserve"), "{err}");
+}
+
+#[test]
+fn the_segment_is_private_to_its_owner() {
+    let pool = Pool::<TestWorker>::builder().build().unwrap();
+    let mut seen = 0;
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        if target.to_string_lossy().contains("memfd:stateful-pool") {
+            use std::os::unix::fs::PermissionsExt;
+            let meta = std::fs::metadata(entry.path()).unwrap();
+            assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{target:?}");
+            seen += 1;
+        }
+    }
+    assert!(seen >= 1);
+    // And nothing is ever created in /dev/shm: the segment has no name to guess or open.
+    drop(pool);
+}
