@@ -95,6 +95,49 @@ pub use pool::handle::{Loan, ResultRef, SpawnHandle, TaskHandle};
 #[cfg(not(stateful_pool_loom))]
 pub use worker::{BoxError, Poisoned, TaskContext, Worker, WorkerContext};
 
+/// Entry points for the cargo-fuzz targets in `fuzz/` (feature `fuzzing`; not an API).
+#[cfg(all(feature = "fuzzing", not(stateful_pool_loom)))]
+#[doc(hidden)]
+pub mod __fuzz {
+    /// Feeds arbitrary bytes to the segment header check a worker runs before touching a
+    /// segment: it must never panic, and what it accepts must lie inside the mapping.
+    pub fn segment_header(data: &[u8]) {
+        use crate::shm::layout::SegmentHeader;
+        let n = size_of::<SegmentHeader>();
+        // SAFETY: SegmentHeader is plain integers and atomics, valid for any bytes.
+        let mut h: SegmentHeader = unsafe { std::mem::zeroed() };
+        let len = data.len().min(n);
+        // SAFETY: copies at most `n` bytes into the header's own storage.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), (&mut h as *mut SegmentHeader).cast(), len)
+        };
+        let mapped = data.get(n..n + 8).map_or(1 << 20, |b| {
+            u64::from_le_bytes(b.try_into().unwrap()) as usize
+        });
+        if let Ok(l) = h.check(mapped) {
+            assert!(l.total <= mapped && l.arena <= l.total && l.result_rings <= l.arena);
+        }
+    }
+
+    /// Feeds arbitrary bytes to archive validation for several task-like types (as a C host or
+    /// a mismatched binary could send): rejected or accepted, never undefined behaviour; what is
+    /// accepted deserialises.
+    pub fn archive(data: &[u8]) {
+        let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(data.len());
+        aligned.extend_from_slice(data);
+        let b: &[u8] = &aligned;
+        if crate::codec::access::<Vec<String>>(b).is_ok() {
+            crate::codec::decode::<Vec<String>>(b).unwrap();
+        }
+        if crate::codec::access::<(u64, Option<Vec<u8>>)>(b).is_ok() {
+            crate::codec::decode::<(u64, Option<Vec<u8>>)>(b).unwrap();
+        }
+        if crate::codec::access::<std::collections::HashMap<String, u32>>(b).is_ok() {
+            crate::codec::decode::<std::collections::HashMap<String, u32>>(b).unwrap();
+        }
+    }
+}
+
 /// Turns this process into a worker if the pool launched it as one; otherwise returns at once
 /// (a single environment lookup).
 ///

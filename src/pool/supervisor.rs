@@ -794,9 +794,13 @@ impl Sup {
 }
 
 fn describe(cause: ExitCause) -> String {
+    use crate::worker::boot::exit_code;
     match cause {
         ExitCause::Signal(_) => cause.to_string(),
-        ExitCause::Exit(code) => format!("exit code {code}"),
+        ExitCause::Exit(code) => match exit_code::meaning(code) {
+            Some(m) => format!("exit code {code}: {m}"),
+            None => format!("exit code {code}"),
+        },
     }
 }
 

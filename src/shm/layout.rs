@@ -255,6 +255,93 @@ impl SegmentHeader {
     }
 }
 
+/// Why a segment header is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum HeaderError {
+    /// Another magic number or protocol version: a different program or version made it.
+    ProtocolMismatch {
+        expected_magic: u64,
+        found_magic: u64,
+        expected_version: u32,
+        found_version: u32,
+    },
+    /// The sizes in the header overflow or are out of range.
+    BadParams,
+    /// The header's total length disagrees with its parameters or the mapping.
+    BadLength {
+        header: u64,
+        layout: u64,
+        mapped: u64,
+    },
+}
+
+impl std::fmt::Display for HeaderError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HeaderError::ProtocolMismatch {
+                expected_magic,
+                found_magic,
+                expected_version,
+                found_version,
+            } => write!(
+                f,
+                "protocol mismatch: segment has magic {found_magic:#x} version {found_version}, \
+                 this binary speaks {expected_magic:#x} v{expected_version}"
+            ),
+            HeaderError::BadParams => write!(f, "segment parameters out of range"),
+            HeaderError::BadLength {
+                header,
+                layout,
+                mapped,
+            } => write!(
+                f,
+                "segment length mismatch: header says {header} bytes, its parameters {layout}, \
+                 the mapping has {mapped}"
+            ),
+        }
+    }
+}
+
+impl SegmentHeader {
+    /// Checks a header found in a mapping of `mapped` bytes before anything else in the
+    /// segment is touched: magic, version, parameters in range, lengths consistent. Returns the
+    /// layout every offset is then computed from.
+    pub(crate) fn check(&self, mapped: usize) -> Result<Layout, HeaderError> {
+        let found_version = self.version.load(std::sync::atomic::Ordering::Acquire);
+        if self.magic != MAGIC || found_version != VERSION {
+            return Err(HeaderError::ProtocolMismatch {
+                expected_magic: MAGIC,
+                found_magic: self.magic,
+                expected_version: VERSION,
+                found_version,
+            });
+        }
+        let p = self.params;
+        // The same bounds the builder enforces.
+        if p.n_slots == 0
+            || p.n_slots > 1 << 24
+            || p.max_workers == 0
+            || p.max_workers > 4096
+            || p.slot_inline % 64 != 0
+            || p.spawn_area % 64 != 0
+            || p.result_ring % 64 != 0
+            || p.result_ring < 128
+            || p.arena % 64 != 0
+        {
+            return Err(HeaderError::BadParams);
+        }
+        let layout = Layout::new(p).ok_or(HeaderError::BadParams)?;
+        if layout.total as u64 != self.total_len || layout.total > mapped {
+            return Err(HeaderError::BadLength {
+                header: self.total_len,
+                layout: layout.total as u64,
+                mapped: mapped as u64,
+            });
+        }
+        Ok(layout)
+    }
+}
+
 impl WorkerCtl {
     pub(crate) fn new() -> Self {
         WorkerCtl {
@@ -286,6 +373,84 @@ mod tests {
         assert!(size_of::<ByteRingHeader>() <= RING_HDR);
         assert_eq!(align_of::<SegmentHeader>(), 64);
         assert_eq!(size_of::<SegmentHeader>(), 448);
+    }
+
+    fn good_header() -> (SegmentHeader, usize) {
+        let l = Layout::new(Params {
+            n_slots: 16,
+            slot_inline: 1024,
+            max_workers: 2,
+            spawn_area: 4096,
+            result_ring: 1 << 16,
+            arena: 1 << 20,
+        })
+        .unwrap();
+        let h = SegmentHeader::new(&l, 7, 0, 0);
+        h.version
+            .store(VERSION, std::sync::atomic::Ordering::Release);
+        (h, l.total)
+    }
+
+    #[test]
+    fn header_check_accepts_ours_and_names_every_mismatch() {
+        let (h, total) = good_header();
+        assert_eq!(h.check(total).unwrap().total, total);
+        assert!(matches!(
+            h.check(total - 1),
+            Err(HeaderError::BadLength { .. })
+        ));
+        h.version
+            .store(VERSION + 1, std::sync::atomic::Ordering::Relaxed);
+        let e = h.check(total).unwrap_err();
+        assert_eq!(
+            e,
+            HeaderError::ProtocolMismatch {
+                expected_magic: MAGIC,
+                found_magic: MAGIC,
+                expected_version: VERSION,
+                found_version: VERSION + 1
+            }
+        );
+        assert!(e.to_string().contains("protocol mismatch"), "{e}");
+        let (mut h, total) = good_header();
+        h.magic ^= 1;
+        assert!(matches!(
+            h.check(total),
+            Err(HeaderError::ProtocolMismatch { .. })
+        ));
+        let (mut h, total) = good_header();
+        h.params.max_workers = 0;
+        assert_eq!(h.check(total).unwrap_err(), HeaderError::BadParams);
+        let (mut h, total) = good_header();
+        h.params.arena = u64::MAX / 64 * 64;
+        assert!(h.check(total).is_err());
+    }
+
+    /// Random headers (the in-tree smoke version of the cargo-fuzz target): `check` never
+    /// panics, and whatever it accepts lies inside the mapping.
+    #[test]
+    fn header_check_survives_random_bytes() {
+        let (good, total) = good_header();
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        for i in 0..20_000 {
+            // SAFETY: SegmentHeader is plain integers and atomics, valid for any bytes.
+            let mut h: SegmentHeader = unsafe { std::mem::zeroed() };
+            // SAFETY: copying a valid header's bytes over a same-typed value.
+            unsafe { std::ptr::copy_nonoverlapping(&good, &mut h, 1) };
+            let bytes = (&mut h as *mut SegmentHeader).cast::<u8>();
+            // Flip a few random bytes (half the time anywhere, half in the params).
+            for _ in 0..(1 + i % 4) {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let at = (rng % 96) as usize;
+                // SAFETY: `at` < 96 < size_of::<SegmentHeader>().
+                unsafe { *bytes.add(at) = (rng >> 32) as u8 };
+            }
+            if let Ok(l) = h.check(total) {
+                assert!(l.total <= total && l.arena <= l.total);
+            }
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! did), together with a fingerprint (a second offset) that catches a different binary, and a
 //! hash of `W`'s type name that catches a different worker type.
 
-use crate::shm::layout::{Layout, MAGIC, SegmentHeader, VERSION};
+use crate::shm::layout::{Layout, SegmentHeader, VERSION};
 use crate::shm::segment::Segment;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 
@@ -108,55 +108,82 @@ impl WorkerProcess {
     }
 }
 
-fn die(msg: &str) -> ! {
+/// Exit codes of a worker that cannot start; the parent names them in `SpawnError::Exited`.
+pub(crate) mod exit_code {
+    /// The boot string is malformed (another protocol version, or not from a pool).
+    pub(crate) const BAD_BOOT: i32 = 120;
+    /// The program is a different binary than the parent's.
+    pub(crate) const WRONG_BINARY: i32 = 121;
+    /// The segment's header has another magic, protocol version or layout.
+    pub(crate) const PROTOCOL_MISMATCH: i32 = 122;
+    /// The segment could not be mapped.
+    pub(crate) const NO_SEGMENT: i32 = 123;
+    /// The parent died before the worker started.
+    pub(crate) const ORPHAN: i32 = 102;
+
+    /// What an exit code of a worker that died during start-up means, if it is one of ours.
+    pub(crate) fn meaning(code: i32) -> Option<&'static str> {
+        Some(match code {
+            BAD_BOOT => "malformed boot string: parent and worker speak different protocols",
+            WRONG_BINARY => "the worker program is a different binary than the parent",
+            PROTOCOL_MISMATCH => {
+                "protocol mismatch: the segment header has another magic, version or layout"
+            }
+            NO_SEGMENT => "the worker could not map the pool's segment",
+            ORPHAN => "the parent died before the worker started",
+            _ => return None,
+        })
+    }
+}
+
+fn die(code: i32, msg: &str) -> ! {
     eprintln!("stateful-pool worker: {msg}");
-    std::process::exit(101)
+    std::process::exit(code)
 }
 
 /// The worker side of `init()`: called when [`BOOT_ENV`] is set. Never returns.
 pub(crate) fn enter(boot_str: &str) -> ! {
     let Some(boot) = Boot::decode(boot_str) else {
-        die(&format!(
-            "malformed {BOOT_ENV}={boot_str:?} (protocol v{VERSION} expected)"
-        ))
+        die(
+            exit_code::BAD_BOOT,
+            &format!("malformed {BOOT_ENV}={boot_str:?} (protocol v{VERSION} expected)"),
+        )
     };
     // Fate-share with the parent: PDEATHSIG was set before exec (it survives exec); the parent
     // may already have died before that, so check the parent pid too.
     // SAFETY: getppid has no preconditions.
     if unsafe { libc::getppid() } as u32 != boot.parent_pid {
-        std::process::exit(102);
+        std::process::exit(exit_code::ORPHAN);
     }
     if boot.fingerprint != fingerprint() {
-        die("launched by a different binary than this one (fingerprint mismatch)")
+        die(
+            exit_code::WRONG_BINARY,
+            "launched by a different binary than this one (fingerprint mismatch)",
+        )
     }
     // SAFETY: fd 3 was placed by the parent's launcher for us and nothing else in this process
     // owns it (init() runs before the program opens files).
     let fd = unsafe { OwnedFd::from_raw_fd(SEGMENT_FD) };
     let seg = match Segment::open(fd) {
         Ok(s) => s,
-        Err(e) => die(&format!(
-            "cannot map the pool segment on fd {SEGMENT_FD}: {e}"
-        )),
+        Err(e) => die(
+            exit_code::NO_SEGMENT,
+            &format!("cannot map the pool segment on fd {SEGMENT_FD}: {e}"),
+        ),
     };
     if seg.len() < size_of::<SegmentHeader>() {
-        die("pool segment too small for a header")
+        die(
+            exit_code::PROTOCOL_MISMATCH,
+            "pool segment too small for a header",
+        )
     }
     let hdr = seg.get::<SegmentHeader>(0);
-    let version = hdr.version.load(std::sync::atomic::Ordering::Acquire);
-    if hdr.magic != MAGIC || version != VERSION {
-        die(&format!(
-            "protocol mismatch: segment has magic {:#x} version {version}, this binary speaks {MAGIC:#x} v{VERSION}",
-            hdr.magic
-        ))
-    }
-    let Some(layout) = Layout::new(hdr.params) else {
-        die("segment parameters overflow")
+    let layout = match hdr.check(seg.len()) {
+        Ok(l) => l,
+        Err(e) => die(exit_code::PROTOCOL_MISMATCH, &e.to_string()),
     };
-    if layout.total as u64 != hdr.total_len || layout.total > seg.len() {
-        die("segment length does not match its parameters")
-    }
     if boot.seat >= hdr.params.max_workers {
-        die("seat index out of range")
+        die(exit_code::BAD_BOOT, "seat index out of range")
     }
     // SAFETY: fd 4, when valid, was placed by the launcher for us alone (the check is fcntl).
     let notify = (unsafe { libc::fcntl(NOTIFY_FD, libc::F_GETFD) } >= 0).then(|| {
