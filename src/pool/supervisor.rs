@@ -557,21 +557,19 @@ impl Sup {
             }
         }
         let claim = ctl.claim.load(Ordering::SeqCst);
-        if claim != 0 {
-            // A live worker with the same intent won that position itself and will finish it.
-            let contested = (0..shared.layout.params.max_workers)
+        // A live worker with the same intent won that position itself and will finish it.
+        let live_claim = |c: u64| {
+            (0..shared.layout.params.max_workers)
                 .filter(|&i| i != seat)
                 .any(|i| {
-                    let c = shared.ctl(i);
-                    c.claim.load(Ordering::SeqCst) == claim
-                        && c.state.load(Ordering::Acquire) == ctl_state::READY
-                });
-            if !contested {
-                if let Some(v) = shared.task_ring().repair(claim) {
-                    if v < n_slots && !held.contains(&v) {
-                        held.push(v);
-                    }
-                }
+                    let w = shared.ctl(i);
+                    w.claim.load(Ordering::SeqCst) == c
+                        && w.state.load(Ordering::Acquire) == ctl_state::READY
+                })
+        };
+        if let Some(v) = shared.task_ring().repair(claim, live_claim) {
+            if v < n_slots && !held.contains(&v) {
+                held.push(v);
             }
         }
         ctl.claim.store(0, Ordering::Relaxed);

@@ -239,10 +239,13 @@ impl<'a> MpmcRing<'a> {
     /// dead consumer had claimed and not released, if any; afterwards the cell is empty for the
     /// next lap and the ring works again.
     ///
-    /// Must only be called once the consumer is known dead (it can no longer store), and only
-    /// if no live consumer's claim word holds the same `claim_value` (such a consumer won the
-    /// position itself and is about to release the cell).
-    pub(crate) fn repair(&self, claim_value: u64) -> Option<u32> {
+    /// `live_claim(c)` must say whether a *live* consumer's claim word holds `c`: such a consumer
+    /// won the position itself and is about to release the cell. It is asked only after `head`
+    /// was seen past the position, which is what makes the answer reliable: a live consumer
+    /// stores its claim before its CAS of `head`, and clears it only after releasing the cell.
+    ///
+    /// Must only be called once the consumer is known dead (it can no longer store).
+    pub(crate) fn repair(&self, claim_value: u64, live_claim: impl Fn(u64) -> bool) -> Option<u32> {
         if claim_value == 0 {
             return None;
         }
@@ -252,11 +255,12 @@ impl<'a> MpmcRing<'a> {
             // The CAS never happened: the position is still available to live consumers.
             return None;
         }
+        if live_claim(claim_value) {
+            return None;
+        }
         let cell = self.cell(pos);
         if cell.seq.load(Ordering::Acquire) == pos + 1 {
-            // Either the dead consumer won the CAS and did not store `seq`, or a live consumer
-            // won it and is about to. The caller distinguishes by checking that no live worker
-            // has `claim == pos + 1` (a live consumer finishes within nanoseconds).
+            // The dead consumer won the CAS and did not store `seq`.
             let value = cell.value.load(Ordering::Relaxed);
             if cell
                 .seq

@@ -242,7 +242,7 @@ mod std_tests {
 mod loom_tests {
     use super::*;
     use crate::ring::wait::EventCount;
-    use crate::sync::{AtomicU64, Ordering};
+    use crate::sync::{AtomicU32, AtomicU64, Ordering};
     use loom::sync::Arc;
     use loom::sync::atomic::AtomicBool;
 
@@ -350,7 +350,7 @@ mod loom_tests {
                 let q = q.clone();
                 loom::thread::spawn(move || q.ring().pop(None))
             };
-            let repaired = q.ring().repair(claim.load(Ordering::SeqCst));
+            let repaired = q.ring().repair(claim.load(Ordering::SeqCst), |_| false);
             assert_eq!(repaired, Some(7));
             assert_eq!(live.join().unwrap(), Some(8));
             // Not wedged: a full lap of pushes and pops works.
@@ -359,6 +359,33 @@ mod loom_tests {
             }
             assert_eq!(q.ring().pop(None), Some(0));
             assert_eq!(q.ring().pop(None), Some(1));
+        });
+    }
+
+    /// A dead consumer's stale intent (it stored `claim` for position 0 and died before its
+    /// CAS) must never let the supervisor steal the value a live consumer is popping at that
+    /// position: the value is delivered exactly once, to one of them.
+    #[test]
+    fn loom_stale_claim_never_steals_from_a_live_pop() {
+        model(|| {
+            let q = Arc::new(HeapMpmc::with_capacity(2));
+            q.ring().push(7).unwrap();
+            let dead_claim = 1u64; // intent for position 0, CAS never made
+            let live_claim = Arc::new(AtomicU64::new(0));
+            let live_current = Arc::new(AtomicU32::new(u32::MAX));
+            let live = {
+                let (q, c, cur) = (q.clone(), live_claim.clone(), live_current.clone());
+                loom::thread::spawn(move || q.ring().pop_tracked(&c, &cur, || {}))
+            };
+            let repaired = q
+                .ring()
+                .repair(dead_claim, |c| live_claim.load(Ordering::SeqCst) == c);
+            let popped = live.join().unwrap();
+            match (popped, repaired) {
+                (Some(7), None) => assert_eq!(live_current.load(Ordering::SeqCst), 7),
+                (None, Some(7)) => unreachable!("a live pop cannot lose an item to repair"),
+                other => panic!("delivered {other:?}"),
+            }
         });
     }
 
