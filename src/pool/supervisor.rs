@@ -22,6 +22,7 @@
 //!    possibly reused by a later task, is recognised and left alone);
 //! 3. completes each such task with `WorkerDied` (or `Timeout`, if the supervisor killed it for
 //!    that task), or queues it again if its retry policy allows.
+//!
 //! A task whose outcome was published before the death keeps that outcome: exactly once.
 
 use super::events::{PoolEvent, StatCounters, WorkerState};
