@@ -192,7 +192,9 @@ impl<'a> MpmcRing<'a> {
                         mid();
                         let value = cell.value.load(Ordering::Relaxed);
                         if let Some(cur) = current {
-                            cur.store(value, Ordering::SeqCst);
+                            // Relaxed: the Release store of `seq` below publishes it to whoever
+                            // Acquires the released cell (the supervisor's `repair`).
+                            cur.store(value, Ordering::Relaxed);
                         }
                         // SYNC POINT: our read is done before a producer's Acquire sees this.
                         cell.seq.store(head + cap, Ordering::Release);
