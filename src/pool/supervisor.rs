@@ -456,6 +456,8 @@ impl Sup {
         s.pidfd = None;
         let pid = s.pid;
         let kill = s.kill.take();
+        // A retried task may come back to this seat with the same id: its clock restarts.
+        s.watch = (0, Instant::now());
         let phase = std::mem::replace(&mut s.phase, Phase::Idle);
         let ctl = shared.ctl(seat);
         let ctl_state_now = ctl.state.load(Ordering::Acquire);
