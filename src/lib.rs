@@ -93,6 +93,36 @@ pub use pool::events::{PoolEvent, PoolStats, TaskOptions, WorkerInfo, WorkerStat
 #[cfg(not(stateful_pool_loom))]
 pub use pool::handle::{Loan, ResultRef, SpawnHandle, TaskHandle};
 #[cfg(not(stateful_pool_loom))]
+pub use pool::map::{ErrorPolicy, Map, MapError, MapStream};
+
+/// Lazy maps over a pool: [`Pool::map`] (an iterator) and [`Pool::map_stream`] /
+/// [`Pool::map_async`] (a [`Stream`](futures_core::Stream)), ordered or unordered, with a
+/// bounded window of tasks in flight, an exact length for progress bars, and
+/// [error policies](ErrorPolicy).
+///
+/// Every option works on both forms:
+/// - [`window(n)`](Map::window): at most `n` of the map's tasks in flight (queued, running, or
+///   finished and not yet yielded), so an endless input uses bounded memory; the input is
+///   pulled only to refill the window. Default: the pool's `queue_size`.
+/// - [`unordered()`](Map::unordered): results as they finish instead of in input order.
+/// - [`on_error(policy)`](Map::on_error): [`ErrorPolicy::Deferred`] (every input gets its
+///   result), [`Immediate`](ErrorPolicy::Immediate) or [`WaitOthers`](ErrorPolicy::WaitOthers).
+/// - [`indexed()`](Map::indexed) / [`with_inputs()`](Map::with_inputs): each result beside its
+///   input's position, or beside the input itself.
+/// - [`task_options(opts)`](Map::task_options): a timeout and retries for every task.
+///
+/// Over an exact-size input, [`Map`] is an [`ExactSizeIterator`], so any progress bar can show
+/// it. Several maps and individual submits can share a pool from different threads: each map
+/// collects only its own tasks, and a map never waits for a free task slot while it holds
+/// finished results of its own (it yields those first), so maps sharing a small queue cannot
+/// deadlock one another.
+#[cfg(not(stateful_pool_loom))]
+pub mod map {
+    pub use crate::pool::map::{
+        ErrorPolicy, Indexed, IterStream, Map, MapError, MapStream, Plain, Shape, WithInputs,
+    };
+}
+#[cfg(not(stateful_pool_loom))]
 pub use worker::{BoxError, Poisoned, TaskContext, Worker, WorkerContext};
 
 /// Entry points for the cargo-fuzz targets in `fuzz/` (feature `fuzzing`; not an API).

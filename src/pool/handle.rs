@@ -57,6 +57,26 @@ impl<T: Message> TaskHandle<T> {
         self.shared.is_done(self.slot)
     }
 
+    /// Asks that the task not run: if no worker has started it yet, it never runs and
+    /// completes with [`TaskError::Cancelled`]; if one already has, it runs to completion and
+    /// its outcome is delivered as usual (except that it is not retried: should its worker die,
+    /// the outcome is `Cancelled`). The handle stays valid either way: wait on it to see which
+    /// happened. Dropping the handle cancels too, but discards the outcome.
+    pub fn cancel(&self) {
+        self.shared.cancel(self.slot);
+    }
+
+    /// Registers `waker` to be woken when the task finishes; `true` if it already has.
+    pub(crate) fn register(&self, waker: &Waker) -> bool {
+        self.shared
+            .register_waker(self.slot, self.task_id, waker)
+    }
+
+    /// Blocks until the task finishes, without collecting its result.
+    pub(crate) fn block_until_done(&self) {
+        self.shared.wait_done(self.slot, None);
+    }
+
     /// Blocks until the task finishes and returns its result.
     pub fn wait(mut self) -> Result<T, TaskError> {
         self.shared.wait_done(self.slot, None);

@@ -5,6 +5,7 @@ pub(crate) mod arena;
 pub(crate) mod builder;
 pub(crate) mod events;
 pub(crate) mod handle;
+pub(crate) mod map;
 pub(crate) mod shared;
 pub(crate) mod supervisor;
 
@@ -292,8 +293,9 @@ impl<W: Worker> Pool<W> {
         self.submit_spawn(args)?.await
     }
 
-    /// Starts one worker per element of `args`, concurrently, and waits for all of them.
-    /// Returns each spawn's outcome in order.
+    /// Starts one worker per element of `args` (one set of spawn arguments per worker, e.g.
+    /// its GPU ids), concurrently, and waits for all of them. Returns each spawn's outcome in
+    /// order. For one shared set of arguments, see [`spawn_n`](Self::spawn_n).
     pub fn spawn_many<'a>(
         &self,
         args: impl IntoIterator<Item = &'a W::SpawnArgs>,
@@ -303,6 +305,16 @@ impl<W: Worker> Pool<W> {
             .into_iter()
             .map(|h| h.and_then(|h| h.wait()))
             .collect()
+    }
+
+    /// Starts `n` workers with the same `args`, concurrently, and waits for all of them.
+    /// Returns each spawn's outcome (by the order they were started).
+    pub fn spawn_n(
+        &self,
+        args: &W::SpawnArgs,
+        n: usize,
+    ) -> Vec<Result<W::SpawnOutput, SpawnError>> {
+        self.spawn_many(std::iter::repeat_n(args, n))
     }
 
     /// Number of workers whose spawn step has finished and that are serving.

@@ -514,6 +514,16 @@ impl Shared {
         prev & slot_state::DONE != 0
     }
 
+    /// Marks the task in `slot` cancelled while its handle lives on: a worker that pops it
+    /// answers `Cancelled` instead of running it, and so does the supervisor if it would have
+    /// re-queued it. The caller holds the task's uncollected handle, so the slot is still this
+    /// task's (nobody else can retire it) and the bit lands on the right task.
+    pub(crate) fn cancel(&self, slot: u32) {
+        self.slot(slot)
+            .state
+            .fetch_or(slot_state::CANCELLED, Ordering::AcqRel);
+    }
+
     /// The handle of `slot` was dropped before collecting: cancel the task if it has not
     /// started, and make sure the slot is retired exactly once.
     pub(crate) fn detach(&self, slot: u32, task_id: u64) {

@@ -72,6 +72,39 @@ pub enum Cmd {
     TickSlow(u32, u32),
     /// If this file does not exist: creates it and SIGKILLs itself; else returns 1.
     DieOnce(String),
+    /// Creates file `started` (if not empty), waits until file `gate` exists (if not empty;
+    /// checked every millisecond, at most 60 s), increments counter `id`, then fails with
+    /// "step {id} failed" if `fail`, else returns `id * 3`.
+    Step {
+        id: u32,
+        started: String,
+        gate: String,
+        fail: bool,
+    },
+}
+
+impl Cmd {
+    /// A `Step` that only counts (no files) and returns `id * 3`.
+    pub fn step(id: u32) -> Cmd {
+        Cmd::Step {
+            id,
+            started: String::new(),
+            gate: String::new(),
+            fail: false,
+        }
+    }
+}
+
+/// Waits until `path` exists (checked every millisecond), at most 60 s.
+fn wait_for_file(path: &str) -> Result<(), BoxError> {
+    let start = Instant::now();
+    while !std::path::Path::new(path).exists() {
+        if start.elapsed() > Duration::from_secs(60) {
+            return Err(format!("{path} never appeared").into());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -194,6 +227,24 @@ impl Worker for TestWorker {
                     unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
                 }
                 out(1)
+            }
+            ArchivedCmd::Step {
+                id,
+                started,
+                gate,
+                fail,
+            } => {
+                if !started.is_empty() {
+                    std::fs::write(started.as_str(), b"started")?;
+                }
+                if !gate.is_empty() {
+                    wait_for_file(gate.as_str())?;
+                }
+                let v = self.tick(id.to_native());
+                if *fail {
+                    return Err(format!("step {id} failed").into());
+                }
+                out(v)
             }
             ArchivedCmd::TickSlow(id, us) => {
                 std::thread::sleep(Duration::from_micros(us.to_native() as u64));

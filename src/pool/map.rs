@@ -1,0 +1,897 @@
+//! Lazy maps over a pool: push a large or endless input through the workers with a bounded
+//! number of tasks in flight, and read the results in input order or as they finish.
+//!
+//! [`Pool::map`](crate::Pool::map) gives an [`Iterator`] ([`Map`]);
+//! [`Pool::map_stream`](crate::Pool::map_stream) and [`Pool::map_async`](crate::Pool::map_async)
+//! give a [`futures_core::Stream`] ([`MapStream`]) for async servers. Both are configured the
+//! same way, before iterating:
+//!
+//! - [`window`](Map::window): at most this many of the map's tasks are in flight (queued,
+//!   running, or finished and not yet yielded), so an endless input uses bounded memory. The
+//!   input is pulled only to refill the window.
+//! - [`unordered`](Map::unordered): results as they finish instead of in input order.
+//! - [`on_error`](Map::on_error): an [`ErrorPolicy`].
+//! - [`indexed`](Map::indexed) / [`with_inputs`](Map::with_inputs): each result comes with its
+//!   input's position, or with the input itself.
+//! - [`task_options`](Map::task_options): a timeout and retries for every task of the map.
+//!
+//! When the input's length is known the map's is too: `Map` is an [`ExactSizeIterator`] over an
+//! exact-size input, so any progress bar can show it.
+//!
+//! Several maps and individual submits can share one pool from different threads: each map
+//! collects only its own tasks' results. A map never blocks waiting for a free task slot while
+//! it holds finished results of its own (it yields those first), so maps sharing a small queue
+//! cannot deadlock one another.
+
+use super::Pool;
+use super::arena::Block;
+use super::events::TaskOptions;
+use super::handle::TaskHandle;
+use super::shared::Shared;
+use crate::error::{SubmitError, TaskError};
+use crate::worker::Worker;
+use futures_core::Stream;
+use std::borrow::Borrow;
+use std::collections::VecDeque;
+use std::fmt;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+
+/// What a map does when a task fails (the seed's exception behaviours).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum ErrorPolicy {
+    /// Every input gets its result, errors included: the map runs to the end of the input.
+    #[default]
+    Deferred,
+    /// The first error is yielded at once, and the map ends: its tasks that no worker has
+    /// started are cancelled (they never run), and the results of those running are
+    /// discarded.
+    Immediate,
+    /// On the first error the map stops taking input and cancels its tasks that no worker has
+    /// started, waits for those already running to finish (their results are discarded), then
+    /// yields the error and ends. When the error arrives, none of the map's tasks is running.
+    WaitOthers,
+}
+
+/// A map's task that did not produce a value: which input it was, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("map input {index}: {error}")]
+pub struct MapError {
+    /// Position of the input in the map's input (0-based).
+    pub index: usize,
+    /// Why the task failed (or could not be submitted).
+    #[source]
+    pub error: TaskError,
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for super::Plain {}
+    impl Sealed for super::Indexed {}
+    impl Sealed for super::WithInputs {}
+}
+
+/// The shape of a map's items: [`Plain`], [`Indexed`] or [`WithInputs`].
+pub trait Shape<In, Out>: sealed::Sealed {
+    /// What the map yields.
+    type Item;
+    /// Whether the map keeps each input until its result is yielded.
+    #[doc(hidden)]
+    const KEEP_INPUT: bool;
+    /// Builds an item.
+    #[doc(hidden)]
+    fn item(index: usize, input: Option<In>, result: Result<Out, MapError>) -> Self::Item;
+}
+
+/// Items are `Result<Output, MapError>` (the default).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Plain;
+
+/// Items are `(index, Result<Output, MapError>)`: the input's position beside its result.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Indexed;
+
+/// Items are `(input, Result<Output, MapError>)`: the input itself beside its result
+/// (mpservice's `return_x`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WithInputs;
+
+impl<In, Out> Shape<In, Out> for Plain {
+    type Item = Result<Out, MapError>;
+    const KEEP_INPUT: bool = false;
+    fn item(_: usize, _: Option<In>, result: Result<Out, MapError>) -> Self::Item {
+        result
+    }
+}
+
+impl<In, Out> Shape<In, Out> for Indexed {
+    type Item = (usize, Result<Out, MapError>);
+    const KEEP_INPUT: bool = false;
+    fn item(index: usize, _: Option<In>, result: Result<Out, MapError>) -> Self::Item {
+        (index, result)
+    }
+}
+
+impl<In, Out> Shape<In, Out> for WithInputs {
+    type Item = (In, Result<Out, MapError>);
+    const KEEP_INPUT: bool = true;
+    fn item(_: usize, input: Option<In>, result: Result<Out, MapError>) -> Self::Item {
+        (
+            input.expect("a WithInputs map keeps every input until its result is yielded"),
+            result,
+        )
+    }
+}
+
+/// Wakes a map that waits for any of its tasks: the pool's reactor wakes it when a registered
+/// task finishes. A blocked iterator sleeps on the condition variable; a stream's task waker is
+/// woken too.
+#[derive(Debug, Default)]
+struct Notify {
+    state: Mutex<NotifyState>,
+    cv: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct NotifyState {
+    epoch: u64,
+    task: Option<Waker>,
+}
+
+impl Notify {
+    fn epoch(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).epoch
+    }
+
+    /// Blocks until a wake-up after `epoch` was read.
+    fn wait_past(&self, epoch: u64) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while s.epoch == epoch {
+            s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn set_task(&self, w: &Waker) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match &s.task {
+            Some(old) if old.will_wake(w) => {}
+            _ => s.task = Some(w.clone()),
+        }
+    }
+}
+
+impl Wake for Notify {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let task = {
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            s.epoch = s.epoch.wrapping_add(1);
+            s.task.clone()
+        };
+        self.cv.notify_all();
+        if let Some(t) = task {
+            t.wake();
+        }
+    }
+}
+
+/// One input of the map, from submission until its result is yielded.
+struct Entry<T: crate::Message, In> {
+    index: usize,
+    input: Option<In>,
+    /// The task, until its result is collected.
+    handle: Option<TaskHandle<T>>,
+    /// The collected result (or the submit error).
+    result: Option<Result<T, TaskError>>,
+    /// Whether the map's waker is registered on `handle`.
+    registered: bool,
+}
+
+impl<T: crate::Message, In> Entry<T, In> {
+    /// Collects the result if the task has finished; whether the entry is resolved.
+    fn resolve(&mut self) -> bool {
+        if self.result.is_some() {
+            return true;
+        }
+        let Some(h) = self.handle.take() else {
+            return false;
+        };
+        match h.try_wait() {
+            Ok(r) => {
+                self.result = Some(r);
+                true
+            }
+            Err(h) => {
+                self.handle = Some(h);
+                false
+            }
+        }
+    }
+}
+
+/// What the engine hands out: the input's position, the input (if kept) and the outcome.
+type Raw<T, In> = (usize, Option<In>, Result<T, TaskError>);
+
+/// The state machine shared by [`Map`] and [`MapStream`]; the input is pulled by them.
+struct Engine<W: Worker, In> {
+    shared: Arc<Shared>,
+    window: usize,
+    ordered: bool,
+    policy: ErrorPolicy,
+    opts: TaskOptions,
+    keep_inputs: bool,
+    /// Inputs pulled so far (the next input's position).
+    pulled: usize,
+    /// Tasks in flight. Ordered maps keep them in input order and resolve them in place;
+    /// unordered maps move resolved entries to `ready`.
+    entries: VecDeque<Entry<W::Output, In>>,
+    /// Resolved entries waiting to be yielded (unordered maps).
+    ready: VecDeque<Entry<W::Output, In>>,
+    /// An input pulled but not yet submitted: the queue was full.
+    stash: Option<(usize, In)>,
+    /// The input is exhausted (or the map stopped taking input).
+    input_done: bool,
+    /// `WaitOthers`: the first error, yielded once the map's running tasks have finished.
+    failure: Option<Raw<W::Output, In>>,
+    finished: bool,
+    notify: Arc<Notify>,
+    waker: Waker,
+}
+
+impl<W: Worker, In: Borrow<W::Task>> Engine<W, In> {
+    fn new(shared: Arc<Shared>, keep_inputs: bool) -> Self {
+        let window = shared.layout.params.n_slots as usize;
+        let notify = Arc::new(Notify::default());
+        Engine {
+            shared,
+            window,
+            ordered: true,
+            policy: ErrorPolicy::Deferred,
+            opts: TaskOptions::default(),
+            keep_inputs,
+            pulled: 0,
+            entries: VecDeque::new(),
+            ready: VecDeque::new(),
+            stash: None,
+            input_done: false,
+            failure: None,
+            finished: false,
+            waker: Waker::from(notify.clone()),
+            notify,
+        }
+    }
+
+    fn held(&self) -> usize {
+        self.entries.len() + self.ready.len()
+    }
+
+    fn taking_input(&self) -> bool {
+        !self.input_done && !self.finished && self.failure.is_none()
+    }
+
+    fn set_keep_inputs(&mut self, keep: bool) {
+        assert!(
+            self.pulled == 0 || !keep || self.keep_inputs,
+            "with_inputs() must be called before the map is first iterated"
+        );
+        self.keep_inputs = keep;
+    }
+
+    /// Submits the next input (from the stash or `pull`); whether to keep filling.
+    ///
+    /// The queue-full rule: with nothing of its own in flight the map may wait for a slot
+    /// (it holds nothing anyone waits for); otherwise it stashes the input and goes to collect
+    /// its own results instead, which frees slots.
+    fn feed(&mut self, index: usize, input: In) -> bool {
+        // An uncollected task of ours holds a slot; wait for room only if we hold none.
+        let block = if self.held() == 0 {
+            Block::Until(None)
+        } else {
+            Block::No
+        };
+        match self.submit_keeping(index, input, block) {
+            Ok(()) => true,
+            Err(input) => {
+                self.stash = Some((index, input));
+                false
+            }
+        }
+    }
+
+    /// As `submit`, but always able to hand the input back on a full queue.
+    fn submit_keeping(&mut self, index: usize, input: In, block: Block) -> Result<(), In> {
+        let r = self
+            .shared
+            .submit_with(input.borrow(), None, block, self.opts);
+        let (handle, result) = match r {
+            Ok((slot, id)) => (
+                Some(TaskHandle::new(self.shared.clone(), slot, id)),
+                None,
+            ),
+            Err(SubmitError::QueueFull) if matches!(block, Block::No) => return Err(input),
+            Err(e) => {
+                if e == SubmitError::Shutdown {
+                    // No later input can run either: end the map after this one.
+                    self.input_done = true;
+                }
+                (None, Some(Err(e.into())))
+            }
+        };
+        self.entries.push_back(Entry {
+            index,
+            input: if self.keep_inputs { Some(input) } else { None },
+            handle,
+            result,
+            registered: false,
+        });
+        Ok(())
+    }
+
+    /// Fills the window from a blocking iterator.
+    fn fill_sync(&mut self, inputs: &mut impl Iterator<Item = In>) {
+        while self.taking_input() && self.held() < self.window {
+            let (index, input) = match self.stash.take() {
+                Some(x) => x,
+                None => match inputs.next() {
+                    Some(x) => {
+                        self.pulled += 1;
+                        (self.pulled - 1, x)
+                    }
+                    None => {
+                        self.input_done = true;
+                        break;
+                    }
+                },
+            };
+            if !self.feed(index, input) {
+                break;
+            }
+        }
+    }
+
+    /// Fills the window from a stream; returns without waiting if the input is not ready.
+    fn fill_async<S: Stream<Item = In> + ?Sized>(
+        &mut self,
+        mut inputs: Pin<&mut S>,
+        cx: &mut Context<'_>,
+    ) {
+        while self.taking_input() && self.held() < self.window {
+            let (index, input) = match self.stash.take() {
+                Some(x) => x,
+                None => match inputs.as_mut().poll_next(cx) {
+                    Poll::Ready(Some(x)) => {
+                        self.pulled += 1;
+                        (self.pulled - 1, x)
+                    }
+                    Poll::Ready(None) => {
+                        self.input_done = true;
+                        break;
+                    }
+                    Poll::Pending => break,
+                },
+            };
+            // Never block a thread in a stream: on a full queue, collect our own results if
+            // we have some in flight, else wait for a free slot asynchronously.
+            match self.submit_keeping(index, input, Block::No) {
+                Ok(()) => {}
+                Err(input) => {
+                    self.stash = Some((index, input));
+                    if self.held() == 0 {
+                        self.shared.wait_slot_async(cx.waker());
+                        if self.shared.has_free_slot()
+                            || self.shared.closing.load(Ordering::SeqCst)
+                        {
+                            continue;
+                        }
+                    }
+                    break;
+                }
+            }
+        }
+    }
+
+    /// A result to yield now, if there is one (collecting finished tasks on the way).
+    fn next_ready(&mut self) -> Option<Raw<W::Output, In>> {
+        if self.finished {
+            return None;
+        }
+        if self.failure.is_some() {
+            // WaitOthers: resolve what is still running; yield the error once nothing is.
+            for e in self.entries.iter_mut() {
+                e.resolve();
+            }
+            if self.entries.iter().all(|e| e.handle.is_none()) {
+                self.entries.clear();
+                self.ready.clear();
+                self.finished = true;
+                return self.failure.take();
+            }
+            return None;
+        }
+        let fast_ordered = self.ordered && self.policy == ErrorPolicy::Deferred;
+        if fast_ordered {
+            // Only the oldest task matters.
+            if self.entries.front_mut().is_some_and(|e| e.resolve()) {
+                return self.entries.pop_front().map(Self::raw);
+            }
+            return self.ready.pop_front().map(Self::raw);
+        }
+        // Collect every finished task; act on the first error (policy), route the rest.
+        let mut i = 0;
+        while i < self.entries.len() {
+            if !self.entries[i].resolve() {
+                i += 1;
+                continue;
+            }
+            let failed = matches!(self.entries[i].result, Some(Err(_)));
+            if failed && self.policy != ErrorPolicy::Deferred {
+                let e = self.entries.remove(i).expect("in range");
+                return self.fail(e);
+            }
+            if self.ordered {
+                i += 1;
+            } else {
+                let e = self.entries.swap_remove_back(i).expect("in range");
+                self.ready.push_back(e);
+            }
+        }
+        if self.ordered {
+            // Resolved in place; an ordered map switched from unordered may have `ready` ones.
+            if let Some(e) = self.ready.pop_front() {
+                return Some(Self::raw(e));
+            }
+            if self.entries.front().is_some_and(|e| e.result.is_some()) {
+                return self.entries.pop_front().map(Self::raw);
+            }
+            return None;
+        }
+        self.ready.pop_front().map(Self::raw)
+    }
+
+    /// The first error under `Immediate` or `WaitOthers`.
+    fn fail(&mut self, e: Entry<W::Output, In>) -> Option<Raw<W::Output, In>> {
+        self.stash = None;
+        self.input_done = true;
+        self.ready.clear();
+        let raw = Self::raw(e);
+        match self.policy {
+            ErrorPolicy::WaitOthers => {
+                for e in self.entries.iter_mut() {
+                    if let Some(h) = &e.handle {
+                        h.cancel();
+                    }
+                    // Results are discarded; drop them now.
+                    e.result = None;
+                }
+                self.entries.retain(|e| e.handle.is_some());
+                self.failure = Some(raw);
+                self.next_ready()
+            }
+            _ => {
+                // Dropping the handles cancels what has not started and discards the rest.
+                self.entries.clear();
+                self.finished = true;
+                Some(raw)
+            }
+        }
+    }
+
+    fn raw(e: Entry<W::Output, In>) -> Raw<W::Output, In> {
+        let r = e.result.unwrap_or(Err(TaskError::Cancelled));
+        (e.index, e.input, r)
+    }
+
+    /// Nothing left to yield, ever.
+    fn exhausted(&mut self) -> bool {
+        if !self.finished
+            && self.held() == 0
+            && self.stash.is_none()
+            && self.failure.is_none()
+            && self.input_done
+        {
+            self.finished = true;
+        }
+        self.finished
+    }
+
+    /// Registers the map's waker on every task not yet registered; `true` if one of them has
+    /// already finished (no need to sleep).
+    fn register_all(&mut self) -> bool {
+        let mut done = false;
+        for e in self.entries.iter_mut() {
+            if let (Some(h), false) = (&e.handle, e.registered) {
+                e.registered = true;
+                done |= h.register(&self.waker);
+            }
+        }
+        done
+    }
+
+    /// Blocks until one of the map's tasks may have finished. `epoch` was read before the
+    /// caller last looked for finished tasks, so a wake-up in between is not lost.
+    fn wait_sync(&mut self, epoch: u64) {
+        let fast_ordered =
+            self.ordered && self.policy == ErrorPolicy::Deferred && self.failure.is_none();
+        if fast_ordered {
+            if let Some(h) = self.entries.front().and_then(|e| e.handle.as_ref()) {
+                // The direct path: spin, then park on the task's own slot.
+                h.block_until_done();
+                return;
+            }
+        }
+        if self.register_all() {
+            return;
+        }
+        self.notify.wait_past(epoch);
+    }
+
+    fn next_sync(&mut self, inputs: &mut impl Iterator<Item = In>) -> Option<Raw<W::Output, In>> {
+        loop {
+            self.fill_sync(inputs);
+            let epoch = self.notify.epoch();
+            if let Some(r) = self.next_ready() {
+                return Some(r);
+            }
+            if self.exhausted() {
+                return None;
+            }
+            if self.entries.iter().all(|e| e.handle.is_none()) {
+                // Nothing in flight (all resolved, or a stashed input waiting for room):
+                // go round again, which submits (blocking if we hold nothing) or yields.
+                continue;
+            }
+            self.wait_sync(epoch);
+        }
+    }
+
+    fn poll_next<S: Stream<Item = In> + ?Sized>(
+        &mut self,
+        mut inputs: Pin<&mut S>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Raw<W::Output, In>>> {
+        self.notify.set_task(cx.waker());
+        loop {
+            self.fill_async(inputs.as_mut(), cx);
+            if let Some(r) = self.next_ready() {
+                return Poll::Ready(Some(r));
+            }
+            if self.exhausted() {
+                return Poll::Ready(None);
+            }
+            if self.register_all() {
+                continue;
+            }
+            return Poll::Pending;
+        }
+    }
+
+    /// Items still to come, given the unread input's size hint.
+    fn size_hint(&self, input: (usize, Option<usize>)) -> (usize, Option<usize>) {
+        if self.finished {
+            return (0, Some(0));
+        }
+        if self.failure.is_some() {
+            return (1, Some(1));
+        }
+        let held = self.held() + usize::from(self.stash.is_some());
+        if !self.taking_input() {
+            return (held, Some(held));
+        }
+        (
+            input.0.saturating_add(held),
+            input.1.and_then(|n| n.checked_add(held)),
+        )
+    }
+}
+
+impl<W: Worker, In> fmt::Debug for Engine<W, In> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Map")
+            .field("window", &self.window)
+            .field("ordered", &self.ordered)
+            .field("policy", &self.policy)
+            .field("pulled", &self.pulled)
+            .field("in_flight", &(self.entries.len() + self.ready.len()))
+            .field("finished", &self.finished)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The configuration methods, the same on [`Map`] and [`MapStream`].
+macro_rules! map_options {
+    ($ty:ident, $input:ident) => {
+        /// At most `n` of this map's tasks in flight (queued, running, or finished and not
+        /// yet yielded); at least 1. Default: the pool's `queue_size`.
+        pub fn window(mut self, n: usize) -> Self {
+            self.engine.window = n.max(1);
+            self
+        }
+
+        /// Results as they finish, not in input order.
+        pub fn unordered(mut self) -> Self {
+            self.engine.ordered = false;
+            self
+        }
+
+        /// Results in input order (the default).
+        pub fn ordered(mut self) -> Self {
+            self.engine.ordered = true;
+            self
+        }
+
+        /// What to do when a task fails (default [`ErrorPolicy::Deferred`]).
+        pub fn on_error(mut self, policy: ErrorPolicy) -> Self {
+            self.engine.policy = policy;
+            self
+        }
+
+        /// Timeout and retry settings for every task of the map.
+        pub fn task_options(mut self, opts: TaskOptions) -> Self {
+            self.engine.opts = opts;
+            self
+        }
+
+        /// Yields `(index, result)`: each result beside its input's position.
+        pub fn indexed(mut self) -> $ty<W, $input, Indexed> {
+            self.engine.set_keep_inputs(false);
+            $ty {
+                engine: self.engine,
+                inputs: self.inputs,
+                _s: PhantomData,
+            }
+        }
+
+        /// Yields `(input, result)`: each result beside the input it came from. Call before
+        /// iterating.
+        ///
+        /// # Panics
+        ///
+        /// If the map has already taken input.
+        pub fn with_inputs(mut self) -> $ty<W, $input, WithInputs> {
+            self.engine.set_keep_inputs(true);
+            $ty {
+                engine: self.engine,
+                inputs: self.inputs,
+                _s: PhantomData,
+            }
+        }
+
+        /// Inputs taken so far.
+        pub fn taken(&self) -> usize {
+            self.engine.pulled
+        }
+
+        /// The map's tasks in flight now: submitted, and not yet yielded or discarded.
+        pub fn in_flight(&self) -> usize {
+            self.engine.held()
+        }
+    };
+}
+
+/// A lazy map of a pool over an iterator: see [`Pool::map`] and the [module docs](crate::map).
+///
+/// Dropping it cancels its tasks that no worker has started and discards the others' results.
+pub struct Map<W: Worker, I: Iterator, S = Plain> {
+    engine: Engine<W, I::Item>,
+    inputs: I,
+    _s: PhantomData<fn() -> S>,
+}
+
+impl<W: Worker, I> Map<W, I, Plain>
+where
+    I: Iterator<Item: Borrow<W::Task>>,
+{
+    pub(crate) fn new(shared: Arc<Shared>, inputs: I) -> Self {
+        Map {
+            engine: Engine::new(shared, false),
+            inputs,
+            _s: PhantomData,
+        }
+    }
+}
+
+impl<W: Worker, I, S> Map<W, I, S>
+where
+    I: Iterator<Item: Borrow<W::Task>>,
+    S: Shape<I::Item, W::Output>,
+{
+    map_options!(Map, I);
+}
+
+impl<W: Worker, I, S> Iterator for Map<W, I, S>
+where
+    I: Iterator<Item: Borrow<W::Task>>,
+    S: Shape<I::Item, W::Output>,
+{
+    type Item = S::Item;
+
+    fn next(&mut self) -> Option<S::Item> {
+        let (index, input, r) = self.engine.next_sync(&mut self.inputs)?;
+        Some(S::item(
+            index,
+            input,
+            r.map_err(|error| MapError { index, error }),
+        ))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let input = if self.engine.taking_input() {
+            self.inputs.size_hint()
+        } else {
+            (0, Some(0))
+        };
+        self.engine.size_hint(input)
+    }
+}
+
+/// Exact over an exact-size input. Under [`ErrorPolicy::Immediate`] and
+/// [`ErrorPolicy::WaitOthers`] the map ends early after an error: the length then drops to the
+/// one item (the error) left to yield.
+impl<W: Worker, I, S> ExactSizeIterator for Map<W, I, S>
+where
+    I: ExactSizeIterator<Item: Borrow<W::Task>>,
+    S: Shape<I::Item, W::Output>,
+{
+}
+
+impl<W: Worker, I, S> std::iter::FusedIterator for Map<W, I, S>
+where
+    I: Iterator<Item: Borrow<W::Task>>,
+    S: Shape<I::Item, W::Output>,
+{
+}
+
+impl<W: Worker, I: Iterator, S> fmt::Debug for Map<W, I, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.engine.fmt(f)
+    }
+}
+
+/// A lazy map of a pool over a stream of inputs, itself a [`Stream`] of results: see
+/// [`Pool::map_stream`] and the [module docs](crate::map). Works on any executor; it never blocks a
+/// thread.
+///
+/// Dropping it cancels its tasks that no worker has started and discards the others' results.
+pub struct MapStream<W: Worker, St: Stream, S = Plain> {
+    engine: Engine<W, St::Item>,
+    inputs: Pin<Box<St>>,
+    _s: PhantomData<fn() -> S>,
+}
+
+impl<W: Worker, St> MapStream<W, St, Plain>
+where
+    St: Stream<Item: Borrow<W::Task>>,
+{
+    pub(crate) fn new(shared: Arc<Shared>, inputs: St) -> Self {
+        MapStream {
+            engine: Engine::new(shared, false),
+            inputs: Box::pin(inputs),
+            _s: PhantomData,
+        }
+    }
+}
+
+impl<W: Worker, St, S> MapStream<W, St, S>
+where
+    St: Stream<Item: Borrow<W::Task>>,
+    S: Shape<St::Item, W::Output>,
+{
+    map_options!(MapStream, St);
+}
+
+impl<W: Worker, St, S> Stream for MapStream<W, St, S>
+where
+    St: Stream<Item: Borrow<W::Task>>,
+    S: Shape<St::Item, W::Output>,
+{
+    type Item = S::Item;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+        let this = self.get_mut();
+        match this.engine.poll_next(this.inputs.as_mut(), cx) {
+            Poll::Ready(Some((index, input, r))) => Poll::Ready(Some(S::item(
+                index,
+                input,
+                r.map_err(|error| MapError { index, error }),
+            ))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let input = if self.engine.taking_input() {
+            self.inputs.size_hint()
+        } else {
+            (0, Some(0))
+        };
+        self.engine.size_hint(input)
+    }
+}
+
+// The stream never pins its fields in place (the input stream is boxed and pinned on its own;
+// kept inputs and results are plain values moved in and out), so it can move freely.
+impl<W: Worker, St: Stream, S> Unpin for MapStream<W, St, S> {}
+
+impl<W: Worker, St: Stream, S> fmt::Debug for MapStream<W, St, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.engine.fmt(f)
+    }
+}
+
+/// An iterator as a [`Stream`] that is always ready (see [`Pool::map_async`]).
+#[derive(Debug, Clone)]
+pub struct IterStream<I>(I);
+
+impl<I: Iterator + Unpin> Stream for IterStream<I> {
+    type Item = I::Item;
+
+    fn poll_next(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<I::Item>> {
+        Poll::Ready(self.get_mut().0.next())
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.0.size_hint()
+    }
+}
+
+impl<W: Worker> Pool<W> {
+    /// Runs every input of `inputs` through the pool, lazily: returns an iterator of results
+    /// that pulls inputs only to keep at most [`window`](Map::window) tasks in flight (the
+    /// pool's `queue_size` by default), so a huge or endless input uses bounded memory.
+    ///
+    /// Results come in input order unless [`unordered`](Map::unordered); each is a
+    /// `Result<W::Output, MapError>`, the error naming the failing input's position. See the
+    /// [`map` module](crate::map) for the options and [`ErrorPolicy`] for what happens on an
+    /// error. Inputs may be owned tasks or references to them.
+    ///
+    /// ```no_run
+    /// # use stateful_pool::{BoxError, Pool, TaskContext, Worker, WorkerContext};
+    /// # struct Square;
+    /// # impl Worker for Square {
+    /// #     type SpawnArgs = (); type SpawnOutput = (); type Task = i64; type Output = i64;
+    /// #     fn spawn(_: (), _: &WorkerContext) -> Result<(Self, ()), BoxError> { Ok((Square, ())) }
+    /// #     fn execute(&mut self, t: &rkyv::Archived<i64>, _: &TaskContext<'_>) -> Result<i64, BoxError> {
+    /// #         Ok(t.to_native() * t.to_native())
+    /// #     }
+    /// # }
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// stateful_pool::init();
+    /// let pool = Pool::<Square>::new()?;
+    /// pool.spawn_n(&(), 4);
+    /// let squares = pool.map(0..1000i64).window(64);
+    /// assert_eq!(squares.len(), 1000); // exact: a progress bar can use it
+    /// let total: i64 = squares.map(|r| r.unwrap()).sum();
+    /// # Ok(()) }
+    /// ```
+    pub fn map<I>(&self, inputs: I) -> Map<W, I::IntoIter>
+    where
+        I: IntoIterator<Item: Borrow<W::Task>>,
+    {
+        Map::new(self.shared.clone(), inputs.into_iter())
+    }
+
+    /// As [`map`](Self::map), for async code: the inputs come from a [`Stream`] and the
+    /// results are a [`Stream`] ([`MapStream`]), with the same options. It never blocks a
+    /// thread, and works on any executor. The stream does not borrow the pool.
+    pub fn map_stream<St>(&self, inputs: St) -> MapStream<W, St>
+    where
+        St: Stream<Item: Borrow<W::Task>>,
+    {
+        MapStream::new(self.shared.clone(), inputs)
+    }
+
+    /// As [`map_stream`](Self::map_stream), over an iterator of inputs.
+    pub fn map_async<I>(&self, inputs: I) -> MapStream<W, IterStream<I::IntoIter>>
+    where
+        I: IntoIterator<Item: Borrow<W::Task>, IntoIter: Unpin>,
+    {
+        MapStream::new(self.shared.clone(), IterStream(inputs.into_iter()))
+    }
+}

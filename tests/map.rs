@@ -1,0 +1,499 @@
+//! Lazy maps and streams (`Pool::map`, `Pool::map_stream`, `Pool::map_async`): order, exactly
+//! once, bounded windows on endless inputs, lengths, error policies, inputs beside results,
+//! concurrent maps on one pool, and the async forms on two executors.
+
+stateful_pool::worker_hook!();
+
+mod common;
+
+use common::{Cmd, Counters, Spawn, TestWorker, gate_path, wait_until, watchdog};
+use futures_util::{Stream, StreamExt};
+use stateful_pool::{ErrorPolicy, MapError, Pool, SubmitError, TaskError};
+
+/// A pool of `workers` test workers counting into `counters`, every spawn checked.
+fn pool_with(counters: &Counters, workers: usize, queue: usize) -> Pool<TestWorker> {
+    let pool = Pool::<TestWorker>::builder()
+        .queue_size(queue)
+        .build()
+        .unwrap();
+    for r in pool.spawn_n(&counters.spawn_args("map"), workers) {
+        r.unwrap();
+    }
+    assert_eq!(pool.num_workers(), workers);
+    pool
+}
+
+fn plain_pool(workers: usize, queue: usize) -> Pool<TestWorker> {
+    let pool = Pool::<TestWorker>::builder()
+        .queue_size(queue)
+        .build()
+        .unwrap();
+    let outs = pool.spawn_n(&Spawn::ok("map"), workers);
+    assert_eq!(outs.len(), workers);
+    for r in outs {
+        assert!(r.unwrap().starts_with("map ready as worker"));
+    }
+    pool
+}
+
+/// Durations from 0 to ~700 µs in a scrambled order, so later inputs often finish first.
+fn varying(i: u32) -> Cmd {
+    Cmd::TickSlow(i, (i * 7919) % 700)
+}
+
+#[test]
+fn an_ordered_map_keeps_input_order_and_runs_each_input_once() {
+    watchdog(120, || {
+        const N: usize = 300;
+        let counters = Counters::new("map-ordered", N);
+        let pool = pool_with(&counters, 3, 32);
+        let mut m = pool.map((0..N as u32).map(varying)).window(16);
+        let mut expect_len = N;
+        for i in 0..N {
+            assert_eq!(m.len(), expect_len);
+            let out = m.next().unwrap().unwrap();
+            assert_eq!(out.value, i as u64 * 3, "result {i} out of order");
+            expect_len -= 1;
+        }
+        assert_eq!(m.len(), 0);
+        assert!(m.next().is_none());
+        assert!(m.next().is_none(), "fused");
+        for i in 0..N {
+            assert_eq!(counters.get(i), 1, "input {i} ran {} times", counters.get(i));
+        }
+    });
+}
+
+#[test]
+fn an_unordered_map_yields_every_input_exactly_once() {
+    watchdog(120, || {
+        const N: usize = 300;
+        let counters = Counters::new("map-unordered", N);
+        let pool = pool_with(&counters, 3, 32);
+        let m = pool
+            .map((0..N as u32).map(varying))
+            .window(24)
+            .unordered()
+            .indexed();
+        assert_eq!(m.len(), N);
+        let mut seen = vec![0u32; N];
+        for (index, r) in m {
+            assert_eq!(r.unwrap().value, index as u64 * 3);
+            seen[index] += 1;
+        }
+        assert!(seen.iter().all(|&n| n == 1), "every index exactly once");
+        for i in 0..N {
+            assert_eq!(counters.get(i), 1);
+        }
+    });
+}
+
+#[test]
+fn an_endless_input_keeps_at_most_the_window_in_flight() {
+    watchdog(120, || {
+        let pool = plain_pool(2, 64);
+        for unordered in [false, true] {
+            let window = 8;
+            let mut m = pool.map((0u64..).map(Cmd::Echo)).window(window);
+            if unordered {
+                m = m.unordered();
+            }
+            assert_eq!(m.size_hint(), (usize::MAX, None));
+            let mut max_ahead = 0;
+            let mut sum = 0;
+            for yielded in 1..=2_000usize {
+                sum += m.next().unwrap().unwrap().value;
+                assert!(m.in_flight() <= window);
+                // Taken = yielded + in flight + at most one input waiting for a free slot.
+                let ahead = m.taken() - yielded;
+                assert!(ahead <= window + 1, "{ahead} inputs taken ahead of a window of {window}");
+                max_ahead = max_ahead.max(ahead);
+            }
+            assert!(max_ahead >= 1, "the map pipelines");
+            if !unordered {
+                assert_eq!(sum, (0..2_000u64).sum::<u64>());
+            }
+        }
+    });
+}
+
+#[test]
+fn lengths_and_size_hints_follow_the_input() {
+    watchdog(60, || {
+        let pool = plain_pool(1, 16);
+        let inputs: Vec<Cmd> = (0..40).map(Cmd::Echo).collect();
+        // By reference: the map borrows the inputs.
+        let mut m = pool.map(&inputs).window(4);
+        assert_eq!(m.len(), 40);
+        let mut n = 0;
+        while let Some(r) = m.next() {
+            n += 1;
+            assert_eq!(r.unwrap().value, n - 1);
+            assert_eq!(m.len(), 40 - n as usize);
+        }
+        assert_eq!(n, 40);
+        // An input of unknown length: the bounds bracket it.
+        let m = pool.map(inputs.iter().filter(|c| matches!(c, Cmd::Echo(v) if v % 2 == 0)));
+        assert_eq!(m.size_hint(), (0, Some(40)));
+        assert_eq!(m.count(), 20);
+        // Empty input.
+        let mut m = pool.map(Vec::<Cmd>::new());
+        assert_eq!(m.len(), 0);
+        assert!(m.next().is_none());
+    });
+}
+
+#[test]
+fn deferred_errors_keep_their_positions_and_the_map_runs_to_the_end() {
+    watchdog(60, || {
+        let pool = plain_pool(2, 16);
+        let input = |i: u64| {
+            if i % 5 == 0 {
+                Cmd::Fail(format!("bad {i}"))
+            } else {
+                Cmd::Echo(i)
+            }
+        };
+        let check = |index: usize, r: Result<common::Out, MapError>| {
+            if index % 5 == 0 {
+                let e = r.unwrap_err();
+                assert_eq!(e.index, index);
+                assert!(
+                    matches!(&e.error, TaskError::Failed { message, .. } if *message == format!("bad {index}")),
+                    "{e}"
+                );
+                assert!(e.to_string().contains(&format!("map input {index}")), "{e}");
+            } else {
+                assert_eq!(r.unwrap().value, index as u64);
+            }
+        };
+        let ordered: Vec<_> = pool.map((0..50).map(input)).window(8).collect();
+        assert_eq!(ordered.len(), 50);
+        for (i, r) in ordered.into_iter().enumerate() {
+            check(i, r);
+        }
+        let mut n = 0;
+        for (i, r) in pool.map((0..50).map(input)).unordered().indexed() {
+            check(i, r);
+            n += 1;
+        }
+        assert_eq!(n, 50);
+    });
+}
+
+/// Inputs for the error-policy tests on two workers: input 0 blocks one worker until `gate`
+/// opens (after announcing it started); input 1 waits until input 0 has started, then fails on
+/// the other worker; inputs 2.. wait for the gate.
+fn policy_inputs(started: &str, gate: &str) -> Vec<Cmd> {
+    let mut v = vec![
+        Cmd::Step {
+            id: 0,
+            started: started.into(),
+            gate: gate.into(),
+            fail: false,
+        },
+        Cmd::Step {
+            id: 1,
+            started: String::new(),
+            gate: started.into(),
+            fail: true,
+        },
+    ];
+    v.extend((2..10).map(|id| Cmd::Step {
+        id,
+        started: String::new(),
+        gate: gate.into(),
+        fail: false,
+    }));
+    v
+}
+
+fn ran(counters: &Counters, ids: std::ops::Range<usize>) -> u32 {
+    ids.map(|i| counters.get(i)).sum()
+}
+
+#[test]
+fn immediate_returns_the_first_error_at_once_and_cancels_what_has_not_started() {
+    watchdog(60, || {
+        for unordered in [false, true] {
+            let counters = Counters::new("map-immediate", 10);
+            let pool = pool_with(&counters, 2, 16);
+            let (started, gate) = (gate_path("imm-started"), gate_path("imm-gate"));
+            let inputs = policy_inputs(
+                started.to_str().unwrap(),
+                gate.to_str().unwrap(),
+            );
+            let mut m = pool.map(inputs).on_error(ErrorPolicy::Immediate);
+            if unordered {
+                m = m.unordered();
+            }
+            // Input 0 is still running (its gate is closed): the error does not wait for it,
+            // even in an ordered map where input 0 comes first.
+            let e = m.next().unwrap().unwrap_err();
+            assert_eq!(e.index, 1);
+            assert!(matches!(&e.error, TaskError::Failed { message, .. } if message == "step 1 failed"));
+            assert_eq!(m.len(), 0);
+            assert!(m.next().is_none(), "the map ends after the error");
+            assert!(!gate.exists());
+            drop(m);
+            std::fs::write(&gate, b"open").unwrap();
+            pool.shutdown(); // finishes what is queued: cancelled tasks answer without running
+            assert_eq!(counters.get(0), 1, "the running task ran to its end");
+            assert_eq!(counters.get(1), 1);
+            // Only the failing worker could have started one more before the cancellation.
+            assert!(ran(&counters, 2..10) <= 1, "{} queued inputs ran", ran(&counters, 2..10));
+            let _ = std::fs::remove_file(&started);
+            let _ = std::fs::remove_file(&gate);
+        }
+    });
+}
+
+#[test]
+fn wait_others_returns_the_error_after_the_running_tasks_finish() {
+    watchdog(60, || {
+        for unordered in [false, true] {
+            let counters = Counters::new("map-wait-others", 10);
+            let pool = pool_with(&counters, 2, 16);
+            let (started, gate) = (gate_path("wo-started"), gate_path("wo-gate"));
+            let inputs = policy_inputs(
+                started.to_str().unwrap(),
+                gate.to_str().unwrap(),
+            );
+            let (first, second, ran_at_error) = std::thread::scope(|s| {
+                let t = s.spawn(|| {
+                    let mut m = pool.map(inputs).on_error(ErrorPolicy::WaitOthers);
+                    if unordered {
+                        m = m.unordered();
+                    }
+                    let first = m.next();
+                    let ran_at_error = ran(&counters, 0..10);
+                    (first, m.next(), ran_at_error)
+                });
+                // Input 0 is running; let it finish once the failure has happened.
+                assert!(wait_until(30, || counters.get(1) == 1));
+                std::fs::write(&gate, b"open").unwrap();
+                t.join().unwrap()
+            });
+            let e = first.unwrap().unwrap_err();
+            assert_eq!(e.index, 1);
+            assert!(second.is_none(), "the map ends after the error");
+            assert_eq!(counters.get(0), 1, "input 0 was running: the error waited for it");
+            pool.shutdown();
+            assert_eq!(
+                ran(&counters, 0..10),
+                ran_at_error,
+                "nothing of the map ran after its error was returned"
+            );
+            assert!(ran(&counters, 2..10) <= 1);
+            let _ = std::fs::remove_file(&started);
+            let _ = std::fs::remove_file(&gate);
+        }
+    });
+}
+
+#[test]
+fn a_submit_error_ends_an_immediate_map_without_running_queued_inputs() {
+    watchdog(60, || {
+        let counters = Counters::new("map-submit-error", 8);
+        let pool = Pool::<TestWorker>::builder()
+            .queue_size(16)
+            .max_task_bytes(4096)
+            .build()
+            .unwrap();
+        pool.spawn(&counters.spawn_args("one")).unwrap();
+        let (started, gate) = (gate_path("submit-error-started"), gate_path("submit-error-gate"));
+        let first = Cmd::Step {
+            id: 0,
+            started: started.to_str().unwrap().into(),
+            gate: gate.to_str().unwrap().into(),
+            fail: false,
+        };
+        // A lazy input: index 5 (over max_task_bytes) is only produced once input 0 runs, so
+        // 1..4 are queued behind it on the only worker when the error comes.
+        let inputs = (0..8u32).map(|i| match i {
+            0 => first.clone(),
+            5 => {
+                assert!(wait_until(30, || started.exists()));
+                Cmd::SumVec(vec![1; 100_000])
+            }
+            _ => Cmd::step(i),
+        });
+        let mut m = pool.map(inputs).on_error(ErrorPolicy::Immediate);
+        let e = m.next().unwrap().unwrap_err();
+        assert_eq!(e.index, 5);
+        assert!(matches!(
+            e.error,
+            TaskError::Submit(SubmitError::PayloadTooLarge { max: 4096, .. })
+        ));
+        assert!(m.next().is_none());
+        std::fs::write(&gate, b"open").unwrap();
+        pool.shutdown();
+        assert_eq!(counters.get(0), 1);
+        assert_eq!(ran(&counters, 1..8), 0, "queued inputs of the map never ran");
+        let _ = std::fs::remove_file(&started);
+        let _ = std::fs::remove_file(&gate);
+    });
+}
+
+#[test]
+fn results_can_come_with_their_inputs() {
+    watchdog(60, || {
+        let pool = plain_pool(2, 8);
+        let inputs: Vec<Cmd> = (0..30).map(Cmd::Echo).chain([Cmd::Fail("x".into())]).collect();
+        let mut n = 0;
+        for (input, r) in pool.map(inputs.clone()).unordered().with_inputs() {
+            match input {
+                Cmd::Echo(v) => assert_eq!(r.unwrap().value, v),
+                Cmd::Fail(_) => assert_eq!(r.unwrap_err().index, 30),
+                other => panic!("unexpected input {other:?}"),
+            }
+            n += 1;
+        }
+        assert_eq!(n, 31);
+        // Ordered, by reference.
+        let pairs: Vec<_> = pool.map(&inputs).with_inputs().collect();
+        for (i, (input, _)) in pairs.iter().enumerate() {
+            assert_eq!(*input, &inputs[i]);
+        }
+    });
+}
+
+#[test]
+fn concurrent_maps_and_submits_share_a_small_queue_without_mixing_results() {
+    watchdog(120, || {
+        // 4 maps with windows far larger than the 6-slot queue, and a thread of single
+        // submits: nobody may deadlock, and each gets exactly its own results.
+        let pool = plain_pool(2, 6);
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let pool = &pool;
+                s.spawn(move || {
+                    let inputs = (0..400u64).map(|i| Cmd::Echo(t * 100_000 + i));
+                    let m = pool.map(inputs).window(32);
+                    if t % 2 == 0 {
+                        for (i, r) in m.enumerate() {
+                            assert_eq!(r.unwrap().value, t * 100_000 + i as u64);
+                        }
+                    } else {
+                        let mut seen = vec![false; 400];
+                        for (i, r) in m.unordered().indexed() {
+                            assert_eq!(r.unwrap().value, t * 100_000 + i as u64);
+                            assert!(!std::mem::replace(&mut seen[i], true));
+                        }
+                        assert!(seen.iter().all(|&b| b));
+                    }
+                });
+            }
+            s.spawn(|| {
+                for i in 0..200 {
+                    assert_eq!(pool.execute(&Cmd::Echo(7_000_000 + i)).unwrap().value, 7_000_000 + i);
+                }
+            });
+        });
+    });
+}
+
+#[test]
+fn a_map_stream_runs_on_tokio_unordered_and_ordered() {
+    watchdog(120, || {
+        let pool = plain_pool(2, 16);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let s = pool
+                .map_async((0..500u64).map(Cmd::Echo))
+                .window(24)
+                .unordered()
+                .indexed();
+            assert_eq!(s.size_hint(), (500, Some(500)));
+            let got: Vec<_> = s.collect().await;
+            assert_eq!(got.len(), 500);
+            let mut seen = vec![false; 500];
+            for (i, r) in got {
+                assert_eq!(r.unwrap().value, i as u64);
+                assert!(!std::mem::replace(&mut seen[i], true));
+            }
+            // An input stream, ordered, with inputs beside results; the stream is 'static and
+            // Send, so it can move to a spawned task.
+            let inputs = futures_util::stream::iter((0..300u64).map(Cmd::Echo));
+            let s = pool.map_stream(inputs).window(8).with_inputs();
+            let got = tokio::spawn(s.collect::<Vec<_>>()).await.unwrap();
+            for (i, (input, r)) in got.into_iter().enumerate() {
+                assert_eq!(input, Cmd::Echo(i as u64));
+                assert_eq!(r.unwrap().value, i as u64);
+            }
+        });
+    });
+}
+
+#[test]
+fn a_map_stream_runs_on_futures_executor_with_an_error_policy() {
+    watchdog(60, || {
+        let pool = plain_pool(2, 16);
+        let inputs = (0..40u64).map(|i| {
+            if i == 25 {
+                Cmd::Fail("boom".into())
+            } else {
+                Cmd::Echo(i)
+            }
+        });
+        let got: Vec<_> = futures_executor::block_on(
+            pool.map_async(inputs)
+                .on_error(ErrorPolicy::Immediate)
+                .collect::<Vec<_>>(),
+        );
+        // Results before the error (in order, as many as finished before it), then the error.
+        let (last, before) = got.split_last().unwrap();
+        assert_eq!(last.as_ref().unwrap_err().index, 25);
+        for (i, r) in before.iter().enumerate() {
+            assert_eq!(r.as_ref().unwrap().value, i as u64);
+        }
+        // Deferred on the same executor: all 40.
+        let n = futures_executor::block_on(
+            pool.map_async((0..40u64).map(Cmd::Echo)).unordered().count(),
+        );
+        assert_eq!(n, 40);
+    });
+}
+
+#[test]
+fn dropping_a_map_cancels_its_queued_tasks() {
+    watchdog(60, || {
+        let counters = Counters::new("map-drop", 20);
+        let pool = pool_with(&counters, 1, 32);
+        let gate = gate_path("drop-gate");
+        let inputs = (0..20u32).map(|id| Cmd::Step {
+            id,
+            started: String::new(),
+            gate: if id == 1 {
+                gate.to_str().unwrap().into()
+            } else {
+                String::new()
+            },
+            fail: false,
+        });
+        let mut m = pool.map(inputs).window(20);
+        assert_eq!(m.next().unwrap().unwrap().value, 0);
+        // Input 1 blocks the only worker; 2..19 are queued behind it.
+        assert!(wait_until(30, || pool.queued() == 18));
+        drop(m);
+        std::fs::write(&gate, b"open").unwrap();
+        pool.shutdown();
+        assert_eq!(counters.get(1), 1);
+        assert_eq!(ran(&counters, 2..20), 0, "dropped map's queued tasks never ran");
+        let _ = std::fs::remove_file(&gate);
+    });
+}
+
+#[test]
+fn map_streams_are_send_and_maps_too() {
+    fn assert_send<T: Send>(_: &T) {}
+    let pool = plain_pool(1, 4);
+    let m = pool.map(vec![Cmd::Echo(1)]);
+    assert_send(&m);
+    let s = pool.map_async(vec![Cmd::Echo(1)]).with_inputs();
+    assert_send(&s);
+    assert_eq!(m.map(|r| r.unwrap().value).collect::<Vec<_>>(), vec![1]);
+}
