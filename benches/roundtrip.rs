@@ -10,7 +10,8 @@
 //!   - `pipe_pool`: a worker process fed over pipes, rkyv to a Vec then write, what a user
 //!     would write without us.
 //! - `throughput/*` (W2-like): 2 workers, 10,000 tiny tasks per iteration, pipelined through
-//!   submit handles; versus the pipe pool writing each task separately.
+//!   submit handles, and through `Pool::map` (ordered and unordered, window 1,000); versus the
+//!   pipe pool writing each task separately.
 //!
 //! Run: `cargo bench --bench roundtrip` (about 2 minutes). Results: BENCHMARKS.md.
 
@@ -264,6 +265,23 @@ fn throughput(c: &mut Criterion) {
             for h in inflight.drain(..) {
                 h.wait().unwrap();
             }
+        })
+    });
+    g.bench_function(BenchmarkId::new("pool_map_ordered", TASKS), |b| {
+        b.iter(|| {
+            let n = pool.map(0..TASKS).window(1000).map(|r| r.unwrap()).count();
+            assert_eq!(n, TASKS as usize);
+        })
+    });
+    g.bench_function(BenchmarkId::new("pool_map_unordered", TASKS), |b| {
+        b.iter(|| {
+            let n = pool
+                .map(0..TASKS)
+                .window(1000)
+                .unordered()
+                .map(|r| r.unwrap())
+                .count();
+            assert_eq!(n, TASKS as usize);
         })
     });
     drop(pool);
