@@ -40,7 +40,11 @@ impl Worker for ArithmeticWorker {
         ))
     }
 
-    fn execute(&mut self, task: &rkyv::Archived<u64>, _: &TaskContext<'_>) -> Result<u64, BoxError> {
+    fn execute(
+        &mut self,
+        task: &rkyv::Archived<u64>,
+        _: &TaskContext<'_>,
+    ) -> Result<u64, BoxError> {
         let input = task.to_native();
         self.served += 1;
         if input == 4_440 {
@@ -67,7 +71,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let pool = Pool::<ArithmeticWorker>::builder().queue_size(64).build()?;
     // One set of spawn arguments per worker, all started at once.
-    let args: Vec<WorkerArgs> = (0..N_WORKERS).map(|proc_id| WorkerArgs { proc_id }).collect();
+    let args: Vec<WorkerArgs> = (0..N_WORKERS)
+        .map(|proc_id| WorkerArgs { proc_id })
+        .collect();
     for hello in pool.spawn_many(&args) {
         println!("{}", hello?);
     }
@@ -114,6 +120,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .on_error(ErrorPolicy::Immediate)
         .collect::<Result<Vec<u64>, _>>()
         .unwrap_err();
-    println!("Immediate policy stopped at input {}: {}", first_error.index, first_error.error);
+    println!(
+        "Immediate policy stopped at input {}: {}",
+        first_error.index, first_error.error
+    );
     Ok(())
 }

@@ -59,7 +59,12 @@ fn an_ordered_map_keeps_input_order_and_runs_each_input_once() {
         assert!(m.next().is_none());
         assert!(m.next().is_none(), "fused");
         for i in 0..N {
-            assert_eq!(counters.get(i), 1, "input {i} ran {} times", counters.get(i));
+            assert_eq!(
+                counters.get(i),
+                1,
+                "input {i} ran {} times",
+                counters.get(i)
+            );
         }
     });
 }
@@ -106,7 +111,10 @@ fn an_endless_input_keeps_at_most_the_window_in_flight() {
                 assert!(m.in_flight() <= window);
                 // Taken = yielded + in flight + at most one input waiting for a free slot.
                 let ahead = m.taken() - yielded;
-                assert!(ahead <= window + 1, "{ahead} inputs taken ahead of a window of {window}");
+                assert!(
+                    ahead <= window + 1,
+                    "{ahead} inputs taken ahead of a window of {window}"
+                );
                 max_ahead = max_ahead.max(ahead);
             }
             assert!(max_ahead >= 1, "the map pipelines");
@@ -133,7 +141,11 @@ fn lengths_and_size_hints_follow_the_input() {
         }
         assert_eq!(n, 40);
         // An input of unknown length: the bounds bracket it.
-        let m = pool.map(inputs.iter().filter(|c| matches!(c, Cmd::Echo(v) if v % 2 == 0)));
+        let m = pool.map(
+            inputs
+                .iter()
+                .filter(|c| matches!(c, Cmd::Echo(v) if v % 2 == 0)),
+        );
         assert_eq!(m.size_hint(), (0, Some(40)));
         assert_eq!(m.count(), 20);
         // Empty input.
@@ -219,10 +231,7 @@ fn immediate_returns_the_first_error_at_once_and_cancels_what_has_not_started() 
             let counters = Counters::new("map-immediate", 10);
             let pool = pool_with(&counters, 2, 16);
             let (started, gate) = (gate_path("imm-started"), gate_path("imm-gate"));
-            let inputs = policy_inputs(
-                started.to_str().unwrap(),
-                gate.to_str().unwrap(),
-            );
+            let inputs = policy_inputs(started.to_str().unwrap(), gate.to_str().unwrap());
             let mut m = pool.map(inputs).on_error(ErrorPolicy::Immediate);
             if unordered {
                 m = m.unordered();
@@ -231,7 +240,9 @@ fn immediate_returns_the_first_error_at_once_and_cancels_what_has_not_started() 
             // even in an ordered map where input 0 comes first.
             let e = m.next().unwrap().unwrap_err();
             assert_eq!(e.index, 1);
-            assert!(matches!(&e.error, TaskError::Failed { message, .. } if message == "step 1 failed"));
+            assert!(
+                matches!(&e.error, TaskError::Failed { message, .. } if message == "step 1 failed")
+            );
             assert_eq!(m.len(), 0);
             assert!(m.next().is_none(), "the map ends after the error");
             assert!(!gate.exists());
@@ -241,7 +252,11 @@ fn immediate_returns_the_first_error_at_once_and_cancels_what_has_not_started() 
             assert_eq!(counters.get(0), 1, "the running task ran to its end");
             assert_eq!(counters.get(1), 1);
             // Only the failing worker could have started one more before the cancellation.
-            assert!(ran(&counters, 2..10) <= 1, "{} queued inputs ran", ran(&counters, 2..10));
+            assert!(
+                ran(&counters, 2..10) <= 1,
+                "{} queued inputs ran",
+                ran(&counters, 2..10)
+            );
             let _ = std::fs::remove_file(&started);
             let _ = std::fs::remove_file(&gate);
         }
@@ -255,10 +270,7 @@ fn wait_others_returns_the_error_after_the_running_tasks_finish() {
             let counters = Counters::new("map-wait-others", 10);
             let pool = pool_with(&counters, 2, 16);
             let (started, gate) = (gate_path("wo-started"), gate_path("wo-gate"));
-            let inputs = policy_inputs(
-                started.to_str().unwrap(),
-                gate.to_str().unwrap(),
-            );
+            let inputs = policy_inputs(started.to_str().unwrap(), gate.to_str().unwrap());
             let (first, second, ran_at_error) = std::thread::scope(|s| {
                 let t = s.spawn(|| {
                     let mut m = pool.map(inputs).on_error(ErrorPolicy::WaitOthers);
@@ -277,7 +289,11 @@ fn wait_others_returns_the_error_after_the_running_tasks_finish() {
             let e = first.unwrap().unwrap_err();
             assert_eq!(e.index, 1);
             assert!(second.is_none(), "the map ends after the error");
-            assert_eq!(counters.get(0), 1, "input 0 was running: the error waited for it");
+            assert_eq!(
+                counters.get(0),
+                1,
+                "input 0 was running: the error waited for it"
+            );
             pool.shutdown();
             assert_eq!(
                 ran(&counters, 0..10),
@@ -301,7 +317,10 @@ fn a_submit_error_ends_an_immediate_map_without_running_queued_inputs() {
             .build()
             .unwrap();
         pool.spawn(&counters.spawn_args("one")).unwrap();
-        let (started, gate) = (gate_path("submit-error-started"), gate_path("submit-error-gate"));
+        let (started, gate) = (
+            gate_path("submit-error-started"),
+            gate_path("submit-error-gate"),
+        );
         let first = Cmd::Step {
             id: 0,
             started: started.to_str().unwrap().into(),
@@ -329,7 +348,11 @@ fn a_submit_error_ends_an_immediate_map_without_running_queued_inputs() {
         std::fs::write(&gate, b"open").unwrap();
         pool.shutdown();
         assert_eq!(counters.get(0), 1);
-        assert_eq!(ran(&counters, 1..8), 0, "queued inputs of the map never ran");
+        assert_eq!(
+            ran(&counters, 1..8),
+            0,
+            "queued inputs of the map never ran"
+        );
         let _ = std::fs::remove_file(&started);
         let _ = std::fs::remove_file(&gate);
     });
@@ -339,7 +362,10 @@ fn a_submit_error_ends_an_immediate_map_without_running_queued_inputs() {
 fn results_can_come_with_their_inputs() {
     watchdog(60, || {
         let pool = plain_pool(2, 8);
-        let inputs: Vec<Cmd> = (0..30).map(Cmd::Echo).chain([Cmd::Fail("x".into())]).collect();
+        let inputs: Vec<Cmd> = (0..30)
+            .map(Cmd::Echo)
+            .chain([Cmd::Fail("x".into())])
+            .collect();
         let mut n = 0;
         for (input, r) in pool.map(inputs.clone()).unordered().with_inputs() {
             match input {
@@ -386,7 +412,10 @@ fn concurrent_maps_and_submits_share_a_small_queue_without_mixing_results() {
             }
             s.spawn(|| {
                 for i in 0..200 {
-                    assert_eq!(pool.execute(&Cmd::Echo(7_000_000 + i)).unwrap().value, 7_000_000 + i);
+                    assert_eq!(
+                        pool.execute(&Cmd::Echo(7_000_000 + i)).unwrap().value,
+                        7_000_000 + i
+                    );
                 }
             });
         });
@@ -452,7 +481,9 @@ fn a_map_stream_runs_on_futures_executor_with_an_error_policy() {
         }
         // Deferred on the same executor: all 40.
         let n = futures_executor::block_on(
-            pool.map_async((0..40u64).map(Cmd::Echo)).unordered().count(),
+            pool.map_async((0..40u64).map(Cmd::Echo))
+                .unordered()
+                .count(),
         );
         assert_eq!(n, 40);
     });
@@ -482,7 +513,11 @@ fn dropping_a_map_cancels_its_queued_tasks() {
         std::fs::write(&gate, b"open").unwrap();
         pool.shutdown();
         assert_eq!(counters.get(1), 1);
-        assert_eq!(ran(&counters, 2..20), 0, "dropped map's queued tasks never ran");
+        assert_eq!(
+            ran(&counters, 2..20),
+            0,
+            "dropped map's queued tasks never ran"
+        );
         let _ = std::fs::remove_file(&gate);
     });
 }

@@ -68,8 +68,7 @@ impl<T: Message> TaskHandle<T> {
 
     /// Registers `waker` to be woken when the task finishes; `true` if it already has.
     pub(crate) fn register(&self, waker: &Waker) -> bool {
-        self.shared
-            .register_waker(self.slot, self.task_id, waker)
+        self.shared.register_waker(self.slot, self.task_id, waker)
     }
 
     /// Blocks until the task finishes, without collecting its result.

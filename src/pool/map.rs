@@ -310,10 +310,7 @@ impl<W: Worker, In: Borrow<W::Task>> Engine<W, In> {
             .shared
             .submit_with(input.borrow(), None, block, self.opts);
         let (handle, result) = match r {
-            Ok((slot, id)) => (
-                Some(TaskHandle::new(self.shared.clone(), slot, id)),
-                None,
-            ),
+            Ok((slot, id)) => (Some(TaskHandle::new(self.shared.clone(), slot, id)), None),
             Err(SubmitError::QueueFull) if matches!(block, Block::No) => return Err(input),
             Err(e) => {
                 if e == SubmitError::Shutdown {
@@ -384,8 +381,7 @@ impl<W: Worker, In: Borrow<W::Task>> Engine<W, In> {
                     self.stash = Some((index, input));
                     if self.held() == 0 {
                         self.shared.wait_slot_async(cx.waker());
-                        if self.shared.has_free_slot()
-                            || self.shared.closing.load(Ordering::SeqCst)
+                        if self.shared.has_free_slot() || self.shared.closing.load(Ordering::SeqCst)
                         {
                             continue;
                         }
