@@ -111,6 +111,41 @@ impl<T> Message for T where
 {
 }
 
+/// What can be written into shared memory: anything rkyv serialises with our writer. Every
+/// [`Message`] is; so is [`Bytes`], which borrows its data.
+pub(crate) trait Encode:
+    for<'a> Serialize<HighSerializer<ShmWriter, ArenaHandle<'a>, BoxedError>>
+{
+}
+
+impl<T: ?Sized> Encode for T where
+    T: for<'a> Serialize<HighSerializer<ShmWriter, ArenaHandle<'a>, BoxedError>>
+{
+}
+
+/// A byte slice that archives exactly as a `Vec<u8>` does (an `ArchivedVec<u8>`), without
+/// first copying it into a `Vec`: raw bytes from a C host go straight into shared memory.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Bytes<'a>(pub(crate) &'a [u8]);
+
+impl Archive for Bytes<'_> {
+    type Archived = rkyv::vec::ArchivedVec<u8>;
+    type Resolver = rkyv::vec::VecResolver;
+
+    fn resolve(&self, resolver: Self::Resolver, out: rkyv::Place<Self::Archived>) {
+        rkyv::vec::ArchivedVec::resolve_from_len(self.0.len(), resolver, out);
+    }
+}
+
+impl<S> Serialize<S> for Bytes<'_>
+where
+    S: rkyv::rancor::Fallible + rkyv::ser::Allocator + Writer + ?Sized,
+{
+    fn serialize(&self, serializer: &mut S) -> Result<Self::Resolver, S::Error> {
+        rkyv::vec::ArchivedVec::serialize_from_slice(self.0, serializer)
+    }
+}
+
 /// Why encoding failed.
 #[derive(Debug)]
 pub(crate) enum EncodeError {
@@ -121,7 +156,7 @@ pub(crate) enum EncodeError {
 }
 
 /// Serialises `value` into `cap` bytes at `ptr`; returns the archive length.
-pub(crate) fn encode_into<T: Message>(
+pub(crate) fn encode_into<T: Encode>(
     value: &T,
     ptr: *mut u8,
     cap: usize,
@@ -139,7 +174,7 @@ pub(crate) fn encode_into<T: Message>(
 }
 
 /// The length of `value`'s archive.
-pub(crate) fn encoded_len<T: Message>(value: &T) -> Result<usize, EncodeError> {
+pub(crate) fn encoded_len<T: Encode>(value: &T) -> Result<usize, EncodeError> {
     match rkyv::api::high::to_bytes_in::<_, BoxedError>(value, ShmWriter::counting()) {
         Ok(w) => Ok(w.pos),
         Err(e) => Err(EncodeError::Failed(e.to_string())),
@@ -155,6 +190,24 @@ pub(crate) fn access<T: Message>(bytes: &[u8]) -> Result<&T::Archived, String> {
 pub(crate) fn decode<T: Message>(bytes: &[u8]) -> Result<T, String> {
     let archived = access::<T>(bytes)?;
     rkyv::deserialize::<T, BoxedError>(archived).map_err(|e| e.to_string())
+}
+
+#[cfg(all(test, not(stateful_pool_loom)))]
+mod bytes_tests {
+    use super::*;
+
+    #[test]
+    fn bytes_archive_exactly_as_a_vec_of_u8() {
+        for data in [&b""[..], b"x", b"hello, shared memory", &[7u8; 300][..]] {
+            let mut a = vec![0u8; 1024];
+            let mut b = vec![0u8; 1024];
+            let n = encode_into(&Bytes(data), a.as_mut_ptr(), a.len()).unwrap();
+            let m = encode_into(&data.to_vec(), b.as_mut_ptr(), b.len()).unwrap();
+            assert_eq!(n, m);
+            assert_eq!(a[..n], b[..m]);
+            assert_eq!(encoded_len(&Bytes(data)).unwrap(), n);
+        }
+    }
 }
 
 #[cfg(all(test, not(stateful_pool_loom)))]

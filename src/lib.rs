@@ -215,7 +215,46 @@ pub fn init() {
     // constructor, before `main`), while the process has a single thread, so nothing reads the
     // environment concurrently. Removing the variable lets a worker build pools of its own.
     unsafe { std::env::remove_var(worker::boot::BOOT_ENV) };
-    worker::boot::enter(&boot)
+    worker::boot::enter(&boot, worker::boot::Entry::Named)
+}
+
+/// Turns this process into a worker serving `W` if a pool launched it; otherwise returns at
+/// once. For a dedicated worker program (set with
+/// [`PoolBuilder::program`](crate::PoolBuilder::program)), which may be another binary than the
+/// pool's: it serves the pool if its message types (`SpawnArgs`, `SpawnOutput`, `Task`,
+/// `Output`) are the pool worker's, and refuses the segment otherwise. This is how a worker
+/// written in Rust serves a C host: the C ABI's workers exchange `Vec<u8>` messages.
+///
+/// Call it first thing in `main`, like [`init`].
+///
+/// ```no_run
+/// # use stateful_pool::{BoxError, TaskContext, Worker, WorkerContext};
+/// # struct Upper;
+/// # impl Worker for Upper {
+/// #     type SpawnArgs = Vec<u8>; type SpawnOutput = Vec<u8>; type Task = Vec<u8>; type Output = Vec<u8>;
+/// #     fn spawn(_: Vec<u8>, _: &WorkerContext) -> Result<(Self, Vec<u8>), BoxError> { Ok((Upper, vec![])) }
+/// #     fn execute(&mut self, t: &rkyv::Archived<Vec<u8>>, _: &TaskContext<'_>) -> Result<Vec<u8>, BoxError> {
+/// #         Ok(t.as_slice().to_ascii_uppercase())
+/// #     }
+/// # }
+/// fn main() {
+///     stateful_pool::serve::<Upper>();
+///     eprintln!("this program is a worker; a pool starts it");
+/// }
+/// ```
+#[cfg(not(stateful_pool_loom))]
+pub fn serve<W: Worker>() {
+    let Some(boot) = std::env::var_os(worker::boot::BOOT_ENV) else {
+        return;
+    };
+    let boot = boot.to_string_lossy().into_owned();
+    // SAFETY: as in `init`: documented to run first in `main`, while the process has a single
+    // thread.
+    unsafe { std::env::remove_var(worker::boot::BOOT_ENV) };
+    worker::boot::enter(
+        &boot,
+        worker::boot::Entry::Direct(worker::main_loop::run::<W>),
+    )
 }
 
 /// Makes a binary whose `main` you do not write (a `cargo test` integration test, a criterion

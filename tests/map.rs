@@ -532,3 +532,68 @@ fn map_streams_are_send_and_maps_too() {
     assert_send(&s);
     assert_eq!(m.map(|r| r.unwrap().value).collect::<Vec<_>>(), vec![1]);
 }
+
+#[test]
+fn a_map_whose_input_is_a_map_of_the_same_pool_does_not_deadlock() {
+    watchdog(60, || {
+        // The outer window (100) is far larger than the queue (2): the outer map must not pull
+        // from the inner one (which waits for a slot) while it holds every slot itself.
+        let pool = plain_pool(2, 2);
+        let inner = pool.map((0..200u64).map(Cmd::Echo)).window(2);
+        let outer = pool
+            .map(inner.map(|r| Cmd::Echo(r.unwrap().value * 2)))
+            .window(100);
+        let got: Vec<u64> = outer.map(|r| r.unwrap().value).collect();
+        assert_eq!(got, (0..200u64).map(|v| v * 2).collect::<Vec<_>>());
+    });
+}
+
+#[test]
+fn switching_back_to_ordered_restores_input_order() {
+    watchdog(60, || {
+        let pool = plain_pool(2, 32);
+        let mut m = pool.map((0..100u64).map(Cmd::Echo)).window(16).unordered();
+        let first = m.next().unwrap().unwrap().value;
+        let mut m = m.ordered();
+        let rest: Vec<u64> = m.by_ref().map(|r| r.unwrap().value).collect();
+        assert_eq!(rest.len(), 99);
+        let mut expect: Vec<u64> = (0..100).filter(|&v| v != first).collect();
+        expect.sort();
+        assert_eq!(
+            rest, expect,
+            "after .ordered() the rest come in input order"
+        );
+    });
+}
+
+#[test]
+fn a_stream_of_large_tasks_waits_for_arena_space_on_a_single_threaded_runtime() {
+    watchdog(60, || {
+        // Tasks of ~20 KB (over the 1 KB slot) share a 96 KB arena; a loan first holds most of
+        // it, so the stream must wait for arena space (not slots) without blocking its thread.
+        let pool = Pool::<TestWorker>::builder()
+            .queue_size(16)
+            .task_arena_bytes(96 << 10)
+            .build()
+            .unwrap();
+        pool.spawn_n(&Spawn::ok("arena"), 2)
+            .into_iter()
+            .for_each(|r| drop(r.unwrap()));
+        let hog = pool.loan(80 << 10).unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            drop(hog);
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let sums: Vec<u64> = rt.block_on(
+            pool.map_async((0..30u8).map(|i| Cmd::SumVec(vec![i; 20_000])))
+                .window(8)
+                .map(|r| r.unwrap().value)
+                .collect(),
+        );
+        release.join().unwrap();
+        assert_eq!(sums, (0..30u64).map(|i| i * 20_000).collect::<Vec<_>>());
+    });
+}

@@ -94,6 +94,14 @@ impl<T: Message> TaskHandle<T> {
         }
     }
 
+    /// Blocks until the task finishes or `timeout` passes; returns whether it finished. The
+    /// result stays in the handle: collect it with [`wait`](Self::wait) or
+    /// [`wait_ref`](Self::wait_ref), which then return at once.
+    pub fn wait_finished(&self, timeout: Duration) -> bool {
+        self.shared
+            .wait_done(self.slot, Some(Instant::now() + timeout))
+    }
+
     /// Returns the result if the task has finished, else gives the handle back.
     pub fn try_wait(mut self) -> Result<Result<T, TaskError>, Self> {
         if self.shared.is_done(self.slot) {

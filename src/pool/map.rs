@@ -20,8 +20,14 @@
 //!
 //! Several maps and individual submits can share one pool from different threads: each map
 //! collects only its own tasks' results. A map never blocks waiting for a free task slot while
-//! it holds finished results of its own (it yields those first), so maps sharing a small queue
-//! cannot deadlock one another.
+//! it holds tasks of its own (it collects those first), and pulls more input only while a slot
+//! is free, so maps sharing a small queue cannot deadlock one another, even nested (a map whose
+//! input is another map of the same pool).
+//!
+//! The iterator form pulls input before it yields: an input iterator that blocks until the
+//! map's consumer has seen earlier results (flow control through a channel, say) would wait
+//! forever. Use the stream form for such inputs: a stream's pending input does not hold back
+//! results that are ready.
 
 use super::Pool;
 use super::arena::Block;
@@ -48,11 +54,14 @@ pub enum ErrorPolicy {
     Deferred,
     /// The first error is yielded at once, and the map ends: its tasks that no worker has
     /// started are cancelled (they never run), and the results of those running are
-    /// discarded.
+    /// discarded. "At once" means when the map notices the failure, even ahead of earlier
+    /// inputs' results in an ordered map: those not yet yielded are discarded too.
     Immediate,
     /// On the first error the map stops taking input and cancels its tasks that no worker has
     /// started, waits for those already running to finish (their results are discarded), then
     /// yields the error and ends. When the error arrives, none of the map's tasks is running.
+    /// (A cancelled task still in the queue is answered when a worker reaches it, so the error
+    /// also waits for the tasks queued ahead of the map's, which may be other callers'.)
     WaitOthers,
 }
 
@@ -275,6 +284,17 @@ impl<W: Worker, In: Borrow<W::Task>> Engine<W, In> {
         !self.input_done && !self.finished && self.failure.is_none()
     }
 
+    /// Back to input order (after `unordered`): unordered collecting reorders the entries, so
+    /// restore the order of everything held.
+    fn set_ordered(&mut self) {
+        if !self.ordered {
+            let mut all: Vec<_> = self.ready.drain(..).chain(self.entries.drain(..)).collect();
+            all.sort_by_key(|e| e.index);
+            self.entries = all.into();
+        }
+        self.ordered = true;
+    }
+
     fn set_keep_inputs(&mut self, keep: bool) {
         assert!(
             self.pulled == 0 || !keep || self.keep_inputs,
@@ -333,6 +353,12 @@ impl<W: Worker, In: Borrow<W::Task>> Engine<W, In> {
     /// Fills the window from a blocking iterator.
     fn fill_sync(&mut self, inputs: &mut impl Iterator<Item = In>) {
         while self.taking_input() && self.held() < self.window {
+            // Holding tasks of our own and no slot free: collect before pulling more input.
+            // Pulling could run code that waits for a slot of this same pool (an input
+            // iterator that is itself a map, or submits), which only our collecting can free.
+            if self.held() > 0 && self.stash.is_none() && !self.shared.has_free_slot() {
+                break;
+            }
             let (index, input) = match self.stash.take() {
                 Some(x) => x,
                 None => match inputs.next() {
@@ -383,7 +409,10 @@ impl<W: Worker, In: Borrow<W::Task>> Engine<W, In> {
                         self.shared.wait_slot_async(cx.waker());
                         if self.shared.has_free_slot() || self.shared.closing.load(Ordering::SeqCst)
                         {
-                            continue;
+                            // A slot is free, so the arena was full (a large task), and the
+                            // arena has no async waiters: come back soon, as `submit_async`
+                            // does, instead of retrying in place.
+                            cx.waker().wake_by_ref();
                         }
                     }
                     break;
@@ -416,7 +445,7 @@ impl<W: Worker, In: Borrow<W::Task>> Engine<W, In> {
             if self.entries.front_mut().is_some_and(|e| e.resolve()) {
                 return self.entries.pop_front().map(Self::raw);
             }
-            return self.ready.pop_front().map(Self::raw);
+            return None;
         }
         // Collect every finished task; act on the first error (policy), route the rest.
         let mut i = 0;
@@ -438,10 +467,7 @@ impl<W: Worker, In: Borrow<W::Task>> Engine<W, In> {
             }
         }
         if self.ordered {
-            // Resolved in place; an ordered map switched from unordered may have `ready` ones.
-            if let Some(e) = self.ready.pop_front() {
-                return Some(Self::raw(e));
-            }
+            // Resolved in place (`ready` is empty: `set_ordered` merged it back).
             if self.entries.front().is_some_and(|e| e.result.is_some()) {
                 return self.entries.pop_front().map(Self::raw);
             }
@@ -617,7 +643,7 @@ macro_rules! map_options {
 
         /// Results in input order (the default).
         pub fn ordered(mut self) -> Self {
-            self.engine.ordered = true;
+            self.engine.set_ordered();
             self
         }
 

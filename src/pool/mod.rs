@@ -22,7 +22,7 @@ use crate::shm::layout::{
 };
 use crate::shm::segment::Segment;
 use crate::worker::Worker;
-use crate::worker::boot::{BOOT_ENV, Boot, entry_offset, fingerprint, type_hash};
+use crate::worker::boot::{BOOT_ENV, Boot, entry_offset, fingerprint, protocol_hash};
 use std::future::poll_fn;
 use std::marker::PhantomData;
 use std::sync::atomic::Ordering;
@@ -155,7 +155,7 @@ impl<W: Worker> Pool<W> {
         unsafe {
             hdr_ptr.write(SegmentHeader::new(
                 &layout,
-                type_hash::<W>(),
+                protocol_hash::<W>(),
                 spin_ns,
                 flags,
             ))
@@ -482,9 +482,6 @@ impl<W: Worker> Pool<W> {
         task: &W::Task,
         payload: Loan,
     ) -> Result<TaskHandle<W::Output>, SubmitError> {
-        if payload.shared.id != self.shared.id {
-            return Err(SubmitError::ForeignLoan);
-        }
         self.submit_block(task, Some(payload), Block::Until(None))
     }
 
@@ -506,13 +503,18 @@ impl<W: Worker> Pool<W> {
         self.submit_full(task, payload, block, TaskOptions::default())
     }
 
-    fn submit_full(
+    fn submit_full<T: codec::Encode>(
         &self,
-        task: &W::Task,
+        task: &T,
         payload: Option<Loan>,
         block: Block,
         opts: TaskOptions,
     ) -> Result<TaskHandle<W::Output>, SubmitError> {
+        if let Some(l) = &payload {
+            if l.shared.id != self.shared.id {
+                return Err(SubmitError::ForeignLoan);
+            }
+        }
         // The loan's block passes to the slot only once the submit succeeds; until then the
         // Loan value owns it (and frees it on an error).
         let parts = payload.as_ref().map(|l| (l.off, l.len, l.blk));
@@ -528,6 +530,13 @@ impl<W: Worker> Pool<W> {
         self.shared.task_ring().len()
     }
 
+    /// The largest task archive or loaned payload a submit accepts, in bytes
+    /// ([`PoolBuilder::max_task_bytes`](crate::PoolBuilder::max_task_bytes), capped by the
+    /// arena).
+    pub fn max_task_bytes(&self) -> usize {
+        self.shared.max_task_bytes
+    }
+
     // ---- shutdown ----
 
     /// Stops the pool: new submissions fail, workers finish every queued task and exit
@@ -540,6 +549,18 @@ impl<W: Worker> Pool<W> {
     /// finish (killed after the shutdown timeout, failing with `Cancelled`), and the pool's
     /// threads stop.
     pub fn shutdown_now(self) {
+        self.stop(StopMode::Immediate);
+    }
+
+    /// As [`shutdown`](Self::shutdown), through a shared reference (for a pool shared in an
+    /// `Arc`, or driven through the C ABI): returns once the workers are stopped. Later calls,
+    /// and the drop, do nothing more; submissions fail with [`SubmitError::Shutdown`].
+    pub fn close(&self) {
+        self.stop(StopMode::Graceful);
+    }
+
+    /// As [`shutdown_now`](Self::shutdown_now), through a shared reference.
+    pub fn close_now(&self) {
         self.stop(StopMode::Immediate);
     }
 
@@ -576,6 +597,46 @@ impl<W: Worker> Pool<W> {
         for t in threads {
             let _ = t.join();
         }
+    }
+}
+
+/// Raw-byte tasks, for workers whose task type is `Vec<u8>` (such as the C ABI's): the bytes
+/// are archived straight into shared memory from the slice, exactly as a `Vec<u8>` with the same
+/// contents would be, with no intermediate `Vec`.
+impl<W: Worker<Task = Vec<u8>>> Pool<W> {
+    /// Queues a task made of `bytes` (waiting for room if the queue is full).
+    pub fn submit_bytes(&self, bytes: &[u8]) -> Result<TaskHandle<W::Output>, SubmitError> {
+        self.submit_full(
+            &codec::Bytes(bytes),
+            None,
+            Block::Until(None),
+            TaskOptions::default(),
+        )
+    }
+
+    /// Queues a task made of `bytes`, or fails at once with [`SubmitError::QueueFull`].
+    pub fn try_submit_bytes(&self, bytes: &[u8]) -> Result<TaskHandle<W::Output>, SubmitError> {
+        self.submit_full(
+            &codec::Bytes(bytes),
+            None,
+            Block::No,
+            TaskOptions::default(),
+        )
+    }
+
+    /// Queues a task made of `bytes` with a loaned payload (waiting for room if the queue is
+    /// full). On error the loan is freed.
+    pub fn submit_bytes_with_payload(
+        &self,
+        bytes: &[u8],
+        payload: Loan,
+    ) -> Result<TaskHandle<W::Output>, SubmitError> {
+        self.submit_full(
+            &codec::Bytes(bytes),
+            Some(payload),
+            Block::Until(None),
+            TaskOptions::default(),
+        )
     }
 }
 

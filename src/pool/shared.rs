@@ -271,7 +271,7 @@ impl Shared {
 
     /// Submits a task: serialises it into its slot (or an arena block if it is too big) and
     /// queues it. `payload` is `(offset, len, block len)` of an arena block a loan filled.
-    pub(crate) fn submit_with<T: crate::Message>(
+    pub(crate) fn submit_with<T: crate::codec::Encode>(
         &self,
         task: &T,
         payload: Option<(u64, u64, u64)>,
@@ -284,7 +284,7 @@ impl Shared {
         r
     }
 
-    fn submit_inner<T: crate::Message>(
+    fn submit_inner<T: crate::codec::Encode>(
         &self,
         task: &T,
         payload: Option<(u64, u64, u64)>,

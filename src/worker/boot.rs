@@ -76,7 +76,15 @@ pub(crate) fn entry_offset<W: crate::Worker>() -> usize {
     (f as usize).wrapping_sub(anchor as fn() -> usize as usize)
 }
 
-/// FNV-1a of `W`'s type name: a worker of another type refuses the segment.
+/// What a pool of `W` and its workers must agree on: the four message types (spawn
+/// arguments, spawn output, task, output). A worker program serving other message types refuses
+/// the segment; two worker types with the same messages (a C worker and a Rust worker both
+/// speaking bytes) are interchangeable.
+pub(crate) fn protocol_hash<W: crate::Worker>() -> u64 {
+    type_hash::<(W::SpawnArgs, W::SpawnOutput, W::Task, W::Output)>()
+}
+
+/// FNV-1a of a type's name.
 pub(crate) fn type_hash<W: 'static>() -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in std::any::type_name::<W>().bytes() {
@@ -141,8 +149,18 @@ fn die(code: i32, msg: &str) -> ! {
     std::process::exit(code)
 }
 
-/// The worker side of `init()`: called when [`BOOT_ENV`] is set. Never returns.
-pub(crate) fn enter(boot_str: &str) -> ! {
+/// Which worker loop a starting worker process enters.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Entry {
+    /// The one the boot string names (an offset in this binary; `init()`).
+    Named,
+    /// This one (`serve::<W>()`): the program itself says what it serves, so it may be another
+    /// binary than the parent's; the segment's message-type hash is still checked.
+    Direct(fn(WorkerProcess) -> !),
+}
+
+/// The worker side of `init()` and `serve()`: called when [`BOOT_ENV`] is set. Never returns.
+pub(crate) fn enter(boot_str: &str, which: Entry) -> ! {
     let Some(boot) = Boot::decode(boot_str) else {
         die(
             exit_code::BAD_BOOT,
@@ -155,7 +173,7 @@ pub(crate) fn enter(boot_str: &str) -> ! {
     if unsafe { libc::getppid() } as u32 != boot.parent_pid {
         std::process::exit(exit_code::ORPHAN);
     }
-    if boot.fingerprint != fingerprint() {
+    if matches!(which, Entry::Named) && boot.fingerprint != fingerprint() {
         die(
             exit_code::WRONG_BINARY,
             "launched by a different binary than this one (fingerprint mismatch)",
@@ -193,12 +211,17 @@ pub(crate) fn enter(boot_str: &str) -> ! {
         // SAFETY: as above; this is its only owner.
         unsafe { OwnedFd::from_raw_fd(NOTIFY_FD) }
     });
-    let entry_addr = (anchor as fn() -> usize as usize).wrapping_add(boot.entry);
-    // SAFETY: the parent computed `boot.entry` as the offset of `main_loop::run::<W>` from
-    // `anchor` in the same binary (the fingerprint check above guarantees the same code layout),
-    // so `entry_addr` is the address of a function with exactly this signature.
-    let entry: fn(WorkerProcess) -> ! =
-        unsafe { std::mem::transmute::<usize, fn(WorkerProcess) -> !>(entry_addr) };
+    let entry: fn(WorkerProcess) -> ! = match which {
+        Entry::Direct(f) => f,
+        Entry::Named => {
+            let entry_addr = (anchor as fn() -> usize as usize).wrapping_add(boot.entry);
+            // SAFETY: the parent computed `boot.entry` as the offset of `main_loop::run::<W>`
+            // from `anchor` in the same binary (the fingerprint check above guarantees the same
+            // code layout), so `entry_addr` is the address of a function with exactly this
+            // signature.
+            unsafe { std::mem::transmute::<usize, fn(WorkerProcess) -> !>(entry_addr) }
+        }
+    };
     entry(WorkerProcess {
         seg,
         layout,

@@ -5,7 +5,7 @@
 //! execute, `Serialize` of the output) runs under `catch_unwind`, and a panic becomes that
 //! step's error record.
 
-use super::boot::{WorkerProcess, type_hash};
+use super::boot::{WorkerProcess, protocol_hash};
 use super::{TaskContext, Worker, WorkerContext};
 use crate::codec::{self, EncodeError};
 use crate::failpoint;
@@ -61,12 +61,13 @@ pub(crate) fn run<W: Worker>(wp: WorkerProcess) -> ! {
         std::process::exit(1)
     };
 
-    if hdr.worker_type_hash != type_hash::<W>() {
+    if hdr.worker_type_hash != protocol_hash::<W>() {
         fail(
             KIND_ERR,
             &format!(
-                "worker type mismatch: this process serves {}",
-                std::any::type_name::<W>()
+                "worker type mismatch: this process serves {} (messages {})",
+                std::any::type_name::<W>(),
+                std::any::type_name::<(W::SpawnArgs, W::SpawnOutput, W::Task, W::Output)>()
             ),
         )
     }

@@ -1,0 +1,249 @@
+//! Handle tables: what a C host holds is a number, never a pointer into Rust memory, so a null,
+//! stale, forged or double-freed handle is an error code instead of undefined behaviour.
+//!
+//! A handle is `kind (8 bits) | generation (24 bits) | index + 1 (32 bits)`. The kind tells a
+//! task handle from a result handle; the generation changes every time a slot is freed, so an
+//! old handle to a reused slot no longer matches. An entry can be *checked out* (busy) while a
+//! thread works on it outside the table's lock (a blocking wait); a second thread using the same
+//! handle meanwhile gets `SP_BUSY`.
+
+use crate::{Fail, sp_status};
+use std::sync::Mutex;
+
+enum Slot<T> {
+    Free { generation: u32 },
+    Live { generation: u32, value: T },
+    Busy { generation: u32 },
+}
+
+impl<T> Slot<T> {
+    fn generation(&self) -> u32 {
+        match *self {
+            Slot::Free { generation }
+            | Slot::Live { generation, .. }
+            | Slot::Busy { generation } => generation,
+        }
+    }
+}
+
+struct Inner<T> {
+    slots: Vec<Slot<T>>,
+    free: Vec<u32>,
+}
+
+/// A table of live objects of one kind.
+pub(crate) struct Table<T> {
+    kind: u8,
+    name: &'static str,
+    inner: Mutex<Inner<T>>,
+}
+
+const GEN_MASK: u32 = (1 << 24) - 1;
+
+impl<T> Table<T> {
+    pub(crate) const fn new(kind: u8, name: &'static str) -> Self {
+        Table {
+            kind,
+            name,
+            inner: Mutex::new(Inner {
+                slots: Vec::new(),
+                free: Vec::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner<T>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn encode(&self, index: usize, generation: u32) -> u64 {
+        (u64::from(self.kind) << 56) | (u64::from(generation & GEN_MASK) << 32) | (index as u64 + 1)
+    }
+
+    /// The slot index and generation a handle names, if it is one of this table's.
+    fn decode(&self, h: u64) -> Result<(usize, u32), Fail> {
+        if h == 0 {
+            return Err(Fail::new(
+                sp_status::SP_NULL_ARGUMENT,
+                format!("null {} handle", self.name),
+            ));
+        }
+        let low = (h & 0xffff_ffff) as u32;
+        if (h >> 56) as u8 != self.kind || low == 0 {
+            return Err(self.invalid(h));
+        }
+        Ok(((low - 1) as usize, ((h >> 32) as u32) & GEN_MASK))
+    }
+
+    fn invalid(&self, h: u64) -> Fail {
+        Fail::new(
+            sp_status::SP_INVALID_HANDLE,
+            format!(
+                "{h:#x} is not a live {} handle (never issued, already freed, or of another kind)",
+                self.name
+            ),
+        )
+    }
+
+    /// Stores `value`; returns its handle.
+    pub(crate) fn insert(&self, value: T) -> u64 {
+        let mut t = self.lock();
+        if let Some(i) = t.free.pop() {
+            let generation = t.slots[i as usize].generation();
+            t.slots[i as usize] = Slot::Live { generation, value };
+            return self.encode(i as usize, generation);
+        }
+        let i = t.slots.len();
+        t.slots.push(Slot::Live {
+            generation: 1,
+            value,
+        });
+        self.encode(i, 1)
+    }
+
+    /// Runs `f` on the live value (under the table's lock: keep it short).
+    pub(crate) fn with<R>(&self, h: u64, f: impl FnOnce(&mut T) -> R) -> Result<R, Fail> {
+        let (i, g) = self.decode(h)?;
+        let mut t = self.lock();
+        match t.slots.get_mut(i) {
+            Some(Slot::Live { generation, value }) if *generation == g => Ok(f(value)),
+            Some(Slot::Busy { generation }) if *generation == g => Err(self.busy()),
+            _ => Err(self.invalid(h)),
+        }
+    }
+
+    fn busy(&self) -> Fail {
+        Fail::new(
+            sp_status::SP_BUSY,
+            format!("the {} handle is in use by another thread", self.name),
+        )
+    }
+
+    /// Removes the value; the handle is dead from now on.
+    pub(crate) fn remove(&self, h: u64) -> Result<T, Fail> {
+        let (i, g) = self.decode(h)?;
+        let mut t = self.lock();
+        match t.slots.get(i) {
+            Some(Slot::Live { generation, .. }) if *generation == g => {}
+            Some(Slot::Busy { generation }) if *generation == g => return Err(self.busy()),
+            _ => return Err(self.invalid(h)),
+        }
+        let next = Slot::Free {
+            generation: next_generation(g),
+        };
+        let Slot::Live { value, .. } = std::mem::replace(&mut t.slots[i], next) else {
+            unreachable!("checked live above");
+        };
+        t.free.push(i as u32);
+        Ok(value)
+    }
+
+    /// Takes the value out while keeping the handle reserved (busy): finish with
+    /// [`put_back`](Self::put_back) (the handle lives on) or [`retire`](Self::retire).
+    pub(crate) fn check_out(&self, h: u64) -> Result<T, Fail> {
+        let (i, g) = self.decode(h)?;
+        let mut t = self.lock();
+        match t.slots.get(i) {
+            Some(Slot::Live { generation, .. }) if *generation == g => {}
+            Some(Slot::Busy { generation }) if *generation == g => return Err(self.busy()),
+            _ => return Err(self.invalid(h)),
+        }
+        let Slot::Live { value, .. } =
+            std::mem::replace(&mut t.slots[i], Slot::Busy { generation: g })
+        else {
+            unreachable!("checked live above");
+        };
+        Ok(value)
+    }
+
+    /// Returns a checked-out value under its handle.
+    pub(crate) fn put_back(&self, h: u64, value: T) {
+        let Ok((i, g)) = self.decode(h) else { return };
+        let mut t = self.lock();
+        if let Some(slot @ Slot::Busy { .. }) = t.slots.get_mut(i) {
+            if slot.generation() == g {
+                *slot = Slot::Live {
+                    generation: g,
+                    value,
+                };
+            }
+        }
+    }
+
+    /// Ends a checked-out handle: it is dead from now on.
+    pub(crate) fn retire(&self, h: u64) {
+        let Ok((i, g)) = self.decode(h) else { return };
+        let mut t = self.lock();
+        if let Some(slot @ Slot::Busy { .. }) = t.slots.get_mut(i) {
+            if slot.generation() == g {
+                *slot = Slot::Free {
+                    generation: next_generation(g),
+                };
+                t.free.push(i as u32);
+            }
+        }
+    }
+}
+
+fn next_generation(g: u32) -> u32 {
+    // Generation 0 is never issued, so an all-zero handle body never matches.
+    match (g + 1) & GEN_MASK {
+        0 => 1,
+        n => n,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_forged_and_foreign_handles_are_refused() {
+        let a: Table<String> = Table::new(1, "thing");
+        let b: Table<String> = Table::new(2, "other");
+        let h = a.insert("x".into());
+        assert_eq!(a.with(h, |v| v.clone()).unwrap(), "x");
+        assert_eq!(
+            b.with(h, |v| v.clone()).unwrap_err().status,
+            sp_status::SP_INVALID_HANDLE
+        );
+        assert_eq!(
+            a.with(0, |_| ()).unwrap_err().status,
+            sp_status::SP_NULL_ARGUMENT
+        );
+        assert_eq!(
+            a.with(h + 1, |_| ()).unwrap_err().status,
+            sp_status::SP_INVALID_HANDLE
+        );
+        assert_eq!(a.remove(h).unwrap(), "x");
+        // Double free, and use after free, even once the slot is reused.
+        assert_eq!(
+            a.remove(h).unwrap_err().status,
+            sp_status::SP_INVALID_HANDLE
+        );
+        let h2 = a.insert("y".into());
+        assert_ne!(h, h2);
+        assert_eq!(
+            a.with(h, |_| ()).unwrap_err().status,
+            sp_status::SP_INVALID_HANDLE
+        );
+        assert_eq!(a.with(h2, |v| v.clone()).unwrap(), "y");
+    }
+
+    #[test]
+    fn a_checked_out_handle_is_busy_until_put_back_or_retired() {
+        let a: Table<u32> = Table::new(1, "thing");
+        let h = a.insert(5);
+        let v = a.check_out(h).unwrap();
+        assert_eq!(a.with(h, |_| ()).unwrap_err().status, sp_status::SP_BUSY);
+        assert_eq!(a.remove(h).unwrap_err().status, sp_status::SP_BUSY);
+        a.put_back(h, v + 1);
+        assert_eq!(a.with(h, |v| *v).unwrap(), 6);
+        let _ = a.check_out(h).unwrap();
+        a.retire(h);
+        assert_eq!(
+            a.with(h, |_| ()).unwrap_err().status,
+            sp_status::SP_INVALID_HANDLE
+        );
+    }
+}

@@ -1,0 +1,734 @@
+//! The host side: create a pool, spawn workers, submit tasks (copied, or written in place into
+//! a loaned buffer), wait for results (blocking, with a timeout, or polling), read them in place,
+//! shut down.
+
+use crate::handles::Table;
+use crate::worker::CWorker;
+use crate::{Fail, guard, input_bytes, sp_status, write_out};
+use stateful_pool::{
+    BuildError, Loan, Pool, ResultRef, SpawnError, SubmitError, TaskError, TaskHandle,
+};
+use std::ffi::{CStr, c_char};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A pool (a handle; 0 is none).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct sp_pool {
+    /// The handle's value (opaque).
+    pub id: u64,
+}
+
+/// A submitted task (a handle; 0 is none).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct sp_task {
+    /// The handle's value (opaque).
+    pub id: u64,
+}
+
+/// A task's result or a spawn's output: bytes to read with `sp_result_bytes`, then release with
+/// `sp_result_free` (a handle; 0 is none).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct sp_result {
+    /// The handle's value (opaque).
+    pub id: u64,
+}
+
+/// A writable buffer in the pool's shared memory, sent with a task as its payload (a handle;
+/// 0 is none).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct sp_loan {
+    /// The handle's value (opaque).
+    pub id: u64,
+}
+
+/// A byte range given by the caller (spawn arguments for `sp_pool_spawn_many`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct sp_bytes {
+    /// The bytes (may be NULL if `len` is 0).
+    pub data: *const u8,
+    /// Their length.
+    pub len: usize,
+}
+
+/// Pool options. Zero in any field means the library's default; fill with
+/// `sp_pool_options_init` (or `= {0}`) and set what you need.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct sp_pool_options {
+    /// Task slots: the bound on tasks queued or running (default 256).
+    pub queue_size: usize,
+    /// Worker seats (default 16).
+    pub max_workers: usize,
+    /// Bytes of a task slot's inline area; larger tasks go to the arena (default 1024).
+    pub slot_bytes: usize,
+    /// Bytes of the shared arena for large tasks and loans (default 64 MiB).
+    pub task_arena_bytes: usize,
+    /// Bytes of each worker's completion ring; a result may take up to half (default 4 MiB).
+    pub result_ring_bytes: usize,
+    /// Largest task or loan accepted, in bytes (default: the arena size).
+    pub max_task_bytes: usize,
+    /// Bytes for each worker's spawn arguments and output (default 64 KiB).
+    pub spawn_area_bytes: usize,
+    /// Limit on a worker's spawn step, in milliseconds (default 120 s).
+    pub spawn_timeout_ms: u64,
+    /// How long shutdown waits for running tasks before killing workers, ms (default 30 s).
+    pub shutdown_timeout_ms: u64,
+    /// Default execution timeout of every task, ms (0: none).
+    pub task_timeout_ms: u64,
+    /// Default retries of a task whose worker died (0: none; only for idempotent tasks).
+    pub task_retries: u32,
+    /// Path of the worker program (NUL-terminated); NULL: this program, which must then call
+    /// `sp_init` first thing in `main`.
+    pub program: *const c_char,
+}
+
+type CPool = Pool<CWorker>;
+
+/// What a result handle holds: a task's result in place in shared memory, or a spawn output.
+enum Bytes {
+    InPlace(ResultRef<Vec<u8>>),
+    Owned(Vec<u8>),
+}
+
+static POOLS: Table<Arc<CPool>> = Table::new(1, "pool");
+static TASKS: Table<TaskHandle<Vec<u8>>> = Table::new(2, "task");
+static RESULTS: Table<Bytes> = Table::new(3, "result");
+static LOANS: Table<Loan> = Table::new(4, "loan");
+
+fn pool(p: sp_pool) -> Result<Arc<CPool>, Fail> {
+    POOLS.with(p.id, |pool| pool.clone())
+}
+
+fn build_fail(e: BuildError) -> Fail {
+    Fail::new(sp_status::SP_BUILD_FAILED, e.to_string())
+}
+
+fn spawn_fail(e: SpawnError) -> Fail {
+    let status = match e {
+        SpawnError::Shutdown => sp_status::SP_SHUTDOWN,
+        SpawnError::ArgsTooLarge { .. } => sp_status::SP_TOO_LARGE,
+        _ => sp_status::SP_SPAWN_FAILED,
+    };
+    Fail::new(status, e.to_string())
+}
+
+fn submit_fail(e: SubmitError) -> Fail {
+    let status = match e {
+        SubmitError::QueueFull => sp_status::SP_QUEUE_FULL,
+        SubmitError::Timeout => sp_status::SP_TIMEOUT,
+        SubmitError::PayloadTooLarge { .. } => sp_status::SP_TOO_LARGE,
+        SubmitError::Encode(_) => sp_status::SP_INVALID_ARGUMENT,
+        SubmitError::Shutdown => sp_status::SP_SHUTDOWN,
+        SubmitError::ForeignLoan => sp_status::SP_INVALID_ARGUMENT,
+        SubmitError::NoWorkers => sp_status::SP_NO_WORKERS,
+    };
+    Fail::new(status, e.to_string())
+}
+
+fn task_fail(e: TaskError) -> Fail {
+    let status = match &e {
+        TaskError::Submit(s) => return submit_fail(s.clone()),
+        TaskError::Failed { .. } => sp_status::SP_TASK_FAILED,
+        TaskError::Panicked { .. } => sp_status::SP_TASK_PANICKED,
+        TaskError::ResultTooLarge { .. } => sp_status::SP_TOO_LARGE,
+        TaskError::BadTask { .. } | TaskError::BadResult { .. } => sp_status::SP_BAD_DATA,
+        TaskError::Cancelled => sp_status::SP_CANCELLED,
+        TaskError::WorkerDied { .. } => sp_status::SP_WORKER_DIED,
+        TaskError::Timeout { .. } => sp_status::SP_TASK_TIMED_OUT,
+        TaskError::Poisoned { .. } => sp_status::SP_POISONED,
+        TaskError::NoWorkers => sp_status::SP_NO_WORKERS,
+    };
+    Fail::new(status, e.to_string())
+}
+
+/// Fills `opts` with the defaults (all zero: every field means "the library's default").
+///
+/// # Safety
+///
+/// `opts` must be NULL or valid for a write of `sp_pool_options`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sp_pool_options_init(opts: *mut sp_pool_options) -> sp_status {
+    guard(|| {
+        let zero = sp_pool_options {
+            queue_size: 0,
+            max_workers: 0,
+            slot_bytes: 0,
+            task_arena_bytes: 0,
+            result_ring_bytes: 0,
+            max_task_bytes: 0,
+            spawn_area_bytes: 0,
+            spawn_timeout_ms: 0,
+            shutdown_timeout_ms: 0,
+            task_timeout_ms: 0,
+            task_retries: 0,
+            program: std::ptr::null(),
+        };
+        // SAFETY: the caller promises a writable struct (NULL is refused).
+        unsafe { write_out(opts, zero, "opts") }
+    })
+}
+
+/// Creates a pool with `opts` (NULL: all defaults) and no workers; `*out` receives its handle.
+/// Thread-safe.
+///
+/// # Safety
+///
+/// `opts` must be NULL or point to a valid `sp_pool_options` (its `program` NULL or a
+/// NUL-terminated string); `out` must be valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sp_pool_new(opts: *const sp_pool_options, out: *mut sp_pool) -> sp_status {
+    guard(|| {
+        if out.is_null() {
+            return Err(Fail::null("out"));
+        }
+        let mut b = Pool::<CWorker>::builder();
+        if !opts.is_null() {
+            // SAFETY: non-null; the caller promises a valid struct.
+            let o = unsafe { *opts };
+            let nz = |v: usize| (v != 0).then_some(v);
+            if let Some(v) = nz(o.queue_size) {
+                b = b.queue_size(v);
+            }
+            if let Some(v) = nz(o.max_workers) {
+                b = b.max_workers(v);
+            }
+            if let Some(v) = nz(o.slot_bytes) {
+                b = b.slot_bytes(v);
+            }
+            if let Some(v) = nz(o.task_arena_bytes) {
+                b = b.task_arena_bytes(v);
+            }
+            if let Some(v) = nz(o.result_ring_bytes) {
+                b = b.result_ring_bytes(v);
+            }
+            if let Some(v) = nz(o.max_task_bytes) {
+                b = b.max_task_bytes(v);
+            }
+            if let Some(v) = nz(o.spawn_area_bytes) {
+                b = b.spawn_area_bytes(v);
+            }
+            if o.spawn_timeout_ms != 0 {
+                b = b.spawn_timeout(Duration::from_millis(o.spawn_timeout_ms));
+            }
+            if o.shutdown_timeout_ms != 0 {
+                b = b.shutdown_timeout(Duration::from_millis(o.shutdown_timeout_ms));
+            }
+            if o.task_timeout_ms != 0 {
+                b = b.task_timeout(Duration::from_millis(o.task_timeout_ms));
+            }
+            if o.task_retries != 0 {
+                b = b.task_retries(o.task_retries);
+            }
+            if !o.program.is_null() {
+                // SAFETY: non-null; the caller promises a NUL-terminated string.
+                let p = unsafe { CStr::from_ptr(o.program) };
+                let Ok(p) = p.to_str() else {
+                    return Err(Fail::new(
+                        sp_status::SP_INVALID_ARGUMENT,
+                        "opts.program is not valid UTF-8",
+                    ));
+                };
+                b = b.program(p);
+            }
+        }
+        let pool = b.build().map_err(build_fail)?;
+        let h = POOLS.insert(Arc::new(pool));
+        // SAFETY: checked non-null above; the caller promises it is writable.
+        unsafe { out.write(sp_pool { id: h }) };
+        Ok(())
+    })
+}
+
+/// Starts a worker process with the spawn argument bytes `args` and blocks until its spawn step
+/// returned. `*out` receives the spawn output's bytes as a result handle (free it with
+/// `sp_result_free`); `*worker_index`, if not NULL, the worker's seat index. Thread-safe: spawns
+/// from several threads start concurrently.
+///
+/// # Safety
+///
+/// `args` must point to `args_len` readable bytes (NULL if 0); `out` must be writable;
+/// `worker_index` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sp_pool_spawn(
+    pool_h: sp_pool,
+    args: *const u8,
+    args_len: usize,
+    out: *mut sp_result,
+    worker_index: *mut usize,
+) -> sp_status {
+    guard(|| {
+        if out.is_null() {
+            return Err(Fail::null("out"));
+        }
+        let p = pool(pool_h)?;
+        // SAFETY: the caller promises `args_len` readable bytes.
+        let args = unsafe { input_bytes(args, args_len, "args") }?.to_vec();
+        let handle = p.submit_spawn(&args).map_err(spawn_fail)?;
+        let index = handle.worker_index();
+        let output = handle.wait().map_err(spawn_fail)?;
+        if !worker_index.is_null() {
+            // SAFETY: non-null; the caller promises it is writable.
+            unsafe { worker_index.write(index) };
+        }
+        let h = RESULTS.insert(Bytes::Owned(output));
+        // SAFETY: checked non-null above.
+        unsafe { out.write(sp_result { id: h }) };
+        Ok(())
+    })
+}
+
+/// Starts `n` workers at once, worker `i` with the argument bytes `args[i]`, and waits for all
+/// of them. `outs[i]` receives worker `i`'s spawn output (a result handle, or 0 if it failed)
+/// and `statuses[i]` its status. Returns `SP_OK` if every spawn succeeded, else the first
+/// failure's status (and its message). Thread-safe.
+///
+/// # Safety
+///
+/// `args` must point to `n` `sp_bytes` (each valid as for `sp_pool_spawn`); `outs` and
+/// `statuses` must each be writable for `n` elements.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sp_pool_spawn_many(
+    pool_h: sp_pool,
+    args: *const sp_bytes,
+    n: usize,
+    outs: *mut sp_result,
+    statuses: *mut sp_status,
+) -> sp_status {
+    guard(|| {
+        if n == 0 {
+            return Ok(());
+        }
+        if args.is_null() || outs.is_null() || statuses.is_null() {
+            return Err(Fail::null("args, outs or statuses"));
+        }
+        if n > (isize::MAX as usize) / size_of::<sp_bytes>() {
+            return Err(Fail::new(
+                sp_status::SP_INVALID_ARGUMENT,
+                "n is out of range",
+            ));
+        }
+        let p = pool(pool_h)?;
+        // SAFETY: non-null; the caller promises `n` elements.
+        let args = unsafe { std::slice::from_raw_parts(args, n) };
+        let mut handles = Vec::with_capacity(n);
+        for a in args {
+            // SAFETY: the caller promises each element describes readable bytes.
+            let r = unsafe { input_bytes(a.data, a.len, "args[i]") }
+                .and_then(|b| p.submit_spawn(&b.to_vec()).map_err(spawn_fail));
+            handles.push(r);
+        }
+        let mut first: Option<Fail> = None;
+        for (i, h) in handles.into_iter().enumerate() {
+            let r = h.and_then(|h| h.wait().map_err(spawn_fail));
+            let (id, status) = match r {
+                Ok(bytes) => (RESULTS.insert(Bytes::Owned(bytes)), sp_status::SP_OK),
+                Err(f) => {
+                    let s = f.status;
+                    first.get_or_insert(f);
+                    (0, s)
+                }
+            };
+            // SAFETY: i < n; the caller promises `n` writable elements in each array.
+            unsafe {
+                outs.add(i).write(sp_result { id });
+                statuses.add(i).write(status);
+            }
+        }
+        match first {
+            Some(f) => Err(f),
+            None => Ok(()),
+        }
+    })
+}
+
+/// How many workers are serving now (spawned and not dead). Thread-safe.
+///
+/// # Safety
+///
+/// `out` must be writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sp_pool_num_workers(pool_h: sp_pool, out: *mut usize) -> sp_status {
+    guard(|| {
+        let n = pool(pool_h)?.num_workers();
+        // SAFETY: the caller promises a writable out-pointer (NULL is refused).
+        unsafe { write_out(out, n, "out") }
+    })
+}
+
+fn submit_common(
+    pool_h: sp_pool,
+    task: *const u8,
+    len: usize,
+    out: *mut sp_task,
+    try_only: bool,
+) -> Result<(), Fail> {
+    if out.is_null() {
+        return Err(Fail::null("out"));
+    }
+    let p = pool(pool_h)?;
+    // SAFETY: the exported callers' contract: `len` readable bytes at `task`.
+    let bytes = unsafe { input_bytes(task, len, "task") }?;
+    let h = if try_only {
+        p.try_submit_bytes(bytes)
+    } else {
+        p.submit_bytes(bytes)
+    }
+    .map_err(submit_fail)?;
+    let id = TASKS.insert(h);
+    // SAFETY: checked non-null above; the caller promises it is writable.
+    unsafe { out.write(sp_task { id }) };
+    Ok(())
+}
+
+/// Queues a task made of a copy of `len` bytes at `task` (written once, into shared memory),
+/// waiting for room if the queue is full. `*out` receives the task handle: wait on it, or free
+/// it to cancel. An empty task (`len` 0) is allowed. Thread-safe.
+///
+/// # Safety
+///
+/// `task` must point to `len` readable bytes (may be NULL if 0); `out` must be writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sp_pool_submit(
+    pool_h: sp_pool,
+    task: *const u8,
+    len: usize,
+    out: *mut sp_task,
+) -> sp_status {
+    guard(|| submit_common(pool_h, task, len, out, false))
+}
+
+/// As `sp_pool_submit`, but fails with `SP_QUEUE_FULL` at once instead of waiting. Thread-safe.
+///
+/// # Safety
+///
+/// As for `sp_pool_submit`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sp_pool_try_submit(
+    pool_h: sp_pool,
+    task: *const u8,
+    len: usize,
+    out: *mut sp_task,
+) -> sp_status {
+    guard(|| submit_common(pool_h, task, len, out, true))
+}
+
+/// Runs a task and blocks for its result: `sp_pool_submit` then `sp_task_wait`. Thread-safe.
+///
+/// # Safety
+///
+/// `task` must point to `len` readable bytes (may be NULL if 0); `out` must be writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sp_pool_execute(
+    pool_h: sp_pool,
+    task: *const u8,
+    len: usize,
+    out: *mut sp_result,
+) -> sp_status {
+    guard(|| {
+        if out.is_null() {
+            return Err(Fail::null("out"));
+        }
+        let p = pool(pool_h)?;
+        // SAFETY: the caller promises `len` readable bytes.
+        let bytes = unsafe { input_bytes(task, len, "task") }?;
+        let h = p.submit_bytes(bytes).map_err(submit_fail)?;
+        let r = h.wait_ref().map_err(task_fail)?;
+        let id = RESULTS.insert(Bytes::InPlace(r));
+        // SAFETY: checked non-null above.
+        unsafe { out.write(sp_result { id }) };
+        Ok(())
+    })
+}
+
+/// Lends a writable buffer of `len` bytes (> 0) in the pool's shared memory, waiting for room.
+/// Fill it through `sp_loan_data`, then send it with `sp_pool_submit_loan`: the worker reads it
+/// in place, with no copy. Thread-safe.
+///
+/// # Safety
+///
+/// `out` must be writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sp_pool_loan(pool_h: sp_pool, len: usize, out: *mut sp_loan) -> sp_status {
+    guard(|| loan_common(pool_h, len, out, false))
+}
+
+/// As `sp_pool_loan`, but fails with `SP_QUEUE_FULL` at once if there is no room.
+///
+/// # Safety
+///
+/// `out` must be writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sp_pool_try_loan(
+    pool_h: sp_pool,
+    len: usize,
+    out: *mut sp_loan,
+) -> sp_status {
+    guard(|| loan_common(pool_h, len, out, true))
+}
+
+fn loan_common(pool_h: sp_pool, len: usize, out: *mut sp_loan, try_only: bool) -> Result<(), Fail> {
+    if out.is_null() {
+        return Err(Fail::null("out"));
+    }
+    if len == 0 {
+        return Err(Fail::new(
+            sp_status::SP_INVALID_ARGUMENT,
+            "a loan must be at least 1 byte long",
+        ));
+    }
+    let p = pool(pool_h)?;
+    let loan = if try_only {
+        p.try_loan(len)
+    } else {
+        p.loan(len)
+    }
+    .map_err(submit_fail)?;
+    let id = LOANS.insert(loan);
+    // SAFETY: checked non-null above; the exported callers' contract makes it writable.
+    unsafe { out.write(sp_loan { id }) };
+    Ok(())
+}
+
+/// The loan's buffer: `*data` receives its address (64-byte aligned) and `*len` its length.
+/// The buffer is the caller's to write until the loan is sent or freed. Use from one thread at
+/// a time.
+///
+/// # Safety
+///
+/// `data` and `len` must be writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sp_loan_data(
+    loan: sp_loan,
+    data: *mut *mut u8,
+    len: *mut usize,
+) -> sp_status {
+    guard(|| {
+        if data.is_null() || len.is_null() {
+            return Err(Fail::null("data or len"));
+        }
+        let (p, n) = LOANS.with(loan.id, |l| {
+            let s = l.as_mut_slice();
+            (s.as_mut_ptr(), s.len())
+        })?;
+        // SAFETY: both checked non-null; the caller promises they are writable.
+        unsafe {
+            data.write(p);
+            len.write(n);
+        }
+        Ok(())
+    })
+}
+
+/// Returns an unsent loan's space; the handle is dead afterwards. Use from one thread at a time.
+#[unsafe(no_mangle)]
+pub extern "C" fn sp_loan_free(loan: sp_loan) -> sp_status {
+    guard(|| LOANS.remove(loan.id).map(drop))
+}
+
+/// Queues a task made of a copy of `len` bytes at `task`, with the loan as its payload (the
+/// worker reads it in place). The loan handle is consumed whatever the outcome (on an error its
+/// space is returned). Waits for room if the queue is full. Thread-safe.
+///
+/// # Safety
+///
+/// As for `sp_pool_submit`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sp_pool_submit_loan(
+    pool_h: sp_pool,
+    task: *const u8,
+    len: usize,
+    loan: sp_loan,
+    out: *mut sp_task,
+) -> sp_status {
+    guard(|| {
+        if out.is_null() {
+            return Err(Fail::null("out"));
+        }
+        let p = pool(pool_h)?;
+        // SAFETY: the caller promises `len` readable bytes.
+        let bytes = unsafe { input_bytes(task, len, "task") }?;
+        let l = LOANS.remove(loan.id)?;
+        let h = p.submit_bytes_with_payload(bytes, l).map_err(submit_fail)?;
+        let id = TASKS.insert(h);
+        // SAFETY: checked non-null above.
+        unsafe { out.write(sp_task { id }) };
+        Ok(())
+    })
+}
+
+fn finish(out: *mut sp_result, r: Result<ResultRef<Vec<u8>>, TaskError>) -> Result<(), Fail> {
+    let r = r.map_err(task_fail)?;
+    let id = RESULTS.insert(Bytes::InPlace(r));
+    // SAFETY: the exported callers checked `out` non-null; their contract makes it writable.
+    unsafe { out.write(sp_result { id }) };
+    Ok(())
+}
+
+/// Blocks until the task finishes. On success `*out` receives its result (read the bytes in
+/// place with `sp_result_bytes`, release with `sp_result_free`); on failure the status says why
+/// (`SP_TASK_FAILED`, `SP_WORKER_DIED`, …) and `sp_last_error` gives the message. Either way the
+/// task handle is consumed. Use from one thread at a time per task.
+///
+/// # Safety
+///
+/// `out` must be writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sp_task_wait(task: sp_task, out: *mut sp_result) -> sp_status {
+    guard(|| {
+        if out.is_null() {
+            return Err(Fail::null("out"));
+        }
+        let h = TASKS.remove(task.id)?;
+        finish(out, h.wait_ref())
+    })
+}
+
+/// As `sp_task_wait`, waiting at most `timeout_ms` milliseconds: `SP_TIMEOUT` if the task has not
+/// finished by then, and the task handle stays valid (wait again, poll, or free it).
+///
+/// # Safety
+///
+/// `out` must be writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sp_task_wait_timeout(
+    task: sp_task,
+    timeout_ms: u64,
+    out: *mut sp_result,
+) -> sp_status {
+    guard(|| {
+        if out.is_null() {
+            return Err(Fail::null("out"));
+        }
+        let h = TASKS.check_out(task.id)?;
+        if !h.wait_finished(Duration::from_millis(timeout_ms)) {
+            TASKS.put_back(task.id, h);
+            return Err(Fail::new(
+                sp_status::SP_TIMEOUT,
+                format!("the task did not finish within {timeout_ms} ms"),
+            ));
+        }
+        TASKS.retire(task.id);
+        finish(out, h.wait_ref())
+    })
+}
+
+/// Returns at once: `SP_PENDING` if the task has not finished (the handle stays valid), else as
+/// `sp_task_wait` (the handle is consumed).
+///
+/// # Safety
+///
+/// `out` must be writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sp_task_poll(task: sp_task, out: *mut sp_result) -> sp_status {
+    guard(|| {
+        if out.is_null() {
+            return Err(Fail::null("out"));
+        }
+        let finished = TASKS.with(task.id, |h| h.is_finished())?;
+        if !finished {
+            return Err(Fail::new(
+                sp_status::SP_PENDING,
+                "the task has not finished",
+            ));
+        }
+        let h = TASKS.remove(task.id)?;
+        finish(out, h.wait_ref())
+    })
+}
+
+/// Asks that the task not run if no worker has started it (it then finishes with
+/// `SP_CANCELLED`); a running task runs on. The handle stays valid: wait on it or free it.
+#[unsafe(no_mangle)]
+pub extern "C" fn sp_task_cancel(task: sp_task) -> sp_status {
+    guard(|| TASKS.with(task.id, |h| h.cancel()))
+}
+
+/// Drops a task handle without collecting: the task is cancelled if no worker has started it,
+/// else its result is discarded. The handle is dead afterwards.
+#[unsafe(no_mangle)]
+pub extern "C" fn sp_task_free(task: sp_task) -> sp_status {
+    guard(|| TASKS.remove(task.id).map(drop))
+}
+
+/// The result's bytes, in place: `*data` receives their address (NULL if empty; 16-byte
+/// aligned) and `*len` their length. They stay valid and unchanged until `sp_result_free`.
+/// Many threads may read the bytes; free from one.
+///
+/// # Safety
+///
+/// `data` and `len` must be writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sp_result_bytes(
+    result: sp_result,
+    data: *mut *const u8,
+    len: *mut usize,
+) -> sp_status {
+    guard(|| {
+        if data.is_null() || len.is_null() {
+            return Err(Fail::null("data or len"));
+        }
+        let (p, n) = RESULTS.with(result.id, |r| {
+            let s: &[u8] = match r {
+                Bytes::InPlace(r) => r.as_slice(),
+                Bytes::Owned(v) => v,
+            };
+            (
+                if s.is_empty() {
+                    std::ptr::null()
+                } else {
+                    s.as_ptr()
+                },
+                s.len(),
+            )
+        })?;
+        // SAFETY: both checked non-null; the caller promises they are writable.
+        unsafe {
+            data.write(p);
+            len.write(n);
+        }
+        Ok(())
+    })
+}
+
+/// Releases a result (its space in shared memory goes back to the worker). The handle is dead
+/// afterwards; freeing it again gives `SP_INVALID_HANDLE`.
+#[unsafe(no_mangle)]
+pub extern "C" fn sp_result_free(result: sp_result) -> sp_status {
+    guard(|| RESULTS.remove(result.id).map(drop))
+}
+
+/// Stops the pool: new submissions fail with `SP_SHUTDOWN`; with `immediate` 0 the workers
+/// finish every queued task first, otherwise queued tasks are cancelled; returns when the
+/// workers have stopped (killed after the shutdown timeout). The handle stays valid until
+/// `sp_pool_free`. Thread-safe.
+#[unsafe(no_mangle)]
+pub extern "C" fn sp_pool_shutdown(pool_h: sp_pool, immediate: i32) -> sp_status {
+    guard(|| {
+        let p = pool(pool_h)?;
+        if immediate != 0 {
+            p.close_now();
+        } else {
+            p.close();
+        }
+        Ok(())
+    })
+}
+
+/// Shuts the pool down gracefully (if not done yet) and frees it; the handle is dead afterwards.
+/// Tasks and results already obtained stay valid. Calls still running on other threads with this
+/// handle finish first.
+#[unsafe(no_mangle)]
+pub extern "C" fn sp_pool_free(pool_h: sp_pool) -> sp_status {
+    guard(|| {
+        let p = POOLS.remove(pool_h.id)?;
+        p.close();
+        drop(p);
+        Ok(())
+    })
+}

@@ -1,0 +1,323 @@
+//! Workers written in C: the program registers its spawn / execute / drop callbacks with
+//! [`sp_init`], which (in a worker process) serves the pool with them and never returns.
+
+use crate::{Fail, guard, input_bytes, sp_status};
+use stateful_pool::{BoxError, Poisoned, TaskContext, Worker, WorkerContext};
+use std::ffi::{CStr, c_char, c_void};
+use std::sync::OnceLock;
+
+/// `execute` (and `spawn`) succeeded: the reply's bytes are the output.
+pub const SP_WORKER_OK: i32 = 0;
+/// `execute` (or `spawn`) failed: the task fails with `SP_TASK_FAILED` (the spawn with
+/// `SP_SPAWN_FAILED`), carrying the reply's error message; the worker keeps serving.
+pub const SP_WORKER_ERROR: i32 = 1;
+/// `execute` found the worker unusable (e.g. a sticky CUDA error): the task fails with
+/// `SP_POISONED`, and the worker process is replaced by a fresh one (its `drop` is not run).
+pub const SP_WORKER_POISONED: i32 = 2;
+
+/// Who a worker is, as its callbacks see it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct sp_worker_info {
+    /// The worker's seat index in the pool (stable across restarts of that seat).
+    pub index: usize,
+    /// How many times this seat has been started (1 for the first start).
+    pub generation: u32,
+    /// The worker's process id.
+    pub pid: u32,
+}
+
+/// One task, as `execute` sees it. The pointers are into shared memory, valid during the call.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct sp_task_info {
+    /// The task's bytes, read in place (16-byte aligned; NULL if empty).
+    pub data: *const u8,
+    /// Length of `data`.
+    pub len: usize,
+    /// The loaned payload submitted with the task (`sp_pool_submit_loan`), read in place;
+    /// NULL if none.
+    pub payload: *const u8,
+    /// Length of `payload`.
+    pub payload_len: usize,
+    /// The task's pool-unique id.
+    pub task_id: u64,
+    /// The worker running it.
+    pub worker: sp_worker_info,
+}
+
+/// Where a callback puts its output bytes or its error message. Valid only during the call it
+/// is passed to.
+#[derive(Debug, Default)]
+pub struct sp_reply {
+    bytes: Vec<u8>,
+    error: Option<String>,
+}
+
+/// The spawn step: runs once in the worker process with the spawn argument bytes. Store the
+/// worker's state in `*state` (it is passed to `execute` and `drop`), write the spawn output with
+/// `sp_reply_write`, return `SP_WORKER_OK`; or return `SP_WORKER_ERROR` (message with
+/// `sp_reply_set_error`).
+pub type sp_spawn_fn = unsafe extern "C" fn(
+    user_data: *mut c_void,
+    info: *const sp_worker_info,
+    args: *const u8,
+    args_len: usize,
+    state: *mut *mut c_void,
+    reply: *mut sp_reply,
+) -> i32;
+
+/// The execute step: runs for every task this worker takes. Write the output with
+/// `sp_reply_write` and return `SP_WORKER_OK`, or return `SP_WORKER_ERROR` /
+/// `SP_WORKER_POISONED` (message with `sp_reply_set_error`).
+pub type sp_execute_fn = unsafe extern "C" fn(
+    state: *mut c_void,
+    task: *const sp_task_info,
+    reply: *mut sp_reply,
+) -> i32;
+
+/// Releases the worker's state when the worker stops normally.
+pub type sp_drop_fn = unsafe extern "C" fn(state: *mut c_void);
+
+/// A C worker's callbacks (`spawn` and `execute` are required; `drop` may be NULL).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct sp_worker_callbacks {
+    /// Passed to `spawn` as is.
+    pub user_data: *mut c_void,
+    /// The spawn step (see `sp_spawn_fn`).
+    pub spawn: Option<
+        unsafe extern "C" fn(
+            user_data: *mut c_void,
+            info: *const sp_worker_info,
+            args: *const u8,
+            args_len: usize,
+            state: *mut *mut c_void,
+            reply: *mut sp_reply,
+        ) -> i32,
+    >,
+    /// The execute step (see `sp_execute_fn`).
+    pub execute: Option<
+        unsafe extern "C" fn(
+            state: *mut c_void,
+            task: *const sp_task_info,
+            reply: *mut sp_reply,
+        ) -> i32,
+    >,
+    /// The state's destructor (optional; see `sp_drop_fn`).
+    pub drop: Option<unsafe extern "C" fn(state: *mut c_void)>,
+}
+
+/// The registered callbacks (set once, by `sp_init`).
+struct Registered(sp_worker_callbacks);
+
+// SAFETY: the callbacks are plain function pointers; `user_data` is the C program's, handed
+// back to its own `spawn` in the single thread that serves the worker. Sharing the struct between
+// threads moves no Rust data.
+unsafe impl Send for Registered {}
+// SAFETY: as above; nothing in it is mutated after registration.
+unsafe impl Sync for Registered {}
+
+static CALLBACKS: OnceLock<Registered> = OnceLock::new();
+
+/// The worker type of the C ABI's pools: bytes in, bytes out, behaviour from the registered C
+/// callbacks (or a Rust worker program with the same `Vec<u8>` messages).
+#[derive(Debug)]
+pub struct CWorker {
+    state: *mut c_void,
+    callbacks: sp_worker_callbacks,
+}
+
+fn info(ctx: &WorkerContext) -> sp_worker_info {
+    sp_worker_info {
+        index: ctx.index(),
+        generation: ctx.generation(),
+        pid: ctx.pid(),
+    }
+}
+
+fn reply_error(reply: &mut sp_reply, step: &str, rc: i32) -> String {
+    reply
+        .error
+        .take()
+        .unwrap_or_else(|| format!("{step} callback returned {rc}"))
+}
+
+impl Worker for CWorker {
+    type SpawnArgs = Vec<u8>;
+    type SpawnOutput = Vec<u8>;
+    type Task = Vec<u8>;
+    type Output = Vec<u8>;
+
+    fn spawn(args: Vec<u8>, ctx: &WorkerContext) -> Result<(Self, Vec<u8>), BoxError> {
+        let Some(Registered(cb)) = CALLBACKS.get() else {
+            return Err("no C worker callbacks: the worker program must call \
+                        sp_init(&callbacks) first thing in main"
+                .into());
+        };
+        let (Some(spawn), Some(_)) = (cb.spawn, cb.execute) else {
+            return Err("sp_worker_callbacks.spawn and .execute must not be NULL".into());
+        };
+        let info = info(ctx);
+        let mut state: *mut c_void = std::ptr::null_mut();
+        let mut reply = sp_reply::default();
+        // SAFETY: the C program registered `spawn` with this signature; every pointer passed is
+        // valid for the duration of the call (locals and `args`, which outlives it).
+        let rc = unsafe {
+            spawn(
+                cb.user_data,
+                &info,
+                args.as_ptr(),
+                args.len(),
+                &mut state,
+                &mut reply,
+            )
+        };
+        if rc != SP_WORKER_OK {
+            return Err(reply_error(&mut reply, "spawn", rc).into());
+        }
+        Ok((
+            CWorker {
+                state,
+                callbacks: *cb,
+            },
+            reply.bytes,
+        ))
+    }
+
+    fn execute(
+        &mut self,
+        task: &rkyv::Archived<Vec<u8>>,
+        ctx: &TaskContext<'_>,
+    ) -> Result<Vec<u8>, BoxError> {
+        let Some(execute) = self.callbacks.execute else {
+            return Err("sp_worker_callbacks.execute is NULL".into());
+        };
+        let data = task.as_slice();
+        let payload = ctx.payload();
+        let ptr_or_null = |s: &[u8]| {
+            if s.is_empty() {
+                std::ptr::null()
+            } else {
+                s.as_ptr()
+            }
+        };
+        let t = sp_task_info {
+            data: ptr_or_null(data),
+            len: data.len(),
+            payload: ptr_or_null(payload),
+            payload_len: payload.len(),
+            task_id: ctx.task_id(),
+            worker: info(ctx.worker()),
+        };
+        let mut reply = sp_reply::default();
+        // SAFETY: registered with this signature; `t`'s pointers are into the task's slot and
+        // payload, which stay put until this task is answered, after the call.
+        let rc = unsafe { execute(self.state, &t, &mut reply) };
+        match rc {
+            SP_WORKER_OK => Ok(reply.bytes),
+            SP_WORKER_POISONED => Err(Poisoned::new(reply_error(&mut reply, "execute", rc)).into()),
+            _ => Err(reply_error(&mut reply, "execute", rc).into()),
+        }
+    }
+}
+
+impl Drop for CWorker {
+    fn drop(&mut self) {
+        if let Some(d) = self.callbacks.drop {
+            // SAFETY: the C program's own destructor, given the state its spawn produced, once.
+            unsafe { d(self.state) };
+        }
+    }
+}
+
+/// Call first thing in `main` of any program that a pool may start as a worker (by default,
+/// the host program itself). `callbacks` are this program's C worker (NULL if it has none, e.g. a
+/// host whose workers are another program). In a process started as a worker, this serves the
+/// pool and never returns; otherwise it records the callbacks and returns `SP_OK` at once.
+///
+/// Returns `SP_INVALID_ARGUMENT` if called again with other callbacks. Thread-safe, but meant
+/// to run before the program starts threads.
+///
+/// # Safety
+///
+/// `callbacks`, if not NULL, must point to a valid `sp_worker_callbacks`; its functions must
+/// have the documented signatures and `user_data` must stay valid for the process's life.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sp_init(callbacks: *const sp_worker_callbacks) -> sp_status {
+    guard(|| {
+        if !callbacks.is_null() {
+            // SAFETY: non-null; the caller promises a valid struct.
+            let cb = unsafe { *callbacks };
+            let stored = CALLBACKS.get_or_init(|| Registered(cb));
+            let same = stored.0.spawn.map(|f| f as usize) == cb.spawn.map(|f| f as usize)
+                && stored.0.execute.map(|f| f as usize) == cb.execute.map(|f| f as usize)
+                && stored.0.drop.map(|f| f as usize) == cb.drop.map(|f| f as usize)
+                && stored.0.user_data == cb.user_data;
+            if !same {
+                return Err(Fail::new(
+                    sp_status::SP_INVALID_ARGUMENT,
+                    "sp_init was already called with other callbacks",
+                ));
+            }
+        }
+        // In a worker process this serves and never returns.
+        stateful_pool::serve::<CWorker>();
+        Ok(())
+    })
+}
+
+/// Appends `len` bytes to the reply's output. Call from inside a `spawn` or `execute` callback,
+/// on the reply it was given.
+///
+/// # Safety
+///
+/// `reply` must be the pointer the callback received (valid during the call only); `data` must
+/// point to `len` readable bytes (may be NULL if `len` is 0).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sp_reply_write(
+    reply: *mut sp_reply,
+    data: *const u8,
+    len: usize,
+) -> sp_status {
+    guard(|| {
+        if reply.is_null() {
+            return Err(Fail::null("reply"));
+        }
+        // SAFETY: the caller promises `len` readable bytes at `data`.
+        let bytes = unsafe { input_bytes(data, len, "data") }?;
+        // SAFETY: non-null; the caller passes the reply of the running callback, which we own
+        // and nobody else touches during the call.
+        let reply = unsafe { &mut *reply };
+        reply.bytes.extend_from_slice(bytes);
+        Ok(())
+    })
+}
+
+/// Sets the reply's error message (used when the callback returns `SP_WORKER_ERROR` or
+/// `SP_WORKER_POISONED`).
+///
+/// # Safety
+///
+/// `reply` as for `sp_reply_write`; `message` must be a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sp_reply_set_error(
+    reply: *mut sp_reply,
+    message: *const c_char,
+) -> sp_status {
+    guard(|| {
+        if reply.is_null() {
+            return Err(Fail::null("reply"));
+        }
+        if message.is_null() {
+            return Err(Fail::null("message"));
+        }
+        // SAFETY: non-null; the caller promises a NUL-terminated string.
+        let msg = unsafe { CStr::from_ptr(message) }
+            .to_string_lossy()
+            .into_owned();
+        // SAFETY: as in `sp_reply_write`.
+        unsafe { &mut *reply }.error = Some(msg);
+        Ok(())
+    })
+}
