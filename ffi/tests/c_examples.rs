@@ -1,0 +1,235 @@
+//! Compiles the C and C++ examples in `ffi/examples/` with the system compilers against the
+//! library cargo just built (the static and the shared one), runs them, and checks their output.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// `target/<profile>`: where cargo put `libstateful_pool_ffi.{a,so}` and the examples.
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().to_path_buf() // .../deps/<test> -> .../<profile>
+}
+
+fn ffi_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn out_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+}
+
+/// Runs a command to completion within `secs` (killed and failed past it).
+fn run(mut cmd: Command, secs: u64) -> Output {
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    let end = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{what} did not finish within {secs} s\nstdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{what} failed ({})\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn lib(name: &str) -> PathBuf {
+    let p = target_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the ffi crate first",
+        p.display()
+    );
+    p
+}
+
+/// Compiles `source` into `out_dir()/<name>`, linked statically or to the shared library.
+fn compile(compiler: &str, std: &str, source: &str, name: &str, link_static: bool) -> PathBuf {
+    let out = out_dir().join(name);
+    let mut cmd = Command::new(compiler);
+    cmd.arg(format!("-std={std}"))
+        .args(["-Wall", "-Wextra", "-Werror", "-pedantic", "-g", "-I"])
+        .arg(ffi_dir().join("include"))
+        .arg(ffi_dir().join("examples").join(source))
+        .arg("-o")
+        .arg(&out);
+    if link_static {
+        cmd.arg(lib("libstateful_pool_ffi.a")).args([
+            "-lgcc_s",
+            "-lutil",
+            "-lrt",
+            "-lpthread",
+            "-lm",
+            "-ldl",
+        ]);
+    } else {
+        let _ = lib("libstateful_pool_ffi.so");
+        cmd.arg("-L")
+            .arg(target_dir())
+            .arg("-lstateful_pool_ffi")
+            .arg(format!("-Wl,-rpath,{}", target_dir().display()))
+            .arg("-lpthread");
+    }
+    run(cmd, 300);
+    out
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn a_c_host_with_c_workers_runs_the_square_example() {
+    let exe = compile("cc", "c11", "square.c", "square", true);
+    let out = stdout(&run(Command::new(&exe), 120));
+    assert!(out.contains("Worker 0 initialized on GPU: [0, 1]"), "{out}");
+    assert!(out.contains("Worker 1 initialized on GPU: [2, 3]"), "{out}");
+    assert!(out.contains("Square of 100 is 10000 (GPU ["), "{out}");
+    for i in 0..8 {
+        assert!(
+            out.contains(&format!("Square of {i} is {} (GPU [", i * i)),
+            "{out}"
+        );
+    }
+    assert!(
+        out.contains("bad task: SP_TASK_FAILED: worker ")
+            && out.contains("task failed: a task must be an 8-byte integer"),
+        "{out}"
+    );
+    assert!(out.trim_end().ends_with("done"), "{out}");
+}
+
+#[test]
+fn a_cpp_host_uses_the_raii_wrappers() {
+    let exe = compile("c++", "c++17", "host.cpp", "host_cpp", false);
+    let out = stdout(&run(Command::new(&exe), 120));
+    for line in [
+        "spawned: ada ready on seat 0",
+        "spawned: grace ready on seat 1",
+        "threads: 200 of 200 echoes correct",
+        "payload sum: 3145722 (correct)",
+        "error: SP_TASK_FAILED: worker ",
+        "cannot do \"fly\"",
+        "after 1 ms: still running",
+        "then: slept",
+        "done",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+}
+
+/// The Rust worker program the C host drives (built by cargo with the package's examples).
+fn rust_worker() -> PathBuf {
+    let p = target_dir().join("examples").join("rust_worker");
+    if !p.exists() {
+        // Running this test alone builds no examples: build it (same target dir, cargo's lock
+        // is free while tests run).
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args([
+            "build",
+            "-p",
+            "stateful-pool-ffi",
+            "--example",
+            "rust_worker",
+        ]);
+        if target_dir().ends_with("release") {
+            cmd.arg("--release");
+        }
+        run(cmd, 600);
+    }
+    assert!(p.exists(), "{} was not built", p.display());
+    p
+}
+
+#[test]
+fn a_c_host_drives_workers_written_in_rust() {
+    let exe = compile(
+        "cc",
+        "c11",
+        "drive_rust_worker.c",
+        "drive_rust_worker",
+        false,
+    );
+    let mut cmd = Command::new(&exe);
+    cmd.arg(rust_worker());
+    let out = stdout(&run(cmd, 120));
+    for line in [
+        "spawned: rust worker alpha ready (seat 0)",
+        "spawned: rust worker beta ready (seat 1)",
+        "upper: HELLO FROM C",
+        "100 of 100 results correct",
+        "empty task: SP_TASK_FAILED: worker ",
+        "got an empty task",
+        "done",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+}
+
+#[test]
+fn the_headers_compile_in_each_language_mode() {
+    // Each language mode a host might use includes the header cleanly.
+    let src = out_dir().join("include_only.c");
+    std::fs::write(
+        &src,
+        "#include \"stateful_pool.h\"\nint main(void) { return sp_status_name(0)[0] == 'S' ? 0 : 1; }\n",
+    )
+    .unwrap();
+    for (compiler, std) in [
+        ("cc", "c99"),
+        ("cc", "c11"),
+        ("c++", "c++11"),
+        ("c++", "c++17"),
+    ] {
+        let mut cmd = Command::new(compiler);
+        cmd.arg(format!("-std={std}"))
+            .args(["-Wall", "-Wextra", "-Werror", "-fsyntax-only", "-I"])
+            .arg(ffi_dir().join("include"));
+        if compiler == "c++" {
+            cmd.args(["-x", "c++"]);
+        }
+        cmd.arg(&src);
+        run(cmd, 120);
+    }
+    let hpp = out_dir().join("include_hpp.cpp");
+    std::fs::write(
+        &hpp,
+        "#include \"stateful_pool.hpp\"\nint main() { return 0; }\n",
+    )
+    .unwrap();
+    let mut cmd = Command::new("c++");
+    cmd.args([
+        "-std=c++17",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        "-pedantic",
+        "-fsyntax-only",
+        "-I",
+    ])
+    .arg(ffi_dir().join("include"))
+    .arg(&hpp);
+    run(cmd, 120);
+    assert!(Path::new(&src).exists());
+}
