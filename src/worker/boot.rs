@@ -6,7 +6,8 @@
 //! The entry point is `main_loop::run::<W>` for the pool's worker type `W`, passed as an offset
 //! from an anchor function in this crate (the same binary has the same offsets, whatever ASLR
 //! did), together with a fingerprint (a second offset) that catches a different binary, and a
-//! hash of `W`'s type name that catches a different worker type.
+//! hash of `W`'s message types that catches a worker speaking other messages. `serve::<W>()`
+//! enters `run::<W>` directly instead, for worker programs that are other binaries.
 
 use crate::shm::layout::{Layout, SegmentHeader, VERSION};
 use crate::shm::segment::Segment;
