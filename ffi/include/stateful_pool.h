@@ -294,7 +294,10 @@ typedef struct sp_worker_callbacks {
    */
   void *user_data;
   /**
-   * The spawn step (see `sp_spawn_fn`).
+   * The spawn step: runs once in the worker process with the spawn argument bytes. Store
+   * the worker's state in `*state` (it is passed to `execute` and `drop`), write the spawn
+   * output with `sp_reply_write`, return `SP_WORKER_OK`; or return `SP_WORKER_ERROR`
+   * (message with `sp_reply_set_error`).
    */
   int32_t (*spawn)(void *user_data,
                    const struct sp_worker_info *info,
@@ -303,11 +306,13 @@ typedef struct sp_worker_callbacks {
                    void **state,
                    struct sp_reply *reply);
   /**
-   * The execute step (see `sp_execute_fn`).
+   * The execute step: runs for every task this worker takes. Write the output with
+   * `sp_reply_write` and return `SP_WORKER_OK`, or return `SP_WORKER_ERROR` /
+   * `SP_WORKER_POISONED` (message with `sp_reply_set_error`).
    */
   int32_t (*execute)(void *state, const struct sp_task_info *task, struct sp_reply *reply);
   /**
-   * The state's destructor (optional; see `sp_drop_fn`).
+   * Releases the worker's state when the worker stops normally (optional).
    */
   void (*drop)(void *state);
 } sp_worker_callbacks;
@@ -472,8 +477,10 @@ enum sp_status sp_loan_free(struct sp_loan loan);
 
 /**
  * Queues a task made of a copy of `len` bytes at `task`, with the loan as its payload (the
- * worker reads it in place). The loan handle is consumed whatever the outcome (on an error its
- * space is returned). Waits for room if the queue is full. Thread-safe.
+ * worker reads it in place). Waits for room if the queue is full. The loan handle is consumed
+ * once the submit is attempted, whatever its outcome (on an error its space is returned); only
+ * when the call is refused before that (`SP_NULL_ARGUMENT` for `out` or `task`, or a bad pool
+ * handle) does the loan stay the caller's. Thread-safe.
  *
  * # Safety
  *

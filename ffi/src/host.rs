@@ -361,12 +361,19 @@ pub unsafe extern "C" fn sp_pool_num_workers(pool_h: sp_pool, out: *mut usize) -
     })
 }
 
+/// How a task is queued: waiting for room, failing at once if full, or with a loaned payload.
+enum Submit {
+    Wait,
+    Try,
+    WithLoan(sp_loan),
+}
+
 fn submit_common(
     pool_h: sp_pool,
     task: *const u8,
     len: usize,
     out: *mut sp_task,
-    try_only: bool,
+    how: Submit,
 ) -> Result<(), Fail> {
     if out.is_null() {
         return Err(Fail::null("out"));
@@ -374,10 +381,10 @@ fn submit_common(
     let p = pool(pool_h)?;
     // SAFETY: the exported callers' contract: `len` readable bytes at `task`.
     let bytes = unsafe { input_bytes(task, len, "task") }?;
-    let h = if try_only {
-        p.try_submit_bytes(bytes)
-    } else {
-        p.submit_bytes(bytes)
+    let h = match how {
+        Submit::Wait => p.submit_bytes(bytes),
+        Submit::Try => p.try_submit_bytes(bytes),
+        Submit::WithLoan(l) => p.submit_bytes_with_payload(bytes, LOANS.remove(l.id)?),
     }
     .map_err(submit_fail)?;
     let id = TASKS.insert(h);
@@ -400,7 +407,7 @@ pub unsafe extern "C" fn sp_pool_submit(
     len: usize,
     out: *mut sp_task,
 ) -> sp_status {
-    guard(|| submit_common(pool_h, task, len, out, false))
+    guard(|| submit_common(pool_h, task, len, out, Submit::Wait))
 }
 
 /// As `sp_pool_submit`, but fails with `SP_QUEUE_FULL` at once instead of waiting. Thread-safe.
@@ -415,7 +422,7 @@ pub unsafe extern "C" fn sp_pool_try_submit(
     len: usize,
     out: *mut sp_task,
 ) -> sp_status {
-    guard(|| submit_common(pool_h, task, len, out, true))
+    guard(|| submit_common(pool_h, task, len, out, Submit::Try))
 }
 
 /// Runs a task and blocks for its result: `sp_pool_submit` then `sp_task_wait`. Thread-safe.
@@ -532,8 +539,10 @@ pub extern "C" fn sp_loan_free(loan: sp_loan) -> sp_status {
 }
 
 /// Queues a task made of a copy of `len` bytes at `task`, with the loan as its payload (the
-/// worker reads it in place). The loan handle is consumed whatever the outcome (on an error its
-/// space is returned). Waits for room if the queue is full. Thread-safe.
+/// worker reads it in place). Waits for room if the queue is full. The loan handle is consumed
+/// once the submit is attempted, whatever its outcome (on an error its space is returned); only
+/// when the call is refused before that (`SP_NULL_ARGUMENT` for `out` or `task`, or a bad pool
+/// handle) does the loan stay the caller's. Thread-safe.
 ///
 /// # Safety
 ///
@@ -546,20 +555,7 @@ pub unsafe extern "C" fn sp_pool_submit_loan(
     loan: sp_loan,
     out: *mut sp_task,
 ) -> sp_status {
-    guard(|| {
-        if out.is_null() {
-            return Err(Fail::null("out"));
-        }
-        let p = pool(pool_h)?;
-        // SAFETY: the caller promises `len` readable bytes.
-        let bytes = unsafe { input_bytes(task, len, "task") }?;
-        let l = LOANS.remove(loan.id)?;
-        let h = p.submit_bytes_with_payload(bytes, l).map_err(submit_fail)?;
-        let id = TASKS.insert(h);
-        // SAFETY: checked non-null above.
-        unsafe { out.write(sp_task { id }) };
-        Ok(())
-    })
+    guard(|| submit_common(pool_h, task, len, out, Submit::WithLoan(loan)))
 }
 
 fn finish(out: *mut sp_result, r: Result<ResultRef<Vec<u8>>, TaskError>) -> Result<(), Fail> {

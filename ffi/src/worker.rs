@@ -54,38 +54,16 @@ pub struct sp_reply {
     error: Option<String>,
 }
 
-/// The spawn step: runs once in the worker process with the spawn argument bytes. Store the
-/// worker's state in `*state` (it is passed to `execute` and `drop`), write the spawn output with
-/// `sp_reply_write`, return `SP_WORKER_OK`; or return `SP_WORKER_ERROR` (message with
-/// `sp_reply_set_error`).
-pub type sp_spawn_fn = unsafe extern "C" fn(
-    user_data: *mut c_void,
-    info: *const sp_worker_info,
-    args: *const u8,
-    args_len: usize,
-    state: *mut *mut c_void,
-    reply: *mut sp_reply,
-) -> i32;
-
-/// The execute step: runs for every task this worker takes. Write the output with
-/// `sp_reply_write` and return `SP_WORKER_OK`, or return `SP_WORKER_ERROR` /
-/// `SP_WORKER_POISONED` (message with `sp_reply_set_error`).
-pub type sp_execute_fn = unsafe extern "C" fn(
-    state: *mut c_void,
-    task: *const sp_task_info,
-    reply: *mut sp_reply,
-) -> i32;
-
-/// Releases the worker's state when the worker stops normally.
-pub type sp_drop_fn = unsafe extern "C" fn(state: *mut c_void);
-
 /// A C worker's callbacks (`spawn` and `execute` are required; `drop` may be NULL).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct sp_worker_callbacks {
     /// Passed to `spawn` as is.
     pub user_data: *mut c_void,
-    /// The spawn step (see `sp_spawn_fn`).
+    /// The spawn step: runs once in the worker process with the spawn argument bytes. Store
+    /// the worker's state in `*state` (it is passed to `execute` and `drop`), write the spawn
+    /// output with `sp_reply_write`, return `SP_WORKER_OK`; or return `SP_WORKER_ERROR`
+    /// (message with `sp_reply_set_error`).
     pub spawn: Option<
         unsafe extern "C" fn(
             user_data: *mut c_void,
@@ -96,7 +74,9 @@ pub struct sp_worker_callbacks {
             reply: *mut sp_reply,
         ) -> i32,
     >,
-    /// The execute step (see `sp_execute_fn`).
+    /// The execute step: runs for every task this worker takes. Write the output with
+    /// `sp_reply_write` and return `SP_WORKER_OK`, or return `SP_WORKER_ERROR` /
+    /// `SP_WORKER_POISONED` (message with `sp_reply_set_error`).
     pub execute: Option<
         unsafe extern "C" fn(
             state: *mut c_void,
@@ -104,7 +84,7 @@ pub struct sp_worker_callbacks {
             reply: *mut sp_reply,
         ) -> i32,
     >,
-    /// The state's destructor (optional; see `sp_drop_fn`).
+    /// Releases the worker's state when the worker stops normally (optional).
     pub drop: Option<unsafe extern "C" fn(state: *mut c_void)>,
 }
 

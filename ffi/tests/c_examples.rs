@@ -126,19 +126,38 @@ fn the_square_example_is_clean_under_address_and_undefined_behaviour_sanitizers(
     // LeakSanitizer, linked to the static library.
     let out = out_dir().join("square_asan");
     let mut cmd = Command::new("cc");
-    cmd.args(["-std=c11", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer"])
-        .args(["-fno-sanitize-recover=all", "-I"])
-        .arg(ffi_dir().join("include"))
-        .arg(ffi_dir().join("examples/square.c"))
-        .arg(lib("libstateful_pool_ffi.a"))
-        .args(["-lgcc_s", "-lutil", "-lrt", "-lpthread", "-lm", "-ldl", "-o"])
-        .arg(&out);
+    cmd.args([
+        "-std=c11",
+        "-g",
+        "-fsanitize=address,undefined",
+        "-fno-omit-frame-pointer",
+    ])
+    .args(["-fno-sanitize-recover=all", "-I"])
+    .arg(ffi_dir().join("include"))
+    .arg(ffi_dir().join("examples/square.c"))
+    .arg(lib("libstateful_pool_ffi.a"))
+    .args([
+        "-lgcc_s",
+        "-lutil",
+        "-lrt",
+        "-lpthread",
+        "-lm",
+        "-ldl",
+        "-o",
+    ])
+    .arg(&out);
     run(cmd, 300);
     let mut cmd = Command::new(&out);
-    cmd.env("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=0:exitcode=23");
+    cmd.env(
+        "ASAN_OPTIONS",
+        "detect_leaks=1:abort_on_error=0:exitcode=23",
+    );
     let o = run(cmd, 120);
     let text = format!("{}{}", stdout(&o), String::from_utf8_lossy(&o.stderr));
-    assert!(!text.contains("Sanitizer") && !text.contains("runtime error"), "{text}");
+    assert!(
+        !text.contains("Sanitizer") && !text.contains("runtime error"),
+        "{text}"
+    );
     assert!(text.trim_end().ends_with("done"), "{text}");
 }
 

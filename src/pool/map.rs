@@ -594,7 +594,7 @@ impl<W: Worker, In: Borrow<W::Task>> Engine<W, In> {
     }
 
     /// Items still to come, given the unread input's size hint.
-    fn size_hint(&self, input: (usize, Option<usize>)) -> (usize, Option<usize>) {
+    fn size_hint(&self, input: impl FnOnce() -> (usize, Option<usize>)) -> (usize, Option<usize>) {
         if self.finished {
             return (0, Some(0));
         }
@@ -605,6 +605,7 @@ impl<W: Worker, In: Borrow<W::Task>> Engine<W, In> {
         if !self.taking_input() {
             return (held, Some(held));
         }
+        let input = input();
         (
             input.0.saturating_add(held),
             input.1.and_then(|n| n.checked_add(held)),
@@ -623,6 +624,11 @@ impl<W: Worker, In> fmt::Debug for Engine<W, In> {
             .field("finished", &self.finished)
             .finish_non_exhaustive()
     }
+}
+
+/// An engine's output as the item of shape `S`.
+fn item<S: Shape<In, Out>, In, Out>((index, input, r): Raw<Out, In>) -> S::Item {
+    S::item(index, input, r.map_err(|error| MapError { index, error }))
 }
 
 /// The configuration methods, the same on [`Map`] and [`MapStream`].
@@ -734,21 +740,11 @@ where
     type Item = S::Item;
 
     fn next(&mut self) -> Option<S::Item> {
-        let (index, input, r) = self.engine.next_sync(&mut self.inputs)?;
-        Some(S::item(
-            index,
-            input,
-            r.map_err(|error| MapError { index, error }),
-        ))
+        self.engine.next_sync(&mut self.inputs).map(item::<S, _, _>)
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        let input = if self.engine.taking_input() {
-            self.inputs.size_hint()
-        } else {
-            (0, Some(0))
-        };
-        self.engine.size_hint(input)
+        self.engine.size_hint(|| self.inputs.size_hint())
     }
 }
 
@@ -816,24 +812,13 @@ where
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
         let this = self.get_mut();
-        match this.engine.poll_next(this.inputs.as_mut(), cx) {
-            Poll::Ready(Some((index, input, r))) => Poll::Ready(Some(S::item(
-                index,
-                input,
-                r.map_err(|error| MapError { index, error }),
-            ))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
-        }
+        this.engine
+            .poll_next(this.inputs.as_mut(), cx)
+            .map(|r| r.map(item::<S, _, _>))
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        let input = if self.engine.taking_input() {
-            self.inputs.size_hint()
-        } else {
-            (0, Some(0))
-        };
-        self.engine.size_hint(input)
+        self.engine.size_hint(|| self.inputs.size_hint())
     }
 }
 
@@ -887,7 +872,8 @@ impl<W: Worker> Pool<W> {
     /// stateful_pool::init();
     /// let pool = Pool::<Square>::new()?;
     /// pool.spawn_n(&(), 4);
-    /// let squares = pool.map(0..1000i64).window(64);
+    /// // (std knows the length of a range of i32, not of i64.)
+    /// let squares = pool.map((0..1000i32).map(i64::from)).window(64);
     /// assert_eq!(squares.len(), 1000); // exact: a progress bar can use it
     /// let total: i64 = squares.map(|r| r.unwrap()).sum();
     /// # Ok(()) }
