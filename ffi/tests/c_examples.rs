@@ -54,13 +54,32 @@ fn run(mut cmd: Command, secs: u64) -> Output {
     out
 }
 
+/// Builds the C libraries and the Rust worker example with cargo, once per test run: `cargo
+/// test` builds the library only as an rlib for its tests, and no examples when a single test
+/// is selected. Cargo's lock is free while tests run, and the target directory is the same.
+fn ensure_built() {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args([
+            "build",
+            "-p",
+            "stateful-pool-ffi",
+            "--lib",
+            "--example",
+            "rust_worker",
+        ]);
+        if target_dir().ends_with("release") {
+            cmd.arg("--release");
+        }
+        run(cmd, 900);
+    });
+}
+
 fn lib(name: &str) -> PathBuf {
+    ensure_built();
     let p = target_dir().join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: build the ffi crate first",
-        p.display()
-    );
+    assert!(p.exists(), "{} was not built", p.display());
     p
 }
 
@@ -180,25 +199,10 @@ fn a_cpp_host_uses_the_raii_wrappers() {
     }
 }
 
-/// The Rust worker program the C host drives (built by cargo with the package's examples).
+/// The Rust worker program the C host drives (`examples/rust_worker.rs`).
 fn rust_worker() -> PathBuf {
+    ensure_built();
     let p = target_dir().join("examples").join("rust_worker");
-    if !p.exists() {
-        // Running this test alone builds no examples: build it (same target dir, cargo's lock
-        // is free while tests run).
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args([
-            "build",
-            "-p",
-            "stateful-pool-ffi",
-            "--example",
-            "rust_worker",
-        ]);
-        if target_dir().ends_with("release") {
-            cmd.arg("--release");
-        }
-        run(cmd, 600);
-    }
     assert!(p.exists(), "{} was not built", p.display());
     p
 }
