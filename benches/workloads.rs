@@ -1,0 +1,718 @@
+//! The benchmark workloads W1–W6 (`../shared/docs/workloads.md`), each beside its baselines in
+//! the same run: the floors (spin and futex ping-pong between two processes, one memcpy of the
+//! payload, the same schedule with no IPC), a process pool over pipes, and in-process worker
+//! threads with channels. Latencies go into histograms (p50, p99, p99.9); at the end a summary
+//! with ratios and the targets is printed and written to `target/bench-report/workloads.md`.
+//!
+//! Run: `cargo bench --bench workloads` (full, ≈ 10 minutes), or quick:
+//! `STATEFUL_POOL_BENCH_QUICK=1 cargo bench --bench workloads` (≈ 3 minutes).
+
+#[path = "support/mod.rs"]
+mod support;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use hdrhistogram::Histogram;
+use stateful_pool::{Pool, TaskHandle, WaitStrategy};
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use support::*;
+
+stateful_pool::worker_hook!();
+
+/// Results gathered during the run for the summary: latency histograms and per-iteration times.
+#[derive(Default)]
+struct Gathered {
+    hist: BTreeMap<String, Histogram<u64>>,
+    /// Seconds per iteration of each bench (one entry per criterion call).
+    iters: BTreeMap<String, Vec<f64>>,
+    /// Free-form numbers (CPU per round trip, idle CPU, …).
+    values: BTreeMap<String, f64>,
+}
+
+static GATHERED: Mutex<Option<Gathered>> = Mutex::new(None);
+
+fn with<R>(f: impl FnOnce(&mut Gathered) -> R) -> R {
+    let mut g = GATHERED.lock().unwrap();
+    f(g.get_or_insert_with(Gathered::default))
+}
+
+fn record_hist(name: &str, h: &Histogram<u64>) {
+    with(|g| {
+        g.hist
+            .entry(name.to_string())
+            .or_insert_with(histogram)
+            .add(h)
+            .unwrap()
+    });
+}
+
+fn record_iter(name: &str, total: Duration, n: u64) {
+    with(|g| {
+        g.iters
+            .entry(name.to_string())
+            .or_default()
+            .push(total.as_secs_f64() / n as f64)
+    });
+}
+
+fn set_value(name: &str, v: f64) {
+    with(|g| {
+        g.values.insert(name.to_string(), v);
+    });
+}
+
+fn configure<'a>(
+    c: &'a mut Criterion,
+    name: &str,
+) -> criterion::BenchmarkGroup<'a, criterion::measurement::WallTime> {
+    let mut g = c.benchmark_group(name);
+    if quick() {
+        g.sample_size(10)
+            .warm_up_time(Duration::from_millis(300))
+            .measurement_time(Duration::from_secs(1));
+    } else {
+        g.sample_size(20)
+            .warm_up_time(Duration::from_secs(1))
+            .measurement_time(Duration::from_secs(4));
+    }
+    g
+}
+
+fn echo_pool(workers: usize, wait: WaitStrategy, queue: usize) -> Pool<Echo> {
+    let pool = Pool::<Echo>::builder()
+        .wait_strategy(wait)
+        .queue_size(queue)
+        .build()
+        .unwrap();
+    for r in pool.spawn_many(std::iter::repeat_n(&(), workers)) {
+        r.unwrap();
+    }
+    pool
+}
+
+/// W1 body: `n` sequential round trips, each timed into `h`.
+fn pool_round_trips(pool: &Pool<Echo>, n: u64, h: &mut Histogram<u64>) -> Duration {
+    let start = Instant::now();
+    for i in 0..n {
+        let t0 = Instant::now();
+        let v = pool.execute(&i).unwrap();
+        h.saturating_record(t0.elapsed().as_nanos() as u64);
+        debug_assert_eq!(v, i);
+    }
+    start.elapsed()
+}
+
+fn worker_cpu(pool: &Pool<Echo>) -> Duration {
+    pool.worker_pids()
+        .iter()
+        .map(|&(_, pid)| proc_cpu(pid))
+        .sum()
+}
+
+/// W1 (and W6 under load): latency of one round trip, back to back.
+fn round_trip_group(c: &mut Criterion, group: &str, suffix: &str) {
+    let mut g = configure(c, group);
+    for (name, park) in [("floor_spin", false), ("floor_futex", true)] {
+        let key = format!("{name}{suffix}");
+        g.bench_function(name, |b| {
+            b.iter_custom(|n| {
+                let mut h = histogram();
+                let t = ping_pong(n, park, Some(&mut h));
+                record_hist(&key, &h);
+                t
+            })
+        });
+    }
+    let strategies: &[(&str, WaitStrategy)] = if suffix.is_empty() {
+        &[
+            ("pool_default", WaitStrategy::default()),
+            ("pool_parked", WaitStrategy::Park),
+            (
+                "pool_spin_1ms",
+                WaitStrategy::SpinThenPark {
+                    spin: Duration::from_millis(1),
+                },
+            ),
+        ]
+    } else {
+        &[
+            (
+                "pool_default",
+                WaitStrategy::SpinThenPark {
+                    spin: Duration::from_micros(20),
+                },
+            ),
+            ("pool_parked", WaitStrategy::Park),
+        ]
+    };
+    for &(name, wait) in strategies {
+        let key = format!("{name}{suffix}");
+        let pool = echo_pool(1, wait, 64);
+        let mut warm = histogram();
+        pool_round_trips(&pool, 1000, &mut warm);
+        let (cpu0, wcpu0) = (self_cpu(), worker_cpu(&pool));
+        let mut total = 0u64;
+        g.bench_function(name, |b| {
+            b.iter_custom(|n| {
+                let mut h = histogram();
+                let t = pool_round_trips(&pool, n, &mut h);
+                record_hist(&key, &h);
+                total += n;
+                t
+            })
+        });
+        let cpu = (self_cpu() - cpu0) + (worker_cpu(&pool) - wcpu0);
+        set_value(
+            &format!("cpu_ns_per_rt/{key}"),
+            cpu.as_nanos() as f64 / total as f64,
+        );
+        if suffix.is_empty() {
+            // CPU an idle pool burns: 1 s with nothing to do.
+            let (c0, w0) = (self_cpu(), worker_cpu(&pool));
+            std::thread::sleep(Duration::from_secs(1));
+            let idle = (self_cpu() - c0) + (worker_cpu(&pool) - w0);
+            set_value(&format!("idle_cpu_pct/{key}"), idle.as_secs_f64() * 100.0);
+        }
+    }
+    let key = format!("pipe_pool{suffix}");
+    let mut pw = PipeWorker::start();
+    g.bench_function("pipe_pool", |b| {
+        b.iter_custom(|n| {
+            let mut h = histogram();
+            let start = Instant::now();
+            for i in 0..n {
+                let t0 = Instant::now();
+                pw.send(i);
+                assert_eq!(pw.recv(), i);
+                h.saturating_record(t0.elapsed().as_nanos() as u64);
+            }
+            record_hist(&key, &h);
+            start.elapsed()
+        })
+    });
+    drop(pw);
+    let key = format!("threads_channel{suffix}");
+    let tp = ThreadPool::new(1, |v| v);
+    g.bench_function("threads_channel", |b| {
+        b.iter_custom(|n| {
+            let mut h = histogram();
+            let start = Instant::now();
+            for i in 0..n {
+                let t0 = Instant::now();
+                tp.send(i);
+                assert_eq!(tp.results.recv().unwrap(), i);
+                h.saturating_record(t0.elapsed().as_nanos() as u64);
+            }
+            record_hist(&key, &h);
+            start.elapsed()
+        })
+    });
+    g.finish();
+}
+
+fn w1(c: &mut Criterion) {
+    round_trip_group(c, "W1_roundtrip", "");
+}
+
+fn w6(c: &mut Criterion) {
+    let load = BusyLoops::start(2);
+    round_trip_group(c, "W6_roundtrip_oversubscribed", "/W6");
+    drop(load);
+}
+
+const W2_TASKS: u64 = 50_000;
+
+fn w2(c: &mut Criterion) {
+    let mut g = configure(c, "W2_throughput");
+    g.throughput(Throughput::Elements(W2_TASKS));
+    let pool = echo_pool(2, WaitStrategy::default(), 1024);
+    g.bench_function(BenchmarkId::new("pool_handles", W2_TASKS), |b| {
+        let mut inflight = std::collections::VecDeque::with_capacity(1024);
+        b.iter_custom(|n| {
+            let start = Instant::now();
+            for _ in 0..n {
+                for i in 0..W2_TASKS {
+                    if inflight.len() == 1000 {
+                        let h: TaskHandle<u64> = inflight.pop_front().unwrap();
+                        h.wait().unwrap();
+                    }
+                    inflight.push_back(pool.submit(&i).unwrap());
+                }
+                for h in inflight.drain(..) {
+                    h.wait().unwrap();
+                }
+            }
+            let t = start.elapsed();
+            record_iter("W2/pool_handles", t, n);
+            t
+        })
+    });
+    for unordered in [false, true] {
+        let name = if unordered {
+            "pool_map_unordered"
+        } else {
+            "pool_map"
+        };
+        g.bench_function(BenchmarkId::new(name, W2_TASKS), |b| {
+            b.iter_custom(|n| {
+                let start = Instant::now();
+                for _ in 0..n {
+                    let mut m = pool.map(0..W2_TASKS).window(1000);
+                    if unordered {
+                        m = m.unordered();
+                    }
+                    assert_eq!(m.filter(Result::is_ok).count(), W2_TASKS as usize);
+                }
+                let t = start.elapsed();
+                record_iter(&format!("W2/{name}"), t, n);
+                t
+            })
+        });
+    }
+    drop(pool);
+    let mut ws = [PipeWorker::start(), PipeWorker::start()];
+    g.bench_function(BenchmarkId::new("pipe_pool_each_write", W2_TASKS), |b| {
+        b.iter_custom(|n| {
+            let start = Instant::now();
+            for _ in 0..n {
+                // Up to 64 tasks in flight per worker (pipes buffer them), round robin.
+                let mut sent = [0u64; 2];
+                let mut recvd = [0u64; 2];
+                for i in 0..W2_TASKS {
+                    let w = (i % 2) as usize;
+                    if sent[w] - recvd[w] == 64 {
+                        ws[w].recv();
+                        recvd[w] += 1;
+                    }
+                    ws[w].send(i);
+                    sent[w] += 1;
+                }
+                for w in 0..2 {
+                    while recvd[w] < sent[w] {
+                        ws[w].recv();
+                        recvd[w] += 1;
+                    }
+                }
+            }
+            let t = start.elapsed();
+            record_iter("W2/pipe_pool_each_write", t, n);
+            t
+        })
+    });
+    drop(ws);
+    let tp = ThreadPool::new(2, |v| v);
+    g.bench_function(BenchmarkId::new("threads_channel", W2_TASKS), |b| {
+        b.iter_custom(|n| {
+            let start = Instant::now();
+            for _ in 0..n {
+                for i in 0..W2_TASKS {
+                    tp.send(i);
+                }
+                for _ in 0..W2_TASKS {
+                    tp.results.recv().unwrap();
+                }
+            }
+            let t = start.elapsed();
+            record_iter("W2/threads_channel", t, n);
+            t
+        })
+    });
+    g.finish();
+}
+
+fn w3(c: &mut Criterion) {
+    let mut g = configure(c, "W3_payload");
+    let pool = Pool::<PayloadSum>::builder()
+        .task_arena_bytes(200 << 20)
+        .build()
+        .unwrap();
+    for r in pool.spawn_many([&(), &()]) {
+        r.unwrap();
+    }
+    for (label, size, count) in [("1MiB", 1usize << 20, 200u64), ("16MiB", 16 << 20, 50)] {
+        let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let expect = sparse_sum(&data);
+        g.throughput(Throughput::Bytes(size as u64 * count));
+        // The floor: one memcpy of the payload, `count` times.
+        let mut dst = vec![0u8; size];
+        g.bench_function(BenchmarkId::new("memcpy_floor", label), |b| {
+            b.iter_custom(|n| {
+                let start = Instant::now();
+                for _ in 0..n * count {
+                    dst.copy_from_slice(std::hint::black_box(&data));
+                    std::hint::black_box(&mut dst);
+                }
+                let t = start.elapsed();
+                record_iter(&format!("W3/memcpy/{label}"), t, n);
+                t
+            })
+        });
+        // Copying submit: the task is the payload (one copy, into shared memory); up to 4 in
+        // flight.
+        g.bench_function(BenchmarkId::new("pool_copy", label), |b| {
+            b.iter_custom(|n| {
+                let start = Instant::now();
+                for _ in 0..n {
+                    let mut inflight = std::collections::VecDeque::new();
+                    for _ in 0..count {
+                        if inflight.len() == 4 {
+                            let h: TaskHandle<u64> = inflight.pop_front().unwrap();
+                            assert_eq!(h.wait().unwrap(), expect);
+                        }
+                        inflight.push_back(pool.submit(&data).unwrap());
+                    }
+                    for h in inflight {
+                        assert_eq!(h.wait().unwrap(), expect);
+                    }
+                }
+                let t = start.elapsed();
+                record_iter(&format!("W3/pool_copy/{label}"), t, n);
+                t
+            })
+        });
+        // Loaned payload: the caller writes the payload in place (not timed: that is the
+        // caller's own work, not transport); timed is loan + submit + the worker's read + the
+        // result: the transport itself, with no copy.
+        g.bench_function(BenchmarkId::new("pool_loan_transport", label), |b| {
+            b.iter_custom(|n| {
+                let mut transport = Duration::ZERO;
+                let empty: Vec<u8> = Vec::new();
+                for _ in 0..n * count {
+                    let t0 = Instant::now();
+                    let mut loan = pool.loan(size).unwrap();
+                    let t1 = Instant::now();
+                    loan.as_mut_slice().copy_from_slice(&data);
+                    let t2 = Instant::now();
+                    assert_eq!(pool.execute_with_payload(&empty, loan).unwrap(), expect);
+                    transport += (t1 - t0) + t2.elapsed();
+                }
+                record_iter(&format!("W3/pool_loan_transport/{label}"), transport, n);
+                transport
+            })
+        });
+        // Round trip of a single copied task, for the p50.
+        let mut h = histogram();
+        for _ in 0..if quick() { 10 } else { 40 } {
+            let t0 = Instant::now();
+            assert_eq!(pool.execute(&data).unwrap(), expect);
+            h.saturating_record(t0.elapsed().as_nanos() as u64);
+        }
+        record_hist(&format!("W3/single/{label}"), &h);
+    }
+    g.finish();
+}
+
+/// W4's schedule: 400 durations in µs, 90 % 0.5 ms and 10 % 20 ms, seed 42.
+fn w4_schedule() -> Vec<u64> {
+    let mut rng = Rng::new(42);
+    (0..400)
+        .map(|_| if rng.f64() < 0.9 { 500 } else { 20_000 })
+        .collect()
+}
+
+fn w4(c: &mut Criterion) {
+    let mut g = configure(c, "W4_load_balance");
+    g.sample_size(10);
+    let schedule = w4_schedule();
+    let ideal = schedule.iter().sum::<u64>() as f64 / 2.0 / 1e6;
+    set_value("W4/ideal_s", ideal);
+    let pool = Pool::<Sleeper>::builder().queue_size(512).build().unwrap();
+    for r in pool.spawn_many([&0, &0]) {
+        r.unwrap();
+    }
+    g.bench_function("pool", |b| {
+        b.iter_custom(|n| {
+            let start = Instant::now();
+            for _ in 0..n {
+                let hs: Vec<_> = schedule.iter().map(|d| pool.submit(d).unwrap()).collect();
+                for h in hs {
+                    h.wait().unwrap();
+                }
+            }
+            let t = start.elapsed();
+            record_iter("W4/pool", t, n);
+            t
+        })
+    });
+    drop(pool);
+    // The floor: the same schedule, greedily taken by two threads that sleep the same
+    // durations: no IPC at all.
+    g.bench_function("no_ipc_floor", |b| {
+        b.iter_custom(|n| {
+            let start = Instant::now();
+            for _ in 0..n {
+                let next = std::sync::atomic::AtomicUsize::new(0);
+                std::thread::scope(|s| {
+                    for _ in 0..2 {
+                        s.spawn(|| {
+                            loop {
+                                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                let Some(&d) = schedule.get(i) else { return };
+                                std::thread::sleep(Duration::from_micros(d));
+                            }
+                        });
+                    }
+                });
+            }
+            let t = start.elapsed();
+            record_iter("W4/floor", t, n);
+            t
+        })
+    });
+    g.finish();
+}
+
+fn w5(c: &mut Criterion) {
+    let mut g = configure(c, "W5_start_stop");
+    g.sample_size(10);
+    g.bench_function("start_2_workers_first_result", |b| {
+        b.iter_custom(|n| {
+            let mut first = Duration::ZERO;
+            let mut stop = Duration::ZERO;
+            for _ in 0..n {
+                let t0 = Instant::now();
+                let pool = Pool::<Sleeper>::builder().build().unwrap();
+                let hs: Vec<_> = (0..2).map(|_| pool.submit_spawn(&50).unwrap()).collect();
+                for h in hs {
+                    h.wait().unwrap();
+                }
+                pool.execute(&0).unwrap();
+                let t1 = Instant::now();
+                pool.shutdown();
+                let t2 = Instant::now();
+                first += t1 - t0;
+                stop += t2 - t1;
+            }
+            record_iter("W5/first_result", first, n);
+            record_iter("W5/shutdown", stop, n);
+            first
+        })
+    });
+    g.finish();
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "**met**" } else { "**not met**" }
+}
+
+fn summary(_: &mut Criterion) {
+    let g = GATHERED.lock().unwrap();
+    let Some(g) = g.as_ref() else { return };
+    let mut r = Report::new("workloads");
+    let p = |k: &str| g.hist.get(k).map(percentiles);
+    let it = |k: &str| g.iters.get(k).map(|v| median(v)).unwrap_or(f64::NAN);
+    let val = |k: &str| g.values.get(k).copied().unwrap_or(f64::NAN);
+    r.line(format!(
+        "## Workloads summary ({} mode)\n",
+        if quick() { "quick" } else { "full" }
+    ));
+    for (title, suffix) in [
+        ("W1: round trip, back to back", ""),
+        (
+            "W6: round trip, 2 busy-loop processes hogging the cores",
+            "/W6",
+        ),
+    ] {
+        r.line(format!("### {title}\n"));
+        r.line("| system | p50 | p99 | p99.9 | p50 / spin floor | p50 / futex floor | p50 / pipe pool | CPU per round trip |");
+        r.line("|---|---|---|---|---|---|---|---|");
+        let spin = p(&format!("floor_spin{suffix}")).map_or(f64::NAN, |x| x.0);
+        let futex = p(&format!("floor_futex{suffix}")).map_or(f64::NAN, |x| x.0);
+        let pipe = p(&format!("pipe_pool{suffix}")).map_or(f64::NAN, |x| x.0);
+        for name in [
+            "floor_spin",
+            "floor_futex",
+            "pool_default",
+            "pool_parked",
+            "pool_spin_1ms",
+            "pipe_pool",
+            "threads_channel",
+        ] {
+            let key = format!("{name}{suffix}");
+            let Some((p50, p99, p999)) = p(&key) else {
+                continue;
+            };
+            let cpu = val(&format!("cpu_ns_per_rt/{key}"));
+            r.line(format!(
+                "| {name} | {} | {} | {} | {:.2}× | {:.2}× | {:.3}× | {} |",
+                fmt_ns(p50),
+                fmt_ns(p99),
+                fmt_ns(p999),
+                p50 / spin,
+                p50 / futex,
+                p50 / pipe,
+                if cpu.is_nan() {
+                    "—".into()
+                } else {
+                    fmt_ns(cpu)
+                }
+            ));
+        }
+        r.line("");
+    }
+    r.line(
+        "Idle CPU of a 1-worker pool (parent + worker, 1 s idle): ".to_string()
+            + &["pool_default", "pool_parked", "pool_spin_1ms"]
+                .iter()
+                .map(|k| format!("{k} {:.2} % of a core", val(&format!("idle_cpu_pct/{k}"))))
+                .collect::<Vec<_>>()
+                .join(", "),
+    );
+    r.line("");
+
+    r.line("### W2: throughput of tiny tasks (50,000 per iteration, 2 workers)\n");
+    r.line("| system | tasks/s | / pipe pool | / threads+channels |");
+    r.line("|---|---|---|---|");
+    let rate = |k: &str| W2_TASKS as f64 / it(k);
+    let pipe = rate("W2/pipe_pool_each_write");
+    let thr = rate("W2/threads_channel");
+    for k in [
+        "pool_handles",
+        "pool_map",
+        "pool_map_unordered",
+        "pipe_pool_each_write",
+        "threads_channel",
+    ] {
+        let v = rate(&format!("W2/{k}"));
+        r.line(format!(
+            "| {k} | {:.2} M/s | {:.2}× | {:.2}× |",
+            v / 1e6,
+            v / pipe,
+            v / thr
+        ));
+    }
+    r.line("");
+
+    r.line("### W3: payloads (2 workers)\n");
+    r.line("| payload | memcpy floor | pool, copying submit | / floor | loan: transport time per task | single task p50 (copying) |");
+    r.line("|---|---|---|---|---|---|");
+    for (label, size, count) in [("1MiB", 1u64 << 20, 200u64), ("16MiB", 16 << 20, 50)] {
+        let bytes = (size * count) as f64;
+        let floor = bytes / it(&format!("W3/memcpy/{label}"));
+        let copy = bytes / it(&format!("W3/pool_copy/{label}"));
+        let loan = it(&format!("W3/pool_loan_transport/{label}")) / count as f64;
+        let single = p(&format!("W3/single/{label}")).map_or(f64::NAN, |x| x.0);
+        r.line(format!(
+            "| {label} | {:.2} GB/s | {:.2} GB/s | {:.2}× | {} | {} |",
+            floor / 1e9,
+            copy / 1e9,
+            copy / floor,
+            fmt_ns(loan * 1e9),
+            fmt_ns(single)
+        ));
+    }
+    r.line("");
+
+    let ideal = val("W4/ideal_s");
+    let pool = it("W4/pool");
+    let floor = it("W4/floor");
+    r.line("### W4: load balance (400 heavy-tailed tasks, 2 workers)\n");
+    r.line(format!(
+        "ideal {:.1} ms; pool makespan {:.1} ms = {:.4}× ideal; no-IPC floor {:.1} ms = {:.4}× ideal; pool / floor = {:.4}",
+        ideal * 1e3,
+        pool * 1e3,
+        pool / ideal,
+        floor * 1e3,
+        floor / ideal,
+        pool / floor
+    ));
+    r.line("");
+    let first = it("W5/first_result");
+    let stop = it("W5/shutdown");
+    let over = (first - 0.050) * 1e3;
+    r.line("### W5: start and stop (2 workers, 50 ms spawn step each, started concurrently)\n");
+    r.line(format!(
+        "pool creation → first result: {:.2} ms = 50 ms + {over:.2} ms ({:.2} ms per worker); shutdown of the idle pool: {:.2} ms",
+        first * 1e3,
+        over / 2.0,
+        stop * 1e3
+    ));
+    r.line("");
+
+    r.line("### Targets\n");
+    r.line("| target | measured | verdict |");
+    r.line("|---|---|---|");
+    let w1 = |k: &str| p(k).unwrap_or((f64::NAN, f64::NAN, f64::NAN));
+    let spin = w1("floor_spin").0;
+    let (d50, d99, _) = w1("pool_default");
+    r.line(format!(
+        "| W1 p50 ≤ 2.5× spin floor | {:.2}× | {} |",
+        d50 / spin,
+        verdict(d50 / spin <= 2.5)
+    ));
+    r.line(format!(
+        "| W1 p99 ≤ 5× spin floor (p99 vs floor p50) | {:.2}× | {} |",
+        d99 / spin,
+        verdict(d99 / spin <= 5.0)
+    ));
+    let parked = w1("pool_parked").0 / w1("floor_futex").0;
+    r.line(format!(
+        "| W1 parked ≤ 1.25× futex floor | {parked:.2}× | {} |",
+        verdict(parked <= 1.25)
+    ));
+    let w6 = w1("pool_default/W6").0 / w1("floor_futex/W6").0;
+    r.line(format!(
+        "| W6 p50 ≤ 2× futex floor, in µs | {w6:.2}× ({}) | {} |",
+        fmt_ns(w1("pool_default/W6").0),
+        verdict(w6 <= 2.0 && w1("pool_default/W6").0 < 1e6)
+    ));
+    let map = rate("W2/pool_map");
+    let handles = rate("W2/pool_handles");
+    r.line(format!(
+        "| W2 ≥ 10 M/s through map | {:.2} M/s | {} |",
+        map / 1e6,
+        verdict(map >= 10e6)
+    ));
+    r.line(format!(
+        "| W2 ≥ 2 M/s through handles | {:.2} M/s | {} |",
+        handles / 1e6,
+        verdict(handles >= 2e6)
+    ));
+    r.line(format!(
+        "| W2 ≥ 10× pipe pool (each write) | {:.2}× | {} |",
+        handles.max(map) / pipe,
+        verdict(handles.max(map) / pipe >= 10.0)
+    ));
+    for (label, size, count, want) in [
+        ("16MiB", 16u64 << 20, 50u64, 0.85),
+        ("1MiB", 1 << 20, 200, 0.9),
+    ] {
+        let bytes = (size * count) as f64;
+        let ratio = (bytes / it(&format!("W3/pool_copy/{label}")))
+            / (bytes / it(&format!("W3/memcpy/{label}")));
+        r.line(format!(
+            "| W3 {label} ≥ {want}× memcpy | {ratio:.2}× | {} |",
+            verdict(ratio >= want)
+        ));
+    }
+    r.line(format!(
+        "| W4 makespan within 1% of the no-IPC floor | {:.4}× | {} |",
+        pool / floor,
+        verdict(pool / floor <= 1.01)
+    ));
+    r.line(format!(
+        "| W5 ≤ 2 ms per worker beyond its init | {:.2} ms | {} |",
+        over / 2.0,
+        verdict(over / 2.0 <= 2.0)
+    ));
+    r.line(format!(
+        "| W5 idle shutdown ≤ 5 ms | {:.2} ms | {} |",
+        stop * 1e3,
+        verdict(stop * 1e3 <= 5.0)
+    ));
+    r.write();
+}
+
+criterion_group!(benches, w1, w2, w3, w4, w5, w6, summary);
+criterion_main!(benches);
