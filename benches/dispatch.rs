@@ -9,6 +9,9 @@
 //! 5 runs each (interleaved), throughput and latency (mean, p50, p99) with their standard
 //! deviation across runs. Writes `target/bench-report/dispatch.md` and `dispatch.svg`.
 //!
+//! A second configuration runs the same with 8 clients (about the same number of requests per
+//! run), where a random queue can run dry while the other is long.
+//!
 //! Run: `cargo bench --bench dispatch` (full: 100 clients × 40 requests per run), or quick:
 //! `STATEFUL_POOL_BENCH_QUICK=1 cargo bench --bench dispatch` (× 12).
 
@@ -23,7 +26,9 @@ use support::*;
 
 stateful_pool::worker_hook!();
 
-const CLIENTS: usize = 100;
+/// The seed's client count, and a second configuration with few clients, where queues can run
+/// dry and dispatch matters more for throughput.
+const CLIENT_COUNTS: [usize; 2] = [100, 8];
 const RUNS: usize = 5;
 
 /// A request's work in µs: a bounded Pareto (shape 1.5) from 300 µs to 20 ms, mean ≈ 0.85 ms.
@@ -98,11 +103,11 @@ struct RunResult {
     hist: Histogram<u64>,
 }
 
-/// One run: `CLIENTS` threads, each sending `per_client` requests back to back.
-fn run(server: &dyn Server, per_client: usize, seed: u64) -> RunResult {
+/// One run: `clients` threads, each sending `per_client` requests back to back.
+fn run(server: &dyn Server, clients: usize, per_client: usize, seed: u64) -> RunResult {
     let start = Instant::now();
     let hists: Vec<Histogram<u64>> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..CLIENTS)
+        let hs: Vec<_> = (0..clients)
             .map(|c| {
                 s.spawn(move || {
                     let mut work = Rng::new(seed * 1000 + c as u64);
@@ -126,12 +131,43 @@ fn run(server: &dyn Server, per_client: usize, seed: u64) -> RunResult {
         hist.add(h).unwrap();
     }
     RunResult {
-        throughput: (CLIENTS * per_client) as f64 / elapsed.as_secs_f64(),
+        throughput: (clients * per_client) as f64 / elapsed.as_secs_f64(),
         mean_ms: hist.mean() / 1e6,
         p50_ms: hist.value_at_quantile(0.5) as f64 / 1e6,
         p99_ms: hist.value_at_quantile(0.99) as f64 / 1e6,
         hist,
     }
+}
+
+fn table(
+    r: &mut Report,
+    names: &[&str; 3],
+    results: &[Vec<RunResult>],
+    clients: usize,
+    per_client: usize,
+) {
+    r.line(format!(
+        "## The seed's dispatch experiment: {clients} clients ({} mode: {clients} clients × {per_client} requests per run, {RUNS} runs, 2 workers)\n",
+        if quick() { "quick" } else { "full" }
+    ));
+    r.line("| server | throughput (req/s) | mean latency | p50 | p99 | throughput vs threads_random | vs processes_random |");
+    r.line("|---|---|---|---|---|---|---|");
+    let stat = |i: usize, f: fn(&RunResult) -> f64| {
+        mean_std(&results[i].iter().map(f).collect::<Vec<_>>())
+    };
+    let base_t = stat(0, |x| x.throughput).0;
+    let base_p = stat(1, |x| x.throughput).0;
+    for (i, name) in names.iter().enumerate() {
+        let t = stat(i, |x| x.throughput);
+        let m = stat(i, |x| x.mean_ms);
+        let p50 = stat(i, |x| x.p50_ms);
+        let p99 = stat(i, |x| x.p99_ms);
+        r.line(format!(
+            "| {name} | {:.0} ± {:.0} | {:.2} ± {:.2} ms | {:.2} ± {:.2} ms | {:.2} ± {:.2} ms | {:.2}× | {:.2}× |",
+            t.0, t.1, m.0, m.1, p50.0, p50.1, p99.0, p99.1, t.0 / base_t, t.0 / base_p
+        ));
+    }
+    r.line("\n(mean ± standard deviation across the runs)\n");
 }
 
 fn mean_std(v: &[f64]) -> (f64, f64) {
@@ -166,79 +202,78 @@ fn main() {
     };
     let servers: [&dyn Server; 3] = [&threads, &procs, &shared];
 
-    // Warm-up, then RUNS rounds, the servers interleaved within each round.
+    // Warm-up, then per configuration RUNS rounds, the servers interleaved within each round.
     for s in servers {
-        run(s, 2, 999);
+        run(s, 8, 2, 999);
     }
-    let mut results: Vec<Vec<RunResult>> = (0..3).map(|_| Vec::new()).collect();
-    for round in 0..RUNS {
-        for (i, s) in servers.iter().enumerate() {
-            let res = run(*s, per_client, round as u64 + 1);
-            println!(
-                "run {} {:>16}: {:7.1} req/s, mean {:.2} ms, p50 {:.2} ms, p99 {:.2} ms",
-                round + 1,
-                names[i],
-                res.throughput,
-                res.mean_ms,
-                res.p50_ms,
-                res.p99_ms
-            );
-            results[i].push(res);
+    let mut all_results = Vec::new();
+    for clients in CLIENT_COUNTS {
+        // About the same number of requests per run in each configuration.
+        let per_client = per_client * 100 / clients;
+        let mut results: Vec<Vec<RunResult>> = (0..3).map(|_| Vec::new()).collect();
+        for round in 0..RUNS {
+            for (i, s) in servers.iter().enumerate() {
+                let res = run(*s, clients, per_client, round as u64 + 1);
+                println!(
+                    "{clients} clients, run {} {:>16}: {:7.1} req/s, mean {:.2} ms, p50 {:.2} ms, p99 {:.2} ms",
+                    round + 1,
+                    names[i],
+                    res.throughput,
+                    res.mean_ms,
+                    res.p50_ms,
+                    res.p99_ms
+                );
+                results[i].push(res);
+            }
         }
+        table(&mut r, &names, &results, clients, per_client);
+        all_results.push((clients, results));
     }
     drop(threads);
     for h in handles {
         let _ = h.join();
     }
-
-    r.line(format!(
-        "## The seed's dispatch experiment ({} mode: {CLIENTS} clients × {per_client} requests per run, {RUNS} runs, 2 workers)\n",
-        if quick() { "quick" } else { "full" }
-    ));
-    r.line("| server | throughput (req/s) | mean latency | p50 | p99 | throughput vs threads_random | vs processes_random |");
-    r.line("|---|---|---|---|---|---|---|");
-    let stat = |i: usize, f: fn(&RunResult) -> f64| {
-        mean_std(&results[i].iter().map(f).collect::<Vec<_>>())
-    };
-    let base_t = stat(0, |x| x.throughput).0;
-    let base_p = stat(1, |x| x.throughput).0;
-    for (i, name) in names.iter().enumerate() {
-        let t = stat(i, |x| x.throughput);
-        let m = stat(i, |x| x.mean_ms);
-        let p50 = stat(i, |x| x.p50_ms);
-        let p99 = stat(i, |x| x.p99_ms);
-        r.line(format!(
-            "| {name} | {:.0} ± {:.0} | {:.2} ± {:.2} ms | {:.2} ± {:.2} ms | {:.2} ± {:.2} ms | {:.2}× | {:.2}× |",
-            t.0, t.1, m.0, m.1, p50.0, p50.1, p99.0, p99.1, t.0 / base_t, t.0 / base_p
-        ));
-    }
-    r.line("\n(mean ± standard deviation across the runs)");
-    let svg = plot(&names, &results);
+    let svg = plot(&all_results);
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-report");
     let _ = std::fs::create_dir_all(&dir);
     let _ = std::fs::write(dir.join("dispatch.svg"), svg);
     r.write();
 }
 
-/// A two-panel SVG: throughput per server (bars, ± one standard deviation), and each server's
-/// latency distribution (CDF over all runs, log-scale time axis).
-fn plot(names: &[&str; 3], results: &[Vec<RunResult>]) -> String {
-    let colors = ["#d62728", "#ff7f0e", "#1f77b4"];
-    let (w, h) = (960.0, 400.0);
+/// An SVG with one row per client count: throughput per server (bars, ± one standard
+/// deviation), and each server's latency distribution (CDF over all runs, log time axis).
+fn plot(rows: &[(usize, Vec<Vec<RunResult>>)]) -> String {
+    let (w, h) = (960.0, 420.0 * rows.len() as f64);
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
          <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
     );
+    for (k, (clients, results)) in rows.iter().enumerate() {
+        plot_row(&mut s, 420.0 * k as f64, *clients, results);
+    }
+    s += "</svg>\n";
+    s
+}
+
+fn plot_row(out: &mut String, top: f64, clients: usize, results: &[Vec<RunResult>]) {
+    let mut s = String::new();
+    let colors = ["#d62728", "#ff7f0e", "#1f77b4"];
+    let labels = [
+        ("threads", "random dispatch"),
+        ("processes", "random dispatch"),
+        ("shared queue", "(stateful-pool)"),
+    ];
     // Panel 1: throughput bars.
-    let (x0, y0, pw, ph) = (60.0, 40.0, 300.0, 300.0);
+    let (x0, y0, pw, ph) = (60.0, top + 40.0, 300.0, 300.0);
     let tp: Vec<(f64, f64)> = results
         .iter()
         .map(|rs| mean_std(&rs.iter().map(|x| x.throughput).collect::<Vec<_>>()))
         .collect();
     let max = tp.iter().map(|(m, sd)| m + sd).fold(0.0, f64::max) * 1.15;
     s += &format!(
-        "<text x=\"{}\" y=\"24\" text-anchor=\"middle\" font-size=\"14\">Throughput (requests/s, mean ± sd of 5 runs)</text>\n",
-        x0 + pw / 2.0
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" font-size=\"14\">{clients} clients: throughput (requests/s, mean ± sd of 5 runs)</text>\n",
+        x0 + pw / 2.0,
+        top + 24.0
     );
     s += &format!(
         "<line x1=\"{x0}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n",
@@ -279,9 +314,12 @@ fn plot(names: &[&str; 3], results: &[Vec<RunResult>]) -> String {
             "<line x1=\"{cx}\" y1=\"{ya}\" x2=\"{cx}\" y2=\"{yb}\" stroke=\"black\" stroke-width=\"2\"/>\n"
         );
         s += &format!(
-            "<text x=\"{cx}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n",
+            "<text x=\"{cx}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n\
+             <text x=\"{cx}\" y=\"{}\" text-anchor=\"middle\" font-size=\"10\">{}</text>\n",
             y0 + ph + 16.0,
-            names[i]
+            labels[i].0,
+            y0 + ph + 29.0,
+            labels[i].1
         );
         s += &format!(
             "<text x=\"{cx}\" y=\"{}\" text-anchor=\"middle\">{:.0}</text>\n",
@@ -290,12 +328,13 @@ fn plot(names: &[&str; 3], results: &[Vec<RunResult>]) -> String {
         );
     }
     // Panel 2: latency CDFs, log x axis from 0.1 ms to 1 s.
-    let (x0, y0, pw, ph) = (470.0, 40.0, 450.0, 300.0);
+    let (x0, y0, pw, ph) = (470.0, top + 40.0, 450.0, 300.0);
     let (lmin, lmax) = (0.1f64.log10(), 1000f64.log10());
     let xs = |ms: f64| x0 + pw * ((ms.max(0.1).log10() - lmin) / (lmax - lmin)).clamp(0.0, 1.0);
     s += &format!(
-        "<text x=\"{}\" y=\"24\" text-anchor=\"middle\" font-size=\"14\">Latency distribution (CDF of all requests, all runs)</text>\n",
-        x0 + pw / 2.0
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" font-size=\"14\">{clients} clients: latency distribution (CDF of all requests, all runs)</text>\n",
+        x0 + pw / 2.0,
+        top + 24.0
     );
     s += &format!(
         "<line x1=\"{x0}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n",
@@ -349,8 +388,12 @@ fn plot(names: &[&str; 3], results: &[Vec<RunResult>]) -> String {
             ly - 4.0,
             colors[i]
         );
-        s += &format!("<text x=\"{}\" y=\"{ly}\">{}</text>\n", x0 + 28.0, names[i]);
+        s += &format!(
+            "<text x=\"{}\" y=\"{ly}\">{} {}</text>\n",
+            x0 + 28.0,
+            labels[i].0,
+            labels[i].1
+        );
     }
-    s += "</svg>\n";
-    s
+    out.push_str(&s);
 }
