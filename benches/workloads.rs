@@ -348,6 +348,23 @@ fn w3(c: &mut Criterion) {
                 t
             })
         });
+        // Diagnostic floor: the same memcpy into 5 destinations in turn, as the pool's copies
+        // land in different arena blocks (not cache-warm like a single reused destination).
+        let mut dsts: Vec<Vec<u8>> = (0..5).map(|_| vec![0u8; size]).collect();
+        g.bench_function(BenchmarkId::new("memcpy_rotating", label), |b| {
+            b.iter_custom(|n| {
+                let start = Instant::now();
+                for k in 0..n * count {
+                    let d = &mut dsts[(k % 5) as usize];
+                    d.copy_from_slice(std::hint::black_box(&data));
+                    std::hint::black_box(d);
+                }
+                let t = start.elapsed();
+                record_iter(&format!("W3/memcpy_rotating/{label}"), t, n);
+                t
+            })
+        });
+        drop(dsts);
         // Copying submit: the task is the payload (one copy, into shared memory); up to 4 in
         // flight.
         g.bench_function(BenchmarkId::new("pool_copy", label), |b| {
@@ -466,29 +483,41 @@ fn w4(c: &mut Criterion) {
 fn w5(c: &mut Criterion) {
     let mut g = configure(c, "W5_start_stop");
     g.sample_size(10);
-    g.bench_function("start_2_workers_first_result", |b| {
-        b.iter_custom(|n| {
-            let mut first = Duration::ZERO;
-            let mut stop = Duration::ZERO;
-            for _ in 0..n {
-                let t0 = Instant::now();
-                let pool = Pool::<Sleeper>::builder().build().unwrap();
-                let hs: Vec<_> = (0..2).map(|_| pool.submit_spawn(&50).unwrap()).collect();
-                for h in hs {
-                    h.wait().unwrap();
+    for (name, reserve) in [
+        ("start_2_workers_first_result", true),
+        ("no_reservation", false),
+    ] {
+        let key = if reserve { "W5" } else { "W5/no_reservation" };
+        g.bench_function(name, |b| {
+            b.iter_custom(|n| {
+                let mut first = Duration::ZERO;
+                let mut stop = Duration::ZERO;
+                let mut build = Duration::ZERO;
+                for _ in 0..n {
+                    let t0 = Instant::now();
+                    let pool = Pool::<Sleeper>::builder()
+                        .reserve_memory(reserve)
+                        .build()
+                        .unwrap();
+                    build += t0.elapsed();
+                    let hs: Vec<_> = (0..2).map(|_| pool.submit_spawn(&50).unwrap()).collect();
+                    for h in hs {
+                        h.wait().unwrap();
+                    }
+                    pool.execute(&0).unwrap();
+                    let t1 = Instant::now();
+                    pool.shutdown();
+                    let t2 = Instant::now();
+                    first += t1 - t0;
+                    stop += t2 - t1;
                 }
-                pool.execute(&0).unwrap();
-                let t1 = Instant::now();
-                pool.shutdown();
-                let t2 = Instant::now();
-                first += t1 - t0;
-                stop += t2 - t1;
-            }
-            record_iter("W5/first_result", first, n);
-            record_iter("W5/shutdown", stop, n);
-            first
-        })
-    });
+                record_iter(&format!("{key}/first_result"), first, n);
+                record_iter(&format!("{key}/shutdown"), stop, n);
+                record_iter(&format!("{key}/build"), build, n);
+                first
+            })
+        });
+    }
     g.finish();
 }
 
@@ -595,19 +624,22 @@ fn summary(_: &mut Criterion) {
     r.line("");
 
     r.line("### W3: payloads (2 workers)\n");
-    r.line("| payload | memcpy floor | pool, copying submit | / floor | loan: transport time per task | single task p50 (copying) |");
-    r.line("|---|---|---|---|---|---|");
+    r.line("| payload | memcpy floor | memcpy, 5 rotating destinations | pool, copying submit | / floor | / rotating | loan: transport time per task | single task p50 (copying) |");
+    r.line("|---|---|---|---|---|---|---|---|");
     for (label, size, count) in [("1MiB", 1u64 << 20, 200u64), ("16MiB", 16 << 20, 50)] {
         let bytes = (size * count) as f64;
         let floor = bytes / it(&format!("W3/memcpy/{label}"));
         let copy = bytes / it(&format!("W3/pool_copy/{label}"));
+        let rot = bytes / it(&format!("W3/memcpy_rotating/{label}"));
         let loan = it(&format!("W3/pool_loan_transport/{label}")) / count as f64;
         let single = p(&format!("W3/single/{label}")).map_or(f64::NAN, |x| x.0);
         r.line(format!(
-            "| {label} | {:.2} GB/s | {:.2} GB/s | {:.2}× | {} | {} |",
+            "| {label} | {:.2} GB/s | {:.2} GB/s | {:.2} GB/s | {:.2}× | {:.2}× | {} | {} |",
             floor / 1e9,
+            rot / 1e9,
             copy / 1e9,
             copy / floor,
+            copy / rot,
             fmt_ns(loan * 1e9),
             fmt_ns(single)
         ));
@@ -632,12 +664,22 @@ fn summary(_: &mut Criterion) {
     let stop = it("W5/shutdown");
     let over = (first - 0.050) * 1e3;
     r.line("### W5: start and stop (2 workers, 50 ms spawn step each, started concurrently)\n");
-    r.line(format!(
-        "pool creation → first result: {:.2} ms = 50 ms + {over:.2} ms ({:.2} ms per worker); shutdown of the idle pool: {:.2} ms",
-        first * 1e3,
-        over / 2.0,
-        stop * 1e3
-    ));
+    r.line("| pool | creation → first result | beyond the 50 ms init | per worker | of which `build()` | idle shutdown |");
+    r.line("|---|---|---|---|---|---|");
+    for (label, key) in [
+        ("default (memory reserved)", "W5"),
+        ("`reserve_memory(false)`", "W5/no_reservation"),
+    ] {
+        let f = it(&format!("{key}/first_result"));
+        r.line(format!(
+            "| {label} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms |",
+            f * 1e3,
+            (f - 0.050) * 1e3,
+            (f - 0.050) * 1e3 / 2.0,
+            it(&format!("{key}/build")) * 1e3,
+            it(&format!("{key}/shutdown")) * 1e3
+        ));
+    }
     r.line("");
 
     r.line("### Targets\n");
