@@ -44,9 +44,12 @@ trait Server: Sync {
     fn call(&self, client_rng: &mut Rng, us: u64) -> u64;
 }
 
+/// A request to a worker thread: the work (µs) and where to answer.
+type Request = (u64, mpsc::Sender<u64>);
+
 /// Worker threads, each with its own queue; a request goes to a random one.
 struct ThreadsRandom {
-    queues: Vec<std::sync::Mutex<mpsc::Sender<(u64, mpsc::Sender<u64>)>>>,
+    queues: Vec<std::sync::Mutex<mpsc::Sender<Request>>>,
 }
 
 impl ThreadsRandom {
@@ -54,7 +57,7 @@ impl ThreadsRandom {
         let mut queues = Vec::new();
         let mut threads = Vec::new();
         for _ in 0..n {
-            let (tx, rx) = mpsc::channel::<(u64, mpsc::Sender<u64>)>();
+            let (tx, rx) = mpsc::channel::<Request>();
             queues.push(std::sync::Mutex::new(tx));
             threads.push(std::thread::spawn(move || {
                 while let Ok((us, reply)) = rx.recv() {

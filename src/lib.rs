@@ -68,6 +68,8 @@ mod codec;
 mod error;
 #[cfg(not(stateful_pool_loom))]
 mod failpoint;
+#[cfg(all(feature = "cuda", not(stateful_pool_loom)))]
+mod gpu;
 #[cfg(not(stateful_pool_loom))]
 mod pool;
 #[cfg(not(stateful_pool_loom))]
@@ -89,7 +91,7 @@ pub use pool::Pool;
 #[cfg(not(stateful_pool_loom))]
 pub use pool::builder::{PoolBuilder, RestartPolicy, WaitStrategy};
 #[cfg(not(stateful_pool_loom))]
-pub use pool::events::{PoolEvent, PoolStats, TaskOptions, WorkerInfo, WorkerState};
+pub use pool::events::{PoolEvent, PoolStats, SpawnOptions, TaskOptions, WorkerInfo, WorkerState};
 #[cfg(not(stateful_pool_loom))]
 pub use pool::handle::{Loan, ResultRef, SpawnHandle, TaskHandle};
 #[cfg(not(stateful_pool_loom))]
@@ -122,6 +124,10 @@ pub mod map {
         ErrorPolicy, Indexed, IterStream, Map, MapError, MapStream, Plain, Shape, WithInputs,
     };
 }
+/// The cudarc crate this build uses (feature `cuda`), so workers name the same types as the
+/// contexts [`WorkerContext::cuda`] hands them.
+#[cfg(all(feature = "cuda", not(stateful_pool_loom)))]
+pub use cudarc;
 #[cfg(not(stateful_pool_loom))]
 pub use worker::{BoxError, Poisoned, TaskContext, Worker, WorkerContext};
 

@@ -3,7 +3,7 @@
 
 mod common;
 use common::*;
-use stateful_pool::{Pool, SpawnError, SubmitError, TaskError, WaitStrategy};
+use stateful_pool::{Pool, SpawnError, SpawnOptions, SubmitError, TaskError, WaitStrategy};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -422,5 +422,57 @@ fn spawns_racing_shutdown_all_resolve() {
                 }
             }
         }
+    });
+}
+
+#[test]
+fn spawn_options_give_a_worker_its_gpus_and_environment_across_restarts() {
+    watchdog(60, || {
+        let pool = Pool::<TestWorker>::builder()
+            .worker_env("FROM_POOL", "p")
+            .build()
+            .unwrap();
+        let opts = SpawnOptions::new()
+            .gpus([3, 1])
+            .visible_devices_only(true)
+            .env("FROM_SPAWN", "s");
+        if cfg!(feature = "cuda") {
+            // With the cuda feature, GPUs 3 and 1 must exist: here that is a spawn error.
+            let e = pool.spawn_with(&Spawn::ok("g"), &opts).unwrap_err();
+            assert!(matches!(e, SpawnError::Failed { .. }), "{e}");
+            return;
+        }
+        pool.spawn_with(&Spawn::ok("g"), &opts).unwrap();
+        let check = |pool: &Pool<TestWorker>| {
+            let ids = pool.execute(&Cmd::GpuIds).unwrap();
+            assert_eq!(ids.bytes, vec![3, 1], "gpu_ids in the worker's order");
+            assert_eq!(ids.value, 0, "nothing pinned without the cuda feature");
+            let env = |k: &str| pool.execute(&Cmd::Env(k.into())).unwrap();
+            assert_eq!(env("CUDA_VISIBLE_DEVICES").bytes, b"3,1");
+            assert_eq!(env("FROM_SPAWN").bytes, b"s");
+            assert_eq!(env("FROM_POOL").bytes, b"p");
+            assert_eq!(env("STATEFUL_POOL_GPUS").value, 0, "consumed at start-up");
+        };
+        check(&pool);
+        // A restarted worker keeps its options.
+        let pid = pool.execute(&Cmd::Pid).unwrap().value;
+        let _ = pool.execute(&Cmd::KillSelf);
+        assert!(wait_until(30, || pool
+            .worker_pids()
+            .iter()
+            .any(|&(_, p)| p as u64 != pid)));
+        check(&pool);
+        // A worker spawned without options has none.
+        let plain = Pool::<TestWorker>::new().unwrap();
+        plain.spawn(&Spawn::ok("plain")).unwrap();
+        assert!(plain.execute(&Cmd::GpuIds).unwrap().bytes.is_empty());
+        let inherited = std::env::var_os("CUDA_VISIBLE_DEVICES").is_some() as u64;
+        assert_eq!(
+            plain
+                .execute(&Cmd::Env("CUDA_VISIBLE_DEVICES".into()))
+                .unwrap()
+                .value,
+            inherited
+        );
     });
 }

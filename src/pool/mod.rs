@@ -11,7 +11,7 @@ pub(crate) mod supervisor;
 
 use self::arena::Block;
 use self::builder::Config;
-use self::events::{PoolStats, TaskOptions, WorkerInfo};
+use self::events::{PoolStats, SpawnOptions, TaskOptions, WorkerInfo};
 use self::handle::{Loan, SpawnHandle, SpawnReply, TaskHandle};
 use self::shared::Shared;
 use self::supervisor::{ReplyGuard, SupMsg, reactor_loop, supervisor_loop};
@@ -233,6 +233,27 @@ impl<W: Worker> Pool<W> {
         &self,
         args: &W::SpawnArgs,
     ) -> Result<SpawnHandle<W::SpawnOutput>, SpawnError> {
+        self.submit_spawn_with(args, &SpawnOptions::default())
+    }
+
+    /// Starts a worker process with `args` and per-worker [`SpawnOptions`] (its GPUs, extra
+    /// environment), and blocks until its spawn step returned. With the `cuda` feature, the
+    /// worker's CUDA contexts are created in its own process before its spawn step; a machine
+    /// without a driver or without the GPU fails the spawn with a message saying so.
+    pub fn spawn_with(
+        &self,
+        args: &W::SpawnArgs,
+        opts: &SpawnOptions,
+    ) -> Result<W::SpawnOutput, SpawnError> {
+        self.submit_spawn_with(args, opts)?.wait()
+    }
+
+    /// As [`spawn_with`](Self::spawn_with), returning a handle at once.
+    pub fn submit_spawn_with(
+        &self,
+        args: &W::SpawnArgs,
+        opts: &SpawnOptions,
+    ) -> Result<SpawnHandle<W::SpawnOutput>, SpawnError> {
         let shared = &self.shared;
         if shared.closing.load(Ordering::SeqCst) {
             return Err(SpawnError::Shutdown);
@@ -274,6 +295,7 @@ impl<W: Worker> Pool<W> {
                 seat,
                 args: buf,
                 boot,
+                env: opts.process_env(),
                 reply: ReplyGuard::new(reply.clone()),
             });
         if sent.is_err() {

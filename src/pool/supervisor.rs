@@ -80,6 +80,8 @@ pub(crate) enum SupMsg {
         seat: u32,
         args: Vec<u8>,
         boot: String,
+        /// Per-worker environment (GPUs, `SpawnOptions::env`).
+        env: Vec<(String, String)>,
         reply: ReplyGuard,
     },
     /// Shut down: stop every worker (after the queue drains, or at once with `immediate`),
@@ -119,6 +121,8 @@ struct SupSeat {
     /// The spawn arguments' archive, kept for restarts.
     args: Vec<u8>,
     boot: String,
+    /// The pool's worker environment, then this worker's own; kept for restarts.
+    env: Vec<(String, String)>,
     /// When recent restarts happened (pruned to the policy's window).
     recent: VecDeque<Instant>,
     /// Task id last seen running and since when (timeouts).
@@ -148,6 +152,7 @@ pub(crate) fn supervisor_loop(shared: Arc<Shared>, rx: Receiver<SupMsg>, program
                 phase: Phase::Idle,
                 args: Vec::new(),
                 boot: String::new(),
+                env: Vec::new(),
                 recent: VecDeque::new(),
                 watch: (0, now),
                 kill: None,
@@ -212,6 +217,7 @@ impl Sup {
                 seat,
                 args,
                 boot,
+                env,
                 reply,
             } => {
                 if self.shutdown.is_some() || self.shared.closing.load(Ordering::SeqCst) {
@@ -222,6 +228,8 @@ impl Sup {
                 let s = &mut self.seats[seat as usize];
                 s.args = args;
                 s.boot = boot;
+                s.env = self.shared.cfg.worker_env.clone();
+                s.env.extend(env);
                 s.recent.clear();
                 self.start(seat, Some(reply));
             }
@@ -260,7 +268,7 @@ impl Sup {
             shared.seg.fd(),
             shared.wake.as_fd(),
             &s.boot,
-            &shared.cfg.worker_env,
+            &s.env,
         ) {
             Ok(child) => {
                 s.pid = child.id();

@@ -15,6 +15,9 @@ use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 
 /// The environment variable carrying the boot string.
 pub(crate) const BOOT_ENV: &str = "STATEFUL_POOL_WORKER";
+/// The environment variable carrying a worker's GPU ids (`0,1`, or `visible:0,1` when its
+/// `CUDA_VISIBLE_DEVICES` was restricted to them).
+pub(crate) const GPUS_ENV: &str = "STATEFUL_POOL_GPUS";
 /// The fd number the segment arrives on.
 pub(crate) const SEGMENT_FD: i32 = 3;
 /// The fd number of the parent supervisor's eventfd: the worker writes to it after reporting
@@ -102,6 +105,24 @@ pub(crate) struct WorkerProcess {
     pub(crate) layout: Layout,
     pub(crate) seat: u32,
     pub(crate) notify: Option<OwnedFd>,
+    /// The GPUs the worker was spawned with, and whether its CUDA view is restricted to them.
+    pub(crate) gpus: (Vec<u32>, bool),
+}
+
+/// Parses [`GPUS_ENV`].
+pub(crate) fn parse_gpus(v: &str) -> Option<(Vec<u32>, bool)> {
+    let (list, visible) = match v.strip_prefix("visible:") {
+        Some(rest) => (rest, true),
+        None => (v, false),
+    };
+    if list.is_empty() {
+        return Some((Vec::new(), visible));
+    }
+    let ids = list
+        .split(',')
+        .map(|x| x.trim().parse().ok())
+        .collect::<Option<Vec<u32>>>()?;
+    Some((ids, visible))
 }
 
 impl WorkerProcess {
@@ -223,11 +244,22 @@ pub(crate) fn enter(boot_str: &str, which: Entry) -> ! {
             unsafe { std::mem::transmute::<usize, fn(WorkerProcess) -> !>(entry_addr) }
         }
     };
+    let gpus = match std::env::var(GPUS_ENV) {
+        Ok(v) => match parse_gpus(&v) {
+            Some(g) => g,
+            None => die(exit_code::BAD_BOOT, &format!("malformed {GPUS_ENV}={v:?}")),
+        },
+        Err(_) => (Vec::new(), false),
+    };
+    // SAFETY: as for the boot variable in `init`: still the start of the process, one thread.
+    // Removed so that pools this worker builds do not hand it on.
+    unsafe { std::env::remove_var(GPUS_ENV) };
     entry(WorkerProcess {
         seg,
         layout,
         seat: boot.seat,
         notify,
+        gpus,
     })
 }
 
@@ -248,6 +280,20 @@ mod tests {
         assert_eq!(Boot::decode("v1:1:2:3"), None);
         assert_eq!(Boot::decode("v1:x:2:3:4"), None);
         assert_eq!(Boot::decode(""), None);
+    }
+
+    #[test]
+    fn gpu_lists_parse() {
+        assert_eq!(parse_gpus("0,1"), Some((vec![0, 1], false)));
+        assert_eq!(parse_gpus("visible:3"), Some((vec![3], true)));
+        assert_eq!(parse_gpus(""), Some((vec![], false)));
+        assert_eq!(parse_gpus("0,x"), None);
+        let o = crate::SpawnOptions::new()
+            .gpus([2, 5])
+            .visible_devices_only(true);
+        let env = o.process_env();
+        assert!(env.contains(&(GPUS_ENV.to_string(), "visible:2,5".to_string())));
+        assert!(env.contains(&("CUDA_VISIBLE_DEVICES".to_string(), "2,5".to_string())));
     }
 
     #[test]

@@ -72,10 +72,43 @@ pub(crate) fn run<W: Worker>(wp: WorkerProcess) -> ! {
         )
     }
 
+    // GPUs: contexts created here, in this process, never inherited; the payload arena pinned.
+    #[cfg(feature = "cuda")]
+    let (cuda, pinned) = if wp.gpus.0.is_empty() {
+        (Vec::new(), None)
+    } else {
+        let cuda = match crate::gpu::open(&wp.gpus.0, wp.gpus.1) {
+            Ok(c) => c,
+            Err(e) => fail(KIND_ERR, &e),
+        };
+        let arena_len = layout.params.arena as usize;
+        let arena_ptr = wp.seg.bytes_ptr(layout.arena, arena_len);
+        // SAFETY: the arena stays mapped for the whole life of this process (the segment is
+        // never unmapped before exit, and `pinned` is dropped before the exit below).
+        let pinned = match unsafe { crate::gpu::Pinned::register(&cuda[0], arena_ptr, arena_len) } {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!(
+                    "stateful-pool worker {}: {e}; payload copies will be pageable",
+                    wp.seat
+                );
+                None
+            }
+        };
+        (cuda, pinned)
+    };
+    #[cfg(feature = "cuda")]
+    let payload_pinned = pinned.is_some();
+    #[cfg(not(feature = "cuda"))]
+    let payload_pinned = false;
     let wctx = WorkerContext {
         index: wp.seat as usize,
         generation: ctl.generation.load(Ordering::Relaxed),
         pid,
+        gpus: wp.gpus.0.clone(),
+        #[cfg(feature = "cuda")]
+        cuda,
+        payload_pinned,
     };
     failpoint::configure(wctx.generation);
 
@@ -192,6 +225,9 @@ pub(crate) fn run<W: Worker>(wp: WorkerProcess) -> ! {
         }
     }
     drop(state);
+    // Unregister the pinned arena before the process (and its mapping) goes away.
+    #[cfg(feature = "cuda")]
+    drop(pinned);
     ctl.state.store(ctl_state::EXITED, Ordering::Release);
     std::process::exit(0)
 }

@@ -116,6 +116,10 @@ pub struct WorkerContext {
     pub(crate) index: usize,
     pub(crate) generation: u32,
     pub(crate) pid: u32,
+    pub(crate) gpus: Vec<u32>,
+    #[cfg(feature = "cuda")]
+    pub(crate) cuda: Vec<std::sync::Arc<cudarc::driver::CudaContext>>,
+    pub(crate) payload_pinned: bool,
 }
 
 impl WorkerContext {
@@ -132,6 +136,28 @@ impl WorkerContext {
     /// The worker's process id.
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// The GPUs this worker was spawned with ([`SpawnOptions::gpus`](crate::SpawnOptions::gpus)),
+    /// as the machine numbers them; empty if none.
+    pub fn gpu_ids(&self) -> &[u32] {
+        &self.gpus
+    }
+
+    /// One CUDA context per assigned GPU, in the order of [`gpu_ids`](Self::gpu_ids), created
+    /// in this worker process before its spawn step (feature `cuda`). A fresh process after a
+    /// restart gets fresh contexts.
+    #[cfg(feature = "cuda")]
+    pub fn cuda(&self) -> &[std::sync::Arc<cudarc::driver::CudaContext>] {
+        &self.cuda
+    }
+
+    /// Whether the shared-memory payload arena is registered as page-locked (pinned) host
+    /// memory in this process, so host-to-device copies from
+    /// [`TaskContext::payload`] run at pinned speed with no staging copy. True for a worker
+    /// with GPUs under the `cuda` feature, unless the driver refused (e.g. `ulimit -l`).
+    pub fn payload_pinned(&self) -> bool {
+        self.payload_pinned
     }
 }
 

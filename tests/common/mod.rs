@@ -72,6 +72,12 @@ pub enum Cmd {
     TickSlow(u32, u32),
     /// If this file does not exist: creates it and SIGKILLs itself; else returns 1.
     DieOnce(String),
+    /// Returns the value of this environment variable in the worker (`Out::bytes`), and
+    /// `Out::value` 1 if it is set.
+    Env(String),
+    /// Returns the worker's GPU ids (`Out::bytes`, one byte each) and whether its payload arena
+    /// is pinned (`Out::value`).
+    GpuIds,
     /// Creates file `started` (if not empty), waits until file `gate` exists (if not empty;
     /// checked every millisecond, at most 60 s), increments counter `id`, then fails with
     /// "step {id} failed" if `fail`, else returns `id * 3`.
@@ -116,6 +122,8 @@ pub struct Out {
 
 pub struct TestWorker {
     pub tag: String,
+    pub gpus: Vec<u32>,
+    pub pinned: bool,
     pub executed: u64,
     pub counters: Option<memmap2::MmapMut>,
 }
@@ -151,6 +159,8 @@ impl Worker for TestWorker {
         Ok((
             TestWorker {
                 tag: args.tag,
+                gpus: ctx.gpu_ids().to_vec(),
+                pinned: ctx.payload_pinned(),
                 executed: 0,
                 counters,
             },
@@ -228,6 +238,19 @@ impl Worker for TestWorker {
                 }
                 out(1)
             }
+            ArchivedCmd::Env(key) => match std::env::var(key.as_str()) {
+                Ok(v) => Out {
+                    worker,
+                    value: 1,
+                    bytes: v.into_bytes(),
+                },
+                Err(_) => out(0),
+            },
+            ArchivedCmd::GpuIds => Out {
+                worker,
+                value: self.pinned as u64,
+                bytes: self.gpus.iter().map(|&g| g as u8).collect(),
+            },
             ArchivedCmd::Step {
                 id,
                 started,
