@@ -119,8 +119,8 @@ impl<T> Table<T> {
         )
     }
 
-    /// Removes the value; the handle is dead from now on.
-    pub(crate) fn remove(&self, h: u64) -> Result<T, Fail> {
+    /// Replaces the live value of handle `h` with `next(generation)`; returns the value.
+    fn take_live(&self, h: u64, next: impl FnOnce(u32) -> Slot<T>) -> Result<T, Fail> {
         let (i, g) = self.decode(h)?;
         let mut t = self.lock();
         match t.slots.get(i) {
@@ -128,32 +128,28 @@ impl<T> Table<T> {
             Some(Slot::Busy { generation }) if *generation == g => return Err(self.busy()),
             _ => return Err(self.invalid(h)),
         }
-        let next = Slot::Free {
-            generation: next_generation(g),
-        };
+        let next = next(g);
+        let freed = matches!(next, Slot::Free { .. });
         let Slot::Live { value, .. } = std::mem::replace(&mut t.slots[i], next) else {
             unreachable!("checked live above");
         };
-        t.free.push(i as u32);
+        if freed {
+            t.free.push(i as u32);
+        }
         Ok(value)
+    }
+
+    /// Removes the value; the handle is dead from now on.
+    pub(crate) fn remove(&self, h: u64) -> Result<T, Fail> {
+        self.take_live(h, |g| Slot::Free {
+            generation: next_generation(g),
+        })
     }
 
     /// Takes the value out while keeping the handle reserved (busy): finish with
     /// [`put_back`](Self::put_back) (the handle lives on) or [`retire`](Self::retire).
     pub(crate) fn check_out(&self, h: u64) -> Result<T, Fail> {
-        let (i, g) = self.decode(h)?;
-        let mut t = self.lock();
-        match t.slots.get(i) {
-            Some(Slot::Live { generation, .. }) if *generation == g => {}
-            Some(Slot::Busy { generation }) if *generation == g => return Err(self.busy()),
-            _ => return Err(self.invalid(h)),
-        }
-        let Slot::Live { value, .. } =
-            std::mem::replace(&mut t.slots[i], Slot::Busy { generation: g })
-        else {
-            unreachable!("checked live above");
-        };
-        Ok(value)
+        self.take_live(h, |g| Slot::Busy { generation: g })
     }
 
     /// Returns a checked-out value under its handle.

@@ -83,25 +83,32 @@ fn lib(name: &str) -> PathBuf {
     p
 }
 
-/// Compiles `source` into `out_dir()/<name>`, linked statically or to the shared library.
-fn compile(compiler: &str, std: &str, source: &str, name: &str, link_static: bool) -> PathBuf {
+/// The system libraries a program linked to the static library needs
+/// (`rustc --print native-static-libs`).
+const STATIC_LIBS: [&str; 6] = ["-lgcc_s", "-lutil", "-lrt", "-lpthread", "-lm", "-ldl"];
+
+/// Compiles `source` into `out_dir()/<name>` with `extra` flags, linked statically or to the
+/// shared library.
+fn compile_with(
+    compiler: &str,
+    std: &str,
+    source: &str,
+    name: &str,
+    link_static: bool,
+    extra: &[&str],
+) -> PathBuf {
     let out = out_dir().join(name);
     let mut cmd = Command::new(compiler);
     cmd.arg(format!("-std={std}"))
-        .args(["-Wall", "-Wextra", "-Werror", "-pedantic", "-g", "-I"])
+        .args(["-Wall", "-Wextra", "-Werror", "-pedantic", "-g"])
+        .args(extra)
+        .arg("-I")
         .arg(ffi_dir().join("include"))
         .arg(ffi_dir().join("examples").join(source))
         .arg("-o")
         .arg(&out);
     if link_static {
-        cmd.arg(lib("libstateful_pool_ffi.a")).args([
-            "-lgcc_s",
-            "-lutil",
-            "-lrt",
-            "-lpthread",
-            "-lm",
-            "-ldl",
-        ]);
+        cmd.arg(lib("libstateful_pool_ffi.a")).args(STATIC_LIBS);
     } else {
         let _ = lib("libstateful_pool_ffi.so");
         cmd.arg("-L")
@@ -112,6 +119,10 @@ fn compile(compiler: &str, std: &str, source: &str, name: &str, link_static: boo
     }
     run(cmd, 300);
     out
+}
+
+fn compile(compiler: &str, std: &str, source: &str, name: &str, link_static: bool) -> PathBuf {
+    compile_with(compiler, std, source, name, link_static, &[])
 }
 
 fn stdout(o: &Output) -> String {
@@ -143,29 +154,18 @@ fn a_c_host_with_c_workers_runs_the_square_example() {
 fn the_square_example_is_clean_under_address_and_undefined_behaviour_sanitizers() {
     // The C program (and its worker processes, the same binary) built with ASan, UBSan and
     // LeakSanitizer, linked to the static library.
-    let out = out_dir().join("square_asan");
-    let mut cmd = Command::new("cc");
-    cmd.args([
-        "-std=c11",
-        "-g",
-        "-fsanitize=address,undefined",
-        "-fno-omit-frame-pointer",
-    ])
-    .args(["-fno-sanitize-recover=all", "-I"])
-    .arg(ffi_dir().join("include"))
-    .arg(ffi_dir().join("examples/square.c"))
-    .arg(lib("libstateful_pool_ffi.a"))
-    .args([
-        "-lgcc_s",
-        "-lutil",
-        "-lrt",
-        "-lpthread",
-        "-lm",
-        "-ldl",
-        "-o",
-    ])
-    .arg(&out);
-    run(cmd, 300);
+    let out = compile_with(
+        "cc",
+        "c11",
+        "square.c",
+        "square_asan",
+        true,
+        &[
+            "-fsanitize=address,undefined",
+            "-fno-omit-frame-pointer",
+            "-fno-sanitize-recover=all",
+        ],
+    );
     let mut cmd = Command::new(&out);
     cmd.env(
         "ASAN_OPTIONS",
