@@ -146,6 +146,38 @@ where
     }
 }
 
+/// What a batch task returns: the worker's seat index, and each task's outcome in order,
+/// `Err((kind, message))` with a result kind (`KIND_ERR`, `KIND_PANIC`, `KIND_POISONED`, or
+/// `KIND_CANCELLED` for a task not run because the worker retired during the batch).
+pub(crate) type BatchOut<O> = (u32, Vec<Result<O, (u32, String)>>);
+
+/// A batch of tasks borrowed from the caller, archived exactly as a `Vec<T>` of them.
+#[derive(Debug)]
+pub(crate) struct BatchRef<'a, In, T>(pub(crate) &'a [In], pub(crate) std::marker::PhantomData<T>);
+
+impl<In: std::borrow::Borrow<T>, T: Archive> Archive for BatchRef<'_, In, T> {
+    type Archived = rkyv::vec::ArchivedVec<T::Archived>;
+    type Resolver = rkyv::vec::VecResolver;
+
+    fn resolve(&self, resolver: Self::Resolver, out: rkyv::Place<Self::Archived>) {
+        rkyv::vec::ArchivedVec::resolve_from_len(self.0.len(), resolver, out);
+    }
+}
+
+impl<In, T, S> Serialize<S> for BatchRef<'_, In, T>
+where
+    In: std::borrow::Borrow<T>,
+    T: Serialize<S>,
+    S: rkyv::rancor::Fallible + rkyv::ser::Allocator + Writer + ?Sized,
+{
+    fn serialize(&self, serializer: &mut S) -> Result<Self::Resolver, S::Error> {
+        rkyv::vec::ArchivedVec::<T::Archived>::serialize_from_iter::<T, _, _>(
+            self.0.iter().map(|x| x.borrow()),
+            serializer,
+        )
+    }
+}
+
 /// Why encoding failed.
 #[derive(Debug)]
 pub(crate) enum EncodeError {
@@ -195,6 +227,22 @@ pub(crate) fn decode<T: Message>(bytes: &[u8]) -> Result<T, String> {
 #[cfg(all(test, not(stateful_pool_loom)))]
 mod bytes_tests {
     use super::*;
+
+    #[test]
+    fn a_borrowed_batch_archives_as_a_vec() {
+        let tasks = vec![1u64, 2, 3];
+        let refs: Vec<&u64> = tasks.iter().collect();
+        let mut a = vec![0u8; 256];
+        let mut b = vec![0u8; 256];
+        let n = encode_into(
+            &BatchRef::<_, u64>(&refs, std::marker::PhantomData),
+            a.as_mut_ptr(),
+            256,
+        )
+        .unwrap();
+        let m = encode_into(&tasks, b.as_mut_ptr(), 256).unwrap();
+        assert_eq!(a[..n], b[..m]);
+    }
 
     #[test]
     fn bytes_archive_exactly_as_a_vec_of_u8() {

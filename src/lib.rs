@@ -93,7 +93,7 @@ pub use pool::builder::{PoolBuilder, RestartPolicy, WaitStrategy};
 #[cfg(not(stateful_pool_loom))]
 pub use pool::events::{PoolEvent, PoolStats, SpawnOptions, TaskOptions, WorkerInfo, WorkerState};
 #[cfg(not(stateful_pool_loom))]
-pub use pool::handle::{Loan, ResultRef, SpawnHandle, TaskHandle};
+pub use pool::handle::{BatchHandle, Loan, ResultRef, SpawnHandle, TaskHandle};
 #[cfg(not(stateful_pool_loom))]
 pub use pool::map::{ErrorPolicy, Map, MapError, MapStream};
 

@@ -152,6 +152,8 @@ pub struct WorkerInfo {
 pub struct TaskOptions {
     pub(crate) timeout: Option<Duration>,
     pub(crate) retries: Option<u32>,
+    /// The task is a batch (set by the batch APIs, not by users).
+    pub(crate) batch: bool,
 }
 
 impl TaskOptions {

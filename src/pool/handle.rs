@@ -485,3 +485,88 @@ impl Drop for Loan {
         }
     }
 }
+
+/// A submitted batch ([`Pool::submit_batch`](crate::Pool::submit_batch)): many tasks in one
+/// slot, run one after the other by one worker, answered together. Collect with
+/// [`wait`](Self::wait) (or `.await`): the outer `Result` is the batch's fate as a whole (its
+/// worker died, it timed out, it was cancelled, it could not be read); inside, each task's own
+/// outcome, in order.
+///
+/// Dropping it cancels the batch if no worker has started it.
+#[must_use = "dropping a BatchHandle cancels the batch if it has not started"]
+#[derive(Debug)]
+pub struct BatchHandle<O: Message> {
+    pub(crate) inner: TaskHandle<codec::BatchOut<O>>,
+    pub(crate) len: usize,
+}
+
+/// Each task's outcome in a finished batch.
+fn unbatch<O: Message>(
+    r: Result<codec::BatchOut<O>, TaskError>,
+) -> Result<Vec<Result<O, TaskError>>, TaskError> {
+    let (worker, outs) = r?;
+    let worker = worker as usize;
+    Ok(outs
+        .into_iter()
+        .map(|x| {
+            x.map_err(|(kind, message)| match kind {
+                KIND_PANIC => TaskError::Panicked { worker, message },
+                KIND_POISONED => TaskError::Poisoned { worker, message },
+                KIND_CANCELLED => TaskError::Cancelled,
+                _ => TaskError::Failed { worker, message },
+            })
+        })
+        .collect())
+}
+
+impl<O: Message> BatchHandle<O> {
+    /// How many tasks the batch holds.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The batch's pool-unique id (one id for the whole batch).
+    pub fn task_id(&self) -> u64 {
+        self.inner.task_id()
+    }
+
+    /// Whether the whole batch has finished.
+    pub fn is_finished(&self) -> bool {
+        self.inner.is_finished()
+    }
+
+    /// Asks that the batch not run if no worker has started it (see [`TaskHandle::cancel`]).
+    pub fn cancel(&self) {
+        self.inner.cancel()
+    }
+
+    /// Blocks until the batch finishes; each task's outcome in order.
+    pub fn wait(self) -> Result<Vec<Result<O, TaskError>>, TaskError> {
+        unbatch(self.inner.wait())
+    }
+
+    /// Waits at most `timeout`; on timeout gives the handle back.
+    pub fn wait_timeout(
+        self,
+        timeout: Duration,
+    ) -> Result<Result<Vec<Result<O, TaskError>>, TaskError>, Self> {
+        let len = self.len;
+        match self.inner.wait_timeout(timeout) {
+            Ok(r) => Ok(unbatch(r)),
+            Err(inner) => Err(BatchHandle { inner, len }),
+        }
+    }
+}
+
+impl<O: Message> Future for BatchHandle<O> {
+    type Output = Result<Vec<Result<O, TaskError>>, TaskError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.get_mut().inner).poll(cx).map(unbatch)
+    }
+}

@@ -12,7 +12,7 @@ pub(crate) mod supervisor;
 use self::arena::Block;
 use self::builder::Config;
 use self::events::{PoolStats, SpawnOptions, TaskOptions, WorkerInfo};
-use self::handle::{Loan, SpawnHandle, SpawnReply, TaskHandle};
+use self::handle::{BatchHandle, Loan, SpawnHandle, SpawnReply, TaskHandle};
 use self::shared::Shared;
 use self::supervisor::{ReplyGuard, SupMsg, reactor_loop, supervisor_loop};
 use crate::codec::{self, EncodeError};
@@ -23,6 +23,7 @@ use crate::shm::layout::{
 use crate::shm::segment::Segment;
 use crate::worker::Worker;
 use crate::worker::boot::{BOOT_ENV, Boot, entry_offset, fingerprint, protocol_hash};
+use std::borrow::Borrow;
 use std::future::poll_fn;
 use std::marker::PhantomData;
 use std::sync::atomic::Ordering;
@@ -619,6 +620,65 @@ impl<W: Worker> Pool<W> {
         for t in threads {
             let _ = t.join();
         }
+    }
+}
+
+/// Batches: many tasks in one slot, one queue hand-off and one answer for all of them.
+impl<W: Worker> Pool<W> {
+    /// Queues `tasks` as one batch (waiting for room if the queue is full): the next free
+    /// worker runs them one after the other and answers them together. One slot, one ring
+    /// hand-off and one result for the whole batch, so tiny tasks cost far less each; an error
+    /// or panic fails only its own task. The batch counts as one task for timeouts, retries
+    /// (the whole batch re-runs) and cancellation; if its worker dies, the whole batch fails.
+    /// Inputs may be owned tasks or references.
+    pub fn submit_batch<T: Borrow<W::Task>>(
+        &self,
+        tasks: &[T],
+    ) -> Result<BatchHandle<W::Output>, SubmitError> {
+        self.batch_block(tasks, Block::Until(None), TaskOptions::default())
+    }
+
+    /// As [`submit_batch`](Self::submit_batch), but fails with [`SubmitError::QueueFull`] at
+    /// once instead of waiting.
+    pub fn try_submit_batch<T: Borrow<W::Task>>(
+        &self,
+        tasks: &[T],
+    ) -> Result<BatchHandle<W::Output>, SubmitError> {
+        self.batch_block(tasks, Block::No, TaskOptions::default())
+    }
+
+    /// As [`submit_batch`](Self::submit_batch), with a timeout and retries for the batch.
+    pub fn submit_batch_with_options<T: Borrow<W::Task>>(
+        &self,
+        tasks: &[T],
+        opts: TaskOptions,
+    ) -> Result<BatchHandle<W::Output>, SubmitError> {
+        self.batch_block(tasks, Block::Until(None), opts)
+    }
+
+    /// Runs `tasks` as one batch and blocks for every outcome, in order. The outer error is the
+    /// batch's as a whole (it could not be submitted, its worker died, …).
+    #[allow(clippy::type_complexity)]
+    pub fn execute_batch<T: Borrow<W::Task>>(
+        &self,
+        tasks: &[T],
+    ) -> Result<Vec<Result<W::Output, TaskError>>, TaskError> {
+        self.submit_batch(tasks)?.wait()
+    }
+
+    fn batch_block<T: Borrow<W::Task>>(
+        &self,
+        tasks: &[T],
+        block: Block,
+        mut opts: TaskOptions,
+    ) -> Result<BatchHandle<W::Output>, SubmitError> {
+        opts.batch = true;
+        let batch = codec::BatchRef::<T, W::Task>(tasks, PhantomData);
+        let (slot, id) = self.shared.submit_with(&batch, None, block, opts)?;
+        Ok(BatchHandle {
+            inner: TaskHandle::new(self.shared.clone(), slot, id),
+            len: tasks.len(),
+        })
     }
 }
 

@@ -363,7 +363,8 @@ impl Shared {
         sh.result_kind.store(0, Ordering::Relaxed);
         // Release: a supervisor that Acquires this state (checking a dead worker's claim) sees
         // the new task id, never the previous task's.
-        sh.state.store(0, Ordering::Release);
+        let initial = if opts.batch { slot_state::BATCH } else { 0 };
+        sh.state.store(initial, Ordering::Release);
         meta.task_id.store(task_id, Ordering::Relaxed);
         let timeout = opts.timeout.or(self.cfg.task_timeout);
         let timeout_ns = timeout.map_or(0, |d| d.as_nanos().clamp(1, u64::MAX as u128) as u64);

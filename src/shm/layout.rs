@@ -77,6 +77,9 @@ pub(crate) mod slot_state {
     pub(crate) const WAIT_THREAD: u32 = 8;
     /// The reactor watches this slot: the worker must ring the doorbell.
     pub(crate) const WAIT_REACTOR: u32 = 16;
+    /// The task archive is a batch (an archived `Vec` of tasks, run one after the other), and
+    /// the result is the batch's outcome (`codec::BatchOut`). Set at submit, never changed.
+    pub(crate) const BATCH: u32 = 32;
 }
 
 /// One task slot's header.

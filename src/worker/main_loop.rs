@@ -207,6 +207,8 @@ pub(crate) fn run<W: Worker>(wp: WorkerProcess) -> ! {
         let retire = if prev & slot_state::CANCELLED != 0 {
             server.publish(sh, 0, 0, KIND_CANCELLED);
             None
+        } else if prev & slot_state::BATCH != 0 {
+            server.serve_batch(&mut state, &wctx, slot, sh)
         } else {
             server.serve_one(&mut state, &wctx, slot, sh)
         };
@@ -249,25 +251,9 @@ impl Server<'_> {
         slot: u32,
         sh: &SlotHeader,
     ) -> Option<u32> {
-        let seg = &self.wp.seg;
-        let task_off = sh.task_off.load(Ordering::Relaxed) as usize;
-        let task_len = sh.task_len.load(Ordering::Relaxed) as usize;
-        let pay_off = sh.payload_off.load(Ordering::Relaxed) as usize;
-        let pay_len = sh.payload_len.load(Ordering::Relaxed) as usize;
-        let in_range =
-            |off: usize, len: usize| off.checked_add(len).is_some_and(|e| e <= seg.len());
-        if !in_range(task_off, task_len) || !in_range(pay_off, pay_len) {
-            self.write_message(sh, slot, KIND_BAD_TASK, "task location out of range");
+        let Some((task_bytes, payload, inline_from)) = self.task_bytes(sh, slot) else {
             return None;
-        }
-        // SAFETY: the slot's task bytes (and payload) were written by the parent before it
-        // pushed the slot index (Release) that our pop Acquired; the parent does not touch them
-        // until we publish DONE, after our last use of these slices.
-        let task_bytes =
-            unsafe { std::slice::from_raw_parts(seg.bytes_ptr(task_off, task_len), task_len) };
-        // SAFETY: as above, for the loaned payload.
-        let payload =
-            unsafe { std::slice::from_raw_parts(seg.bytes_ptr(pay_off, pay_len), pay_len) };
+        };
         let task = match codec::access::<W::Task>(task_bytes) {
             Ok(t) => t,
             Err(e) => {
@@ -276,13 +262,6 @@ impl Server<'_> {
             }
         };
         failpoint::hit("mid_read");
-        // An inline result goes after the task's own archive (if that is inline too), which
-        // must stay intact: a task whose worker dies may be re-run from it.
-        let inline_from = if task_off == self.wp.layout.slot_data_off(slot) {
-            align16(task_len as u64) as usize
-        } else {
-            0
-        };
         let tctx = TaskContext {
             worker: wctx,
             task_id: sh.task_id.load(Ordering::Relaxed),
@@ -308,6 +287,99 @@ impl Server<'_> {
                 self.restart_on_panic.then_some(KIND_PANIC)
             }
         }
+    }
+
+    /// Runs a batch: each task in order, each outcome kept (an error or a panic fails only its
+    /// own task), published together as one result. If a task poisons the worker, or panics
+    /// under the restart-on-panic policy, the rest are answered "not run" and the worker
+    /// retires after publishing.
+    fn serve_batch<W: Worker>(
+        &self,
+        state: &mut W,
+        wctx: &WorkerContext,
+        slot: u32,
+        sh: &SlotHeader,
+    ) -> Option<u32> {
+        let Some((task_bytes, payload, inline_from)) = self.task_bytes(sh, slot) else {
+            return None;
+        };
+        let tasks = match codec::access::<Vec<W::Task>>(task_bytes) {
+            Ok(t) => t,
+            Err(e) => {
+                self.write_message(sh, slot, KIND_BAD_TASK, &e);
+                return None;
+            }
+        };
+        failpoint::hit("mid_read");
+        let tctx = TaskContext {
+            worker: wctx,
+            task_id: sh.task_id.load(Ordering::Relaxed),
+            payload,
+        };
+        let mut retire = None;
+        let mut outs = Vec::with_capacity(tasks.len());
+        for task in tasks.iter() {
+            if retire.is_some() {
+                outs.push(Err((
+                    KIND_CANCELLED,
+                    "not run: the worker retired during this batch".to_string(),
+                )));
+                continue;
+            }
+            outs.push(
+                match catch_unwind(AssertUnwindSafe(|| state.execute(task, &tctx))) {
+                    Ok(Ok(out)) => Ok(out),
+                    Ok(Err(e)) => match e.downcast_ref::<super::Poisoned>() {
+                        Some(p) => {
+                            retire = Some(KIND_POISONED);
+                            Err((KIND_POISONED, p.message().to_string()))
+                        }
+                        None => Err((KIND_ERR, e.to_string())),
+                    },
+                    Err(p) => {
+                        if self.restart_on_panic {
+                            retire = Some(KIND_PANIC);
+                        }
+                        Err((KIND_PANIC, panic_message(&*p)))
+                    }
+                },
+            );
+        }
+        let out: codec::BatchOut<W::Output> = (wctx.index as u32, outs);
+        self.write_output(sh, slot, inline_from, &out);
+        retire
+    }
+
+    /// The task's archive and payload in shared memory, and where an inline result may start;
+    /// `None` (with the task answered `BadTask`) if the slot points outside the segment.
+    fn task_bytes(&self, sh: &SlotHeader, slot: u32) -> Option<(&[u8], &[u8], usize)> {
+        let seg = &self.wp.seg;
+        let task_off = sh.task_off.load(Ordering::Relaxed) as usize;
+        let task_len = sh.task_len.load(Ordering::Relaxed) as usize;
+        let pay_off = sh.payload_off.load(Ordering::Relaxed) as usize;
+        let pay_len = sh.payload_len.load(Ordering::Relaxed) as usize;
+        let in_range =
+            |off: usize, len: usize| off.checked_add(len).is_some_and(|e| e <= seg.len());
+        if !in_range(task_off, task_len) || !in_range(pay_off, pay_len) {
+            self.write_message(sh, slot, KIND_BAD_TASK, "task location out of range");
+            return None;
+        }
+        // SAFETY: the slot's task bytes (and payload) were written by the parent before it
+        // pushed the slot index (Release) that our pop Acquired; the parent does not touch them
+        // until we publish DONE, after our last use of these slices.
+        let task_bytes =
+            unsafe { std::slice::from_raw_parts(seg.bytes_ptr(task_off, task_len), task_len) };
+        // SAFETY: as above, for the loaned payload.
+        let payload =
+            unsafe { std::slice::from_raw_parts(seg.bytes_ptr(pay_off, pay_len), pay_len) };
+        // An inline result goes after the task's own archive (if that is inline too), which
+        // must stay intact: a task whose worker dies may be re-run from it.
+        let inline_from = if task_off == self.wp.layout.slot_data_off(slot) {
+            align16(task_len as u64) as usize
+        } else {
+            0
+        };
+        Some((task_bytes, payload, inline_from))
     }
 
     /// Reserves `len` data bytes in the completion ring, waiting for the parent to release

@@ -1,0 +1,170 @@
+//! Batches: many tasks in one slot, run in order by one worker, answered together.
+
+stateful_pool::worker_hook!();
+
+mod common;
+
+use common::*;
+use stateful_pool::{Pool, SubmitError, TaskError};
+
+fn pool(restart_on_panic: bool) -> Pool<TestWorker> {
+    let pool = Pool::<TestWorker>::builder()
+        .queue_size(8)
+        .restart_on_panic(restart_on_panic)
+        .build()
+        .unwrap();
+    pool.spawn(&Spawn::ok("b")).unwrap();
+    pool
+}
+
+#[test]
+fn a_batch_answers_every_task_in_order_each_with_its_own_outcome() {
+    watchdog(60, || {
+        let pool = pool(false);
+        let tasks = vec![
+            Cmd::Echo(1),
+            Cmd::Fail("no".into()),
+            Cmd::Panic("boom".into()),
+            Cmd::Echo(4),
+        ];
+        let outs = pool.execute_batch(&tasks).unwrap();
+        assert_eq!(outs.len(), 4);
+        assert_eq!(outs[0].as_ref().unwrap().value, 1);
+        assert!(matches!(&outs[1], Err(TaskError::Failed { message, .. }) if message == "no"));
+        assert!(
+            matches!(&outs[2], Err(TaskError::Panicked { message, .. }) if message.contains("boom"))
+        );
+        assert_eq!(
+            outs[3].as_ref().unwrap().value,
+            4,
+            "a panic fails only its task (keep policy)"
+        );
+        // Tasks by reference, and an empty batch.
+        let refs: Vec<&Cmd> = tasks.iter().filter(|c| matches!(c, Cmd::Echo(_))).collect();
+        let outs = pool.execute_batch(&refs).unwrap();
+        assert_eq!(
+            outs.iter()
+                .map(|o| o.as_ref().unwrap().value)
+                .collect::<Vec<_>>(),
+            vec![1, 4]
+        );
+        assert!(pool.execute_batch::<Cmd>(&[]).unwrap().is_empty());
+    });
+}
+
+#[test]
+fn each_task_of_many_batches_runs_exactly_once() {
+    watchdog(60, || {
+        const N: usize = 2000;
+        let counters = Counters::new("batch-once", N);
+        let pool = Pool::<TestWorker>::builder()
+            .queue_size(32)
+            .build()
+            .unwrap(); // 20 batches held at once
+        for r in pool.spawn_n(&counters.spawn_args("b"), 2) {
+            r.unwrap();
+        }
+        let tasks: Vec<Cmd> = (0..N as u32).map(Cmd::Tick).collect();
+        let handles: Vec<_> = tasks
+            .chunks(100)
+            .map(|c| pool.submit_batch(c).unwrap())
+            .collect();
+        let mut k = 0u64;
+        for h in handles {
+            assert_eq!(h.len(), 100);
+            for o in h.wait().unwrap() {
+                assert_eq!(o.unwrap().value, k * 3);
+                k += 1;
+            }
+        }
+        assert_eq!(k, N as u64);
+        for i in 0..N {
+            assert_eq!(counters.get(i), 1);
+        }
+    });
+}
+
+#[test]
+fn a_panic_or_poison_in_a_batch_retires_the_worker_after_answering() {
+    watchdog(60, || {
+        let pool = pool(true);
+        let before = pool.execute(&Cmd::Pid).unwrap().value;
+        let outs = pool
+            .execute_batch(&[Cmd::Echo(1), Cmd::Panic("p".into()), Cmd::Echo(3)])
+            .unwrap();
+        assert_eq!(outs[0].as_ref().unwrap().value, 1);
+        assert!(matches!(outs[1], Err(TaskError::Panicked { .. })));
+        assert_eq!(
+            outs[2],
+            Err(TaskError::Cancelled),
+            "not run after the worker retired"
+        );
+        let outs = pool
+            .execute_batch(&[Cmd::Poison("sticky".into()), Cmd::Echo(2)])
+            .unwrap();
+        assert!(
+            matches!(&outs[0], Err(TaskError::Poisoned { message, .. }) if message == "sticky")
+        );
+        assert_eq!(outs[1], Err(TaskError::Cancelled));
+        // Replaced, and serving.
+        let after = pool.execute(&Cmd::Pid).unwrap().value;
+        assert_ne!(before, after);
+        assert_eq!(
+            pool.execute_batch(&[Cmd::Echo(9)]).unwrap()[0]
+                .as_ref()
+                .unwrap()
+                .value,
+            9
+        );
+    });
+}
+
+#[test]
+fn a_worker_dying_mid_batch_fails_the_batch_as_a_whole() {
+    watchdog(60, || {
+        let pool = pool(true);
+        let e = pool
+            .execute_batch(&[Cmd::Echo(1), Cmd::KillSelf, Cmd::Echo(3)])
+            .unwrap_err();
+        assert!(matches!(e, TaskError::WorkerDied { .. }), "{e}");
+        assert_eq!(
+            pool.execute(&Cmd::Echo(5)).unwrap().value,
+            5,
+            "restarted and serving"
+        );
+    });
+}
+
+#[test]
+fn batches_obey_the_queue_and_size_limits_and_await() {
+    watchdog(60, || {
+        let pool = Pool::<TestWorker>::builder()
+            .queue_size(2)
+            .max_task_bytes(4096)
+            .build()
+            .unwrap();
+        // No worker yet: two batches fill the queue.
+        let a = pool.submit_batch(&[Cmd::Echo(1)]).unwrap();
+        let b = pool
+            .try_submit_batch(&[Cmd::Echo(2), Cmd::Echo(3)])
+            .unwrap();
+        assert_eq!(
+            pool.try_submit_batch(&[Cmd::Echo(4)]).unwrap_err(),
+            SubmitError::QueueFull
+        );
+        let big: Vec<Cmd> = (0..2000).map(Cmd::Echo).collect();
+        assert!(matches!(
+            pool.try_submit_batch(&big),
+            Err(SubmitError::PayloadTooLarge { max: 4096, .. }) | Err(SubmitError::QueueFull)
+        ));
+        pool.spawn(&Spawn::ok("late")).unwrap();
+        let got = futures_executor::block_on(async { (a.await, b.await) });
+        assert_eq!(got.0.unwrap()[0].as_ref().unwrap().value, 1);
+        assert_eq!(got.1.unwrap().len(), 2);
+        let big_ok = pool.try_submit_batch(&big);
+        assert!(matches!(
+            big_ok,
+            Err(SubmitError::PayloadTooLarge { max: 4096, .. })
+        ));
+    });
+}
