@@ -251,9 +251,8 @@ impl Server<'_> {
         slot: u32,
         sh: &SlotHeader,
     ) -> Option<u32> {
-        let Some((task_bytes, payload, inline_from)) = self.task_bytes(sh, slot) else {
-            return None;
-        };
+        // (`None`: the task was answered BadTask; nothing to retire for.)
+        let (task_bytes, payload, inline_from) = self.task_bytes(sh, slot)?;
         let task = match codec::access::<W::Task>(task_bytes) {
             Ok(t) => t,
             Err(e) => {
@@ -300,9 +299,8 @@ impl Server<'_> {
         slot: u32,
         sh: &SlotHeader,
     ) -> Option<u32> {
-        let Some((task_bytes, payload, inline_from)) = self.task_bytes(sh, slot) else {
-            return None;
-        };
+        // (`None`: the task was answered BadTask; nothing to retire for.)
+        let (task_bytes, payload, inline_from) = self.task_bytes(sh, slot)?;
         let tasks = match codec::access::<Vec<W::Task>>(task_bytes) {
             Ok(t) => t,
             Err(e) => {
