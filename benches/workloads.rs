@@ -271,6 +271,19 @@ fn w2(c: &mut Criterion) {
             t
         })
     });
+    g.bench_function(BenchmarkId::new("pool_map_batched", W2_TASKS), |b| {
+        b.iter_custom(|n| {
+            let start = Instant::now();
+            for _ in 0..n {
+                // Batches of 500 inputs, 8 in flight.
+                let m = pool.map(0..W2_TASKS).window(4000).batch(500);
+                assert_eq!(m.filter(Result::is_ok).count(), W2_TASKS as usize);
+            }
+            let t = start.elapsed();
+            record_iter("W2/pool_map_batched", t, n);
+            t
+        })
+    });
     for unordered in [false, true] {
         let name = if unordered {
             "pool_map_unordered"
@@ -632,6 +645,7 @@ fn summary(_: &mut Criterion) {
     for k in [
         "pool_handles",
         "pool_batches_of_1000",
+        "pool_map_batched",
         "pool_map",
         "pool_map_unordered",
         "pipe_pool_each_write",
@@ -733,7 +747,7 @@ fn summary(_: &mut Criterion) {
         fmt_ns(w1("pool_default/W6").0),
         verdict(w6 <= 2.0 && w1("pool_default/W6").0 < 1e6)
     ));
-    let map = rate("W2/pool_map").max(rate("W2/pool_batches_of_1000"));
+    let map = rate("W2/pool_map_batched").max(rate("W2/pool_batches_of_1000"));
     let handles = rate("W2/pool_handles");
     r.line(format!(
         "| W2 ≥ 10 M/s through batch/map | {:.2} M/s | {} |",

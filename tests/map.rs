@@ -597,3 +597,122 @@ fn a_stream_of_large_tasks_waits_for_arena_space_on_a_single_threaded_runtime() 
         assert_eq!(sums, (0..30u64).map(|i| i * 20_000).collect::<Vec<_>>());
     });
 }
+
+#[test]
+fn batched_maps_keep_order_run_each_input_once_and_report_lengths() {
+    watchdog(120, || {
+        const N: usize = 1000;
+        let counters = Counters::new("map-batched", N);
+        let pool = pool_with(&counters, 2, 16);
+        let mut m = pool
+            .map((0..N as u32).map(|i| Cmd::TickSlow(i, (i * 7919) % 50)))
+            .window(200)
+            .batch(50);
+        for i in 0..N {
+            assert_eq!(m.len(), N - i);
+            assert!(m.in_flight() <= 200);
+            assert_eq!(m.next().unwrap().unwrap().value, i as u64 * 3);
+        }
+        assert!(m.next().is_none());
+        for i in 0..N {
+            assert_eq!(counters.get(i), 1);
+        }
+        // Unordered, every index once.
+        let mut seen = vec![false; 500];
+        for (i, r) in pool
+            .map((0..500u64).map(Cmd::Echo))
+            .batch(64)
+            .unordered()
+            .indexed()
+        {
+            assert_eq!(r.unwrap().value, i as u64);
+            assert!(!std::mem::replace(&mut seen[i], true));
+        }
+        assert!(seen.iter().all(|&b| b));
+        // A window smaller than the batch caps the batch.
+        let mut m = pool.map((0..100u64).map(Cmd::Echo)).window(10).batch(64);
+        let mut n = 0;
+        while let Some(r) = m.next() {
+            assert!(m.in_flight() <= 10);
+            assert_eq!(r.unwrap().value, n);
+            n += 1;
+        }
+        assert_eq!(n, 100);
+    });
+}
+
+#[test]
+fn batched_maps_keep_per_input_errors_and_policies() {
+    watchdog(60, || {
+        let pool = plain_pool(2, 16);
+        let input = |i: u64| {
+            if i % 7 == 3 {
+                Cmd::Fail(format!("bad {i}"))
+            } else {
+                Cmd::Echo(i)
+            }
+        };
+        let got: Vec<_> = pool.map((0..200).map(input)).batch(32).collect();
+        for (i, r) in got.into_iter().enumerate() {
+            if i % 7 == 3 {
+                assert_eq!(r.unwrap_err().index, i);
+            } else {
+                assert_eq!(r.unwrap().value, i as u64);
+            }
+        }
+        let first_err = pool
+            .map((0..200).map(input))
+            .batch(32)
+            .on_error(ErrorPolicy::Immediate)
+            .find_map(Result::err)
+            .unwrap();
+        assert_eq!(first_err.index % 7, 3);
+        // A worker dying mid-batch fails that batch's inputs; the map goes on.
+        let cmds: Vec<Cmd> = (0..40)
+            .map(|i| if i == 25 { Cmd::KillSelf } else { Cmd::Echo(i) })
+            .collect();
+        let got: Vec<_> = pool.map(&cmds).batch(10).collect();
+        let failed: Vec<usize> = (0..40).filter(|&i| got[i].is_err()).collect();
+        assert!(failed.contains(&25), "{failed:?}");
+        assert!(failed.len() <= 10, "only the dead batch fails: {failed:?}");
+        assert_eq!(
+            failed.last().unwrap() - failed[0] + 1,
+            failed.len(),
+            "one batch"
+        );
+        for (i, r) in got.iter().enumerate() {
+            match r {
+                Err(e) => assert!(matches!(e.error, TaskError::WorkerDied { .. }), "{e}"),
+                Ok(o) => assert_eq!(o.value, i as u64),
+            }
+        }
+    });
+}
+
+#[test]
+fn a_batched_stream_sends_partial_batches_when_its_input_waits() {
+    watchdog(60, || {
+        // Flow control: the producer sends input k+1 only after result k came back. A stream
+        // must not hold input back waiting to fill a batch of 16.
+        let pool = plain_pool(1, 8);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Cmd>();
+            let inputs = futures_util::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|c| (c, rx))
+            });
+            let mut results = pool.map_stream(inputs).batch(16);
+            let mut sum = 0;
+            for k in 0..50u64 {
+                tx.send(Cmd::Echo(k)).unwrap();
+                sum += results.next().await.unwrap().unwrap().value;
+            }
+            drop(tx);
+            assert!(results.next().await.is_none());
+            assert_eq!(sum, (0..50u64).sum::<u64>());
+        });
+    });
+}
