@@ -106,6 +106,8 @@ pub use pool::map::{ErrorPolicy, Map, MapError, MapStream};
 /// - [`window(n)`](Map::window): at most `n` of the map's tasks in flight (queued, running, or
 ///   finished and not yet yielded), so an endless input uses bounded memory; the input is
 ///   pulled only to refill the window. Default: the pool's `queue_size`.
+/// - [`batch(n)`](Map::batch): up to `n` consecutive inputs per task slot, one hand-off for all
+///   of them (tiny tasks run several times faster), each input still with its own result.
 /// - [`unordered()`](Map::unordered): results as they finish instead of in input order.
 /// - [`on_error(policy)`](Map::on_error): [`ErrorPolicy::Deferred`] (every input gets its
 ///   result), [`Immediate`](ErrorPolicy::Immediate) or [`WaitOthers`](ErrorPolicy::WaitOthers).

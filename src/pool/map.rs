@@ -9,6 +9,7 @@
 //! - [`window`](Map::window): at most this many of the map's tasks are in flight (queued,
 //!   running, or finished and not yet yielded), so an endless input uses bounded memory. The
 //!   input is pulled only to refill the window.
+//! - [`batch`](Map::batch): up to `n` consecutive inputs per task slot (one hand-off for all).
 //! - [`unordered`](Map::unordered): results as they finish instead of in input order.
 //! - [`on_error`](Map::on_error): an [`ErrorPolicy`].
 //! - [`indexed`](Map::indexed) / [`with_inputs`](Map::with_inputs): each result comes with its
