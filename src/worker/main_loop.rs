@@ -266,25 +266,43 @@ impl Server<'_> {
             task_id: sh.task_id.load(Ordering::Relaxed),
             payload,
         };
-        match catch_unwind(AssertUnwindSafe(|| state.execute(task, &tctx))) {
-            Ok(Ok(out)) => {
+        match self.run(state, task, &tctx) {
+            Ok(out) => {
                 self.write_output(sh, slot, inline_from, &out);
                 None
             }
-            Ok(Err(e)) => match e.downcast_ref::<super::Poisoned>() {
-                Some(p) => {
-                    self.write_message(sh, slot, KIND_POISONED, p.message());
-                    Some(KIND_POISONED)
-                }
-                None => {
-                    self.write_message(sh, slot, KIND_ERR, &e.to_string());
-                    None
-                }
-            },
-            Err(p) => {
-                self.write_message(sh, slot, KIND_PANIC, &panic_message(&*p));
-                self.restart_on_panic.then_some(KIND_PANIC)
+            Err((kind, message)) => {
+                self.write_message(sh, slot, kind, &message);
+                self.retires_after(kind)
             }
+        }
+    }
+
+    /// Runs one task, catching its panic: the output, or the outcome kind (`KIND_ERR`,
+    /// `KIND_POISONED`, `KIND_PANIC`) and message.
+    fn run<W: Worker>(
+        &self,
+        state: &mut W,
+        task: &rkyv::Archived<W::Task>,
+        tctx: &TaskContext<'_>,
+    ) -> Result<W::Output, (u32, String)> {
+        match catch_unwind(AssertUnwindSafe(|| state.execute(task, tctx))) {
+            Ok(Ok(out)) => Ok(out),
+            Ok(Err(e)) => Err(match e.downcast_ref::<super::Poisoned>() {
+                Some(p) => (KIND_POISONED, p.message().to_string()),
+                None => (KIND_ERR, e.to_string()),
+            }),
+            Err(p) => Err((KIND_PANIC, panic_message(&*p))),
+        }
+    }
+
+    /// Whether a task outcome of `kind` makes the worker retire: a poisoning, or a panic under
+    /// the restart-on-panic policy.
+    fn retires_after(&self, kind: u32) -> Option<u32> {
+        match kind {
+            KIND_POISONED => Some(kind),
+            KIND_PANIC if self.restart_on_panic => Some(kind),
+            _ => None,
         }
     }
 
@@ -324,24 +342,11 @@ impl Server<'_> {
                 )));
                 continue;
             }
-            outs.push(
-                match catch_unwind(AssertUnwindSafe(|| state.execute(task, &tctx))) {
-                    Ok(Ok(out)) => Ok(out),
-                    Ok(Err(e)) => match e.downcast_ref::<super::Poisoned>() {
-                        Some(p) => {
-                            retire = Some(KIND_POISONED);
-                            Err((KIND_POISONED, p.message().to_string()))
-                        }
-                        None => Err((KIND_ERR, e.to_string())),
-                    },
-                    Err(p) => {
-                        if self.restart_on_panic {
-                            retire = Some(KIND_PANIC);
-                        }
-                        Err((KIND_PANIC, panic_message(&*p)))
-                    }
-                },
-            );
+            let r = self.run(state, task, &tctx);
+            if let Err((kind, _)) = &r {
+                retire = self.retires_after(*kind);
+            }
+            outs.push(r);
         }
         let out: codec::BatchOut<W::Output> = (wctx.index as u32, outs);
         self.write_output(sh, slot, inline_from, &out);
