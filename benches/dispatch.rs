@@ -258,6 +258,25 @@ fn plot(rows: &[(usize, Vec<Vec<RunResult>>)]) -> String {
     s
 }
 
+/// A panel's title and its two axes; `(x0, y0, pw, ph)` is the plot area.
+fn frame(s: &mut String, (x0, y0, pw, ph): (f64, f64, f64, f64), top: f64, title: &str) {
+    *s += &format!(
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" font-size=\"14\">{title}</text>\n",
+        x0 + pw / 2.0,
+        top + 24.0
+    );
+    *s += &format!(
+        "<line x1=\"{x0}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n",
+        y0 + ph,
+        x0 + pw,
+        y0 + ph
+    );
+    *s += &format!(
+        "<line x1=\"{x0}\" y1=\"{y0}\" x2=\"{x0}\" y2=\"{}\" stroke=\"black\"/>\n",
+        y0 + ph
+    );
+}
+
 fn plot_row(out: &mut String, top: f64, clients: usize, results: &[Vec<RunResult>]) {
     let mut s = String::new();
     let colors = ["#d62728", "#ff7f0e", "#1f77b4"];
@@ -273,20 +292,11 @@ fn plot_row(out: &mut String, top: f64, clients: usize, results: &[Vec<RunResult
         .map(|rs| mean_std(&rs.iter().map(|x| x.throughput).collect::<Vec<_>>()))
         .collect();
     let max = tp.iter().map(|(m, sd)| m + sd).fold(0.0, f64::max) * 1.15;
-    s += &format!(
-        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" font-size=\"14\">{clients} clients: throughput (requests/s, mean ± sd of 5 runs)</text>\n",
-        x0 + pw / 2.0,
-        top + 24.0
-    );
-    s += &format!(
-        "<line x1=\"{x0}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n",
-        y0 + ph,
-        x0 + pw,
-        y0 + ph
-    );
-    s += &format!(
-        "<line x1=\"{x0}\" y1=\"{y0}\" x2=\"{x0}\" y2=\"{}\" stroke=\"black\"/>\n",
-        y0 + ph
+    frame(
+        &mut s,
+        (x0, y0, pw, ph),
+        top,
+        &format!("{clients} clients: throughput (requests/s, mean ± sd of 5 runs)"),
     );
     for k in 0..=4 {
         let v = max * k as f64 / 4.0;
@@ -334,20 +344,11 @@ fn plot_row(out: &mut String, top: f64, clients: usize, results: &[Vec<RunResult
     let (x0, y0, pw, ph) = (470.0, top + 40.0, 450.0, 300.0);
     let (lmin, lmax) = (0.1f64.log10(), 1000f64.log10());
     let xs = |ms: f64| x0 + pw * ((ms.max(0.1).log10() - lmin) / (lmax - lmin)).clamp(0.0, 1.0);
-    s += &format!(
-        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" font-size=\"14\">{clients} clients: latency distribution (CDF of all requests, all runs)</text>\n",
-        x0 + pw / 2.0,
-        top + 24.0
-    );
-    s += &format!(
-        "<line x1=\"{x0}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n",
-        y0 + ph,
-        x0 + pw,
-        y0 + ph
-    );
-    s += &format!(
-        "<line x1=\"{x0}\" y1=\"{y0}\" x2=\"{x0}\" y2=\"{}\" stroke=\"black\"/>\n",
-        y0 + ph
+    frame(
+        &mut s,
+        (x0, y0, pw, ph),
+        top,
+        &format!("{clients} clients: latency distribution (CDF of all requests, all runs)"),
     );
     for ms in [0.1, 1.0, 10.0, 100.0, 1000.0] {
         let x = xs(ms);

@@ -225,7 +225,7 @@ pub(crate) fn decode<T: Message>(bytes: &[u8]) -> Result<T, String> {
 }
 
 #[cfg(all(test, not(stateful_pool_loom)))]
-mod bytes_tests {
+mod tests {
     use super::*;
 
     #[test]
@@ -256,11 +256,6 @@ mod bytes_tests {
             assert_eq!(encoded_len(&Bytes(data)).unwrap(), n);
         }
     }
-}
-
-#[cfg(all(test, not(stateful_pool_loom)))]
-mod tests {
-    use super::*;
 
     #[repr(C, align(16))]
     struct Buf([u8; 256]);

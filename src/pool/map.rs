@@ -225,25 +225,6 @@ impl<T: crate::Message> Pending<T> {
             Pending::Batch(h) => h.inner.block_until_done(),
         }
     }
-
-    /// The outcomes of a finished submission, one per input.
-    fn collect(self, n: usize) -> Vec<Result<T, TaskError>> {
-        match self {
-            Pending::One(h) => vec![h.wait()],
-            Pending::Batch(h) => match h.wait() {
-                Ok(v) if v.len() == n => v,
-                Ok(v) => (0..n)
-                    .map(|_| {
-                        Err(TaskError::BadResult {
-                            worker: usize::MAX,
-                            message: format!("a batch of {n} tasks was answered with {}", v.len()),
-                        })
-                    })
-                    .collect(),
-                Err(e) => (0..n).map(|_| Err(e.clone())).collect(),
-            },
-        }
-    }
 }
 
 /// One input of the map, from submission until its result is yielded.
@@ -277,12 +258,27 @@ impl<T: crate::Message, In> Entry<T, In> {
                     item.result = Some(h.wait());
                 }
             }
-            p => {
-                let n = self.items.len();
-                for (item, r) in self.items.iter_mut().zip(p.collect(n)) {
-                    item.result = Some(r);
+            Pending::Batch(h) => match h.wait() {
+                Ok(outs) if outs.len() == self.items.len() => {
+                    for (item, r) in self.items.iter_mut().zip(outs) {
+                        item.result = Some(r);
+                    }
                 }
-            }
+                other => {
+                    // The batch failed as a whole (or, never from our workers, answered the
+                    // wrong number of tasks): every input gets that outcome.
+                    let e = other.err().unwrap_or_else(|| TaskError::BadResult {
+                        worker: usize::MAX,
+                        message: format!(
+                            "a batch of {} tasks was answered with another count",
+                            self.items.len()
+                        ),
+                    });
+                    for item in self.items.iter_mut() {
+                        item.result = Some(Err(e.clone()));
+                    }
+                }
+            },
         }
         true
     }

@@ -252,20 +252,7 @@ impl Server<'_> {
         sh: &SlotHeader,
     ) -> Option<u32> {
         // (`None`: the task was answered BadTask; nothing to retire for.)
-        let (task_bytes, payload, inline_from) = self.task_bytes(sh, slot)?;
-        let task = match codec::access::<W::Task>(task_bytes) {
-            Ok(t) => t,
-            Err(e) => {
-                self.write_message(sh, slot, KIND_BAD_TASK, &e);
-                return None;
-            }
-        };
-        failpoint::hit("mid_read");
-        let tctx = TaskContext {
-            worker: wctx,
-            task_id: sh.task_id.load(Ordering::Relaxed),
-            payload,
-        };
+        let (task, tctx, inline_from) = self.open::<W::Task>(wctx, sh, slot)?;
         match self.run(state, task, &tctx) {
             Ok(out) => {
                 self.write_output(sh, slot, inline_from, &out);
@@ -318,20 +305,7 @@ impl Server<'_> {
         sh: &SlotHeader,
     ) -> Option<u32> {
         // (`None`: the task was answered BadTask; nothing to retire for.)
-        let (task_bytes, payload, inline_from) = self.task_bytes(sh, slot)?;
-        let tasks = match codec::access::<Vec<W::Task>>(task_bytes) {
-            Ok(t) => t,
-            Err(e) => {
-                self.write_message(sh, slot, KIND_BAD_TASK, &e);
-                return None;
-            }
-        };
-        failpoint::hit("mid_read");
-        let tctx = TaskContext {
-            worker: wctx,
-            task_id: sh.task_id.load(Ordering::Relaxed),
-            payload,
-        };
+        let (tasks, tctx, inline_from) = self.open::<Vec<W::Task>>(wctx, sh, slot)?;
         let mut retire = None;
         let mut outs = Vec::with_capacity(tasks.len());
         for task in tasks.iter() {
@@ -351,6 +325,31 @@ impl Server<'_> {
         let out: codec::BatchOut<W::Output> = (wctx.index as u32, outs);
         self.write_output(sh, slot, inline_from, &out);
         retire
+    }
+
+    /// The slot's task archive, validated as `T`, its context, and where an inline result may
+    /// start; `None` (with the task answered `BadTask`) if it is out of range or invalid.
+    fn open<'s, T: crate::Message>(
+        &'s self,
+        wctx: &'s WorkerContext,
+        sh: &SlotHeader,
+        slot: u32,
+    ) -> Option<(&'s T::Archived, TaskContext<'s>, usize)> {
+        let (task_bytes, payload, inline_from) = self.task_bytes(sh, slot)?;
+        let task = match codec::access::<T>(task_bytes) {
+            Ok(t) => t,
+            Err(e) => {
+                self.write_message(sh, slot, KIND_BAD_TASK, &e);
+                return None;
+            }
+        };
+        failpoint::hit("mid_read");
+        let tctx = TaskContext {
+            worker: wctx,
+            task_id: sh.task_id.load(Ordering::Relaxed),
+            payload,
+        };
+        Some((task, tctx, inline_from))
     }
 
     /// The task's archive and payload in shared memory, and where an inline result may start;
