@@ -145,6 +145,13 @@ pub enum SubmitError {
     /// could run the task. Spawn a new worker to serve again.
     #[error("no live worker: every worker failed past its restart budget")]
     NoWorkers,
+    /// The pool broke down (one of its threads failed, or a worker corrupted the shared task
+    /// queue) and stopped its workers; build a new pool.
+    #[error("the pool broke down: {reason}")]
+    Broken {
+        /// What happened.
+        reason: String,
+    },
 }
 
 /// A task did not produce a value.
@@ -231,6 +238,11 @@ pub enum TaskError {
     /// Every worker has failed for good: nothing could run the task.
     #[error("no live worker: every worker failed past its restart budget")]
     NoWorkers,
+    /// The pool broke down while the task was in flight (one of its threads failed, or a
+    /// worker corrupted the shared task queue); it stopped every worker and answered every
+    /// unfinished task with this.
+    #[error("the pool broke down before the task finished")]
+    PoolBroken,
 }
 
 /// How a worker process ended.

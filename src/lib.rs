@@ -77,6 +77,8 @@ mod process;
 pub(crate) mod ring;
 #[cfg(not(stateful_pool_loom))]
 mod shm;
+/// The task slot protocol: state word, transitions, outcomes.
+pub(crate) mod slot;
 #[cfg(not(stateful_pool_loom))]
 mod sys;
 #[cfg(not(stateful_pool_loom))]

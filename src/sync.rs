@@ -30,3 +30,49 @@ impl<T> std::ops::Deref for CachePadded<T> {
         &self.0
     }
 }
+
+/// A bounded wait on another party's progress: spins a little, then yields, and gives up after
+/// about a second. Every loop that waits on something another process writes uses one, so a
+/// process that died or wrote garbage can never make its peer spin forever. Under loom every
+/// step yields and the budget is never spent (loom bounds the schedules itself).
+#[derive(Debug, Default)]
+pub(crate) struct Patience {
+    steps: u32,
+    #[cfg(not(stateful_pool_loom))]
+    since: Option<std::time::Instant>,
+}
+
+/// How long a [`Patience`] lasts.
+#[cfg(not(stateful_pool_loom))]
+const PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Patience {
+    /// A fresh budget.
+    pub(crate) fn new() -> Self {
+        Patience::default()
+    }
+
+    /// Waits one step; `false` once the budget is spent.
+    #[inline]
+    pub(crate) fn step(&mut self) -> bool {
+        self.steps = self.steps.saturating_add(1);
+        #[cfg(stateful_pool_loom)]
+        {
+            loom::thread::yield_now();
+            true
+        }
+        #[cfg(not(stateful_pool_loom))]
+        {
+            if self.steps < 64 {
+                std::hint::spin_loop();
+                return true;
+            }
+            std::thread::yield_now();
+            if self.steps % 64 != 0 {
+                return true;
+            }
+            let since = *self.since.get_or_insert_with(std::time::Instant::now);
+            since.elapsed() < PATIENCE
+        }
+    }
+}

@@ -127,6 +127,7 @@ fn submit_fail(e: SubmitError) -> Fail {
         SubmitError::Shutdown => sp_status::SP_SHUTDOWN,
         SubmitError::ForeignLoan => sp_status::SP_INVALID_ARGUMENT,
         SubmitError::NoWorkers => sp_status::SP_NO_WORKERS,
+        SubmitError::Broken { .. } => sp_status::SP_SHUTDOWN,
     };
     Fail::new(status, e.to_string())
 }
@@ -143,6 +144,7 @@ fn task_fail(e: TaskError) -> Fail {
         TaskError::Timeout { .. } => sp_status::SP_TASK_TIMED_OUT,
         TaskError::Poisoned { .. } => sp_status::SP_POISONED,
         TaskError::NoWorkers => sp_status::SP_NO_WORKERS,
+        TaskError::PoolBroken => sp_status::SP_SHUTDOWN,
     };
     Fail::new(status, e.to_string())
 }

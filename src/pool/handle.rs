@@ -5,16 +5,11 @@
 
 use super::shared::Shared;
 use crate::codec::{self, Message};
-use crate::error::ExitCause;
 use crate::error::{SpawnError, TaskError};
-use crate::ring::bytes::{
-    KIND_BAD_TASK, KIND_CANCELLED, KIND_DIED, KIND_ERR, KIND_NO_WORKERS, KIND_OK, KIND_PANIC,
-    KIND_POISONED, KIND_TIMEOUT, KIND_TOO_LARGE, REC_INLINE,
-};
+use crate::slot::outcome::{KIND_CANCELLED, KIND_PANIC, KIND_POISONED};
 use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -111,156 +106,41 @@ impl<T: Message> TaskHandle<T> {
         }
     }
 
-    /// Blocks until the task finishes and returns its result *in place*: a validated view of
-    /// the archived output in shared memory, with no copy and no deserialisation. The space is
-    /// released when the [`ResultRef`] is dropped (hold it briefly: the worker's completion ring
-    /// cannot reuse the space until then).
+    /// Blocks until the task finishes and returns its result as a validated archive, without
+    /// deserialising it: a [`ResultRef`] derefs to `T`'s archived form. The archive is a
+    /// private copy of what the worker wrote (one memcpy): the parent never reads a result in
+    /// memory a worker can still write, so nothing a worker does after publishing can change
+    /// it. The task's slot is free again as soon as this returns.
     pub fn wait_ref(mut self) -> Result<ResultRef<T>, TaskError> {
         self.shared.wait_done(self.slot, None);
         self.taken = true;
-        let shared = self.shared.clone();
-        let slot = self.slot;
-        match outcome(&shared, slot) {
-            Outcome::Ok { ptr, len, worker } => {
-                // SAFETY: DONE was observed (Acquire) so the record is complete, and it stays
-                // untouched until this slot is retired, which only the ResultRef's drop does.
-                let bytes = unsafe { std::slice::from_raw_parts(ptr, len) };
-                match codec::access::<T>(bytes) {
-                    Ok(_) => Ok(ResultRef {
-                        shared,
-                        slot,
-                        ptr,
-                        len,
-                        _t: PhantomData,
-                    }),
-                    Err(message) => {
-                        shared.retire(slot);
-                        Err(TaskError::BadResult { worker, message })
-                    }
-                }
-            }
-            Outcome::Err(e) => {
-                shared.retire(slot);
-                Err(e)
-            }
-        }
+        let r = self.shared.with_result(self.slot, |bytes| {
+            let bytes = bytes?;
+            let worker = self.shared.slot(self.slot).outcome().worker as usize;
+            codec::access::<T>(bytes)
+                .map_err(|message| TaskError::BadResult { worker, message })?;
+            let mut buf = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len());
+            buf.extend_from_slice(bytes);
+            Ok(ResultRef {
+                buf,
+                _t: PhantomData,
+            })
+        });
+        self.shared.retire(self.slot);
+        r
     }
 
     fn take(&mut self) -> Result<T, TaskError> {
         debug_assert!(!self.taken);
         self.taken = true;
-        let r = match outcome(&self.shared, self.slot) {
-            Outcome::Ok { ptr, len, worker } => {
-                // SAFETY: as in `wait_ref`; the slice is dropped before `retire` below.
-                let bytes = unsafe { std::slice::from_raw_parts(ptr, len) };
-                codec::decode::<T>(bytes)
-                    .map_err(|message| TaskError::BadResult { worker, message })
-            }
-            Outcome::Err(e) => Err(e),
-        };
+        let r = self.shared.with_result(self.slot, |bytes| {
+            codec::decode::<T>(bytes?).map_err(|message| TaskError::BadResult {
+                worker: self.shared.slot(self.slot).outcome().worker as usize,
+                message,
+            })
+        });
         self.shared.retire(self.slot);
         r
-    }
-}
-
-enum Outcome {
-    Ok {
-        ptr: *const u8,
-        len: usize,
-        worker: usize,
-    },
-    Err(TaskError),
-}
-
-/// Reads a finished slot's outcome (the caller has observed DONE).
-fn outcome(shared: &Shared, slot: u32) -> Outcome {
-    let sh = shared.slot(slot);
-    let kind = sh.result_kind.load(Ordering::Relaxed);
-    let worker = sh.result_worker.load(Ordering::Relaxed);
-    let rec = sh.result_rec.load(Ordering::Relaxed);
-    let len = sh.result_len.load(Ordering::Relaxed) as u64;
-    // Outcomes the parent decided carry no bytes.
-    match kind {
-        KIND_CANCELLED => return Outcome::Err(TaskError::Cancelled),
-        KIND_NO_WORKERS => return Outcome::Err(TaskError::NoWorkers),
-        KIND_DIED => {
-            return Outcome::Err(TaskError::WorkerDied {
-                worker: worker as usize,
-                pid: rec as u32,
-                cause: ExitCause::decode(len as u32),
-            });
-        }
-        KIND_TIMEOUT => {
-            return Outcome::Err(TaskError::Timeout {
-                worker: worker as usize,
-                after: std::time::Duration::from_nanos(rec),
-            });
-        }
-        _ => {}
-    }
-    let bad = |message: &str| {
-        Outcome::Err(TaskError::BadResult {
-            worker: worker as usize,
-            message: message.to_string(),
-        })
-    };
-    let Some(ring) = shared.result_ring(worker) else {
-        return bad("result names a worker seat out of range");
-    };
-    let ptr = if rec & REC_INLINE != 0 {
-        let at = rec & !REC_INLINE;
-        if kind != KIND_OK || at.saturating_add(len) > shared.layout.params.slot_inline as u64 {
-            return bad("inline result out of range");
-        }
-        shared.seg.bytes_ptr(
-            shared.layout.slot_data_off(slot) + at as usize,
-            len as usize,
-        ) as *const u8
-    } else {
-        match ring.data(rec, len) {
-            Some(p) => p,
-            None => return bad("result record out of range"),
-        }
-    };
-    let worker = worker as usize;
-    let text = || {
-        // SAFETY: in range (checked by `data`); complete and stable as explained in `wait_ref`.
-        let bytes = unsafe { std::slice::from_raw_parts(ptr, len as usize) };
-        String::from_utf8_lossy(bytes).into_owned()
-    };
-    match kind {
-        KIND_OK => Outcome::Ok {
-            ptr,
-            len: len as usize,
-            worker,
-        },
-        KIND_ERR => Outcome::Err(TaskError::Failed {
-            worker,
-            message: text(),
-        }),
-        KIND_PANIC => Outcome::Err(TaskError::Panicked {
-            worker,
-            message: text(),
-        }),
-        KIND_BAD_TASK => Outcome::Err(TaskError::BadTask {
-            worker,
-            message: text(),
-        }),
-        KIND_POISONED => Outcome::Err(TaskError::Poisoned {
-            worker,
-            message: text(),
-        }),
-        KIND_TOO_LARGE if len == 8 => {
-            let mut b = [0u8; 8];
-            // SAFETY: 8 bytes in range.
-            unsafe { std::ptr::copy_nonoverlapping(ptr, b.as_mut_ptr(), 8) };
-            Outcome::Err(TaskError::ResultTooLarge {
-                worker,
-                len: u64::from_le_bytes(b) as usize,
-                max: ring.max_record_len() as usize,
-            })
-        }
-        _ => bad("unknown result kind"),
     }
 }
 
@@ -289,48 +169,36 @@ impl<T: Message> Drop for TaskHandle<T> {
     }
 }
 
-/// A task's result read in place: derefs to the validated archived output in shared memory.
-/// Dropping it releases the space.
+/// A task's result as a validated archive (see [`TaskHandle::wait_ref`]): derefs to the
+/// archived output, read without deserialising. It owns its bytes (a private copy of the
+/// worker's), so it can be kept as long as you like.
 #[derive(Debug)]
 pub struct ResultRef<T: Message> {
-    shared: Arc<Shared>,
-    slot: u32,
-    ptr: *const u8,
-    len: usize,
+    buf: rkyv::util::AlignedVec<16>,
     _t: PhantomData<fn() -> T>,
 }
-
-// SAFETY: the view is of immutable bytes in a mapping kept alive by `shared`; the archived type
-// is plain data readable from any thread (rkyv archives are `Portable`).
-unsafe impl<T: Message> Send for ResultRef<T> where T::Archived: Sync {}
-// SAFETY: as for Send.
-unsafe impl<T: Message> Sync for ResultRef<T> where T::Archived: Sync {}
 
 impl<T: Message> ResultRef<T> {
     /// The raw archive bytes.
     pub fn bytes(&self) -> &[u8] {
-        // SAFETY: validated at construction; stable until drop (see `TaskHandle::wait_ref`).
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+        &self.buf
     }
 
     /// Deserialises the archived output into an owned value.
-    pub fn to_owned(&self) -> T {
-        codec::decode::<T>(self.bytes()).expect("validated at construction")
+    pub fn to_owned(&self) -> Result<T, TaskError> {
+        codec::decode::<T>(&self.buf).map_err(|message| TaskError::BadResult {
+            worker: usize::MAX,
+            message,
+        })
     }
 }
 
 impl<T: Message> std::ops::Deref for ResultRef<T> {
     type Target = T::Archived;
     fn deref(&self) -> &T::Archived {
-        // SAFETY: the bytes were validated as `T::Archived` when the ResultRef was made and
-        // have not changed since (the worker never rewrites a record before it is released).
-        unsafe { rkyv::access_unchecked::<T::Archived>(self.bytes()) }
-    }
-}
-
-impl<T: Message> Drop for ResultRef<T> {
-    fn drop(&mut self) {
-        self.shared.retire(self.slot);
+        // SAFETY: the bytes were validated as `T::Archived` when the ResultRef was made, and
+        // they are private memory that nothing can change since (the ResultRef owns them).
+        unsafe { rkyv::access_unchecked::<T::Archived>(&self.buf) }
     }
 }
 

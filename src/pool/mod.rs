@@ -6,15 +6,19 @@ pub(crate) mod builder;
 pub(crate) mod events;
 pub(crate) mod handle;
 pub(crate) mod map;
+pub(crate) mod reactor;
+pub(crate) mod results;
 pub(crate) mod shared;
+pub(crate) mod slots;
 pub(crate) mod supervisor;
 
 use self::arena::Block;
 use self::builder::Config;
 use self::events::{PoolStats, SpawnOptions, TaskOptions, WorkerInfo};
 use self::handle::{BatchHandle, Loan, SpawnHandle, SpawnReply, TaskHandle};
+use self::reactor::reactor_loop;
 use self::shared::Shared;
-use self::supervisor::{ReplyGuard, SupMsg, reactor_loop, supervisor_loop};
+use self::supervisor::{ReplyGuard, SupMsg, supervisor_loop};
 use crate::codec::{self, EncodeError};
 use crate::error::{BuildError, SpawnError, SubmitError, TaskError};
 use crate::shm::layout::{
@@ -613,7 +617,11 @@ impl<W: Worker> Pool<W> {
             let _ = done_rx.recv();
         }
         // The supervisor answered everything left; if it died instead, do it here.
-        shared.cancel_unfinished();
+        shared.cancel_unfinished(if shared.broken.load(Ordering::SeqCst) {
+            crate::slot::outcome::KIND_BROKEN
+        } else {
+            slots::LEFT_OVER
+        });
         shared.reactor_stop.store(true, Ordering::SeqCst);
         shared.header().doorbell.notify_all();
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));

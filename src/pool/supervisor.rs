@@ -30,10 +30,13 @@ use super::handle::{SpawnOutcome, SpawnReply};
 use super::shared::Shared;
 use crate::error::{ExitCause, SpawnError};
 use crate::process::launch;
-use crate::ring::bytes::{
-    KIND_CANCELLED, KIND_DIED, KIND_NO_WORKERS, KIND_PANIC, KIND_POISONED, KIND_TIMEOUT,
+use crate::ring::mpmc::Repair;
+use crate::shm::layout::{ctl_state, parked};
+use crate::slot::outcome::{
+    KIND_BROKEN, KIND_CANCELLED, KIND_DIED, KIND_NO_WORKERS, KIND_PANIC, KIND_POISONED,
+    KIND_TIMEOUT,
 };
-use crate::shm::layout::{ctl_state, slot_state};
+use crate::slot::{RawOutcome, bits, held_by_dead_worker};
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
@@ -92,8 +95,23 @@ pub(crate) enum SupMsg {
 /// Why the supervisor killed a worker.
 #[derive(Debug, Clone, Copy)]
 enum KillReason {
-    Timeout { task_id: u64, after_ns: u64 },
+    Timeout {
+        task_id: u64,
+        after_ns: u64,
+    },
     Shutdown,
+    /// The worker wrote nonsense into its completion ring.
+    Misbehaving,
+}
+
+/// A dead worker's queue pop that a live worker's claim held up (see `MpmcRing::repair`):
+/// retried on every pass until it resolves. What the dead worker won is answered then.
+#[derive(Debug, Clone, Copy)]
+struct PendingRepair {
+    seat: u32,
+    claim: u64,
+    pid: u32,
+    cause: ExitCause,
 }
 
 #[derive(Debug)]
@@ -136,6 +154,7 @@ struct Sup {
     seats: Vec<SupSeat>,
     shutdown: Option<(Instant, Sender<()>)>,
     killed_all: bool,
+    pending_repairs: Vec<PendingRepair>,
 }
 
 pub(crate) fn supervisor_loop(shared: Arc<Shared>, rx: Receiver<SupMsg>, program: PathBuf) {
@@ -160,44 +179,31 @@ pub(crate) fn supervisor_loop(shared: Arc<Shared>, rx: Receiver<SupMsg>, program
             .collect(),
         shutdown: None,
         killed_all: false,
+        pending_repairs: Vec::new(),
     };
-    loop {
-        crate::sys::eventfd_drain(sup.shared.wake.as_fd());
-        loop {
-            match rx.try_recv() {
-                Ok(m) => sup.on_message(m),
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    // The pool is gone without a shutdown (it cannot be: stop() always sends
-                    // one); shut down anyway.
-                    if sup.shutdown.is_none() {
-                        let (tx, _rx) = std::sync::mpsc::channel();
-                        sup.begin_shutdown(false, tx);
-                    }
-                    break;
-                }
+    // A panic on this thread must not leave tasks hanging: stop every worker, answer
+    // everything, and let the pool refuse new work.
+    let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sup.run(&rx)));
+    if let Err(p) = ended {
+        sup.shared.declare_broken(format!(
+            "the supervisor thread panicked: {}",
+            crate::worker::main_loop::panic_message(&*p)
+        ));
+        for s in &mut sup.seats {
+            kill_process(s);
+            if let Some(mut c) = s.child.take() {
+                let _ = c.wait();
             }
+            s.pidfd = None;
         }
-        sup.check_all();
-        if let Some((deadline, _)) = &sup.shutdown {
-            if sup.seats.iter().all(|s| s.child.is_none()) {
-                break;
-            }
-            if Instant::now() >= *deadline && !sup.killed_all {
-                sup.kill_all();
-            }
-        }
-        let timeout = sup.next_timeout();
-        let mut fds = vec![sup.shared.wake.as_fd()];
-        fds.extend(
-            sup.seats
-                .iter()
-                .filter_map(|s| s.pidfd.as_ref().map(|f| f.as_fd())),
-        );
-        crate::sys::poll_readable(&fds, timeout);
     }
     // Every worker process is gone: whatever was not finished never will be.
-    sup.shared.cancel_unfinished();
+    let kind = if sup.shared.broken.load(Ordering::SeqCst) {
+        KIND_BROKEN
+    } else {
+        KIND_CANCELLED
+    };
+    sup.shared.cancel_unfinished(kind);
     if let Some((_, done)) = sup.shutdown.take() {
         let _ = done.send(());
     }
@@ -210,7 +216,69 @@ pub(crate) fn supervisor_loop(shared: Arc<Shared>, rx: Receiver<SupMsg>, program
     }
 }
 
+/// Kills the seat's process through its pidfd (never by a pid that may have been reused), or
+/// through the unreaped child handle if there is no pidfd.
+fn kill_process(s: &mut SupSeat) {
+    if let Some(fd) = &s.pidfd {
+        let _ = crate::sys::pidfd_kill(fd.as_fd(), libc::SIGKILL);
+    } else if let Some(c) = s.child.as_mut() {
+        // Not yet reaped by us, so its pid cannot have been reused.
+        let _ = c.kill();
+    }
+}
+
 impl Sup {
+    /// The supervisor's loop, until every worker is gone after a shutdown (or a breakdown).
+    fn run(&mut self, rx: &Receiver<SupMsg>) {
+        let sup = self;
+        loop {
+            crate::sys::eventfd_drain(sup.shared.wake.as_fd());
+            loop {
+                match rx.try_recv() {
+                    Ok(m) => sup.on_message(m),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        // The pool is gone without a shutdown (it cannot be: stop() always sends
+                        // one); shut down anyway.
+                        if sup.shutdown.is_none() {
+                            let (tx, _rx) = std::sync::mpsc::channel();
+                            sup.begin_shutdown(false, tx);
+                        }
+                        break;
+                    }
+                }
+            }
+            if sup.shared.broken.load(Ordering::SeqCst) && sup.shutdown.is_none() {
+                // A breakdown: stop everything now; the tasks are answered once the workers are gone.
+                let (tx, _rx) = std::sync::mpsc::channel();
+                sup.begin_shutdown(true, tx);
+                sup.kill_all();
+            }
+            sup.check_all();
+            sup.retry_repairs();
+            if sup.shared.no_workers.load(Ordering::SeqCst) && sup.shutdown.is_none() {
+                // A submit raced with the "no workers" declaration: answer what it queued.
+                sup.shared.fail_queued(KIND_NO_WORKERS);
+            }
+            if let Some((deadline, _)) = &sup.shutdown {
+                if sup.seats.iter().all(|s| s.child.is_none()) {
+                    break;
+                }
+                if Instant::now() >= *deadline && !sup.killed_all {
+                    sup.kill_all();
+                }
+            }
+            let timeout = sup.next_timeout();
+            let mut fds = vec![sup.shared.wake.as_fd()];
+            fds.extend(
+                sup.seats
+                    .iter()
+                    .filter_map(|s| s.pidfd.as_ref().map(|f| f.as_fd())),
+            );
+            crate::sys::poll_readable(&fds, timeout);
+        }
+    }
+
     fn on_message(&mut self, m: SupMsg) {
         match m {
             SupMsg::Launch {
@@ -258,7 +326,10 @@ impl Sup {
         ctl.current_slot.store(u32::MAX, Ordering::Relaxed);
         ctl.current_task.store(0, Ordering::Relaxed);
         ctl.tasks_done.store(0, Ordering::Relaxed);
-        let generation = ctl.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        ctl.parked.store(parked::NONE, Ordering::Relaxed);
+        ctl.wants_space.store(0, Ordering::Relaxed);
+        ctl.hold.store(0, Ordering::Relaxed);
+        ctl.generation.fetch_add(1, Ordering::Relaxed);
         // SYNC POINT: the launch (fork/exec) orders these stores before anything the worker does.
         ctl.state.store(ctl_state::STARTING, Ordering::Release);
         s.kill = None;
@@ -283,7 +354,6 @@ impl Sup {
                 let mut seats = shared.lock_seats();
                 seats[seat as usize].state = WorkerState::Starting;
                 seats[seat as usize].pid = pid;
-                let _ = generation;
             }
             Err(source) => {
                 ctl.state.store(ctl_state::EMPTY, Ordering::Release);
@@ -328,6 +398,16 @@ impl Sup {
     /// exiting, back-offs expiring, tasks running past their timeouts.
     fn check_all(&mut self) {
         for seat in 0..self.seats.len() as u32 {
+            if self.shared.seat_corrupt[seat as usize].swap(false, Ordering::SeqCst) {
+                let s = &mut self.seats[seat as usize];
+                if s.child.is_some() {
+                    // Its recovery resets the ring once the process is gone.
+                    s.kill.get_or_insert(KillReason::Misbehaving);
+                    kill_process(s);
+                } else {
+                    self.shared.sweep_dead_seat(seat);
+                }
+            }
             if matches!(self.seats[seat as usize].phase, Phase::Starting { .. }) {
                 self.check_start(seat);
             }
@@ -446,12 +526,15 @@ impl Sup {
     /// Kills the seat's process (if still running) and reaps it.
     fn reap_now(&mut self, seat: u32) {
         let s = &mut self.seats[seat as usize];
-        if let Some(mut child) = s.child.take() {
+        if let Some(child) = s.child.as_mut() {
             if !matches!(child.try_wait(), Ok(Some(_))) {
-                let _ = child.kill();
-                let _ = child.wait();
+                kill_process(s);
+                if let Some(child) = s.child.as_mut() {
+                    let _ = child.wait();
+                }
             }
         }
+        s.child = None;
         s.pidfd = None;
     }
 
@@ -508,6 +591,7 @@ impl Sup {
         let reason = match (kill, ctl_state_now) {
             (Some(KillReason::Timeout { .. }), _) => "timeout",
             (Some(KillReason::Shutdown), _) => "shutdown",
+            (Some(KillReason::Misbehaving), _) => "misbehaving",
             (None, ctl_state::RETIRING) => match ctl.spawn_kind.load(Ordering::Relaxed) {
                 KIND_POISONED => "poisoned",
                 _ => "panic",
@@ -538,9 +622,10 @@ impl Sup {
         self.schedule_restart(seat);
     }
 
-    /// Finds the task the dead worker of `seat` held (see the module docs) and completes it
-    /// with `WorkerDied`/`Timeout`/`Cancelled`, or queues it again under its retry policy.
-    /// Returns (failed, retried).
+    /// Finds the task the dead worker of `seat` held (`slot::held_by_dead_worker`, and the
+    /// queue repair of a pop it died in) and completes it with `WorkerDied`/`Timeout`/
+    /// `Cancelled`, or queues it again under its retry policy; withdraws a sleeper it left
+    /// counted; releases the records it left orphaned in its ring. Returns (failed, retried).
     fn recover_tasks(
         &mut self,
         seat: u32,
@@ -550,88 +635,126 @@ impl Sup {
     ) -> (usize, usize) {
         let shared = self.shared.clone();
         let ctl = shared.ctl(seat);
-        let n_slots = shared.layout.params.n_slots;
+        let hdr = shared.header();
+        match ctl.parked.swap(parked::NONE, Ordering::SeqCst) {
+            parked::TASK_READY => hdr.task_ready.withdraw_dead_sleeper(),
+            parked::SPACE => hdr.space.withdraw_dead_sleeper(),
+            _ => {}
+        }
         let mut held: Vec<u32> = Vec::with_capacity(2);
         let cur = ctl.current_slot.load(Ordering::SeqCst);
         let tid = ctl.current_task.load(Ordering::SeqCst);
-        if cur < n_slots {
-            if tid == 0 {
-                // Died between the pop and recording the task id: the task cannot have been
-                // answered (only its worker answers it), so the slot still holds it.
-                held.push(cur);
-            } else {
-                let sh = shared.slot(cur);
-                let st = sh.state.load(Ordering::Acquire);
-                if st & slot_state::DONE == 0 && sh.task_id.load(Ordering::Relaxed) == tid {
-                    held.push(cur);
-                }
-            }
+        let n_slots = shared.n_slots();
+        if let Some(slot) =
+            held_by_dead_worker(cur, tid, n_slots, |s| Some(shared.slot(s).state_and_task()))
+        {
+            held.push(slot);
         }
         let claim = ctl.claim.load(Ordering::SeqCst);
-        // A live worker with the same intent won that position itself and will finish it.
-        let live_claim = |c: u64| {
-            (0..shared.layout.params.max_workers)
-                .filter(|&i| i != seat)
-                .any(|i| {
-                    let w = shared.ctl(i);
-                    w.claim.load(Ordering::SeqCst) == c
-                        && w.state.load(Ordering::Acquire) == ctl_state::READY
-                })
-        };
-        if let Some(v) = shared.task_ring().repair(claim, live_claim) {
-            if v < n_slots && !held.contains(&v) {
-                held.push(v);
-            }
+        match self.repair(seat, claim) {
+            Repair::Taken(v) if v < n_slots && !held.contains(&v) => held.push(v),
+            Repair::Deferred => self.pending_repairs.push(PendingRepair {
+                seat,
+                claim,
+                pid,
+                cause,
+            }),
+            _ => {}
         }
         ctl.claim.store(0, Ordering::Relaxed);
         ctl.current_slot.store(u32::MAX, Ordering::Relaxed);
         ctl.current_task.store(0, Ordering::Relaxed);
         let (mut failed, mut retried) = (0, 0);
         for slot in held {
-            let sh = shared.slot(slot);
-            let meta = shared.meta(slot);
-            let this_task = sh.task_id.load(Ordering::Relaxed);
-            let cancelled = sh.state.load(Ordering::Acquire) & slot_state::CANCELLED != 0;
-            match kill {
-                Some(KillReason::Timeout { task_id, after_ns }) if task_id == this_task => {
-                    StatCounters::add(&shared.stats.tasks_timed_out, 1);
-                    shared.complete_from_parent(slot, KIND_TIMEOUT, seat, after_ns, 0);
-                    failed += 1;
-                }
-                Some(KillReason::Shutdown) => {
-                    shared.complete_from_parent(slot, KIND_CANCELLED, seat, 0, 0);
-                    failed += 1;
-                }
-                _ if cancelled => {
-                    shared.complete_from_parent(slot, KIND_CANCELLED, seat, 0, 0);
-                }
-                _ => {
-                    let left = meta.retries_left.load(Ordering::Relaxed);
-                    let can_retry = left > 0 && self.shutdown.is_none();
-                    if can_retry {
-                        meta.retries_left.store(left - 1, Ordering::Relaxed);
-                        StatCounters::add(&shared.stats.tasks_retried, 1);
-                        shared.requeue(slot);
-                        retried += 1;
-                    } else {
-                        StatCounters::add(&shared.stats.tasks_died, 1);
-                        shared.complete_from_parent(
-                            slot,
-                            KIND_DIED,
-                            seat,
-                            pid as u64,
-                            cause.encode(),
-                        );
-                        failed += 1;
-                    }
-                }
+            if self.answer_held(slot, seat, pid, cause, kill) {
+                retried += 1;
+            } else {
+                failed += 1;
             }
         }
-        // A retried task may be alone in the queue with no live worker left.
-        if retried > 0 && shared.no_workers.load(Ordering::SeqCst) {
-            shared.fail_queued(KIND_NO_WORKERS);
-        }
+        // Only after the held task is answered or requeued: every record it left is an orphan.
+        shared.sweep_dead_seat(seat);
         (failed, retried)
+    }
+
+    /// Asks the task queue whether a dead worker's pop (intent `claim`) left a task in a cell.
+    fn repair(&self, seat: u32, claim: u64) -> Repair {
+        let shared = &self.shared;
+        // A live worker with the same intent: the winner, about to release the cell, or a
+        // loser, about to withdraw its claim. (A dead one not yet recovered still counts: its
+        // own recovery comes first.)
+        let live_claim = |c: u64| {
+            (0..shared.n_seats()).filter(|&i| i != seat).any(|i| {
+                let w = shared.ctl(i);
+                w.claim.load(Ordering::SeqCst) == c
+                    && w.state.load(Ordering::Acquire) == ctl_state::READY
+            })
+        };
+        shared.task_ring().repair(claim, live_claim)
+    }
+
+    /// Retries the queue repairs a live claim held up (each converges once that worker runs).
+    fn retry_repairs(&mut self) {
+        if self.pending_repairs.is_empty() {
+            return;
+        }
+        for p in std::mem::take(&mut self.pending_repairs) {
+            match self.repair(p.seat, p.claim) {
+                Repair::Deferred => self.pending_repairs.push(p),
+                Repair::Taken(v) if v < self.shared.n_slots() => {
+                    let _ = self.answer_held(v, p.seat, p.pid, p.cause, None);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Answers a task a dead worker held: `Timeout` if we killed it for this task,
+    /// `Cancelled` at shutdown or if its caller cancelled, a retry if its budget allows, else
+    /// `WorkerDied`. Returns whether it was requeued.
+    fn answer_held(
+        &mut self,
+        slot: u32,
+        seat: u32,
+        pid: u32,
+        cause: ExitCause,
+        kill: Option<KillReason>,
+    ) -> bool {
+        let shared = self.shared.clone();
+        let sh = shared.slot(slot);
+        let meta = shared.meta(slot);
+        let this_task = sh.task_id.load(Ordering::Relaxed);
+        let cancelled = sh.state.load(Ordering::Acquire) & bits::CANCELLED != 0;
+        let parent = |kind, rec, len| RawOutcome::new(kind, seat, rec, len);
+        match kill {
+            Some(KillReason::Timeout { task_id, after_ns }) if task_id == this_task => {
+                StatCounters::add(&shared.stats.tasks_timed_out, 1);
+                shared.complete_from_parent(slot, parent(KIND_TIMEOUT, after_ns, 0));
+                return false;
+            }
+            Some(KillReason::Shutdown) => {
+                shared.complete_from_parent(slot, parent(KIND_CANCELLED, 0, 0));
+                return false;
+            }
+            _ if cancelled => {
+                shared.complete_from_parent(slot, parent(KIND_CANCELLED, 0, 0));
+                return false;
+            }
+            _ => {}
+        }
+        let left = meta.retries_left.load(Ordering::Relaxed);
+        if left > 0 && self.shutdown.is_none() {
+            meta.retries_left.store(left - 1, Ordering::Relaxed);
+            if shared.requeue(slot) {
+                StatCounters::add(&shared.stats.tasks_retried, 1);
+                // A retried task may be alone in the queue with no live worker left: the
+                // supervisor's loop drains it while `no_workers` holds.
+                return true;
+            }
+        }
+        StatCounters::add(&shared.stats.tasks_died, 1);
+        shared.complete_from_parent(slot, parent(KIND_DIED, pid as u64, cause.encode()));
+        false
     }
 
     /// Starts the seat again after its back-off, or marks it failed if it is out of restarts.
@@ -714,15 +837,22 @@ impl Sup {
                 continue;
             }
             if now.saturating_duration_since(s.watch.1) >= Duration::from_nanos(limit) {
+                // Hold the worker before the kill, then check it is still on this task
+                // (SeqCst both sides, Dekker with the worker's `current_task` clear and `hold`
+                // check): either we see it moved on, and withdraw, or it sees the hold and
+                // takes no next task for the kill to land on.
+                ctl.hold.store(1, Ordering::SeqCst);
+                if ctl.current_task.load(Ordering::SeqCst) != tid {
+                    ctl.hold.store(0, Ordering::SeqCst);
+                    crate::sys::futex_wake(&ctl.hold, i32::MAX);
+                    s.watch = (0, now);
+                    continue;
+                }
                 s.kill = Some(KillReason::Timeout {
                     task_id: tid,
                     after_ns: limit,
                 });
-                if let Some(fd) = &s.pidfd {
-                    let _ = crate::sys::pidfd_kill(fd.as_fd(), libc::SIGKILL);
-                } else if let Some(c) = s.child.as_mut() {
-                    let _ = c.kill();
-                }
+                kill_process(s);
             }
         }
     }
@@ -761,9 +891,9 @@ impl Sup {
     fn kill_all(&mut self) {
         self.killed_all = true;
         for s in &mut self.seats {
-            if let Some(c) = s.child.as_mut() {
+            if s.child.is_some() {
                 s.kill = Some(KillReason::Shutdown);
-                let _ = c.kill();
+                kill_process(s);
             }
         }
     }
@@ -826,23 +956,4 @@ fn spawn_report(shared: &Shared, seat: u32) -> Vec<u8> {
     // caller Acquired; it never writes the area again in this life, and `len` is clamped to the
     // area.
     unsafe { std::slice::from_raw_parts(ptr, len) }.to_vec()
-}
-
-pub(crate) fn reactor_loop(shared: Arc<Shared>) {
-    let hdr = shared.header();
-    loop {
-        let key = hdr.doorbell.prepare();
-        let stop = shared.reactor_stop.load(Ordering::SeqCst);
-        let did = shared.reactor_scan();
-        if stop {
-            hdr.doorbell.cancel(key);
-            shared.reactor_scan();
-            return;
-        }
-        if did {
-            hdr.doorbell.cancel(key);
-            continue;
-        }
-        hdr.doorbell.wait(key, None);
-    }
 }

@@ -1,15 +1,15 @@
 //! The completion ring: a single-producer byte ring that carries one worker's results back to
 //! the parent. The worker serialises each result straight into the ring (no intermediate
-//! buffer); the parent reads it in place and releases it, possibly out of order.
+//! buffer); the parent copies it out, checks the copy, and releases the record, possibly out of
+//! order.
 //!
 //! # Protocol
 //!
 //! Positions are `u64` byte counts that never wrap; the byte at position `p` lives at
-//! `p % capacity`. Every record starts on a 16-byte boundary with a 16-byte [`RecordHeader`]
-//! `{len, kind, slot, released}` followed by `len` bytes of data padded to 16, so archived data
-//! is 16-aligned (rkyv's largest default alignment). A record never wraps: if it does not fit
-//! before the end, the producer first writes a *pad* record (kind [`KIND_PAD`], already released)
-//! up to the end.
+//! `p % capacity`. Every record starts on a 32-byte boundary with a 32-byte [`RecordHeader`]
+//! `{len, kind, slot, released, task}` followed by `len` bytes of data padded to 32, so archived
+//! data is 32-aligned (rkyv needs 16). A record never wraps: if it does not fit before the end,
+//! the producer first writes a *pad* record (kind [`KIND_PAD`], already released) up to the end.
 //!
 //! - The worker (only writer of `tail`) waits until `capacity - (tail - head) >= needed`, writes
 //!   data and header, then Release-stores `tail`.
@@ -18,56 +18,26 @@
 //!   contiguous released records below `tail`, and Release-stores `head`.
 //! - The worker's Acquire load of `head` orders the parent's reads of a record before the
 //!   worker's overwrite of the same bytes one lap later.
+//!
+//! The parent never trusts the ring: counters are checked (`head <= tail <= head + cap`,
+//! aligned), every walk is bounded by the number of record positions, a record is released
+//! only if its header names the slot and task the parent expects, and a corrupt ring is an
+//! error ([`Corrupt`]) that gets its worker replaced, never a panic or a loop.
 
 use crate::sync::{AtomicU32, AtomicU64, CachePadded, Ordering};
 
-/// Record kind: the data is the rkyv archive of the task's output.
-pub(crate) const KIND_OK: u32 = 1;
-/// Record kind: the data is a UTF-8 message of an error the worker's execute step returned.
-pub(crate) const KIND_ERR: u32 = 2;
-/// Record kind: the data is a UTF-8 message of a panic in the worker's execute step.
-pub(crate) const KIND_PANIC: u32 = 3;
-/// Record kind: filler up to the end of the ring.
+/// Record kind of filler up to the end of the ring (the task outcome kinds are in
+/// `crate::slot::outcome`; none of them is 4).
 pub(crate) const KIND_PAD: u32 = 4;
-/// Record kind: the task did not validate; the data is the validator's message.
-pub(crate) const KIND_BAD_TASK: u32 = 5;
-/// Record kind: the output's archive did not fit the ring; the data is its length (u64 LE).
-pub(crate) const KIND_TOO_LARGE: u32 = 6;
-/// Slot-only outcome (no record): the task was cancelled before it started.
-pub(crate) const KIND_CANCELLED: u32 = 7;
 
-/// Bit of a slot's `result_rec` meaning "no ring record: the output archive is inline in the
-/// slot's own data area, at the offset in the low bits" (small results; saves the ring's
-/// cache-line hand-offs). The offset is past the task's own archive, which stays intact so a
-/// task whose worker died can be re-run.
-pub(crate) const REC_INLINE: u64 = 1 << 63;
-/// Slot-only outcome: the worker running the task died; `result_rec` = its pid, `result_len` =
-/// the encoded cause (see `ExitCause::encode`).
-pub(crate) const KIND_DIED: u32 = 8;
-/// Slot-only outcome: the task ran past its timeout and its worker was killed; `result_rec` =
-/// the timeout in nanoseconds.
-pub(crate) const KIND_TIMEOUT: u32 = 9;
-/// Slot-only outcome: every worker has failed for good; nothing can run the task.
-pub(crate) const KIND_NO_WORKERS: u32 = 10;
-/// Record kind: the worker declared itself poisoned while running the task (and retires); the
-/// data is the message.
-pub(crate) const KIND_POISONED: u32 = 11;
+/// The alignment of every record (and so of its data, which follows a header of this size).
+pub(crate) const REC_ALIGN: u64 = 32;
+/// Size of a record header.
+pub(crate) const REC_HDR: u64 = 32;
 
-/// Whether an outcome of `kind` at `rec` occupies a record in the worker's completion ring
-/// (which retiring the slot must release).
-pub(crate) fn has_ring_record(kind: u32, rec: u64) -> bool {
-    matches!(
-        kind,
-        KIND_OK | KIND_ERR | KIND_PANIC | KIND_BAD_TASK | KIND_TOO_LARGE | KIND_POISONED
-    ) && rec & REC_INLINE == 0
-}
-
-/// Size of a record header; also the alignment of every record.
-pub(crate) const REC_ALIGN: u64 = 16;
-
-/// Rounds `n` up to a multiple of 16.
+/// Rounds `n` up to a multiple of [`REC_ALIGN`].
 #[inline]
-pub(crate) const fn align16(n: u64) -> u64 {
+pub(crate) const fn align_rec(n: u64) -> u64 {
     (n + REC_ALIGN - 1) & !(REC_ALIGN - 1)
 }
 
@@ -88,19 +58,35 @@ impl ByteRingHeader {
             tail: CachePadded(AtomicU64::new(0)),
         }
     }
+
+    /// Test hook: what a misbehaving worker could write.
+    #[cfg(test)]
+    pub(crate) fn set(&self, head: u64, tail: u64) {
+        self.head.store(head, Ordering::SeqCst);
+        self.tail.store(tail, Ordering::SeqCst);
+    }
 }
 
-/// The header in front of each record's data: `len`, `kind` and `slot` are plain words the
-/// producer writes before publishing `tail` (so the consumer reads them after its Acquire);
-/// the fourth word is the `released` flag, an atomic (see [`ByteRing::released`]).
+/// The header in front of each record's data: `len`, `kind`, `slot` and `task` are plain words
+/// the producer writes before publishing `tail` (so the consumer reads them after its Acquire);
+/// the fourth word is the `released` flag, an atomic (see [`ByteRing::released`]). `slot` and
+/// `task` name the task the record answers: the parent releases a record only after checking
+/// them against its own record of the slot's task, never on a worker's say-so.
 #[repr(C)]
-#[derive(Debug, Clone, Copy)]
-struct RecordHeader {
-    len: u32,
-    kind: u32,
-    slot: u32,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RecordHeader {
+    pub(crate) len: u32,
+    pub(crate) kind: u32,
+    pub(crate) slot: u32,
     released: u32,
+    pub(crate) task: u64,
+    _pad: u64,
 }
+
+/// A completion ring whose counters or records make no sense (a worker wrote garbage): the
+/// parent stops trusting the seat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Corrupt;
 
 /// A view of one byte ring: counters plus `capacity` data bytes at `data`.
 #[derive(Debug, Clone, Copy)]
@@ -109,7 +95,7 @@ pub(crate) struct ByteRing<'a> {
     data: *mut u8,
     cap: u64,
     /// Where the `released` flags live: `None` = the fourth word of each record header (shared
-    /// memory); `Some` = a side table of one atomic per 16-byte position (heap storage, the only
+    /// memory); `Some` = a side table of one atomic per record position (heap storage, the only
     /// form loom can model, since loom atomics cannot be cast from raw bytes).
     flags: Option<&'a [AtomicU32]>,
 }
@@ -137,7 +123,7 @@ impl Reservation {
     pub(crate) fn with_len(self, len: u64) -> Reservation {
         debug_assert_eq!(self.pad, 0);
         Reservation {
-            size: REC_ALIGN + align16(len),
+            size: REC_HDR + align_rec(len),
             ..self
         }
     }
@@ -152,10 +138,11 @@ impl<'a> ByteRing<'a> {
     /// A view over a header and `cap` data bytes.
     ///
     /// # Safety
-    /// `data` must be valid for reads and writes of `cap` bytes for `'a`, 16-aligned, and every
-    /// process touching it must follow the protocol above. `cap` must be a multiple of 16.
+    /// `data` must be valid for reads and writes of `cap` bytes for `'a`, aligned to
+    /// [`REC_ALIGN`], and every process touching it must follow the protocol above. `cap` must
+    /// be a multiple of [`REC_ALIGN`] and at least four records.
     pub(crate) unsafe fn new(hdr: &'a ByteRingHeader, data: *mut u8, cap: u64) -> Self {
-        debug_assert!(cap % REC_ALIGN == 0 && cap >= 2 * REC_ALIGN);
+        debug_assert!(cap % REC_ALIGN == 0 && cap >= 4 * REC_ALIGN);
         debug_assert!((data as usize) % REC_ALIGN as usize == 0);
         #[cfg(stateful_pool_loom)]
         panic!("under loom, use ByteRing::with_flags");
@@ -168,7 +155,8 @@ impl<'a> ByteRing<'a> {
         }
     }
 
-    /// As [`new`](Self::new), with the `released` flags in a side table of `cap / 16` atomics.
+    /// As [`new`](Self::new), with the `released` flags in a side table of `cap / REC_ALIGN`
+    /// atomics.
     ///
     /// # Safety
     /// As for [`new`](Self::new).
@@ -188,56 +176,59 @@ impl<'a> ByteRing<'a> {
         }
     }
 
-    /// Capacity in bytes.
-    pub(crate) fn capacity(&self) -> u64 {
-        self.cap
-    }
-
     /// The largest data length one record can carry: half the ring, less a header. Capping a
     /// record at half the ring guarantees it fits after waiting even when it needs a pad: if
     /// `off + size > cap` then `off > cap/2 >= size`, so `pad + size = cap - off + size < cap`.
     /// (A record of up to the whole ring could need more than the ring once padded, and its
-    /// producer would wait forever.)
+    /// producer would wait forever.) Every path of the producer enforces this one bound.
     pub(crate) fn max_record_len(&self) -> u64 {
-        (self.cap / 2) / REC_ALIGN * REC_ALIGN - REC_ALIGN
+        (self.cap / 2) / REC_ALIGN * REC_ALIGN - REC_HDR
     }
 
-    fn record_ptr(&self, offset: u64) -> *mut RecordHeader {
-        assert!(offset % REC_ALIGN == 0 && offset + REC_ALIGN <= self.cap);
-        // SAFETY: offset is 16-aligned and inside the data area (asserted above).
-        unsafe { self.data.add(offset as usize) as *mut RecordHeader }
+    /// The header at `offset`, if `offset` is a record position inside the ring.
+    fn record_ptr(&self, offset: u64) -> Option<*mut RecordHeader> {
+        if offset % REC_ALIGN != 0 || offset.checked_add(REC_HDR)? > self.cap {
+            return None;
+        }
+        // SAFETY: offset is aligned and the whole header is inside the data area (checked).
+        Some(unsafe { self.data.add(offset as usize) as *mut RecordHeader })
     }
 
-    /// Reads the plain words of a record header (published before `tail`, see the protocol).
-    fn read_record(&self, offset: u64) -> RecordHeader {
-        // SAFETY: in bounds and aligned (record_ptr); the producer wrote these words before its
-        // Release store of `tail`, which the caller Acquired, and does not rewrite them until
-        // the record is released and `head` passes it.
-        unsafe { self.record_ptr(offset).read_volatile() }
+    /// A copy of the header at `offset` (`None` if `offset` is not a record position). The
+    /// words were published before `tail` (see the protocol); for the parent they are only
+    /// claims of the worker, checked by the caller.
+    pub(crate) fn read_record(&self, offset: u64) -> Option<RecordHeader> {
+        let p = self.record_ptr(offset)?;
+        // SAFETY: in bounds and aligned (record_ptr). A volatile read of plain words: a
+        // misbehaving worker may change them at any time, so we read once and work on the copy.
+        Some(unsafe { p.read_volatile() })
     }
 
     /// Writes the plain words of a record header (producer only, before publishing `tail`).
-    fn write_record(&self, offset: u64, len: u32, kind: u32, slot: u32) {
-        let p = self.record_ptr(offset);
+    fn write_record(&self, offset: u64, len: u32, kind: u32, slot: u32, task: u64) {
+        let p = self
+            .record_ptr(offset)
+            .expect("the producer reserves aligned, in-bounds records");
         // SAFETY: the producer owns the bytes between `tail` and `head + cap`, which include
-        // this header; we write the three plain words (not the flag word, which is atomic).
+        // this header; we write the plain words (not the flag word, which is atomic).
         unsafe {
             std::ptr::addr_of_mut!((*p).len).write_volatile(len);
             std::ptr::addr_of_mut!((*p).kind).write_volatile(kind);
             std::ptr::addr_of_mut!((*p).slot).write_volatile(slot);
+            std::ptr::addr_of_mut!((*p).task).write_volatile(task);
         }
     }
 
-    /// The `released` flag of the record at `offset`.
-    fn released(&self, offset: u64) -> &AtomicU32 {
+    /// The `released` flag of the record at `offset` (`None` if not a record position).
+    fn released(&self, offset: u64) -> Option<&AtomicU32> {
         match self.flags {
-            Some(f) => &f[(offset / REC_ALIGN) as usize],
+            Some(f) => f.get((offset / REC_ALIGN) as usize),
             #[cfg(not(stateful_pool_loom))]
             None => {
-                let p = self.record_ptr(offset);
+                let p = self.record_ptr(offset)?;
                 // SAFETY: the flag word is 4-byte aligned inside the record header, lives as
                 // long as the mapping (`'a`), and is only ever accessed atomically.
-                unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*p).released)) }
+                Some(unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*p).released)) })
             }
             #[cfg(stateful_pool_loom)]
             None => unreachable!("loom rings always have a flag table"),
@@ -252,7 +243,7 @@ impl<'a> ByteRing<'a> {
         if len > self.max_record_len() {
             return Err(());
         }
-        let size = REC_ALIGN + align16(len);
+        let size = REC_HDR + align_rec(len);
         let tail = self.hdr.tail.load(Ordering::Relaxed);
         let off = tail % self.cap;
         let pad = if off + size > self.cap {
@@ -263,7 +254,7 @@ impl<'a> ByteRing<'a> {
         // SYNC POINT: Acquire pairs with the consumer's Release store of `head`: its reads of
         // the records it released are done before we overwrite them.
         let head = self.hdr.head.load(Ordering::Acquire);
-        let free = self.cap - (tail - head);
+        let free = self.cap.saturating_sub(tail.wrapping_sub(head));
         if free < pad + size {
             return Ok(None);
         }
@@ -274,78 +265,166 @@ impl<'a> ByteRing<'a> {
         }))
     }
 
-    /// Pointer to the data area of a reservation (16-aligned, `len` bytes writable).
+    /// Contiguous data bytes writable at a zero-length reservation without wrapping or waiting,
+    /// capped at [`max_record_len`](Self::max_record_len) (so the bound on a result does not
+    /// depend on how full the ring is).
+    pub(crate) fn contiguous_room(&self, r: &Reservation) -> u64 {
+        let off = r.record_offset(self.cap);
+        let free = self.cap.saturating_sub(self.used());
+        let till_end = self.cap - off;
+        (free.min(till_end).saturating_sub(REC_HDR) & !(REC_ALIGN - 1)).min(self.max_record_len())
+    }
+
+    /// Pointer to the data area of a reservation (aligned, `len` bytes writable).
     pub(crate) fn data_ptr(&self, r: &Reservation) -> *mut u8 {
-        let off = r.record_offset(self.cap) + REC_ALIGN;
+        let off = r.record_offset(self.cap) + REC_HDR;
         // SAFETY: `off + len <= cap` by construction of the reservation.
         unsafe { self.data.add(off as usize) }
     }
 
     /// Publishes a reserved record with `len` data bytes (already written), of `kind`, answering
-    /// task slot `slot`. Returns the record's offset (for the consumer's `release`).
-    pub(crate) fn commit(&self, r: Reservation, len: u64, kind: u32, slot: u32) -> u64 {
-        debug_assert!(REC_ALIGN + align16(len) <= r.size);
+    /// task `task` in slot `slot`. Returns the record's offset (for the consumer's `release`).
+    pub(crate) fn commit(&self, r: Reservation, len: u64, kind: u32, slot: u32, task: u64) -> u64 {
+        debug_assert!(REC_HDR + align_rec(len) <= r.size);
         if r.pad > 0 {
             let pad_off = r.pos % self.cap;
-            self.write_record(pad_off, (r.pad - REC_ALIGN) as u32, KIND_PAD, u32::MAX);
-            self.released(pad_off).store(1, Ordering::Relaxed);
+            self.write_record(pad_off, (r.pad - REC_HDR) as u32, KIND_PAD, u32::MAX, 0);
+            if let Some(f) = self.released(pad_off) {
+                f.store(1, Ordering::Relaxed);
+            }
         }
         let offset = r.record_offset(self.cap);
-        self.write_record(offset, len as u32, kind, slot);
-        self.released(offset).store(0, Ordering::Relaxed);
+        self.write_record(offset, len as u32, kind, slot, task);
+        if let Some(f) = self.released(offset) {
+            f.store(0, Ordering::Relaxed);
+        }
         // SYNC POINT: data and headers visible to a consumer that Acquire-loads `tail` (the
         // head advance) or the task slot's state (the reader, published after this).
         self.hdr
             .tail
-            .store(r.pos + r.pad + REC_ALIGN + align16(len), Ordering::Release);
+            .store(r.pos + r.pad + REC_HDR + align_rec(len), Ordering::Release);
         offset
     }
 
     // ---- consumer side (the parent) ----
 
-    /// The data bytes of the record at `offset` whose header says `len` bytes, checked to lie
-    /// inside the ring. `None` if the numbers are out of range (a corrupt slot).
-    pub(crate) fn data(&self, offset: u64, len: u64) -> Option<*const u8> {
-        if offset % REC_ALIGN != 0 || offset.checked_add(REC_ALIGN + len)? > self.cap {
+    /// The data of the record at `offset` if its header says it answers task `task` in slot
+    /// `slot` with `len` bytes of `kind`: a pointer to `len` bytes inside the ring. `None` if
+    /// anything disagrees or is out of range (the record is not that task's).
+    pub(crate) fn record_data(
+        &self,
+        offset: u64,
+        slot: u32,
+        task: u64,
+        kind: u32,
+        len: u64,
+    ) -> Option<*const u8> {
+        let h = self.read_record(offset)?;
+        if h.slot != slot || h.task != task || h.kind != kind || h.len as u64 != len {
+            return None;
+        }
+        if offset.checked_add(REC_HDR)?.checked_add(len)? > self.cap {
             return None;
         }
         // SAFETY: in range, checked above.
-        Some(unsafe { self.data.add((offset + REC_ALIGN) as usize) as *const u8 })
+        Some(unsafe { self.data.add((offset + REC_HDR) as usize) as *const u8 })
     }
 
     /// Marks the record at `offset` released. The caller then calls [`advance`](Self::advance)
-    /// under its lock. Never touch the record's bytes after this.
+    /// under its lock. Never touch the record's bytes after this. Only for records the caller
+    /// checked are its own (see [`record_data`](Self::record_data)).
     pub(crate) fn release(&self, offset: u64) {
-        // SYNC POINT: our reads of the record are done before the head advance that observes
-        // this flag (Acquire in `advance`), and so before the producer reuses the bytes.
-        self.released(offset).store(1, Ordering::Release);
+        if let Some(f) = self.released(offset) {
+            // SYNC POINT: our reads of the record are done before the head advance that
+            // observes this flag (Acquire in `advance`), and so before the producer reuses the
+            // bytes.
+            f.store(1, Ordering::Release);
+        }
+    }
+
+    /// The counters, checked: `head <= tail <= head + cap`, both aligned. `Err` if a worker
+    /// wrote nonsense into them.
+    fn span(&self) -> Result<(u64, u64), Corrupt> {
+        // SYNC POINT: Acquire pairs with the producer's Release store of `tail`.
+        let tail = self.hdr.tail.load(Ordering::Acquire);
+        let head = self.hdr.head.load(Ordering::Relaxed);
+        if head > tail || tail - head > self.cap || head % REC_ALIGN != 0 || tail % REC_ALIGN != 0 {
+            return Err(Corrupt);
+        }
+        Ok((head, tail))
+    }
+
+    /// The record at position `pos` (below `tail`), checked to lie inside the ring without
+    /// wrapping and before `tail`: its offset, header and full size.
+    fn record_at(&self, pos: u64, tail: u64) -> Result<(u64, RecordHeader, u64), Corrupt> {
+        let off = pos % self.cap;
+        let h = self.read_record(off).ok_or(Corrupt)?;
+        let size = REC_HDR + align_rec(h.len as u64);
+        if off + size > self.cap || pos + size > tail {
+            return Err(Corrupt);
+        }
+        Ok((off, h, size))
     }
 
     /// Moves `head` over contiguous released records. Only one thread may run this at a time
-    /// (the parent holds a per-ring lock). Returns whether `head` moved.
-    pub(crate) fn advance(&self) -> bool {
-        // SYNC POINT: Acquire pairs with the producer's Release store of `tail`.
-        let tail = self.hdr.tail.load(Ordering::Acquire);
-        let start = self.hdr.head.load(Ordering::Relaxed);
+    /// (the parent holds a per-ring lock). Returns whether `head` moved; `Err` if the counters
+    /// or a record header are nonsense. At most `cap / REC_ALIGN` steps, whatever the worker
+    /// wrote.
+    pub(crate) fn advance(&self) -> Result<bool, Corrupt> {
+        let (start, tail) = self.span()?;
         let mut head = start;
         while head < tail {
-            let off = head % self.cap;
-            if self.released(off).load(Ordering::Acquire) == 0 {
+            let (off, _, size) = self.record_at(head, tail)?;
+            let released = self.released(off).ok_or(Corrupt)?;
+            if released.load(Ordering::Acquire) == 0 {
                 break;
             }
-            head += REC_ALIGN + align16(self.read_record(off).len as u64);
+            head += size;
         }
         if head != start {
             // SYNC POINT: pairs with the producer's Acquire load of `head` in `try_reserve`.
             self.hdr.head.store(head, Ordering::Release);
-            true
+            Ok(true)
         } else {
-            false
+            Ok(false)
         }
     }
 
-    /// Bytes currently occupied (a snapshot).
+    /// Calls `f(offset, header)` for each record between `head` and `tail` that is not released
+    /// yet (the parent's sweep of a dead worker's ring, and the evacuation of uncollected
+    /// results); `f` returns whether to release it. Then advances `head`. Only under the ring's
+    /// lock. Bounded by `cap / REC_ALIGN` records.
+    pub(crate) fn sweep(
+        &self,
+        mut f: impl FnMut(u64, &RecordHeader) -> bool,
+    ) -> Result<bool, Corrupt> {
+        let (mut pos, tail) = self.span()?;
+        while pos < tail {
+            let (off, h, size) = self.record_at(pos, tail)?;
+            let released = self.released(off).ok_or(Corrupt)?;
+            if released.load(Ordering::Acquire) == 0 && f(off, &h) {
+                released.store(1, Ordering::Release);
+            }
+            pos += size;
+        }
+        self.advance()
+    }
+
+    /// Forgets everything in the ring (`head = tail`, realigned): for a seat whose counters a
+    /// worker corrupted, once that worker is dead. Records a caller still reads become
+    /// unreadable (their header checks fail), never out of bounds.
+    pub(crate) fn reset(&self) {
+        let tail = self.hdr.tail.load(Ordering::Acquire);
+        let at = align_rec(tail % self.cap);
+        let at = if at >= self.cap { 0 } else { at };
+        self.hdr.tail.store(at, Ordering::Release);
+        self.hdr.head.store(at, Ordering::Release);
+    }
+
+    /// Bytes currently occupied (a snapshot; saturating, as the counters may be nonsense).
     pub(crate) fn used(&self) -> u64 {
-        self.hdr.tail.load(Ordering::SeqCst) - self.hdr.head.load(Ordering::SeqCst)
+        let tail = self.hdr.tail.load(Ordering::SeqCst);
+        let head = self.hdr.head.load(Ordering::SeqCst);
+        tail.saturating_sub(head)
     }
 }

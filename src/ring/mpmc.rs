@@ -108,9 +108,13 @@ impl<'a> MpmcRing<'a> {
         &self.cells[(pos & self.mask) as usize]
     }
 
-    /// Pushes `value`; on a full ring hands it back.
+    /// Pushes `value`; on a full ring hands it back. Also hands it back if the ring stays
+    /// stuck past [`Patience`](crate::sync::Patience) (a cell that a consumer never releases:
+    /// a dead consumer awaiting repair, or a worker that wrote garbage into the queue), so a
+    /// producer never spins without bound on what another process wrote.
     pub(crate) fn push(&self, value: u32) -> Result<(), u32> {
         let cap = self.cells.len() as u64;
+        let mut patience = crate::sync::Patience::new();
         let mut tail = self.hdr.tail.load(Ordering::Relaxed);
         loop {
             let cell = self.cell(tail);
@@ -132,22 +136,24 @@ impl<'a> MpmcRing<'a> {
                     }
                     Err(t) => tail = t,
                 }
-            } else if seq.wrapping_add(cap) == tail + 1 {
+                continue;
+            }
+            if seq.wrapping_add(cap) == tail + 1 {
                 // The cell still holds last lap's value: full, unless a consumer moved on.
-                if self.hdr.head.load(Ordering::SeqCst) + cap == tail {
+                if self.hdr.head.load(Ordering::SeqCst).wrapping_add(cap) == tail {
                     return Err(value);
                 }
-                crate::sync::spin_hint();
-                tail = self.hdr.tail.load(Ordering::Relaxed);
-            } else {
-                crate::sync::spin_hint();
-                tail = self.hdr.tail.load(Ordering::Relaxed);
             }
+            if !patience.step() {
+                return Err(value);
+            }
+            tail = self.hdr.tail.load(Ordering::Relaxed);
         }
     }
 
-    /// Pops a value, or `None` if the ring is empty. With `claim`, records the intent described
-    /// in the module docs so a crash mid-pop can be repaired.
+    /// Pops a value, or `None` if the ring is empty (or stays stuck past
+    /// [`Patience`](crate::sync::Patience)). With `claim`, records the intent described in the
+    /// module docs so a crash mid-pop can be repaired.
     pub(crate) fn pop(&self, claim: Option<&AtomicU64>) -> Option<u32> {
         self.pop_inner(claim, None, || {})
     }
@@ -173,18 +179,19 @@ impl<'a> MpmcRing<'a> {
         mid: impl Fn(),
     ) -> Option<u32> {
         let cap = self.cells.len() as u64;
+        let mut patience = crate::sync::Patience::new();
         let mut head = self.hdr.head.load(Ordering::Relaxed);
         loop {
             let cell = self.cell(head);
             // SYNC POINT: Acquire pairs with the producer's Release store of `seq = pos + 1`.
             let seq = cell.seq.load(Ordering::Acquire);
-            if seq == head + 1 {
+            if seq == head.wrapping_add(1) {
                 if let Some(c) = claim {
-                    c.store(head + 1, Ordering::SeqCst);
+                    c.store(head.wrapping_add(1), Ordering::SeqCst);
                 }
                 match self.hdr.head.compare_exchange_weak(
                     head,
-                    head + 1,
+                    head.wrapping_add(1),
                     Ordering::SeqCst,
                     Ordering::Relaxed,
                 ) {
@@ -197,28 +204,32 @@ impl<'a> MpmcRing<'a> {
                             cur.store(value, Ordering::Relaxed);
                         }
                         // SYNC POINT: our read is done before a producer's Acquire sees this.
-                        cell.seq.store(head + cap, Ordering::Release);
+                        cell.seq.store(head.wrapping_add(cap), Ordering::Release);
                         if let Some(c) = claim {
                             c.store(0, Ordering::Release);
                         }
                         return Some(value);
                     }
-                    Err(h) => head = h,
-                }
-            } else if seq == head {
-                // Empty cell: empty ring, unless a producer is mid-push at this position.
-                if self.hdr.tail.load(Ordering::SeqCst) == head {
-                    if let Some(c) = claim {
-                        c.store(0, Ordering::Release);
+                    Err(h) => {
+                        // Lost the position: withdraw the intent at once, so that a repair of
+                        // the winner (should it die) is never held up by our stale claim.
+                        if let Some(c) = claim {
+                            c.store(0, Ordering::SeqCst);
+                        }
+                        head = h;
                     }
-                    return None;
                 }
-                crate::sync::spin_hint();
-                head = self.hdr.head.load(Ordering::Relaxed);
-            } else {
-                crate::sync::spin_hint();
-                head = self.hdr.head.load(Ordering::Relaxed);
+                continue;
             }
+            if seq == head && self.hdr.tail.load(Ordering::SeqCst) == head {
+                // Empty cell and no producer mid-push here: the ring is empty.
+                return None;
+            }
+            // A producer mid-push, a consumer of the last lap not done, or a stale `head`.
+            if !patience.step() {
+                return None;
+            }
+            head = self.hdr.head.load(Ordering::Relaxed);
         }
     }
 
@@ -237,43 +248,61 @@ impl<'a> MpmcRing<'a> {
     }
 
     /// Repairs a pop left half-done by a consumer that died with intent record `claim_value`
-    /// (the `claim` word's content, `pos + 1`; 0 means no pop in progress). Returns the value the
-    /// dead consumer had claimed and not released, if any; afterwards the cell is empty for the
-    /// next lap and the ring works again.
+    /// (the `claim` word's content, `pos + 1`; 0 means no pop in progress). Afterwards the cell
+    /// is empty for the next lap and the ring works again.
     ///
-    /// `live_claim(c)` must say whether a *live* consumer's claim word holds `c`: such a consumer
-    /// won the position itself and is about to release the cell. It is asked only after `head`
-    /// was seen past the position, which is what makes the answer reliable: a live consumer
-    /// stores its claim before its CAS of `head`, and clears it only after releasing the cell.
+    /// `live_claim(c)` must say whether a *live* consumer's claim word holds `c`. It is asked
+    /// only after `head` was seen past the position. Such a consumer either won the position
+    /// (and is about to release the cell) or is about to find its CAS lost (and withdraws the
+    /// claim right after): either way the answer is [`Repair::Deferred`], and the caller asks
+    /// again a little later. Both states are transient for a consumer that runs, so the repair
+    /// converges; a consumer that dies instead is repaired in its own turn.
     ///
     /// Must only be called once the consumer is known dead (it can no longer store).
-    pub(crate) fn repair(&self, claim_value: u64, live_claim: impl Fn(u64) -> bool) -> Option<u32> {
+    pub(crate) fn repair(&self, claim_value: u64, live_claim: impl Fn(u64) -> bool) -> Repair {
         if claim_value == 0 {
-            return None;
+            return Repair::Nothing;
         }
         let pos = claim_value - 1;
         let cap = self.cells.len() as u64;
         if self.hdr.head.load(Ordering::SeqCst) <= pos {
             // The CAS never happened: the position is still available to live consumers.
-            return None;
+            return Repair::Nothing;
         }
         if live_claim(claim_value) {
-            return None;
+            return Repair::Deferred;
         }
         let cell = self.cell(pos);
-        if cell.seq.load(Ordering::Acquire) == pos + 1 {
+        if cell.seq.load(Ordering::Acquire) == claim_value {
             // The dead consumer won the CAS and did not store `seq`.
             let value = cell.value.load(Ordering::Relaxed);
             if cell
                 .seq
-                .compare_exchange(pos + 1, pos + cap, Ordering::AcqRel, Ordering::Relaxed)
+                .compare_exchange(
+                    claim_value,
+                    pos.wrapping_add(cap),
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
                 .is_ok()
             {
-                return Some(value);
+                return Repair::Taken(value);
             }
         }
-        None
+        Repair::Nothing
     }
+}
+
+/// What [`MpmcRing::repair`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Repair {
+    /// Nothing to repair: the dead consumer never won the position, or finished its pop.
+    Nothing,
+    /// The dead consumer had won the position: here is the value it had not taken out (the
+    /// cell is released).
+    Taken(u32),
+    /// A live consumer shows the same intent: ask again later.
+    Deferred,
 }
 
 #[cfg(all(test, stateful_pool_loom))]
@@ -287,6 +316,27 @@ impl MpmcRing<'_> {
             .head
             .compare_exchange(head, head + 1, Ordering::SeqCst, Ordering::Relaxed)
             .expect("no concurrent consumer in this test");
+    }
+
+    /// Test helper: a consumer that races others for the head (intent, CAS, retry as a real
+    /// pop does) and dies right after winning a position.
+    pub(crate) fn pop_and_die_after_cas_racing(&self, claim: &AtomicU64) {
+        let mut head = self.hdr.head.load(Ordering::SeqCst);
+        loop {
+            claim.store(head + 1, Ordering::SeqCst);
+            match self.hdr.head.compare_exchange(
+                head,
+                head + 1,
+                Ordering::SeqCst,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return,
+                Err(h) => {
+                    claim.store(0, Ordering::SeqCst);
+                    head = h;
+                }
+            }
+        }
     }
 }
 

@@ -2,8 +2,9 @@
 //! Miri, which cannot map shared memory: `cargo +nightly miri test --lib -- ring::tests`), and
 //! loom model tests (`RUSTFLAGS="--cfg stateful_pool_loom" cargo test --lib --release -- loom`).
 
-use super::bytes::{ByteRing, ByteRingHeader, KIND_OK};
+use super::bytes::{ByteRing, ByteRingHeader};
 use super::mpmc::HeapMpmc;
+use crate::slot::outcome::KIND_OK;
 
 /// 64-aligned heap storage for a byte ring, shareable between threads.
 struct HeapByteRing {
@@ -24,7 +25,7 @@ impl HeapByteRing {
             hdr: Box::new(ByteRingHeader::new()),
             data,
             cap,
-            flags: (0..cap / 16)
+            flags: (0..cap / 32)
                 .map(|_| crate::sync::AtomicU32::new(0))
                 .collect(),
         }
@@ -122,44 +123,80 @@ mod std_tests {
 
     #[test]
     fn byte_ring_wraps_pads_and_releases_out_of_order() {
-        let h = HeapByteRing::new(256);
+        let h = HeapByteRing::new(512);
         let r = h.ring();
-        assert_eq!(r.max_record_len(), 112);
-        assert!(r.try_reserve(113).is_err());
+        assert_eq!(r.max_record_len(), 224);
+        assert!(r.try_reserve(225).is_err());
         let mut recs = Vec::new();
         for i in 0..3u8 {
-            let res = r.try_reserve(40).unwrap().unwrap(); // 16 + 48 = 64 bytes each
-            // SAFETY: 40 writable bytes reserved above.
-            unsafe { std::ptr::write_bytes(r.data_ptr(&res), i + 1, 40) };
-            recs.push(r.commit(res, 40, KIND_OK, i as u32));
+            let res = r.try_reserve(100).unwrap().unwrap(); // 32 + 128 = 160 bytes each
+            // SAFETY: 100 writable bytes reserved above.
+            unsafe { std::ptr::write_bytes(r.data_ptr(&res), i + 1, 100) };
+            recs.push(r.commit(res, 100, KIND_OK, i as u32, 10 + i as u64));
         }
-        assert_eq!(r.used(), 192);
-        // 64 bytes left but 100 needs 128: no room now.
+        assert_eq!(r.used(), 480);
+        // 32 bytes left but 100 needs 160: no room now.
         assert!(r.try_reserve(100).unwrap().is_none());
         // Release the middle one: head cannot move past the first.
         r.release(recs[1]);
-        assert!(!r.advance());
+        assert!(!r.advance().unwrap());
         r.release(recs[0]);
-        assert!(r.advance());
-        assert_eq!(r.used(), 64);
-        // Next record needs a pad to the end (64 bytes left at the end, 128 needed).
+        assert!(r.advance().unwrap());
+        assert_eq!(r.used(), 160);
+        // Next record needs a pad to the end (32 bytes left at the end, 160 needed).
         let res = r.try_reserve(100).unwrap().unwrap();
         // SAFETY: 100 writable bytes reserved above.
         unsafe { std::ptr::write_bytes(r.data_ptr(&res), 9, 100) };
-        let off = r.commit(res, 100, KIND_OK, 7);
+        let off = r.commit(res, 100, KIND_OK, 7, 77);
         assert_eq!(off, 0, "the record wrapped to the start");
-        assert_eq!(r.used(), 64 + 64 + 128);
-        // The third record is intact.
-        let p = r.data(recs[2], 40).unwrap();
-        // SAFETY: in range (checked by `data`), written above.
-        let third = unsafe { std::slice::from_raw_parts(p, 40) };
+        assert_eq!(r.used(), 160 + 32 + 160);
+        // The third record is intact, and only its own slot and task can read it.
+        assert!(r.record_data(recs[2], 2, 11, KIND_OK, 100).is_none());
+        assert!(r.record_data(recs[2], 1, 12, KIND_OK, 100).is_none());
+        assert!(r.record_data(recs[2], 2, 12, KIND_OK, 99).is_none());
+        let p = r.record_data(recs[2], 2, 12, KIND_OK, 100).unwrap();
+        // SAFETY: in range (checked by `record_data`), written above.
+        let third = unsafe { std::slice::from_raw_parts(p, 100) };
         assert!(third.iter().all(|&b| b == 3));
         r.release(recs[2]);
-        assert!(r.advance()); // over record 3 and the pad
+        assert!(r.advance().unwrap()); // over record 3 and the pad
         r.release(off);
-        assert!(r.advance());
+        assert!(r.advance().unwrap());
         assert_eq!(r.used(), 0);
-        assert!(r.data(250, 40).is_none());
+        assert!(r.record_data(496, 7, 77, KIND_OK, 100).is_none());
+        assert!(r.record_data(16, 7, 77, KIND_OK, 100).is_none());
+    }
+
+    #[test]
+    fn byte_ring_consumer_survives_garbage_counters_and_headers() {
+        let h = HeapByteRing::new(512);
+        let r = h.ring();
+        let res = r.try_reserve(40).unwrap().unwrap();
+        let off = r.commit(res, 40, KIND_OK, 1, 1);
+        // A record header claiming more than the ring: corrupt, not a loop or a panic.
+        // SAFETY: the header is in our own heap buffer; test-only scribble.
+        unsafe { (h.data.add(off as usize) as *mut u32).write(u32::MAX) };
+        r.release(off);
+        assert!(r.advance().is_err());
+        assert!(r.sweep(|_, _| true).is_err());
+        // Counters out of order or misaligned: corrupt.
+        for (head, tail) in [
+            (64u64, 32u64),
+            (0, 4096),
+            (3, 35),
+            (u64::MAX - 31, u64::MAX),
+        ] {
+            h.hdr.set(head, tail);
+            assert!(r.advance().is_err(), "{head} {tail}");
+        }
+        // A reset makes the ring usable again.
+        r.reset();
+        assert_eq!(r.used(), 0);
+        let res = r.try_reserve(40).unwrap().unwrap();
+        let off = r.commit(res, 40, KIND_OK, 2, 2);
+        r.release(off);
+        assert!(r.advance().unwrap());
+        assert_eq!(r.used(), 0);
     }
 
     #[test]
@@ -180,30 +217,30 @@ mod std_tests {
                     };
                     // SAFETY: `len` writable bytes reserved.
                     unsafe { std::ptr::write_bytes(r.data_ptr(&res), i as u8, len as usize) };
-                    let off = r.commit(res, len, KIND_OK, i);
+                    let off = r.commit(res, len, KIND_OK, i, i as u64);
                     tx.send((off, len, i)).unwrap();
                 }
             });
             s.spawn(move || {
                 let mut held = Vec::new();
                 for (k, (off, len, i)) in rx.iter().enumerate() {
-                    let p = r.data(off, len).unwrap();
+                    let p = r.record_data(off, i, i as u64, KIND_OK, len).unwrap();
                     // SAFETY: published record, not yet released.
                     let b = unsafe { std::slice::from_raw_parts(p, len as usize) };
                     assert!(b.iter().all(|&x| x == i as u8), "record {i} corrupted");
                     held.push(off);
-                    // Release in a scrambled order, two at a time (records are <= 320 bytes: two held plus a pad plus the next always fit in 2 KiB).
+                    // Release in a scrambled order, two at a time (records are <= 352 bytes: two held plus a pad plus the next always fit in 2 KiB).
                     if k % 2 == 1 {
                         for off in held.drain(..).rev() {
                             r.release(off);
                         }
-                        r.advance();
+                        r.advance().unwrap();
                     }
                 }
                 for off in held {
                     r.release(off);
                 }
-                r.advance();
+                r.advance().unwrap();
             });
         });
         assert_eq!(r.used(), 0);
@@ -241,6 +278,7 @@ mod std_tests {
 #[cfg(stateful_pool_loom)]
 mod loom_tests {
     use super::*;
+    use crate::ring::mpmc::Repair;
     use crate::ring::wait::EventCount;
     use crate::sync::{AtomicU32, AtomicU64, Ordering};
     use loom::sync::Arc;
@@ -351,7 +389,7 @@ mod loom_tests {
                 loom::thread::spawn(move || q.ring().pop(None))
             };
             let repaired = q.ring().repair(claim.load(Ordering::SeqCst), |_| false);
-            assert_eq!(repaired, Some(7));
+            assert_eq!(repaired, Repair::Taken(7));
             assert_eq!(live.join().unwrap(), Some(8));
             // Not wedged: a full lap of pushes and pops works.
             for v in 0..2 {
@@ -377,15 +415,62 @@ mod loom_tests {
                 let (q, c, cur) = (q.clone(), live_claim.clone(), live_current.clone());
                 loom::thread::spawn(move || q.ring().pop_tracked(&c, &cur, || {}))
             };
-            let repaired = q
-                .ring()
-                .repair(dead_claim, |c| live_claim.load(Ordering::SeqCst) == c);
+            let repaired = loop {
+                match q
+                    .ring()
+                    .repair(dead_claim, |c| live_claim.load(Ordering::SeqCst) == c)
+                {
+                    Repair::Deferred => loom::thread::yield_now(),
+                    r => break r,
+                }
+            };
             let popped = live.join().unwrap();
             match (popped, repaired) {
-                (Some(7), None) => assert_eq!(live_current.load(Ordering::SeqCst), 7),
-                (None, Some(7)) => unreachable!("a live pop cannot lose an item to repair"),
+                (Some(7), Repair::Nothing) => {
+                    assert_eq!(live_current.load(Ordering::SeqCst), 7)
+                }
                 other => panic!("delivered {other:?}"),
             }
+        });
+    }
+
+    /// The audit's H4: two consumers race for the same position; the winner dies right after
+    /// its CAS while the loser's claim still shows the same position. The repair must wait for
+    /// the loser to withdraw (never skip for good), and every value is delivered exactly once.
+    #[test]
+    fn loom_live_losers_claim_defers_but_never_blocks_repair() {
+        model(|| {
+            let q = Arc::new(HeapMpmc::with_capacity(2));
+            q.ring().push(7).unwrap();
+            q.ring().push(8).unwrap();
+            let live_claim = Arc::new(AtomicU64::new(0));
+            let live_current = Arc::new(AtomicU32::new(u32::MAX));
+            let live = {
+                let (q, c, cur) = (q.clone(), live_claim.clone(), live_current.clone());
+                loom::thread::spawn(move || q.ring().pop_tracked(&c, &cur, || {}))
+            };
+            let dead_claim = AtomicU64::new(0);
+            q.ring().pop_and_die_after_cas_racing(&dead_claim);
+            let repaired = loop {
+                match q.ring().repair(dead_claim.load(Ordering::SeqCst), |c| {
+                    live_claim.load(Ordering::SeqCst) == c
+                }) {
+                    Repair::Deferred => loom::thread::yield_now(),
+                    r => break r,
+                }
+            };
+            let popped = live.join().unwrap().expect("two values, two consumers");
+            let Repair::Taken(taken) = repaired else {
+                panic!("the dead consumer's value was not repaired: {repaired:?}")
+            };
+            let mut both = [popped, taken];
+            both.sort();
+            assert_eq!(both, [7, 8]);
+            // Not wedged: a full lap works.
+            q.ring().push(1).unwrap();
+            q.ring().push(2).unwrap();
+            assert_eq!(q.ring().pop(None), Some(1));
+            assert_eq!(q.ring().pop(None), Some(2));
         });
     }
 
@@ -414,7 +499,7 @@ mod loom_tests {
     #[test]
     fn loom_byte_ring_release_and_reuse() {
         model(|| {
-            // 128 bytes: two 48-byte records fit, the third must wait for a release.
+            // 128 bytes: two 64-byte records fit, the third must wait for a release.
             let h = Arc::new(HeapByteRing::new(128));
             let (tx, rx) = loom::sync::mpsc::channel();
             let hp = h.clone();
@@ -427,7 +512,7 @@ mod loom_tests {
                         }
                         loom::thread::yield_now();
                     };
-                    let off = ring.commit(res, 20, KIND_OK, i);
+                    let off = ring.commit(res, 20, KIND_OK, i, i as u64);
                     tx.send(off).unwrap();
                 }
             });
@@ -435,7 +520,7 @@ mod loom_tests {
             for _ in 0..3 {
                 let off = rx.recv().unwrap();
                 ring.release(off);
-                ring.advance();
+                ring.advance().unwrap();
             }
             producer.join().unwrap();
             assert_eq!(ring.used(), 0);

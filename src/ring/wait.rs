@@ -69,8 +69,30 @@ impl EventCount {
 
     /// Sleeps until notified (or a spurious wake, or the timeout), then withdraws the waiter.
     pub(crate) fn wait(&self, key: WaitKey, timeout: Option<Duration>) {
-        self.futex_wait(key.0, timeout);
+        self.sleep(key, timeout);
         self.sleepers.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Sleeps until notified (or a spurious wake, or the timeout) without withdrawing the
+    /// waiter: the caller then calls [`cancel`](Self::cancel).
+    pub(crate) fn sleep(&self, key: WaitKey, timeout: Option<Duration>) {
+        self.futex_wait(key.0, timeout);
+    }
+
+    /// Withdraws a sleeper that died counted (a worker killed while parked; the supervisor
+    /// knows it from the worker's `parked` word). Saturates at zero: the count lives in shared
+    /// memory and is only a hint for notifiers.
+    pub(crate) fn withdraw_dead_sleeper(&self) {
+        let _ = self
+            .sleepers
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+    }
+
+    /// Number of counted sleepers (a snapshot, for tests).
+    #[cfg(any(test, feature = "failpoints"))]
+    #[allow(dead_code)]
+    pub(crate) fn sleepers(&self) -> u32 {
+        self.sleepers.load(Ordering::SeqCst)
     }
 
     /// Wakes one sleeper, if any. Costs one load when nobody sleeps.
@@ -165,14 +187,35 @@ pub(crate) fn wait_on(
     ec: &EventCount,
     spin: Duration,
     deadline: Option<Instant>,
+    cond: impl FnMut() -> bool,
+) -> bool {
+    wait_on_marked(ec, spin, deadline, None, cond)
+}
+
+/// As [`wait_on`], and while counted as a sleeper, `mark.0` holds `mark.1` (stored after the
+/// count goes up, cleared before it goes down): a worker's `parked` word, from which the
+/// supervisor can withdraw the sleeper of a worker killed while parked.
+pub(crate) fn wait_on_marked(
+    ec: &EventCount,
+    spin: Duration,
+    deadline: Option<Instant>,
+    mark: Option<(&AtomicU32, u32)>,
     mut cond: impl FnMut() -> bool,
 ) -> bool {
     if spin_until(spin, &mut cond) {
         return true;
     }
+    let set = |v: u32| {
+        if let Some((m, _)) = mark {
+            m.store(v, Ordering::SeqCst);
+        }
+    };
+    let parked = mark.map_or(0, |m| m.1);
     loop {
         let key = ec.prepare();
+        set(parked);
         if cond() {
+            set(0);
             ec.cancel(key);
             return true;
         }
@@ -180,13 +223,16 @@ pub(crate) fn wait_on(
             Some(d) => match d.checked_duration_since(Instant::now()) {
                 Some(left) if !left.is_zero() => Some(left),
                 _ => {
+                    set(0);
                     ec.cancel(key);
                     return false;
                 }
             },
             None => None,
         };
-        ec.wait(key, timeout);
+        ec.sleep(key, timeout);
+        set(0);
+        ec.cancel(key);
         if cond() {
             return true;
         }

@@ -18,12 +18,13 @@ use super::segment::ShmSafe;
 use crate::ring::bytes::ByteRingHeader;
 use crate::ring::mpmc::{MpmcCell, MpmcHeader};
 use crate::ring::wait::EventCount;
+pub(crate) use crate::slot::SlotHeader;
 use crate::sync::{AtomicU32, AtomicU64, CachePadded};
 
 /// "SPOOLSHM" as a little-endian u64: the first word of every segment.
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"SPOOLSHM");
 /// Protocol version; bump on any layout or protocol change.
-pub(crate) const VERSION: u32 = 2;
+pub(crate) const VERSION: u32 = 3;
 
 /// Sizes that define a segment's layout.
 #[repr(C)]
@@ -65,43 +66,14 @@ pub(crate) struct SegmentHeader {
     pub(crate) task_ring: MpmcHeader,
 }
 
-/// Task slot state bits (the futex word of the slot).
-pub(crate) mod slot_state {
-    /// A worker popped the slot and owns it.
-    pub(crate) const CLAIMED: u32 = 1;
-    /// The worker published the result (or skipped a cancelled task).
-    pub(crate) const DONE: u32 = 2;
-    /// The caller gave up on the task: a worker that has not started it skips it.
-    pub(crate) const CANCELLED: u32 = 4;
-    /// A thread sleeps on this word: the worker must `FUTEX_WAKE` it.
-    pub(crate) const WAIT_THREAD: u32 = 8;
-    /// The reactor watches this slot: the worker must ring the doorbell.
-    pub(crate) const WAIT_REACTOR: u32 = 16;
-    /// The task archive is a batch (an archived `Vec` of tasks, run one after the other), and
-    /// the result is the batch's outcome (`codec::BatchOut`). Set at submit, never changed.
-    pub(crate) const BATCH: u32 = 32;
-}
-
-/// One task slot's header.
-#[repr(C)]
-#[derive(Debug)]
-pub(crate) struct SlotHeader {
-    pub(crate) state: AtomicU32,
-    /// `(worker index + 1) | generation << 16` of the worker that claimed it; 0 if none.
-    pub(crate) owner: AtomicU32,
-    /// Unique id of the task (parent-assigned, never reused).
-    pub(crate) task_id: AtomicU64,
-    /// Segment offset and length of the task archive.
-    pub(crate) task_off: AtomicU64,
-    pub(crate) task_len: AtomicU32,
-    pub(crate) result_len: AtomicU32,
-    /// Segment offset and length of a loaned payload (length 0: none).
-    pub(crate) payload_off: AtomicU64,
-    pub(crate) payload_len: AtomicU64,
-    /// Offset of the result record in the worker's completion ring.
-    pub(crate) result_rec: AtomicU64,
-    pub(crate) result_kind: AtomicU32,
-    pub(crate) result_worker: AtomicU32,
+/// Values of [`WorkerCtl::parked`].
+pub(crate) mod parked {
+    /// Not parked.
+    pub(crate) const NONE: u32 = 0;
+    /// Counted as a sleeper on the header's `task_ready`.
+    pub(crate) const TASK_READY: u32 = 1;
+    /// Counted as a sleeper on the header's `space`.
+    pub(crate) const SPACE: u32 = 2;
 }
 
 /// Worker seat states.
@@ -140,7 +112,19 @@ pub(crate) struct WorkerCtl {
     /// Id of the task in `current_slot`, stored right after the pop (0 until then); cleared
     /// after `current_slot`. Tells a slot's current task from a later one that reused it.
     pub(crate) current_task: AtomicU64,
-    _reserved: [u64; 8],
+    /// Which eventcount the worker is counted as a sleeper on ([`parked`]), so the supervisor
+    /// can withdraw a sleeper that died parked. Set after `prepare`, cleared before the sleeper
+    /// count drops.
+    pub(crate) parked: AtomicU32,
+    /// Set by the worker while it waits for room in its completion ring: the parent's reactor
+    /// then moves uncollected results out of the ring (see `pool::shared::evacuate`).
+    pub(crate) wants_space: AtomicU32,
+    /// Set by the supervisor before a timeout kill: the worker must not take another task (it
+    /// waits for the kill, or for the flag to be withdrawn), so the kill never lands on an
+    /// innocent next task.
+    pub(crate) hold: AtomicU32,
+    _pad1: u32,
+    _reserved: [u64; 6],
 }
 
 // SAFETY: all of these are #[repr(C)], hold only integers and atomics (no pointers), are valid
@@ -359,7 +343,11 @@ impl WorkerCtl {
             _pad: 0,
             tasks_done: AtomicU64::new(0),
             current_task: AtomicU64::new(0),
-            _reserved: [0; 8],
+            parked: AtomicU32::new(parked::NONE),
+            wants_space: AtomicU32::new(0),
+            hold: AtomicU32::new(0),
+            _pad1: 0,
+            _reserved: [0; 6],
         }
     }
 }

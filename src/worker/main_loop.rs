@@ -9,16 +9,15 @@ use super::boot::{WorkerProcess, protocol_hash};
 use super::{TaskContext, Worker, WorkerContext};
 use crate::codec::{self, EncodeError};
 use crate::failpoint;
-use crate::ring::bytes::{
-    ByteRing, KIND_BAD_TASK, KIND_CANCELLED, KIND_ERR, KIND_OK, KIND_PANIC, KIND_POISONED,
-    KIND_TOO_LARGE, REC_ALIGN, REC_INLINE, Reservation, align16,
-};
+use crate::ring::bytes::{ByteRing, Reservation};
 use crate::ring::mpmc::{MpmcCell, MpmcRing};
-use crate::ring::wait::wait_on;
-use crate::shm::layout::{
-    FLAG_RESTART_ON_PANIC, RING_HDR, SlotHeader, WorkerCtl, ctl_state, slot_state,
+use crate::ring::wait::wait_on_marked;
+use crate::shm::layout::{FLAG_RESTART_ON_PANIC, RING_HDR, WorkerCtl, ctl_state, parked};
+use crate::slot::outcome::{
+    KIND_BAD_TASK, KIND_CANCELLED, KIND_ERR, KIND_OK, KIND_PANIC, KIND_POISONED, KIND_TOO_LARGE,
+    REC_INLINE,
 };
-use crate::sys::futex_wake;
+use crate::slot::{RawOutcome, SlotHeader, bits};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -174,17 +173,24 @@ pub(crate) fn run<W: Worker>(wp: WorkerProcess) -> ! {
     let owner_tag = (wp.seat + 1) | (wctx.generation << 16);
     let server = Server {
         wp: &wp,
+        ctl,
         results,
         spin,
         restart_on_panic: hdr.flags & FLAG_RESTART_ON_PANIC != 0,
     };
 
     loop {
+        // A timeout kill is on its way for the task we just finished: take nothing more (the
+        // kill would land on an innocent task) until it lands or the supervisor withdraws it.
+        while ctl.hold.load(Ordering::SeqCst) != 0 {
+            crate::sys::futex_wait(&ctl.hold, 1, Some(Duration::from_millis(10)));
+        }
         // The pop records the slot in `current_slot` before releasing the queue cell (see
         // `MpmcRing::pop_tracked`), so a death at any step leaves the claim findable.
         let popped = ring.pop_tracked(&ctl.claim, &ctl.current_slot, || failpoint::hit("pop_mid"));
         let Some(slot) = popped else {
-            wait_on(&hdr.task_ready, spin, None, || {
+            let mark = Some((&ctl.parked, parked::TASK_READY));
+            wait_on_marked(&hdr.task_ready, spin, None, mark, || {
                 !ring.is_empty() || hdr.shutdown.load(Ordering::Acquire) != 0
             });
             if hdr.shutdown.load(Ordering::Acquire) != 0 && ring.is_empty() {
@@ -199,24 +205,30 @@ pub(crate) fn run<W: Worker>(wp: WorkerProcess) -> ! {
         };
         // Which task this is: the supervisor compares it with the slot's task id to tell our
         // task from a later one that reused the slot after we published.
-        ctl.current_task
-            .store(sh.task_id.load(Ordering::Relaxed), Ordering::Relaxed);
-        sh.owner.store(owner_tag, Ordering::Relaxed);
-        let prev = sh.state.fetch_or(slot_state::CLAIMED, Ordering::AcqRel);
+        let task_id = sh.task_id.load(Ordering::Relaxed);
+        ctl.current_task.store(task_id, Ordering::Relaxed);
+        let prev = sh.claim(owner_tag);
         failpoint::hit("after_claim");
-        let retire = if prev & slot_state::CANCELLED != 0 {
-            server.publish(sh, 0, 0, KIND_CANCELLED);
+        let task = Task {
+            slot,
+            id: task_id,
+            sh,
+        };
+        let retire = if prev & bits::CANCELLED != 0 {
+            server.publish(&task, RawOutcome::new(KIND_CANCELLED, wp.seat, 0, 0));
             None
-        } else if prev & slot_state::BATCH != 0 {
-            server.serve_batch(&mut state, &wctx, slot, sh)
+        } else if prev & bits::BATCH != 0 {
+            server.serve_batch(&mut state, &wctx, &task)
         } else {
-            server.serve_one(&mut state, &wctx, slot, sh)
+            server.serve_one(&mut state, &wctx, &task)
         };
         failpoint::hit("after_publish");
-        // Order matters (see `WorkerCtl::current_task`): the slot first, then the task id.
-        ctl.current_slot.store(u32::MAX, Ordering::Relaxed);
-        ctl.current_task.store(0, Ordering::Relaxed);
         ctl.tasks_done.fetch_add(1, Ordering::Relaxed);
+        // Order matters (see `slot::held_by_dead_worker`): the slot first, then the task id;
+        // SeqCst pairs with the supervisor's `hold` handshake (it stores `hold`, then reads
+        // `current_task`; we store `current_task`, then read `hold`).
+        ctl.current_slot.store(u32::MAX, Ordering::Release);
+        ctl.current_task.store(0, Ordering::SeqCst);
         if let Some(kind) = retire {
             // Poisoned, or panicked under the restart policy: the outcome is published; leave
             // without running the state's destructor (it may be what is broken) and let the
@@ -234,11 +246,29 @@ pub(crate) fn run<W: Worker>(wp: WorkerProcess) -> ! {
     std::process::exit(0)
 }
 
+/// The task being served: its slot, id and header.
+struct Task<'a> {
+    slot: u32,
+    id: u64,
+    sh: &'a SlotHeader,
+}
+
 struct Server<'a> {
     wp: &'a WorkerProcess,
+    ctl: &'a WorkerCtl,
     results: ByteRing<'a>,
     spin: Duration,
     restart_on_panic: bool,
+}
+
+/// What became of one attempt to serialise an output into a region.
+enum Encoded {
+    /// Written: this many bytes.
+    Written(usize),
+    /// Did not fit.
+    Overflow,
+    /// Failed (or panicked); the task was answered with the message.
+    Reported,
 }
 
 impl Server<'_> {
@@ -248,18 +278,17 @@ impl Server<'_> {
         &self,
         state: &mut W,
         wctx: &WorkerContext,
-        slot: u32,
-        sh: &SlotHeader,
+        t: &Task<'_>,
     ) -> Option<u32> {
         // (`None`: the task was answered BadTask; nothing to retire for.)
-        let (task, tctx, inline_from) = self.open::<W::Task>(wctx, sh, slot)?;
+        let (task, tctx, inline_from) = self.open::<W::Task>(wctx, t)?;
         match self.run(state, task, &tctx) {
             Ok(out) => {
-                self.write_output(sh, slot, inline_from, &out);
+                self.write_output(t, inline_from, &out);
                 None
             }
             Err((kind, message)) => {
-                self.write_message(sh, slot, kind, &message);
+                self.write_message(t, kind, &message);
                 self.retires_after(kind)
             }
         }
@@ -301,11 +330,10 @@ impl Server<'_> {
         &self,
         state: &mut W,
         wctx: &WorkerContext,
-        slot: u32,
-        sh: &SlotHeader,
+        t: &Task<'_>,
     ) -> Option<u32> {
         // (`None`: the task was answered BadTask; nothing to retire for.)
-        let (tasks, tctx, inline_from) = self.open::<Vec<W::Task>>(wctx, sh, slot)?;
+        let (tasks, tctx, inline_from) = self.open::<Vec<W::Task>>(wctx, t)?;
         let mut retire = None;
         let mut outs = Vec::with_capacity(tasks.len());
         for task in tasks.iter() {
@@ -323,7 +351,7 @@ impl Server<'_> {
             outs.push(r);
         }
         let out: codec::BatchOut<W::Output> = (wctx.index as u32, outs);
-        self.write_output(sh, slot, inline_from, &out);
+        self.write_output(t, inline_from, &out);
         retire
     }
 
@@ -332,21 +360,20 @@ impl Server<'_> {
     fn open<'s, T: crate::Message>(
         &'s self,
         wctx: &'s WorkerContext,
-        sh: &SlotHeader,
-        slot: u32,
+        t: &Task<'_>,
     ) -> Option<(&'s T::Archived, TaskContext<'s>, usize)> {
-        let (task_bytes, payload, inline_from) = self.task_bytes(sh, slot)?;
+        let (task_bytes, payload, inline_from) = self.task_bytes(t)?;
         let task = match codec::access::<T>(task_bytes) {
-            Ok(t) => t,
+            Ok(a) => a,
             Err(e) => {
-                self.write_message(sh, slot, KIND_BAD_TASK, &e);
+                self.write_message(t, KIND_BAD_TASK, &e);
                 return None;
             }
         };
         failpoint::hit("mid_read");
         let tctx = TaskContext {
             worker: wctx,
-            task_id: sh.task_id.load(Ordering::Relaxed),
+            task_id: t.id,
             payload,
         };
         Some((task, tctx, inline_from))
@@ -354,8 +381,9 @@ impl Server<'_> {
 
     /// The task's archive and payload in shared memory, and where an inline result may start;
     /// `None` (with the task answered `BadTask`) if the slot points outside the segment.
-    fn task_bytes(&self, sh: &SlotHeader, slot: u32) -> Option<(&[u8], &[u8], usize)> {
+    fn task_bytes(&self, t: &Task<'_>) -> Option<(&[u8], &[u8], usize)> {
         let seg = &self.wp.seg;
+        let sh = t.sh;
         let task_off = sh.task_off.load(Ordering::Relaxed) as usize;
         let task_len = sh.task_len.load(Ordering::Relaxed) as usize;
         let pay_off = sh.payload_off.load(Ordering::Relaxed) as usize;
@@ -363,7 +391,7 @@ impl Server<'_> {
         let in_range =
             |off: usize, len: usize| off.checked_add(len).is_some_and(|e| e <= seg.len());
         if !in_range(task_off, task_len) || !in_range(pay_off, pay_len) {
-            self.write_message(sh, slot, KIND_BAD_TASK, "task location out of range");
+            self.write_message(t, KIND_BAD_TASK, "task location out of range");
             return None;
         }
         // SAFETY: the slot's task bytes (and payload) were written by the parent before it
@@ -376,40 +404,78 @@ impl Server<'_> {
             unsafe { std::slice::from_raw_parts(seg.bytes_ptr(pay_off, pay_len), pay_len) };
         // An inline result goes after the task's own archive (if that is inline too), which
         // must stay intact: a task whose worker dies may be re-run from it.
-        let inline_from = if task_off == self.wp.layout.slot_data_off(slot) {
-            align16(task_len as u64) as usize
+        let inline_from = if task_off == self.wp.layout.slot_data_off(t.slot) {
+            task_len.next_multiple_of(16)
         } else {
             0
         };
         Some((task_bytes, payload, inline_from))
     }
 
-    /// Reserves `len` data bytes in the completion ring, waiting for the parent to release
-    /// space if needed. `None` if it can never fit.
+    /// Reserves `len` data bytes in the completion ring, waiting for room if needed. While it
+    /// waits it flags `wants_space` and rings the parent's doorbell: the reactor then moves
+    /// results nobody has collected yet out of the ring, so the wait never depends on a caller
+    /// collecting (the caller may be the one waiting for *this* result). `None` if `len` can
+    /// never fit.
     fn reserve(&self, len: u64) -> Option<Reservation> {
-        let mut got = None;
         let hdr = self.wp.header();
-        let fits = wait_on(&hdr.space, self.spin, None, || {
-            match self.results.try_reserve(len) {
-                Ok(Some(r)) => {
-                    got = Some(r);
-                    true
-                }
-                Ok(None) => false,
-                Err(()) => true,
+        match self.results.try_reserve(len) {
+            Ok(Some(r)) => return Some(r),
+            Ok(None) => {}
+            Err(()) => return None,
+        }
+        loop {
+            self.ctl.wants_space.store(1, Ordering::SeqCst);
+            hdr.doorbell.notify_all();
+            let mut got = None;
+            let mark = Some((&self.ctl.parked, parked::SPACE));
+            // Bounded: the reactor clears `wants_space` after each pass; if that pass could not
+            // make room (a caller was copying a record out), we ask again.
+            let _ = wait_on_marked(
+                &hdr.space,
+                self.spin,
+                Some(std::time::Instant::now() + Duration::from_millis(50)),
+                mark,
+                || {
+                    if let Ok(Some(r)) = self.results.try_reserve(len) {
+                        got = Some(r);
+                        return true;
+                    }
+                    self.ctl.wants_space.load(Ordering::SeqCst) == 0
+                },
+            );
+            if got.is_some() {
+                self.ctl.wants_space.store(0, Ordering::Relaxed);
+                return got;
             }
-        });
-        debug_assert!(fits);
-        got
+        }
     }
 
-    fn write_output<T: crate::Message>(
+    /// Serialises `out` into `cap` bytes at `ptr`, answering the task with the message if
+    /// serialisation fails or panics.
+    fn encode_or_report<T: crate::Message>(
         &self,
-        sh: &SlotHeader,
-        slot: u32,
-        inline_from: usize,
+        t: &Task<'_>,
         out: &T,
-    ) {
+        ptr: *mut u8,
+        cap: usize,
+    ) -> Encoded {
+        match catch_unwind(AssertUnwindSafe(|| codec::encode_into(out, ptr, cap))) {
+            Ok(Ok(n)) => Encoded::Written(n),
+            Ok(Err(EncodeError::Overflow)) => Encoded::Overflow,
+            Ok(Err(EncodeError::Failed(m))) => {
+                self.write_message(t, KIND_ERR, &format!("cannot serialise output: {m}"));
+                Encoded::Reported
+            }
+            Err(p) => {
+                self.write_message(t, KIND_PANIC, &panic_message(&*p));
+                Encoded::Reported
+            }
+        }
+    }
+
+    fn write_output<T: crate::Message>(&self, t: &Task<'_>, inline_from: usize, out: &T) {
+        let seat = self.wp.seat;
         // Fastest path: a small output goes inline into the task's own slot, whose cache lines
         // this worker already holds, after the task archive.
         let layout = &self.wp.layout;
@@ -417,48 +483,30 @@ impl Server<'_> {
         let ptr = self
             .wp
             .seg
-            .bytes_ptr(layout.slot_data_off(slot) + inline_from, cap);
-        match catch_unwind(AssertUnwindSafe(|| codec::encode_into(out, ptr, cap))) {
-            Ok(Ok(n)) => {
-                self.publish(sh, REC_INLINE | inline_from as u64, n as u64, KIND_OK);
+            .bytes_ptr(layout.slot_data_off(t.slot) + inline_from, cap);
+        match self.encode_or_report(t, out, ptr, cap) {
+            Encoded::Written(n) => {
+                let rec = REC_INLINE | inline_from as u64;
+                self.publish(t, RawOutcome::new(KIND_OK, seat, rec, n as u32));
                 return;
             }
-            Ok(Err(EncodeError::Overflow)) => {}
-            Ok(Err(EncodeError::Failed(m))) => {
-                self.write_message(sh, slot, KIND_ERR, &format!("cannot serialise output: {m}"));
-                return;
-            }
-            Err(p) => {
-                self.write_message(sh, slot, KIND_PANIC, &panic_message(&*p));
-                return;
-            }
+            Encoded::Reported => return,
+            Encoded::Overflow => {}
         }
-        // Fast path: serialise straight into whatever contiguous room the ring has now.
+        // Fast path: serialise straight into whatever contiguous room the ring has now (never
+        // more than the bound every path enforces, `max_record_len`).
         if let Ok(Some(r)) = self.results.try_reserve(0) {
-            let room = self.contiguous_room(&r);
+            let room = self.results.contiguous_room(&r) as usize;
             if room > 0 {
                 let ptr = self.results.data_ptr(&r);
-                match catch_unwind(AssertUnwindSafe(|| codec::encode_into(out, ptr, room))) {
-                    Ok(Ok(n)) => {
+                match self.encode_or_report(t, out, ptr, room) {
+                    Encoded::Written(n) => {
                         let r = r.with_len(n as u64);
-                        let off = self.results.commit(r, n as u64, KIND_OK, slot);
-                        self.publish(sh, off, n as u64, KIND_OK);
+                        self.commit_and_publish(t, r, n as u64, KIND_OK);
                         return;
                     }
-                    Ok(Err(EncodeError::Overflow)) => {}
-                    Ok(Err(EncodeError::Failed(m))) => {
-                        self.write_message(
-                            sh,
-                            slot,
-                            KIND_ERR,
-                            &format!("cannot serialise output: {m}"),
-                        );
-                        return;
-                    }
-                    Err(p) => {
-                        self.write_message(sh, slot, KIND_PANIC, &panic_message(&*p));
-                        return;
-                    }
+                    Encoded::Reported => return,
+                    Encoded::Overflow => {}
                 }
             }
         }
@@ -470,50 +518,39 @@ impl Server<'_> {
                     EncodeError::Failed(m) => m,
                     EncodeError::Overflow => "overflow while counting".into(),
                 };
-                self.write_message(sh, slot, KIND_ERR, &format!("cannot serialise output: {m}"));
+                self.write_message(t, KIND_ERR, &format!("cannot serialise output: {m}"));
                 return;
             }
             Err(p) => {
-                self.write_message(sh, slot, KIND_PANIC, &panic_message(&*p));
+                self.write_message(t, KIND_PANIC, &panic_message(&*p));
                 return;
             }
         };
         if len > self.results.max_record_len() {
-            self.write_bytes(sh, slot, KIND_TOO_LARGE, &len.to_le_bytes());
+            self.write_bytes(t, KIND_TOO_LARGE, &len.to_le_bytes());
             return;
         }
         let r = self.reserve(len).expect("checked against max_record_len");
         let ptr = self.results.data_ptr(&r);
-        match codec::encode_into(out, ptr, len as usize) {
-            Ok(n) => {
-                let off = self.results.commit(r, n as u64, KIND_OK, slot);
-                self.publish(sh, off, n as u64, KIND_OK);
-            }
-            Err(_) => {
-                self.write_message(sh, slot, KIND_ERR, "output changed size while serialising")
+        match self.encode_or_report(t, out, ptr, len as usize) {
+            Encoded::Written(n) => self.commit_and_publish(t, r, n as u64, KIND_OK),
+            Encoded::Reported => {}
+            Encoded::Overflow => {
+                self.write_message(t, KIND_ERR, "output changed size while serialising")
             }
         }
     }
 
-    /// Contiguous bytes writable at a zero-length reservation without wrapping or waiting.
-    fn contiguous_room(&self, r: &Reservation) -> usize {
-        let cap = self.results.capacity();
-        let off = r.record_offset(cap);
-        let free = cap - self.results.used();
-        let till_end = cap - off;
-        (free.min(till_end).saturating_sub(REC_ALIGN) & !(REC_ALIGN - 1)) as usize
-    }
-
-    fn write_message(&self, sh: &SlotHeader, slot: u32, kind: u32, msg: &str) {
+    fn write_message(&self, t: &Task<'_>, kind: u32, msg: &str) {
         let max = (self.results.max_record_len() as usize).min(64 * 1024);
         let mut end = msg.len().min(max);
         while !msg.is_char_boundary(end) {
             end -= 1;
         }
-        self.write_bytes(sh, slot, kind, &msg.as_bytes()[..end]);
+        self.write_bytes(t, kind, &msg.as_bytes()[..end]);
     }
 
-    fn write_bytes(&self, sh: &SlotHeader, slot: u32, kind: u32, bytes: &[u8]) {
+    fn write_bytes(&self, t: &Task<'_>, kind: u32, bytes: &[u8]) {
         let r = self
             .reserve(bytes.len() as u64)
             .expect("small records always fit the ring");
@@ -521,25 +558,18 @@ impl Server<'_> {
         unsafe {
             std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.results.data_ptr(&r), bytes.len())
         };
-        let off = self.results.commit(r, bytes.len() as u64, kind, slot);
-        self.publish(sh, off, bytes.len() as u64, kind);
+        self.commit_and_publish(t, r, bytes.len() as u64, kind);
+    }
+
+    /// Publishes a written ring record (its header names the slot and task), then the outcome.
+    fn commit_and_publish(&self, t: &Task<'_>, r: Reservation, len: u64, kind: u32) {
+        let off = self.results.commit(r, len, kind, t.slot, t.id);
+        self.publish(t, RawOutcome::new(kind, self.wp.seat, off, len as u32));
     }
 
     /// Publishes the outcome in the slot and wakes whoever waits for it.
-    fn publish(&self, sh: &SlotHeader, rec: u64, len: u64, kind: u32) {
+    fn publish(&self, t: &Task<'_>, o: RawOutcome) {
         failpoint::hit("after_result_write");
-        sh.result_worker.store(self.wp.seat, Ordering::Relaxed);
-        sh.result_rec.store(rec, Ordering::Relaxed);
-        sh.result_len.store(len as u32, Ordering::Relaxed);
-        sh.result_kind.store(kind, Ordering::Relaxed);
-        // SYNC POINT: the result (ring record and slot fields) is visible to the caller's
-        // Acquire load of `state` that sees DONE.
-        let prev = sh.state.fetch_or(slot_state::DONE, Ordering::AcqRel);
-        if prev & slot_state::WAIT_THREAD != 0 {
-            futex_wake(&sh.state, i32::MAX);
-        }
-        if prev & slot_state::WAIT_REACTOR != 0 {
-            self.wp.header().doorbell.notify_all();
-        }
+        t.sh.publish(o).run(t.sh, &self.wp.header().doorbell);
     }
 }

@@ -1,0 +1,405 @@
+//! Results, across the trust boundary: from a slot's published outcome to the caller.
+//!
+//! A worker maps the whole segment and can write anything at any time, so the parent never
+//! reads a result where the worker can still change it:
+//! - the outcome words are read once and checked ([`RawOutcome::decode`]);
+//! - a ring record is used only if its header names this slot and this task (the parent's own
+//!   task id, never the worker's);
+//! - the bytes are copied into private memory first, and only the copy is validated and
+//!   decoded (copy, then validate);
+//! - a record is released only after those checks, so a worker cannot make the parent release
+//!   another task's record.
+//!
+//! **Evacuation.** A worker that needs room in its completion ring while earlier results sit
+//! there uncollected (their callers hold the handles and wait on something else, perhaps this
+//! very result) flags `wants_space` and rings the doorbell. The reactor then copies every
+//! published, uncollected record of that ring to the heap (the slot's `spill`) and releases it.
+//! The result's owner finds it there. So a worker never waits for ring space that only a caller
+//! could free. Who has a record is one word per slot, `res = task_id << 3 | RES_*`, changed only
+//! by compare-exchange: the collecting caller, the reactor and retirement each take the record
+//! exactly once.
+
+use super::shared::Shared;
+use crate::error::{ExitCause, TaskError};
+use crate::ring::bytes::{ByteRing, RecordHeader};
+use crate::slot::outcome::{
+    KIND_BAD_TASK, KIND_ERR, KIND_OK, KIND_PANIC, KIND_POISONED, KIND_TOO_LARGE, Published,
+};
+use rkyv::util::AlignedVec;
+use std::cell::RefCell;
+use std::sync::atomic::Ordering;
+
+/// Nobody has touched the task's ring record yet.
+const RES_UNREAD: u64 = 0;
+/// Its caller is copying it out.
+const RES_READING: u64 = 1;
+/// The reactor is moving it to the heap.
+const RES_EVACUATING: u64 = 2;
+/// The reactor moved it to the slot's `spill`.
+const RES_EVACUATED: u64 = 3;
+/// Collected or dropped: the record is released (or never was this task's).
+const RES_TAKEN: u64 = 4;
+
+/// Scratch buffers bigger than this are not kept between results.
+const SCRATCH_KEEP: usize = 4 << 20;
+
+thread_local! {
+    /// The private copy of a result, reused so collecting allocates nothing per task.
+    static SCRATCH: RefCell<AlignedVec<16>> = RefCell::new(AlignedVec::new());
+}
+
+/// What the parent makes of a record it finds in a completion ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    /// The published, uncollected result of its slot's current task.
+    Published,
+    /// Its slot's current task, not published yet (its worker is between commit and publish).
+    Unpublished,
+    /// Nobody will ever read it: its slot has moved on, or published something else, or the
+    /// header is nonsense.
+    Orphan,
+}
+
+impl Shared {
+    /// Calls `f` with the task's outcome in `slot` (which the caller observed `DONE`): the
+    /// output's archive as a private, 16-aligned copy (not yet validated as the output type:
+    /// `f` does that on the copy), or the task's error.
+    pub(crate) fn with_result<R>(
+        &self,
+        slot: u32,
+        f: impl FnOnce(Result<&[u8], TaskError>) -> R,
+    ) -> R {
+        SCRATCH.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut buf) => {
+                let r = self.read_result(slot, &mut buf, f);
+                if buf.capacity() > SCRATCH_KEEP {
+                    *buf = AlignedVec::new();
+                }
+                r
+            }
+            // Re-entered (an output's `Deserialize` collecting another result): a fresh buffer.
+            Err(_) => self.read_result(slot, &mut AlignedVec::new(), f),
+        })
+    }
+
+    fn read_result<R>(
+        &self,
+        slot: u32,
+        buf: &mut AlignedVec<16>,
+        f: impl FnOnce(Result<&[u8], TaskError>) -> R,
+    ) -> R {
+        buf.clear();
+        let raw = self.slot(slot).outcome();
+        let worker = raw.worker as usize;
+        let bad = |message: &str| TaskError::BadResult {
+            worker,
+            message: message.to_string(),
+        };
+        let kind = match self.decode(raw) {
+            Published::Inline { at, len } => {
+                let p = self
+                    .seg
+                    .bytes_ptr(self.layout.slot_data_off(slot) + at, len);
+                // SAFETY: `at + len <= slot_inline` (decode), so the bytes lie in this slot's
+                // data area; copied at once into private memory (a worker may be writing them:
+                // only the copy is validated and used).
+                buf.extend_from_slice(unsafe { std::slice::from_raw_parts(p, len) });
+                KIND_OK
+            }
+            Published::Record {
+                kind,
+                seat,
+                off,
+                len,
+            } => match self.copy_record(slot, kind, seat, off, len, buf) {
+                Ok(()) => kind,
+                Err(m) => return f(Err(bad(m))),
+            },
+            Published::Cancelled => return f(Err(TaskError::Cancelled)),
+            Published::NoWorkers => return f(Err(TaskError::NoWorkers)),
+            Published::Broken => return f(Err(TaskError::PoolBroken)),
+            Published::Died { worker, pid, cause } => {
+                return f(Err(TaskError::WorkerDied {
+                    worker: worker as usize,
+                    pid,
+                    cause: ExitCause::decode(cause),
+                }));
+            }
+            Published::Timeout { worker, after_ns } => {
+                return f(Err(TaskError::Timeout {
+                    worker: worker as usize,
+                    after: std::time::Duration::from_nanos(after_ns),
+                }));
+            }
+            Published::Invalid(m) => return f(Err(bad(m))),
+        };
+        let message = || String::from_utf8_lossy(buf).into_owned();
+        let e = match kind {
+            KIND_OK => return f(Ok(&buf[..])),
+            KIND_ERR => TaskError::Failed {
+                worker,
+                message: message(),
+            },
+            KIND_PANIC => TaskError::Panicked {
+                worker,
+                message: message(),
+            },
+            KIND_BAD_TASK => TaskError::BadTask {
+                worker,
+                message: message(),
+            },
+            KIND_POISONED => TaskError::Poisoned {
+                worker,
+                message: message(),
+            },
+            KIND_TOO_LARGE => {
+                let mut n = [0u8; 8];
+                n.copy_from_slice(&buf[..8]);
+                TaskError::ResultTooLarge {
+                    worker,
+                    len: u64::from_le_bytes(n) as usize,
+                    max: self.max_result_len() as usize,
+                }
+            }
+            _ => bad("unknown result kind"),
+        };
+        f(Err(e))
+    }
+
+    /// The largest result archive a worker can return (half a completion ring, less a header).
+    pub(crate) fn max_result_len(&self) -> u64 {
+        self.result_ring(0).map_or(0, |r| r.max_record_len())
+    }
+
+    fn decode(&self, raw: crate::slot::RawOutcome) -> Published {
+        raw.decode(
+            self.layout.params.slot_inline as u64,
+            self.n_seats(),
+            self.layout.params.result_ring,
+        )
+    }
+
+    /// Copies the ring record of the task in `slot` into `buf` and releases it, or takes the
+    /// copy the reactor already made. The record must carry this slot and task in its header.
+    fn copy_record(
+        &self,
+        slot: u32,
+        kind: u32,
+        seat: u32,
+        off: u64,
+        len: u64,
+        buf: &mut AlignedVec<16>,
+    ) -> Result<(), &'static str> {
+        let meta = self.meta(slot);
+        let task = meta.task_id();
+        let tag = task << 3;
+        let ring = self
+            .result_ring(seat)
+            .ok_or("result names a worker seat out of range")?;
+        match meta.res.compare_exchange(
+            tag | RES_UNREAD,
+            tag | RES_READING,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => {
+                let r = match ring.record_data(off, slot, task, kind, len) {
+                    Some(p) => {
+                        // SAFETY: `record_data` checked that `len` bytes at `p` lie in the ring;
+                        // the record is unreleased, so the worker's protocol does not reuse it.
+                        // A misbehaving worker may still write it: we only use the copy.
+                        buf.extend_from_slice(unsafe {
+                            std::slice::from_raw_parts(p, len as usize)
+                        });
+                        self.release_record(seat, &ring, off);
+                        Ok(())
+                    }
+                    None => Err("the result record does not belong to this task"),
+                };
+                meta.res.store(tag | RES_TAKEN, Ordering::Release);
+                r
+            }
+            Err(_) => match self.await_evacuation(slot, tag) {
+                Some(spill) => {
+                    *buf = spill;
+                    Ok(())
+                }
+                None => Err("the result was already collected"),
+            },
+        }
+    }
+
+    /// If the reactor moved (or is moving) the result of task `tag >> 3` out of the ring, waits
+    /// for it (a memcpy on a parent thread) and takes the copy.
+    fn await_evacuation(&self, slot: u32, tag: u64) -> Option<AlignedVec<16>> {
+        let meta = self.meta(slot);
+        loop {
+            let cur = meta.res.load(Ordering::Acquire);
+            if cur == tag | RES_EVACUATING {
+                std::thread::yield_now();
+                continue;
+            }
+            if cur != tag | RES_EVACUATED {
+                return None;
+            }
+            let spill = meta.spill.lock().unwrap_or_else(|e| e.into_inner()).take();
+            meta.res.store(tag | RES_TAKEN, Ordering::Release);
+            return spill;
+        }
+    }
+
+    /// Releases a record this parent checked is its own, and moves the ring's head.
+    fn release_record(&self, seat: u32, ring: &ByteRing<'_>, off: u64) {
+        ring.release(off);
+        let moved = {
+            let _g = self.ring_locks[seat as usize]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            ring.advance()
+        };
+        match moved {
+            Ok(true) => self.header().space.notify_all(),
+            Ok(false) => {}
+            Err(_) => self.seat_misbehaved(seat),
+        }
+    }
+
+    /// At retirement: whatever the task's result still holds (a ring record nobody read, a
+    /// spilled copy) is let go.
+    pub(super) fn forget_result(&self, slot: u32) {
+        let meta = self.meta(slot);
+        let task = meta.task_id();
+        let tag = task << 3;
+        let sh = self.slot(slot);
+        if sh.is_done()
+            && meta
+                .res
+                .compare_exchange(
+                    tag | RES_UNREAD,
+                    tag | RES_TAKEN,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok()
+        {
+            if let Published::Record {
+                kind,
+                seat,
+                off,
+                len,
+            } = self.decode(sh.outcome())
+            {
+                if let Some(ring) = self.result_ring(seat) {
+                    if ring.record_data(off, slot, task, kind, len).is_some() {
+                        self.release_record(seat, &ring, off);
+                    }
+                }
+            }
+            return;
+        }
+        drop(self.await_evacuation(slot, tag));
+    }
+
+    /// What the record at `off` in seat `seat`'s ring is to the parent (see [`Fate`]).
+    fn fate(&self, seat: u32, off: u64, h: &RecordHeader) -> Fate {
+        if h.slot >= self.n_slots() {
+            return Fate::Orphan;
+        }
+        // The parent's own record of the slot's task: a record of an earlier task of this slot
+        // was retired without being released (nobody will read it again).
+        if self.meta(h.slot).task_id() != h.task {
+            return Fate::Orphan;
+        }
+        let sh = self.slot(h.slot);
+        if !sh.is_done() {
+            return Fate::Unpublished;
+        }
+        let o = sh.outcome();
+        if o.worker == seat && o.rec == off && o.kind == h.kind && o.len == h.len {
+            Fate::Published
+        } else {
+            Fate::Orphan
+        }
+    }
+
+    /// The reactor's evacuation pass (module docs): for each seat whose worker waits for ring
+    /// room, moves the published, uncollected results to the heap and releases them (and any
+    /// orphan records). Returns whether it did anything.
+    pub(crate) fn evacuate(&self) -> bool {
+        let mut did = false;
+        for seat in 0..self.n_seats() {
+            let ctl = self.ctl(seat);
+            if ctl.wants_space.load(Ordering::SeqCst) == 0 {
+                continue;
+            }
+            did = true;
+            let Some(ring) = self.result_ring(seat) else {
+                continue;
+            };
+            let swept = {
+                let _g = self.ring_locks[seat as usize]
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                ring.sweep(|off, h| match self.fate(seat, off, h) {
+                    Fate::Orphan => true,
+                    Fate::Unpublished => false,
+                    Fate::Published => self.spill(seat, &ring, off, h),
+                })
+            };
+            ctl.wants_space.store(0, Ordering::SeqCst);
+            if swept.is_err() {
+                self.seat_misbehaved(seat);
+            }
+            self.header().space.notify_all();
+        }
+        did
+    }
+
+    /// Moves one published record to its slot's `spill`, if nobody else has it. Returns whether
+    /// it did (the record may then be released).
+    fn spill(&self, _seat: u32, ring: &ByteRing<'_>, off: u64, h: &RecordHeader) -> bool {
+        let meta = self.meta(h.slot);
+        let tag = h.task << 3;
+        if meta
+            .res
+            .compare_exchange(
+                tag | RES_UNREAD,
+                tag | RES_EVACUATING,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_err()
+        {
+            return false;
+        }
+        let Some(p) = ring.record_data(off, h.slot, h.task, h.kind, h.len as u64) else {
+            meta.res.store(tag | RES_UNREAD, Ordering::Release);
+            return false;
+        };
+        let mut v = AlignedVec::<16>::with_capacity(h.len as usize);
+        // SAFETY: `record_data` checked the bounds; the record is unreleased and published, so
+        // an honest worker does not touch it; the copy is what the caller will validate.
+        v.extend_from_slice(unsafe { std::slice::from_raw_parts(p, h.len as usize) });
+        *meta.spill.lock().unwrap_or_else(|e| e.into_inner()) = Some(v);
+        meta.res.store(tag | RES_EVACUATED, Ordering::Release);
+        true
+    }
+
+    /// Supervisor, after a worker died: releases every record in its ring that nobody will
+    /// read (it died between committing a record and publishing it, or the record belongs to a
+    /// task that was answered otherwise), so the seat's next worker finds the ring moving. A
+    /// ring whose counters or headers are nonsense is reset.
+    pub(crate) fn sweep_dead_seat(&self, seat: u32) {
+        let Some(ring) = self.result_ring(seat) else {
+            return;
+        };
+        let _g = self.ring_locks[seat as usize]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let swept = ring.sweep(|off, h| self.fate(seat, off, h) != Fate::Published);
+        if swept.is_err() {
+            ring.reset();
+        }
+        self.ctl(seat).wants_space.store(0, Ordering::SeqCst);
+    }
+}

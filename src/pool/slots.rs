@@ -1,0 +1,437 @@
+//! The parent's half of the slot protocol (`crate::slot` has the shared half and the state
+//! machine): taking a free slot, writing and queueing a task, waiting for its outcome,
+//! cancelling or detaching it, publishing outcomes the parent decides, and retiring the slot
+//! exactly once.
+//!
+//! Every slot is retired exactly once, by whoever owns it: the handle that collects the result,
+//! or, if the handle was dropped first (detached), the reactor, arbitrated by
+//! [`Arbiter`](crate::slot::Arbiter).
+
+use super::arena::Block;
+use super::events::TaskOptions;
+use super::shared::Shared;
+use crate::error::SubmitError;
+use crate::ring::wait::{spin_until, wait_on};
+use crate::slot::outcome::KIND_CANCELLED;
+use crate::slot::{Arbiter, RawOutcome};
+use crate::sys::futex_wait;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::task::Waker;
+use std::time::Instant;
+
+/// Parent-local facts about a slot.
+#[derive(Debug, Default)]
+pub(crate) struct SlotMeta {
+    /// Id of the task now in the slot (the parent's own copy: never read from shared memory).
+    task_id: AtomicU64,
+    /// Arena block holding the task archive (len 0: inline).
+    task_blk: (AtomicU64, AtomicU64),
+    /// Arena block holding a loaned payload (len 0: none).
+    pay_blk: (AtomicU64, AtomicU64),
+    /// Waker of the future awaiting this slot.
+    pub(super) waker: Mutex<Option<Waker>>,
+    /// Handle vs reactor: who retires the slot.
+    pub(super) arb: Arbiter,
+    /// Taken from the free list and not yet returned. Read only by shutdown's cancel pass, which
+    /// runs after `quiesce_submits` (SeqCst on `active_submits`) has ordered every submit's
+    /// store before it, so the stores can be Relaxed.
+    in_use: AtomicBool,
+    /// The task's execution time limit in nanoseconds (0: none); read by the supervisor.
+    pub(crate) timeout_ns: AtomicU64,
+    /// How many more times the task may be re-run if its worker dies.
+    pub(crate) retries_left: AtomicU32,
+    /// Who has the task's ring record: `task_id << 3 | RES_*` (see `results`).
+    pub(super) res: AtomicU64,
+    /// A result the reactor moved out of the ring before its caller collected it.
+    pub(super) spill: Mutex<Option<rkyv::util::AlignedVec<16>>>,
+}
+
+impl SlotMeta {
+    /// Id of the task now in the slot.
+    pub(crate) fn task_id(&self) -> u64 {
+        self.task_id.load(Ordering::Relaxed)
+    }
+}
+
+impl Shared {
+    /// Parent-local facts of a slot.
+    pub(crate) fn meta(&self, slot: u32) -> &SlotMeta {
+        &self.meta[slot as usize]
+    }
+
+    // ---- submission ----
+
+    /// Takes a free slot, waiting as `block` allows.
+    fn acquire_slot(&self, block: Block) -> Result<u32, SubmitError> {
+        let free = self.free_slots.ring();
+        if let Some(s) = free.pop(None) {
+            self.meta[s as usize].in_use.store(true, Ordering::Relaxed);
+            return Ok(s);
+        }
+        let deadline = match block {
+            Block::No => return Err(SubmitError::QueueFull),
+            Block::Until(d) => d,
+        };
+        let mut got = None;
+        let ok = wait_on(
+            &self.slot_freed,
+            self.cfg.caller_wait.spin(),
+            deadline,
+            || {
+                if self.closing.load(Ordering::SeqCst) || self.broken.load(Ordering::SeqCst) {
+                    return true;
+                }
+                got = free.pop(None);
+                got.is_some()
+            },
+        );
+        match got {
+            Some(s) => {
+                self.meta[s as usize].in_use.store(true, Ordering::Relaxed);
+                Ok(s)
+            }
+            None if !ok => Err(SubmitError::Timeout),
+            None => Err(self.refusal().unwrap_or(SubmitError::Shutdown)),
+        }
+    }
+
+    /// Why no task can be submitted now, if so: shut down, broken, or no workers.
+    fn refusal(&self) -> Option<SubmitError> {
+        if let Some(reason) = self.broken_reason() {
+            return Some(SubmitError::Broken { reason });
+        }
+        if self.closing.load(Ordering::SeqCst) {
+            return Some(SubmitError::Shutdown);
+        }
+        if self.no_workers.load(Ordering::SeqCst) {
+            return Some(SubmitError::NoWorkers);
+        }
+        None
+    }
+
+    /// Whether a free slot exists right now.
+    pub(crate) fn has_free_slot(&self) -> bool {
+        !self.free_slots.ring().is_empty()
+    }
+
+    /// Registers a waker to be woken when a slot is freed (async submit on a full queue).
+    pub(crate) fn wait_slot_async(&self, waker: &Waker) {
+        let mut w = self.slot_waiters.lock().unwrap_or_else(|e| e.into_inner());
+        w.push(waker.clone());
+        self.slot_waiters_n.store(w.len(), Ordering::SeqCst);
+    }
+
+    /// Submits a task: serialises it into its slot (or an arena block if it is too big) and
+    /// queues it. `payload` is `(offset, len, block len)` of an arena block a loan filled.
+    pub(crate) fn submit_with<T: crate::codec::Encode>(
+        &self,
+        task: &T,
+        payload: Option<(u64, u64, u64)>,
+        block: Block,
+        opts: TaskOptions,
+    ) -> Result<(u32, u64), SubmitError> {
+        self.active_submits.fetch_add(1, Ordering::SeqCst);
+        let r = self.submit_inner(task, payload, block, opts);
+        self.active_submits.fetch_sub(1, Ordering::SeqCst);
+        r
+    }
+
+    fn submit_inner<T: crate::codec::Encode>(
+        &self,
+        task: &T,
+        payload: Option<(u64, u64, u64)>,
+        block: Block,
+        opts: TaskOptions,
+    ) -> Result<(u32, u64), SubmitError> {
+        use crate::codec::{EncodeError, encode_into, encoded_len};
+        if let Some(e) = self.refusal() {
+            return Err(e);
+        }
+        let slot = self.acquire_slot(block)?;
+        let inline_off = self.layout.slot_data_off(slot);
+        let inline_cap = self.layout.params.slot_inline as usize;
+        let meta = &self.meta[slot as usize];
+        let (task_off, task_len) =
+            match encode_into(task, self.seg.bytes_ptr(inline_off, inline_cap), inline_cap) {
+                Ok(n) => (inline_off as u64, n as u64),
+                Err(EncodeError::Overflow) => {
+                    let len = match encoded_len(task) {
+                        Ok(n) => n,
+                        Err(e) => return Err(self.abort_submit(slot, encode_err(e))),
+                    };
+                    if len > self.max_task_bytes {
+                        return Err(self.abort_submit(
+                            slot,
+                            SubmitError::PayloadTooLarge {
+                                len,
+                                max: self.max_task_bytes,
+                            },
+                        ));
+                    }
+                    let Some((off, blk)) = self
+                        .arena
+                        .alloc(len as u64, block, || self.closing.load(Ordering::SeqCst))
+                    else {
+                        let e = match block {
+                            _ if self.closing.load(Ordering::SeqCst) => SubmitError::Shutdown,
+                            Block::No => SubmitError::QueueFull,
+                            Block::Until(_) => SubmitError::Timeout,
+                        };
+                        return Err(self.abort_submit(slot, e));
+                    };
+                    match encode_into(task, self.seg.bytes_ptr(off as usize, len), len) {
+                        Ok(n) => {
+                            meta.task_blk.0.store(off, Ordering::Relaxed);
+                            meta.task_blk.1.store(blk, Ordering::Relaxed);
+                            (off, n as u64)
+                        }
+                        Err(e) => {
+                            self.arena.free(off, blk);
+                            return Err(self.abort_submit(slot, encode_err(e)));
+                        }
+                    }
+                }
+                Err(e) => return Err(self.abort_submit(slot, encode_err(e))),
+            };
+        let task_id = self.next_task_id.fetch_add(1, Ordering::Relaxed);
+        let (pay_off, pay_len) = match payload {
+            Some((off, len, blk)) => {
+                meta.pay_blk.0.store(off, Ordering::Relaxed);
+                meta.pay_blk.1.store(blk, Ordering::Relaxed);
+                (off, len)
+            }
+            None => (0, 0),
+        };
+        self.slot(slot).prepare(
+            task_id,
+            (task_off, task_len as u32),
+            (pay_off, pay_len),
+            opts.batch,
+        );
+        meta.task_id.store(task_id, Ordering::Relaxed);
+        meta.res.store(task_id << 3, Ordering::Relaxed);
+        let timeout = opts.timeout.or(self.cfg.task_timeout);
+        let timeout_ns = timeout.map_or(0, |d| d.as_nanos().clamp(1, u64::MAX as u128) as u64);
+        meta.timeout_ns.store(timeout_ns, Ordering::Relaxed);
+        if timeout_ns != 0 {
+            self.timed_in_flight.fetch_add(1, Ordering::SeqCst);
+            self.wake_supervisor();
+        }
+        meta.retries_left.store(
+            opts.retries.unwrap_or(self.cfg.task_retries),
+            Ordering::Relaxed,
+        );
+        // SYNC POINT: the push's Release store of the cell stamp publishes the slot contents
+        // written above to the worker's Acquire in pop.
+        if self.task_ring().push(slot).is_err() {
+            // The ring has room for every slot, so a push that cannot proceed means a worker
+            // corrupted the shared queue (or a consumer stalls it past all patience).
+            let reason = "the shared task queue stopped accepting tasks (a worker corrupted it)";
+            self.declare_broken(reason);
+            self.retire(slot);
+            return Err(SubmitError::Broken {
+                reason: reason.into(),
+            });
+        }
+        self.header().task_ready.notify_one();
+        // The supervisor may have declared "no workers" and drained the queue between our
+        // check above and the push (SeqCst both sides: it sees our push, or we see its flag).
+        // It drains again when woken: only the supervisor pops on the parent's behalf, so a
+        // parent pop never races its queue repair.
+        if self.no_workers.load(Ordering::SeqCst) {
+            self.wake_supervisor();
+        }
+        Ok((slot, task_id))
+    }
+
+    /// Supervisor thread only: takes every task still in the queue and completes it with
+    /// `kind` (no worker will run them). Safe against workers popping at the same time: each
+    /// task goes to whoever pops it. Bounded by the number of slots.
+    pub(crate) fn fail_queued(&self, kind: u32) -> usize {
+        let ring = self.task_ring();
+        let mut n = 0;
+        for _ in 0..=self.layout.ring_cap {
+            let Some(slot) = ring.pop(None) else { break };
+            if slot < self.n_slots() {
+                self.complete_from_parent(slot, RawOutcome::new(kind, u32::MAX, 0, 0));
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Publishes an outcome the parent decided (no ring record): cancelled, worker died, timed
+    /// out, no workers, broken. The caller owns the slot's task (it popped it, or its worker is
+    /// dead).
+    pub(crate) fn complete_from_parent(&self, slot: u32, o: RawOutcome) {
+        let sh = self.slot(slot);
+        sh.publish(o).run(sh, &self.header().doorbell);
+    }
+
+    /// Puts a task whose worker died back in the queue, for another worker to run (its retry
+    /// policy allowed it). Waiter bits are kept; the claim is undone. Returns `false` (and
+    /// leaves the task unanswered, for the caller to answer) if the queue refuses it.
+    pub(crate) fn requeue(&self, slot: u32) -> bool {
+        self.slot(slot).unclaim();
+        if self.task_ring().push(slot).is_err() {
+            return false;
+        }
+        self.header().task_ready.notify_one();
+        true
+    }
+
+    fn abort_submit(&self, slot: u32, e: SubmitError) -> SubmitError {
+        self.release_slot(slot);
+        e
+    }
+
+    /// Waits (as shutdown) until no submit is between its `closing` check and its push.
+    pub(crate) fn quiesce_submits(&self) {
+        self.slot_freed.notify_all();
+        self.arena.wake_all();
+        self.wake_slot_waiters();
+        while self.active_submits.load(Ordering::SeqCst) != 0 {
+            std::thread::yield_now();
+        }
+    }
+
+    // ---- completion ----
+
+    /// Whether the task in `slot` has finished.
+    pub(crate) fn is_done(&self, slot: u32) -> bool {
+        self.slot(slot).is_done()
+    }
+
+    /// Waits until `slot` is done: spin, then park on the slot's state word. `false` on
+    /// timeout.
+    pub(crate) fn wait_done(&self, slot: u32, deadline: Option<Instant>) -> bool {
+        let sh = self.slot(slot);
+        if spin_until(self.cfg.caller_wait.spin(), || sh.is_done()) {
+            return true;
+        }
+        loop {
+            let Some(sleep_on) = sh.announce_sleeper() else {
+                return true;
+            };
+            let timeout = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => Some(left),
+                    _ => return false,
+                },
+                None => None,
+            };
+            futex_wait(&sh.state, sleep_on, timeout);
+            if sh.is_done() {
+                return true;
+            }
+        }
+    }
+
+    /// Registers `waker` for `slot` (task `task_id`); returns whether the task is already done.
+    pub(crate) fn register_waker(&self, slot: u32, task_id: u64, waker: &Waker) -> bool {
+        let meta = &self.meta[slot as usize];
+        {
+            let mut w = meta.waker.lock().unwrap_or_else(|e| e.into_inner());
+            match &*w {
+                Some(old) if old.will_wake(waker) => {}
+                _ => *w = Some(waker.clone()),
+            }
+        }
+        meta.arb.watch(self.slot(slot), task_id)
+    }
+
+    /// Marks the task in `slot` cancelled while its handle lives on: a worker that pops it
+    /// answers `Cancelled` instead of running it, and so does the supervisor if it would have
+    /// re-queued it. The caller holds the task's uncollected handle, so the slot is still this
+    /// task's (nobody else can retire it) and the bit lands on the right task.
+    pub(crate) fn cancel(&self, slot: u32) {
+        self.slot(slot).cancel();
+    }
+
+    /// The handle of `slot` was dropped before collecting: cancel the task if it has not
+    /// started, and make sure the slot is retired exactly once.
+    pub(crate) fn detach(&self, slot: u32, task_id: u64) {
+        let meta = &self.meta[slot as usize];
+        meta.waker.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if meta.arb.detach(self.slot(slot), task_id) {
+            self.retire(slot);
+        }
+    }
+
+    /// Releases everything `slot` holds and returns it to the free list. Exactly once per task.
+    pub(crate) fn retire(&self, slot: u32) {
+        self.forget_result(slot);
+        let meta = &self.meta[slot as usize];
+        if meta.timeout_ns.swap(0, Ordering::Relaxed) != 0 {
+            self.timed_in_flight.fetch_sub(1, Ordering::SeqCst);
+        }
+        // A waker is only ever stored together with the reactor's interest (and the reactor
+        // takes it when it clears the interest), so synchronous callers skip the waker lock.
+        if meta.arb.clear() {
+            meta.waker.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }
+        for blk in [&meta.task_blk, &meta.pay_blk] {
+            let len = blk.1.swap(0, Ordering::Relaxed);
+            if len != 0 {
+                self.arena.free(blk.0.load(Ordering::Relaxed), len);
+            }
+        }
+        self.release_slot(slot);
+    }
+
+    fn release_slot(&self, slot: u32) {
+        // The slot's state keeps DONE until the next submit resets it: a supervisor checking a
+        // dead worker's stale claim on this slot must never mistake it for a task in progress.
+        self.meta[slot as usize]
+            .in_use
+            .store(false, Ordering::Relaxed);
+        if self.free_slots.ring().push(slot).is_err() {
+            unreachable!("the parent-local free list has room for every slot");
+        }
+        self.slot_freed.notify_all();
+        if self.slot_waiters_n.load(Ordering::SeqCst) != 0 {
+            self.wake_slot_waiters();
+        }
+    }
+
+    pub(super) fn wake_slot_waiters(&self) {
+        let wakers = {
+            let mut w = self.slot_waiters.lock().unwrap_or_else(|e| e.into_inner());
+            self.slot_waiters_n.store(0, Ordering::SeqCst);
+            std::mem::take(&mut *w)
+        };
+        for w in wakers {
+            w.wake();
+        }
+    }
+
+    /// After every worker is gone: tasks still queued or claimed will never run; answer them
+    /// (`Cancelled`, or `kind`) so no caller waits forever.
+    pub(crate) fn cancel_unfinished(&self, kind: u32) {
+        let ring = self.task_ring();
+        for _ in 0..=self.layout.ring_cap {
+            if ring.pop(None).is_none() {
+                break;
+            }
+        }
+        for i in 0..self.n_slots() {
+            let done = self.slot(i).is_done();
+            let in_use = self.meta[i as usize].in_use.load(Ordering::SeqCst);
+            if in_use && !done {
+                self.complete_from_parent(i, RawOutcome::new(kind, u32::MAX, 0, 0));
+            }
+        }
+        self.header().doorbell.notify_all();
+    }
+}
+
+/// The default answer for tasks left when the workers are gone.
+pub(crate) const LEFT_OVER: u32 = KIND_CANCELLED;
+
+fn encode_err(e: crate::codec::EncodeError) -> SubmitError {
+    match e {
+        crate::codec::EncodeError::Failed(m) => SubmitError::Encode(m),
+        crate::codec::EncodeError::Overflow => SubmitError::Encode("archive overflow".into()),
+    }
+}

@@ -1,0 +1,265 @@
+//! Tests of the slot protocol. The loom models (`--cfg stateful_pool_loom`, see
+//! ARCHITECTURE.md, *Testing the concurrent code*) run the very transitions the pool runs, over
+//! heap memory: detach vs reactor vs DONE, cancel vs claim, a worker dying at each step while
+//! its slot is retired and reused, and the parent draining the queue while the supervisor
+//! repairs a dead worker's pop.
+
+#[cfg(not(stateful_pool_loom))]
+mod plain {
+    use super::super::*;
+
+    #[test]
+    fn a_dead_workers_held_task_is_found_only_while_it_is_unanswered() {
+        let slot = |st: u32, task: u64| move |_| Some((st, task));
+        // Died right after the pop (task id not yet recorded): held unless answered.
+        assert_eq!(
+            held_by_dead_worker(3, 0, 8, slot(bits::CLAIMED, 5)),
+            Some(3)
+        );
+        assert_eq!(held_by_dead_worker(3, 0, 8, slot(bits::DONE, 5)), None);
+        // Recorded: held iff the slot still carries that task and is not done.
+        assert_eq!(
+            held_by_dead_worker(3, 5, 8, slot(bits::CLAIMED, 5)),
+            Some(3)
+        );
+        assert_eq!(held_by_dead_worker(3, 5, 8, slot(bits::CLAIMED, 6)), None);
+        assert_eq!(
+            held_by_dead_worker(3, 5, 8, slot(bits::DONE | bits::CLAIMED, 5)),
+            None
+        );
+        // Nothing held, or a slot index out of range (a worker wrote garbage).
+        assert_eq!(held_by_dead_worker(u32::MAX, 5, 8, slot(0, 5)), None);
+        assert_eq!(held_by_dead_worker(8, 5, 8, slot(0, 5)), None);
+    }
+
+    #[test]
+    fn publish_reports_whom_to_wake() {
+        let sh = SlotHeader::new();
+        sh.prepare(1, (0, 0), (0, 0), false);
+        assert_eq!(sh.announce_sleeper(), Some(bits::WAIT_THREAD));
+        let a = Arbiter::default();
+        assert!(!a.watch(&sh, 1));
+        let w = sh.publish(RawOutcome::new(outcome::KIND_OK, 0, 0, 0));
+        assert!(w.thread && w.reactor);
+        assert_eq!(sh.announce_sleeper(), None);
+        assert_eq!(
+            a.reactor_take(&sh),
+            Some(ReactorTake {
+                task_id: 1,
+                retire: false
+            })
+        );
+        assert_eq!(a.reactor_take(&sh), None);
+    }
+}
+
+#[cfg(stateful_pool_loom)]
+mod models {
+    use super::super::outcome::{KIND_CANCELLED, KIND_DIED, KIND_OK};
+    use super::super::*;
+    use crate::ring::mpmc::{HeapMpmc, Repair};
+    use loom::sync::Arc;
+    use loom::sync::atomic::AtomicUsize;
+
+    fn model(f: impl Fn() + Sync + Send + 'static) {
+        let mut b = loom::model::Builder::new();
+        b.preemption_bound = Some(2);
+        b.check(f);
+    }
+
+    fn spin_until(cond: impl Fn() -> bool) {
+        while !cond() {
+            loom::thread::yield_now();
+        }
+    }
+
+    /// A handle is dropped (detach) while its worker publishes and the reactor scans: the slot
+    /// is retired exactly once, by the handle or by the reactor.
+    #[test]
+    fn loom_detach_vs_reactor_vs_done_retires_once() {
+        model(|| {
+            let sh = Arc::new(SlotHeader::new());
+            let arb = Arc::new(Arbiter::default());
+            let retired = Arc::new(AtomicUsize::new(0));
+            sh.prepare(7, (0, 0), (0, 0), false);
+            sh.claim(1);
+            let worker = {
+                let sh = sh.clone();
+                loom::thread::spawn(move || {
+                    let _ = sh.publish(RawOutcome::new(KIND_OK, 0, 0, 0));
+                })
+            };
+            let reactor = {
+                let (sh, arb, retired) = (sh.clone(), arb.clone(), retired.clone());
+                loom::thread::spawn(move || {
+                    // Two passes: the doorbell may ring before or after the detach.
+                    for _ in 0..2 {
+                        if let Some(t) = arb.reactor_take(&sh) {
+                            assert_eq!(t.task_id, 7);
+                            if t.retire {
+                                retired.fetch_add(1, Ordering::SeqCst);
+                            }
+                        }
+                        loom::thread::yield_now();
+                    }
+                })
+            };
+            if arb.detach(&sh, 7) {
+                retired.fetch_add(1, Ordering::SeqCst);
+            }
+            worker.join().unwrap();
+            reactor.join().unwrap();
+            // The reactor's last word: a pass after everything settled.
+            if let Some(t) = arb.reactor_take(&sh) {
+                if t.retire {
+                    retired.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            assert_eq!(retired.load(Ordering::SeqCst), 1);
+        });
+    }
+
+    /// A caller cancels while a worker claims: either the worker sees the cancellation and
+    /// answers `Cancelled` without running, or it runs; exactly one outcome either way.
+    #[test]
+    fn loom_cancel_vs_claim_answers_once() {
+        model(|| {
+            let sh = Arc::new(SlotHeader::new());
+            let ran = Arc::new(AtomicUsize::new(0));
+            sh.prepare(3, (0, 0), (0, 0), false);
+            let worker = {
+                let (sh, ran) = (sh.clone(), ran.clone());
+                loom::thread::spawn(move || {
+                    let prev = sh.claim(1);
+                    let kind = if prev & bits::CANCELLED != 0 {
+                        KIND_CANCELLED
+                    } else {
+                        ran.fetch_add(1, Ordering::SeqCst);
+                        KIND_OK
+                    };
+                    let _ = sh.publish(RawOutcome::new(kind, 0, 0, 0));
+                })
+            };
+            sh.cancel();
+            spin_until(|| sh.is_done());
+            let o = sh.outcome();
+            worker.join().unwrap();
+            match o.kind {
+                KIND_OK => assert_eq!(ran.load(Ordering::SeqCst), 1),
+                KIND_CANCELLED => assert_eq!(ran.load(Ordering::SeqCst), 0),
+                k => panic!("kind {k}"),
+            }
+            assert!(sh.state.load(Ordering::SeqCst) & bits::CANCELLED != 0);
+        });
+    }
+
+    /// A worker serves task 1 and dies after step `k` of its protocol (1: popped, ..., 5:
+    /// all done); meanwhile its caller collects as soon as the task is done and reuses the slot
+    /// for task 2. The supervisor, after the death, applies the recovery rule: task 1 is
+    /// answered exactly once (by the worker or by the supervisor), and task 2 is never touched.
+    #[test]
+    fn loom_a_worker_dying_at_each_step_is_answered_once() {
+        for k in 1..=5u32 {
+            model(move || {
+                let sh = Arc::new(SlotHeader::new());
+                let current_slot = Arc::new(AtomicU32::new(u32::MAX));
+                let current_task = Arc::new(AtomicU64::new(0));
+                let answers = Arc::new(AtomicUsize::new(0));
+                sh.prepare(1, (0, 0), (0, 0), false);
+                let worker = {
+                    let (sh, cs, ct) = (sh.clone(), current_slot.clone(), current_task.clone());
+                    loom::thread::spawn(move || {
+                        let steps: [&dyn Fn(); 5] = [
+                            &|| cs.store(0, Ordering::Relaxed),
+                            &|| ct.store(sh.task_id.load(Ordering::Relaxed), Ordering::Relaxed),
+                            &|| {
+                                sh.claim(1);
+                            },
+                            &|| {
+                                let _ = sh.publish(RawOutcome::new(KIND_OK, 0, 0, 0));
+                            },
+                            &|| {
+                                cs.store(u32::MAX, Ordering::Release);
+                                ct.store(0, Ordering::SeqCst);
+                            },
+                        ];
+                        for step in steps.iter().take(k as usize) {
+                            step();
+                        }
+                    })
+                };
+                // The caller: collects task 1 once done and reuses the slot for task 2.
+                let caller = {
+                    let (sh, answers) = (sh.clone(), answers.clone());
+                    loom::thread::spawn(move || {
+                        spin_until(|| sh.is_done());
+                        assert_eq!(sh.task_id.load(Ordering::Relaxed), 1);
+                        answers.fetch_add(1, Ordering::SeqCst);
+                        sh.prepare(2, (0, 0), (0, 0), false);
+                    })
+                };
+                worker.join().unwrap();
+                // The supervisor sees the death (after the worker's last step).
+                let held = held_by_dead_worker(
+                    current_slot.load(Ordering::SeqCst),
+                    current_task.load(Ordering::SeqCst),
+                    1,
+                    |_| Some(sh.state_and_task()),
+                );
+                if let Some(_slot) = held {
+                    // Publishes for the task it found: must be task 1, unanswered.
+                    assert_eq!(sh.task_id.load(Ordering::Relaxed), 1);
+                    let _ = sh.publish(RawOutcome::new(KIND_DIED, 0, 0, 0));
+                }
+                caller.join().unwrap();
+                assert_eq!(answers.load(Ordering::SeqCst), 1);
+                // Published by the worker (k >= 4) or else by the supervisor, never both.
+                assert_eq!(held.is_some(), k < 4, "step {k}");
+                // Task 2 is untouched: not done.
+                assert_eq!(sh.task_id.load(Ordering::Relaxed), 2);
+                assert!(!sh.is_done());
+            });
+        }
+    }
+
+    /// A worker died inside its pop while a live worker pops and the supervisor (the only
+    /// parent thread that pops the shared queue) repairs the dead pop and then drains the
+    /// queue: every queued value is delivered exactly once.
+    #[test]
+    fn loom_parent_drain_and_repair_deliver_each_value_once() {
+        model(|| {
+            let q = Arc::new(HeapMpmc::with_capacity(2));
+            q.ring().push(1).unwrap();
+            q.ring().push(2).unwrap();
+            let dead_claim = AtomicU64::new(0);
+            q.ring().pop_and_die_after_cas_racing(&dead_claim);
+            let live_claim = Arc::new(AtomicU64::new(0));
+            let live_current = Arc::new(AtomicU32::new(u32::MAX));
+            let live = {
+                let (q, c, cur) = (q.clone(), live_claim.clone(), live_current.clone());
+                loom::thread::spawn(move || q.ring().pop_tracked(&c, &cur, || {}))
+            };
+            let mut got = Vec::new();
+            loop {
+                match q.ring().repair(dead_claim.load(Ordering::SeqCst), |c| {
+                    live_claim.load(Ordering::SeqCst) == c
+                }) {
+                    Repair::Deferred => loom::thread::yield_now(),
+                    Repair::Taken(v) => {
+                        got.push(v);
+                        break;
+                    }
+                    Repair::Nothing => break,
+                }
+            }
+            while let Some(v) = q.ring().pop(None) {
+                got.push(v);
+            }
+            if let Some(v) = live.join().unwrap() {
+                got.push(v);
+            }
+            got.sort();
+            assert_eq!(got, [1, 2]);
+        });
+    }
+}
