@@ -115,10 +115,8 @@ fn workers_inherit_no_other_descriptor_of_the_parent() {
         let leaked = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_DUPFD, 100) };
         assert!(leaked >= 100);
         // SAFETY: F_GETFD on the descriptor just made.
-        assert_eq!(
-            unsafe { libc::fcntl(leaked, libc::F_GETFD) } & libc::FD_CLOEXEC,
-            0
-        );
+        let flags = unsafe { libc::fcntl(leaked, libc::F_GETFD) };
+        assert_eq!(flags & libc::FD_CLOEXEC, 0);
         let pool = builder().build().unwrap();
         pool.spawn(&1).unwrap();
         let fds = pool.execute(&Probe::Fds).unwrap();
