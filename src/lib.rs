@@ -220,9 +220,9 @@ pub mod __fuzz {
 /// It serves only pools of this very executable file: the worker checks that it runs the
 /// parent's executable (device, inode, size, mtime of `/proc/self/exe`) before entering the
 /// code the parent named. Started by a pool of another binary, it exits with code 121, which
-/// the pool reports as [`SpawnError::Exited`](crate::SpawnError::Exited); a separate worker
-/// program calls [`serve`] instead. A program running with elevated privileges (setuid, setgid,
-/// file capabilities) refuses to be a worker (exit code 124).
+/// the pool reports as [`SpawnError::Exited`]; a separate worker program calls [`serve`]
+/// instead. A program running with elevated privileges (setuid, setgid, file capabilities)
+/// refuses to be a worker (exit code 124).
 #[cfg(not(stateful_pool_loom))]
 pub fn init() {
     let Some(boot) = std::env::var_os(worker::boot::BOOT_ENV) else {
