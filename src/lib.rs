@@ -212,18 +212,28 @@ pub mod __fuzz {
 /// Turns this process into a worker if the pool launched it as one; otherwise returns at once
 /// (a single environment lookup).
 ///
-/// Call it first thing in `main`, before starting threads or doing work: a worker process runs
-/// your program's code up to this call. In a worker it never returns: it serves tasks until the
-/// pool shuts down, then exits the process.
+/// Call it first thing in `main`, before doing work: a worker process runs your program's code
+/// up to this call. It **must run before any other thread starts** (a hard requirement: it
+/// removes an environment variable, which is a data race with any thread reading the
+/// environment). In a worker it never returns: it serves tasks until the pool shuts down, then
+/// exits the process; should anything unwind inside it, the worker aborts rather than return
+/// into your `main`.
+///
+/// It serves only pools of this very executable file: the worker checks that it runs the
+/// parent's executable (device, inode, size, mtime of `/proc/self/exe`) before entering the
+/// code the parent named. Started by a pool of another binary, it exits with code 121, which
+/// the pool reports as [`SpawnError::Exited`]; a separate worker program calls [`serve`]
+/// instead. A program running with elevated privileges (setuid, setgid, file capabilities)
+/// refuses to be a worker (exit code 124).
 #[cfg(not(stateful_pool_loom))]
 pub fn init() {
     let Some(boot) = std::env::var_os(worker::boot::BOOT_ENV) else {
         return;
     };
     let boot = boot.to_string_lossy().into_owned();
-    // SAFETY: `init` is documented to run first in `main` (or from `worker_hook!`'s
-    // constructor, before `main`), while the process has a single thread, so nothing reads the
-    // environment concurrently. Removing the variable lets a worker build pools of its own.
+    // SAFETY: `init` is documented to run before any other thread starts (first in `main`, or
+    // from `worker_hook!`'s constructor, before `main`), so nothing reads the environment
+    // concurrently. Removing the variable lets a worker build pools of its own.
     unsafe { std::env::remove_var(worker::boot::BOOT_ENV) };
     worker::boot::enter(&boot, worker::boot::Entry::Named)
 }
@@ -235,7 +245,8 @@ pub fn init() {
 /// `Output`) are the pool worker's, and refuses the segment otherwise. This is how a worker
 /// written in Rust serves a C host: the C ABI's workers exchange `Vec<u8>` messages.
 ///
-/// Call it first thing in `main`, like [`init`].
+/// Call it first thing in `main`, before any other thread starts, like [`init`] (a hard
+/// requirement, for the same reason). In a worker it never returns, like [`init`].
 ///
 /// ```no_run
 /// # use stateful_pool::{BoxError, TaskContext, Worker, WorkerContext};
@@ -258,8 +269,7 @@ pub fn serve<W: Worker>() {
         return;
     };
     let boot = boot.to_string_lossy().into_owned();
-    // SAFETY: as in `init`: documented to run first in `main`, while the process has a single
-    // thread.
+    // SAFETY: as in `init`: documented to run before any other thread starts.
     unsafe { std::env::remove_var(worker::boot::BOOT_ENV) };
     worker::boot::enter(
         &boot,

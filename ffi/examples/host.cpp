@@ -1,6 +1,7 @@
 // A C++ host with the RAII wrappers (stateful_pool.hpp) and a worker written in C++ (this same
 // program, started again as a worker). Shows spawn outputs, submits from several threads, a
-// zero-copy payload through a loan, a failing task as an exception, and a wait with a timeout.
+// zero-copy payload through a loan, a failing task as an exception, callbacks that catch their
+// own exceptions, and a wait with a timeout.
 //
 // Build:  c++ -std=c++17 -I ffi/include ffi/examples/host.cpp -L target/release
 //             -lstateful_pool_ffi -Wl,-rpath,target/release -lpthread -o host
@@ -10,6 +11,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <exception>
 #include <iostream>
 #include <numeric>
 #include <string>
@@ -29,16 +31,8 @@ int32_t reply_text(sp_reply *reply, const std::string &s) {
     return SP_WORKER_OK;
 }
 
-int32_t worker_spawn(void *, const sp_worker_info *info, const uint8_t *args, size_t len,
-                     void **state, sp_reply *reply) {
-    auto *w = new Worker{std::string(reinterpret_cast<const char *>(args), len)};
-    *state = w;
-    return reply_text(reply, w->name + " ready on seat " + std::to_string(info->index));
-}
-
 // Tasks: "echo:<text>", "sum" (adds up the loaned payload's bytes), "sleep:<ms>", "fail".
-int32_t worker_execute(void *state, const sp_task_info *task, sp_reply *reply) {
-    auto *w = static_cast<Worker *>(state);
+int32_t execute_task(Worker *w, const sp_task_info *task, sp_reply *reply) {
     w->served++;
     std::string_view t(reinterpret_cast<const char *>(task->data), task->len);
     if (t.rfind("echo:", 0) == 0) {
@@ -52,11 +46,40 @@ int32_t worker_execute(void *state, const sp_task_info *task, sp_reply *reply) {
         return reply_text(reply, std::to_string(sum));
     }
     if (t.rfind("sleep:", 0) == 0) {
+        // std::stoi throws on "sleep:x": the callback below turns that into a failed task.
         std::this_thread::sleep_for(std::chrono::milliseconds(std::stoi(std::string(t.substr(6)))));
         return reply_text(reply, "slept");
     }
     sp_reply_set_error(reply, ("cannot do \"" + std::string(t) + "\"").c_str());
     return SP_WORKER_ERROR;
+}
+
+// Callbacks must not throw: an exception escaping one aborts the worker process (the pool sees
+// a worker death). Each callback body runs inside this, which turns an exception into the
+// callback's error reply.
+template <typename F>
+int32_t no_throw(sp_reply *reply, F body) {
+    try {
+        return body();
+    } catch (const std::exception &e) {
+        sp_reply_set_error(reply, e.what());
+    } catch (...) {
+        sp_reply_set_error(reply, "unknown C++ exception");
+    }
+    return SP_WORKER_ERROR;
+}
+
+int32_t worker_spawn(void *, const sp_worker_info *info, const uint8_t *args, size_t len,
+                     void **state, sp_reply *reply) {
+    return no_throw(reply, [&] {
+        auto *w = new Worker{std::string(reinterpret_cast<const char *>(args), len)};
+        *state = w;
+        return reply_text(reply, w->name + " ready on seat " + std::to_string(info->index));
+    });
+}
+
+int32_t worker_execute(void *state, const sp_task_info *task, sp_reply *reply) {
+    return no_throw(reply, [&] { return execute_task(static_cast<Worker *>(state), task, reply); });
 }
 
 void worker_drop(void *state) { delete static_cast<Worker *>(state); }
@@ -111,6 +134,14 @@ int main() {
         std::cout << "no error?\n";
     } catch (const sp::Error &e) {
         std::cout << "error: " << e.what() << "\n";
+    }
+
+    // So is a C++ exception inside a callback, caught there (std::stoi throws on "x").
+    try {
+        pool.execute("sleep:x");
+        std::cout << "no error?\n";
+    } catch (const sp::Error &e) {
+        std::cout << "exception in the worker: " << e.what() << "\n";
     }
 
     // Waiting with a timeout.

@@ -287,6 +287,10 @@ typedef struct sp_task_info {
 
 /**
  * A C worker's callbacks (`spawn` and `execute` are required; `drop` may be NULL).
+ *
+ * Callbacks must not throw: a C++ exception (or any unwind) that escapes one aborts the worker
+ * process, which the pool handles as a worker death (`SP_WORKER_DIED` for the task). Catch
+ * inside the callback and report the error through `sp_reply_set_error` instead.
  */
 typedef struct sp_worker_callbacks {
   /**
@@ -350,6 +354,9 @@ enum sp_status sp_pool_options_init(struct sp_pool_options *opts);
 /**
  * Creates a pool with `opts` (NULL: all defaults) and no workers; `*out` receives its handle.
  * Thread-safe.
+ *
+ * In the child of a `fork()` (without exec) of a process that created a pool, every call on
+ * that pool, its tasks, results and loans returns `SP_SHUTDOWN`, and so does this function.
  *
  * # Safety
  *
@@ -572,12 +579,16 @@ enum sp_status sp_pool_free(struct sp_pool pool_h);
 
 /**
  * Call first thing in `main` of any program that a pool may start as a worker (by default,
- * the host program itself). `callbacks` are this program's C worker (NULL if it has none, e.g. a
- * host whose workers are another program). In a process started as a worker, this serves the
- * pool and never returns; otherwise it records the callbacks and returns `SP_OK` at once.
+ * the host program itself), **before any other thread starts** (a hard requirement: in a
+ * worker it removes an environment variable, a data race with threads reading the
+ * environment; C++ static initialisers must not start threads either). `callbacks` are this
+ * program's C worker (NULL if it has none, e.g. a host whose workers are another program).
  *
- * Returns `SP_INVALID_ARGUMENT` if called again with other callbacks. Thread-safe, but meant
- * to run before the program starts threads.
+ * In a process started as a worker, this serves the pool and never returns, not even with an
+ * error: whatever goes wrong inside ends the worker process (an internal panic aborts it), which
+ * the pool sees as a worker death. So a status it returns is always the host's, never a
+ * worker's. Otherwise it records the callbacks and returns `SP_OK` at once, or
+ * `SP_INVALID_ARGUMENT` if called again with other callbacks.
  *
  * # Safety
  *

@@ -6,9 +6,56 @@
 //! old handle to a reused slot no longer matches. An entry can be *checked out* (busy) while a
 //! thread works on it outside the table's lock (a blocking wait); a second thread using the same
 //! handle meanwhile gets `SP_BUSY`.
+//!
+//! After a `fork()` of a process that created a pool, every handle is dead in the child (see
+//! [`watch_forks`]): the child shares the pools' segments with the parent but has private copies
+//! of their free lists and arenas, and none of their threads, so using them would hand the same
+//! slots to two processes.
 
 use crate::{Fail, sp_status};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Set in the child of a `fork()` once this process has created a pool.
+static FORKED_CHILD: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn mark_forked_child() {
+    // Async-signal-safe: one atomic store.
+    FORKED_CHILD.store(true, Ordering::Relaxed);
+}
+
+/// Registers (once) the `pthread_atfork` child handler that makes every handle of this
+/// process dead in a forked child; called before a pool is created.
+pub(crate) fn watch_forks() -> Result<(), Fail> {
+    static REGISTERED: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+    // SAFETY: registers a child handler that only stores to an atomic (async-signal-safe, as a
+    // handler running in the child of a multi-threaded fork must be); no prepare/parent ones.
+    let rc = *REGISTERED
+        .get_or_init(|| unsafe { libc::pthread_atfork(None, None, Some(mark_forked_child)) });
+    if rc != 0 {
+        return Err(Fail::new(
+            sp_status::SP_BUILD_FAILED,
+            format!("pthread_atfork failed (error {rc})"),
+        ));
+    }
+    Ok(())
+}
+
+/// `SP_SHUTDOWN` in the child of a `fork()` of a process that created a pool: its pools, and
+/// their tasks, results and loans, belong to the parent, and this process makes no new ones
+/// (exec a program to use the library again). Checked before any table lock, which another
+/// thread of the parent may have held at the fork.
+pub(crate) fn check_not_forked() -> Result<(), Fail> {
+    if FORKED_CHILD.load(Ordering::Relaxed) {
+        return Err(Fail::new(
+            sp_status::SP_SHUTDOWN,
+            "this process is a fork() of the one that created the pool: its pools, tasks, \
+             results and loans are unusable here, and no new pool can be made (exec a program \
+             to use stateful-pool)",
+        ));
+    }
+    Ok(())
+}
 
 enum Slot<T> {
     Free { generation: u32 },
@@ -62,6 +109,7 @@ impl<T> Table<T> {
 
     /// The slot index and generation a handle names, if it is one of this table's.
     fn decode(&self, h: u64) -> Result<(usize, u32), Fail> {
+        check_not_forked()?;
         if h == 0 {
             return Err(Fail::new(
                 sp_status::SP_NULL_ARGUMENT,

@@ -2,7 +2,7 @@
 //! a loaned buffer), wait for results (blocking, with a timeout, or polling), read them in place,
 //! shut down.
 
-use crate::handles::Table;
+use crate::handles::{Table, check_not_forked, watch_forks};
 use crate::worker::CWorker;
 use crate::{Fail, guard, input_bytes, sp_status, write_out};
 use stateful_pool::{
@@ -179,6 +179,9 @@ pub unsafe extern "C" fn sp_pool_options_init(opts: *mut sp_pool_options) -> sp_
 /// Creates a pool with `opts` (NULL: all defaults) and no workers; `*out` receives its handle.
 /// Thread-safe.
 ///
+/// In the child of a `fork()` (without exec) of a process that created a pool, every call on
+/// that pool, its tasks, results and loans returns `SP_SHUTDOWN`, and so does this function.
+///
 /// # Safety
 ///
 /// `opts` must be NULL or point to a valid `sp_pool_options` (its `program` NULL or a
@@ -189,6 +192,8 @@ pub unsafe extern "C" fn sp_pool_new(opts: *const sp_pool_options, out: *mut sp_
         if out.is_null() {
             return Err(Fail::null("out"));
         }
+        check_not_forked()?;
+        watch_forks()?;
         let mut b = Pool::<CWorker>::builder();
         if !opts.is_null() {
             // SAFETY: non-null; the caller promises a valid struct.

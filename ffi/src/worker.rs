@@ -55,6 +55,10 @@ pub struct sp_reply {
 }
 
 /// A C worker's callbacks (`spawn` and `execute` are required; `drop` may be NULL).
+///
+/// Callbacks must not throw: a C++ exception (or any unwind) that escapes one aborts the worker
+/// process, which the pool handles as a worker death (`SP_WORKER_DIED` for the task). Catch
+/// inside the callback and report the error through `sp_reply_set_error` instead.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct sp_worker_callbacks {
@@ -65,7 +69,7 @@ pub struct sp_worker_callbacks {
     /// output with `sp_reply_write`, return `SP_WORKER_OK`; or return `SP_WORKER_ERROR`
     /// (message with `sp_reply_set_error`).
     pub spawn: Option<
-        unsafe extern "C" fn(
+        unsafe extern "C-unwind" fn(
             user_data: *mut c_void,
             info: *const sp_worker_info,
             args: *const u8,
@@ -78,14 +82,14 @@ pub struct sp_worker_callbacks {
     /// `sp_reply_write` and return `SP_WORKER_OK`, or return `SP_WORKER_ERROR` /
     /// `SP_WORKER_POISONED` (message with `sp_reply_set_error`).
     pub execute: Option<
-        unsafe extern "C" fn(
+        unsafe extern "C-unwind" fn(
             state: *mut c_void,
             task: *const sp_task_info,
             reply: *mut sp_reply,
         ) -> i32,
     >,
     /// Releases the worker's state when the worker stops normally (optional).
-    pub drop: Option<unsafe extern "C" fn(state: *mut c_void)>,
+    pub drop: Option<unsafe extern "C-unwind" fn(state: *mut c_void)>,
 }
 
 /// The registered callbacks (set once, by `sp_init`).
@@ -212,12 +216,16 @@ impl Drop for CWorker {
 }
 
 /// Call first thing in `main` of any program that a pool may start as a worker (by default,
-/// the host program itself). `callbacks` are this program's C worker (NULL if it has none, e.g. a
-/// host whose workers are another program). In a process started as a worker, this serves the
-/// pool and never returns; otherwise it records the callbacks and returns `SP_OK` at once.
+/// the host program itself), **before any other thread starts** (a hard requirement: in a
+/// worker it removes an environment variable, a data race with threads reading the
+/// environment; C++ static initialisers must not start threads either). `callbacks` are this
+/// program's C worker (NULL if it has none, e.g. a host whose workers are another program).
 ///
-/// Returns `SP_INVALID_ARGUMENT` if called again with other callbacks. Thread-safe, but meant
-/// to run before the program starts threads.
+/// In a process started as a worker, this serves the pool and never returns, not even with an
+/// error: whatever goes wrong inside ends the worker process (an internal panic aborts it), which
+/// the pool sees as a worker death. So a status it returns is always the host's, never a
+/// worker's. Otherwise it records the callbacks and returns `SP_OK` at once, or
+/// `SP_INVALID_ARGUMENT` if called again with other callbacks.
 ///
 /// # Safety
 ///

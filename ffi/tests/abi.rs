@@ -9,7 +9,7 @@ use std::ptr::{null, null_mut};
 
 // ---- a worker written against the C ABI (Rust callbacks with C signatures) ----
 
-unsafe extern "C" fn t_spawn(
+unsafe extern "C-unwind" fn t_spawn(
     _: *mut c_void,
     info: *const sp_worker_info,
     args: *const u8,
@@ -38,7 +38,7 @@ unsafe extern "C" fn t_spawn(
     SP_WORKER_OK
 }
 
-unsafe extern "C" fn t_execute(
+unsafe extern "C-unwind" fn t_execute(
     state: *mut c_void,
     task: *const sp_task_info,
     reply: *mut sp_reply,
@@ -77,7 +77,7 @@ unsafe extern "C" fn t_execute(
     }
 }
 
-unsafe extern "C" fn t_drop(state: *mut c_void) {
+unsafe extern "C-unwind" fn t_drop(state: *mut c_void) {
     // SAFETY: the Box our spawn made, dropped once.
     drop(unsafe { Box::from_raw(state as *mut u64) });
 }
@@ -559,5 +559,52 @@ fn sp_init_refuses_other_callbacks_once_registered() {
             assert_eq!(sp_init(null()), SP_OK);
             assert_eq!(sp_init(&other), SP_INVALID_ARGUMENT);
         }
+    });
+}
+
+#[test]
+fn a_forked_child_finds_the_parents_pools_shut_down() {
+    watchdog(120, || {
+        let p = new_pool(|o| {
+            o.queue_size = 8;
+            o.max_workers = 1;
+        });
+        assert_eq!(spawn(p, b"").unwrap(), "seat 0");
+        // SAFETY: the child calls only the library's functions (which check for the fork before
+        // taking any lock) and `_exit`.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            let mut n = 0usize;
+            let mut t = sp_task { id: 0 };
+            let mut q = sp_pool { id: 0 };
+            // SAFETY: valid pointers; `_exit` ends the child without running the parent's
+            // atexit handlers or destructors.
+            unsafe {
+                let statuses = [
+                    sp_pool_num_workers(p, &mut n),
+                    sp_pool_submit(p, b"x".as_ptr(), 1, &mut t),
+                    sp_pool_free(p),
+                    sp_pool_new(null(), &mut q),
+                ];
+                let code = match statuses.iter().position(|&s| s != SP_SHUTDOWN) {
+                    None => 0,
+                    Some(i) => 10 + i as i32,
+                };
+                libc::_exit(code)
+            }
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child forked above.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status), "child status {status:#x}");
+        assert_eq!(
+            libc::WEXITSTATUS(status),
+            0,
+            "10 + the index of the first call that was not SP_SHUTDOWN in the child"
+        );
+        // The parent's pool is untouched.
+        assert_eq!(execute(p, b"after fork").unwrap(), "echo:after fork");
+        assert_eq!(sp_pool_free(p), SP_OK);
     });
 }

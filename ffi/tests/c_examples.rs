@@ -191,6 +191,7 @@ fn a_cpp_host_uses_the_raii_wrappers() {
         "payload sum: 3145722 (correct)",
         "error: SP_TASK_FAILED: worker ",
         "cannot do \"fly\"",
+        "exception in the worker: SP_TASK_FAILED",
         "after 1 ms: still running",
         "then: slept",
         "done",

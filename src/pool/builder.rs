@@ -280,9 +280,12 @@ impl<W: Worker> PoolBuilder<W> {
         self
     }
 
-    /// Runs workers from this program instead of the current executable. It must be the same
-    /// binary (a copy or hard link of it), since workers enter through the current binary's
-    /// code; a different binary is refused at start-up with a clear error.
+    /// Runs workers from this program instead of the current executable. Either it is this very
+    /// executable file (a hard link or another path to it; not a copy) whose `main` calls
+    /// [`init`](crate::init), or it is any program whose `main` calls
+    /// [`serve::<W>()`](crate::serve) for this pool's worker type. A different binary that calls
+    /// `init()` is refused at start-up (exit code 121,
+    /// [`SpawnError::Exited`](crate::SpawnError::Exited)).
     pub fn program(mut self, path: impl Into<PathBuf>) -> Self {
         self.cfg.program = Some(path.into());
         self

@@ -1,10 +1,13 @@
 //! A shared-memory segment: an anonymous sealed memfd mapped `MAP_SHARED` with memmap2.
 //!
-//! The parent creates it; a worker receives the fd across `exec` and maps the same pages.
+//! The parent creates it and keeps its fd (it hands it to every worker it launches); a worker
+//! receives the fd across `exec`, maps the same pages and closes the fd at once, so no program
+//! the worker's own code starts inherits access to the pool's memory.
 //! Everything inside is addressed by offset from the base ([`Segment::get`]), never by pointer,
 //! because each process maps the segment at its own address.
 
 use memmap2::{MmapOptions, MmapRaw};
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
@@ -20,7 +23,8 @@ pub(crate) unsafe trait ShmSafe {}
 #[derive(Debug)]
 pub(crate) struct Segment {
     map: MmapRaw,
-    fd: OwnedFd,
+    /// The memfd: the parent's segment keeps it; a worker's has none (closed once mapped).
+    fd: Option<OwnedFd>,
 }
 
 impl Segment {
@@ -29,17 +33,20 @@ impl Segment {
     pub(crate) fn create(len: usize, reserve: bool) -> io::Result<Segment> {
         let fd = crate::sys::memfd_sealed(len as u64, reserve)?;
         let map = MmapOptions::new().len(len).map_raw(&fd)?;
-        Ok(Segment { map, fd })
+        Ok(Segment { map, fd: Some(fd) })
     }
 
-    /// Maps an existing segment whose fd this process received (the worker side).
+    /// Maps an existing segment whose fd this process received (the worker side), then closes
+    /// the fd: the mapping keeps the memory alive, and a worker never needs the fd again.
     pub(crate) fn open(fd: OwnedFd) -> io::Result<Segment> {
-        let len = std::fs::File::from(fd.try_clone()?).metadata()?.len() as usize;
+        let file = File::from(fd);
+        let len = file.metadata()?.len() as usize;
         if len == 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "empty segment"));
         }
-        let map = MmapOptions::new().len(len).map_raw(&fd)?;
-        Ok(Segment { map, fd })
+        let map = MmapOptions::new().len(len).map_raw(&file)?;
+        drop(file);
+        Ok(Segment { map, fd: None })
     }
 
     /// Base address of the mapping in this process.
@@ -52,9 +59,13 @@ impl Segment {
         self.map.len()
     }
 
-    /// The memfd.
+    /// The memfd of a segment this process created (the parent's, which launches workers
+    /// with it). Panics on a worker's segment, whose fd was closed once mapped: a bug.
     pub(crate) fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+        self.fd
+            .as_ref()
+            .expect("only the parent's segment keeps its memfd")
+            .as_fd()
     }
 
     /// A shared view of the `T` at `offset`. Panics if it is out of bounds or misaligned — a

@@ -4,14 +4,21 @@
 //! returning into the user's `main`.
 //!
 //! The entry point is `main_loop::run::<W>` for the pool's worker type `W`, passed as an offset
-//! from an anchor function in this crate (the same binary has the same offsets, whatever ASLR
-//! did), together with a fingerprint (a second offset) that catches a different binary, and a
-//! hash of `W`'s message types that catches a worker speaking other messages. `serve::<W>()`
-//! enters `run::<W>` directly instead, for worker programs that are other binaries.
+//! from an anchor function in this crate: the same executable file has the same offsets, whatever
+//! ASLR did. Before jumping there the worker checks that it *is* the parent's executable file:
+//! the boot string carries the parent's `/proc/self/exe` identity (device, inode, size, mtime),
+//! which must equal the worker's own. A hash of `W`'s message types then catches a worker
+//! speaking other messages. `serve::<W>()` enters `run::<W>` directly instead, for worker programs
+//! that are other binaries.
+//!
+//! Whatever happens inside, a worker never unwinds back into the program that called `init()`:
+//! [`enter`] holds a guard that aborts the process if anything unwinds through it.
 
 use crate::shm::layout::{Layout, SegmentHeader, VERSION};
 use crate::shm::segment::Segment;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::sync::OnceLock;
 
 /// The environment variable carrying the boot string.
 pub(crate) const BOOT_ENV: &str = "STATEFUL_POOL_WORKER";
@@ -24,7 +31,11 @@ pub(crate) const SEGMENT_FD: i32 = 3;
 /// its spawn step's outcome (ready or failed), which wakes the supervisor's `poll`.
 pub(crate) const NOTIFY_FD: i32 = 4;
 
-/// What the parent tells a worker process.
+/// The boot string's format, after the protocol version (`v{VERSION}.{BOOT_FORMAT}:…`).
+const BOOT_FORMAT: u32 = 2;
+
+/// What the parent tells a worker process. Its encoding also carries the parent's executable
+/// identity ([`ExeId::current`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Boot {
     pub(crate) seat: u32,
@@ -34,31 +45,98 @@ pub(crate) struct Boot {
 }
 
 impl Boot {
+    /// The boot string, with this process's executable identity.
     pub(crate) fn encode(&self) -> String {
+        self.encode_with(ExeId::current())
+    }
+
+    fn encode_with(&self, exe: Option<ExeId>) -> String {
+        let exe = exe.map_or_else(|| "-".to_string(), |e| e.encode());
         format!(
-            "v{VERSION}:{}:{}:{:x}:{:x}",
+            "v{VERSION}.{BOOT_FORMAT}:{}:{}:{:x}:{:x}:{exe}",
             self.seat, self.parent_pid, self.entry, self.fingerprint
         )
     }
 
-    pub(crate) fn decode(s: &str) -> Option<Boot> {
+    /// The boot fields and the parent's executable identity (`None`: the parent could not
+    /// read its own), or `None` if `s` is malformed or of another format.
+    pub(crate) fn decode(s: &str) -> Option<(Boot, Option<ExeId>)> {
         let mut it = s.split(':');
-        if it.next()? != format!("v{VERSION}") {
+        if it.next()? != format!("v{VERSION}.{BOOT_FORMAT}") {
             return None;
         }
         let seat = it.next()?.parse().ok()?;
         let parent_pid = it.next()?.parse().ok()?;
         let entry = usize::from_str_radix(it.next()?, 16).ok()?;
         let fingerprint = usize::from_str_radix(it.next()?, 16).ok()?;
+        let exe = match it.next()? {
+            "-" => None,
+            e => Some(ExeId::decode(e)?),
+        };
         if it.next().is_some() {
             return None;
         }
-        Some(Boot {
+        let boot = Boot {
             seat,
             parent_pid,
             entry,
             fingerprint,
+        };
+        Some((boot, exe))
+    }
+}
+
+/// The identity of an executable file: device, inode, size and modification time. Two
+/// processes with equal identities run the same file, so their code has the same layout (a
+/// file rewritten in place gets a new mtime; whoever resets it on purpose can write the binary
+/// anyway).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ExeId {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: i64,
+    mtime_nsec: i64,
+}
+
+impl ExeId {
+    /// The identity of the executable this process runs (`/proc/self/exe` names the running
+    /// file itself, even if its path was since replaced or removed).
+    fn of_this_process() -> Option<ExeId> {
+        let m = std::fs::metadata("/proc/self/exe").ok()?;
+        Some(ExeId {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: m.mtime(),
+            mtime_nsec: m.mtime_nsec(),
         })
+    }
+
+    /// This process's identity as the parent sends it: read at the first spawn and kept, so
+    /// that every worker is compared with the same file.
+    pub(crate) fn current() -> Option<ExeId> {
+        static CURRENT: OnceLock<Option<ExeId>> = OnceLock::new();
+        *CURRENT.get_or_init(ExeId::of_this_process)
+    }
+
+    fn encode(&self) -> String {
+        format!(
+            "{:x}.{:x}.{:x}.{}.{}",
+            self.dev, self.ino, self.size, self.mtime, self.mtime_nsec
+        )
+    }
+
+    fn decode(s: &str) -> Option<ExeId> {
+        let mut it = s.split('.');
+        let id = ExeId {
+            dev: u64::from_str_radix(it.next()?, 16).ok()?,
+            ino: u64::from_str_radix(it.next()?, 16).ok()?,
+            size: u64::from_str_radix(it.next()?, 16).ok()?,
+            mtime: it.next()?.parse().ok()?,
+            mtime_nsec: it.next()?.parse().ok()?,
+        };
+        it.next().is_none().then_some(id)
     }
 }
 
@@ -142,12 +220,16 @@ impl WorkerProcess {
 pub(crate) mod exit_code {
     /// The boot string is malformed (another protocol version, or not from a pool).
     pub(crate) const BAD_BOOT: i32 = 120;
-    /// The program is a different binary than the parent's.
+    /// The program is a different binary than the parent's and calls `init()` (a separate
+    /// worker program must call `serve::<W>()`).
     pub(crate) const WRONG_BINARY: i32 = 121;
     /// The segment's header has another magic, protocol version or layout.
     pub(crate) const PROTOCOL_MISMATCH: i32 = 122;
     /// The segment could not be mapped.
     pub(crate) const NO_SEGMENT: i32 = 123;
+    /// The program runs with elevated privileges (setuid, setgid or file capabilities:
+    /// `AT_SECURE`), and refuses to take orders from its environment.
+    pub(crate) const SECURE_EXEC: i32 = 124;
     /// The parent died before the worker started.
     pub(crate) const ORPHAN: i32 = 102;
 
@@ -155,11 +237,18 @@ pub(crate) mod exit_code {
     pub(crate) fn meaning(code: i32) -> Option<&'static str> {
         Some(match code {
             BAD_BOOT => "malformed boot string: parent and worker speak different protocols",
-            WRONG_BINARY => "the worker program is a different binary than the parent",
+            WRONG_BINARY => {
+                "the worker program is a different binary than the parent; a separate worker \
+                 program must call stateful_pool::serve::<W>(), not init()"
+            }
             PROTOCOL_MISMATCH => {
                 "protocol mismatch: the segment header has another magic, version or layout"
             }
             NO_SEGMENT => "the worker could not map the pool's segment",
+            SECURE_EXEC => {
+                "the worker program runs with elevated privileges (setuid, setgid or \
+                 capabilities) and refuses to be a worker"
+            }
             ORPHAN => "the parent died before the worker started",
             _ => return None,
         })
@@ -169,6 +258,20 @@ pub(crate) mod exit_code {
 fn die(code: i32, msg: &str) -> ! {
     eprintln!("stateful-pool worker: {msg}");
     std::process::exit(code)
+}
+
+/// Aborts the process if dropped, i.e. if anything unwinds out of the worker (rayon's
+/// `AbortIfPanic`). A worker process must never return into the code that called `init()`,
+/// `serve()` or `sp_init`: that is the user's `main`, which would go on as a second host. Every
+/// normal way out of a worker ends in `std::process::exit`, which runs no destructors, so the
+/// guard is never dropped on them.
+struct AbortOnUnwind;
+
+impl Drop for AbortOnUnwind {
+    fn drop(&mut self) {
+        eprintln!("stateful-pool worker: a panic unwound out of the worker loop; aborting");
+        std::process::abort()
+    }
 }
 
 /// Which worker loop a starting worker process enters.
@@ -181,12 +284,28 @@ pub(crate) enum Entry {
     Direct(fn(WorkerProcess) -> !),
 }
 
-/// The worker side of `init()` and `serve()`: called when [`BOOT_ENV`] is set. Never returns.
+/// The worker side of `init()` and `serve()`: called when [`BOOT_ENV`] is set. Never returns,
+/// not even by unwinding (it aborts instead).
 pub(crate) fn enter(boot_str: &str, which: Entry) -> ! {
-    let Some(boot) = Boot::decode(boot_str) else {
+    let _abort_on_unwind = AbortOnUnwind;
+    // A setuid, setgid or file-capability program must not take orders (a code offset, a
+    // segment, tasks) from an environment that a less privileged user controls.
+    // SAFETY: getauxval has no preconditions; it reads the process's auxiliary vector.
+    if unsafe { libc::getauxval(libc::AT_SECURE) } != 0 {
+        die(
+            exit_code::SECURE_EXEC,
+            &format!(
+                "{BOOT_ENV} is set, but this program runs with elevated privileges \
+                 (setuid, setgid or file capabilities): refusing to be a pool worker"
+            ),
+        )
+    }
+    let Some((boot, parent_exe)) = Boot::decode(boot_str) else {
         die(
             exit_code::BAD_BOOT,
-            &format!("malformed {BOOT_ENV}={boot_str:?} (protocol v{VERSION} expected)"),
+            &format!(
+                "malformed {BOOT_ENV}={boot_str:?} (format v{VERSION}.{BOOT_FORMAT} expected)"
+            ),
         )
     };
     // Fate-share with the parent: PDEATHSIG was set before exec (it survives exec); the parent
@@ -195,15 +314,23 @@ pub(crate) fn enter(boot_str: &str, which: Entry) -> ! {
     if unsafe { libc::getppid() } as u32 != boot.parent_pid {
         std::process::exit(exit_code::ORPHAN);
     }
-    if matches!(which, Entry::Named) && boot.fingerprint != fingerprint() {
-        die(
-            exit_code::WRONG_BINARY,
-            "launched by a different binary than this one (fingerprint mismatch)",
-        )
+    if matches!(which, Entry::Named) {
+        // `init()` jumps to an offset computed in the parent's executable: only sound if this
+        // process runs that very file.
+        let this_exe = ExeId::of_this_process();
+        if parent_exe.is_none() || this_exe != parent_exe || boot.fingerprint != fingerprint() {
+            die(
+                exit_code::WRONG_BINARY,
+                "launched by a pool of a different binary than this one, and this program \
+                 calls stateful_pool::init(), which serves only pools of its own executable; a \
+                 separate worker program must call stateful_pool::serve::<W>() instead",
+            )
+        }
     }
     // SAFETY: fd 3 was placed by the parent's launcher for us and nothing else in this process
     // owns it (init() runs before the program opens files).
     let fd = unsafe { OwnedFd::from_raw_fd(SEGMENT_FD) };
+    // Maps the segment and closes fd 3: programs the worker's code starts never inherit it.
     let seg = match Segment::open(fd) {
         Ok(s) => s,
         Err(e) => die(
@@ -237,10 +364,13 @@ pub(crate) fn enter(boot_str: &str, which: Entry) -> ! {
         Entry::Direct(f) => f,
         Entry::Named => {
             let entry_addr = (anchor as fn() -> usize as usize).wrapping_add(boot.entry);
-            // SAFETY: the parent computed `boot.entry` as the offset of `main_loop::run::<W>`
-            // from `anchor` in the same binary (the fingerprint check above guarantees the same
-            // code layout), so `entry_addr` is the address of a function with exactly this
-            // signature.
+            // SAFETY: this process runs the parent's executable file (same device, inode, size
+            // and mtime, checked above), so its code has the parent's layout, relative to
+            // `anchor` whatever ASLR did; and the parent computed `boot.entry` with
+            // `entry_offset::<W>()`, the offset of `main_loop::run::<W>` from `anchor`. So
+            // `entry_addr` is that function, of exactly this signature. The boot string is
+            // trusted as the parent's: whoever sets our environment could preload code into us
+            // anyway, except across a privilege boundary, which is refused above (AT_SECURE).
             unsafe { std::mem::transmute::<usize, fn(WorkerProcess) -> !>(entry_addr) }
         }
     };
@@ -251,8 +381,9 @@ pub(crate) fn enter(boot_str: &str, which: Entry) -> ! {
         },
         Err(_) => (Vec::new(), false),
     };
-    // SAFETY: as for the boot variable in `init`: still the start of the process, one thread.
-    // Removed so that pools this worker builds do not hand it on.
+    // SAFETY: as for the boot variable in `init`: still the start of the process, which the
+    // caller guarantees has a single thread. Removed so that pools this worker builds do not
+    // hand it on.
     unsafe { std::env::remove_var(GPUS_ENV) };
     entry(WorkerProcess {
         seg,
@@ -275,11 +406,45 @@ mod tests {
             entry: 0xdead_beef,
             fingerprint: usize::MAX - 5,
         };
-        assert_eq!(Boot::decode(&b.encode()), Some(b));
-        assert_eq!(Boot::decode("v0:1:2:3:4"), None);
-        assert_eq!(Boot::decode("v1:1:2:3"), None);
-        assert_eq!(Boot::decode("v1:x:2:3:4"), None);
+        let exe = ExeId {
+            dev: 0x803,
+            ino: 1 << 40,
+            size: 12_345_678,
+            mtime: -5,
+            mtime_nsec: 999_999_999,
+        };
+        assert_eq!(
+            Boot::decode(&b.encode_with(Some(exe))),
+            Some((b.clone(), Some(exe)))
+        );
+        assert_eq!(Boot::decode(&b.encode_with(None)), Some((b.clone(), None)));
+        // What a parent sends names the running executable.
+        assert_eq!(
+            Boot::decode(&b.encode()),
+            Some((b, ExeId::of_this_process()))
+        );
+        let v = format!("v{VERSION}.{BOOT_FORMAT}");
+        assert_eq!(
+            Boot::decode(&format!("{v}:1:2:3:4:-")).map(|d| d.0.seat),
+            Some(1)
+        );
+        assert_eq!(Boot::decode(&format!("v{VERSION}:1:2:3:4")), None); // the old format
+        assert_eq!(Boot::decode(&format!("{v}:1:2:3:4")), None);
+        assert_eq!(Boot::decode(&format!("{v}:1:2:3:4:-:5")), None);
+        assert_eq!(Boot::decode(&format!("{v}:1:2:3:4:1.2.3.4")), None);
+        assert_eq!(Boot::decode(&format!("{v}:x:2:3:4:-")), None);
         assert_eq!(Boot::decode(""), None);
+    }
+
+    #[test]
+    fn exit_codes_are_explained() {
+        assert!(
+            exit_code::meaning(exit_code::WRONG_BINARY)
+                .unwrap()
+                .contains("serve::<W>()")
+        );
+        assert!(exit_code::meaning(exit_code::SECURE_EXEC).is_some());
+        assert!(exit_code::meaning(1).is_none());
     }
 
     #[test]

@@ -238,7 +238,11 @@ pub(crate) fn run<W: Worker>(wp: WorkerProcess) -> ! {
             std::process::exit(0);
         }
     }
-    drop(state);
+    // The state's destructor is user code: a panic in it ends the process (exit code 1) rather
+    // than unwind out of the worker loop.
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(state))).is_err() {
+        std::process::exit(1);
+    }
     // Unregister the pinned arena before the process (and its mapping) goes away.
     #[cfg(feature = "cuda")]
     drop(pinned);
