@@ -86,3 +86,48 @@ pub(crate) fn configure(_generation: u32) {}
 #[cfg(not(feature = "failpoints"))]
 #[inline(always)]
 pub(crate) fn hit(_name: &str) {}
+
+/// The environment variable that makes a worker *hostile* (test builds only): a bit mask of
+/// the misbehaviours of [`Hostile`], so tests can check that the parent survives a worker
+/// that writes garbage into the memory it shares.
+#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+pub(crate) const HOSTILE_ENV: &str = "STATEFUL_POOL_HOSTILE";
+
+/// Misbehaviours of a hostile test worker (see `worker::main_loop`).
+#[cfg(feature = "failpoints")]
+pub(crate) mod hostile {
+    /// Every other task, publish random outcome words instead of the honest ones.
+    pub(crate) const LIE: u32 = 1;
+    /// After publishing, overwrite the result (slot words, inline bytes, record bytes) while
+    /// the parent may be reading it.
+    pub(crate) const REWRITE: u32 = 2;
+    /// Every third task, write random counters into its completion ring's header.
+    pub(crate) const COUNTERS: u32 = 4;
+    /// After each task, scribble random bytes over its completion ring's records.
+    pub(crate) const RECORDS: u32 = 8;
+    /// After each task, write random values into its claim, current slot and current task.
+    pub(crate) const CLAIMS: u32 = 16;
+
+    /// The mask for this worker process (0: honest).
+    pub(crate) fn mask() -> u32 {
+        std::env::var(super::HOSTILE_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// A small xorshift generator.
+    #[derive(Debug)]
+    pub(crate) struct Rng(pub(crate) std::cell::Cell<u64>);
+
+    impl Rng {
+        pub(crate) fn next(&self) -> u64 {
+            let mut x = self.0.get();
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            self.0.set(x);
+            x
+        }
+    }
+}

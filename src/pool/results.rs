@@ -95,7 +95,18 @@ impl Shared {
             worker,
             message: message.to_string(),
         };
+        let by_parent = self.meta(slot).by_parent.load(Ordering::Relaxed);
         let kind = match self.decode(raw) {
+            Published::NoWorkers
+            | Published::Broken
+            | Published::Died { .. }
+            | Published::Timeout { .. }
+                if !by_parent =>
+            {
+                return f(Err(bad(
+                    "a worker claimed an outcome only the parent gives",
+                )));
+            }
             Published::Inline { at, len } => {
                 let p = self
                     .seg

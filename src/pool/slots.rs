@@ -45,6 +45,9 @@ pub(crate) struct SlotMeta {
     pub(super) res: AtomicU64,
     /// A result the reactor moved out of the ring before its caller collected it.
     pub(super) spill: Mutex<Option<rkyv::util::AlignedVec<16>>>,
+    /// The parent published this task's outcome (a worker cannot claim the parent's outcomes:
+    /// died, timed out, no workers, broken).
+    pub(super) by_parent: AtomicBool,
 }
 
 impl SlotMeta {
@@ -211,6 +214,7 @@ impl Shared {
         );
         meta.task_id.store(task_id, Ordering::Relaxed);
         meta.res.store(task_id << 3, Ordering::Relaxed);
+        meta.by_parent.store(false, Ordering::Relaxed);
         let timeout = opts.timeout.or(self.cfg.task_timeout);
         let timeout_ns = timeout.map_or(0, |d| d.as_nanos().clamp(1, u64::MAX as u128) as u64);
         meta.timeout_ns.store(timeout_ns, Ordering::Relaxed);
@@ -265,6 +269,10 @@ impl Shared {
     /// out, no workers, broken. The caller owns the slot's task (it popped it, or its worker is
     /// dead).
     pub(crate) fn complete_from_parent(&self, slot: u32, o: RawOutcome) {
+        // Before DONE: a reader that Acquires DONE sees it.
+        self.meta[slot as usize]
+            .by_parent
+            .store(true, Ordering::Relaxed);
         let sh = self.slot(slot);
         sh.publish(o).run(sh, &self.header().doorbell);
     }

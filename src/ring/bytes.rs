@@ -306,6 +306,23 @@ impl<'a> ByteRing<'a> {
         offset
     }
 
+    /// Test builds: a hostile producer writes these counters.
+    #[cfg(feature = "failpoints")]
+    pub(crate) fn scribble_counters(&self, head: u64, tail: u64) {
+        self.hdr.head.store(head, Ordering::SeqCst);
+        self.hdr.tail.store(tail, Ordering::SeqCst);
+    }
+
+    /// Test builds: a hostile producer writes random words at random places of its ring.
+    #[cfg(feature = "failpoints")]
+    pub(crate) fn scribble_records(&self, mut rand: impl FnMut() -> u64) {
+        for _ in 0..16 {
+            let at = (rand() % (self.cap / 8)) * 8;
+            // SAFETY: inside the ring's data area, 8-aligned (test-only scribbling).
+            unsafe { self.data.add(at as usize).cast::<u64>().write(rand()) };
+        }
+    }
+
     // ---- consumer side (the parent) ----
 
     /// The data of the record at `offset` if its header says it answers task `task` in slot

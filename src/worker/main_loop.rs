@@ -177,6 +177,11 @@ pub(crate) fn run<W: Worker>(wp: WorkerProcess) -> ! {
         results,
         spin,
         restart_on_panic: hdr.flags & FLAG_RESTART_ON_PANIC != 0,
+        #[cfg(feature = "failpoints")]
+        hostile: (
+            failpoint::hostile::mask(),
+            failpoint::hostile::Rng(std::cell::Cell::new(0x2545_f491_4f6c_dd1d ^ pid as u64)),
+        ),
     };
 
     loop {
@@ -223,6 +228,8 @@ pub(crate) fn run<W: Worker>(wp: WorkerProcess) -> ! {
             server.serve_one(&mut state, &wctx, &task)
         };
         failpoint::hit("after_publish");
+        #[cfg(feature = "failpoints")]
+        server.misbehave_after(&task, &ring);
         ctl.tasks_done.fetch_add(1, Ordering::Relaxed);
         // Order matters (see `slot::held_by_dead_worker`): the slot first, then the task id;
         // SeqCst pairs with the supervisor's `hold` handshake (it stores `hold`, then reads
@@ -263,6 +270,9 @@ struct Server<'a> {
     results: ByteRing<'a>,
     spin: Duration,
     restart_on_panic: bool,
+    /// Test builds: the hostile mask and its random numbers.
+    #[cfg(feature = "failpoints")]
+    hostile: (u32, failpoint::hostile::Rng),
 }
 
 /// What became of one attempt to serialise an output into a region.
@@ -574,6 +584,76 @@ impl Server<'_> {
     /// Publishes the outcome in the slot and wakes whoever waits for it.
     fn publish(&self, t: &Task<'_>, o: RawOutcome) {
         failpoint::hit("after_result_write");
+        #[cfg(feature = "failpoints")]
+        let o = self.maybe_lie(o);
         t.sh.publish(o).run(t.sh, &self.wp.header().doorbell);
+    }
+
+    /// Test builds: a hostile worker's lie about its outcome (`hostile::LIE`).
+    #[cfg(feature = "failpoints")]
+    fn maybe_lie(&self, o: RawOutcome) -> RawOutcome {
+        use failpoint::hostile;
+        let (mask, rng) = &self.hostile;
+        if mask & hostile::LIE == 0 || rng.next() % 2 == 0 {
+            return o;
+        }
+        let r = rng.next();
+        let n_seats = self.wp.layout.params.max_workers as u64;
+        RawOutcome::new(
+            (r % 14) as u32,
+            if r & 0x100 != 0 {
+                (r >> 9) as u32 % (n_seats as u32 + 1)
+            } else {
+                rng.next() as u32
+            },
+            match r >> 60 {
+                0..=5 => rng.next() & !31 & (self.wp.layout.params.result_ring - 1),
+                6..=9 => REC_INLINE | (rng.next() % 2048),
+                _ => rng.next(),
+            },
+            if r & 0x200 != 0 {
+                (rng.next() % 4096) as u32
+            } else {
+                rng.next() as u32
+            },
+        )
+    }
+
+    /// Test builds: what a hostile worker does after a task (see `failpoint::hostile`).
+    #[cfg(feature = "failpoints")]
+    fn misbehave_after(&self, t: &Task<'_>, queue: &MpmcRing<'_>) {
+        use failpoint::hostile;
+        let _ = queue;
+        let (mask, rng) = &self.hostile;
+        if *mask == 0 {
+            return;
+        }
+        if mask & hostile::REWRITE != 0 {
+            let layout = &self.wp.layout;
+            let cap = layout.params.slot_inline as usize;
+            let p = self.wp.seg.bytes_ptr(layout.slot_data_off(t.slot), cap);
+            for i in (0..cap).step_by(8) {
+                // SAFETY: inside this slot's data area (test-only scribbling; the parent must
+                // cope with it).
+                unsafe { p.add(i).cast::<u64>().write_unaligned(rng.next()) };
+            }
+            t.sh.result_len.store(rng.next() as u32, Ordering::Relaxed);
+            t.sh.result_rec.store(rng.next(), Ordering::Relaxed);
+        }
+        if mask & hostile::COUNTERS != 0 && rng.next() % 3 == 0 {
+            self.results.scribble_counters(rng.next(), rng.next());
+        }
+        if mask & hostile::RECORDS != 0 {
+            self.results.scribble_records(|| rng.next());
+        }
+        if mask & hostile::CLAIMS != 0 {
+            self.ctl.claim.store(rng.next() % 64, Ordering::Relaxed);
+            self.ctl
+                .current_slot
+                .store(rng.next() as u32 % 64, Ordering::Relaxed);
+            self.ctl
+                .current_task
+                .store(rng.next() % 64, Ordering::Relaxed);
+        }
     }
 }

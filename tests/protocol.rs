@@ -1,0 +1,329 @@
+//! The slot protocol under faults and misbehaviour (issue 12): a worker killed at every
+//! protocol step with every shape of result, followed by many laps of its seat's completion
+//! ring; results nobody collects; and a hostile worker that writes garbage into what it shares.
+
+stateful_pool::worker_hook!();
+
+mod common;
+
+use common::*;
+use stateful_pool::{Pool, RestartPolicy, SpawnOptions, TaskError, TaskHandle};
+use std::time::Duration;
+
+/// The shapes a task's outcome can take on its way back.
+#[derive(Debug, Clone, Copy)]
+enum Shape {
+    /// A small output, inline in the slot.
+    Inline,
+    /// An output larger than a slot: a completion-ring record.
+    Record,
+    /// An error message (a ring record).
+    Error,
+    /// A panic message (a ring record).
+    Panic,
+    /// An output larger than half the ring: `ResultTooLarge` (a small ring record).
+    TooLarge,
+}
+
+const RING: usize = 256 * 1024;
+const BIG: u32 = 40_000;
+
+fn task(shape: Shape, i: u64) -> Cmd {
+    match shape {
+        Shape::Inline => Cmd::Echo(i),
+        Shape::Record => Cmd::MakeBytes(BIG + i as u32),
+        Shape::Error => Cmd::Fail(format!("error {i} {}", "x".repeat(3000))),
+        Shape::Panic => Cmd::Panic(format!("panic {i} {}", "y".repeat(3000))),
+        Shape::TooLarge => Cmd::MakeBytes(RING as u32),
+    }
+}
+
+/// Checks a task's answer against its shape; `Err(())` for a `WorkerDied`.
+fn check(shape: Shape, i: u64, r: Result<Out, TaskError>, ctx: &str) -> Result<(), ()> {
+    match (shape, r) {
+        (_, Err(TaskError::WorkerDied { .. })) => return Err(()),
+        (Shape::Inline, Ok(o)) => assert_eq!(o.value, i, "{ctx}"),
+        (Shape::Record, Ok(o)) => {
+            let n = (BIG + i as u32) as usize;
+            assert_eq!(o.bytes.len(), n, "{ctx}");
+            assert!(
+                o.bytes
+                    .iter()
+                    .enumerate()
+                    .all(|(k, &b)| b == (k % 251) as u8),
+                "{ctx}"
+            );
+        }
+        (Shape::Error, Err(TaskError::Failed { message, .. })) => {
+            assert!(
+                message.starts_with(&format!("error {i} ")),
+                "{ctx}: {message:.40}"
+            );
+            assert_eq!(message.len(), format!("error {i} ").len() + 3000, "{ctx}");
+        }
+        (Shape::Panic, Err(TaskError::Panicked { message, .. })) => {
+            assert!(
+                message.starts_with(&format!("panic {i} ")),
+                "{ctx}: {message:.40}"
+            )
+        }
+        (Shape::TooLarge, Err(TaskError::ResultTooLarge { len, max, .. })) => {
+            assert!(len > max, "{ctx}")
+        }
+        (_, other) => panic!("{ctx}: task {i} got {other:?}"),
+    }
+    Ok(())
+}
+
+/// Three laps of the seat's ring and more: large outputs and messages, each checked.
+fn laps(pool: &Pool<TestWorker>, ctx: &str) {
+    let per_lap = RING / (BIG as usize + 64);
+    for i in 0..(4 * per_lap as u64 + 4) {
+        let shape = if i % 3 == 2 {
+            Shape::Error
+        } else {
+            Shape::Record
+        };
+        let r = pool.execute(&task(shape, i)).map_err(|e| match e {
+            TaskError::Submit(s) => panic!("{ctx}: submit failed: {s}"),
+            e => e,
+        });
+        check(shape, i, r, &format!("{ctx}, lap task {i}")).expect("no death expected");
+    }
+}
+
+#[test]
+fn a_worker_killed_at_any_step_with_any_result_shape_costs_only_its_task_and_its_seat_serves_on() {
+    watchdog(600, || {
+        for point in [
+            "pop_mid",
+            "after_claim",
+            "mid_read",
+            "after_result_write",
+            "after_publish",
+        ] {
+            for shape in [
+                Shape::Inline,
+                Shape::Record,
+                Shape::Error,
+                Shape::Panic,
+                Shape::TooLarge,
+            ] {
+                let ctx = format!("{point} × {shape:?}");
+                let pool = Pool::<TestWorker>::builder()
+                    .queue_size(8)
+                    .max_workers(1)
+                    .result_ring_bytes(RING)
+                    .restart_on_panic(false)
+                    .worker_env("STATEFUL_POOL_FAILPOINTS", format!("{point}@3/1"))
+                    .build()
+                    .unwrap();
+                pool.spawn(&Spawn::ok("fp")).unwrap();
+                let handles: Vec<TaskHandle<Out>> = (0..8u64)
+                    .map(|i| pool.submit(&task(shape, i)))
+                    .collect::<Result<_, _>>()
+                    .unwrap_or_else(|e| panic!("{ctx}: submit failed: {e}"));
+                let mut died = 0;
+                for (i, h) in handles.into_iter().enumerate() {
+                    if check(shape, i as u64, h.wait(), &ctx).is_err() {
+                        died += 1;
+                    }
+                }
+                let lost = if point == "after_publish" { 0 } else { 1 };
+                assert_eq!(died, lost, "{ctx}: tasks lost to the death");
+                assert_eq!(pool.stats().worker_deaths, 1, "{ctx}");
+                laps(&pool, &ctx);
+                assert_eq!(pool.stats().worker_deaths, 1, "{ctx}: no further deaths");
+            }
+        }
+    });
+}
+
+#[test]
+fn results_nobody_collects_never_block_the_worker() {
+    watchdog(300, || {
+        // The audit's M1: one worker, three results of 1.5 MB in a 4 MiB ring; the caller
+        // holds the first two handles and waits on the third.
+        let pool = Pool::<TestWorker>::builder()
+            .max_workers(1)
+            .result_ring_bytes(4 << 20)
+            .build()
+            .unwrap();
+        pool.spawn(&Spawn::ok("m1")).unwrap();
+        let n = 1_500_000u32;
+        let h1 = pool.submit(&Cmd::MakeBytes(n)).unwrap();
+        let h2 = pool.submit(&Cmd::MakeBytes(n + 1)).unwrap();
+        let h3 = pool.submit(&Cmd::MakeBytes(n + 2)).unwrap();
+        assert_eq!(h3.wait().unwrap().bytes.len(), (n + 2) as usize);
+        let o1 = h1.wait().unwrap();
+        let o2 = h2.wait().unwrap();
+        assert_eq!(o1.bytes.len(), n as usize);
+        assert_eq!(o2.bytes.len(), (n + 1) as usize);
+        assert!(
+            o2.bytes
+                .iter()
+                .enumerate()
+                .all(|(k, &b)| b == (k % 251) as u8)
+        );
+
+        // Many results collected in reverse order (a queue of 256, 32 KB each: twice the ring).
+        let pool = Pool::<TestWorker>::builder()
+            .queue_size(256)
+            .max_workers(2)
+            .result_ring_bytes(4 << 20)
+            .build()
+            .unwrap();
+        for r in pool.spawn_n(&Spawn::ok("rev"), 2) {
+            r.unwrap();
+        }
+        let handles: Vec<_> = (0..256u32)
+            .map(|i| pool.submit(&Cmd::MakeBytes(32_000 + i)).unwrap())
+            .collect();
+        for (i, h) in handles.into_iter().enumerate().rev() {
+            assert_eq!(h.wait().unwrap().bytes.len(), 32_000 + i);
+        }
+
+        // Dropping a pool while large results sit uncollected: the workers still finish, and
+        // the handles (which outlive the pool) still get their results.
+        let pool = Pool::<TestWorker>::builder()
+            .max_workers(1)
+            .result_ring_bytes(1 << 20)
+            .shutdown_timeout(Duration::from_secs(120))
+            .build()
+            .unwrap();
+        pool.spawn(&Spawn::ok("drop")).unwrap();
+        let handles: Vec<_> = (0..6u32)
+            .map(|i| pool.submit(&Cmd::MakeBytes(400_000 + i)).unwrap())
+            .collect();
+        drop(pool);
+        for (i, h) in handles.into_iter().enumerate() {
+            assert_eq!(h.wait().unwrap().bytes.len(), 400_000 + i);
+        }
+    });
+}
+
+#[test]
+fn wait_ref_results_are_private_copies_that_can_be_held() {
+    watchdog(120, || {
+        let pool = Pool::<TestWorker>::builder()
+            .max_workers(1)
+            .result_ring_bytes(256 * 1024)
+            .build()
+            .unwrap();
+        pool.spawn(&Spawn::ok("ref")).unwrap();
+        // Hold many in-place results at once: far more than the ring could pin.
+        let held: Vec<_> = (0..40u32)
+            .map(|i| {
+                pool.submit(&Cmd::MakeBytes(50_000 + i))
+                    .unwrap()
+                    .wait_ref()
+                    .unwrap()
+            })
+            .collect();
+        for (i, r) in held.iter().enumerate() {
+            assert_eq!(r.bytes.len(), 50_000 + i);
+            assert_eq!(r.to_owned().unwrap().bytes.len(), 50_000 + i);
+        }
+    });
+}
+
+/// Runs `n` tasks through a pool with one honest seat and one hostile seat (misbehaviours
+/// `mask`, see `failpoint::hostile`): every task gets exactly one answer, the honest seat's
+/// answers are all correct, and no pool thread fails.
+fn survive_hostile(mask: u32, n: u64) {
+    let policy = RestartPolicy {
+        max_restarts: 10_000,
+        window: Duration::from_secs(60),
+        backoff_initial: Duration::from_millis(1),
+        backoff_max: Duration::from_millis(1),
+    };
+    let pool = Pool::<TestWorker>::builder()
+        .queue_size(16)
+        .max_workers(2)
+        .result_ring_bytes(64 * 1024)
+        .restart_policy(policy)
+        .build()
+        .unwrap();
+    pool.spawn(&Spawn::ok("honest")).unwrap();
+    pool.spawn_with(
+        &Spawn::ok("hostile"),
+        &SpawnOptions::new().env("STATEFUL_POOL_HOSTILE", mask.to_string()),
+    )
+    .unwrap();
+    let (mut honest_ok, mut other) = (0, 0);
+    let mut i = 0u64;
+    while i < n {
+        let batch: Vec<(u64, TaskHandle<Out>)> = (i..(i + 16).min(n))
+            .map(|k| {
+                let cmd = match k % 4 {
+                    0 | 1 => Cmd::Echo(k),
+                    2 => Cmd::MakeBytes(3000 + k as u32),
+                    _ => Cmd::Fail(format!("f{k}")),
+                };
+                (k, pool.submit(&cmd).unwrap())
+            })
+            .collect();
+        for (k, h) in batch {
+            match (k % 4, h.wait()) {
+                (0 | 1, Ok(o)) if o.worker == 0 => {
+                    assert_eq!(o.value, k, "honest echo");
+                    honest_ok += 1;
+                }
+                (2, Ok(o)) if o.worker == 0 => {
+                    assert_eq!(o.bytes.len(), 3000 + k as usize, "honest bytes");
+                    assert!(
+                        o.bytes
+                            .iter()
+                            .enumerate()
+                            .all(|(j, &b)| b == (j % 251) as u8)
+                    );
+                    honest_ok += 1;
+                }
+                (3, Err(TaskError::Failed { worker: 0, message })) => {
+                    assert_eq!(message, format!("f{k}"), "honest error");
+                    honest_ok += 1;
+                }
+                (_, Err(TaskError::PoolBroken)) => panic!("mask {mask}: the pool broke down"),
+                (_, Err(TaskError::Submit(e))) => panic!("mask {mask}: submit failed: {e}"),
+                // Anything else came from the hostile seat (or is its garbage): one answer.
+                _ => other += 1,
+            }
+        }
+        i += 16;
+    }
+    eprintln!("mask {mask}: {honest_ok} honest answers, {other} others");
+    assert!(
+        honest_ok > 0,
+        "mask {mask}: the honest worker served nothing"
+    );
+    // The pool still serves.
+    for k in 0..20 {
+        let _ = pool.execute(&Cmd::Echo(k));
+    }
+}
+
+#[test]
+fn a_hostile_worker_cannot_hurt_the_parent_or_other_seats() {
+    watchdog(600, || {
+        use stateful_pool_hostile::*;
+        for mask in [
+            LIE,
+            REWRITE,
+            COUNTERS,
+            RECORDS,
+            CLAIMS,
+            LIE | REWRITE | COUNTERS | RECORDS | CLAIMS,
+        ] {
+            survive_hostile(mask, 400);
+        }
+    });
+}
+
+/// The misbehaviour bits of `STATEFUL_POOL_HOSTILE` (src/failpoint.rs).
+mod stateful_pool_hostile {
+    pub const LIE: u32 = 1;
+    pub const REWRITE: u32 = 2;
+    pub const COUNTERS: u32 = 4;
+    pub const RECORDS: u32 = 8;
+    pub const CLAIMS: u32 = 16;
+}
