@@ -183,7 +183,7 @@ pub enum TaskError {
         worker: usize,
         /// Length of the archive.
         len: usize,
-        /// The maximum (half of PoolBuilder::result_ring_bytes, minus a 16-byte header).
+        /// The maximum (half of PoolBuilder::result_ring_bytes, minus a 32-byte record header).
         max: usize,
     },
     /// The worker could not read the task (an invalid archive, e.g. from a mismatched sender).

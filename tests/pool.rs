@@ -268,7 +268,7 @@ fn oversized_tasks_and_results_get_clear_errors() {
                 max,
             }) => {
                 assert!(len > 100_000);
-                assert_eq!(max, (32 << 10) - 16);
+                assert_eq!(max, (32 << 10) - 32);
             }
             other => panic!("expected ResultTooLarge, got {other:?}"),
         }

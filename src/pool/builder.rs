@@ -220,15 +220,18 @@ impl<W: Worker> PoolBuilder<W> {
     }
 
     /// Bytes of each worker's completion ring; a result archive may be up to half of this minus
-    /// 16 bytes (larger ones fail with `TaskError::ResultTooLarge`). Results that fit a task
-    /// slot travel inline in the slot instead. Default 4 MiB, committed only as it is used.
+    /// a 32-byte record header, whatever the ring holds at the time (larger ones fail with
+    /// `TaskError::ResultTooLarge`). Results that fit a task slot travel inline in the slot
+    /// instead. Results nobody has collected yet never block a worker: the pool moves them out
+    /// of the ring when the worker needs the room. Default 4 MiB (reserved at `build()` unless
+    /// [`reserve_memory(false)`](Self::reserve_memory)).
     pub fn result_ring_bytes(mut self, n: usize) -> Self {
         self.cfg.result_ring_bytes = n;
         self
     }
 
-    /// Bytes of the task arena shared by large tasks and loans. Default 64 MiB, committed
-    /// only as it is used.
+    /// Bytes of the task arena shared by large tasks and loans. Default 64 MiB (reserved at
+    /// `build()` unless [`reserve_memory(false)`](Self::reserve_memory)).
     pub fn task_arena_bytes(mut self, n: usize) -> Self {
         self.cfg.arena_bytes = n;
         self
