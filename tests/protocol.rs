@@ -327,3 +327,103 @@ mod stateful_pool_hostile {
     pub const RECORDS: u32 = 8;
     pub const CLAIMS: u32 = 16;
 }
+
+#[test]
+fn a_worker_killed_while_parked_leaves_no_sleeper_behind() {
+    watchdog(120, || {
+        let pool = Pool::<TestWorker>::builder().build().unwrap();
+        pool.spawn(&Spawn::ok("idle")).unwrap();
+        // The idle worker parks (counted once on `task_ready`).
+        assert!(
+            wait_until(30, || pool.__sleepers().0 == 1),
+            "{:?}",
+            pool.__sleepers()
+        );
+        for round in 0..5 {
+            let pid = pool.workers()[0].pid;
+            // SAFETY: a plain kill(2) of our own worker process.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            assert!(wait_until(30, || {
+                let w = &pool.workers()[0];
+                w.pid != pid && w.state == stateful_pool::WorkerState::Ready
+            }));
+            // The dead one's count was withdrawn: only the new worker is counted.
+            assert!(
+                wait_until(30, || pool.__sleepers().0 == 1),
+                "round {round}: {:?}",
+                pool.__sleepers()
+            );
+        }
+        assert_eq!(pool.execute(&Cmd::Echo(3)).unwrap().value, 3);
+    });
+}
+
+#[test]
+fn a_timeout_kill_never_lands_on_the_next_task() {
+    watchdog(300, || {
+        // Tasks that run close to their limit: some time out, and their worker is killed. A
+        // kill must hit only the task that ran too long, never the next one the worker took:
+        // no task may end `WorkerDied`.
+        let pool = Pool::<TestWorker>::builder()
+            .queue_size(32)
+            .task_timeout(Duration::from_millis(20))
+            .restart_policy(RestartPolicy {
+                max_restarts: 10_000,
+                window: Duration::from_secs(60),
+                backoff_initial: Duration::from_millis(1),
+                backoff_max: Duration::from_millis(1),
+            })
+            .build()
+            .unwrap();
+        for r in pool.spawn_n(&Spawn::ok("t"), 2) {
+            r.unwrap();
+        }
+        let (mut ok, mut timed_out) = (0, 0);
+        for round in 0..10u64 {
+            let handles: Vec<_> = (0..16u64)
+                .map(|i| pool.submit(&Cmd::SleepMs(12 + (i + round) % 16)).unwrap())
+                .collect();
+            for h in handles {
+                match h.wait() {
+                    Ok(_) => ok += 1,
+                    Err(TaskError::Timeout { .. }) => timed_out += 1,
+                    Err(e) => panic!("a kill hit an innocent task: {e}"),
+                }
+            }
+        }
+        eprintln!("{ok} finished, {timed_out} timed out");
+        assert!(ok > 0);
+    });
+}
+
+#[test]
+fn the_result_bound_does_not_depend_on_how_full_the_ring_is() {
+    watchdog(120, || {
+        let pool = Pool::<TestWorker>::builder()
+            .max_workers(1)
+            .result_ring_bytes(RING)
+            .build()
+            .unwrap();
+        pool.spawn(&Spawn::ok("bound")).unwrap();
+        // 0.7 of the ring: above the bound (half the ring), refused on an empty ring and on a
+        // part-full one alike.
+        let big = (RING as u32 * 7) / 10;
+        for round in 0..3 {
+            match pool.execute(&Cmd::MakeBytes(big)) {
+                Err(TaskError::ResultTooLarge { len, max, .. }) => {
+                    assert!(len > big as usize && max < RING / 2, "round {round}")
+                }
+                other => panic!("round {round}: {other:?}"),
+            }
+            let keep = pool.submit(&Cmd::MakeBytes(20_000)).unwrap();
+            assert_eq!(keep.wait().unwrap().bytes.len(), 20_000);
+        }
+        // Just under the bound: accepted.
+        let max = RING / 2 - 32;
+        let n = (max - 64) as u32; // the archive adds a few bytes of its own
+        assert_eq!(
+            pool.execute(&Cmd::MakeBytes(n)).unwrap().bytes.len(),
+            n as usize
+        );
+    });
+}

@@ -393,6 +393,15 @@ impl<W: Worker> Pool<W> {
         self.shared.stats.snapshot()
     }
 
+    /// Test hook (feature `failpoints`, not an API): the sleepers counted on the segment's
+    /// `task_ready` and `space` eventcounts.
+    #[cfg(feature = "failpoints")]
+    #[doc(hidden)]
+    pub fn __sleepers(&self) -> (u32, u32) {
+        let h = self.shared.header();
+        (h.task_ready.sleepers(), h.space.sleepers())
+    }
+
     // ---- tasks ----
 
     /// Runs `task` on the next free worker and blocks for its result.
