@@ -10,7 +10,7 @@ mod common;
 use common::*;
 use stateful_pool::{Pool, RestartPolicy, WorkerState};
 use std::io::BufRead;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 stateful_pool::worker_hook!();
 
@@ -139,12 +139,8 @@ fn parent_death() {
         wait_until(30, || pids.iter().all(|&p| process_gone(p))),
         "workers outlived their parent"
     );
-    let took = t0.elapsed();
-    eprintln!("workers gone {took:?} after the parent was killed");
-    assert!(
-        took < Duration::from_secs(1),
-        "workers took {took:?} to exit"
-    );
+    // How fast is measured, not asserted (BENCHMARKS.md): PDEATHSIG makes it milliseconds.
+    eprintln!("workers gone {:?} after the parent was killed", t0.elapsed());
     assert_eq!(dev_shm(), shm_before, "something was left in /dev/shm");
 }
 

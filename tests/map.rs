@@ -580,20 +580,22 @@ fn a_stream_of_large_tasks_waits_for_arena_space_on_a_single_threaded_runtime() 
             .into_iter()
             .for_each(|r| drop(r.unwrap()));
         let hog = pool.loan(80 << 10).unwrap();
-        let release = std::thread::spawn(move || {
-            std::thread::sleep(std::time::Duration::from_millis(50));
-            drop(hog);
-        });
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let sums: Vec<u64> = rt.block_on(
-            pool.map_async((0..30u8).map(|i| Cmd::SumVec(vec![i; 20_000])))
+        let sums: Vec<u64> = rt.block_on(async {
+            // On this single thread the spawned task runs only once the stream has yielded:
+            // the stream meets a full arena first, then the hog is released.
+            let release = tokio::spawn(async move { drop(hog) });
+            let sums = pool
+                .map_async((0..30u8).map(|i| Cmd::SumVec(vec![i; 20_000])))
                 .window(8)
                 .map(|r| r.unwrap().value)
-                .collect(),
-        );
-        release.join().unwrap();
+                .collect()
+                .await;
+            release.await.unwrap();
+            sums
+        });
         assert_eq!(sums, (0..30u64).map(|i| i * 20_000).collect::<Vec<_>>());
     });
 }

@@ -321,11 +321,11 @@ fn a_hostile_worker_cannot_hurt_the_parent_or_other_seats() {
 
 /// The misbehaviour bits of `STATEFUL_POOL_HOSTILE` (src/failpoint.rs).
 mod stateful_pool_hostile {
-    pub const LIE: u32 = 1;
-    pub const REWRITE: u32 = 2;
-    pub const COUNTERS: u32 = 4;
-    pub const RECORDS: u32 = 8;
-    pub const CLAIMS: u32 = 16;
+    pub(crate) const LIE: u32 = 1;
+    pub(crate) const REWRITE: u32 = 2;
+    pub(crate) const COUNTERS: u32 = 4;
+    pub(crate) const RECORDS: u32 = 8;
+    pub(crate) const CLAIMS: u32 = 16;
 }
 
 #[test]

@@ -371,9 +371,16 @@ pub struct BatchHandle<O: Message> {
 /// Each task's outcome in a finished batch.
 fn unbatch<O: Message>(
     r: Result<codec::BatchOut<O>, TaskError>,
+    len: usize,
 ) -> Result<Vec<Result<O, TaskError>>, TaskError> {
     let (worker, outs) = r?;
     let worker = worker as usize;
+    if outs.len() != len {
+        return Err(TaskError::BadResult {
+            worker,
+            message: format!("{} outcomes for a batch of {len} tasks", outs.len()),
+        });
+    }
     Ok(outs
         .into_iter()
         .map(|x| {
@@ -415,7 +422,8 @@ impl<O: Message> BatchHandle<O> {
 
     /// Blocks until the batch finishes; each task's outcome in order.
     pub fn wait(self) -> Result<Vec<Result<O, TaskError>>, TaskError> {
-        unbatch(self.inner.wait())
+        let len = self.len;
+        unbatch(self.inner.wait(), len)
     }
 
     /// Waits at most `timeout`; on timeout gives the handle back.
@@ -425,7 +433,7 @@ impl<O: Message> BatchHandle<O> {
     ) -> Result<Result<Vec<Result<O, TaskError>>, TaskError>, Self> {
         let len = self.len;
         match self.inner.wait_timeout(timeout) {
-            Ok(r) => Ok(unbatch(r)),
+            Ok(r) => Ok(unbatch(r, len)),
             Err(inner) => Err(BatchHandle { inner, len }),
         }
     }
@@ -435,6 +443,8 @@ impl<O: Message> Future for BatchHandle<O> {
     type Output = Result<Vec<Result<O, TaskError>>, TaskError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.get_mut().inner).poll(cx).map(unbatch)
+        let this = self.get_mut();
+        let len = this.len;
+        Pin::new(&mut this.inner).poll(cx).map(|r| unbatch(r, len))
     }
 }
