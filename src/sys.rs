@@ -215,3 +215,16 @@ pub(crate) fn memory_available() -> Option<u64> {
         (a, b) => a.or(b),
     }
 }
+
+/// Whether this process has SIGCHLD set to be ignored (`SIG_IGN`) or `SA_NOCLDWAIT`: its
+/// children are then reaped by the kernel, and a pid may be reused before the parent looks.
+pub(crate) fn child_exits_unwatched() -> bool {
+    // SAFETY: a zeroed sigaction is a valid out-parameter; querying (act = NULL) changes
+    // nothing.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: signum is valid, act is NULL (query only), oldact points to our local.
+    if unsafe { libc::sigaction(libc::SIGCHLD, std::ptr::null(), &mut old) } != 0 {
+        return false;
+    }
+    old.sa_sigaction == libc::SIG_IGN || old.sa_flags & libc::SA_NOCLDWAIT != 0
+}

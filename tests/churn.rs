@@ -140,7 +140,10 @@ fn parent_death() {
         "workers outlived their parent"
     );
     // How fast is measured, not asserted (BENCHMARKS.md): PDEATHSIG makes it milliseconds.
-    eprintln!("workers gone {:?} after the parent was killed", t0.elapsed());
+    eprintln!(
+        "workers gone {:?} after the parent was killed",
+        t0.elapsed()
+    );
     assert_eq!(dev_shm(), shm_before, "something was left in /dev/shm");
 }
 

@@ -509,15 +509,16 @@ fn failed_spawns_report_clearly_and_leave_no_process_and_the_pool_usable() {
         pool.spawn(&Spawn::ok("b")).unwrap();
         assert_eq!(pool.execute(&Cmd::Echo(4)).unwrap().value, 4);
 
-        let missing = Pool::<TestWorker>::builder()
+        // A worker program that does not exist is refused when the pool is built, by name.
+        match Pool::<TestWorker>::builder()
             .program("/nonexistent/stateful-pool-worker")
             .build()
-            .unwrap();
-        assert!(matches!(
-            missing.spawn(&Spawn::ok("x")),
-            Err(SpawnError::Launch { .. })
-        ));
-        assert!(missing.workers().is_empty());
+        {
+            Err(BuildError::InvalidConfig(m)) => {
+                assert!(m.contains("/nonexistent/stateful-pool-worker"), "{m}")
+            }
+            other => panic!("expected InvalidConfig, got {:?}", other.map(|_| ())),
+        }
     });
 }
 

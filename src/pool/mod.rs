@@ -21,10 +21,7 @@ use self::shared::Shared;
 use self::supervisor::{ReplyGuard, SupMsg, supervisor_loop};
 use crate::codec::{self, EncodeError};
 use crate::error::{BuildError, SpawnError, SubmitError, TaskError};
-use crate::shm::layout::{
-    FLAG_RESTART_ON_PANIC, Layout, Params, SegmentHeader, VERSION, WorkerCtl, ctl_state,
-};
-use crate::shm::segment::Segment;
+use crate::shm::layout::{FLAG_RESTART_ON_PANIC, Layout, Params, ctl_state};
 use crate::worker::Worker;
 use crate::worker::boot::{BOOT_ENV, Boot, entry_offset, fingerprint, protocol_hash};
 use std::borrow::Borrow;
@@ -91,6 +88,15 @@ impl<W: Worker> Pool<W> {
         if std::env::var_os(BOOT_ENV).is_some() {
             return Err(BuildError::InsideWorker);
         }
+        if crate::sys::child_exits_unwatched() {
+            // Children would be reaped by the kernel behind our back: a worker's pid could be
+            // reused before we look at it, and its exit status would be lost.
+            return Err(BuildError::InvalidConfig(
+                "SIGCHLD is ignored (SIG_IGN or SA_NOCLDWAIT) in this process: the pool must \
+                 reap its workers itself"
+                    .into(),
+            ));
+        }
         let bad = |m: &str| Err(BuildError::InvalidConfig(m.to_string()));
         if cfg.queue_size == 0 || cfg.queue_size > (1 << 24) {
             return bad("queue_size must be in 1..=16777216");
@@ -135,58 +141,37 @@ impl<W: Worker> Pool<W> {
                 }
             }
         }
-        let seg = Segment::create(layout.total, cfg.reserve_memory).map_err(|e| {
-            match e.raw_os_error() {
-                Some(libc::ENOSPC) | Some(libc::ENOMEM) | Some(libc::EFBIG) => {
-                    BuildError::NoSpace {
-                        bytes,
-                        available: format!("reservation failed: {e}"),
+        let init = crate::shm::init::HeaderInit {
+            protocol_hash: protocol_hash::<W>(),
+            worker_spin_ns: cfg.worker_wait.spin().as_nanos().min(u64::MAX as u128) as u64,
+            flags: if cfg.restart_on_panic {
+                FLAG_RESTART_ON_PANIC
+            } else {
+                0
+            },
+        };
+        let seg =
+            crate::shm::init::create(&layout, init, cfg.reserve_memory).map_err(|e| {
+                match e.raw_os_error() {
+                    Some(libc::ENOSPC) | Some(libc::ENOMEM) | Some(libc::EFBIG) => {
+                        BuildError::NoSpace {
+                            bytes,
+                            available: format!("reservation failed: {e}"),
+                        }
                     }
+                    _ => BuildError::Shm(e),
                 }
-                _ => BuildError::Shm(e),
-            }
-        })?;
+            })?;
         let wake = crate::sys::eventfd().map_err(BuildError::Shm)?;
-        // Initialise the segment before anyone else can map it (nobody has the fd yet).
-        let hdr_ptr = seg.base() as *mut SegmentHeader;
-        let spin_ns = cfg.worker_wait.spin().as_nanos().min(u64::MAX as u128) as u64;
-        let flags = if cfg.restart_on_panic {
-            FLAG_RESTART_ON_PANIC
-        } else {
-            0
-        };
-        // SAFETY: the mapping is fresh, private to us, page-aligned and at least a header long
-        // (the layout starts with it); no reference into it exists yet.
-        unsafe {
-            hdr_ptr.write(SegmentHeader::new(
-                &layout,
-                protocol_hash::<W>(),
-                spin_ns,
-                flags,
-            ))
-        };
-        for i in 0..layout.ring_cap {
-            let p =
-                seg.bytes_ptr(layout.task_cells + i * 16, 16) as *mut crate::ring::mpmc::MpmcCell;
-            // SAFETY: in bounds (bytes_ptr checked), 16-aligned (region is 64-aligned, cells 16
-            // bytes), not yet shared.
-            unsafe { p.write(crate::ring::mpmc::MpmcCell::new(i as u64)) };
-        }
-        for i in 0..params.max_workers as usize {
-            let off = layout.ctls + i * size_of::<WorkerCtl>();
-            let p = seg.bytes_ptr(off, size_of::<WorkerCtl>()) as *mut WorkerCtl;
-            // SAFETY: as above, for the worker control blocks.
-            unsafe { p.write(WorkerCtl::new()) };
-        }
-        // Slot headers and rings are valid all-zero. Publish: version last.
-        seg.get::<SegmentHeader>(0)
-            .version
-            .store(VERSION, Ordering::Release);
 
-        let program = cfg
-            .program
-            .clone()
-            .unwrap_or_else(crate::process::current_program);
+        let program = match &cfg.program {
+            // Resolved now, against the current directory (never through PATH: an unrelated
+            // program found there would be handed the segment).
+            Some(p) => std::fs::canonicalize(p).map_err(|e| {
+                BuildError::InvalidConfig(format!("worker program {}: {e}", p.display()))
+            })?,
+            None => crate::process::current_program(),
+        };
         let shared = Arc::new(Shared::new(seg, layout, cfg, max_task_bytes, wake));
         let (tx, rx) = channel();
         let mut threads = Vec::new();
