@@ -75,7 +75,19 @@ impl<T> Slot<T> {
 
 struct Inner<T> {
     slots: Vec<Slot<T>>,
-    free: Vec<u32>,
+    /// Free indices, reused oldest first (FIFO), so a stale handle's index comes back as late
+    /// as possible; an index whose generations are used up is never reused at all.
+    free: std::collections::VecDeque<u32>,
+}
+
+impl<T> Inner<T> {
+    /// Puts index `i` (just freed, now at `generation`) back for reuse, unless its generations
+    /// wrapped: then a stale handle could become valid again, so the index is retired for good.
+    fn recycle(&mut self, i: usize, generation: u32) {
+        if generation != FIRST_GENERATION {
+            self.free.push_back(i as u32);
+        }
+    }
 }
 
 /// A table of live objects of one kind.
@@ -94,7 +106,7 @@ impl<T> Table<T> {
             name,
             inner: Mutex::new(Inner {
                 slots: Vec::new(),
-                free: Vec::new(),
+                free: std::collections::VecDeque::new(),
             }),
         }
     }
@@ -136,17 +148,17 @@ impl<T> Table<T> {
     /// Stores `value`; returns its handle.
     pub(crate) fn insert(&self, value: T) -> u64 {
         let mut t = self.lock();
-        if let Some(i) = t.free.pop() {
+        if let Some(i) = t.free.pop_front() {
             let generation = t.slots[i as usize].generation();
             t.slots[i as usize] = Slot::Live { generation, value };
             return self.encode(i as usize, generation);
         }
         let i = t.slots.len();
         t.slots.push(Slot::Live {
-            generation: 1,
+            generation: FIRST_GENERATION,
             value,
         });
-        self.encode(i, 1)
+        self.encode(i, FIRST_GENERATION)
     }
 
     /// Runs `f` on the live value (under the table's lock: keep it short).
@@ -177,12 +189,15 @@ impl<T> Table<T> {
             _ => return Err(self.invalid(h)),
         }
         let next = next(g);
-        let freed = matches!(next, Slot::Free { .. });
+        let freed = match next {
+            Slot::Free { generation } => Some(generation),
+            _ => None,
+        };
         let Slot::Live { value, .. } = std::mem::replace(&mut t.slots[i], next) else {
             unreachable!("checked live above");
         };
-        if freed {
-            t.free.push(i as u32);
+        if let Some(generation) = freed {
+            t.recycle(i, generation);
         }
         Ok(value)
     }
@@ -220,19 +235,21 @@ impl<T> Table<T> {
         let mut t = self.lock();
         if let Some(slot @ Slot::Busy { .. }) = t.slots.get_mut(i) {
             if slot.generation() == g {
-                *slot = Slot::Free {
-                    generation: next_generation(g),
-                };
-                t.free.push(i as u32);
+                let generation = next_generation(g);
+                *slot = Slot::Free { generation };
+                t.recycle(i, generation);
             }
         }
     }
 }
 
+/// The generation of a fresh index (0 is never issued, so an all-zero handle body never
+/// matches).
+const FIRST_GENERATION: u32 = 1;
+
 fn next_generation(g: u32) -> u32 {
-    // Generation 0 is never issued, so an all-zero handle body never matches.
     match (g + 1) & GEN_MASK {
-        0 => 1,
+        0 => FIRST_GENERATION,
         n => n,
     }
 }
@@ -272,6 +289,30 @@ mod tests {
             sp_status::SP_INVALID_HANDLE
         );
         assert_eq!(a.with(h2, |v| v.clone()).unwrap(), "y");
+    }
+
+    #[test]
+    fn an_index_whose_generations_run_out_is_never_reused() {
+        let a: Table<u32> = Table::new(1, "thing");
+        let first = a.insert(0);
+        a.remove(first).unwrap();
+        // Cycle the one index through every generation (the audit's L4: a stale handle must
+        // never come back to life).
+        let mut last = 0;
+        for k in 1..GEN_MASK {
+            let h = a.insert(k);
+            assert_eq!(h & 0xffff_ffff, first & 0xffff_ffff, "the same index, FIFO");
+            a.remove(h).unwrap();
+            last = h;
+        }
+        let fresh = a.insert(7);
+        assert_ne!(fresh & 0xffff_ffff, first & 0xffff_ffff, "a new index");
+        for h in [first, last] {
+            assert_eq!(
+                a.with(h, |_| ()).unwrap_err().status,
+                sp_status::SP_INVALID_HANDLE
+            );
+        }
     }
 
     #[test]
