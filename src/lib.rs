@@ -93,11 +93,13 @@ pub use pool::Pool;
 #[cfg(not(stateful_pool_loom))]
 pub use pool::builder::{PoolBuilder, RestartPolicy, WaitStrategy};
 #[cfg(not(stateful_pool_loom))]
-pub use pool::events::{PoolEvent, PoolStats, SpawnOptions, TaskOptions, WorkerInfo, WorkerState};
+pub use pool::events::{PoolEvent, PoolStats, WorkerInfo, WorkerState};
 #[cfg(not(stateful_pool_loom))]
 pub use pool::handle::{BatchHandle, Loan, ResultRef, SpawnHandle, TaskHandle};
 #[cfg(not(stateful_pool_loom))]
 pub use pool::map::{ErrorPolicy, Map, MapError, MapStream};
+#[cfg(not(stateful_pool_loom))]
+pub use pool::options::{SpawnOptions, TaskOptions};
 
 /// Lazy maps over a pool: [`Pool::map`] (an iterator) and [`Pool::map_stream`] /
 /// [`Pool::map_async`] (a [`Stream`](futures_core::Stream)), ordered or unordered, with a

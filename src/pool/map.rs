@@ -32,8 +32,8 @@
 
 use super::Pool;
 use super::arena::Block;
-use super::events::TaskOptions;
 use super::handle::{BatchHandle, TaskHandle};
+use super::options::TaskOptions;
 use super::shared::Shared;
 use crate::error::{SubmitError, TaskError};
 use crate::worker::Worker;

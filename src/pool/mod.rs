@@ -6,6 +6,7 @@ pub(crate) mod builder;
 pub(crate) mod events;
 pub(crate) mod handle;
 pub(crate) mod map;
+pub(crate) mod options;
 pub(crate) mod reactor;
 pub(crate) mod results;
 pub(crate) mod shared;
@@ -14,14 +15,15 @@ pub(crate) mod supervisor;
 
 use self::arena::Block;
 use self::builder::Config;
-use self::events::{PoolStats, SpawnOptions, TaskOptions, WorkerInfo};
+use self::events::{PoolStats, WorkerInfo};
 use self::handle::{BatchHandle, Loan, SpawnHandle, SpawnReply, TaskHandle};
+use self::options::{SpawnOptions, TaskOptions};
 use self::reactor::reactor_loop;
 use self::shared::Shared;
 use self::supervisor::{ReplyGuard, SupMsg, supervisor_loop};
 use crate::codec::{self, EncodeError};
 use crate::error::{BuildError, SpawnError, SubmitError, TaskError};
-use crate::shm::layout::{FLAG_RESTART_ON_PANIC, Layout, Params, ctl_state};
+use crate::shm::layout::{FLAG_RESTART_ON_PANIC, Layout, Params};
 use crate::worker::Worker;
 use crate::worker::boot::{BOOT_ENV, Boot, entry_offset, fingerprint, protocol_hash};
 use std::borrow::Borrow;
@@ -331,16 +333,21 @@ impl<W: Worker> Pool<W> {
 
     /// Number of workers whose spawn step has finished and that are serving.
     pub fn num_workers(&self) -> usize {
-        (0..self.shared.layout.params.max_workers)
-            .filter(|&i| self.shared.ctl(i).state.load(Ordering::Acquire) == ctl_state::READY)
+        self.shared
+            .lock_seats()
+            .iter()
+            .filter(|s| s.state == events::WorkerState::Ready)
             .count()
     }
 
     /// Process ids of the serving workers, by seat.
     pub fn worker_pids(&self) -> Vec<(usize, u32)> {
-        (0..self.shared.layout.params.max_workers)
-            .filter(|&i| self.shared.ctl(i).state.load(Ordering::Acquire) == ctl_state::READY)
-            .map(|i| (i as usize, self.shared.ctl(i).pid.load(Ordering::Relaxed)))
+        self.shared
+            .lock_seats()
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.state == events::WorkerState::Ready)
+            .map(|(i, s)| (i, s.pid))
             .collect()
     }
 

@@ -8,7 +8,7 @@
 //! [`Arbiter`](crate::slot::Arbiter).
 
 use super::arena::Block;
-use super::events::TaskOptions;
+use super::options::TaskOptions;
 use super::shared::Shared;
 use crate::error::SubmitError;
 use crate::ring::wait::{spin_until, wait_on};

@@ -1,0 +1,269 @@
+//! A worker's life as the supervisor runs it: launch (spawn arguments into the seat's area, a
+//! fresh control block, the process), the start-up report (ready or failed, or past the spawn
+//! timeout), restarts under the restart policy, and the "no workers left" state.
+
+use super::*;
+
+impl Sup {
+    /// Writes the spawn arguments into the seat's area, resets its control block for a new
+    /// life and launches the process.
+    pub(super) fn start(&mut self, seat: u32, reply: Option<ReplyGuard>) {
+        let shared = &self.shared;
+        let s = &mut self.seats[seat as usize];
+        let cap = shared.layout.params.spawn_area as usize;
+        let len = s.args.len().min(cap);
+        let area = shared
+            .seg
+            .bytes_ptr(shared.layout.spawn_area_off(seat), len);
+        // SAFETY: the seat's spawn area belongs to the parent while no process of this seat
+        // runs (the previous one is reaped, the next not yet launched); `len` fits the area.
+        unsafe { std::ptr::copy_nonoverlapping(s.args.as_ptr(), area, len) };
+        let ctl = shared.ctl(seat);
+        ctl.spawn_args_len.store(len as u64, Ordering::Relaxed);
+        ctl.spawn_out_len.store(0, Ordering::Relaxed);
+        ctl.spawn_kind.store(0, Ordering::Relaxed);
+        ctl.claim.store(0, Ordering::Relaxed);
+        ctl.current_slot.store(u32::MAX, Ordering::Relaxed);
+        ctl.current_task.store(0, Ordering::Relaxed);
+        ctl.tasks_done.store(0, Ordering::Relaxed);
+        ctl.parked.store(parked::NONE, Ordering::Relaxed);
+        ctl.wants_space.store(0, Ordering::Relaxed);
+        ctl.hold.store(0, Ordering::Relaxed);
+        ctl.generation.fetch_add(1, Ordering::Relaxed);
+        // SYNC POINT: the launch (fork/exec) orders these stores before anything the worker does.
+        ctl.state.store(ctl_state::STARTING, Ordering::Release);
+        s.kill = None;
+        let restart = reply.is_none();
+        match launch(
+            &self.program,
+            shared.seg.fd(),
+            shared.wake.as_fd(),
+            &s.boot,
+            &s.env,
+        ) {
+            Ok(child) => {
+                s.pid = child.id();
+                s.pidfd = crate::sys::pidfd_open(child.id()).ok();
+                s.child = Some(child);
+                ctl.pid.store(s.pid, Ordering::Relaxed);
+                s.phase = Phase::Starting {
+                    reply,
+                    since: Instant::now(),
+                };
+                let pid = s.pid;
+                let mut seats = shared.lock_seats();
+                seats[seat as usize].state = WorkerState::Starting;
+                seats[seat as usize].pid = pid;
+            }
+            Err(source) => {
+                ctl.state.store(ctl_state::EMPTY, Ordering::Release);
+                if restart {
+                    let message = format!("cannot start the worker process: {source}");
+                    self.restart_failed(seat, message);
+                } else {
+                    self.free_seat(seat, WorkerState::Empty);
+                    if let Some(r) = reply {
+                        r.complete(SpawnOutcome::Failed(SpawnError::Launch {
+                            worker: seat as usize,
+                            source,
+                        }));
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) fn free_seat(&mut self, seat: u32, state: WorkerState) {
+        let s = &mut self.seats[seat as usize];
+        s.phase = Phase::Idle;
+        s.child = None;
+        s.pidfd = None;
+        self.shared
+            .ctl(seat)
+            .state
+            .store(ctl_state::EMPTY, Ordering::Release);
+        let mut seats = self.shared.lock_seats();
+        seats[seat as usize].in_use = false;
+        seats[seat as usize].state = state;
+    }
+
+    /// A start-up reported ready or failed (or ran out of time).
+    pub(super) fn check_start(&mut self, seat: u32) {
+        let shared = self.shared.clone();
+        let ctl = shared.ctl(seat);
+        let worker = seat as usize;
+        match ctl.state.load(Ordering::Acquire) {
+            ctl_state::READY => {
+                let s = &mut self.seats[seat as usize];
+                let Phase::Starting { reply, .. } = std::mem::replace(&mut s.phase, Phase::Ready)
+                else {
+                    return;
+                };
+                let pid = s.pid;
+                {
+                    let mut seats = shared.lock_seats();
+                    seats[worker].state = WorkerState::Ready;
+                    seats[worker].pid = pid;
+                }
+                shared.no_workers.store(false, Ordering::SeqCst);
+                match reply {
+                    Some(r) => r.complete(SpawnOutcome::Ready(spawn_report(&shared, seat))),
+                    None => {
+                        StatCounters::add(&shared.stats.restarts, 1);
+                        shared.lock_seats()[worker].restarts += 1;
+                        self.emit(PoolEvent::WorkerRestarted {
+                            worker,
+                            pid,
+                            generation: ctl.generation.load(Ordering::Relaxed),
+                        });
+                    }
+                }
+            }
+            ctl_state::FAILED => {
+                let message = String::from_utf8_lossy(&spawn_report(&shared, seat)).into_owned();
+                let panicked = ctl.spawn_kind.load(Ordering::Relaxed) == KIND_PANIC;
+                // The worker exits right after reporting: reap it now.
+                self.reap_now(seat);
+                let s = &mut self.seats[seat as usize];
+                let Phase::Starting { reply, .. } = std::mem::replace(&mut s.phase, Phase::Idle)
+                else {
+                    return;
+                };
+                match reply {
+                    Some(r) => {
+                        self.free_seat(seat, WorkerState::Empty);
+                        r.complete(SpawnOutcome::Failed(if panicked {
+                            SpawnError::Panicked { worker, message }
+                        } else {
+                            SpawnError::Failed { worker, message }
+                        }));
+                    }
+                    None => {
+                        let what = if panicked { "panicked" } else { "failed" };
+                        self.restart_failed(seat, format!("spawn step {what}: {message}"));
+                    }
+                }
+            }
+            _ => {
+                let Phase::Starting { since, .. } = &self.seats[seat as usize].phase else {
+                    return;
+                };
+                if since.elapsed() > shared.cfg.spawn_timeout {
+                    self.reap_now(seat);
+                    let s = &mut self.seats[seat as usize];
+                    let Phase::Starting { reply, .. } =
+                        std::mem::replace(&mut s.phase, Phase::Idle)
+                    else {
+                        return;
+                    };
+                    let after = shared.cfg.spawn_timeout;
+                    match reply {
+                        Some(r) => {
+                            self.free_seat(seat, WorkerState::Empty);
+                            r.complete(SpawnOutcome::Failed(SpawnError::Timeout { worker, after }));
+                        }
+                        None => self.restart_failed(
+                            seat,
+                            format!("spawn step did not finish within {after:?}"),
+                        ),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Kills the seat's process (if still running) and reaps it.
+    pub(super) fn reap_now(&mut self, seat: u32) {
+        let s = &mut self.seats[seat as usize];
+        if let Some(child) = s.child.as_mut() {
+            if !matches!(child.try_wait(), Ok(Some(_))) {
+                kill_process(s);
+                if let Some(child) = s.child.as_mut() {
+                    let _ = child.wait();
+                }
+            }
+        }
+        s.child = None;
+        s.pidfd = None;
+    }
+
+    /// Starts the seat again after its back-off, or marks it failed if it is out of restarts.
+    pub(super) fn schedule_restart(&mut self, seat: u32) {
+        let policy = self.shared.cfg.restart;
+        let now = Instant::now();
+        let s = &mut self.seats[seat as usize];
+        while s
+            .recent
+            .front()
+            .is_some_and(|&t| now.saturating_duration_since(t) > policy.window)
+        {
+            s.recent.pop_front();
+        }
+        let recent = s.recent.len() as u32;
+        if recent >= policy.max_restarts {
+            self.free_seat(seat, WorkerState::Failed);
+            StatCounters::add(&self.shared.stats.failed_workers, 1);
+            self.emit(PoolEvent::WorkerFailed {
+                worker: seat as usize,
+                restarts: recent,
+            });
+            self.check_no_workers();
+            return;
+        }
+        let at = now + policy.delay(recent);
+        s.recent.push_back(at);
+        s.phase = Phase::Backoff { at };
+        self.shared.lock_seats()[seat as usize].state = WorkerState::Restarting;
+    }
+
+    pub(super) fn restart_failed(&mut self, seat: u32, message: String) {
+        self.seats[seat as usize].phase = Phase::Idle;
+        self.emit(PoolEvent::RestartFailed {
+            worker: seat as usize,
+            message,
+        });
+        if self.shutdown.is_some() {
+            self.free_seat(seat, WorkerState::Stopped);
+        } else {
+            self.schedule_restart(seat);
+        }
+    }
+
+    /// If no seat is serving, starting or about to restart, the pool has no workers left:
+    /// fail the queue and refuse new tasks until a spawn succeeds.
+    pub(super) fn check_no_workers(&mut self) {
+        let alive = self.seats.iter().any(|s| !matches!(s.phase, Phase::Idle));
+        if alive || self.shutdown.is_some() {
+            return;
+        }
+        self.emit(PoolEvent::NoWorkersLeft);
+        self.shared.no_workers.store(true, Ordering::SeqCst);
+        self.shared.fail_queued(KIND_NO_WORKERS);
+    }
+}
+
+pub(super) fn describe(cause: ExitCause) -> String {
+    use crate::worker::boot::exit_code;
+    match cause {
+        ExitCause::Signal(_) => cause.to_string(),
+        ExitCause::Exit(code) => match exit_code::meaning(code) {
+            Some(m) => format!("exit code {code}: {m}"),
+            None => format!("exit code {code}"),
+        },
+    }
+}
+
+/// A copy of what a worker that reported READY or FAILED wrote in its spawn area: the spawn
+/// output's archive, or the failure message.
+pub(super) fn spawn_report(shared: &Shared, seat: u32) -> Vec<u8> {
+    let ctl = shared.ctl(seat);
+    let len = (ctl.spawn_out_len.load(Ordering::Relaxed) as usize)
+        .min(shared.layout.params.spawn_area as usize);
+    let ptr = shared
+        .seg
+        .bytes_ptr(shared.layout.spawn_area_off(seat), len);
+    // SAFETY: the worker wrote these bytes before its Release store of READY/FAILED, which the
+    // caller Acquired; it never writes the area again in this life, and `len` is clamped to the
+    // area.
+    unsafe { std::slice::from_raw_parts(ptr, len) }.to_vec()
+}

@@ -1,0 +1,273 @@
+//! A worker's death: what it held (`slot::held_by_dead_worker` and the repair of a queue pop
+//! it died in), how each held task is answered (died, timed out, cancelled, or retried), the
+//! sleeper and ring records it left behind, and the task timeouts that kill workers.
+
+use super::lifecycle::describe;
+use super::*;
+
+impl Sup {
+    /// The seat's process has exited (and is reaped).
+    pub(super) fn on_exit(&mut self, seat: u32, cause: ExitCause) {
+        let shared = self.shared.clone();
+        let worker = seat as usize;
+        let s = &mut self.seats[worker];
+        s.child = None;
+        s.pidfd = None;
+        let pid = s.pid;
+        let kill = s.kill.take();
+        // A retried task may come back to this seat with the same id: its clock restarts.
+        s.watch = (0, Instant::now());
+        let phase = std::mem::replace(&mut s.phase, Phase::Idle);
+        let ctl = shared.ctl(seat);
+        let ctl_state_now = ctl.state.load(Ordering::Acquire);
+        match phase {
+            Phase::Starting { reply, .. } => {
+                if ctl_state_now == ctl_state::READY || ctl_state_now == ctl_state::FAILED {
+                    // It reported, then died: handle the report first, as if seen before.
+                    self.seats[worker].phase = Phase::Starting {
+                        reply,
+                        since: Instant::now(),
+                    };
+                    self.check_start(seat);
+                    if !matches!(self.seats[worker].phase, Phase::Ready) {
+                        return;
+                    }
+                    // Ready, and already dead: fall through to the death below.
+                } else {
+                    let status = describe(cause);
+                    match reply {
+                        Some(r) => {
+                            self.free_seat(seat, WorkerState::Empty);
+                            r.complete(SpawnOutcome::Failed(SpawnError::Exited {
+                                worker,
+                                pid,
+                                status,
+                            }));
+                        }
+                        None => self.restart_failed(
+                            seat,
+                            format!("the process exited during start-up ({status})"),
+                        ),
+                    }
+                    return;
+                }
+            }
+            Phase::Ready => {}
+            Phase::Idle | Phase::Backoff { .. } => return,
+        }
+        // A serving worker ended.
+        let reason = match (kill, ctl_state_now) {
+            (Some(KillReason::Timeout { .. }), _) => "timeout",
+            (Some(KillReason::Shutdown), _) => "shutdown",
+            (Some(KillReason::Misbehaving), _) => "misbehaving",
+            (None, ctl_state::RETIRING) => match ctl.spawn_kind.load(Ordering::Relaxed) {
+                KIND_POISONED => "poisoned",
+                _ => "panic",
+            },
+            (None, ctl_state::EXITED) => "exit",
+            _ => "crash",
+        };
+        let (failed, retried) = self.recover_tasks(seat, pid, cause, kill);
+        ctl.state.store(ctl_state::EXITED, Ordering::Release);
+        if reason == "exit" && self.shutdown.is_some() {
+            // The normal end of a worker at shutdown.
+            self.free_seat(seat, WorkerState::Stopped);
+            return;
+        }
+        StatCounters::add(&shared.stats.worker_deaths, 1);
+        self.emit(PoolEvent::WorkerDied {
+            worker,
+            pid,
+            cause,
+            reason,
+            tasks_failed: failed,
+            tasks_retried: retried,
+        });
+        if self.shutdown.is_some() || shared.closing.load(Ordering::SeqCst) {
+            self.free_seat(seat, WorkerState::Stopped);
+            return;
+        }
+        self.schedule_restart(seat);
+    }
+
+    /// Finds the task the dead worker of `seat` held (`slot::held_by_dead_worker`, and the
+    /// queue repair of a pop it died in) and completes it with `WorkerDied`/`Timeout`/
+    /// `Cancelled`, or queues it again under its retry policy; withdraws a sleeper it left
+    /// counted; releases the records it left orphaned in its ring. Returns (failed, retried).
+    pub(super) fn recover_tasks(
+        &mut self,
+        seat: u32,
+        pid: u32,
+        cause: ExitCause,
+        kill: Option<KillReason>,
+    ) -> (usize, usize) {
+        let shared = self.shared.clone();
+        let ctl = shared.ctl(seat);
+        let hdr = shared.header();
+        match ctl.parked.swap(parked::NONE, Ordering::SeqCst) {
+            parked::TASK_READY => hdr.task_ready.withdraw_dead_sleeper(),
+            parked::SPACE => hdr.space.withdraw_dead_sleeper(),
+            _ => {}
+        }
+        let mut held: Vec<u32> = Vec::with_capacity(2);
+        let cur = ctl.current_slot.load(Ordering::SeqCst);
+        let tid = ctl.current_task.load(Ordering::SeqCst);
+        let n_slots = shared.n_slots();
+        if let Some(slot) =
+            held_by_dead_worker(cur, tid, n_slots, |s| Some(shared.slot(s).state_and_task()))
+        {
+            held.push(slot);
+        }
+        let claim = ctl.claim.load(Ordering::SeqCst);
+        match self.repair(seat, claim) {
+            Repair::Taken(v) if v < n_slots && !held.contains(&v) => held.push(v),
+            Repair::Deferred => self.pending_repairs.push(PendingRepair {
+                seat,
+                claim,
+                pid,
+                cause,
+            }),
+            _ => {}
+        }
+        ctl.claim.store(0, Ordering::Relaxed);
+        ctl.current_slot.store(u32::MAX, Ordering::Relaxed);
+        ctl.current_task.store(0, Ordering::Relaxed);
+        let (mut failed, mut retried) = (0, 0);
+        for slot in held {
+            if self.answer_held(slot, seat, pid, cause, kill) {
+                retried += 1;
+            } else {
+                failed += 1;
+            }
+        }
+        // Only after the held task is answered or requeued: every record it left is an orphan.
+        shared.sweep_dead_seat(seat);
+        (failed, retried)
+    }
+
+    /// Asks the task queue whether a dead worker's pop (intent `claim`) left a task in a cell.
+    pub(super) fn repair(&self, seat: u32, claim: u64) -> Repair {
+        let shared = &self.shared;
+        // A live worker with the same intent: the winner, about to release the cell, or a
+        // loser, about to withdraw its claim. (A dead one not yet recovered still counts: its
+        // own recovery comes first.)
+        let live_claim = |c: u64| {
+            (0..shared.n_seats()).filter(|&i| i != seat).any(|i| {
+                let w = shared.ctl(i);
+                w.claim.load(Ordering::SeqCst) == c
+                    && w.state.load(Ordering::Acquire) == ctl_state::READY
+            })
+        };
+        shared.task_ring().repair(claim, live_claim)
+    }
+
+    /// Retries the queue repairs a live claim held up (each converges once that worker runs).
+    pub(super) fn retry_repairs(&mut self) {
+        if self.pending_repairs.is_empty() {
+            return;
+        }
+        for p in std::mem::take(&mut self.pending_repairs) {
+            match self.repair(p.seat, p.claim) {
+                Repair::Deferred => self.pending_repairs.push(p),
+                Repair::Taken(v) if v < self.shared.n_slots() => {
+                    let _ = self.answer_held(v, p.seat, p.pid, p.cause, None);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Answers a task a dead worker held: `Timeout` if we killed it for this task,
+    /// `Cancelled` at shutdown or if its caller cancelled, a retry if its budget allows, else
+    /// `WorkerDied`. Returns whether it was requeued.
+    pub(super) fn answer_held(
+        &mut self,
+        slot: u32,
+        seat: u32,
+        pid: u32,
+        cause: ExitCause,
+        kill: Option<KillReason>,
+    ) -> bool {
+        let shared = self.shared.clone();
+        let sh = shared.slot(slot);
+        let meta = shared.meta(slot);
+        let this_task = sh.task_id.load(Ordering::Relaxed);
+        let cancelled = sh.state.load(Ordering::Acquire) & bits::CANCELLED != 0;
+        let parent = |kind, rec, len| RawOutcome::new(kind, seat, rec, len);
+        match kill {
+            Some(KillReason::Timeout { task_id, after_ns }) if task_id == this_task => {
+                StatCounters::add(&shared.stats.tasks_timed_out, 1);
+                shared.complete_from_parent(slot, parent(KIND_TIMEOUT, after_ns, 0));
+                return false;
+            }
+            Some(KillReason::Shutdown) => {
+                shared.complete_from_parent(slot, parent(KIND_CANCELLED, 0, 0));
+                return false;
+            }
+            _ if cancelled => {
+                shared.complete_from_parent(slot, parent(KIND_CANCELLED, 0, 0));
+                return false;
+            }
+            _ => {}
+        }
+        let left = meta.retries_left.load(Ordering::Relaxed);
+        if left > 0 && self.shutdown.is_none() {
+            meta.retries_left.store(left - 1, Ordering::Relaxed);
+            if shared.requeue(slot) {
+                StatCounters::add(&shared.stats.tasks_retried, 1);
+                // A retried task may be alone in the queue with no live worker left: the
+                // supervisor's loop drains it while `no_workers` holds.
+                return true;
+            }
+        }
+        StatCounters::add(&shared.stats.tasks_died, 1);
+        shared.complete_from_parent(slot, parent(KIND_DIED, pid as u64, cause.encode()));
+        false
+    }
+
+    pub(super) fn check_timeouts(&mut self) {
+        let shared = self.shared.clone();
+        let n_slots = shared.layout.params.n_slots;
+        let now = Instant::now();
+        for seat in 0..self.seats.len() as u32 {
+            let s = &mut self.seats[seat as usize];
+            if !matches!(s.phase, Phase::Ready) || s.kill.is_some() {
+                continue;
+            }
+            let ctl = shared.ctl(seat);
+            let tid = ctl.current_task.load(Ordering::Relaxed);
+            let slot = ctl.current_slot.load(Ordering::Relaxed);
+            if tid == 0 || slot >= n_slots {
+                s.watch = (0, now);
+                continue;
+            }
+            if s.watch.0 != tid {
+                s.watch = (tid, now);
+                continue;
+            }
+            let meta = shared.meta(slot);
+            let limit = meta.timeout_ns.load(Ordering::Relaxed);
+            if limit == 0 || meta.task_id() != tid {
+                continue;
+            }
+            if now.saturating_duration_since(s.watch.1) >= Duration::from_nanos(limit) {
+                // Hold the worker before the kill, then check it is still on this task
+                // (SeqCst both sides, Dekker with the worker's `current_task` clear and `hold`
+                // check): either we see it moved on, and withdraw, or it sees the hold and
+                // takes no next task for the kill to land on.
+                ctl.hold.store(1, Ordering::SeqCst);
+                if ctl.current_task.load(Ordering::SeqCst) != tid {
+                    ctl.hold.store(0, Ordering::SeqCst);
+                    crate::sys::futex_wake(&ctl.hold, i32::MAX);
+                    s.watch = (0, now);
+                    continue;
+                }
+                s.kill = Some(KillReason::Timeout {
+                    task_id: tid,
+                    after_ns: limit,
+                });
+                kill_process(s);
+            }
+        }
+    }
+}

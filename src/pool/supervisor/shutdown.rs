@@ -1,0 +1,47 @@
+//! The shutdown sequence (graceful or immediate) and killing every worker at its deadline or
+//! when the pool breaks down.
+
+use super::*;
+
+impl Sup {
+    pub(super) fn begin_shutdown(&mut self, immediate: bool, done: Sender<()>) {
+        let shared = self.shared.clone();
+        let deadline = Instant::now() + shared.cfg.shutdown_timeout;
+        self.shutdown = Some((deadline, done));
+        if immediate {
+            shared.fail_queued(KIND_CANCELLED);
+        }
+        // Start-ups in progress are abandoned; back-offs are not restarted.
+        for seat in 0..self.seats.len() as u32 {
+            match &self.seats[seat as usize].phase {
+                Phase::Starting { .. } => {
+                    self.reap_now(seat);
+                    let s = &mut self.seats[seat as usize];
+                    if let Phase::Starting { reply: Some(r), .. } =
+                        std::mem::replace(&mut s.phase, Phase::Idle)
+                    {
+                        r.complete(SpawnOutcome::Failed(SpawnError::Shutdown));
+                    }
+                    self.free_seat(seat, WorkerState::Stopped);
+                }
+                Phase::Backoff { .. } => self.free_seat(seat, WorkerState::Stopped),
+                _ => {}
+            }
+        }
+        let hdr = shared.header();
+        hdr.shutdown.store(1, Ordering::SeqCst);
+        hdr.task_ready.notify_all();
+        hdr.space.notify_all();
+    }
+
+    /// The shutdown grace is over: kill every worker still running.
+    pub(super) fn kill_all(&mut self) {
+        self.killed_all = true;
+        for s in &mut self.seats {
+            if s.child.is_some() {
+                s.kill = Some(KillReason::Shutdown);
+                kill_process(s);
+            }
+        }
+    }
+}
