@@ -18,6 +18,7 @@ use rkyv::{Archive, Deserialize, Serialize};
 
 /// The rkyv writer this crate serialises with: into a fixed shared-memory region, or counting
 /// only. Users never construct one; it appears in the [`Message`] bound.
+#[doc(hidden)]
 #[derive(Debug)]
 pub struct ShmWriter {
     ptr: *mut u8,
@@ -26,8 +27,12 @@ pub struct ShmWriter {
 }
 
 impl ShmWriter {
-    /// A writer into `cap` bytes at `ptr`, which the caller owns exclusively while writing.
-    pub(crate) fn new(ptr: *mut u8, cap: usize) -> Self {
+    /// A writer into `cap` bytes at `ptr`.
+    ///
+    /// # Safety
+    /// `ptr..ptr + cap` must be valid for writes and owned exclusively by the caller (no
+    /// other reference or writer) for as long as the writer is used.
+    pub(crate) unsafe fn new(ptr: *mut u8, cap: usize) -> Self {
         ShmWriter { ptr, cap, pos: 0 }
     }
 
@@ -187,13 +192,29 @@ pub(crate) enum EncodeError {
     Failed(String),
 }
 
+impl EncodeError {
+    /// What to tell the caller (the one wording of both causes).
+    pub(crate) fn message(self) -> String {
+        match self {
+            EncodeError::Failed(m) => m,
+            EncodeError::Overflow => "the archive did not fit where it was measured to fit".into(),
+        }
+    }
+}
+
 /// Serialises `value` into `cap` bytes at `ptr`; returns the archive length.
-pub(crate) fn encode_into<T: Encode>(
+///
+/// # Safety
+/// As for [`ShmWriter::new`]: `ptr..ptr + cap` is valid for writes and the caller's alone
+/// while this runs.
+pub(crate) unsafe fn encode_into<T: Encode>(
     value: &T,
     ptr: *mut u8,
     cap: usize,
 ) -> Result<usize, EncodeError> {
-    match rkyv::api::high::to_bytes_in::<_, BoxedError>(value, ShmWriter::new(ptr, cap)) {
+    // SAFETY: passed on from our caller (this function's contract).
+    let writer = unsafe { ShmWriter::new(ptr, cap) };
+    match rkyv::api::high::to_bytes_in::<_, BoxedError>(value, writer) {
         Ok(w) => Ok(w.pos),
         // The writer is gone with the error; tell overflow from a failing `Serialize` by
         // measuring (only on this failure path).
@@ -228,19 +249,20 @@ pub(crate) fn decode<T: Message>(bytes: &[u8]) -> Result<T, String> {
 mod tests {
     use super::*;
 
+    /// `encode_into` over a buffer we own.
+    fn enc<T: Encode>(value: &T, buf: &mut [u8]) -> Result<usize, EncodeError> {
+        // SAFETY: `buf` is ours, exclusively borrowed, `buf.len()` bytes long.
+        unsafe { encode_into(value, buf.as_mut_ptr(), buf.len()) }
+    }
+
     #[test]
     fn a_borrowed_batch_archives_as_a_vec() {
         let tasks = vec![1u64, 2, 3];
         let refs: Vec<&u64> = tasks.iter().collect();
         let mut a = vec![0u8; 256];
         let mut b = vec![0u8; 256];
-        let n = encode_into(
-            &BatchRef::<_, u64>(&refs, std::marker::PhantomData),
-            a.as_mut_ptr(),
-            256,
-        )
-        .unwrap();
-        let m = encode_into(&tasks, b.as_mut_ptr(), 256).unwrap();
+        let n = enc(&BatchRef::<_, u64>(&refs, std::marker::PhantomData), &mut a).unwrap();
+        let m = enc(&tasks, &mut b).unwrap();
         assert_eq!(a[..n], b[..m]);
     }
 
@@ -249,8 +271,8 @@ mod tests {
         for data in [&b""[..], b"x", b"hello, shared memory", &[7u8; 300][..]] {
             let mut a = vec![0u8; 1024];
             let mut b = vec![0u8; 1024];
-            let n = encode_into(&Bytes(data), a.as_mut_ptr(), a.len()).unwrap();
-            let m = encode_into(&data.to_vec(), b.as_mut_ptr(), b.len()).unwrap();
+            let n = enc(&Bytes(data), &mut a).unwrap();
+            let m = enc(&data.to_vec(), &mut b).unwrap();
             assert_eq!(n, m);
             assert_eq!(a[..n], b[..m]);
             assert_eq!(encoded_len(&Bytes(data)).unwrap(), n);
@@ -275,7 +297,7 @@ mod tests {
             v: vec![1, 2, 3],
         };
         let mut buf = Buf([0; 256]);
-        let n = encode_into(&value, buf.0.as_mut_ptr(), 256).unwrap();
+        let n = enc(&value, &mut buf.0).unwrap();
         assert_eq!(encoded_len(&value).unwrap(), n);
         assert_eq!(decode::<T>(&buf.0[..n]).unwrap(), value);
         assert_eq!(access::<T>(&buf.0[..n]).unwrap().s.as_str(), "hello");
@@ -290,7 +312,7 @@ mod tests {
         };
         let mut buf = Buf([0; 256]);
         assert!(matches!(
-            encode_into(&value, buf.0.as_mut_ptr(), 256),
+            enc(&value, &mut buf.0),
             Err(EncodeError::Overflow)
         ));
     }

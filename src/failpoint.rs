@@ -27,7 +27,6 @@ mod imp {
     struct Point {
         name: String,
         at: u64,
-        generation: Option<u32>,
         hits: u64,
     }
 
@@ -41,14 +40,13 @@ mod imp {
             for item in spec.split(',').filter(|s| !s.is_empty()) {
                 let (name, rest) = item.split_once('@')?;
                 let (at, g) = match rest.split_once('/') {
-                    Some((a, g)) => (a.parse().ok()?, Some(g.parse().ok()?)),
+                    Some((a, g)) => (a.parse().ok()?, Some(g.parse::<u32>().ok()?)),
                     None => (rest.parse().ok()?, None),
                 };
                 if g.is_none_or(|g| g == generation) {
                     v.push(Point {
                         name: name.to_string(),
                         at,
-                        generation: g,
                         hits: 0,
                     });
                 }
@@ -64,7 +62,6 @@ mod imp {
         };
         let mut points = points.lock().unwrap_or_else(|e| e.into_inner());
         for p in points.iter_mut().filter(|p| p.name == name) {
-            let _ = p.generation;
             p.hits += 1;
             if p.hits == p.at {
                 // SAFETY: getpid and kill have no memory-safety preconditions.

@@ -21,7 +21,7 @@ use self::options::{SpawnOptions, TaskOptions};
 use self::reactor::reactor_loop;
 use self::shared::Shared;
 use self::supervisor::{ReplyGuard, SupMsg, supervisor_loop};
-use crate::codec::{self, EncodeError};
+use crate::codec;
 use crate::error::{BuildError, SpawnError, SubmitError, TaskError};
 use crate::shm::layout::{FLAG_RESTART_ON_PANIC, Layout, Params};
 use crate::worker::Worker;
@@ -70,7 +70,7 @@ enum StopMode {
 #[derive(Debug)]
 pub struct Pool<W: Worker> {
     shared: Arc<Shared>,
-    sup_tx: Mutex<Sender<SupMsg>>,
+    sup_tx: Sender<SupMsg>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     _w: PhantomData<fn() -> W>,
 }
@@ -205,7 +205,7 @@ impl<W: Worker> Pool<W> {
         }
         Ok(Pool {
             shared,
-            sup_tx: Mutex::new(tx),
+            sup_tx: tx,
             threads: Mutex::new(threads),
             _w: PhantomData,
         })
@@ -251,18 +251,14 @@ impl<W: Worker> Pool<W> {
             return Err(SpawnError::Shutdown);
         }
         let cap = shared.layout.params.spawn_area as usize;
-        let len = codec::encoded_len(args).map_err(|e| match e {
-            EncodeError::Failed(m) => SpawnError::Encode(m),
-            EncodeError::Overflow => SpawnError::Encode("archive overflow".into()),
-        })?;
+        let len = codec::encoded_len(args).map_err(|e| SpawnError::Encode(e.message()))?;
         if len > cap {
             return Err(SpawnError::ArgsTooLarge { len, max: cap });
         }
         let mut buf = vec![0u8; len];
-        codec::encode_into(args, buf.as_mut_ptr(), len).map_err(|e| match e {
-            EncodeError::Failed(m) => SpawnError::Encode(m),
-            EncodeError::Overflow => SpawnError::Encode("archive changed size".into()),
-        })?;
+        // SAFETY: `buf` is our own, `len` bytes long.
+        unsafe { codec::encode_into(args, buf.as_mut_ptr(), len) }
+            .map_err(|e| SpawnError::Encode(e.message()))?;
         let seat = {
             let mut seats = shared.lock_seats();
             let Some(i) = seats.iter().position(|s| !s.in_use) else {
@@ -279,17 +275,13 @@ impl<W: Worker> Pool<W> {
             fingerprint: fingerprint(),
         }
         .encode();
-        let sent = self
-            .sup_tx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send(SupMsg::Launch {
-                seat,
-                args: buf,
-                boot,
-                env: opts.process_env(),
-                reply: ReplyGuard::new(reply.clone()),
-            });
+        let sent = self.sup_tx.send(SupMsg::Launch {
+            seat,
+            args: buf,
+            boot,
+            env: opts.process_env(),
+            reply: ReplyGuard::new(reply.clone()),
+        });
         if sent.is_err() {
             shared.lock_seats()[seat as usize].in_use = false;
             return Err(SpawnError::Shutdown);
@@ -603,14 +595,10 @@ impl<W: Worker> Pool<W> {
         // ever be queued is queued before the workers are told to drain.
         shared.quiesce_submits();
         let (done_tx, done_rx) = channel();
-        let sent = self
-            .sup_tx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send(SupMsg::Shutdown {
-                immediate: mode == StopMode::Immediate,
-                done: done_tx,
-            });
+        let sent = self.sup_tx.send(SupMsg::Shutdown {
+            immediate: mode == StopMode::Immediate,
+            done: done_tx,
+        });
         shared.wake_supervisor();
         if sent.is_ok() {
             // Returns when the supervisor has stopped every worker, or if it died (the sender

@@ -156,7 +156,9 @@ impl Shared {
         let inline_cap = self.layout.params.slot_inline as usize;
         let meta = &self.meta[slot as usize];
         let (task_off, task_len) =
-            match encode_into(task, self.seg.bytes_ptr(inline_off, inline_cap), inline_cap) {
+            // SAFETY: the slot came off the free list, so its inline area is ours alone until
+            // the push publishes it (no worker holds it, no caller reads it).
+            match unsafe { encode_into(task, self.seg.bytes_ptr(inline_off, inline_cap), inline_cap) } {
                 Ok(n) => (inline_off as u64, n as u64),
                 Err(EncodeError::Overflow) => {
                     let len = match encoded_len(task) {
@@ -183,7 +185,9 @@ impl Shared {
                         };
                         return Err(self.abort_submit(slot, e));
                     };
-                    match encode_into(task, self.seg.bytes_ptr(off as usize, len), len) {
+                    // SAFETY: a fresh arena block of at least `len` bytes, ours alone until the
+                    // push publishes it.
+                    match unsafe { encode_into(task, self.seg.bytes_ptr(off as usize, len), len) } {
                         Ok(n) => {
                             meta.task_blk.0.store(off, Ordering::Relaxed);
                             meta.task_blk.1.store(blk, Ordering::Relaxed);
@@ -438,8 +442,5 @@ impl Shared {
 pub(crate) const LEFT_OVER: u32 = KIND_CANCELLED;
 
 fn encode_err(e: crate::codec::EncodeError) -> SubmitError {
-    match e {
-        crate::codec::EncodeError::Failed(m) => SubmitError::Encode(m),
-        crate::codec::EncodeError::Overflow => SubmitError::Encode("archive overflow".into()),
-    }
+    SubmitError::Encode(e.message())
 }

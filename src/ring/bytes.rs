@@ -199,9 +199,19 @@ impl<'a> ByteRing<'a> {
     /// claims of the worker, checked by the caller.
     pub(crate) fn read_record(&self, offset: u64) -> Option<RecordHeader> {
         let p = self.record_ptr(offset)?;
-        // SAFETY: in bounds and aligned (record_ptr). A volatile read of plain words: a
-        // misbehaving worker may change them at any time, so we read once and work on the copy.
-        Some(unsafe { p.read_volatile() })
+        // SAFETY: in bounds and aligned (record_ptr). Volatile reads of the plain words only
+        // (never of the `released` word, which is accessed atomically): a misbehaving worker
+        // may change them at any time, so we read each once and work on the copy.
+        unsafe {
+            Some(RecordHeader {
+                len: std::ptr::addr_of!((*p).len).read_volatile(),
+                kind: std::ptr::addr_of!((*p).kind).read_volatile(),
+                slot: std::ptr::addr_of!((*p).slot).read_volatile(),
+                released: 0,
+                task: std::ptr::addr_of!((*p).task).read_volatile(),
+                _pad: 0,
+            })
+        }
     }
 
     /// Writes the plain words of a record header (producer only, before publishing `tail`).

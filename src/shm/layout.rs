@@ -243,9 +243,13 @@ impl SegmentHeader {
 }
 
 /// Why a segment header is refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum HeaderError {
     /// Another magic number or protocol version: a different program or version made it.
+    #[error(
+        "protocol mismatch: segment has magic {found_magic:#x} version {found_version}, this \
+         binary speaks {expected_magic:#x} v{expected_version}"
+    )]
     ProtocolMismatch {
         expected_magic: u64,
         found_magic: u64,
@@ -253,40 +257,18 @@ pub(crate) enum HeaderError {
         found_version: u32,
     },
     /// The sizes in the header overflow or are out of range.
+    #[error("segment parameters out of range")]
     BadParams,
     /// The header's total length disagrees with its parameters or the mapping.
+    #[error(
+        "segment length mismatch: header says {header} bytes, its parameters {layout}, the \
+         mapping has {mapped}"
+    )]
     BadLength {
         header: u64,
         layout: u64,
         mapped: u64,
     },
-}
-
-impl std::fmt::Display for HeaderError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            HeaderError::ProtocolMismatch {
-                expected_magic,
-                found_magic,
-                expected_version,
-                found_version,
-            } => write!(
-                f,
-                "protocol mismatch: segment has magic {found_magic:#x} version {found_version}, \
-                 this binary speaks {expected_magic:#x} v{expected_version}"
-            ),
-            HeaderError::BadParams => write!(f, "segment parameters out of range"),
-            HeaderError::BadLength {
-                header,
-                layout,
-                mapped,
-            } => write!(
-                f,
-                "segment length mismatch: header says {header} bytes, its parameters {layout}, \
-                 the mapping has {mapped}"
-            ),
-        }
-    }
 }
 
 impl SegmentHeader {

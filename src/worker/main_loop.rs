@@ -131,7 +131,9 @@ pub(crate) fn run<W: Worker>(wp: WorkerProcess) -> ! {
     };
     let out_ptr = wp.seg.bytes_ptr(spawn_off, spawn_cap);
     let encoded = catch_unwind(AssertUnwindSafe(|| {
-        codec::encode_into(&output, out_ptr, spawn_cap)
+        // SAFETY: the seat's spawn area is this worker's while it is STARTING; the arguments
+        // read from it were already deserialised into owned values.
+        unsafe { codec::encode_into(&output, out_ptr, spawn_cap) }
     }));
     drop(output);
     match encoded {
@@ -474,7 +476,11 @@ impl Server<'_> {
         ptr: *mut u8,
         cap: usize,
     ) -> Encoded {
-        match catch_unwind(AssertUnwindSafe(|| codec::encode_into(out, ptr, cap))) {
+        // SAFETY: the callers pass a region this worker owns right now: its task's slot data
+        // area past the task archive, or a reservation in its own completion ring.
+        match catch_unwind(AssertUnwindSafe(|| unsafe {
+            codec::encode_into(out, ptr, cap)
+        })) {
             Ok(Ok(n)) => Encoded::Written(n),
             Ok(Err(EncodeError::Overflow)) => Encoded::Overflow,
             Ok(Err(EncodeError::Failed(m))) => {
