@@ -7,7 +7,7 @@ use stateful_pool::{BoxError, Pool, TaskContext, Worker, WorkerContext};
 use std::time::Duration;
 
 /// A worker whose state is the GPU ids it was given at spawn (a real one would load a model
-/// onto them; see `examples/gpu_worker.rs` once the `cuda` feature lands).
+/// onto them; see `examples/gpu_worker.rs`, feature `cuda`).
 struct SquareWorker {
     gpu_ids: Vec<u32>,
     served: u64,

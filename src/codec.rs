@@ -59,8 +59,10 @@ impl<E: Source> Writer<E> for ShmWriter {
             Some(end) if end <= self.cap => {
                 if !self.ptr.is_null() {
                     // SAFETY: `ptr..ptr+cap` is a region the writer's creator owns exclusively
-                    // (see `new`), `pos + len <= cap`, and `bytes` cannot overlap it (it is a
-                    // Rust value being serialised, not shared memory being written).
+                    // (see `new`) and `pos + len <= cap`. `bytes` cannot overlap it: they come
+                    // from the value being serialised, and the region is owned by this writer
+                    // alone, so no live reference (not even a slice of shared memory being
+                    // re-sent) points into it.
                     unsafe {
                         std::ptr::copy_nonoverlapping(
                             bytes.as_ptr(),

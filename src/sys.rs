@@ -1,8 +1,12 @@
-//! Thin, checked wrappers over the Linux system calls the crate needs: futex wait/wake on a
-//! shared (not process-private) word, memfd creation and sealing.
+//! Thin wrappers over the Linux system calls the parent and the workers share: futex wait/wake
+//! on a shared (not process-private) word, memfd creation and sealing, eventfds, pidfds,
+//! `poll`, signal dispositions.
 //!
-//! Every function returns `io::Result` built from `errno`; nothing else in the crate calls
-//! `libc` for these.
+//! Calls whose failure the caller acts on return `io::Result` built from `errno`. Wake-ups and
+//! waits (futex, eventfd) return nothing: a failed wake or a spurious return is harmless, since
+//! every waiter re-checks its condition. Code that runs between `fork` and `exec`
+//! (`process`), the worker's boot checks (`worker::boot`) and the test failpoints call `libc`
+//! directly, where a wrapper would hide what is async-signal-safe.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};

@@ -1,4 +1,5 @@
-//! Starting and reaping worker processes.
+//! Launching worker processes (the supervisor owns them afterwards: it reaps them and kills them
+//! through their pidfds).
 //!
 //! Workers are started by *executing a program* (by default `/proc/self/exe`, the running
 //! binary), never by a bare `fork`: a fork of a multi-threaded parent may only call

@@ -47,7 +47,8 @@ pub(crate) struct SegmentHeader {
     pub(crate) version: AtomicU32,
     _pad0: u32,
     pub(crate) total_len: u64,
-    /// Hash of the worker type's name: a worker of another type refuses to serve.
+    /// Hash of the worker's four message types (`worker::boot::protocol_hash`): a worker
+    /// speaking other messages refuses to serve.
     pub(crate) worker_type_hash: u64,
     pub(crate) params: Params,
     /// How long an idle worker spins before parking, in nanoseconds.
