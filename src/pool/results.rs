@@ -8,7 +8,10 @@
 //! - the bytes are copied into private memory first, and only the copy is validated and
 //!   decoded (copy, then validate);
 //! - a record is released only after those checks, so a worker cannot make the parent release
-//!   another task's record.
+//!   another task's record;
+//! - copies out of a ring, releases and sweeps of that ring hold the ring's (parent-local)
+//!   lock, so the parent's own writes into a ring (the `released` flags) never overlap a copy
+//!   another of its threads is making, however a worker garbles the record headers.
 //!
 //! **Evacuation.** A worker that needs room in its completion ring while earlier results sit
 //! there uncollected (their callers hold the handles and wait on something else, perhaps this
@@ -214,6 +217,12 @@ impl Shared {
             Ordering::Acquire,
         ) {
             Ok(_) => {
+                // Under the ring's lock: the parent's only writes into a ring (the `released`
+                // flags, by a release or a sweep) never overlap this copy, even when a worker's
+                // garbage makes records overlap.
+                let g = self.ring_locks[seat as usize]
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
                 let r = match ring.record_data(off, slot, task, kind, len) {
                     Some(p) => {
                         // SAFETY: `record_data` checked that `len` bytes at `p` lie in the ring;
@@ -222,13 +231,14 @@ impl Shared {
                         buf.extend_from_slice(unsafe {
                             std::slice::from_raw_parts(p, len as usize)
                         });
-                        self.release_record(seat, &ring, off);
-                        Ok(())
+                        ring.release(off);
+                        Ok(ring.advance())
                     }
                     None => Err("the result record does not belong to this task"),
                 };
+                drop(g);
                 meta.res.store(tag | RES_TAKEN, Ordering::Release);
-                r
+                r.map(|moved| self.after_advance(seat, moved))
             }
             Err(_) => match self.await_evacuation(slot, tag) {
                 Some(spill) => {
@@ -259,15 +269,8 @@ impl Shared {
         }
     }
 
-    /// Releases a record this parent checked is its own, and moves the ring's head.
-    fn release_record(&self, seat: u32, ring: &ByteRing<'_>, off: u64) {
-        ring.release(off);
-        let moved = {
-            let _g = self.ring_locks[seat as usize]
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            ring.advance()
-        };
+    /// After a head advance: wake a worker waiting for room, or flag a corrupt ring.
+    fn after_advance(&self, seat: u32, moved: Result<bool, crate::ring::bytes::Corrupt>) {
         match moved {
             Ok(true) => self.header().space.notify_all(),
             Ok(false) => {}
@@ -301,8 +304,17 @@ impl Shared {
             } = self.decode(sh.outcome())
             {
                 if let Some(ring) = self.result_ring(seat) {
-                    if ring.record_data(off, slot, task, kind, len).is_some() {
-                        self.release_record(seat, &ring, off);
+                    let moved = {
+                        let _g = self.ring_locks[seat as usize]
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner());
+                        ring.record_data(off, slot, task, kind, len).map(|_| {
+                            ring.release(off);
+                            ring.advance()
+                        })
+                    };
+                    if let Some(moved) = moved {
+                        self.after_advance(seat, moved);
                     }
                 }
             }
