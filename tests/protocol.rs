@@ -427,3 +427,61 @@ fn the_result_bound_does_not_depend_on_how_full_the_ring_is() {
         );
     });
 }
+
+/// A waker whose `wake` panics: it makes the pool's reactor thread panic.
+fn panicking_waker() -> std::task::Waker {
+    use std::task::{RawWaker, RawWakerVTable, Waker};
+    fn clone(_: *const ()) -> RawWaker {
+        RawWaker::new(std::ptr::null(), &VTABLE)
+    }
+    fn wake(_: *const ()) {
+        panic!("a waker that panics");
+    }
+    fn drop(_: *const ()) {}
+    static VTABLE: RawWakerVTable = RawWakerVTable::new(clone, wake, wake, drop);
+    // SAFETY: every vtable function ignores the (null) data pointer.
+    unsafe { Waker::from_raw(RawWaker::new(std::ptr::null(), &VTABLE)) }
+}
+
+#[test]
+fn a_panic_in_a_pool_thread_answers_every_task_instead_of_hanging() {
+    watchdog(120, || {
+        use std::future::Future;
+        let pool = Pool::<TestWorker>::builder().build().unwrap();
+        for r in pool.spawn_n(&Spawn::ok("b"), 2) {
+            r.unwrap();
+        }
+        // A task that would never finish on its own (it holds one worker; the other is free).
+        let gate = gate_path("never-opened-broken");
+        let stuck: Vec<_> = (0..1)
+            .map(|_| {
+                pool.submit(&Cmd::Gate(gate.to_string_lossy().into()))
+                    .unwrap()
+            })
+            .collect();
+        // A future polled with a waker that panics: when its task completes, the reactor wakes
+        // it and panics.
+        let open = gate_path("opened-later-broken");
+        let mut fut = Box::pin(
+            pool.submit(&Cmd::Gate(open.to_string_lossy().into()))
+                .unwrap(),
+        );
+        let waker = panicking_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        assert!(fut.as_mut().poll(&mut cx).is_pending());
+        std::fs::write(&open, b"").unwrap();
+        // The pool breaks down: the stuck tasks are answered, new work is refused.
+        for h in stuck {
+            assert!(matches!(h.wait(), Err(TaskError::PoolBroken)));
+        }
+        match pool.submit(&Cmd::Echo(2)) {
+            Err(stateful_pool::SubmitError::Broken { reason }) => {
+                assert!(reason.contains("reactor"), "{reason}")
+            }
+            other => panic!("expected Broken, got {:?}", other.map(|_| ())),
+        }
+        // The polled task finished before the breakdown: its result is still there.
+        assert_eq!(futures_executor::block_on(fut).unwrap().value, 1);
+        let _ = std::fs::remove_file(open);
+    });
+}

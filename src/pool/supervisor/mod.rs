@@ -189,12 +189,7 @@ pub(crate) fn supervisor_loop(shared: Arc<Shared>, rx: Receiver<SupMsg>, program
         }
     }
     // Every worker process is gone: whatever was not finished never will be.
-    let kind = if sup.shared.broken.load(Ordering::SeqCst) {
-        KIND_BROKEN
-    } else {
-        KIND_CANCELLED
-    };
-    sup.shared.cancel_unfinished(kind);
+    sup.shared.cancel_unfinished(sup.left_over());
     if let Some((_, done)) = sup.shutdown.take() {
         let _ = done.send(());
     }
@@ -219,6 +214,16 @@ fn kill_process(s: &mut SupSeat) {
 }
 
 impl Sup {
+    /// How tasks the workers will never finish are answered: `Cancelled` at a shutdown,
+    /// `PoolBroken` after a breakdown.
+    fn left_over(&self) -> u32 {
+        if self.shared.broken.load(Ordering::SeqCst) {
+            KIND_BROKEN
+        } else {
+            KIND_CANCELLED
+        }
+    }
+
     /// The supervisor's loop, until every worker is gone after a shutdown (or a breakdown).
     fn run(&mut self, rx: &Receiver<SupMsg>) {
         let sup = self;

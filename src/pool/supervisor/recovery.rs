@@ -201,7 +201,7 @@ impl Sup {
                 return false;
             }
             Some(KillReason::Shutdown) => {
-                shared.complete_from_parent(slot, parent(KIND_CANCELLED, 0, 0));
+                shared.complete_from_parent(slot, parent(self.left_over(), 0, 0));
                 return false;
             }
             _ if cancelled => {

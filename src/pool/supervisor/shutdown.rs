@@ -9,7 +9,7 @@ impl Sup {
         let deadline = Instant::now() + shared.cfg.shutdown_timeout;
         self.shutdown = Some((deadline, done));
         if immediate {
-            shared.fail_queued(KIND_CANCELLED);
+            shared.fail_queued(self.left_over());
         }
         // Start-ups in progress are abandoned; back-offs are not restarted.
         for seat in 0..self.seats.len() as u32 {
