@@ -118,6 +118,11 @@ impl Shared {
                 // data area; copied at once into private memory (a worker may be writing them:
                 // only the copy is validated and used).
                 buf.extend_from_slice(unsafe { std::slice::from_raw_parts(p, len) });
+                // No ring record to let go at retirement (the reactor never touches inline
+                // results, and this caller owns the slot: a plain store).
+                let meta = self.meta(slot);
+                meta.res
+                    .store(meta.task_id() << 3 | RES_TAKEN, Ordering::Relaxed);
                 KIND_OK
             }
             Published::Record {
@@ -284,6 +289,10 @@ impl Shared {
         let meta = self.meta(slot);
         let task = meta.task_id();
         let tag = task << 3;
+        if meta.res.load(Ordering::Acquire) == tag | RES_TAKEN {
+            // The common case: collected, nothing left.
+            return;
+        }
         let sh = self.slot(slot);
         if sh.is_done()
             && meta
