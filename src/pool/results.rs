@@ -29,7 +29,6 @@ use crate::slot::outcome::{
     KIND_BAD_TASK, KIND_ERR, KIND_OK, KIND_PANIC, KIND_POISONED, KIND_TOO_LARGE, Published,
 };
 use rkyv::util::AlignedVec;
-use std::cell::RefCell;
 use std::sync::atomic::Ordering;
 
 /// Nobody has touched the task's ring record yet.
@@ -43,12 +42,20 @@ const RES_EVACUATED: u64 = 3;
 /// Collected or dropped: the record is released (or never was this task's).
 const RES_TAKEN: u64 = 4;
 
+/// Inline results up to this size are copied to the stack.
+const SMALL: usize = 256;
+
+/// A stack buffer for small results, aligned as archives need.
+#[repr(C, align(16))]
+struct Small([u8; SMALL]);
+
 /// Scratch buffers bigger than this are not kept between results.
 const SCRATCH_KEEP: usize = 4 << 20;
 
 thread_local! {
-    /// The private copy of a result, reused so collecting allocates nothing per task.
-    static SCRATCH: RefCell<AlignedVec<16>> = RefCell::new(AlignedVec::new());
+    /// The private copy of a result, reused so collecting allocates nothing per task (taken
+    /// out while in use: a re-entrant collect finds none and uses a fresh buffer).
+    static SCRATCH: std::cell::Cell<Option<AlignedVec<16>>> = const { std::cell::Cell::new(None) };
 }
 
 /// What the parent makes of a record it finds in a completion ring.
@@ -72,17 +79,42 @@ impl Shared {
         slot: u32,
         f: impl FnOnce(Result<&[u8], TaskError>) -> R,
     ) -> R {
-        SCRATCH.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut buf) => {
-                let r = self.read_result(slot, &mut buf, f);
-                if buf.capacity() > SCRATCH_KEEP {
-                    *buf = AlignedVec::new();
-                }
-                r
+        // Small inline results (the common case for tiny tasks) are copied to the stack.
+        let raw = self.slot(slot).outcome();
+        if let Published::Inline { at, len } = self.decode(raw) {
+            if len <= SMALL {
+                let mut small = std::mem::MaybeUninit::<Small>::uninit();
+                let dst = small.as_mut_ptr().cast::<u8>();
+                // SAFETY: `at + len <= slot_inline` (decode): the source lies in this slot's
+                // data area; the destination is our stack buffer of `SMALL >= len` bytes. The
+                // worker may still write the source: only this copy is used.
+                unsafe { std::ptr::copy_nonoverlapping(self.inline_ptr(slot, at, len), dst, len) };
+                self.inline_taken(slot);
+                // SAFETY: the first `len` bytes were just written.
+                return f(Ok(unsafe { std::slice::from_raw_parts(dst, len) }));
             }
-            // Re-entered (an output's `Deserialize` collecting another result): a fresh buffer.
-            Err(_) => self.read_result(slot, &mut AlignedVec::new(), f),
-        })
+        }
+        let mut buf = SCRATCH.take().unwrap_or_default();
+        let r = self.read_result(slot, &mut buf, f);
+        if buf.capacity() <= SCRATCH_KEEP {
+            SCRATCH.set(Some(buf));
+        }
+        r
+    }
+
+    /// Where an inline result lies (`at + len` checked against the slot's area by `decode`).
+    fn inline_ptr(&self, slot: u32, at: usize, len: usize) -> *const u8 {
+        self.seg
+            .bytes_ptr(self.layout.slot_data_off(slot) + at, len)
+            .cast_const()
+    }
+
+    /// An inline result has been copied: no ring record to let go at retirement (the reactor
+    /// never touches inline results, and the caller owns the slot: a plain store).
+    fn inline_taken(&self, slot: u32) {
+        let meta = self.meta(slot);
+        meta.res
+            .store(meta.task_id() << 3 | RES_TAKEN, Ordering::Relaxed);
     }
 
     fn read_result<R>(
@@ -111,18 +143,13 @@ impl Shared {
                 )));
             }
             Published::Inline { at, len } => {
-                let p = self
-                    .seg
-                    .bytes_ptr(self.layout.slot_data_off(slot) + at, len);
                 // SAFETY: `at + len <= slot_inline` (decode), so the bytes lie in this slot's
                 // data area; copied at once into private memory (a worker may be writing them:
                 // only the copy is validated and used).
-                buf.extend_from_slice(unsafe { std::slice::from_raw_parts(p, len) });
-                // No ring record to let go at retirement (the reactor never touches inline
-                // results, and this caller owns the slot: a plain store).
-                let meta = self.meta(slot);
-                meta.res
-                    .store(meta.task_id() << 3 | RES_TAKEN, Ordering::Relaxed);
+                buf.extend_from_slice(unsafe {
+                    std::slice::from_raw_parts(self.inline_ptr(slot, at, len), len)
+                });
+                self.inline_taken(slot);
                 KIND_OK
             }
             Published::Record {
