@@ -104,6 +104,8 @@ pub(crate) mod hostile {
     pub(crate) const RECORDS: u32 = 8;
     /// After each task, write random values into its claim, current slot and current task.
     pub(crate) const CLAIMS: u32 = 16;
+    /// Every eighth task, write random values into a cell of the shared task queue.
+    pub(crate) const CELLS: u32 = 32;
 
     /// The mask for this worker process (0: honest).
     pub(crate) fn mask() -> u32 {

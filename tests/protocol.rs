@@ -485,3 +485,60 @@ fn a_panic_in_a_pool_thread_answers_every_task_instead_of_hanging() {
         let _ = std::fs::remove_file(open);
     });
 }
+
+#[test]
+fn a_worker_that_corrupts_the_shared_queue_cannot_hang_the_parent() {
+    watchdog(600, || {
+        // A worker that writes garbage into the task queue's cells can lose or duplicate queued
+        // tasks of any seat; the parent must still never hang or panic: every task gets an
+        // answer (its result, an error, or `PoolBroken` once the pool gives up on the queue).
+        let pool = Pool::<TestWorker>::builder()
+            .queue_size(16)
+            .max_workers(2)
+            .task_timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        pool.spawn(&Spawn::ok("honest")).unwrap();
+        pool.spawn_with(
+            &Spawn::ok("hostile"),
+            &SpawnOptions::new().env("STATEFUL_POOL_HOSTILE", "32"),
+        )
+        .unwrap();
+        let (mut ok, mut failed, mut broken, mut refused) = (0, 0, 0, 0);
+        for round in 0..12u64 {
+            let mut handles = Vec::new();
+            for k in 0..16u64 {
+                match pool.submit(&Cmd::Echo(round * 16 + k)) {
+                    Ok(h) => handles.push((k, h)),
+                    // Refused once the pool broke down (or was closed below): a clear error.
+                    Err(
+                        stateful_pool::SubmitError::Broken { .. }
+                        | stateful_pool::SubmitError::Shutdown,
+                    ) => refused += 1,
+                    Err(e) => panic!("submit: {e}"),
+                }
+            }
+            for (k, h) in handles {
+                // Bounded: a task lost from the queue is answered when the pool breaks down or
+                // shuts down below, never left waiting.
+                match h.wait_timeout(Duration::from_secs(3)) {
+                    Ok(Ok(o)) => {
+                        assert_eq!(o.value, round * 16 + k);
+                        ok += 1
+                    }
+                    Ok(Err(TaskError::PoolBroken)) => broken += 1,
+                    Ok(Err(_)) => failed += 1,
+                    Err(h) => {
+                        // Lost in the garbled queue: shutting the pool down answers it.
+                        pool.close_now();
+                        assert!(h.wait().is_err());
+                        failed += 1;
+                    }
+                }
+            }
+        }
+        eprintln!("{ok} answered, {failed} failed, {broken} after a breakdown, {refused} refused");
+        assert_eq!(ok + failed + broken + refused, 12 * 16);
+        drop(pool);
+    });
+}

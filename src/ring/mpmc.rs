@@ -233,6 +233,14 @@ impl<'a> MpmcRing<'a> {
         }
     }
 
+    /// Test builds: a hostile consumer writes `seq` and `value` garbage into a cell.
+    #[cfg(all(feature = "failpoints", not(stateful_pool_loom)))]
+    pub(crate) fn scribble(&self, seq: u64, value: u64) {
+        let cell = self.cell(value);
+        cell.seq.store(seq % 4096, Ordering::SeqCst);
+        cell.value.store(value as u32 % 64, Ordering::SeqCst);
+    }
+
     /// Whether the ring looks empty right now (a snapshot; for wait conditions).
     pub(crate) fn is_empty(&self) -> bool {
         let head = self.hdr.head.load(Ordering::SeqCst);

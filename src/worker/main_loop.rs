@@ -629,7 +629,6 @@ impl Server<'_> {
     #[cfg(feature = "failpoints")]
     fn misbehave_after(&self, t: &Task<'_>, queue: &MpmcRing<'_>) {
         use failpoint::hostile;
-        let _ = queue;
         let (mask, rng) = &self.hostile;
         if *mask == 0 {
             return;
@@ -651,6 +650,9 @@ impl Server<'_> {
         }
         if mask & hostile::RECORDS != 0 {
             self.results.scribble_records(|| rng.next());
+        }
+        if mask & hostile::CELLS != 0 && rng.next() % 8 == 0 {
+            queue.scribble(rng.next(), rng.next());
         }
         if mask & hostile::CLAIMS != 0 {
             self.ctl.claim.store(rng.next() % 64, Ordering::Relaxed);
