@@ -5,6 +5,7 @@ use std::time::Duration;
 
 /// Building a [`Pool`](crate::Pool) failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum BuildError {
     /// A builder setting is out of range.
     #[error("invalid pool configuration: {0}")]
@@ -38,6 +39,7 @@ pub enum BuildError {
 
 /// Why a worker could not be spawned.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SpawnError {
     /// The worker's spawn step returned an error.
     #[error("worker {worker}: spawn step failed: {message}")]
@@ -117,6 +119,7 @@ pub enum SpawnError {
 
 /// Why a task could not be submitted. Nothing was queued.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum SubmitError {
     /// Every task slot is in use (`try_submit` only; `submit` waits).
     #[error("the task queue is full")]
@@ -156,6 +159,7 @@ pub enum SubmitError {
 
 /// A task did not produce a value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum TaskError {
     /// The task could not be submitted (from `execute`).
     #[error(transparent)]
@@ -247,6 +251,7 @@ pub enum TaskError {
 
 /// How a worker process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum ExitCause {
     /// Killed by this signal (e.g. 9 = SIGKILL, 11 = SIGSEGV, 6 = SIGABRT).
     Signal(i32),

@@ -476,3 +476,19 @@ fn spawn_options_give_a_worker_its_gpus_and_environment_across_restarts() {
         );
     });
 }
+
+#[test]
+fn a_running_task_sees_its_cancellation() {
+    watchdog(120, || {
+        let pool = pool(1);
+        let started = gate_path("cancel-started");
+        let h = pool
+            .submit(&Cmd::UntilCancelled(started.to_string_lossy().into()))
+            .unwrap();
+        assert!(wait_until(60, || started.exists()));
+        h.cancel();
+        // It ran (it had started), saw the cancellation and returned early.
+        assert_eq!(h.wait().unwrap().value, 1);
+        let _ = std::fs::remove_file(started);
+    });
+}

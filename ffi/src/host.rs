@@ -128,6 +128,8 @@ fn submit_fail(e: SubmitError) -> Fail {
         SubmitError::ForeignLoan => sp_status::SP_INVALID_ARGUMENT,
         SubmitError::NoWorkers => sp_status::SP_NO_WORKERS,
         SubmitError::Broken { .. } => sp_status::SP_SHUTDOWN,
+        // A kind added later: the message says which.
+        _ => sp_status::SP_INVALID_ARGUMENT,
     };
     Fail::new(status, e.to_string())
 }
@@ -145,6 +147,8 @@ fn task_fail(e: TaskError) -> Fail {
         TaskError::Poisoned { .. } => sp_status::SP_POISONED,
         TaskError::NoWorkers => sp_status::SP_NO_WORKERS,
         TaskError::PoolBroken => sp_status::SP_SHUTDOWN,
+        // A kind added later: the message says which.
+        _ => sp_status::SP_TASK_FAILED,
     };
     Fail::new(status, e.to_string())
 }

@@ -297,6 +297,7 @@ impl<O: Message> Future for SpawnHandle<O> {
 ///
 /// The buffer is 64-byte aligned. Its initial contents are unspecified (earlier data or zeros).
 /// Dropping an unsent loan returns its space.
+#[must_use = "dropping a Loan returns its buffer unsent"]
 #[derive(Debug)]
 pub struct Loan {
     pub(crate) shared: Arc<Shared>,

@@ -889,6 +889,7 @@ macro_rules! map_options {
 /// A lazy map of a pool over an iterator: see [`Pool::map`] and the [module docs](crate::map).
 ///
 /// Dropping it cancels its tasks that no worker has started and discards the others' results.
+#[must_use = "a Map does nothing until iterated; dropping it cancels its tasks"]
 pub struct Map<W: Worker, I: Iterator, S = Plain> {
     engine: Engine<W, I::Item>,
     inputs: I,
@@ -960,6 +961,7 @@ impl<W: Worker, I: Iterator, S> fmt::Debug for Map<W, I, S> {
 /// thread.
 ///
 /// Dropping it cancels its tasks that no worker has started and discards the others' results.
+#[must_use = "a MapStream does nothing until polled; dropping it cancels its tasks"]
 pub struct MapStream<W: Worker, St: Stream, S = Plain> {
     engine: Engine<W, St::Item>,
     inputs: Pin<Box<St>>,

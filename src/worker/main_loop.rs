@@ -387,12 +387,22 @@ impl Server<'_> {
             }
         };
         failpoint::hit("mid_read");
+        let state = &self.slot_header(t.slot).state;
         let tctx = TaskContext {
             worker: wctx,
             task_id: t.id,
             payload,
+            state,
         };
         Some((task, tctx, inline_from))
+    }
+
+    /// The header of `slot` (an index the pop returned and the caller checked).
+    fn slot_header(&self, slot: u32) -> &SlotHeader {
+        let layout = &self.wp.layout;
+        self.wp
+            .seg
+            .get::<SlotHeader>(layout.slots + slot as usize * size_of::<SlotHeader>())
     }
 
     /// The task's archive and payload in shared memory, and where an inline result may start;

@@ -167,6 +167,8 @@ pub struct TaskContext<'a> {
     pub(crate) worker: &'a WorkerContext,
     pub(crate) task_id: u64,
     pub(crate) payload: &'a [u8],
+    /// The task slot's state word (its `CANCELLED` bit), read by `is_cancelled`.
+    pub(crate) state: &'a std::sync::atomic::AtomicU32,
 }
 
 impl TaskContext<'_> {
@@ -184,5 +186,13 @@ impl TaskContext<'_> {
     /// shared memory (16-byte aligned). Empty if the task was submitted without one.
     pub fn payload(&self) -> &[u8] {
         self.payload
+    }
+
+    /// Whether the caller has given up on this task while it runs (it dropped the handle, or
+    /// called [`TaskHandle::cancel`](crate::TaskHandle::cancel), or a map's error policy
+    /// cancelled it). A long task can check this now and then and return early; its outcome
+    /// is then discarded or delivered as the caller asked. One atomic load.
+    pub fn is_cancelled(&self) -> bool {
+        self.state.load(std::sync::atomic::Ordering::Relaxed) & crate::slot::bits::CANCELLED != 0
     }
 }

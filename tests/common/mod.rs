@@ -68,6 +68,9 @@ pub enum Cmd {
     Poison(String),
     /// Increments execution counter `id` (see `Spawn::counters`) and returns `id * 3`.
     Tick(u32),
+    /// Creates file `.0`, then watches `TaskContext::is_cancelled` (every millisecond, at most
+    /// 60 s): returns 1 once it says cancelled, 0 if it never did.
+    UntilCancelled(String),
     /// As `Tick`, but first sleeps this many microseconds.
     TickSlow(u32, u32),
     /// If this file does not exist: creates it and SIGKILLs itself; else returns 1.
@@ -229,6 +232,14 @@ impl Worker for TestWorker {
                 return Err(stateful_pool::Poisoned::new(m.as_str()).into());
             }
             ArchivedCmd::Tick(id) => out(self.tick(id.to_native())),
+            ArchivedCmd::UntilCancelled(started) => {
+                std::fs::write(started.as_str(), b"")?;
+                let start = Instant::now();
+                while !ctx.is_cancelled() && start.elapsed() < Duration::from_secs(60) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                out(ctx.is_cancelled() as u64)
+            }
             ArchivedCmd::DieOnce(path) => {
                 let p = std::path::Path::new(path.as_str());
                 if !p.exists() {
