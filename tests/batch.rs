@@ -143,7 +143,15 @@ fn batches_obey_the_queue_and_size_limits_and_await() {
             .max_task_bytes(4096)
             .build()
             .unwrap();
-        // No worker yet: two batches fill the queue.
+        // The worker is still starting (its spawn step waits on a gate): two batches fill the
+        // queue.
+        let gate = gate_path("batch-limits");
+        let spawning = pool
+            .submit_spawn(&Spawn {
+                gate: gate.to_string_lossy().into(),
+                ..Spawn::ok("late")
+            })
+            .unwrap();
         let a = pool.submit_batch(&[Cmd::Echo(1)]).unwrap();
         let b = pool
             .try_submit_batch(&[Cmd::Echo(2), Cmd::Echo(3)])
@@ -157,7 +165,9 @@ fn batches_obey_the_queue_and_size_limits_and_await() {
             pool.try_submit_batch(&big),
             Err(SubmitError::PayloadTooLarge { max: 4096, .. }) | Err(SubmitError::QueueFull)
         ));
-        pool.spawn(&Spawn::ok("late")).unwrap();
+        std::fs::write(&gate, b"").unwrap();
+        spawning.wait().unwrap();
+        let _ = std::fs::remove_file(&gate);
         let got = futures_executor::block_on(async { (a.await, b.await) });
         assert_eq!(got.0.unwrap()[0].as_ref().unwrap().value, 1);
         assert_eq!(got.1.unwrap().len(), 2);

@@ -129,6 +129,7 @@ fn a_failing_spawn_step_fails_that_spawn_call_and_frees_the_seat() {
                 tag: "x".into(),
                 fail: true,
                 panic: false,
+                gate: String::new(),
             })
             .unwrap_err();
         match e {
@@ -143,6 +144,7 @@ fn a_failing_spawn_step_fails_that_spawn_call_and_frees_the_seat() {
                 tag: "y".into(),
                 fail: false,
                 panic: true,
+                gate: String::new(),
             })
             .unwrap_err();
         match e {
@@ -490,5 +492,64 @@ fn a_running_task_sees_its_cancellation() {
         // It ran (it had started), saw the cancellation and returned early.
         assert_eq!(h.wait().unwrap().value, 1);
         let _ = std::fs::remove_file(started);
+    });
+}
+
+#[test]
+fn a_task_for_a_pool_with_no_worker_coming_fails_at_once() {
+    watchdog(120, || {
+        let pool = Pool::<TestWorker>::builder().build().unwrap();
+        // Nothing spawned: a clear error, not a wait forever.
+        assert!(matches!(
+            pool.execute(&Cmd::Echo(1)),
+            Err(TaskError::Submit(SubmitError::NoWorkers))
+        ));
+        // Tasks queued while the only spawn is starting wait for it.
+        let gate = gate_path("no-workers-spawn");
+        let spawning = pool
+            .submit_spawn(&Spawn {
+                gate: gate.to_string_lossy().into(),
+                ..Spawn::ok("slow")
+            })
+            .unwrap();
+        let queued = pool.submit(&Cmd::Echo(2)).unwrap();
+        std::fs::write(&gate, b"").unwrap();
+        spawning.wait().unwrap();
+        assert_eq!(queued.wait().unwrap().value, 2);
+        // The worker serves: a failed second spawn takes nothing away.
+        assert!(
+            pool.spawn(&Spawn {
+                fail: true,
+                ..Spawn::ok("bad")
+            })
+            .is_err()
+        );
+        assert_eq!(pool.execute(&Cmd::Echo(3)).unwrap().value, 3);
+
+        // A pool whose only spawn fails: the tasks queued meanwhile are answered NoWorkers.
+        let lone = Pool::<TestWorker>::builder().build().unwrap();
+        let gate2 = gate_path("no-workers-doomed");
+        let spawning = lone
+            .submit_spawn(&Spawn {
+                gate: gate2.to_string_lossy().into(),
+                fail: true,
+                ..Spawn::ok("doomed")
+            })
+            .unwrap();
+        let queued: Vec<_> = (0..3)
+            .map(|i| lone.submit(&Cmd::Echo(i)).unwrap())
+            .collect();
+        std::fs::write(&gate2, b"").unwrap();
+        assert!(spawning.wait().is_err());
+        for h in queued {
+            assert_eq!(h.wait(), Err(TaskError::NoWorkers));
+        }
+        for g in [gate, gate2] {
+            let _ = std::fs::remove_file(g);
+        }
+        assert!(matches!(
+            lone.submit(&Cmd::Echo(9)),
+            Err(SubmitError::NoWorkers)
+        ));
     });
 }

@@ -24,6 +24,14 @@ unsafe extern "C-unwind" fn t_spawn(
         // SAFETY: the library passes `len` readable bytes.
         unsafe { std::slice::from_raw_parts(args, len) }
     };
+    if let Some(path) = args.strip_prefix(b"gate:") {
+        // Start only once the test opens the gate (at most 60 s).
+        let path = std::path::Path::new(std::str::from_utf8(path).unwrap_or(""));
+        let start = std::time::Instant::now();
+        while !path.exists() && start.elapsed() < std::time::Duration::from_secs(60) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
     if args == b"refuse" {
         // SAFETY: a valid reply and a NUL-terminated message.
         unsafe { sp_reply_set_error(reply, c"refused to start".as_ptr()) };
@@ -386,6 +394,26 @@ fn bad_buffers_and_options_are_refused() {
             assert_eq!(sp_pool_loan(p, 0, &mut l), SP_INVALID_ARGUMENT);
             assert_eq!(sp_loan_data(l, null_mut(), null_mut()), SP_NULL_ARGUMENT);
 
+            // No worker and none coming: a submit is refused at once.
+            assert_eq!(submit(p, b"early").unwrap_err(), SP_NO_WORKERS);
+            // A worker that is starting (its spawn waits on a gate that never opens): tasks
+            // are accepted and wait for it.
+            let gate = std::env::temp_dir().join(format!("sp-abi-gate-{}", std::process::id()));
+            let gated = format!("gate:{}", gate.display());
+            let spawner = std::thread::spawn(move || spawn(p, gated.as_bytes()));
+            // (Until the spawn has taken its seat a submit is still refused: retry, bounded.)
+            let started = std::time::Instant::now();
+            let t1 = loop {
+                match submit(p, b"a") {
+                    Ok(t) => break t,
+                    Err(SP_NO_WORKERS) => {
+                        assert!(started.elapsed() < std::time::Duration::from_secs(60));
+                        std::thread::yield_now();
+                    }
+                    Err(e) => panic!("submit: {e:?}"),
+                }
+            };
+
             // A loan sent is consumed; the handle is dead after, sent or not.
             assert_eq!(sp_pool_try_loan(p, 64, &mut l), SP_OK);
             let mut t3 = sp_task { id: 0 };
@@ -395,8 +423,7 @@ fn bad_buffers_and_options_are_refused() {
                 sp_pool_submit_loan(p, null(), 0, l, &mut t3),
                 SP_INVALID_HANDLE
             );
-            // A full queue (2 slots, no worker): try_submit says so at once.
-            let t1 = submit(p, b"a").unwrap();
+            // A full queue (2 slots, the worker still starting): try_submit says so at once.
             assert_eq!(
                 sp_pool_try_submit(p, b"c".as_ptr(), 1, &mut t),
                 SP_QUEUE_FULL
@@ -413,6 +440,8 @@ fn bad_buffers_and_options_are_refused() {
             // Shutdown cancels what no worker ran; submits after it are refused.
             assert_eq!(sp_pool_shutdown(p, 1), SP_OK);
             assert_eq!(wait(t1).unwrap_err().0, SP_CANCELLED);
+            // The start-up it abandoned answers its spawn call.
+            assert!(spawner.join().unwrap().is_err());
             assert_eq!(submit(p, b"late").unwrap_err(), SP_SHUTDOWN);
             assert_eq!(sp_pool_free(p), SP_OK);
             assert_eq!(sp_pool_free(p), SP_INVALID_HANDLE);

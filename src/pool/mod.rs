@@ -264,7 +264,7 @@ impl<W: Worker> Pool<W> {
             let Some(i) = seats.iter().position(|s| !s.in_use) else {
                 return Err(SpawnError::NoCapacity { max: seats.len() });
             };
-            seats[i].in_use = true;
+            shared.set_seat_in_use(&mut seats, i, true);
             i as u32
         };
         let reply = Arc::new(SpawnReply::default());
@@ -283,7 +283,7 @@ impl<W: Worker> Pool<W> {
             reply: ReplyGuard::new(reply.clone()),
         });
         if sent.is_err() {
-            shared.lock_seats()[seat as usize].in_use = false;
+            shared.set_seat_in_use(&mut shared.lock_seats(), seat as usize, false);
             return Err(SpawnError::Shutdown);
         }
         shared.wake_supervisor();
@@ -770,16 +770,11 @@ mod tests {
     }
 
     #[test]
-    fn tasks_queued_with_no_worker_are_cancelled_at_shutdown() {
+    fn tasks_for_a_pool_with_no_worker_coming_are_refused() {
         let pool = Pool::<Nop>::builder().queue_size(4).build().unwrap();
-        let h = pool.submit(&1).unwrap();
-        assert_eq!(pool.queued(), 1);
-        let full: Vec<_> = (0..3).map(|i| pool.try_submit(&i).unwrap()).collect();
-        assert_eq!(pool.try_submit(&9).unwrap_err(), SubmitError::QueueFull);
+        assert_eq!(pool.submit(&1).unwrap_err(), SubmitError::NoWorkers);
+        assert_eq!(pool.try_submit(&1).unwrap_err(), SubmitError::NoWorkers);
+        assert_eq!(pool.queued(), 0);
         pool.shutdown();
-        assert_eq!(h.wait(), Err(TaskError::Cancelled));
-        for h in full {
-            assert_eq!(h.wait(), Err(TaskError::Cancelled));
-        }
     }
 }

@@ -66,6 +66,9 @@ pub(crate) struct Shared {
     pub(super) slot_waiters_n: AtomicUsize,
     pub(crate) reactor_stop: AtomicBool,
     pub(crate) seats: Mutex<Vec<Seat>>,
+    /// Seats taken (serving, starting, or waiting to restart), kept beside `seats` so that a
+    /// submit can tell "no worker and none coming" without the lock.
+    seats_in_use: AtomicUsize,
     /// Identifies this pool (loans must come back to the pool that made them).
     pub(crate) id: u64,
     /// The supervisor's wake-up line (an eventfd it polls; workers get a copy as fd 4).
@@ -115,6 +118,7 @@ impl Shared {
             slot_waiters_n: AtomicUsize::new(0),
             reactor_stop: AtomicBool::new(false),
             seats: Mutex::new((0..seats).map(|_| Seat::default()).collect()),
+            seats_in_use: AtomicUsize::new(0),
             id: NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed),
             wake,
             no_workers: AtomicBool::new(false),
@@ -181,6 +185,24 @@ impl Shared {
 
     pub(crate) fn lock_seats(&self) -> MutexGuard<'_, Vec<Seat>> {
         self.seats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes or frees seat `i` (the caller holds the seats' lock).
+    pub(crate) fn set_seat_in_use(&self, seats: &mut [Seat], i: usize, in_use: bool) {
+        if seats[i].in_use != in_use {
+            seats[i].in_use = in_use;
+            if in_use {
+                self.seats_in_use.fetch_add(1, Ordering::SeqCst);
+            } else {
+                self.seats_in_use.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Whether no worker serves and none is starting or waiting to restart: a task would wait
+    /// forever, so it is refused (`NoWorkers`) instead.
+    pub(crate) fn workerless(&self) -> bool {
+        self.no_workers.load(Ordering::SeqCst) || self.seats_in_use.load(Ordering::SeqCst) == 0
     }
 
     /// Wakes the supervisor thread.

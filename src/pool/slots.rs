@@ -73,6 +73,7 @@ impl Shared {
             return Ok(s);
         }
         let deadline = match block {
+            Block::No if self.workerless() => return Err(SubmitError::NoWorkers),
             Block::No => return Err(SubmitError::QueueFull),
             Block::Until(d) => d,
         };
@@ -82,7 +83,10 @@ impl Shared {
             self.cfg.caller_wait.spin(),
             deadline,
             || {
-                if self.closing.load(Ordering::SeqCst) || self.broken.load(Ordering::SeqCst) {
+                if self.closing.load(Ordering::SeqCst)
+                    || self.broken.load(Ordering::SeqCst)
+                    || self.workerless()
+                {
                     return true;
                 }
                 got = free.pop(None);
@@ -95,20 +99,22 @@ impl Shared {
                 Ok(s)
             }
             None if !ok => Err(SubmitError::Timeout),
-            None => Err(self.refusal().unwrap_or(SubmitError::Shutdown)),
+            None => Err(self.refusal().unwrap_or(if self.workerless() {
+                SubmitError::NoWorkers
+            } else {
+                SubmitError::Shutdown
+            })),
         }
     }
 
-    /// Why no task can be submitted now, if so: shut down, broken, or no workers.
+    /// Why no task can be submitted now, if so: broken down, or shut down. (No worker is
+    /// checked later, after the task's own checks.)
     fn refusal(&self) -> Option<SubmitError> {
         if let Some(reason) = self.broken_reason() {
             return Some(SubmitError::Broken { reason });
         }
         if self.closing.load(Ordering::SeqCst) {
             return Some(SubmitError::Shutdown);
-        }
-        if self.no_workers.load(Ordering::SeqCst) {
-            return Some(SubmitError::NoWorkers);
         }
         None
     }
@@ -201,6 +207,16 @@ impl Shared {
                 }
                 Err(e) => return Err(self.abort_submit(slot, encode_err(e))),
             };
+        // Checked after the size checks (a task too large is that, whatever the workers), and
+        // before anything is queued.
+        if self.workerless() {
+            let len = meta.task_blk.1.swap(0, Ordering::Relaxed);
+            if len != 0 {
+                self.arena
+                    .free(meta.task_blk.0.load(Ordering::Relaxed), len);
+            }
+            return Err(self.abort_submit(slot, SubmitError::NoWorkers));
+        }
         let task_id = self.next_task_id.fetch_add(1, Ordering::Relaxed);
         let (pay_off, pay_len) = match payload {
             Some((off, len, blk)) => {
@@ -237,6 +253,8 @@ impl Shared {
             // corrupted the shared queue (or a consumer stalls it past all patience).
             let reason = "the shared task queue stopped accepting tasks (a worker corrupted it)";
             self.declare_broken(reason);
+            // The loan's block stays with the caller's `Loan`, which frees it on this error.
+            meta.pay_blk.1.store(0, Ordering::Relaxed);
             self.retire(slot);
             return Err(SubmitError::Broken {
                 reason: reason.into(),
@@ -247,7 +265,7 @@ impl Shared {
         // check above and the push (SeqCst both sides: it sees our push, or we see its flag).
         // It drains again when woken: only the supervisor pops on the parent's behalf, so a
         // parent pop never races its queue repair.
-        if self.no_workers.load(Ordering::SeqCst) {
+        if self.workerless() {
             self.wake_supervisor();
         }
         Ok((slot, task_id))
@@ -296,6 +314,12 @@ impl Shared {
     fn abort_submit(&self, slot: u32, e: SubmitError) -> SubmitError {
         self.release_slot(slot);
         e
+    }
+
+    /// Wakes every submit waiting for a free slot (it re-checks why it may not go on).
+    pub(crate) fn wake_submitters(&self) {
+        self.slot_freed.notify_all();
+        self.wake_slot_waiters();
     }
 
     /// Waits (as shutdown) until no submit is between its `closing` check and its push.

@@ -17,6 +17,9 @@ pub struct Spawn {
     pub die_if_exists: String,
     /// Sleep this long in the spawn step (milliseconds).
     pub hang_ms: u64,
+    /// Wait in the spawn step until this file exists (checked every millisecond, at most
+    /// 60 s); empty: no wait. Checked before `fail`.
+    pub gate: String,
 }
 
 impl Spawn {
@@ -28,6 +31,7 @@ impl Spawn {
             counters: String::new(),
             die_if_exists: String::new(),
             hang_ms: 0,
+            gate: String::new(),
         }
     }
 }
@@ -138,6 +142,9 @@ impl Worker for TestWorker {
     type Output = Out;
 
     fn spawn(args: Spawn, ctx: &WorkerContext) -> Result<(Self, String), BoxError> {
+        if !args.gate.is_empty() {
+            wait_for_file(&args.gate)?;
+        }
         if args.fail {
             return Err(format!("refusing to start {}", args.tag).into());
         }

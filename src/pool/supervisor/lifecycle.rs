@@ -83,7 +83,8 @@ impl Sup {
             .state
             .store(ctl_state::EMPTY, Ordering::Release);
         let mut seats = self.shared.lock_seats();
-        seats[seat as usize].in_use = false;
+        self.shared
+            .set_seat_in_use(&mut seats, seat as usize, false);
         seats[seat as usize].state = state;
     }
 

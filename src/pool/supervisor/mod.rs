@@ -252,9 +252,11 @@ impl Sup {
             }
             sup.check_all();
             sup.retry_repairs();
-            if sup.shared.no_workers.load(Ordering::SeqCst) && sup.shutdown.is_none() {
-                // A submit raced with the "no workers" declaration: answer what it queued.
+            if sup.shared.workerless() && sup.shutdown.is_none() {
+                // No worker left or coming (or a submit raced with that): answer what is
+                // queued, nothing would ever run it, and wake submitters waiting for a slot.
                 sup.shared.fail_queued(KIND_NO_WORKERS);
+                sup.shared.wake_submitters();
             }
             if let Some((deadline, _)) = &sup.shutdown {
                 if sup.seats.iter().all(|s| s.child.is_none()) {
