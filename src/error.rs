@@ -117,6 +117,27 @@ pub enum SpawnError {
     Shutdown,
 }
 
+/// Why a worker could not be retired or replaced
+/// ([`Pool::retire_worker`](crate::Pool::retire_worker),
+/// [`Pool::replace_worker`](crate::Pool::replace_worker)).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkerError {
+    /// No serving worker has this index (never spawned, already retired, failed, or still
+    /// starting).
+    #[error("no serving worker with index {index}")]
+    NoSuchWorker {
+        /// The index asked for.
+        index: usize,
+    },
+    /// The pool is shutting down.
+    #[error("the pool is shut down")]
+    Shutdown,
+    /// The replacement could not be started; the old worker keeps serving.
+    #[error("the replacement worker could not start: {0}")]
+    Spawn(#[from] SpawnError),
+}
+
 /// Why a task could not be submitted. Nothing was queued.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

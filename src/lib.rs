@@ -87,7 +87,7 @@ mod worker;
 #[cfg(not(stateful_pool_loom))]
 pub use codec::{Message, ShmWriter};
 #[cfg(not(stateful_pool_loom))]
-pub use error::{BuildError, ExitCause, SpawnError, SubmitError, TaskError};
+pub use error::{BuildError, ExitCause, SpawnError, SubmitError, TaskError, WorkerError};
 #[cfg(not(stateful_pool_loom))]
 pub use pool::Pool;
 #[cfg(not(stateful_pool_loom))]

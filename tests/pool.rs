@@ -3,7 +3,9 @@
 
 mod common;
 use common::*;
-use stateful_pool::{Pool, SpawnError, SpawnOptions, SubmitError, TaskError, WaitStrategy};
+use stateful_pool::{
+    Pool, SpawnError, SpawnOptions, SubmitError, TaskError, WaitStrategy, WorkerError,
+};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -551,5 +553,59 @@ fn a_task_for_a_pool_with_no_worker_coming_fails_at_once() {
             lone.submit(&Cmd::Echo(9)),
             Err(SubmitError::NoWorkers)
         ));
+    });
+}
+
+#[test]
+fn workers_can_be_retired_and_replaced_without_losing_tasks() {
+    watchdog(120, || {
+        let pool = pool(2);
+        let pids: Vec<u32> = pool.workers().iter().map(|w| w.pid).collect();
+        // A task in progress on some worker while worker 0 is retired.
+        let started = gate_path("retire-started");
+        let long = pool
+            .submit(&Cmd::UntilCancelled(started.to_string_lossy().into()))
+            .unwrap();
+        assert!(wait_until(60, || started.exists()));
+        let pool = Arc::new(pool);
+        let retiring = {
+            let pool = pool.clone();
+            std::thread::spawn(move || pool.retire_worker(0))
+        };
+        // Meanwhile every task is served (by worker 1, or by 0 until it leaves).
+        let handles: Vec<_> = (0..20)
+            .map(|i| pool.submit(&Cmd::Echo(i)).unwrap())
+            .collect();
+        for (i, h) in handles.into_iter().enumerate() {
+            assert_eq!(h.wait().unwrap().value, i as u64);
+        }
+        long.cancel();
+        assert_eq!(long.wait().unwrap().value, 1);
+        retiring.join().unwrap().unwrap();
+        assert_eq!(pool.num_workers(), 1);
+        assert_eq!(pool.stats().worker_deaths, 0, "a retirement is not a death");
+        assert!(wait_until(30, || process_gone(pids[0])));
+        // Retiring a seat with no worker is a clear error.
+        assert!(matches!(
+            pool.retire_worker(0),
+            Err(WorkerError::NoSuchWorker { index: 0 })
+        ));
+        assert!(matches!(
+            pool.retire_worker(999),
+            Err(WorkerError::NoSuchWorker { index: 999 })
+        ));
+        // A rolling restart of worker 1: the new one serves before the old one leaves.
+        let hello = pool.replace_worker(1).unwrap();
+        assert!(hello.contains("ready as worker 0"), "{hello}");
+        assert_eq!(pool.num_workers(), 1);
+        assert!(wait_until(30, || process_gone(pids[1])));
+        assert_eq!(pool.execute(&Cmd::Echo(7)).unwrap().value, 7);
+        // Retiring the last worker: new work is refused at once.
+        pool.retire_worker(0).unwrap();
+        assert!(matches!(
+            pool.execute(&Cmd::Echo(8)),
+            Err(TaskError::Submit(SubmitError::NoWorkers))
+        ));
+        let _ = std::fs::remove_file(started);
     });
 }

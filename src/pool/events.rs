@@ -43,6 +43,14 @@ pub enum PoolEvent {
         /// What went wrong.
         message: String,
     },
+    /// A worker was retired on request ([`Pool::retire_worker`](crate::Pool::retire_worker)):
+    /// it finished its task and exited, and its seat is free.
+    WorkerRetired {
+        /// Seat index.
+        worker: usize,
+        /// Its process id.
+        pid: u32,
+    },
     /// The seat ran out of restarts: it is marked failed and the pool serves without it.
     WorkerFailed {
         /// Seat index.

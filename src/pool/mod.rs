@@ -22,7 +22,7 @@ use self::reactor::reactor_loop;
 use self::shared::Shared;
 use self::supervisor::{ReplyGuard, SupMsg, supervisor_loop};
 use crate::codec;
-use crate::error::{BuildError, SpawnError, SubmitError, TaskError};
+use crate::error::{BuildError, SpawnError, SubmitError, TaskError, WorkerError};
 use crate::shm::layout::{FLAG_RESTART_ON_PANIC, Layout, Params};
 use crate::worker::Worker;
 use crate::worker::boot::{BOOT_ENV, Boot, entry_offset, fingerprint, protocol_hash};
@@ -259,12 +259,26 @@ impl<W: Worker> Pool<W> {
         // SAFETY: `buf` is our own, `len` bytes long.
         unsafe { codec::encode_into(args, buf.as_mut_ptr(), len) }
             .map_err(|e| SpawnError::Encode(e.message()))?;
+        self.submit_spawn_archived(buf, opts.process_env())
+    }
+
+    /// Starts a worker from archived spawn arguments and its environment.
+    fn submit_spawn_archived(
+        &self,
+        buf: Vec<u8>,
+        env: Vec<(String, String)>,
+    ) -> Result<SpawnHandle<W::SpawnOutput>, SpawnError> {
+        let shared = &self.shared;
+        if shared.closing.load(Ordering::SeqCst) {
+            return Err(SpawnError::Shutdown);
+        }
         let seat = {
             let mut seats = shared.lock_seats();
             let Some(i) = seats.iter().position(|s| !s.in_use) else {
                 return Err(SpawnError::NoCapacity { max: seats.len() });
             };
             shared.set_seat_in_use(&mut seats, i, true);
+            seats[i].spawned_with = Some((buf.clone(), env.clone()));
             i as u32
         };
         let reply = Arc::new(SpawnReply::default());
@@ -279,7 +293,7 @@ impl<W: Worker> Pool<W> {
             seat,
             args: buf,
             boot,
-            env: opts.process_env(),
+            env,
             reply: ReplyGuard::new(reply.clone()),
         });
         if sent.is_err() {
@@ -292,6 +306,61 @@ impl<W: Worker> Pool<W> {
             seat: seat as usize,
             _o: PhantomData,
         })
+    }
+
+    /// Retires worker `index` (scale down): it finishes the task it is running, takes no
+    /// other, runs its state's destructor and exits; its seat is freed, not restarted. Tasks
+    /// queued go to the other workers (if it was the last one, they fail with `NoWorkers`, as
+    /// new submits do). Blocks until the worker is gone; one that does not finish its task
+    /// within the pool's shutdown timeout is killed (that task is answered `Cancelled`).
+    pub fn retire_worker(&self, index: usize) -> Result<(), WorkerError> {
+        if self.shared.closing.load(Ordering::SeqCst) {
+            return Err(WorkerError::Shutdown);
+        }
+        if index >= self.shared.n_seats() as usize {
+            return Err(WorkerError::NoSuchWorker { index });
+        }
+        let (done, gone) = channel();
+        if self
+            .sup_tx
+            .send(SupMsg::Retire {
+                seat: index as u32,
+                done,
+            })
+            .is_err()
+        {
+            return Err(WorkerError::Shutdown);
+        }
+        self.shared.wake_supervisor();
+        match gone.recv() {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(WorkerError::NoSuchWorker { index }),
+            Err(_) => Err(WorkerError::Shutdown),
+        }
+    }
+
+    /// Replaces worker `index` with a fresh one started from the same spawn arguments and
+    /// options (a rolling restart: reload a model, recover from a slow leak): the new worker
+    /// is started in a free seat and serves before the old one is retired
+    /// ([`retire_worker`](Self::retire_worker)), so the pool never serves with one worker
+    /// fewer and no task is lost. Needs a free seat (`PoolBuilder::max_workers`). Returns the
+    /// new worker's spawn output; if it cannot start, the old worker keeps serving.
+    pub fn replace_worker(&self, index: usize) -> Result<W::SpawnOutput, WorkerError> {
+        let spawned_with = {
+            let seats = self.shared.lock_seats();
+            match seats.get(index) {
+                Some(s) if s.in_use && s.state == events::WorkerState::Ready => {
+                    s.spawned_with.clone()
+                }
+                _ => None,
+            }
+        };
+        let Some((args, env)) = spawned_with else {
+            return Err(WorkerError::NoSuchWorker { index });
+        };
+        let out = self.submit_spawn_archived(args, env)?.wait()?;
+        self.retire_worker(index)?;
+        Ok(out)
     }
 
     /// Starts a worker; the future resolves to its spawn output. Works on any executor.

@@ -28,6 +28,9 @@ pub(crate) struct Seat {
     pub(crate) state: WorkerState,
     pub(crate) pid: u32,
     pub(crate) restarts: u64,
+    /// The archived spawn arguments and per-worker environment of its last spawn (for
+    /// `Pool::replace_worker`).
+    pub(crate) spawned_with: Option<(Vec<u8>, Vec<(String, String)>)>,
 }
 
 impl Default for Seat {
@@ -37,6 +40,7 @@ impl Default for Seat {
             state: WorkerState::Empty,
             pid: 0,
             restarts: 0,
+            spawned_with: None,
         }
     }
 }

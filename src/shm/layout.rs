@@ -67,6 +67,14 @@ pub(crate) struct SegmentHeader {
     pub(crate) task_ring: MpmcHeader,
 }
 
+/// Bits of [`WorkerCtl::hold`].
+pub(crate) mod hold {
+    /// A timeout kill is on its way: take no next task (wait for the kill or the withdrawal).
+    pub(crate) const KILL: u32 = 1;
+    /// Retire: finish the current task, take no next one, and exit normally (scale-down).
+    pub(crate) const RETIRE: u32 = 2;
+}
+
 /// Values of [`WorkerCtl::parked`].
 pub(crate) mod parked {
     /// Not parked.
@@ -120,9 +128,9 @@ pub(crate) struct WorkerCtl {
     /// Set by the worker while it waits for room in its completion ring: the parent's reactor
     /// then moves uncollected results out of the ring (see `pool::shared::evacuate`).
     pub(crate) wants_space: AtomicU32,
-    /// Set by the supervisor before a timeout kill: the worker must not take another task (it
-    /// waits for the kill, or for the flag to be withdrawn), so the kill never lands on an
-    /// innocent next task.
+    /// Set by the supervisor ([`hold`] bits): before a timeout kill (the worker must not take
+    /// another task: it waits for the kill or the withdrawal, so the kill never lands on an
+    /// innocent next task), or to retire the worker (it exits after its current task).
     pub(crate) hold: AtomicU32,
     _pad1: u32,
     _reserved: [u64; 6],

@@ -12,7 +12,7 @@ use crate::failpoint;
 use crate::ring::bytes::{ByteRing, Reservation};
 use crate::ring::mpmc::{MpmcCell, MpmcRing};
 use crate::ring::wait::wait_on_marked;
-use crate::shm::layout::{FLAG_RESTART_ON_PANIC, RING_HDR, WorkerCtl, ctl_state, parked};
+use crate::shm::layout::{FLAG_RESTART_ON_PANIC, RING_HDR, WorkerCtl, ctl_state, hold, parked};
 use crate::slot::outcome::{
     KIND_BAD_TASK, KIND_CANCELLED, KIND_ERR, KIND_OK, KIND_PANIC, KIND_POISONED, KIND_TOO_LARGE,
     REC_INLINE,
@@ -189,8 +189,14 @@ pub(crate) fn run<W: Worker>(wp: WorkerProcess) -> ! {
     loop {
         // A timeout kill is on its way for the task we just finished: take nothing more (the
         // kill would land on an innocent task) until it lands or the supervisor withdraws it.
-        while ctl.hold.load(Ordering::SeqCst) != 0 {
-            crate::sys::futex_wait(&ctl.hold, 1, Some(Duration::from_millis(10)));
+        // Asked to retire (scale-down): leave the loop as at shutdown, after the task we had.
+        let h = ctl.hold.load(Ordering::SeqCst);
+        if h & hold::RETIRE != 0 {
+            break;
+        }
+        if h & hold::KILL != 0 {
+            crate::sys::futex_wait(&ctl.hold, h, Some(Duration::from_millis(10)));
+            continue;
         }
         // The pop records the slot in `current_slot` before releasing the queue cell (see
         // `MpmcRing::pop_tracked`), so a death at any step leaves the claim findable.
@@ -198,7 +204,9 @@ pub(crate) fn run<W: Worker>(wp: WorkerProcess) -> ! {
         let Some(slot) = popped else {
             let mark = Some((&ctl.parked, parked::TASK_READY));
             wait_on_marked(&hdr.task_ready, spin, None, mark, || {
-                !ring.is_empty() || hdr.shutdown.load(Ordering::Acquire) != 0
+                !ring.is_empty()
+                    || hdr.shutdown.load(Ordering::Acquire) != 0
+                    || ctl.hold.load(Ordering::SeqCst) & hold::RETIRE != 0
             });
             if hdr.shutdown.load(Ordering::Acquire) != 0 && ring.is_empty() {
                 break;

@@ -5,6 +5,53 @@
 use super::*;
 
 impl Sup {
+    /// A retirement request (scale-down): a serving worker is told to leave after its current
+    /// task (the `RETIRE` hold bit, and a wake-up in case it is parked); a seat waiting to
+    /// restart is simply freed. Past the shutdown timeout a worker that has not left is killed.
+    pub(super) fn begin_retire(&mut self, seat: u32, done: Sender<bool>) {
+        let shared = self.shared.clone();
+        let Some(s) = self.seats.get_mut(seat as usize) else {
+            let _ = done.send(false);
+            return;
+        };
+        match s.phase {
+            Phase::Ready if s.child.is_some() && self.shutdown.is_none() => {
+                let ctl = shared.ctl(seat);
+                ctl.hold.fetch_or(hold::RETIRE, Ordering::SeqCst);
+                crate::sys::futex_wake(&ctl.hold, i32::MAX);
+                shared.header().task_ready.notify_all();
+                match &mut s.retiring {
+                    Some((_, waiters)) => waiters.push(done),
+                    None => {
+                        s.retiring =
+                            Some((Instant::now() + shared.cfg.shutdown_timeout, vec![done]))
+                    }
+                }
+            }
+            Phase::Backoff { .. } if self.shutdown.is_none() => {
+                self.free_seat(seat, WorkerState::Stopped);
+                let _ = done.send(true);
+            }
+            _ => {
+                let _ = done.send(false);
+            }
+        }
+    }
+
+    /// A retiring worker past its deadline is killed (its task, if any, is answered as at a
+    /// shutdown).
+    pub(super) fn check_retire_deadlines(&mut self) {
+        let now = Instant::now();
+        for s in &mut self.seats {
+            if let Some((deadline, _)) = &s.retiring {
+                if now >= *deadline && s.kill.is_none() && s.child.is_some() {
+                    s.kill = Some(KillReason::Shutdown);
+                    kill_process(s);
+                }
+            }
+        }
+    }
+
     /// Writes the spawn arguments into the seat's area, resets its control block for a new
     /// life and launches the process.
     pub(super) fn start(&mut self, seat: u32, reply: Option<ReplyGuard>) {

@@ -22,7 +22,7 @@ use super::shared::Shared;
 use crate::error::{ExitCause, SpawnError};
 use crate::process::launch;
 use crate::ring::mpmc::Repair;
-use crate::shm::layout::{ctl_state, parked};
+use crate::shm::layout::{ctl_state, hold, parked};
 use crate::slot::outcome::{
     KIND_BROKEN, KIND_CANCELLED, KIND_DIED, KIND_NO_WORKERS, KIND_PANIC, KIND_POISONED,
     KIND_TIMEOUT,
@@ -81,6 +81,10 @@ pub(crate) enum SupMsg {
     /// Shut down: stop every worker (after the queue drains, or at once with `immediate`),
     /// answer whatever is left, reply, and exit.
     Shutdown { immediate: bool, done: Sender<()> },
+    /// Retire the worker of `seat`: it finishes its current task, takes no other, and exits;
+    /// its seat is freed, not restarted. `done` gets `true` once it is gone, `false` if the
+    /// seat has no serving worker.
+    Retire { seat: u32, done: Sender<bool> },
 }
 
 /// Why the supervisor killed a worker.
@@ -137,6 +141,8 @@ struct SupSeat {
     /// Task id last seen running and since when (timeouts).
     watch: (u64, Instant),
     kill: Option<KillReason>,
+    /// Being retired: by when it must be gone (else it is killed), and who waits for it.
+    retiring: Option<(Instant, Vec<Sender<bool>>)>,
 }
 
 struct Sup {
@@ -166,6 +172,7 @@ pub(crate) fn supervisor_loop(shared: Arc<Shared>, rx: Receiver<SupMsg>, program
                 recent: VecDeque::new(),
                 watch: (0, now),
                 kill: None,
+                retiring: None,
             })
             .collect(),
         shutdown: None,
@@ -251,6 +258,7 @@ impl Sup {
                 sup.kill_all();
             }
             sup.check_all();
+            sup.check_retire_deadlines();
             sup.retry_repairs();
             if sup.shared.workerless() && sup.shutdown.is_none() {
                 // No worker left or coming (or a submit raced with that): answer what is
@@ -300,6 +308,7 @@ impl Sup {
                 self.start(seat, Some(reply));
             }
             SupMsg::Shutdown { immediate, done } => self.begin_shutdown(immediate, done),
+            SupMsg::Retire { seat, done } => self.begin_retire(seat, done),
         }
     }
 
@@ -361,6 +370,11 @@ impl Sup {
         let mut next: Option<Instant> = None;
         let mut at = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
         for s in &self.seats {
+            if let Some((deadline, _)) = &s.retiring {
+                if s.kill.is_none() {
+                    at(*deadline);
+                }
+            }
             match &s.phase {
                 Phase::Backoff { at: t } => at(*t),
                 Phase::Starting { since, .. } => {

@@ -69,6 +69,15 @@ impl Sup {
         };
         let (failed, retried) = self.recover_tasks(seat, pid, cause, kill);
         ctl.state.store(ctl_state::EXITED, Ordering::Release);
+        if let Some((_, waiters)) = self.seats[worker].retiring.take() {
+            // Retired on request (or killed past its retirement deadline): the seat is free.
+            self.free_seat(seat, WorkerState::Stopped);
+            self.emit(PoolEvent::WorkerRetired { worker, pid });
+            for w in waiters {
+                let _ = w.send(true);
+            }
+            return;
+        }
         if reason == "exit" && self.shutdown.is_some() {
             // The normal end of a worker at shutdown.
             self.free_seat(seat, WorkerState::Stopped);
@@ -255,9 +264,9 @@ impl Sup {
                 // (SeqCst both sides, Dekker with the worker's `current_task` clear and `hold`
                 // check): either we see it moved on, and withdraw, or it sees the hold and
                 // takes no next task for the kill to land on.
-                ctl.hold.store(1, Ordering::SeqCst);
+                ctl.hold.fetch_or(hold::KILL, Ordering::SeqCst);
                 if ctl.current_task.load(Ordering::SeqCst) != tid {
-                    ctl.hold.store(0, Ordering::SeqCst);
+                    ctl.hold.fetch_and(!hold::KILL, Ordering::SeqCst);
                     crate::sys::futex_wake(&ctl.hold, i32::MAX);
                     s.watch = (0, now);
                     continue;
