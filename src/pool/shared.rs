@@ -19,6 +19,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::task::Waker;
 
+/// What a worker was spawned with: its archived spawn arguments and its environment.
+pub(crate) type SpawnRecipe = (Vec<u8>, Vec<(String, String)>);
+
 /// A worker seat, as the parent's API reports it (the supervisor owns the process itself, and
 /// the worker's control block in shared memory is the protocol's view).
 #[derive(Debug, Clone)]
@@ -30,7 +33,7 @@ pub(crate) struct Seat {
     pub(crate) restarts: u64,
     /// The archived spawn arguments and per-worker environment of its last spawn (for
     /// `Pool::replace_worker`).
-    pub(crate) spawned_with: Option<(Vec<u8>, Vec<(String, String)>)>,
+    pub(crate) spawned_with: Option<SpawnRecipe>,
 }
 
 impl Default for Seat {
