@@ -681,7 +681,8 @@ impl<W: Worker> Pool<W> {
             slots::LEFT_OVER
         });
         shared.reactor_stop.store(true, Ordering::SeqCst);
-        shared.header().doorbell.notify_all();
+        // Unconditionally: the sleeper count is in shared memory, a worker may have zeroed it.
+        shared.header().doorbell.wake_all_unconditionally();
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
         for t in threads {
             let _ = t.join();

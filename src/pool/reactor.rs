@@ -48,6 +48,9 @@ pub(crate) fn reactor_loop(shared: Arc<Shared>) {
     }
 }
 
+/// How long the reactor sleeps at most between looks.
+const REACTOR_LOOK: std::time::Duration = std::time::Duration::from_secs(1);
+
 fn run(shared: &Shared) {
     let hdr = shared.header();
     loop {
@@ -63,6 +66,9 @@ fn run(shared: &Shared) {
             hdr.doorbell.cancel(key);
             continue;
         }
-        hdr.doorbell.wait(key, None);
+        // Bounded: the doorbell lives in shared memory, and a worker could zero its sleeper
+        // count so that no notify wakes us; a periodic look keeps futures and retirements
+        // moving (and costs nothing measurable when idle).
+        hdr.doorbell.wait(key, Some(REACTOR_LOOK));
     }
 }

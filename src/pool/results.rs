@@ -102,6 +102,22 @@ impl Shared {
         r
     }
 
+    /// Appends `len` bytes at `src` (shared memory a worker may be writing) to `buf`, with a
+    /// raw copy: no reference to the shared bytes is ever formed, and only the copy is used.
+    ///
+    /// # Safety
+    /// `src..src + len` must lie inside the mapped segment.
+    unsafe fn copy_out(buf: &mut AlignedVec<16>, src: *const u8, len: usize) {
+        buf.reserve(len);
+        let at = buf.len();
+        // SAFETY: `reserve` made room for `len` more bytes at `at`; the source is inside the
+        // mapping (the caller's contract) and cannot overlap our private buffer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr().add(at), len);
+            buf.set_len(at + len);
+        }
+    }
+
     /// Where an inline result lies (`at + len` checked against the slot's area by `decode`).
     fn inline_ptr(&self, slot: u32, at: usize, len: usize) -> *const u8 {
         self.seg
@@ -109,12 +125,19 @@ impl Shared {
             .cast_const()
     }
 
-    /// An inline result has been copied: no ring record to let go at retirement (the reactor
-    /// never touches inline results, and the caller owns the slot: a plain store).
+    /// An inline result has been copied: no ring record to let go at retirement. (A
+    /// compare-exchange, not a store: if a misbehaving worker showed the reactor a ring
+    /// record for this task meanwhile, the reactor's claim on it stands and retirement waits
+    /// it out.)
     fn inline_taken(&self, slot: u32) {
         let meta = self.meta(slot);
-        meta.res
-            .store(meta.task_id() << 3 | RES_TAKEN, Ordering::Relaxed);
+        let tag = meta.task_id() << 3;
+        let _ = meta.res.compare_exchange(
+            tag | RES_UNREAD,
+            tag | RES_TAKEN,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
     }
 
     fn read_result<R>(
@@ -144,11 +167,8 @@ impl Shared {
             }
             Published::Inline { at, len } => {
                 // SAFETY: `at + len <= slot_inline` (decode), so the bytes lie in this slot's
-                // data area; copied at once into private memory (a worker may be writing them:
-                // only the copy is validated and used).
-                buf.extend_from_slice(unsafe {
-                    std::slice::from_raw_parts(self.inline_ptr(slot, at, len), len)
-                });
+                // data area.
+                unsafe { Self::copy_out(buf, self.inline_ptr(slot, at, len), len) };
                 self.inline_taken(slot);
                 KIND_OK
             }
@@ -158,7 +178,10 @@ impl Shared {
                 off,
                 len,
             } => match self.copy_record(slot, kind, seat, off, len, buf) {
-                Ok(()) => kind,
+                // (A copy the reactor made may be of another length if a worker changed its
+                // outcome words meanwhile: only a copy of the published length is used.)
+                Ok(()) if buf.len() as u64 == len => kind,
+                Ok(()) => return f(Err(bad("the result changed after it was published"))),
                 Err(m) => return f(Err(bad(m))),
             },
             Published::Cancelled => return f(Err(TaskError::Cancelled)),
@@ -198,15 +221,14 @@ impl Shared {
                 worker,
                 message: message(),
             },
-            KIND_TOO_LARGE => {
-                let mut n = [0u8; 8];
-                n.copy_from_slice(&buf[..8]);
-                TaskError::ResultTooLarge {
+            KIND_TOO_LARGE => match buf.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
+                Some(n) => TaskError::ResultTooLarge {
                     worker,
                     len: u64::from_le_bytes(n) as usize,
                     max: self.max_result_len() as usize,
-                }
-            }
+                },
+                None => bad("malformed too-large record"),
+            },
             _ => bad("unknown result kind"),
         };
         f(Err(e))
@@ -257,12 +279,8 @@ impl Shared {
                     .unwrap_or_else(|e| e.into_inner());
                 let r = match ring.record_data(off, slot, task, kind, len) {
                     Some(p) => {
-                        // SAFETY: `record_data` checked that `len` bytes at `p` lie in the ring;
-                        // the record is unreleased, so the worker's protocol does not reuse it.
-                        // A misbehaving worker may still write it: we only use the copy.
-                        buf.extend_from_slice(unsafe {
-                            std::slice::from_raw_parts(p, len as usize)
-                        });
+                        // SAFETY: `record_data` checked that `len` bytes at `p` lie in the ring.
+                        unsafe { Self::copy_out(buf, p, len as usize) };
                         ring.release(off);
                         Ok(ring.advance())
                     }
@@ -383,7 +401,9 @@ impl Shared {
 
     /// The reactor's evacuation pass (module docs): for each seat whose worker waits for ring
     /// room, moves the published, uncollected results to the heap and releases them (and any
-    /// orphan records). Returns whether it did anything.
+    /// orphan records). Returns whether it released anything (a pass that could not, because
+    /// a caller was copying a record out, leaves the reactor free to sleep: the caller's
+    /// release wakes the worker).
     pub(crate) fn evacuate(&self) -> bool {
         let mut did = false;
         for seat in 0..self.n_seats() {
@@ -391,7 +411,6 @@ impl Shared {
             if ctl.wants_space.load(Ordering::SeqCst) == 0 {
                 continue;
             }
-            did = true;
             let Some(ring) = self.result_ring(seat) else {
                 continue;
             };
@@ -399,10 +418,14 @@ impl Shared {
                 let _g = self.ring_locks[seat as usize]
                     .lock()
                     .unwrap_or_else(|e| e.into_inner());
-                ring.sweep(|off, h| match self.fate(seat, off, h) {
-                    Fate::Orphan => true,
-                    Fate::Unpublished => false,
-                    Fate::Published => self.spill(seat, &ring, off, h),
+                ring.sweep(|off, h| {
+                    let release = match self.fate(seat, off, h) {
+                        Fate::Orphan => true,
+                        Fate::Unpublished => false,
+                        Fate::Published => self.spill(seat, &ring, off, h),
+                    };
+                    did |= release;
+                    release
                 })
             };
             ctl.wants_space.store(0, Ordering::SeqCst);
@@ -435,13 +458,20 @@ impl Shared {
             meta.res.store(tag | RES_UNREAD, Ordering::Release);
             return false;
         };
-        let mut v = AlignedVec::<16>::with_capacity(h.len as usize);
-        // SAFETY: `record_data` checked the bounds; the record is unreleased and published, so
-        // an honest worker does not touch it; the copy is what the caller will validate.
-        v.extend_from_slice(unsafe { std::slice::from_raw_parts(p, h.len as usize) });
+        let mut v = AlignedVec::<16>::new();
+        // SAFETY: `record_data` checked that `h.len` bytes at `p` lie in the ring.
+        unsafe { Self::copy_out(&mut v, p, h.len as usize) };
         *meta.spill.lock().unwrap_or_else(|e| e.into_inner()) = Some(v);
-        meta.res.store(tag | RES_EVACUATED, Ordering::Release);
-        true
+        // A compare-exchange: nothing else may move the word while it is EVACUATING, but if a
+        // misbehaving worker's games did, the copy is simply dropped at retirement.
+        meta.res
+            .compare_exchange(
+                tag | RES_EVACUATING,
+                tag | RES_EVACUATED,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            )
+            .is_ok()
     }
 
     /// Supervisor, after a worker died: releases every record in its ring that nobody will

@@ -182,7 +182,9 @@ impl Shared {
                     }
                     let Some((off, blk)) = self
                         .arena
-                        .alloc(len as u64, block, || self.closing.load(Ordering::SeqCst))
+                        .alloc(len as u64, block, || {
+                            self.closing.load(Ordering::SeqCst) || self.broken.load(Ordering::SeqCst)
+                        })
                     else {
                         let e = match block {
                             _ if self.closing.load(Ordering::SeqCst) => SubmitError::Shutdown,
@@ -357,6 +359,9 @@ impl Shared {
                 },
                 None => None,
             };
+            // Bounded sleeps: the `WAIT_THREAD` flag is in shared memory, and a worker could
+            // clear it so that the publish does not wake us; we then look again each second.
+            let timeout = Some(timeout.map_or(SLEEP_LOOK, |t| t.min(SLEEP_LOOK)));
             futex_wait(&sh.state, sleep_on, timeout);
             if sh.is_done() {
                 return true;
@@ -461,6 +466,9 @@ impl Shared {
         self.header().doorbell.notify_all();
     }
 }
+
+/// How long a blocked caller sleeps at most between looks at its slot.
+const SLEEP_LOOK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The default answer for tasks left when the workers are gone.
 pub(crate) const LEFT_OVER: u32 = KIND_CANCELLED;

@@ -61,6 +61,10 @@ pub(crate) struct MpmcRing<'a> {
     hdr: &'a MpmcHeader,
     cells: &'a [MpmcCell],
     mask: u64,
+    /// Whether waits on other parties give up after [`Patience`](crate::sync::Patience):
+    /// yes for a ring in shared memory (another process may be dead or hostile), no for a
+    /// parent-local ring, whose other parties are this process's own threads.
+    bounded: bool,
 }
 
 impl MpmcHeader {
@@ -94,6 +98,7 @@ impl<'a> MpmcRing<'a> {
             hdr,
             cells,
             mask: cells.len() as u64 - 1,
+            bounded: true,
         }
     }
 
@@ -144,7 +149,7 @@ impl<'a> MpmcRing<'a> {
                     return Err(value);
                 }
             }
-            if !patience.step() {
+            if !patience.step() && self.bounded {
                 return Err(value);
             }
             tail = self.hdr.tail.load(Ordering::Relaxed);
@@ -226,7 +231,7 @@ impl<'a> MpmcRing<'a> {
                 return None;
             }
             // A producer mid-push, a consumer of the last lap not done, or a stale `head`.
-            if !patience.step() {
+            if !patience.step() && self.bounded {
                 return None;
             }
             head = self.hdr.head.load(Ordering::Relaxed);
@@ -301,6 +306,22 @@ impl<'a> MpmcRing<'a> {
     }
 }
 
+impl MpmcRing<'_> {
+    /// Finishes the pop of a consumer that died after winning position `claim_value - 1` and
+    /// recording the value it won elsewhere (a worker's `current_slot`): releases the cell if
+    /// it is still full, without taking the value (it is accounted for).
+    pub(crate) fn release_won(&self, claim_value: u64) {
+        let pos = claim_value.wrapping_sub(1);
+        let cap = self.cells.len() as u64;
+        let _ = self.cell(pos).seq.compare_exchange(
+            claim_value,
+            pos.wrapping_add(cap),
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+    }
+}
+
 /// What [`MpmcRing::repair`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Repair {
@@ -324,6 +345,17 @@ impl MpmcRing<'_> {
             .head
             .compare_exchange(head, head + 1, Ordering::SeqCst, Ordering::Relaxed)
             .expect("no concurrent consumer in this test");
+    }
+
+    /// Test helper: a consumer that races others for the head, wins a position, records the
+    /// value in `current` (as `pop_tracked` does) and dies before releasing the cell.
+    pub(crate) fn pop_and_die_after_recording(&self, claim: &AtomicU64, current: &AtomicU32) {
+        self.pop_and_die_after_cas_racing(claim);
+        let pos = claim.load(Ordering::SeqCst) - 1;
+        current.store(
+            self.cell(pos).value.load(Ordering::Relaxed),
+            Ordering::SeqCst,
+        );
     }
 
     /// Test helper: a consumer that races others for the head (intent, CAS, retry as a real
@@ -365,8 +397,11 @@ impl HeapMpmc {
         }
     }
 
-    /// The ring view.
+    /// The ring view. Its waits are not bounded: every party is a thread of this process.
     pub(crate) fn ring(&self) -> MpmcRing<'_> {
-        MpmcRing::new(&self.hdr, &self.cells)
+        MpmcRing {
+            bounded: false,
+            ..MpmcRing::new(&self.hdr, &self.cells)
+        }
     }
 }

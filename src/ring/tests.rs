@@ -474,6 +474,39 @@ mod loom_tests {
         });
     }
 
+    /// The review's case: the winner records its value (`current_slot`) and dies before
+    /// releasing the cell, while a loser's claim shows the same position. The supervisor
+    /// releases the cell without taking the value (`release_won`): each value is delivered
+    /// exactly once (the dead one's through its record), and the ring keeps working.
+    #[test]
+    fn loom_a_winner_that_recorded_its_value_is_released_not_answered_twice() {
+        model(|| {
+            let q = Arc::new(HeapMpmc::with_capacity(2));
+            q.ring().push(7).unwrap();
+            q.ring().push(8).unwrap();
+            let live_claim = Arc::new(AtomicU64::new(0));
+            let live_current = Arc::new(AtomicU32::new(u32::MAX));
+            let live = {
+                let (q, c, cur) = (q.clone(), live_claim.clone(), live_current.clone());
+                loom::thread::spawn(move || q.ring().pop_tracked(&c, &cur, || {}))
+            };
+            let dead_claim = AtomicU64::new(0);
+            let dead_current = AtomicU32::new(u32::MAX);
+            q.ring()
+                .pop_and_die_after_recording(&dead_claim, &dead_current);
+            // The supervisor: the dead worker recorded a value, so it won; release its cell.
+            q.ring().release_won(dead_claim.load(Ordering::SeqCst));
+            let popped = live.join().unwrap().expect("two values, two consumers");
+            let mut both = [popped, dead_current.load(Ordering::SeqCst)];
+            both.sort();
+            assert_eq!(both, [7, 8]);
+            q.ring().push(1).unwrap();
+            q.ring().push(2).unwrap();
+            assert_eq!(q.ring().pop(None), Some(1));
+            assert_eq!(q.ring().pop(None), Some(2));
+        });
+    }
+
     #[test]
     fn loom_eventcount_has_no_lost_wakeup() {
         model(|| {

@@ -100,6 +100,15 @@ impl EventCount {
         self.notify(1);
     }
 
+    /// Wakes every sleeper whatever the sleeper count says (for a count another process could
+    /// have falsified).
+    #[cfg(not(stateful_pool_loom))]
+    pub(crate) fn wake_all_unconditionally(&self) {
+        fence(Ordering::SeqCst);
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.futex_wake(i32::MAX);
+    }
+
     /// Wakes every sleeper, if any. Costs one load when nobody sleeps.
     pub(crate) fn notify_all(&self) {
         self.notify(i32::MAX);

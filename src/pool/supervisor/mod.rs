@@ -195,7 +195,12 @@ pub(crate) fn supervisor_loop(shared: Arc<Shared>, rx: Receiver<SupMsg>, program
             s.pidfd = None;
         }
     }
-    // Every worker process is gone: whatever was not finished never will be.
+    // Every worker process is gone: whatever was not finished never will be. After a
+    // breakdown, first wait out the submits in progress (each now sees the pool broken, or
+    // has pushed its task), so that none queues a task after this last answer.
+    if sup.shared.broken.load(Ordering::SeqCst) {
+        sup.shared.quiesce_submits();
+    }
     sup.shared.cancel_unfinished(sup.left_over());
     if let Some((_, done)) = sup.shutdown.take() {
         let _ = done.send(());
@@ -390,6 +395,11 @@ impl Sup {
         }
         if self.shared.timed_in_flight.load(Ordering::SeqCst) != 0 {
             at(now + TIMEOUT_TICK);
+        }
+        if !self.pending_repairs.is_empty() {
+            // A deferred queue repair resolves as soon as the other worker runs: ask again
+            // soon (nothing else may wake us).
+            at(now + Duration::from_millis(1));
         }
         if let Some((deadline, _)) = &self.shutdown {
             at(if self.killed_all {

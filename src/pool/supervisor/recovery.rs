@@ -128,15 +128,24 @@ impl Sup {
             held.push(slot);
         }
         let claim = ctl.claim.load(Ordering::SeqCst);
-        match self.repair(seat, claim) {
-            Repair::Taken(v) if v < n_slots && !held.contains(&v) => held.push(v),
-            Repair::Deferred => self.pending_repairs.push(PendingRepair {
-                seat,
-                claim,
-                pid,
-                cause,
-            }),
-            _ => {}
+        if claim != 0 && cur < n_slots {
+            // It won this pop: `current_slot` is stored only after a won CAS (and cleared
+            // after each task), so the value is accounted for above. If it died before
+            // releasing the cell, release it now, whatever claims others show: no live
+            // worker can own that position, and answering the value again would answer
+            // the task twice.
+            shared.task_ring().release_won(claim);
+        } else {
+            match self.repair(seat, claim) {
+                Repair::Taken(v) if v < n_slots && !held.contains(&v) => held.push(v),
+                Repair::Deferred => self.pending_repairs.push(PendingRepair {
+                    seat,
+                    claim,
+                    pid,
+                    cause,
+                }),
+                _ => {}
+            }
         }
         ctl.claim.store(0, Ordering::Relaxed);
         ctl.current_slot.store(u32::MAX, Ordering::Relaxed);
@@ -179,7 +188,12 @@ impl Sup {
             match self.repair(p.seat, p.claim) {
                 Repair::Deferred => self.pending_repairs.push(p),
                 Repair::Taken(v) if v < self.shared.n_slots() => {
-                    let _ = self.answer_held(v, p.seat, p.pid, p.cause, None);
+                    // Nobody popped it (it sat in the dead worker's cell): unless something
+                    // already answered it, it is the dead worker's to answer.
+                    let st = self.shared.slot(v).state.load(Ordering::Acquire);
+                    if st & (bits::CLAIMED | bits::DONE) == 0 {
+                        let _ = self.answer_held(v, p.seat, p.pid, p.cause, None);
+                    }
                 }
                 _ => {}
             }
