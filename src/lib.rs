@@ -135,7 +135,13 @@ pub mod map {
 #[cfg(all(feature = "cuda", not(stateful_pool_loom)))]
 pub use cudarc;
 #[cfg(not(stateful_pool_loom))]
+pub use worker::func::{FnWorker, TaskFn};
+#[cfg(not(stateful_pool_loom))]
 pub use worker::{BoxError, Poisoned, TaskContext, Worker, WorkerContext};
+
+/// rkyv, as the [`task_fn!`] macro names it (not an API).
+#[doc(hidden)]
+pub use rkyv as __rkyv;
 
 /// Entry points for the cargo-fuzz targets in `fuzz/` (feature `fuzzing`; not an API).
 #[cfg(all(feature = "fuzzing", not(stateful_pool_loom)))]

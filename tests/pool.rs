@@ -609,3 +609,35 @@ fn workers_can_be_retired_and_replaced_without_losing_tasks() {
         let _ = std::fs::remove_file(started);
     });
 }
+
+stateful_pool::task_fn! {
+    /// A stateless task function: the length of a string, or an error for an empty one.
+    fn StrLen(s: String, ctx) -> u64 {
+        if s.is_empty() {
+            return Err(format!("task {} is empty", ctx.task_id()).into());
+        }
+        Ok(s.as_str().len() as u64)
+    }
+}
+
+#[test]
+fn a_stateless_function_serves_as_a_worker() {
+    watchdog(60, || {
+        let pool = Pool::<stateful_pool::FnWorker<StrLen>>::builder()
+            .build()
+            .unwrap();
+        for r in pool.spawn_n(&(), 2) {
+            r.unwrap();
+        }
+        assert_eq!(pool.execute(&"hello".to_string()).unwrap(), 5);
+        assert!(matches!(
+            pool.execute(&String::new()),
+            Err(TaskError::Failed { .. })
+        ));
+        let total: u64 = pool
+            .map((0..50).map(|i| "x".repeat(i)).filter(|s| !s.is_empty()))
+            .map(|r| r.unwrap())
+            .sum();
+        assert_eq!(total, (1..50).sum::<usize>() as u64);
+    });
+}

@@ -2,6 +2,7 @@
 //! process's main loop.
 
 pub(crate) mod boot;
+pub(crate) mod func;
 pub(crate) mod main_loop;
 
 use crate::codec::Message;
