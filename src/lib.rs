@@ -82,6 +82,8 @@ pub(crate) mod slot;
 #[cfg(not(stateful_pool_loom))]
 mod sys;
 #[cfg(not(stateful_pool_loom))]
+mod telemetry;
+#[cfg(not(stateful_pool_loom))]
 mod worker;
 
 #[cfg(not(stateful_pool_loom))]

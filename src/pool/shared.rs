@@ -233,7 +233,9 @@ impl Shared {
         {
             let mut r = self.broken_reason.lock().unwrap_or_else(|e| e.into_inner());
             if r.is_none() {
-                *r = Some(reason.into());
+                let reason = reason.into();
+                crate::telemetry::broken(&reason);
+                *r = Some(reason);
             }
         }
         self.broken.store(true, Ordering::SeqCst);

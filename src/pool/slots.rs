@@ -48,6 +48,9 @@ pub(crate) struct SlotMeta {
     /// The parent published this task's outcome (a worker cannot claim the parent's outcomes:
     /// died, timed out, no workers, broken).
     pub(super) by_parent: AtomicBool,
+    /// When the task was submitted (feature `tracing`: its time to collection is reported).
+    #[cfg(feature = "tracing")]
+    submitted: Mutex<Option<Instant>>,
 }
 
 impl SlotMeta {
@@ -235,6 +238,10 @@ impl Shared {
             opts.batch,
         );
         meta.task_id.store(task_id, Ordering::Relaxed);
+        #[cfg(feature = "tracing")]
+        {
+            *meta.submitted.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        }
         meta.res.store(task_id << 3, Ordering::Relaxed);
         meta.by_parent.store(false, Ordering::Relaxed);
         let timeout = opts.timeout.or(self.cfg.task_timeout);
@@ -404,6 +411,18 @@ impl Shared {
     pub(crate) fn retire(&self, slot: u32) {
         self.forget_result(slot);
         let meta = &self.meta[slot as usize];
+        #[cfg(feature = "tracing")]
+        if let Some(t) = meta
+            .submitted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            let o = self.slot(slot).outcome();
+            let micros = t.elapsed().as_micros().min(u64::MAX as u128) as u64;
+            let ok = o.kind == crate::slot::outcome::KIND_OK;
+            crate::telemetry::task_done(meta.task_id(), o.worker, micros, ok);
+        }
         if meta.timeout_ns.swap(0, Ordering::Relaxed) != 0 {
             self.timed_in_flight.fetch_sub(1, Ordering::SeqCst);
         }

@@ -91,6 +91,7 @@ impl Sup {
             Ok(child) => {
                 s.pid = child.id();
                 s.pidfd = crate::sys::pidfd_open(child.id()).ok();
+                crate::telemetry::launched(seat, child.id());
                 s.child = Some(child);
                 ctl.pid.store(s.pid, Ordering::Relaxed);
                 s.phase = Phase::Starting {
@@ -153,6 +154,7 @@ impl Sup {
                     seats[worker].state = WorkerState::Ready;
                     seats[worker].pid = pid;
                 }
+                crate::telemetry::ready(seat, pid);
                 shared.no_workers.store(false, Ordering::SeqCst);
                 match reply {
                     Some(r) => r.complete(SpawnOutcome::Ready(spawn_report(&shared, seat))),

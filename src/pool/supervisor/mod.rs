@@ -318,6 +318,7 @@ impl Sup {
     }
 
     fn emit(&self, e: PoolEvent) {
+        crate::telemetry::pool_event(&e);
         if let Some(h) = &self.shared.cfg.on_event {
             let f = &h.0;
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&e)));
