@@ -81,6 +81,7 @@ pub(crate) fn broken(reason: &str) {
 }
 
 /// A task's outcome was collected `micros` after its submit.
+#[cfg_attr(not(feature = "tracing"), allow(dead_code))]
 #[inline]
 pub(crate) fn task_done(task_id: u64, worker: u32, micros: u64, ok: bool) {
     #[cfg(feature = "tracing")]
