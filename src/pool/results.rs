@@ -125,19 +125,14 @@ impl Shared {
             .cast_const()
     }
 
-    /// An inline result has been copied: no ring record to let go at retirement. (A
-    /// compare-exchange, not a store: if a misbehaving worker showed the reactor a ring
-    /// record for this task meanwhile, the reactor's claim on it stands and retirement waits
-    /// it out.)
+    /// An inline result has been copied: no ring record to let go at retirement. A plain
+    /// store (this caller owns the slot): should a misbehaving worker have shown the reactor a
+    /// ring record for this task meanwhile, the reactor's own compare-exchange from
+    /// `EVACUATING` fails on the changed word and its copy is never handed to anyone.
     fn inline_taken(&self, slot: u32) {
         let meta = self.meta(slot);
-        let tag = meta.task_id() << 3;
-        let _ = meta.res.compare_exchange(
-            tag | RES_UNREAD,
-            tag | RES_TAKEN,
-            Ordering::AcqRel,
-            Ordering::Relaxed,
-        );
+        meta.res
+            .store(meta.task_id() << 3 | RES_TAKEN, Ordering::Relaxed);
     }
 
     fn read_result<R>(
