@@ -642,3 +642,46 @@ fn a_stateless_function_serves_as_a_worker() {
         assert_eq!(total, (1..50).sum::<usize>() as u64);
     });
 }
+
+#[test]
+fn a_broadcast_reaches_every_serving_worker_once() {
+    watchdog(120, || {
+        let pool = pool(3);
+        let answers = pool.broadcast(&Cmd::Pid);
+        assert_eq!(answers.len(), 3);
+        let pids: Vec<u32> = pool.workers().iter().map(|w| w.pid).collect();
+        for (i, r) in &answers {
+            let o = r.as_ref().unwrap();
+            assert_eq!(o.worker as usize, *i, "answered by the worker it was for");
+            assert_eq!(o.value as u32, pids[*i]);
+        }
+        // A busy worker answers after its current task; the others at once.
+        let started = gate_path("broadcast-busy");
+        let long = pool
+            .submit(&Cmd::UntilCancelled(started.to_string_lossy().into()))
+            .unwrap();
+        assert!(wait_until(60, || started.exists()));
+        let pool = Arc::new(pool);
+        let b = {
+            let pool = pool.clone();
+            std::thread::spawn(move || pool.broadcast(&Cmd::Echo(5)))
+        };
+        long.cancel();
+        assert_eq!(long.wait().unwrap().value, 1);
+        let answers = b.join().unwrap();
+        assert_eq!(answers.len(), 3);
+        assert!(answers.iter().all(|(_, r)| r.as_ref().unwrap().value == 5));
+        // Workers that die on it answer WorkerDied (never retried elsewhere), then serve again.
+        let answers = pool.broadcast(&Cmd::KillSelf);
+        assert!(
+            answers
+                .iter()
+                .all(|(_, r)| matches!(r, Err(TaskError::WorkerDied { .. })))
+        );
+        assert!(wait_until(60, || pool.num_workers() == 3));
+        let answers = pool.broadcast(&Cmd::Echo(6));
+        assert_eq!(answers.len(), 3);
+        assert!(answers.iter().all(|(_, r)| r.as_ref().unwrap().value == 6));
+        let _ = std::fs::remove_file(started);
+    });
+}

@@ -41,6 +41,11 @@ impl<T: Message> TaskHandle<T> {
         }
     }
 
+    /// The task's slot (crate-internal).
+    pub(crate) fn slot(&self) -> u32 {
+        self.slot
+    }
+
     /// The task's pool-unique id (as [`TaskContext::task_id`](crate::TaskContext::task_id)
     /// shows it to the worker).
     pub fn task_id(&self) -> u64 {

@@ -72,6 +72,9 @@ pub struct Pool<W: Worker> {
     shared: Arc<Shared>,
     sup_tx: Sender<SupMsg>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Serialises broadcasts: a worker has one offer word, free again once each broadcast has
+    /// been answered.
+    broadcasting: Mutex<()>,
     _w: PhantomData<fn() -> W>,
 }
 
@@ -207,6 +210,7 @@ impl<W: Worker> Pool<W> {
             shared,
             sup_tx: tx,
             threads: Mutex::new(threads),
+            broadcasting: Mutex::new(()),
             _w: PhantomData,
         })
     }
@@ -306,6 +310,43 @@ impl<W: Worker> Pool<W> {
             seat: seat as usize,
             _o: PhantomData,
         })
+    }
+
+    /// Runs `task` once on every serving worker (reload weights, change a setting, clear a
+    /// cache) and returns each worker's outcome by its index. Each worker runs it before the
+    /// next task it would take from the queue (after the one it is running, if any). A worker
+    /// that dies before answering gives `WorkerDied` (never a retry: a broadcast is for that
+    /// worker); one that leaves without taking it gives `Cancelled`. Blocks until every worker
+    /// has answered; concurrent broadcasts run one after the other.
+    pub fn broadcast(&self, task: &W::Task) -> Vec<(usize, Result<W::Output, TaskError>)> {
+        let _one = self.broadcasting.lock().unwrap_or_else(|e| e.into_inner());
+        let serving: Vec<usize> = self
+            .shared
+            .lock_seats()
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.in_use && s.state == events::WorkerState::Ready)
+            .map(|(i, _)| i)
+            .collect();
+        let handles: Vec<_> = serving
+            .into_iter()
+            .map(|i| {
+                let opts = TaskOptions {
+                    target: Some(i as u32),
+                    retries: Some(0),
+                    ..TaskOptions::default()
+                };
+                let h = self.submit_full(task, None, Block::Until(None), opts);
+                if let Ok(h) = &h {
+                    self.shared.confirm_offer(i as u32, h.slot());
+                }
+                (i, h)
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|(i, h)| (i, h.map_err(TaskError::Submit).and_then(TaskHandle::wait)))
+            .collect()
     }
 
     /// Retires worker `index` (scale down): it finishes the task it is running, takes no

@@ -18,6 +18,8 @@ pub struct TaskOptions {
     pub(crate) retries: Option<u32>,
     /// The task is a batch (set by the batch APIs, not by users).
     pub(crate) batch: bool,
+    /// The task is for the worker in this seat only (a broadcast; set by `Pool::broadcast`).
+    pub(crate) target: Option<u32>,
 }
 
 impl TaskOptions {

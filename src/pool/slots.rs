@@ -48,6 +48,8 @@ pub(crate) struct SlotMeta {
     /// The parent published this task's outcome (a worker cannot claim the parent's outcomes:
     /// died, timed out, no workers, broken).
     pub(super) by_parent: AtomicBool,
+    /// The seat (+ 1) the task was offered to alone (a broadcast); 0 for the shared queue.
+    pub(crate) directed_to: AtomicU32,
     /// When the task was submitted (feature `tracing`: its time to collection is reported).
     #[cfg(feature = "tracing")]
     submitted: Mutex<Option<Instant>>,
@@ -244,6 +246,8 @@ impl Shared {
         }
         meta.res.store(task_id << 3, Ordering::Relaxed);
         meta.by_parent.store(false, Ordering::Relaxed);
+        meta.directed_to
+            .store(opts.target.map_or(0, |s| s + 1), Ordering::Relaxed);
         let timeout = opts.timeout.or(self.cfg.task_timeout);
         let timeout_ns = timeout.map_or(0, |d| d.as_nanos().clamp(1, u64::MAX as u128) as u64);
         meta.timeout_ns.store(timeout_ns, Ordering::Relaxed);
@@ -255,6 +259,14 @@ impl Shared {
             opts.retries.unwrap_or(self.cfg.task_retries),
             Ordering::Relaxed,
         );
+        if let Some(seat) = opts.target {
+            // SYNC POINT: the Release store of the offer publishes the slot contents written
+            // above to the worker's Acquire load of `direct`. The broadcaster serialises offers
+            // per pool, so the word is free (taken by the worker, or cleared by its recovery).
+            self.ctl(seat).direct.store(slot + 1, Ordering::Release);
+            self.header().task_ready.notify_all();
+            return Ok((slot, task_id));
+        }
         // SYNC POINT: the push's Release store of the cell stamp publishes the slot contents
         // written above to the worker's Acquire in pop.
         if self.task_ring().push(slot).is_err() {
@@ -323,6 +335,23 @@ impl Shared {
     fn abort_submit(&self, slot: u32, e: SubmitError) -> SubmitError {
         self.release_slot(slot);
         e
+    }
+
+    /// After offering the task in `slot` to `seat` alone: if the seat has meanwhile been freed
+    /// (its worker failed for good, or retired), takes the offer back and answers it
+    /// `Cancelled`, unless the supervisor's own sweep of the seat got it first (see
+    /// `Sup::free_seat`, which marks the seat free before it sweeps).
+    pub(crate) fn confirm_offer(&self, seat: u32, slot: u32) {
+        let free = !self.lock_seats()[seat as usize].in_use;
+        if free
+            && self
+                .ctl(seat)
+                .direct
+                .compare_exchange(slot + 1, 0, Ordering::SeqCst, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.complete_from_parent(slot, RawOutcome::new(KIND_CANCELLED, seat, 0, 0));
+        }
     }
 
     /// Wakes every submit waiting for a free slot (it re-checks why it may not go on).

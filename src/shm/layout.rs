@@ -132,7 +132,10 @@ pub(crate) struct WorkerCtl {
     /// another task: it waits for the kill or the withdrawal, so the kill never lands on an
     /// innocent next task), or to retire the worker (it exits after its current task).
     pub(crate) hold: AtomicU32,
-    _pad1: u32,
+    /// A task for this worker alone (a broadcast): its slot + 1, 0 if none. The parent sets
+    /// it; the worker records the slot in `current_slot`, then clears it, and runs the task
+    /// before anything from the shared queue.
+    pub(crate) direct: AtomicU32,
     _reserved: [u64; 6],
 }
 
@@ -337,7 +340,7 @@ impl WorkerCtl {
             parked: AtomicU32::new(parked::NONE),
             wants_space: AtomicU32::new(0),
             hold: AtomicU32::new(0),
-            _pad1: 0,
+            direct: AtomicU32::new(0),
             _reserved: [0; 6],
         }
     }

@@ -191,24 +191,37 @@ pub(crate) fn run<W: Worker>(wp: WorkerProcess) -> ! {
         // kill would land on an innocent task) until it lands or the supervisor withdraws it.
         // Asked to retire (scale-down): leave the loop as at shutdown, after the task we had.
         let h = ctl.hold.load(Ordering::SeqCst);
-        if h & hold::RETIRE != 0 {
-            break;
-        }
         if h & hold::KILL != 0 {
             crate::sys::futex_wait(&ctl.hold, h, Some(Duration::from_millis(10)));
             continue;
         }
-        // The pop records the slot in `current_slot` before releasing the queue cell (see
-        // `MpmcRing::pop_tracked`), so a death at any step leaves the claim findable.
-        let popped = ring.pop_tracked(&ctl.claim, &ctl.current_slot, || failpoint::hit("pop_mid"));
+        // A task for this worker alone (a broadcast) comes first, even when retiring: recorded
+        // in `current_slot` before the offer is cleared, so a death in between leaves it
+        // findable (the supervisor checks both words).
+        let direct = ctl.direct.load(Ordering::Acquire);
+        let popped = if direct != 0 {
+            ctl.current_slot.store(direct - 1, Ordering::Relaxed);
+            ctl.direct.store(0, Ordering::Release);
+            Some(direct - 1)
+        } else if h & hold::RETIRE != 0 {
+            break;
+        } else {
+            // The pop records the slot in `current_slot` before releasing the queue cell (see
+            // `MpmcRing::pop_tracked`), so a death at any step leaves the claim findable.
+            ring.pop_tracked(&ctl.claim, &ctl.current_slot, || failpoint::hit("pop_mid"))
+        };
         let Some(slot) = popped else {
             let mark = Some((&ctl.parked, parked::TASK_READY));
             wait_on_marked(&hdr.task_ready, spin, None, mark, || {
                 !ring.is_empty()
                     || hdr.shutdown.load(Ordering::Acquire) != 0
                     || ctl.hold.load(Ordering::SeqCst) & hold::RETIRE != 0
+                    || ctl.direct.load(Ordering::Acquire) != 0
             });
-            if hdr.shutdown.load(Ordering::Acquire) != 0 && ring.is_empty() {
+            if hdr.shutdown.load(Ordering::Acquire) != 0
+                && ring.is_empty()
+                && ctl.direct.load(Ordering::Acquire) == 0
+            {
                 break;
             }
             continue;

@@ -5,6 +5,29 @@
 use super::*;
 
 impl Sup {
+    /// Takes the task offered to `seat` alone (a broadcast) if one is pending: its slot, if the
+    /// parent really offered it there and it is unanswered (the word is worker-writable).
+    pub(super) fn take_offer(&self, seat: u32) -> Option<u32> {
+        let d = self.shared.ctl(seat).direct.swap(0, Ordering::SeqCst);
+        let v = d.checked_sub(1)?;
+        if v >= self.shared.n_slots()
+            || self.shared.meta(v).directed_to.load(Ordering::Relaxed) != seat + 1
+            || self.shared.slot(v).is_done()
+        {
+            return None;
+        }
+        Some(v)
+    }
+
+    /// A seat starts a new life or is freed: a task offered to its previous worker that no
+    /// worker took is answered (`Cancelled`: nobody ran it), never carried over.
+    fn drop_offer(&self, seat: u32) {
+        if let Some(v) = self.take_offer(seat) {
+            self.shared
+                .complete_from_parent(v, RawOutcome::new(self.left_over(), seat, 0, 0));
+        }
+    }
+
     /// A retirement request (scale-down): a serving worker is told to leave after its current
     /// task (the `RETIRE` hold bit, and a wake-up in case it is parked); a seat waiting to
     /// restart is simply freed. Past the shutdown timeout a worker that has not left is killed.
@@ -55,6 +78,7 @@ impl Sup {
     /// Writes the spawn arguments into the seat's area, resets its control block for a new
     /// life and launches the process.
     pub(super) fn start(&mut self, seat: u32, reply: Option<ReplyGuard>) {
+        self.drop_offer(seat);
         let shared = &self.shared;
         let s = &mut self.seats[seat as usize];
         let cap = shared.layout.params.spawn_area as usize;
@@ -130,10 +154,15 @@ impl Sup {
             .ctl(seat)
             .state
             .store(ctl_state::EMPTY, Ordering::Release);
-        let mut seats = self.shared.lock_seats();
-        self.shared
-            .set_seat_in_use(&mut seats, seat as usize, false);
-        seats[seat as usize].state = state;
+        {
+            let mut seats = self.shared.lock_seats();
+            self.shared
+                .set_seat_in_use(&mut seats, seat as usize, false);
+            seats[seat as usize].state = state;
+        }
+        // After the seat is marked free: a broadcaster that saw it in use made its offer
+        // before, so it is answered here; one that sees it free takes its offer back.
+        self.drop_offer(seat);
     }
 
     /// A start-up reported ready or failed (or ran out of time).

@@ -127,6 +127,12 @@ impl Sup {
         {
             held.push(slot);
         }
+        // A task offered to this worker alone that it had not taken yet.
+        if let Some(v) = self.take_offer(seat) {
+            if !held.contains(&v) {
+                held.push(v);
+            }
+        }
         let claim = ctl.claim.load(Ordering::SeqCst);
         if claim != 0 && cur < n_slots {
             // It won this pop: `current_slot` is stored only after a won CAS (and cleared
