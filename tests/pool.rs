@@ -685,3 +685,29 @@ fn a_broadcast_reaches_every_serving_worker_once() {
         let _ = std::fs::remove_file(started);
     });
 }
+
+#[test]
+fn every_close_returns_only_once_the_workers_are_stopped() {
+    watchdog(120, || {
+        let pool = Arc::new(pool(2));
+        let pids: Vec<u32> = pool.workers().iter().map(|w| w.pid).collect();
+        let closers: Vec<_> = (0..4)
+            .map(|_| {
+                let pool = pool.clone();
+                let pids = pids.clone();
+                std::thread::spawn(move || {
+                    pool.close();
+                    // Whichever call ran the shutdown, every caller sees it finished.
+                    assert!(pids.iter().all(|&p| process_gone(p)));
+                    assert!(matches!(
+                        pool.submit(&Cmd::Echo(1)),
+                        Err(SubmitError::Shutdown)
+                    ));
+                })
+            })
+            .collect();
+        for c in closers {
+            c.join().unwrap();
+        }
+    });
+}

@@ -75,6 +75,8 @@ pub struct Pool<W: Worker> {
     /// Serialises broadcasts: a worker has one offer word, free again once each broadcast has
     /// been answered.
     broadcasting: Mutex<()>,
+    /// Set (and notified) when the shutdown sequence has finished.
+    stopped: (Mutex<bool>, std::sync::Condvar),
     _w: PhantomData<fn() -> W>,
 }
 
@@ -211,6 +213,7 @@ impl<W: Worker> Pool<W> {
             sup_tx: tx,
             threads: Mutex::new(threads),
             broadcasting: Mutex::new(()),
+            stopped: (Mutex::new(false), std::sync::Condvar::new()),
             _w: PhantomData,
         })
     }
@@ -694,11 +697,17 @@ impl<W: Worker> Pool<W> {
         self.stop(StopMode::Immediate);
     }
 
-    /// The shutdown sequence; runs once (later calls return at once). Bounded: the supervisor
-    /// kills workers still running after the shutdown timeout.
+    /// The shutdown sequence; runs once (a concurrent or later call waits until the first
+    /// has finished). Bounded: the supervisor kills workers still running after the shutdown
+    /// timeout.
     fn stop(&self, mode: StopMode) {
         let shared = &self.shared;
         if shared.closing.swap(true, Ordering::SeqCst) {
+            let (done, cv) = &self.stopped;
+            let mut d = done.lock().unwrap_or_else(|e| e.into_inner());
+            while !*d {
+                d = cv.wait(d).unwrap_or_else(|e| e.into_inner());
+            }
             return;
         }
         // From here no submit can start; wait out those in progress so every task that will
@@ -728,6 +737,9 @@ impl<W: Worker> Pool<W> {
         for t in threads {
             let _ = t.join();
         }
+        let (done, cv) = &self.stopped;
+        *done.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cv.notify_all();
     }
 }
 
