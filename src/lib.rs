@@ -129,7 +129,8 @@ pub use pool::options::{SpawnOptions, TaskOptions};
 #[cfg(not(stateful_pool_loom))]
 pub mod map {
     pub use crate::pool::map::{
-        ErrorPolicy, Indexed, IterStream, Map, MapError, MapStream, Plain, Shape, WithInputs,
+        ErrorPolicy, Exact, Hint, Indexed, IterStream, Map, MapError, MapStream, Plain, Shape,
+        WithInputs,
     };
 }
 /// The cudarc crate this build uses (feature `cuda`), so workers name the same types as the

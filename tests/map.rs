@@ -243,7 +243,8 @@ fn immediate_returns_the_first_error_at_once_and_cancels_what_has_not_started() 
             assert!(
                 matches!(&e.error, TaskError::Failed { message, .. } if message == "step 1 failed")
             );
-            assert_eq!(m.len(), 0);
+            // With an early-ending policy the length is a hint (no `len()`): nothing is left.
+            assert_eq!(m.size_hint().0, 0);
             assert!(m.next().is_none(), "the map ends after the error");
             assert!(!gate.exists());
             drop(m);
@@ -717,4 +718,19 @@ fn a_batched_stream_sends_partial_batches_when_its_input_waits() {
             assert_eq!(sum, (0..50u64).sum::<u64>());
         });
     });
+}
+
+/// `len()` exists only where it is exact: a map with an early-ending error policy is not an
+/// `ExactSizeIterator`.
+#[test]
+fn only_a_map_that_yields_every_input_has_an_exact_length() {
+    fn exact<T: ExactSizeIterator>(_: &T) {}
+    let pool = Pool::<TestWorker>::builder().build().unwrap();
+    let m = pool.map(vec![Cmd::Echo(1)]);
+    exact(&m);
+    assert_eq!(m.len(), 1);
+    let hinted = pool
+        .map(vec![Cmd::Echo(1)])
+        .on_error(ErrorPolicy::Immediate);
+    assert_eq!(hinted.size_hint(), (1, Some(1)));
 }

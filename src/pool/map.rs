@@ -17,7 +17,9 @@
 //! - [`task_options`](Map::task_options): a timeout and retries for every task of the map.
 //!
 //! When the input's length is known the map's is too: `Map` is an [`ExactSizeIterator`] over an
-//! exact-size input, so any progress bar can show it.
+//! exact-size input, so any progress bar can show it. Only while every input will get its
+//! item: after [`on_error`](Map::on_error) (a policy that may end the map early) the length is
+//! a [`Hint`] and `len()` is gone, so a progress bar cannot promise items that never come.
 //!
 //! Several maps and individual submits can share one pool from different threads: each map
 //! collects only its own tasks' results. A map never blocks waiting for a free task slot while
@@ -108,6 +110,17 @@ pub struct Indexed;
 /// (mpservice's `return_x`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct WithInputs;
+
+/// The map's length is exact (over an exact-size input): every input gets its item, so
+/// [`Map`] is an [`ExactSizeIterator`]. The default.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Exact;
+
+/// The map's length is only a hint: an error policy set with `on_error` may end it early, so
+/// [`Map`] is not an [`ExactSizeIterator`] (its `size_hint` is still an upper bound, exact
+/// until an error).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Hint;
 
 impl<In, Out> Shape<In, Out> for Plain {
     type Item = Result<Out, MapError>;
@@ -837,10 +850,16 @@ macro_rules! map_options {
             self
         }
 
-        /// What to do when a task fails (default [`ErrorPolicy::Deferred`]).
-        pub fn on_error(mut self, policy: ErrorPolicy) -> Self {
+        /// What to do when a task fails (default [`ErrorPolicy::Deferred`]). With a policy
+        /// that may end the map early, its length becomes a hint ([`Hint`]: no longer an
+        /// `ExactSizeIterator`).
+        pub fn on_error(mut self, policy: ErrorPolicy) -> $ty<W, $input, S, Hint> {
             self.engine.policy = policy;
-            self
+            $ty {
+                engine: self.engine,
+                inputs: self.inputs,
+                _s: PhantomData,
+            }
         }
 
         /// Timeout and retry settings for every task of the map.
@@ -850,7 +869,7 @@ macro_rules! map_options {
         }
 
         /// Yields `(index, result)`: each result beside its input's position.
-        pub fn indexed(mut self) -> $ty<W, $input, Indexed> {
+        pub fn indexed(mut self) -> $ty<W, $input, Indexed, L> {
             self.engine.set_keep_inputs(false);
             $ty {
                 engine: self.engine,
@@ -865,7 +884,7 @@ macro_rules! map_options {
         /// # Panics
         ///
         /// If the map has already taken input.
-        pub fn with_inputs(mut self) -> $ty<W, $input, WithInputs> {
+        pub fn with_inputs(mut self) -> $ty<W, $input, WithInputs, L> {
             self.engine.set_keep_inputs(true);
             $ty {
                 engine: self.engine,
@@ -890,10 +909,10 @@ macro_rules! map_options {
 ///
 /// Dropping it cancels its tasks that no worker has started and discards the others' results.
 #[must_use = "a Map does nothing until iterated; dropping it cancels its tasks"]
-pub struct Map<W: Worker, I: Iterator, S = Plain> {
+pub struct Map<W: Worker, I: Iterator, S = Plain, L = Exact> {
     engine: Engine<W, I::Item>,
     inputs: I,
-    _s: PhantomData<fn() -> S>,
+    _s: PhantomData<fn() -> (S, L)>,
 }
 
 impl<W: Worker, I> Map<W, I, Plain>
@@ -909,7 +928,7 @@ where
     }
 }
 
-impl<W: Worker, I, S> Map<W, I, S>
+impl<W: Worker, I, S, L> Map<W, I, S, L>
 where
     I: Iterator<Item: Borrow<W::Task>>,
     S: Shape<I::Item, W::Output>,
@@ -917,7 +936,7 @@ where
     map_options!(Map, I);
 }
 
-impl<W: Worker, I, S> Iterator for Map<W, I, S>
+impl<W: Worker, I, S, L> Iterator for Map<W, I, S, L>
 where
     I: Iterator<Item: Borrow<W::Task>>,
     S: Shape<I::Item, W::Output>,
@@ -933,24 +952,23 @@ where
     }
 }
 
-/// Exact over an exact-size input. Under [`ErrorPolicy::Immediate`] and
-/// [`ErrorPolicy::WaitOthers`] the map ends early after an error: the length then drops to the
-/// one item (the error) left to yield.
-impl<W: Worker, I, S> ExactSizeIterator for Map<W, I, S>
+/// Exact over an exact-size input, as long as no error policy was set (a policy that may end
+/// the map early makes the length a [`Hint`]).
+impl<W: Worker, I, S> ExactSizeIterator for Map<W, I, S, Exact>
 where
     I: ExactSizeIterator<Item: Borrow<W::Task>>,
     S: Shape<I::Item, W::Output>,
 {
 }
 
-impl<W: Worker, I, S> std::iter::FusedIterator for Map<W, I, S>
+impl<W: Worker, I, S, L> std::iter::FusedIterator for Map<W, I, S, L>
 where
     I: Iterator<Item: Borrow<W::Task>>,
     S: Shape<I::Item, W::Output>,
 {
 }
 
-impl<W: Worker, I: Iterator, S> fmt::Debug for Map<W, I, S> {
+impl<W: Worker, I: Iterator, S, L> fmt::Debug for Map<W, I, S, L> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.engine.fmt(f)
     }
@@ -962,10 +980,10 @@ impl<W: Worker, I: Iterator, S> fmt::Debug for Map<W, I, S> {
 ///
 /// Dropping it cancels its tasks that no worker has started and discards the others' results.
 #[must_use = "a MapStream does nothing until polled; dropping it cancels its tasks"]
-pub struct MapStream<W: Worker, St: Stream, S = Plain> {
+pub struct MapStream<W: Worker, St: Stream, S = Plain, L = Exact> {
     engine: Engine<W, St::Item>,
     inputs: Pin<Box<St>>,
-    _s: PhantomData<fn() -> S>,
+    _s: PhantomData<fn() -> (S, L)>,
 }
 
 impl<W: Worker, St> MapStream<W, St, Plain>
@@ -981,7 +999,7 @@ where
     }
 }
 
-impl<W: Worker, St, S> MapStream<W, St, S>
+impl<W: Worker, St, S, L> MapStream<W, St, S, L>
 where
     St: Stream<Item: Borrow<W::Task>>,
     S: Shape<St::Item, W::Output>,
@@ -989,7 +1007,7 @@ where
     map_options!(MapStream, St);
 }
 
-impl<W: Worker, St, S> Stream for MapStream<W, St, S>
+impl<W: Worker, St, S, L> Stream for MapStream<W, St, S, L>
 where
     St: Stream<Item: Borrow<W::Task>>,
     S: Shape<St::Item, W::Output>,
@@ -1010,9 +1028,9 @@ where
 
 // The stream never pins its fields in place (the input stream is boxed and pinned on its own;
 // kept inputs and results are plain values moved in and out), so it can move freely.
-impl<W: Worker, St: Stream, S> Unpin for MapStream<W, St, S> {}
+impl<W: Worker, St: Stream, S, L> Unpin for MapStream<W, St, S, L> {}
 
-impl<W: Worker, St: Stream, S> fmt::Debug for MapStream<W, St, S> {
+impl<W: Worker, St: Stream, S, L> fmt::Debug for MapStream<W, St, S, L> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.engine.fmt(f)
     }
