@@ -725,11 +725,7 @@ impl<W: Worker> Pool<W> {
             let _ = done_rx.recv();
         }
         // The supervisor answered everything left; if it died instead, do it here.
-        shared.cancel_unfinished(if shared.broken.load(Ordering::SeqCst) {
-            crate::slot::outcome::KIND_BROKEN
-        } else {
-            slots::LEFT_OVER
-        });
+        shared.cancel_unfinished(shared.left_over());
         shared.reactor_stop.store(true, Ordering::SeqCst);
         // Unconditionally: the sleeper count is in shared memory, a worker may have zeroed it.
         shared.header().doorbell.wake_all_unconditionally();

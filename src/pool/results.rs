@@ -95,7 +95,7 @@ impl Shared {
             }
         }
         let mut buf = SCRATCH.take().unwrap_or_default();
-        let r = self.read_result(slot, &mut buf, f);
+        let r = self.read_result(slot, raw, &mut buf, f);
         if buf.capacity() <= SCRATCH_KEEP {
             SCRATCH.set(Some(buf));
         }
@@ -135,14 +135,16 @@ impl Shared {
             .store(meta.task_id() << 3 | RES_TAKEN, Ordering::Relaxed);
     }
 
+    /// The general path of [`with_result`](Self::with_result), for the outcome words `raw`
+    /// it read once (every decision below is taken on that one copy).
     fn read_result<R>(
         &self,
         slot: u32,
+        raw: crate::slot::RawOutcome,
         buf: &mut AlignedVec<16>,
         f: impl FnOnce(Result<&[u8], TaskError>) -> R,
     ) -> R {
         buf.clear();
-        let raw = self.slot(slot).outcome();
         let worker = raw.worker as usize;
         let bad = |message: &str| TaskError::BadResult {
             worker,

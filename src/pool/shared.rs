@@ -242,6 +242,16 @@ impl Shared {
         self.wake_supervisor();
     }
 
+    /// How tasks that no worker will finish are answered: `Cancelled` at a shutdown,
+    /// `PoolBroken` after a breakdown.
+    pub(crate) fn left_over(&self) -> u32 {
+        if self.broken.load(Ordering::SeqCst) {
+            crate::slot::outcome::KIND_BROKEN
+        } else {
+            crate::slot::outcome::KIND_CANCELLED
+        }
+    }
+
     /// Why the pool broke down, if it did.
     pub(crate) fn broken_reason(&self) -> Option<String> {
         if !self.broken.load(Ordering::SeqCst) {

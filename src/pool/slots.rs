@@ -518,9 +518,6 @@ impl Shared {
 /// How long a blocked caller sleeps at most between looks at its slot.
 const SLEEP_LOOK: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// The default answer for tasks left when the workers are gone.
-pub(crate) const LEFT_OVER: u32 = KIND_CANCELLED;
-
 fn encode_err(e: crate::codec::EncodeError) -> SubmitError {
     SubmitError::Encode(e.message())
 }

@@ -8,4 +8,4 @@ pub(crate) mod mpmc;
 pub(crate) mod wait;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

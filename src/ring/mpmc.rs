@@ -313,6 +313,11 @@ impl MpmcRing<'_> {
     pub(crate) fn release_won(&self, claim_value: u64) {
         let pos = claim_value.wrapping_sub(1);
         let cap = self.cells.len() as u64;
+        if claim_value == 0 || self.hdr.head.load(Ordering::SeqCst) <= pos {
+            // Nobody won that position (the words were garbage): its cell, if full, holds a
+            // task still queued for whoever pops it.
+            return;
+        }
         let _ = self.cell(pos).seq.compare_exchange(
             claim_value,
             pos.wrapping_add(cap),

@@ -276,7 +276,7 @@ mod std_tests {
 }
 
 #[cfg(stateful_pool_loom)]
-mod loom_tests {
+pub(crate) mod loom_tests {
     use super::*;
     use crate::ring::mpmc::Repair;
     use crate::ring::wait::EventCount;
@@ -434,21 +434,42 @@ mod loom_tests {
         });
     }
 
+    /// A ring holding 7 and 8, and a live consumer popping one of them (with its intent
+    /// record, which the supervisor's `live_claim` looks at).
+    pub(crate) fn two_values_and_a_live_pop() -> (
+        Arc<HeapMpmc>,
+        Arc<AtomicU64>,
+        loom::thread::JoinHandle<Option<u32>>,
+    ) {
+        let q = Arc::new(HeapMpmc::with_capacity(2));
+        q.ring().push(7).unwrap();
+        q.ring().push(8).unwrap();
+        let claim = Arc::new(AtomicU64::new(0));
+        let live = {
+            let (q, c) = (q.clone(), claim.clone());
+            loom::thread::spawn(move || {
+                let current = AtomicU32::new(u32::MAX);
+                q.ring().pop_tracked(&c, &current, || {})
+            })
+        };
+        (q, claim, live)
+    }
+
+    /// Not wedged: a full lap of pushes and pops works.
+    pub(crate) fn a_lap_works(q: &HeapMpmc) {
+        q.ring().push(1).unwrap();
+        q.ring().push(2).unwrap();
+        assert_eq!(q.ring().pop(None), Some(1));
+        assert_eq!(q.ring().pop(None), Some(2));
+    }
+
     /// The audit's H4: two consumers race for the same position; the winner dies right after
     /// its CAS while the loser's claim still shows the same position. The repair must wait for
     /// the loser to withdraw (never skip for good), and every value is delivered exactly once.
     #[test]
     fn loom_live_losers_claim_defers_but_never_blocks_repair() {
         model(|| {
-            let q = Arc::new(HeapMpmc::with_capacity(2));
-            q.ring().push(7).unwrap();
-            q.ring().push(8).unwrap();
-            let live_claim = Arc::new(AtomicU64::new(0));
-            let live_current = Arc::new(AtomicU32::new(u32::MAX));
-            let live = {
-                let (q, c, cur) = (q.clone(), live_claim.clone(), live_current.clone());
-                loom::thread::spawn(move || q.ring().pop_tracked(&c, &cur, || {}))
-            };
+            let (q, live_claim, live) = two_values_and_a_live_pop();
             let dead_claim = AtomicU64::new(0);
             q.ring().pop_and_die_after_cas_racing(&dead_claim);
             let repaired = loop {
@@ -466,11 +487,7 @@ mod loom_tests {
             let mut both = [popped, taken];
             both.sort();
             assert_eq!(both, [7, 8]);
-            // Not wedged: a full lap works.
-            q.ring().push(1).unwrap();
-            q.ring().push(2).unwrap();
-            assert_eq!(q.ring().pop(None), Some(1));
-            assert_eq!(q.ring().pop(None), Some(2));
+            a_lap_works(&q);
         });
     }
 
@@ -481,15 +498,7 @@ mod loom_tests {
     #[test]
     fn loom_a_winner_that_recorded_its_value_is_released_not_answered_twice() {
         model(|| {
-            let q = Arc::new(HeapMpmc::with_capacity(2));
-            q.ring().push(7).unwrap();
-            q.ring().push(8).unwrap();
-            let live_claim = Arc::new(AtomicU64::new(0));
-            let live_current = Arc::new(AtomicU32::new(u32::MAX));
-            let live = {
-                let (q, c, cur) = (q.clone(), live_claim.clone(), live_current.clone());
-                loom::thread::spawn(move || q.ring().pop_tracked(&c, &cur, || {}))
-            };
+            let (q, live_claim, live) = two_values_and_a_live_pop();
             let dead_claim = AtomicU64::new(0);
             let dead_current = AtomicU32::new(u32::MAX);
             q.ring()
@@ -500,10 +509,7 @@ mod loom_tests {
             let mut both = [popped, dead_current.load(Ordering::SeqCst)];
             both.sort();
             assert_eq!(both, [7, 8]);
-            q.ring().push(1).unwrap();
-            q.ring().push(2).unwrap();
-            assert_eq!(q.ring().pop(None), Some(1));
-            assert_eq!(q.ring().pop(None), Some(2));
+            a_lap_works(&q);
         });
     }
 

@@ -57,7 +57,8 @@ mod plain {
 mod models {
     use super::super::outcome::{KIND_CANCELLED, KIND_DIED, KIND_OK};
     use super::super::*;
-    use crate::ring::mpmc::{HeapMpmc, Repair};
+    use crate::ring::mpmc::Repair;
+    use crate::ring::tests::loom_tests::{a_lap_works, two_values_and_a_live_pop};
     use loom::sync::Arc;
     use loom::sync::atomic::AtomicUsize;
 
@@ -228,17 +229,9 @@ mod models {
     #[test]
     fn loom_parent_drain_and_repair_deliver_each_value_once() {
         model(|| {
-            let q = Arc::new(HeapMpmc::with_capacity(2));
-            q.ring().push(1).unwrap();
-            q.ring().push(2).unwrap();
+            let (q, live_claim, live) = two_values_and_a_live_pop();
             let dead_claim = AtomicU64::new(0);
             q.ring().pop_and_die_after_cas_racing(&dead_claim);
-            let live_claim = Arc::new(AtomicU64::new(0));
-            let live_current = Arc::new(AtomicU32::new(u32::MAX));
-            let live = {
-                let (q, c, cur) = (q.clone(), live_claim.clone(), live_current.clone());
-                loom::thread::spawn(move || q.ring().pop_tracked(&c, &cur, || {}))
-            };
             let mut got = Vec::new();
             loop {
                 match q.ring().repair(dead_claim.load(Ordering::SeqCst), |c| {
@@ -259,7 +252,8 @@ mod models {
                 got.push(v);
             }
             got.sort();
-            assert_eq!(got, [1, 2]);
+            assert_eq!(got, [7, 8]);
+            a_lap_works(&q);
         });
     }
 }

@@ -24,8 +24,7 @@ use crate::process::launch;
 use crate::ring::mpmc::Repair;
 use crate::shm::layout::{ctl_state, hold, parked};
 use crate::slot::outcome::{
-    KIND_BROKEN, KIND_CANCELLED, KIND_DIED, KIND_NO_WORKERS, KIND_PANIC, KIND_POISONED,
-    KIND_TIMEOUT,
+    KIND_CANCELLED, KIND_DIED, KIND_NO_WORKERS, KIND_PANIC, KIND_POISONED, KIND_TIMEOUT,
 };
 use crate::slot::{RawOutcome, bits, held_by_dead_worker};
 use std::collections::VecDeque;
@@ -226,14 +225,9 @@ fn kill_process(s: &mut SupSeat) {
 }
 
 impl Sup {
-    /// How tasks the workers will never finish are answered: `Cancelled` at a shutdown,
-    /// `PoolBroken` after a breakdown.
+    /// How tasks the workers will never finish are answered (`Shared::left_over`).
     fn left_over(&self) -> u32 {
-        if self.shared.broken.load(Ordering::SeqCst) {
-            KIND_BROKEN
-        } else {
-            KIND_CANCELLED
-        }
+        self.shared.left_over()
     }
 
     /// The supervisor's loop, until every worker is gone after a shutdown (or a breakdown).
