@@ -66,8 +66,15 @@ impl<T: Message> TaskHandle<T> {
         self.shared.cancel(self.slot);
     }
 
-    /// Registers `waker` to be woken when the task finishes; `true` if it already has.
-    pub(crate) fn register(&self, waker: &Waker) -> bool {
+    /// Asks the pool to wake `waker` once the task finishes, without collecting anything;
+    /// returns `true` if it has already finished (then nothing is registered and the result
+    /// can be collected at once). One waker per handle: a later call replaces an earlier one,
+    /// as with [`Future::poll`]. The waker is called from the pool's reactor thread, so it
+    /// must be cheap and must not block (push to a queue, write to an eventfd, …).
+    ///
+    /// This is how an event loop that is not a Rust executor (epoll, libuv, asio, the C ABI's
+    /// completion queue) waits for many tasks with no thread parked per task.
+    pub fn wake_when_finished(&self, waker: &Waker) -> bool {
         self.shared.register_waker(self.slot, self.task_id, waker)
     }
 

@@ -227,8 +227,8 @@ impl<T: crate::Message> Pending<T> {
 
     fn register(&self, waker: &Waker) -> bool {
         match self {
-            Pending::One(h) => h.register(waker),
-            Pending::Batch(h) => h.inner.register(waker),
+            Pending::One(h) => h.wake_when_finished(waker),
+            Pending::Batch(h) => h.inner.wake_when_finished(waker),
         }
     }
 
