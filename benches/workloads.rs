@@ -260,7 +260,7 @@ fn w2(c: &mut Criterion) {
                         let h: stateful_pool::BatchHandle<u64> = inflight.pop_front().unwrap();
                         assert_eq!(h.wait().unwrap().len(), 1000);
                     }
-                    inflight.push_back(pool.submit_batch(chunk).unwrap());
+                    inflight.push_back(pool.batch(chunk).submit().unwrap());
                 }
                 for h in inflight {
                     assert_eq!(h.wait().unwrap().len(), 1000);
@@ -437,7 +437,7 @@ fn w3(c: &mut Criterion) {
                     let t1 = Instant::now();
                     loan.as_mut_slice().copy_from_slice(&data);
                     let t2 = Instant::now();
-                    assert_eq!(pool.execute_with_payload(&empty, loan).unwrap(), expect);
+                    assert_eq!(pool.task(&empty).payload(loan).execute().unwrap(), expect);
                     transport += (t1 - t0) + t2.elapsed();
                 }
                 record_iter(&format!("W3/pool_loan_transport/{label}"), transport, n);

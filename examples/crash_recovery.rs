@@ -8,7 +8,7 @@
 //! ```
 
 use rkyv::{Archive, Deserialize, Serialize};
-use stateful_pool::{BoxError, Pool, PoolEvent, TaskContext, TaskOptions, Worker, WorkerContext};
+use stateful_pool::{BoxError, Pool, PoolEvent, TaskContext, Worker, WorkerContext};
 use std::time::Duration;
 
 #[derive(Archive, Serialize, Deserialize, Debug)]
@@ -106,19 +106,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("2. With a retry, an idempotent task survives its worker's crash:");
     let marker = std::env::temp_dir().join(format!("crash-once-{}", std::process::id()));
     let _ = std::fs::remove_file(&marker);
-    let out = pool.execute_with_options(
-        &Job::CrashOnce(marker.to_string_lossy().into_owned()),
-        TaskOptions::new().retries(1),
-    )?;
+    let out = pool
+        .task(&Job::CrashOnce(marker.to_string_lossy().into_owned()))
+        .retries(1)
+        .execute()?;
     println!("  result after one retry: {out}");
     let _ = std::fs::remove_file(&marker);
 
     println!("3. A hung task times out, and its worker is replaced:");
     let err = pool
-        .execute_with_options(
-            &Job::Hang,
-            TaskOptions::new().timeout(Duration::from_millis(300)),
-        )
+        .task(&Job::Hang)
+        .timeout(Duration::from_millis(300))
+        .execute()
         .unwrap_err();
     println!("  hung task: {err}");
 

@@ -212,7 +212,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for (dst, v) in loan.as_mut_slice().chunks_exact_mut(4).zip(&x) {
             dst.copy_from_slice(&v.to_le_bytes());
         }
-        let a = pool.execute_with_payload(&Job::MatVec, loan)?;
+        let a = pool.task(&Job::MatVec).payload(loan).execute()?;
         let err =
             a.y.iter()
                 .zip(&reference)
@@ -231,7 +231,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Host-to-device bandwidth: 64 MiB from the pinned shared-memory payload vs pageable.
     let mut loan = pool.loan(64 << 20)?;
     loan.as_mut_slice().fill(1);
-    let a = pool.execute_with_payload(&Job::Bandwidth, loan)?;
+    let a = pool.task(&Job::Bandwidth).payload(loan).execute()?;
     println!(
         "host-to-device, 64 MiB: pinned shared-memory payload {:.1} GB/s, pageable copy {:.1} GB/s ({:.2}×)",
         a.pinned_gbps,

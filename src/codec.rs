@@ -119,8 +119,9 @@ impl<T> Message for T where
 }
 
 /// What can be written into shared memory: anything rkyv serialises with our writer. Every
-/// [`Message`] is; so is [`Bytes`], which borrows its data.
-pub(crate) trait Encode:
+/// [`Message`] is; so are the borrowing encoders below.
+#[doc(hidden)]
+pub trait Encode:
     for<'a> Serialize<HighSerializer<ShmWriter, ArenaHandle<'a>, BoxedError>>
 {
 }
@@ -130,13 +131,119 @@ impl<T: ?Sized> Encode for T where
 {
 }
 
-/// A byte slice that archives exactly as a `Vec<u8>` does (an `ArchivedVec<u8>`), without
-/// first copying it into a `Vec`: raw bytes from a C host go straight into shared memory.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Bytes<'a>(pub(crate) &'a [u8]);
+/// What a submit accepts for a task of type `T`: a `&T` itself, or a borrowed form that
+/// rkyv archives exactly as a `T` would, written straight into shared memory with no owned
+/// `T` built first.
+///
+/// | task type `T` | also accepted as |
+/// |---|---|
+/// | any [`Message`] | `&T` |
+/// | `String` | `&str` |
+/// | `Vec<E>` | `&[E]` (so `Vec<u8>` takes a `&[u8]`) |
+///
+/// ```
+/// # use stateful_pool::ArchivesAs;
+/// fn accepts<A: ArchivesAs<T> + ?Sized, T>(_: &A) {}
+/// accepts::<str, String>("hello");
+/// accepts::<[u8], Vec<u8>>(&b"bytes"[..]);
+/// accepts::<u64, u64>(&7);
+/// ```
+///
+/// The trait is sealed: the worker reads what arrives as `T`'s archived form, so only forms
+/// whose archive is byte-for-byte `T`'s may implement it.
+pub trait ArchivesAs<T>: sealed::Sealed<T> {}
 
-impl Archive for Bytes<'_> {
-    type Archived = rkyv::vec::ArchivedVec<u8>;
+impl<T, A: ?Sized + sealed::Sealed<T>> ArchivesAs<T> for A {}
+
+pub(crate) mod sealed {
+    /// The encoder behind [`ArchivesAs`](super::ArchivesAs) (not nameable outside the crate).
+    pub trait Sealed<T> {
+        /// A value rkyv serialises as `T`'s archive.
+        type Enc<'a>: super::Encode
+        where
+            Self: 'a;
+        /// That value, borrowing `self`.
+        fn enc(&self) -> Self::Enc<'_>;
+    }
+}
+
+impl<T: Message> sealed::Sealed<T> for T {
+    type Enc<'a> = Same<'a, T>;
+    fn enc(&self) -> Same<'_, T> {
+        Same(self)
+    }
+}
+
+impl sealed::Sealed<String> for str {
+    type Enc<'a> = Str<'a>;
+    fn enc(&self) -> Str<'_> {
+        Str(self)
+    }
+}
+
+impl<E: Message> sealed::Sealed<Vec<E>> for [E] {
+    type Enc<'a> = Slice<'a, E>;
+    fn enc(&self) -> Slice<'_, E> {
+        Slice(self)
+    }
+}
+
+/// A borrowed `T`, archived as `T` is.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Same<'a, T>(&'a T);
+
+impl<T: Archive> Archive for Same<'_, T> {
+    type Archived = T::Archived;
+    type Resolver = T::Resolver;
+
+    fn resolve(&self, resolver: Self::Resolver, out: rkyv::Place<Self::Archived>) {
+        self.0.resolve(resolver, out)
+    }
+}
+
+impl<T, S> Serialize<S> for Same<'_, T>
+where
+    T: Serialize<S>,
+    S: rkyv::rancor::Fallible + ?Sized,
+{
+    fn serialize(&self, serializer: &mut S) -> Result<Self::Resolver, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
+/// A `&str` archived exactly as a `String` with the same contents.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Str<'a>(&'a str);
+
+impl Archive for Str<'_> {
+    type Archived = rkyv::string::ArchivedString;
+    type Resolver = rkyv::string::StringResolver;
+
+    fn resolve(&self, resolver: Self::Resolver, out: rkyv::Place<Self::Archived>) {
+        rkyv::string::ArchivedString::resolve_from_str(self.0, resolver, out);
+    }
+}
+
+impl<S> Serialize<S> for Str<'_>
+where
+    S: rkyv::rancor::Fallible + rkyv::ser::Allocator + Writer + ?Sized,
+    S::Error: Source,
+{
+    fn serialize(&self, serializer: &mut S) -> Result<Self::Resolver, S::Error> {
+        rkyv::string::ArchivedString::serialize_from_str(self.0, serializer)
+    }
+}
+
+/// A `&[E]` archived exactly as a `Vec<E>` with the same elements (for bytes, one memcpy
+/// from the caller's slice into shared memory).
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Slice<'a, E>(&'a [E]);
+
+impl<E: Archive> Archive for Slice<'_, E> {
+    type Archived = rkyv::vec::ArchivedVec<E::Archived>;
     type Resolver = rkyv::vec::VecResolver;
 
     fn resolve(&self, resolver: Self::Resolver, out: rkyv::Place<Self::Archived>) {
@@ -144,8 +251,9 @@ impl Archive for Bytes<'_> {
     }
 }
 
-impl<S> Serialize<S> for Bytes<'_>
+impl<E, S> Serialize<S> for Slice<'_, E>
 where
+    E: Serialize<S>,
     S: rkyv::rancor::Fallible + rkyv::ser::Allocator + Writer + ?Sized,
 {
     fn serialize(&self, serializer: &mut S) -> Result<Self::Resolver, S::Error> {
@@ -273,12 +381,36 @@ mod tests {
         for data in [&b""[..], b"x", b"hello, shared memory", &[7u8; 300][..]] {
             let mut a = vec![0u8; 1024];
             let mut b = vec![0u8; 1024];
-            let n = enc(&Bytes(data), &mut a).unwrap();
+            let n = enc(&Slice(data), &mut a).unwrap();
             let m = enc(&data.to_vec(), &mut b).unwrap();
             assert_eq!(n, m);
             assert_eq!(a[..n], b[..m]);
-            assert_eq!(encoded_len(&Bytes(data)).unwrap(), n);
+            assert_eq!(encoded_len(&Slice(data)).unwrap(), n);
         }
+    }
+
+    #[test]
+    fn borrowed_forms_archive_exactly_as_their_task_type() {
+        use super::sealed::Sealed;
+        fn same_bytes<T: Encode, A: Encode>(owned: &T, borrowed: &A) {
+            let mut a = vec![0u8; 1024];
+            let mut b = vec![0u8; 1024];
+            let n = enc(owned, &mut a).unwrap();
+            let m = enc(borrowed, &mut b).unwrap();
+            assert_eq!(a[..n], b[..m]);
+        }
+        for s in [
+            "",
+            "short",
+            "a string longer than the inline small-string form",
+        ] {
+            same_bytes(&s.to_string(), &Sealed::<String>::enc(s));
+        }
+        same_bytes(
+            &vec![1u32, 2, 3],
+            &Sealed::<Vec<u32>>::enc(&[1u32, 2, 3][..]),
+        );
+        same_bytes(&42u64, &Sealed::<u64>::enc(&42u64));
     }
 
     #[repr(C, align(16))]

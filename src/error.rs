@@ -1,6 +1,7 @@
 //! Errors, one type per verb: building a pool, spawning a worker, submitting a task, and a
 //! task's outcome.
 
+use crate::pool::handle::Loan;
 use std::time::Duration;
 
 /// Building a [`Pool`](crate::Pool) failed.
@@ -23,14 +24,19 @@ pub enum BuildError {
     /// The machine does not have the memory to reserve the segment (it is reserved in full at
     /// creation, so a shortage shows up here rather than as a crash later).
     #[error(
-        "cannot reserve {bytes} bytes of shared memory ({available}); shrink the pool's \
-         queue_size, task_arena_bytes or result_ring_bytes, or free memory"
+        "cannot reserve {bytes} bytes of shared memory ({}); shrink the pool's queue_size, \
+         task_arena_bytes or result_ring_bytes, or free memory",
+        match available {
+            Some(a) => format!("{a} bytes available"),
+            None => "the reservation was refused".to_string(),
+        }
     )]
     NoSpace {
         /// Size of the segment.
         bytes: u64,
-        /// What was available, in words.
-        available: String,
+        /// The memory the machine had available, in bytes, when that was known to be too
+        /// little; `None` when the reservation itself was refused (`ENOSPC`, `ENOMEM`).
+        available: Option<u64>,
     },
     /// A thread of the pool could not be started.
     #[error("cannot start a pool thread: {0}")]
@@ -68,16 +74,18 @@ pub enum SpawnError {
     },
     /// The worker process exited before its spawn step finished.
     #[error(
-        "worker {worker} (pid {pid}) exited during start-up ({status}); if it never started, \
-         check that main() calls stateful_pool::init() first"
+        "worker {worker} (pid {pid}) exited during start-up ({}); if it never started, \
+         check that main() calls stateful_pool::init() first",
+        cause.describe()
     )]
     Exited {
         /// Seat index of the worker.
         worker: usize,
         /// Its process id.
         pid: u32,
-        /// How it ended.
-        status: String,
+        /// How it ended (the message explains the library's own exit codes, such as 121: the
+        /// worker program is a different binary).
+        cause: ExitCause,
     },
     /// The spawn step did not finish within the spawn timeout.
     #[error("worker {worker}: spawn step did not finish within {after:?}")]
@@ -182,9 +190,11 @@ pub enum SubmitError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum TaskError {
-    /// The task could not be submitted (from `execute`).
+    /// The task could not be submitted (from `execute`). Never `SubmitError::NoWorkers` or
+    /// `SubmitError::Broken`: those become [`TaskError::NoWorkers`] and
+    /// [`TaskError::PoolBroken`], so each cause has one variant to match.
     #[error(transparent)]
-    Submit(#[from] SubmitError),
+    Submit(SubmitError),
     /// The worker's execute step returned an error.
     #[error("worker {worker}: task failed: {message}")]
     Failed {
@@ -260,14 +270,138 @@ pub enum TaskError {
         /// The worker's message.
         message: String,
     },
-    /// Every worker has failed for good: nothing could run the task.
-    #[error("no live worker: every worker failed past its restart budget")]
+    /// No worker could run the task: the pool had none serving or starting when it was
+    /// submitted, or every worker failed for good while it waited.
+    #[error("no live worker to run the task (none spawned, or every worker failed)")]
     NoWorkers,
     /// The pool broke down while the task was in flight (one of its threads failed, or a
     /// worker corrupted the shared task queue); it stopped every worker and answered every
     /// unfinished task with this.
     #[error("the pool broke down before the task finished")]
     PoolBroken,
+}
+
+impl From<SubmitError> for TaskError {
+    /// A submit failure as a task's outcome; the causes `TaskError` has its own variant for
+    /// (`NoWorkers`, `Broken`) map to it.
+    fn from(e: SubmitError) -> TaskError {
+        match e {
+            SubmitError::NoWorkers => TaskError::NoWorkers,
+            SubmitError::Broken { .. } => TaskError::PoolBroken,
+            e => TaskError::Submit(e),
+        }
+    }
+}
+
+/// A refused submit from a [`Submit`](crate::Submit) or [`SubmitBatch`](crate::SubmitBatch)
+/// request: why, and the [`Loan`] it carried, handed back unsent (fill it once, try again
+/// later or elsewhere). The task itself was only borrowed, so it is still the caller's.
+///
+/// It converts into [`SubmitError`] and [`TaskError`] (so `?` works in functions returning
+/// either), and compares equal to the `SubmitError` it holds.
+#[derive(Debug)]
+pub struct Rejected {
+    pub(crate) error: SubmitError,
+    pub(crate) loan: Option<Loan>,
+}
+
+impl Rejected {
+    /// Why the submit was refused.
+    pub fn error(&self) -> &SubmitError {
+        &self.error
+    }
+
+    /// The loan the request carried, if any, still filled as the caller left it.
+    pub fn into_loan(self) -> Option<Loan> {
+        self.loan
+    }
+
+    /// The reason and the loan.
+    pub fn into_parts(self) -> (SubmitError, Option<Loan>) {
+        (self.error, self.loan)
+    }
+}
+
+impl std::fmt::Display for Rejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for Rejected {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.error.source()
+    }
+}
+
+impl From<Rejected> for SubmitError {
+    fn from(r: Rejected) -> SubmitError {
+        r.error
+    }
+}
+
+impl From<Rejected> for TaskError {
+    fn from(r: Rejected) -> TaskError {
+        r.error.into()
+    }
+}
+
+impl PartialEq<SubmitError> for Rejected {
+    fn eq(&self, other: &SubmitError) -> bool {
+        self.error == *other
+    }
+}
+
+/// Why a wait with a time limit ([`TaskHandle::wait_timeout`](crate::TaskHandle::wait_timeout),
+/// [`try_wait`](crate::TaskHandle::try_wait), and the same on
+/// [`BatchHandle`](crate::BatchHandle)) returned without a value. Handles have this one shape
+/// for every bounded wait.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum WaitTimeoutError<H> {
+    /// The task had not finished in time: the handle, to wait again (or drop to cancel).
+    Timeout(H),
+    /// The task finished without a value.
+    Task(TaskError),
+}
+
+impl<H> WaitTimeoutError<H> {
+    /// The handle back, if the wait timed out.
+    pub fn into_handle(self) -> Option<H> {
+        match self {
+            WaitTimeoutError::Timeout(h) => Some(h),
+            WaitTimeoutError::Task(_) => None,
+        }
+    }
+
+    /// Whether the wait timed out (the task is still running or queued).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, WaitTimeoutError::Timeout(_))
+    }
+}
+
+impl<H> std::fmt::Display for WaitTimeoutError<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WaitTimeoutError::Timeout(_) => f.write_str("the task has not finished yet"),
+            WaitTimeoutError::Task(e) => e.fmt(f),
+        }
+    }
+}
+
+impl<H: std::fmt::Debug> std::error::Error for WaitTimeoutError<H> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            WaitTimeoutError::Timeout(_) => None,
+            WaitTimeoutError::Task(e) => Some(e),
+        }
+    }
+}
+
+impl<H> From<TaskError> for WaitTimeoutError<H> {
+    fn from(e: TaskError) -> Self {
+        WaitTimeoutError::Task(e)
+    }
 }
 
 /// How a worker process ended.
@@ -303,6 +437,21 @@ impl ExitCause {
             ExitCause::Signal((v & 0xffff) as i32)
         } else {
             ExitCause::Exit((v & 0xffff) as i16 as i32)
+        }
+    }
+}
+
+impl ExitCause {
+    /// The cause in words, with what the library's own exit codes mean (e.g. 121: the worker
+    /// program is a different binary).
+    pub(crate) fn describe(self) -> String {
+        use crate::worker::boot::exit_code;
+        match self {
+            ExitCause::Signal(_) => self.to_string(),
+            ExitCause::Exit(code) => match exit_code::meaning(code) {
+                Some(m) => format!("exit code {code}: {m}"),
+                None => format!("exit code {code}"),
+            },
         }
     }
 }

@@ -87,21 +87,28 @@ mod telemetry;
 mod worker;
 
 #[cfg(not(stateful_pool_loom))]
+pub use codec::ArchivesAs;
+#[cfg(not(stateful_pool_loom))]
 pub use codec::{Message, ShmWriter};
 #[cfg(not(stateful_pool_loom))]
-pub use error::{BuildError, ExitCause, SpawnError, SubmitError, TaskError, WorkerError};
+pub use error::{
+    BuildError, ExitCause, Rejected, SpawnError, SubmitError, TaskError, WaitTimeoutError,
+    WorkerError,
+};
 #[cfg(not(stateful_pool_loom))]
 pub use pool::Pool;
 #[cfg(not(stateful_pool_loom))]
 pub use pool::builder::{PoolBuilder, RestartPolicy, WaitStrategy};
 #[cfg(not(stateful_pool_loom))]
-pub use pool::events::{PoolEvent, PoolStats, WorkerInfo, WorkerState};
+pub use pool::events::{DeathReason, PoolEvent, PoolStats, WorkerInfo, WorkerState};
 #[cfg(not(stateful_pool_loom))]
 pub use pool::handle::{BatchHandle, Loan, ResultRef, SpawnHandle, TaskHandle};
 #[cfg(not(stateful_pool_loom))]
 pub use pool::map::{ErrorPolicy, Map, MapError, MapStream};
 #[cfg(not(stateful_pool_loom))]
 pub use pool::options::{SpawnOptions, TaskOptions};
+#[cfg(not(stateful_pool_loom))]
+pub use pool::submit::{NoPayload, Payload, Submit, SubmitBatch};
 
 /// Lazy maps over a pool: [`Pool::map`] (an iterator) and [`Pool::map_stream`] /
 /// [`Pool::map_async`] (a [`Stream`](futures_core::Stream)), ordered or unordered, with a

@@ -24,7 +24,7 @@ pub(crate) fn pool_event(e: &PoolEvent) {
             tasks_retried,
         } => tracing::warn!(
             target: "stateful_pool",
-            worker, pid, %cause, reason, tasks_failed, tasks_retried,
+            worker, pid, %cause, reason = reason.as_str(), tasks_failed, tasks_retried,
             "worker died"
         ),
         PoolEvent::WorkerRestarted {

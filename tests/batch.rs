@@ -27,7 +27,7 @@ fn a_batch_answers_every_task_in_order_each_with_its_own_outcome() {
             Cmd::Panic("boom".into()),
             Cmd::Echo(4),
         ];
-        let outs = pool.execute_batch(&tasks).unwrap();
+        let outs = pool.batch(&tasks).execute().unwrap();
         assert_eq!(outs.len(), 4);
         assert_eq!(outs[0].as_ref().unwrap().value, 1);
         assert!(matches!(&outs[1], Err(TaskError::Failed { message, .. }) if message == "no"));
@@ -41,14 +41,14 @@ fn a_batch_answers_every_task_in_order_each_with_its_own_outcome() {
         );
         // Tasks by reference, and an empty batch.
         let refs: Vec<&Cmd> = tasks.iter().filter(|c| matches!(c, Cmd::Echo(_))).collect();
-        let outs = pool.execute_batch(&refs).unwrap();
+        let outs = pool.batch(&refs).execute().unwrap();
         assert_eq!(
             outs.iter()
                 .map(|o| o.as_ref().unwrap().value)
                 .collect::<Vec<_>>(),
             vec![1, 4]
         );
-        assert!(pool.execute_batch::<Cmd>(&[]).unwrap().is_empty());
+        assert!(pool.batch::<Cmd>(&[]).execute().unwrap().is_empty());
     });
 }
 
@@ -67,7 +67,7 @@ fn each_task_of_many_batches_runs_exactly_once() {
         let tasks: Vec<Cmd> = (0..N as u32).map(Cmd::Tick).collect();
         let handles: Vec<_> = tasks
             .chunks(100)
-            .map(|c| pool.submit_batch(c).unwrap())
+            .map(|c| pool.batch(c).submit().unwrap())
             .collect();
         let mut k = 0u64;
         for h in handles {
@@ -90,7 +90,8 @@ fn a_panic_or_poison_in_a_batch_retires_the_worker_after_answering() {
         let pool = pool(true);
         let before = pool.execute(&Cmd::Pid).unwrap().value;
         let outs = pool
-            .execute_batch(&[Cmd::Echo(1), Cmd::Panic("p".into()), Cmd::Echo(3)])
+            .batch(&[Cmd::Echo(1), Cmd::Panic("p".into()), Cmd::Echo(3)])
+            .execute()
             .unwrap();
         assert_eq!(outs[0].as_ref().unwrap().value, 1);
         assert!(matches!(outs[1], Err(TaskError::Panicked { .. })));
@@ -100,7 +101,8 @@ fn a_panic_or_poison_in_a_batch_retires_the_worker_after_answering() {
             "not run after the worker retired"
         );
         let outs = pool
-            .execute_batch(&[Cmd::Poison("sticky".into()), Cmd::Echo(2)])
+            .batch(&[Cmd::Poison("sticky".into()), Cmd::Echo(2)])
+            .execute()
             .unwrap();
         assert!(
             matches!(&outs[0], Err(TaskError::Poisoned { message, .. }) if message == "sticky")
@@ -110,7 +112,7 @@ fn a_panic_or_poison_in_a_batch_retires_the_worker_after_answering() {
         let after = pool.execute(&Cmd::Pid).unwrap().value;
         assert_ne!(before, after);
         assert_eq!(
-            pool.execute_batch(&[Cmd::Echo(9)]).unwrap()[0]
+            pool.batch(&[Cmd::Echo(9)]).execute().unwrap()[0]
                 .as_ref()
                 .unwrap()
                 .value,
@@ -124,7 +126,8 @@ fn a_worker_dying_mid_batch_fails_the_batch_as_a_whole() {
     watchdog(60, || {
         let pool = pool(true);
         let e = pool
-            .execute_batch(&[Cmd::Echo(1), Cmd::KillSelf, Cmd::Echo(3)])
+            .batch(&[Cmd::Echo(1), Cmd::KillSelf, Cmd::Echo(3)])
+            .execute()
             .unwrap_err();
         assert!(matches!(e, TaskError::WorkerDied { .. }), "{e}");
         assert_eq!(
@@ -152,17 +155,18 @@ fn batches_obey_the_queue_and_size_limits_and_await() {
                 ..Spawn::ok("late")
             })
             .unwrap();
-        let a = pool.submit_batch(&[Cmd::Echo(1)]).unwrap();
+        let a = pool.batch(&[Cmd::Echo(1)]).submit().unwrap();
         let b = pool
-            .try_submit_batch(&[Cmd::Echo(2), Cmd::Echo(3)])
+            .batch(&[Cmd::Echo(2), Cmd::Echo(3)])
+            .try_submit()
             .unwrap();
         assert_eq!(
-            pool.try_submit_batch(&[Cmd::Echo(4)]).unwrap_err(),
+            pool.batch(&[Cmd::Echo(4)]).try_submit().unwrap_err(),
             SubmitError::QueueFull
         );
         let big: Vec<Cmd> = (0..2000).map(Cmd::Echo).collect();
         assert!(matches!(
-            pool.try_submit_batch(&big),
+            pool.batch(&big).try_submit(),
             Err(SubmitError::PayloadTooLarge { max: 4096, .. }) | Err(SubmitError::QueueFull)
         ));
         std::fs::write(&gate, b"").unwrap();
@@ -171,7 +175,7 @@ fn batches_obey_the_queue_and_size_limits_and_await() {
         let got = futures_executor::block_on(async { (a.await, b.await) });
         assert_eq!(got.0.unwrap()[0].as_ref().unwrap().value, 1);
         assert_eq!(got.1.unwrap().len(), 2);
-        let big_ok = pool.try_submit_batch(&big);
+        let big_ok = pool.batch(&big).try_submit();
         assert!(matches!(
             big_ok,
             Err(SubmitError::PayloadTooLarge { max: 4096, .. })

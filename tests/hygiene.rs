@@ -5,7 +5,7 @@
 mod common;
 use common::watchdog;
 use rkyv::{Archive, Deserialize, Serialize};
-use stateful_pool::{BoxError, Pool, SpawnError, TaskContext, Worker, WorkerContext};
+use stateful_pool::{BoxError, ExitCause, Pool, SpawnError, TaskContext, Worker, WorkerContext};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -174,8 +174,9 @@ fn spawn_from(program: &Path) -> Result<u32, SpawnError> {
 
 fn assert_refused_as_another_binary(r: Result<u32, SpawnError>, what: &str) {
     match r {
-        Err(SpawnError::Exited { status, .. }) => {
-            assert!(status.contains("exit code 121"), "{what}: {status}");
+        Err(e @ SpawnError::Exited { cause, .. }) => {
+            assert_eq!(cause, ExitCause::Exit(121), "{what}: {e}");
+            let status = e.to_string();
             assert!(status.contains("different binary"), "{what}: {status}");
             assert!(status.contains("serve::<W>()"), "{what}: {status}");
         }

@@ -4,7 +4,8 @@
 mod common;
 use common::*;
 use stateful_pool::{
-    Pool, SpawnError, SpawnOptions, SubmitError, TaskError, WaitStrategy, WorkerError,
+    Pool, SpawnError, SpawnOptions, SubmitError, TaskError, WaitStrategy, WaitTimeoutError,
+    WorkerError,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,27 +68,36 @@ fn handle_wait_timeout_and_try_wait() {
             .unwrap();
         let h = h
             .try_wait()
-            .expect_err("not finished before the gate opens");
-        let h = h
-            .wait_timeout(Duration::from_millis(20))
-            .expect_err("still not finished");
+            .expect_err("not finished before the gate opens")
+            .into_handle()
+            .expect("a timeout hands the handle back");
+        let h = match h.wait_timeout(Duration::from_millis(20)) {
+            Err(WaitTimeoutError::Timeout(h)) => h,
+            other => panic!("still not finished, yet: {other:?}"),
+        };
         assert!(!h.is_finished());
         std::fs::write(&gate, b"").unwrap();
-        let out = h
-            .wait_timeout(Duration::from_secs(30))
-            .expect("finished")
-            .unwrap();
+        let out = h.wait_timeout(Duration::from_secs(30)).expect("finished");
         assert_eq!(out.value, 1);
         let mut h = pool.submit(&Cmd::Echo(5)).unwrap();
         let out = loop {
             match h.try_wait() {
-                Ok(r) => break r.unwrap(),
-                Err(back) => {
+                Ok(r) => break r,
+                Err(WaitTimeoutError::Timeout(back)) => {
                     std::thread::yield_now();
                     h = back;
                 }
+                Err(e) => panic!("{e}"),
             }
         };
+        // A task that fails gives its error through the same shape.
+        let failed = pool.submit(&Cmd::Fail("no".into())).unwrap();
+        match failed.wait_timeout(Duration::from_secs(30)) {
+            Err(WaitTimeoutError::Task(TaskError::Failed { message, .. })) => {
+                assert!(message.contains("no"))
+            }
+            other => panic!("expected a task error, got {other:?}"),
+        }
         assert_eq!(out.value, 5);
         let _ = std::fs::remove_file(&gate);
     });
@@ -292,7 +302,7 @@ fn a_loaned_16_mib_payload_is_read_in_place() {
             *b = (i / 4096 % 200) as u8;
         }
         let expect: u64 = (0..(16 << 20) / 4096).map(|k| (k % 200) as u64).sum();
-        let out = pool.execute_with_payload(&Cmd::SumPayload, loan).unwrap();
+        let out = pool.task(&Cmd::SumPayload).payload(loan).execute().unwrap();
         assert_eq!(out.value, expect);
         assert_eq!(
             u64::from_le_bytes(out.bytes[..8].try_into().unwrap()),
@@ -504,7 +514,7 @@ fn a_task_for_a_pool_with_no_worker_coming_fails_at_once() {
         // Nothing spawned: a clear error, not a wait forever.
         assert!(matches!(
             pool.execute(&Cmd::Echo(1)),
-            Err(TaskError::Submit(SubmitError::NoWorkers))
+            Err(TaskError::NoWorkers)
         ));
         // Tasks queued while the only spawn is starting wait for it.
         let gate = gate_path("no-workers-spawn");
@@ -605,7 +615,7 @@ fn workers_can_be_retired_and_replaced_without_losing_tasks() {
         pool.retire_worker(0).unwrap();
         assert!(matches!(
             pool.execute(&Cmd::Echo(8)),
-            Err(TaskError::Submit(SubmitError::NoWorkers))
+            Err(TaskError::NoWorkers)
         ));
         let _ = std::fs::remove_file(started);
     });

@@ -7,7 +7,7 @@ stateful_pool::worker_hook!();
 mod common;
 
 use common::*;
-use stateful_pool::{Pool, RestartPolicy, SpawnOptions, TaskError, TaskHandle};
+use stateful_pool::{Pool, RestartPolicy, SpawnOptions, TaskError, TaskHandle, WaitTimeoutError};
 use std::time::Duration;
 
 /// The shapes a task's outcome can take on its way back.
@@ -526,24 +526,24 @@ fn a_worker_that_corrupts_the_shared_queue_cannot_hang_the_parent() {
                 // Bounded: a task lost from the queue is answered when the pool shuts down (or
                 // breaks down), never left waiting.
                 let r = if closed {
-                    Ok(h.wait())
+                    h.wait().map_err(WaitTimeoutError::Task)
                 } else {
                     h.wait_timeout(Duration::from_secs(3))
                 };
                 match r {
-                    Ok(Ok(o)) => {
+                    Ok(o) => {
                         assert_eq!(o.value, round * 16 + k);
                         ok += 1
                     }
-                    Ok(Err(TaskError::PoolBroken)) => broken += 1,
-                    Ok(Err(_)) => failed += 1,
-                    Err(h) => {
+                    Err(WaitTimeoutError::Task(TaskError::PoolBroken)) => broken += 1,
+                    Err(WaitTimeoutError::Timeout(h)) => {
                         // Lost in the garbled queue: shutting the pool down answers it.
                         pool.close_now();
                         closed = true;
                         assert!(h.wait().is_err());
                         failed += 1;
                     }
+                    Err(_) => failed += 1,
                 }
             }
         }

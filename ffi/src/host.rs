@@ -393,9 +393,13 @@ fn submit_common(
     // SAFETY: the exported callers' contract: `len` readable bytes at `task`.
     let bytes = unsafe { input_bytes(task, len, "task") }?;
     let h = match how {
-        Submit::Wait => p.submit_bytes(bytes),
-        Submit::Try => p.try_submit_bytes(bytes),
-        Submit::WithLoan(l) => p.submit_bytes_with_payload(bytes, LOANS.remove(l.id)?),
+        Submit::Wait => p.submit(bytes),
+        Submit::Try => p.try_submit(bytes),
+        Submit::WithLoan(l) => p
+            .task(bytes)
+            .payload(LOANS.remove(l.id)?)
+            .submit()
+            .map_err(SubmitError::from),
     }
     .map_err(submit_fail)?;
     let id = TASKS.insert(h);
@@ -455,7 +459,7 @@ pub unsafe extern "C" fn sp_pool_execute(
         let p = pool(pool_h)?;
         // SAFETY: the caller promises `len` readable bytes.
         let bytes = unsafe { input_bytes(task, len, "task") }?;
-        let h = p.submit_bytes(bytes).map_err(submit_fail)?;
+        let h = p.submit(bytes).map_err(submit_fail)?;
         let r = h.wait_ref().map_err(task_fail)?;
         let id = RESULTS.insert(Bytes::InPlace(r));
         // SAFETY: checked non-null above.
@@ -613,7 +617,7 @@ pub unsafe extern "C" fn sp_task_wait_timeout(
             return Err(Fail::null("out"));
         }
         let h = TASKS.check_out(task.id)?;
-        if !h.wait_finished(Duration::from_millis(timeout_ms)) {
+        if !finished_within(&h, Duration::from_millis(timeout_ms)) {
             TASKS.put_back(task.id, h);
             return Err(Fail::new(
                 sp_status::SP_TIMEOUT,
@@ -623,6 +627,29 @@ pub unsafe extern "C" fn sp_task_wait_timeout(
         TASKS.retire(task.id);
         finish(out, h.wait_ref())
     })
+}
+
+/// Waits until the task has finished or `timeout` has passed, without collecting its result;
+/// whether it finished. The pool's reactor wakes this thread through the handle's waker.
+fn finished_within(h: &TaskHandle<Vec<u8>>, timeout: Duration) -> bool {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let deadline = std::time::Instant::now() + timeout;
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    loop {
+        if h.wake_when_finished(&waker) {
+            return true;
+        }
+        let now = std::time::Instant::now();
+        if now >= deadline {
+            return h.is_finished();
+        }
+        std::thread::park_timeout(deadline - now);
+    }
 }
 
 /// Returns at once: `SP_PENDING` if the task has not finished (the handle stays valid), else as

@@ -5,6 +5,47 @@
 use crate::error::ExitCause;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// Why a worker process ended, as far as the pool knows (beside its [`ExitCause`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DeathReason {
+    /// It died on its own: a crash, a signal from outside, an `abort`.
+    Crash,
+    /// It exited by itself while it should have been serving (an `exit()` in a task).
+    Exit,
+    /// The pool killed it: a task ran past its timeout.
+    Timeout,
+    /// It declared itself unusable ([`Poisoned`](crate::Poisoned)) and retired.
+    Poisoned,
+    /// A task panicked under the restart-on-panic policy, and it retired.
+    Panic,
+    /// The pool killed it for corrupting shared memory it must not write.
+    Misbehaving,
+    /// The pool killed it at shutdown, past the shutdown timeout.
+    Shutdown,
+}
+
+impl DeathReason {
+    /// The reason as one lowercase word (`"crash"`, `"timeout"`, …), for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeathReason::Crash => "crash",
+            DeathReason::Exit => "exit",
+            DeathReason::Timeout => "timeout",
+            DeathReason::Poisoned => "poisoned",
+            DeathReason::Panic => "panic",
+            DeathReason::Misbehaving => "misbehaving",
+            DeathReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+impl std::fmt::Display for DeathReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Something that happened to the pool's workers, reported as it happens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -17,10 +58,8 @@ pub enum PoolEvent {
         pid: u32,
         /// How it ended.
         cause: ExitCause,
-        /// Why, when the pool knows better than the exit status: `"timeout"` (the pool killed
-        /// it for a task past its timeout), `"poisoned"`, `"panic"` (it retired after a panic),
-        /// or `"crash"`.
-        reason: &'static str,
+        /// Why, when the pool knows better than the exit status.
+        reason: DeathReason,
         /// Tasks it held that failed with [`TaskError::WorkerDied`](crate::TaskError) (or
         /// `Timeout`).
         tasks_failed: usize,

@@ -5,7 +5,7 @@
 
 use super::shared::Shared;
 use crate::codec::{self, Message};
-use crate::error::{SpawnError, TaskError};
+use crate::error::{SpawnError, TaskError, WaitTimeoutError};
 use crate::slot::outcome::{KIND_CANCELLED, KIND_PANIC, KIND_POISONED};
 use std::future::Future;
 use std::marker::PhantomData;
@@ -15,8 +15,10 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 /// A submitted task. Collect its result with [`wait`](Self::wait),
-/// [`wait_timeout`](Self::wait_timeout), [`try_wait`](Self::try_wait), by `.await`ing it, or
-/// in place with [`wait_ref`](Self::wait_ref).
+/// [`wait_timeout`](Self::wait_timeout) (and [`try_wait`](Self::try_wait), its zero-timeout
+/// form), by `.await`ing it, or in place with [`wait_ref`](Self::wait_ref). To wait for many
+/// tasks from an event loop that is not a Rust executor, see
+/// [`wake_when_finished`](Self::wake_when_finished).
 ///
 /// Dropping a handle without collecting cancels the task if no worker has started it (it will
 /// never run); if it already started, its result is discarded and its slot reclaimed.
@@ -89,32 +91,27 @@ impl<T: Message> TaskHandle<T> {
         self.take()
     }
 
-    /// Waits at most `timeout`; on timeout gives the handle back so you can wait again.
-    pub fn wait_timeout(mut self, timeout: Duration) -> Result<Result<T, TaskError>, Self> {
+    /// Waits at most `timeout` for the result. If the task has not finished by then, the
+    /// handle comes back in [`WaitTimeoutError::Timeout`], to wait again (or drop to cancel);
+    /// a task that finished without a value gives [`WaitTimeoutError::Task`].
+    pub fn wait_timeout(mut self, timeout: Duration) -> Result<T, WaitTimeoutError<Self>> {
         if self
             .shared
             .wait_done(self.slot, Some(Instant::now() + timeout))
         {
-            Ok(self.take())
+            Ok(self.take()?)
         } else {
-            Err(self)
+            Err(WaitTimeoutError::Timeout(self))
         }
     }
 
-    /// Blocks until the task finishes or `timeout` passes; returns whether it finished. The
-    /// result stays in the handle: collect it with [`wait`](Self::wait) or
-    /// [`wait_ref`](Self::wait_ref), which then return at once.
-    pub fn wait_finished(&self, timeout: Duration) -> bool {
-        self.shared
-            .wait_done(self.slot, Some(Instant::now() + timeout))
-    }
-
-    /// Returns the result if the task has finished, else gives the handle back.
-    pub fn try_wait(mut self) -> Result<Result<T, TaskError>, Self> {
+    /// The result if the task has finished, without waiting: the same as
+    /// [`wait_timeout`](Self::wait_timeout) with a zero timeout.
+    pub fn try_wait(mut self) -> Result<T, WaitTimeoutError<Self>> {
         if self.shared.is_done(self.slot) {
-            Ok(self.take())
+            Ok(self.take()?)
         } else {
-            Err(self)
+            Err(WaitTimeoutError::Timeout(self))
         }
     }
 
@@ -303,7 +300,7 @@ impl<O: Message> Future for SpawnHandle<O> {
 }
 
 /// A writable buffer in the pool's shared memory, to be sent with a task as its payload
-/// ([`Pool::submit_with_payload`](crate::Pool::submit_with_payload)): the caller writes the data
+/// ([`Submit::payload`](crate::Submit::payload)): the caller writes the data
 /// once, in place, and the worker reads it in place
 /// ([`TaskContext::payload`](crate::TaskContext::payload)). Zero copies.
 ///
@@ -367,7 +364,7 @@ impl Drop for Loan {
     }
 }
 
-/// A submitted batch ([`Pool::submit_batch`](crate::Pool::submit_batch)): many tasks in one
+/// A submitted batch ([`Pool::batch`](crate::Pool::batch)): many tasks in one
 /// slot, run one after the other by one worker, answered together. Collect with
 /// [`wait`](Self::wait) (or `.await`): the outer `Result` is the batch's fate as a whole (its
 /// worker died, it timed out, it was cancelled, it could not be read); inside, each task's own
@@ -408,6 +405,10 @@ fn unbatch<O: Message>(
 }
 
 impl<O: Message> BatchHandle<O> {
+    pub(crate) fn new(inner: TaskHandle<codec::BatchOut<O>>, len: usize) -> Self {
+        BatchHandle { inner, len }
+    }
+
     /// How many tasks the batch holds.
     pub fn len(&self) -> usize {
         self.len
@@ -439,16 +440,27 @@ impl<O: Message> BatchHandle<O> {
         unbatch(self.inner.wait(), len)
     }
 
-    /// Waits at most `timeout`; on timeout gives the handle back.
+    /// Waits at most `timeout` for the batch (the shape of
+    /// [`TaskHandle::wait_timeout`]): each task's outcome in order, or the handle back in
+    /// [`WaitTimeoutError::Timeout`].
     pub fn wait_timeout(
         self,
         timeout: Duration,
-    ) -> Result<Result<Vec<Result<O, TaskError>>, TaskError>, Self> {
+    ) -> Result<Vec<Result<O, TaskError>>, WaitTimeoutError<Self>> {
         let len = self.len;
         match self.inner.wait_timeout(timeout) {
-            Ok(r) => Ok(unbatch(r, len)),
-            Err(inner) => Err(BatchHandle { inner, len }),
+            Ok(r) => Ok(unbatch(Ok(r), len)?),
+            Err(WaitTimeoutError::Timeout(inner)) => {
+                Err(WaitTimeoutError::Timeout(BatchHandle { inner, len }))
+            }
+            Err(WaitTimeoutError::Task(e)) => Err(WaitTimeoutError::Task(e)),
         }
+    }
+
+    /// The outcomes if the batch has finished, without waiting (a zero-timeout
+    /// [`wait_timeout`](Self::wait_timeout)).
+    pub fn try_wait(self) -> Result<Vec<Result<O, TaskError>>, WaitTimeoutError<Self>> {
+        self.wait_timeout(Duration::ZERO)
     }
 }
 

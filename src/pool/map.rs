@@ -828,7 +828,7 @@ macro_rules! map_options {
         }
 
         /// Sends up to `n` consecutive inputs per task slot, as one batch (see
-        /// [`Pool::submit_batch`]): one queue hand-off and one answer for all of them, for
+        /// [`Pool::batch`]): one queue hand-off and one answer for all of them, for
         /// much higher throughput of tiny tasks. Each input still gets its own result, in the
         /// same order and with the same error policies. The batch is one task to the fault
         /// handling: if its worker dies, every input in it fails (or re-runs, with retries).

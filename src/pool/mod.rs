@@ -11,30 +11,30 @@ pub(crate) mod reactor;
 pub(crate) mod results;
 pub(crate) mod shared;
 pub(crate) mod slots;
+pub(crate) mod submit;
 pub(crate) mod supervisor;
 
 use self::arena::Block;
 use self::builder::Config;
 use self::events::{PoolStats, WorkerInfo};
-use self::handle::{BatchHandle, Loan, SpawnHandle, SpawnReply, TaskHandle};
+use self::handle::{Loan, SpawnHandle, SpawnReply, TaskHandle};
 use self::options::{SpawnOptions, TaskOptions};
 use self::reactor::reactor_loop;
 use self::shared::Shared;
+use self::submit::{Submit, SubmitBatch};
 use self::supervisor::{ReplyGuard, SupMsg, supervisor_loop};
-use crate::codec;
+use crate::codec::{self, ArchivesAs};
 use crate::error::{BuildError, SpawnError, SubmitError, TaskError, WorkerError};
 use crate::shm::layout::{FLAG_RESTART_ON_PANIC, Layout, Params};
 use crate::worker::Worker;
 use crate::worker::boot::{BOOT_ENV, Boot, entry_offset, fingerprint, protocol_hash};
 use std::borrow::Borrow;
-use std::future::poll_fn;
 use std::marker::PhantomData;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How [`Pool::stop`] treats queued tasks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,7 +143,7 @@ impl<W: Worker> Pool<W> {
                 if bytes > avail {
                     return Err(BuildError::NoSpace {
                         bytes,
-                        available: format!("{avail} bytes available"),
+                        available: Some(avail),
                     });
                 }
             }
@@ -163,7 +163,7 @@ impl<W: Worker> Pool<W> {
                     Some(libc::ENOSPC) | Some(libc::ENOMEM) | Some(libc::EFBIG) => {
                         BuildError::NoSpace {
                             bytes,
-                            available: format!("reservation failed: {e}"),
+                            available: None,
                         }
                     }
                     _ => BuildError::Shm(e),
@@ -321,7 +321,10 @@ impl<W: Worker> Pool<W> {
     /// that dies before answering gives `WorkerDied` (never a retry: a broadcast is for that
     /// worker); one that leaves without taking it gives `Cancelled`. Blocks until every worker
     /// has answered; concurrent broadcasts run one after the other.
-    pub fn broadcast(&self, task: &W::Task) -> Vec<(usize, Result<W::Output, TaskError>)> {
+    pub fn broadcast<A: ?Sized + ArchivesAs<W::Task>>(
+        &self,
+        task: &A,
+    ) -> Vec<(usize, Result<W::Output, TaskError>)> {
         let _one = self.broadcasting.lock().unwrap_or_else(|e| e.into_inner());
         let serving: Vec<usize> = self
             .shared
@@ -339,7 +342,9 @@ impl<W: Worker> Pool<W> {
                     retries: Some(0),
                     ..TaskOptions::default()
                 };
-                let h = self.submit_full(task, None, Block::Until(None), opts);
+                let h = self
+                    .send(&task.enc(), &mut None, Block::Until(None), opts)
+                    .map(|(slot, id)| TaskHandle::new(self.shared.clone(), slot, id));
                 if let Ok(h) = &h {
                     self.shared.confirm_offer(i as u32, h.slot());
                 }
@@ -348,7 +353,7 @@ impl<W: Worker> Pool<W> {
             .collect();
         handles
             .into_iter()
-            .map(|(i, h)| (i, h.map_err(TaskError::Submit).and_then(TaskHandle::wait)))
+            .map(|(i, h)| (i, h.map_err(TaskError::from).and_then(TaskHandle::wait)))
             .collect()
     }
 
@@ -501,76 +506,87 @@ impl<W: Worker> Pool<W> {
 
     // ---- tasks ----
 
-    /// Runs `task` on the next free worker and blocks for its result.
-    pub fn execute(&self, task: &W::Task) -> Result<W::Output, TaskError> {
-        self.submit(task)?.wait()
+    /// A request to run `task`, to configure (timeout, retries, payload) and send with one of
+    /// its verbs: `submit`, `try_submit`, `submit_timeout`, `submit_async`, `execute`,
+    /// `execute_async` (see [`Submit`]). The task may be a `&W::Task` or a borrowed form
+    /// that archives the same ([`ArchivesAs`]: a `&str` for a `String` task, a `&[u8]` for a
+    /// `Vec<u8>` one).
+    pub fn task<'p, 'a, A: ?Sized + ArchivesAs<W::Task>>(
+        &'p self,
+        task: &'a A,
+    ) -> Submit<'p, 'a, W, A> {
+        Submit::new(self, task)
     }
 
-    /// Queues `task` (waiting for room if the queue is full) and returns a handle at once.
-    pub fn submit(&self, task: &W::Task) -> Result<TaskHandle<W::Output>, SubmitError> {
-        self.submit_block(task, None, Block::Until(None))
+    /// A request to run `tasks` as one batch: one slot, one queue hand-off and one answer
+    /// holding each task's outcome, so tiny tasks cost far less each; an error or a panic fails
+    /// only its own task. Configured and sent as [`task`](Self::task)'s request is (see
+    /// [`SubmitBatch`]). Inputs may be owned tasks or references.
+    pub fn batch<'p, 'a, T: Borrow<W::Task>>(
+        &'p self,
+        tasks: &'a [T],
+    ) -> SubmitBatch<'p, 'a, W, T> {
+        SubmitBatch::new(self, tasks)
     }
 
-    /// Queues `task` with its own timeout and retry settings (see [`TaskOptions`]), waiting for
-    /// room if the queue is full.
-    pub fn submit_with_options(
+    /// Runs `task` on the next free worker and blocks for its result
+    /// (`self.task(task).execute()`).
+    pub fn execute<A: ?Sized + ArchivesAs<W::Task>>(
         &self,
-        task: &W::Task,
-        opts: TaskOptions,
-    ) -> Result<TaskHandle<W::Output>, SubmitError> {
-        self.submit_full(task, None, Block::Until(None), opts)
-    }
-
-    /// Runs `task` with its own timeout and retry settings and blocks for its result.
-    pub fn execute_with_options(
-        &self,
-        task: &W::Task,
-        opts: TaskOptions,
+        task: &A,
     ) -> Result<W::Output, TaskError> {
-        self.submit_with_options(task, opts)?.wait()
+        self.task(task).execute()
+    }
+
+    /// Queues `task` (waiting for room if the queue is full) and returns a handle at once
+    /// (`self.task(task).submit()`).
+    pub fn submit<A: ?Sized + ArchivesAs<W::Task>>(
+        &self,
+        task: &A,
+    ) -> Result<TaskHandle<W::Output>, SubmitError> {
+        self.task(task).submit()
     }
 
     /// Queues `task`, or fails at once with [`SubmitError::QueueFull`] if the queue is full.
-    pub fn try_submit(&self, task: &W::Task) -> Result<TaskHandle<W::Output>, SubmitError> {
-        self.submit_block(task, None, Block::No)
+    pub fn try_submit<A: ?Sized + ArchivesAs<W::Task>>(
+        &self,
+        task: &A,
+    ) -> Result<TaskHandle<W::Output>, SubmitError> {
+        self.task(task).try_submit()
     }
 
-    /// Queues `task`, waiting at most `timeout` for room ([`SubmitError::Timeout`]).
-    pub fn submit_timeout(
+    /// Queues `task`, waiting at most `wait` for room ([`SubmitError::Timeout`]).
+    pub fn submit_timeout<A: ?Sized + ArchivesAs<W::Task>>(
         &self,
-        task: &W::Task,
-        timeout: Duration,
+        task: &A,
+        wait: Duration,
     ) -> Result<TaskHandle<W::Output>, SubmitError> {
-        self.submit_block(task, None, Block::Until(Some(Instant::now() + timeout)))
+        self.task(task).submit_timeout(wait)
     }
 
     /// Queues `task` without blocking the thread: if the queue is full, the future waits for
     /// room. Works on any executor.
-    pub async fn submit_async(&self, task: &W::Task) -> Result<TaskHandle<W::Output>, SubmitError> {
-        poll_fn(|cx| match self.try_submit(task) {
-            Err(SubmitError::QueueFull) => {
-                self.shared.wait_slot_async(cx.waker());
-                if self.shared.has_free_slot() || self.shared.closing.load(Ordering::SeqCst) {
-                    cx.waker().wake_by_ref();
-                }
-                Poll::Pending
-            }
-            other => Poll::Ready(other),
-        })
-        .await
+    pub async fn submit_async<A: ?Sized + ArchivesAs<W::Task>>(
+        &self,
+        task: &A,
+    ) -> Result<TaskHandle<W::Output>, SubmitError> {
+        self.task(task).submit_async().await
     }
 
     /// Runs `task` and resolves to its result, without blocking the thread. Works on any
     /// executor (tokio, smol, `futures::executor::block_on`, …).
-    pub async fn execute_async(&self, task: &W::Task) -> Result<W::Output, TaskError> {
-        self.submit_async(task).await?.await
+    pub async fn execute_async<A: ?Sized + ArchivesAs<W::Task>>(
+        &self,
+        task: &A,
+    ) -> Result<W::Output, TaskError> {
+        self.task(task).execute_async().await
     }
 
     // ---- large payloads ----
 
     /// Lends a writable buffer of `len` bytes in shared memory, waiting for room in the task
-    /// arena. Fill it, then send it with [`submit_with_payload`](Self::submit_with_payload):
-    /// the worker reads it in place. Fails with [`SubmitError::PayloadTooLarge`] above
+    /// arena. Fill it, then send it with a task (`pool.task(&t).payload(loan).submit()`, see
+    /// [`Submit::payload`]): the worker reads it in place. Fails with [`SubmitError::PayloadTooLarge`] above
     /// `max_task_bytes`.
     pub fn loan(&self, len: usize) -> Result<Loan, SubmitError> {
         self.loan_block(len, Block::Until(None))
@@ -606,56 +622,6 @@ impl<W: Worker> Pool<W> {
             None if shared.closing.load(Ordering::SeqCst) => Err(SubmitError::Shutdown),
             None => Err(SubmitError::QueueFull),
         }
-    }
-
-    /// Queues `task` with a loaned payload, which the worker sees as
-    /// [`TaskContext::payload`](crate::TaskContext::payload). On error the loan is freed.
-    pub fn submit_with_payload(
-        &self,
-        task: &W::Task,
-        payload: Loan,
-    ) -> Result<TaskHandle<W::Output>, SubmitError> {
-        self.submit_block(task, Some(payload), Block::Until(None))
-    }
-
-    /// Runs `task` with a loaned payload and blocks for its result.
-    pub fn execute_with_payload(
-        &self,
-        task: &W::Task,
-        payload: Loan,
-    ) -> Result<W::Output, TaskError> {
-        self.submit_with_payload(task, payload)?.wait()
-    }
-
-    fn submit_block(
-        &self,
-        task: &W::Task,
-        payload: Option<Loan>,
-        block: Block,
-    ) -> Result<TaskHandle<W::Output>, SubmitError> {
-        self.submit_full(task, payload, block, TaskOptions::default())
-    }
-
-    fn submit_full<T: codec::Encode>(
-        &self,
-        task: &T,
-        payload: Option<Loan>,
-        block: Block,
-        opts: TaskOptions,
-    ) -> Result<TaskHandle<W::Output>, SubmitError> {
-        if let Some(l) = &payload {
-            if l.shared.id != self.shared.id {
-                return Err(SubmitError::ForeignLoan);
-            }
-        }
-        // The loan's block passes to the slot only once the submit succeeds; until then the
-        // Loan value owns it (and frees it on an error).
-        let parts = payload.as_ref().map(|l| (l.off, l.len, l.blk));
-        let (slot, id) = self.shared.submit_with(task, parts, block, opts)?;
-        if let Some(l) = payload {
-            let _ = l.into_parts();
-        }
-        Ok(TaskHandle::new(self.shared.clone(), slot, id))
     }
 
     /// Tasks queued and not yet taken by a worker (a snapshot).
@@ -736,105 +702,6 @@ impl<W: Worker> Pool<W> {
         let (done, cv) = &self.stopped;
         *done.lock().unwrap_or_else(|e| e.into_inner()) = true;
         cv.notify_all();
-    }
-}
-
-/// Batches: many tasks in one slot, one queue hand-off and one answer for all of them.
-impl<W: Worker> Pool<W> {
-    /// Queues `tasks` as one batch (waiting for room if the queue is full): the next free
-    /// worker runs them one after the other and answers them together. One slot, one ring
-    /// hand-off and one result for the whole batch, so tiny tasks cost far less each; an error
-    /// or panic fails only its own task. The batch counts as one task for timeouts, retries
-    /// (the whole batch re-runs) and cancellation; if its worker dies, the whole batch fails.
-    /// Inputs may be owned tasks or references.
-    pub fn submit_batch<T: Borrow<W::Task>>(
-        &self,
-        tasks: &[T],
-    ) -> Result<BatchHandle<W::Output>, SubmitError> {
-        self.batch_block(tasks, Block::Until(None), TaskOptions::default())
-    }
-
-    /// As [`submit_batch`](Self::submit_batch), but fails with [`SubmitError::QueueFull`] at
-    /// once instead of waiting.
-    pub fn try_submit_batch<T: Borrow<W::Task>>(
-        &self,
-        tasks: &[T],
-    ) -> Result<BatchHandle<W::Output>, SubmitError> {
-        self.batch_block(tasks, Block::No, TaskOptions::default())
-    }
-
-    /// As [`submit_batch`](Self::submit_batch), with a timeout and retries for the batch.
-    pub fn submit_batch_with_options<T: Borrow<W::Task>>(
-        &self,
-        tasks: &[T],
-        opts: TaskOptions,
-    ) -> Result<BatchHandle<W::Output>, SubmitError> {
-        self.batch_block(tasks, Block::Until(None), opts)
-    }
-
-    /// Runs `tasks` as one batch and blocks for every outcome, in order. The outer error is the
-    /// batch's as a whole (it could not be submitted, its worker died, …).
-    #[allow(clippy::type_complexity)]
-    pub fn execute_batch<T: Borrow<W::Task>>(
-        &self,
-        tasks: &[T],
-    ) -> Result<Vec<Result<W::Output, TaskError>>, TaskError> {
-        self.submit_batch(tasks)?.wait()
-    }
-
-    fn batch_block<T: Borrow<W::Task>>(
-        &self,
-        tasks: &[T],
-        block: Block,
-        mut opts: TaskOptions,
-    ) -> Result<BatchHandle<W::Output>, SubmitError> {
-        opts.batch = true;
-        let batch = codec::BatchRef::<T, W::Task>(tasks, PhantomData);
-        let (slot, id) = self.shared.submit_with(&batch, None, block, opts)?;
-        Ok(BatchHandle {
-            inner: TaskHandle::new(self.shared.clone(), slot, id),
-            len: tasks.len(),
-        })
-    }
-}
-
-/// Raw-byte tasks, for workers whose task type is `Vec<u8>` (such as the C ABI's): the bytes
-/// are archived straight into shared memory from the slice, exactly as a `Vec<u8>` with the same
-/// contents would be, with no intermediate `Vec`.
-impl<W: Worker<Task = Vec<u8>>> Pool<W> {
-    /// Queues a task made of `bytes` (waiting for room if the queue is full).
-    pub fn submit_bytes(&self, bytes: &[u8]) -> Result<TaskHandle<W::Output>, SubmitError> {
-        self.submit_full(
-            &codec::Bytes(bytes),
-            None,
-            Block::Until(None),
-            TaskOptions::default(),
-        )
-    }
-
-    /// Queues a task made of `bytes`, or fails at once with [`SubmitError::QueueFull`].
-    pub fn try_submit_bytes(&self, bytes: &[u8]) -> Result<TaskHandle<W::Output>, SubmitError> {
-        self.submit_full(
-            &codec::Bytes(bytes),
-            None,
-            Block::No,
-            TaskOptions::default(),
-        )
-    }
-
-    /// Queues a task made of `bytes` with a loaned payload (waiting for room if the queue is
-    /// full). On error the loan is freed.
-    pub fn submit_bytes_with_payload(
-        &self,
-        bytes: &[u8],
-        payload: Loan,
-    ) -> Result<TaskHandle<W::Output>, SubmitError> {
-        self.submit_full(
-            &codec::Bytes(bytes),
-            Some(payload),
-            Block::Until(None),
-            TaskOptions::default(),
-        )
     }
 }
 

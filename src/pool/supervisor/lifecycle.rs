@@ -321,17 +321,6 @@ impl Sup {
     }
 }
 
-pub(super) fn describe(cause: ExitCause) -> String {
-    use crate::worker::boot::exit_code;
-    match cause {
-        ExitCause::Signal(_) => cause.to_string(),
-        ExitCause::Exit(code) => match exit_code::meaning(code) {
-            Some(m) => format!("exit code {code}: {m}"),
-            None => format!("exit code {code}"),
-        },
-    }
-}
-
 /// A copy of what a worker that reported READY or FAILED wrote in its spawn area: the spawn
 /// output's archive, or the failure message.
 pub(super) fn spawn_report(shared: &Shared, seat: u32) -> Vec<u8> {

@@ -16,7 +16,7 @@ mod lifecycle;
 mod recovery;
 mod shutdown;
 
-use super::events::{PoolEvent, StatCounters, WorkerState};
+use super::events::{DeathReason, PoolEvent, StatCounters, WorkerState};
 use super::handle::{SpawnOutcome, SpawnReply};
 use super::shared::Shared;
 use crate::error::{ExitCause, SpawnError};

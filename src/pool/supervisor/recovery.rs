@@ -2,7 +2,6 @@
 //! it died in), how each held task is answered (died, timed out, cancelled, or retried), the
 //! sleeper and ring records it left behind, and the task timeouts that kill workers.
 
-use super::lifecycle::describe;
 use super::*;
 
 impl Sup {
@@ -34,19 +33,18 @@ impl Sup {
                     }
                     // Ready, and already dead: fall through to the death below.
                 } else {
-                    let status = describe(cause);
                     match reply {
                         Some(r) => {
                             self.free_seat(seat, WorkerState::Empty);
                             r.complete(SpawnOutcome::Failed(SpawnError::Exited {
                                 worker,
                                 pid,
-                                status,
+                                cause,
                             }));
                         }
                         None => self.restart_failed(
                             seat,
-                            format!("the process exited during start-up ({status})"),
+                            format!("the process exited during start-up ({})", cause.describe()),
                         ),
                     }
                     return;
@@ -57,15 +55,15 @@ impl Sup {
         }
         // A serving worker ended.
         let reason = match (kill, ctl_state_now) {
-            (Some(KillReason::Timeout { .. }), _) => "timeout",
-            (Some(KillReason::Shutdown), _) => "shutdown",
-            (Some(KillReason::Misbehaving), _) => "misbehaving",
+            (Some(KillReason::Timeout { .. }), _) => DeathReason::Timeout,
+            (Some(KillReason::Shutdown), _) => DeathReason::Shutdown,
+            (Some(KillReason::Misbehaving), _) => DeathReason::Misbehaving,
             (None, ctl_state::RETIRING) => match ctl.spawn_kind.load(Ordering::Relaxed) {
-                KIND_POISONED => "poisoned",
-                _ => "panic",
+                KIND_POISONED => DeathReason::Poisoned,
+                _ => DeathReason::Panic,
             },
-            (None, ctl_state::EXITED) => "exit",
-            _ => "crash",
+            (None, ctl_state::EXITED) => DeathReason::Exit,
+            _ => DeathReason::Crash,
         };
         let (failed, retried) = self.recover_tasks(seat, pid, cause, kill);
         ctl.state.store(ctl_state::EXITED, Ordering::Release);
@@ -78,7 +76,7 @@ impl Sup {
             }
             return;
         }
-        if reason == "exit" && self.shutdown.is_some() {
+        if reason == DeathReason::Exit && self.shutdown.is_some() {
             // The normal end of a worker at shutdown.
             self.free_seat(seat, WorkerState::Stopped);
             return;

@@ -1,0 +1,299 @@
+//! The submit API: every verb × options × payload × batch, borrowed task forms (`&str`,
+//! `&[u8]`), refused submits handing the loan back, and one variant per error cause.
+mod common;
+use common::*;
+use futures_executor::block_on;
+use stateful_pool::{FnWorker, Pool, Rejected, SubmitError, TaskError, TaskOptions};
+use std::time::Duration;
+
+stateful_pool::worker_hook!();
+
+fn pool(workers: usize, queue: usize) -> Pool<TestWorker> {
+    let pool = Pool::<TestWorker>::builder()
+        .queue_size(queue)
+        .build()
+        .expect("build pool");
+    for i in 0..workers {
+        pool.spawn(&Spawn::ok(&format!("w{i}"))).expect("spawn");
+    }
+    pool
+}
+
+/// A loan of `len` bytes, byte `i` = `i % 251`; and what `Cmd::SumPayload` answers for it.
+fn filled_loan(pool: &Pool<TestWorker>, len: usize) -> (stateful_pool::Loan, u64) {
+    let mut loan = pool.loan(len).unwrap();
+    for (i, b) in loan.as_mut_slice().iter_mut().enumerate() {
+        *b = (i % 251) as u8;
+    }
+    let sum = (0..len).step_by(4096).map(|i| (i % 251) as u64).sum();
+    (loan, sum)
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Verb {
+    Submit,
+    TrySubmit,
+    SubmitTimeout,
+    SubmitAsync,
+    Execute,
+    ExecuteAsync,
+}
+
+const VERBS: [Verb; 6] = [
+    Verb::Submit,
+    Verb::TrySubmit,
+    Verb::SubmitTimeout,
+    Verb::SubmitAsync,
+    Verb::Execute,
+    Verb::ExecuteAsync,
+];
+
+/// Runs one request through `verb`, without and with a payload, and returns the outcome.
+macro_rules! run_verb {
+    ($req:expr, $verb:expr) => {{
+        let req = $req;
+        match $verb {
+            Verb::Submit => req.submit().map_err(SubmitError::from).unwrap().wait(),
+            Verb::TrySubmit => req.try_submit().map_err(SubmitError::from).unwrap().wait(),
+            Verb::SubmitTimeout => req
+                .submit_timeout(Duration::from_secs(30))
+                .map_err(SubmitError::from)
+                .unwrap()
+                .wait(),
+            Verb::SubmitAsync => block_on(async {
+                req.submit_async()
+                    .await
+                    .map_err(SubmitError::from)
+                    .unwrap()
+                    .await
+            }),
+            Verb::Execute => req.execute(),
+            Verb::ExecuteAsync => block_on(req.execute_async()),
+        }
+    }};
+}
+
+#[test]
+fn every_verb_takes_options_payload_and_batches() {
+    watchdog(240, || {
+        let pool = pool(2, 16);
+        let opts = TaskOptions::new()
+            .timeout(Duration::from_secs(60))
+            .retries(1);
+        for verb in VERBS {
+            // One task, plain and with options.
+            let out = run_verb!(pool.task(&Cmd::Echo(3)), verb).unwrap();
+            assert_eq!(out.value, 3, "{verb:?}");
+            let out = run_verb!(pool.task(&Cmd::Echo(4)).options(opts), verb).unwrap();
+            assert_eq!(out.value, 4, "{verb:?}");
+            // One task with options and a payload (large: it lives in the arena).
+            let (loan, sum) = filled_loan(&pool, 1 << 20);
+            let out = run_verb!(
+                pool.task(&Cmd::SumPayload)
+                    .timeout(Duration::from_secs(60))
+                    .retries(1)
+                    .payload(loan),
+                verb
+            )
+            .unwrap();
+            assert_eq!(out.value, sum, "{verb:?}");
+            assert_eq!(out.bytes, (1u64 << 20).to_le_bytes(), "{verb:?}");
+            // A batch with options and a payload: every task sees the payload.
+            let (loan, sum) = filled_loan(&pool, 64 << 10);
+            let tasks = [Cmd::SumPayload, Cmd::Echo(9), Cmd::SumPayload];
+            let req = pool.batch(&tasks).options(opts).payload(loan);
+            let outs = match verb {
+                Verb::Submit => req.submit().unwrap().wait(),
+                Verb::TrySubmit => req.try_submit().unwrap().wait(),
+                Verb::SubmitTimeout => req.submit_timeout(Duration::from_secs(30)).unwrap().wait(),
+                Verb::SubmitAsync => block_on(async { req.submit_async().await.unwrap().await }),
+                Verb::Execute => req.execute(),
+                Verb::ExecuteAsync => block_on(req.execute_async()),
+            }
+            .unwrap();
+            let values: Vec<u64> = outs.into_iter().map(|o| o.unwrap().value).collect();
+            assert_eq!(values, [sum, 9, sum], "{verb:?}");
+            // A batch without a payload.
+            let outs = match verb {
+                Verb::ExecuteAsync => {
+                    block_on(pool.batch(&[Cmd::Echo(1), Cmd::Echo(2)]).execute_async())
+                }
+                _ => pool.batch(&[Cmd::Echo(1), Cmd::Echo(2)]).execute(),
+            }
+            .unwrap();
+            assert_eq!(outs.len(), 2);
+        }
+        // The shortcuts on the pool are the same requests.
+        assert_eq!(pool.execute(&Cmd::Echo(5)).unwrap().value, 5);
+        assert_eq!(pool.submit(&Cmd::Echo(6)).unwrap().wait().unwrap().value, 6);
+        assert_eq!(
+            pool.try_submit(&Cmd::Echo(7))
+                .unwrap()
+                .wait()
+                .unwrap()
+                .value,
+            7
+        );
+        let h = pool
+            .submit_timeout(&Cmd::Echo(8), Duration::from_secs(30))
+            .unwrap();
+        assert_eq!(h.wait().unwrap().value, 8);
+        assert_eq!(
+            block_on(pool.execute_async(&Cmd::Echo(9))).unwrap().value,
+            9
+        );
+        let h = block_on(pool.submit_async(&Cmd::Echo(10))).unwrap();
+        assert_eq!(h.wait().unwrap().value, 10);
+    });
+}
+
+#[test]
+fn the_per_task_timeout_of_a_request_applies() {
+    watchdog(120, || {
+        let pool = pool(1, 8);
+        let gate = gate_path("submit-timeout");
+        let err = pool
+            .task(&Cmd::Gate(gate.to_string_lossy().into()))
+            .timeout(Duration::from_millis(200))
+            .execute()
+            .unwrap_err();
+        assert!(matches!(err, TaskError::Timeout { .. }), "{err}");
+        // The worker was replaced; the pool serves on.
+        assert_eq!(pool.execute(&Cmd::Echo(1)).unwrap().value, 1);
+        let _ = std::fs::remove_file(gate);
+    });
+}
+
+#[test]
+fn a_refused_submit_hands_the_loan_back_filled() {
+    watchdog(120, || {
+        // One slot: a task held at a gate fills the queue.
+        let pool = pool(1, 1);
+        let gate = gate_path("submit-refused");
+        let held = pool
+            .submit(&Cmd::Gate(gate.to_string_lossy().into()))
+            .unwrap();
+        let (loan, sum) = filled_loan(&pool, 256 << 10);
+        let r: Rejected = pool
+            .task(&Cmd::SumPayload)
+            .payload(loan)
+            .try_submit()
+            .unwrap_err();
+        assert_eq!(r, SubmitError::QueueFull);
+        let r: Rejected = match pool
+            .task(&Cmd::SumPayload)
+            .payload(r.into_loan().expect("the loan comes back"))
+            .submit_timeout(Duration::from_millis(50))
+        {
+            Err(r) => r,
+            Ok(_) => panic!("the queue has no room"),
+        };
+        assert_eq!(*r.error(), SubmitError::Timeout);
+        // The same for a batch.
+        let (error, loan) = pool
+            .batch(&[Cmd::SumPayload])
+            .payload(r.into_loan().unwrap())
+            .try_submit()
+            .unwrap_err()
+            .into_parts();
+        assert_eq!(error, SubmitError::QueueFull);
+        let loan = loan.unwrap();
+        assert_eq!(loan.len(), 256 << 10);
+        assert!(
+            loan.as_slice()
+                .iter()
+                .enumerate()
+                .all(|(i, &b)| b == (i % 251) as u8),
+            "the loan's contents are untouched"
+        );
+        // Once there is room, the same loan goes through.
+        std::fs::write(&gate, b"").unwrap();
+        assert_eq!(held.wait().unwrap().value, 1);
+        let out = pool.task(&Cmd::SumPayload).payload(loan).execute().unwrap();
+        assert_eq!(out.value, sum);
+        // A loan from another pool is refused, and handed back too.
+        let other = self::pool(0, 4);
+        let foreign = other.loan(16).unwrap();
+        let r = pool
+            .task(&Cmd::SumPayload)
+            .payload(foreign)
+            .submit()
+            .unwrap_err();
+        assert_eq!(r, SubmitError::ForeignLoan);
+        assert_eq!(r.into_loan().unwrap().len(), 16);
+        // `?` turns a Rejected into a SubmitError or a TaskError.
+        fn through_question_mark(pool: &Pool<TestWorker>) -> Result<(), TaskError> {
+            let loan = pool.loan(8)?;
+            pool.task(&Cmd::SumPayload).payload(loan).submit()?.wait()?;
+            Ok(())
+        }
+        through_question_mark(&pool).unwrap();
+        let _ = std::fs::remove_file(gate);
+    });
+}
+
+#[test]
+fn each_error_cause_has_one_variant() {
+    watchdog(60, || {
+        // No worker: the submit error and the task error say the same thing, one way each.
+        let pool = pool(0, 4);
+        assert_eq!(
+            pool.submit(&Cmd::Echo(1)).unwrap_err(),
+            SubmitError::NoWorkers
+        );
+        assert_eq!(pool.execute(&Cmd::Echo(1)), Err(TaskError::NoWorkers));
+        assert_eq!(
+            pool.batch(&[Cmd::Echo(1)]).execute().unwrap_err(),
+            TaskError::NoWorkers
+        );
+        assert_eq!(
+            TaskError::from(SubmitError::Broken { reason: "x".into() }),
+            TaskError::PoolBroken
+        );
+        assert_eq!(
+            TaskError::from(SubmitError::QueueFull),
+            TaskError::Submit(SubmitError::QueueFull)
+        );
+    });
+}
+
+stateful_pool::task_fn! {
+    /// The length of a string task.
+    fn Len(s: String, _ctx) -> u64 {
+        Ok(s.as_str().len() as u64)
+    }
+}
+
+stateful_pool::task_fn! {
+    /// The sum of a byte-vector task.
+    fn ByteSum(v: Vec<u8>, _ctx) -> u64 {
+        Ok(v.iter().map(|&b| b as u64).sum())
+    }
+}
+
+#[test]
+fn borrowed_forms_stand_in_for_owned_tasks() {
+    watchdog(120, || {
+        let strings = Pool::<FnWorker<Len>>::builder().build().unwrap();
+        strings.spawn(&()).unwrap();
+        // A &str for a String task, through every kind of verb, and the owned form still works.
+        assert_eq!(strings.execute("hello").unwrap(), 5);
+        assert_eq!(strings.submit("four").unwrap().wait().unwrap(), 4);
+        assert_eq!(strings.task("abc").retries(1).execute().unwrap(), 3);
+        assert_eq!(block_on(strings.execute_async("ab")).unwrap(), 2);
+        assert_eq!(strings.execute(&"owned".to_string()).unwrap(), 5);
+        let long = "x".repeat(10_000);
+        assert_eq!(strings.execute(long.as_str()).unwrap(), 10_000);
+        let answers = strings.broadcast("each");
+        assert_eq!(answers.len(), 1);
+        assert_eq!(answers[0].1, Ok(4));
+
+        let bytes = Pool::<FnWorker<ByteSum>>::builder().build().unwrap();
+        bytes.spawn(&()).unwrap();
+        // A &[u8] for a Vec<u8> task, small (inline) and large (arena).
+        assert_eq!(bytes.execute(&[1u8, 2, 3][..]).unwrap(), 6);
+        let big = vec![1u8; 3 << 20];
+        assert_eq!(bytes.execute(&big[..]).unwrap(), 3 << 20);
+        assert_eq!(bytes.execute(&big).unwrap(), 3 << 20);
+    });
+}
