@@ -253,8 +253,11 @@ pub enum TaskError {
         /// How it ended.
         cause: ExitCause,
     },
-    /// The task ran longer than its timeout; its worker was killed (and restarted).
-    #[error("worker {worker}: task timed out after {after:?}; the worker was killed")]
+    /// The task ran longer than its timeout, and its worker was killed (and restarted); or
+    /// its [deadline](crate::TaskOptions::deadline) passed before a worker started it, and it
+    /// never ran (then `after` is the time from its submit to its deadline and no worker was
+    /// killed).
+    #[error("worker {worker}: task timed out after {after:?}")]
     Timeout {
         /// Seat index of the worker.
         worker: usize,

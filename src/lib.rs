@@ -98,6 +98,8 @@ pub use error::{
 #[cfg(not(stateful_pool_loom))]
 pub use pool::Pool;
 #[cfg(not(stateful_pool_loom))]
+pub use pool::batching::{BatchPolicy, BatchStats};
+#[cfg(not(stateful_pool_loom))]
 pub use pool::builder::{PoolBuilder, RestartPolicy, WaitStrategy};
 #[cfg(not(stateful_pool_loom))]
 pub use pool::events::{DeathReason, PoolEvent, PoolStats, WorkerInfo, WorkerState};
@@ -147,7 +149,7 @@ pub use cudarc;
 #[cfg(not(stateful_pool_loom))]
 pub use worker::func::{FnWorker, TaskFn};
 #[cfg(not(stateful_pool_loom))]
-pub use worker::{BoxError, Poisoned, TaskContext, Worker, WorkerContext};
+pub use worker::{BatchTask, BoxError, Poisoned, TaskContext, Worker, WorkerContext};
 
 /// rkyv, as the [`task_fn!`] macro names it (not an API).
 #[doc(hidden)]

@@ -13,6 +13,20 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
+/// `CLOCK_MONOTONIC` in nanoseconds: one clock for every process of the machine (what
+/// `Instant` reads), so a time the parent stores in shared memory means the same to a worker.
+pub(crate) fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a live, writable timespec; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
 /// Blocks while `*word == expected`, for at most `timeout`. Returns on a wake, a spurious wake,
 /// a changed value (EAGAIN), a signal, or the timeout; callers always re-check their condition.
 ///

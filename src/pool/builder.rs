@@ -137,6 +137,7 @@ pub(crate) struct Config {
     pub(crate) on_event: Option<EventHook>,
     pub(crate) worker_env: Vec<(String, String)>,
     pub(crate) reserve_memory: bool,
+    pub(crate) batch: super::batching::BatchPolicy,
 }
 
 impl Default for Config {
@@ -161,6 +162,7 @@ impl Default for Config {
             on_event: None,
             worker_env: Vec::new(),
             reserve_memory: true,
+            batch: super::batching::BatchPolicy::none(),
         }
     }
 }
@@ -346,6 +348,14 @@ impl<W: Worker> PoolBuilder<W> {
     /// when a page is first touched. With `false` pages are committed as they are used.
     pub fn reserve_memory(mut self, yes: bool) -> Self {
         self.cfg.reserve_memory = yes;
+        self
+    }
+
+    /// How workers batch independently submitted tasks into one
+    /// [`execute_batch`](crate::Worker::execute_batch) step (default: no batching). Change
+    /// it on a live pool with [`Pool::set_batch_policy`].
+    pub fn batch_policy(mut self, policy: super::batching::BatchPolicy) -> Self {
+        self.cfg.batch = policy;
         self
     }
 

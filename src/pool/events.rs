@@ -118,6 +118,9 @@ pub struct PoolStats {
     pub tasks_timed_out: u64,
     /// Re-runs of tasks whose worker died, under their retry policy.
     pub tasks_retried: u64,
+    /// Dynamic batching ([`BatchPolicy`](crate::BatchPolicy)): batch sizes, queue delay and
+    /// execute time per batch.
+    pub batching: super::batching::BatchStats,
 }
 
 #[derive(Debug, Default)]
@@ -144,6 +147,7 @@ impl StatCounters {
             tasks_died: g(&self.tasks_died),
             tasks_timed_out: g(&self.tasks_timed_out),
             tasks_retried: g(&self.tasks_retried),
+            batching: Default::default(),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! async tasks.
 
 pub(crate) mod arena;
+pub(crate) mod batching;
 pub(crate) mod builder;
 pub(crate) mod events;
 pub(crate) mod handle;
@@ -179,6 +180,8 @@ impl<W: Worker> Pool<W> {
             })?,
             None => crate::process::current_program(),
         };
+        cfg.batch.check()?;
+        cfg.batch.store(seg.get(0));
         let shared = Arc::new(Shared::new(seg, layout, cfg, max_task_bytes, wake));
         let (tx, rx) = channel();
         let mut threads = Vec::new();
@@ -492,7 +495,9 @@ impl<W: Worker> Pool<W> {
     /// Counters of worker deaths, restarts, failed seats, and tasks that died, timed out or
     /// were retried.
     pub fn stats(&self) -> PoolStats {
-        self.shared.stats.snapshot()
+        let mut s = self.shared.stats.snapshot();
+        s.batching = self.batch_stats();
+        s
     }
 
     /// Test hook (feature `failpoints`, not an API): the sleepers counted on the segment's

@@ -1,6 +1,6 @@
 //! Options of one task ([`TaskOptions`]) and of one worker's spawn ([`SpawnOptions`]).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Fault settings of one task, overriding the pool's defaults
 /// ([`PoolBuilder::task_timeout`](crate::PoolBuilder::task_timeout),
@@ -16,6 +16,7 @@ use std::time::Duration;
 pub struct TaskOptions {
     pub(crate) timeout: Option<Duration>,
     pub(crate) retries: Option<u32>,
+    pub(crate) deadline: Option<Instant>,
     /// The task is a batch (set by the batch APIs, not by users).
     pub(crate) batch: bool,
     /// The task is for the worker in this seat only (a broadcast; set by `Pool::broadcast`).
@@ -38,6 +39,15 @@ impl TaskOptions {
     /// work: the task may have partly or fully run before the death).
     pub fn retries(mut self, n: u32) -> Self {
         self.retries = Some(n);
+        self
+    }
+
+    /// The latest time a worker may *start* the task: one that would start it later answers
+    /// it [`TaskError::Timeout`](crate::TaskError::Timeout) without running it (a caller who
+    /// has given up does not cost a worker, or a seat in a batch). The execution
+    /// [`timeout`](Self::timeout) still applies once it runs.
+    pub fn deadline(mut self, at: Instant) -> Self {
+        self.deadline = Some(at);
         self
     }
 }

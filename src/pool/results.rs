@@ -197,6 +197,19 @@ impl Shared {
                     after: std::time::Duration::from_nanos(after_ns),
                 }));
             }
+            Published::Expired { worker } => {
+                // The budget the caller gave (submit to deadline); the words are the parent's
+                // own, but in shared memory: only shown, never trusted for anything else.
+                let t = self.times(slot);
+                let after = t
+                    .deadline_ns
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(t.submitted_ns.load(Ordering::Relaxed));
+                return f(Err(TaskError::Timeout {
+                    worker: worker as usize,
+                    after: std::time::Duration::from_nanos(after),
+                }));
+            }
             Published::Invalid(m) => return f(Err(bad(m))),
         };
         let message = || String::from_utf8_lossy(buf).into_owned();

@@ -11,7 +11,7 @@ use super::slots::SlotMeta;
 use crate::ring::bytes::ByteRing;
 use crate::ring::mpmc::{HeapMpmc, MpmcCell, MpmcRing};
 use crate::ring::wait::EventCount;
-use crate::shm::layout::{Layout, RING_HDR, SegmentHeader, WorkerCtl};
+use crate::shm::layout::{BatchCtl, Layout, RING_HDR, SegmentHeader, SlotTimes, WorkerCtl};
 use crate::shm::segment::Segment;
 use crate::slot::SlotHeader;
 use std::os::fd::{AsFd, OwnedFd};
@@ -148,6 +148,16 @@ impl Shared {
     pub(crate) fn slot(&self, slot: u32) -> &SlotHeader {
         self.seg
             .get(self.layout.slots + slot as usize * size_of::<SlotHeader>())
+    }
+
+    /// The submit time and deadline of `slot`'s task.
+    pub(crate) fn times(&self, slot: u32) -> &SlotTimes {
+        self.seg.get(self.layout.slot_times_off(slot))
+    }
+
+    /// Seat `seat`'s batch block.
+    pub(crate) fn batch_ctl(&self, seat: u32) -> &BatchCtl {
+        self.seg.get(self.layout.batch_ctl_off(seat))
     }
 
     pub(crate) fn ctl(&self, seat: u32) -> &WorkerCtl {

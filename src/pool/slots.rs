@@ -13,7 +13,7 @@ use super::shared::Shared;
 use crate::error::SubmitError;
 use crate::ring::wait::{spin_until, wait_on};
 use crate::slot::outcome::KIND_CANCELLED;
-use crate::slot::{Arbiter, RawOutcome};
+use crate::slot::{Arbiter, RawOutcome, bits};
 use crate::sys::futex_wait;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -233,11 +233,30 @@ impl Shared {
             }
             None => (0, 0),
         };
+        // Times only when something reads them: a batching pool (queue delay, the oldest
+        // task's wait) or a deadline. Always stored: stale values must not outlive a task.
+        let deadline_ns = opts.deadline.map(|d| {
+            let left = d.saturating_duration_since(Instant::now()).as_nanos();
+            crate::sys::mono_ns().saturating_add(left.min(u64::MAX as u128) as u64)
+        });
+        let times = self.times(slot);
+        let batching = self.header().batch.max.load(Ordering::Relaxed) > 1;
+        let submitted_ns = if batching || deadline_ns.is_some() {
+            crate::sys::mono_ns()
+        } else {
+            0
+        };
+        times.submitted_ns.store(submitted_ns, Ordering::Relaxed);
+        times
+            .deadline_ns
+            .store(deadline_ns.unwrap_or(0), Ordering::Relaxed);
+        let kind = if opts.batch { bits::BATCH } else { 0 }
+            | if deadline_ns.is_some() { bits::DEADLINE } else { 0 };
         self.slot(slot).prepare(
             task_id,
             (task_off, task_len as u32),
             (pay_off, pay_len),
-            opts.batch,
+            kind,
         );
         meta.task_id.store(task_id, Ordering::Relaxed);
         #[cfg(feature = "tracing")]

@@ -153,6 +153,12 @@ impl<'p, 'a, W: Worker, A: ?Sized + ArchivesAs<W::Task>, P: Payload> Submit<'p, 
         self
     }
 
+    /// The latest time a worker may start the task (see [`TaskOptions::deadline`]).
+    pub fn deadline(mut self, at: Instant) -> Self {
+        self.opts = self.opts.deadline(at);
+        self
+    }
+
     /// All the task's options at once (replacing any set before).
     pub fn options(mut self, opts: TaskOptions) -> Self {
         self.opts = opts;
@@ -270,6 +276,12 @@ impl<'p, 'a, W: Worker, T: Borrow<W::Task>, P: Payload> SubmitBatch<'p, 'a, W, T
     /// Times the whole batch is re-run if its worker dies while running it.
     pub fn retries(mut self, n: u32) -> Self {
         self.opts = self.opts.retries(n);
+        self
+    }
+
+    /// The latest time a worker may start the batch (see [`TaskOptions::deadline`]).
+    pub fn deadline(mut self, at: Instant) -> Self {
+        self.opts = self.opts.deadline(at);
         self
     }
 

@@ -7,6 +7,8 @@
 //!               task cells         ring_cap × MpmcCell (16 B)        the task queue
 //!               slot headers       n_slots × SlotHeader (64 B)       one per in-flight task
 //!               worker controls    max_workers × WorkerCtl (128 B)   one per worker seat
+//!               slot times         n_slots × SlotTimes (16 B)        submit time, deadline
+//!               batch controls     max_workers × BatchCtl (896 B)    a worker's batch
 //!               slot inline data   n_slots × slot_inline             small task archives
 //!               spawn areas        max_workers × spawn_area          spawn args, then output
 //!               result rings       max_workers × (128 B + result_ring) completion rings
@@ -24,7 +26,7 @@ use crate::sync::{AtomicU32, AtomicU64, CachePadded};
 /// "SPOOLSHM" as a little-endian u64: the first word of every segment.
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"SPOOLSHM");
 /// Protocol version; bump on any layout or protocol change.
-pub(crate) const VERSION: u32 = 3;
+pub(crate) const VERSION: u32 = 4;
 
 /// Sizes that define a segment's layout.
 #[repr(C)]
@@ -65,6 +67,69 @@ pub(crate) struct SegmentHeader {
     pub(crate) space: CachePadded<EventCount>,
     /// Counters of the task queue.
     pub(crate) task_ring: MpmcHeader,
+    /// The pool's batch policy, read by workers before each batch (changeable live).
+    pub(crate) batch: CachePadded<BatchPolicyWords>,
+}
+
+/// The batch policy as workers read it (see `pool::batching::BatchPolicy`).
+#[repr(C)]
+#[derive(Debug)]
+pub(crate) struct BatchPolicyWords {
+    /// Most tasks per batch; 0 or 1: no batching (each task on its own).
+    pub(crate) max: AtomicU32,
+    /// [`batch_flags`] bits.
+    pub(crate) flags: AtomicU32,
+    /// How long a free worker may wait for a fuller batch, in nanoseconds (0: never).
+    pub(crate) delay_ns: AtomicU64,
+}
+
+/// Bits of [`BatchPolicyWords::flags`].
+pub(crate) mod batch_flags {
+    /// Count the delay from the first task the worker took, not from the oldest task's
+    /// submission (mpservice's rule; for comparison benchmarks).
+    pub(crate) const FROM_FIRST_TAKEN: u32 = 1;
+    /// Wait for a fuller batch even while another worker is idle (Triton's and mpservice's
+    /// rule; for comparison benchmarks).
+    pub(crate) const IGNORE_IDLE: u32 = 2;
+}
+
+/// Most tasks one dynamic batch can hold (the size of [`BatchCtl`]'s held list).
+pub(crate) const BATCH_CAP: usize = 64;
+
+/// When a task was submitted and by when it must start, in `CLOCK_MONOTONIC` nanoseconds
+/// (system-wide, so both processes read the same clock); written by the parent at submit.
+#[repr(C)]
+#[derive(Debug)]
+pub(crate) struct SlotTimes {
+    /// 0 if the pool was not batching when the task was submitted.
+    pub(crate) submitted_ns: AtomicU64,
+    /// 0: no deadline (see `bits::DEADLINE`).
+    pub(crate) deadline_ns: AtomicU64,
+}
+
+
+/// One seat's dynamic batch: the tasks it holds beyond the pop window (`WorkerCtl::
+/// current_slot`), for recovery, and its batch counters. Written by that worker.
+#[repr(C, align(64))]
+#[derive(Debug)]
+pub(crate) struct BatchCtl {
+    /// Slot + 1 of each task of the batch (0: none). Each entry follows the rule of
+    /// `current_slot`/`current_task`: the slot is stored before the task id, both after the
+    /// claim, and cleared (slot first) only after the task's outcome is published.
+    pub(crate) held_slots: [AtomicU32; BATCH_CAP],
+    /// Task id of each entry (0 until stored).
+    pub(crate) held_tasks: [AtomicU64; BATCH_CAP],
+    /// Batches run, and tasks in them.
+    pub(crate) batches: AtomicU64,
+    pub(crate) batched_tasks: AtomicU64,
+    /// Batches per size bucket: 1, 2, 3–4, 5–8, 9–16, 17–32, 33–64 (the eighth is unused).
+    pub(crate) size_hist: [AtomicU64; 8],
+    /// Sum and maximum over batches of the oldest task's wait in the queue (submit to the
+    /// batch's start), and of the batch's execute step, in nanoseconds.
+    pub(crate) queue_ns: AtomicU64,
+    pub(crate) max_queue_ns: AtomicU64,
+    pub(crate) exec_ns: AtomicU64,
+    pub(crate) max_exec_ns: AtomicU64,
 }
 
 /// Bits of [`WorkerCtl::hold`].
@@ -136,7 +201,11 @@ pub(crate) struct WorkerCtl {
     /// it; the worker records the slot in `current_slot`, then clears it, and runs the task
     /// before anything from the shared queue.
     pub(crate) direct: AtomicU32,
-    _reserved: [u64; 6],
+    /// 1 while the worker waits for a task (nothing to run): a worker filling a batch does
+    /// not wait for more tasks while another one is idle.
+    pub(crate) idle: AtomicU32,
+    _pad2: u32,
+    _reserved: [u64; 5],
 }
 
 // SAFETY: all of these are #[repr(C)], hold only integers and atomics (no pointers), are valid
@@ -147,6 +216,10 @@ unsafe impl ShmSafe for SegmentHeader {}
 unsafe impl ShmSafe for SlotHeader {}
 // SAFETY: as above.
 unsafe impl ShmSafe for WorkerCtl {}
+// SAFETY: as above.
+unsafe impl ShmSafe for SlotTimes {}
+// SAFETY: as above.
+unsafe impl ShmSafe for BatchCtl {}
 // SAFETY: as above.
 unsafe impl ShmSafe for MpmcCell {}
 // SAFETY: as above.
@@ -164,6 +237,8 @@ pub(crate) struct Layout {
     pub(crate) task_cells: usize,
     pub(crate) slots: usize,
     pub(crate) ctls: usize,
+    pub(crate) slot_times: usize,
+    pub(crate) batch_ctls: usize,
     pub(crate) slot_data: usize,
     pub(crate) spawn_areas: usize,
     pub(crate) result_rings: usize,
@@ -189,6 +264,11 @@ impl Layout {
         at = at.checked_add(n_slots.checked_mul(size_of::<SlotHeader>())?)?;
         let ctls = at;
         at = at.checked_add(workers.checked_mul(size_of::<WorkerCtl>())?)?;
+        let slot_times = at;
+        at = at.checked_add(n_slots.checked_mul(size_of::<SlotTimes>())?)?;
+        at = up(at, 64);
+        let batch_ctls = at;
+        at = at.checked_add(workers.checked_mul(size_of::<BatchCtl>())?)?;
         at = up(at, 64);
         let slot_data = at;
         at = at.checked_add(n_slots.checked_mul(p.slot_inline as usize)?)?;
@@ -206,6 +286,8 @@ impl Layout {
             task_cells,
             slots,
             ctls,
+            slot_times,
+            batch_ctls,
             slot_data,
             spawn_areas,
             result_rings,
@@ -213,6 +295,14 @@ impl Layout {
             arena,
             total,
         })
+    }
+
+    pub(crate) fn slot_times_off(&self, slot: u32) -> usize {
+        self.slot_times + slot as usize * size_of::<SlotTimes>()
+    }
+
+    pub(crate) fn batch_ctl_off(&self, worker: u32) -> usize {
+        self.batch_ctls + worker as usize * size_of::<BatchCtl>()
     }
 
     pub(crate) fn slot_data_off(&self, slot: u32) -> usize {
@@ -250,6 +340,11 @@ impl SegmentHeader {
             doorbell: CachePadded(EventCount::new()),
             space: CachePadded(EventCount::new()),
             task_ring: MpmcHeader::new(),
+            batch: CachePadded(BatchPolicyWords {
+                max: AtomicU32::new(0),
+                flags: AtomicU32::new(0),
+                delay_ns: AtomicU64::new(0),
+            }),
         }
     }
 }
@@ -323,6 +418,26 @@ impl SegmentHeader {
     }
 }
 
+impl BatchCtl {
+    /// Empties the held list (between lives of the seat, and after a recovery).
+    pub(crate) fn clear_held(&self) {
+        for k in 0..BATCH_CAP {
+            self.held_slots[k].store(0, std::sync::atomic::Ordering::Relaxed);
+            self.held_tasks[k].store(0, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// The entries that name a slot: `(slot, task id)` pairs, `slot` as the worker wrote it
+    /// (minus one; the caller checks it).
+    pub(crate) fn held(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        (0..BATCH_CAP).filter_map(|k| {
+            let s = self.held_slots[k].load(std::sync::atomic::Ordering::SeqCst);
+            let t = self.held_tasks[k].load(std::sync::atomic::Ordering::SeqCst);
+            (s != 0).then(|| (s - 1, t))
+        })
+    }
+}
+
 impl WorkerCtl {
     pub(crate) fn new() -> Self {
         WorkerCtl {
@@ -341,7 +456,9 @@ impl WorkerCtl {
             wants_space: AtomicU32::new(0),
             hold: AtomicU32::new(0),
             direct: AtomicU32::new(0),
-            _reserved: [0; 6],
+            idle: AtomicU32::new(0),
+            _pad2: 0,
+            _reserved: [0; 5],
         }
     }
 }
@@ -357,7 +474,9 @@ mod tests {
         assert_eq!(size_of::<MpmcCell>(), 16);
         assert!(size_of::<ByteRingHeader>() <= RING_HDR);
         assert_eq!(align_of::<SegmentHeader>(), 64);
-        assert_eq!(size_of::<SegmentHeader>(), 448);
+        assert_eq!(size_of::<SegmentHeader>(), 512);
+        assert_eq!(size_of::<SlotTimes>(), 16);
+        assert_eq!(size_of::<BatchCtl>(), 896);
     }
 
     fn good_header() -> (SegmentHeader, usize) {

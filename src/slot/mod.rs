@@ -39,6 +39,9 @@ pub(crate) mod bits {
     /// The task archive is a batch (an archived `Vec` of tasks, run one after the other), and
     /// the result is the batch's outcome (`codec::BatchOut`). Set by `prepare`, never changed.
     pub(crate) const BATCH: u32 = 32;
+    /// The task has a deadline (in its `SlotTimes`): a worker that would start it later
+    /// answers it expired instead. Set by `prepare`, never changed.
+    pub(crate) const DEADLINE: u32 = 64;
 }
 
 /// One task slot's header in shared memory.
@@ -85,9 +88,10 @@ impl SlotHeader {
         }
     }
 
-    /// Parent, at submit: fills in a new task and resets the state (last, Release). The slot
-    /// came off the free list, so no worker holds it and no waiter watches it.
-    pub(crate) fn prepare(&self, task_id: u64, task: (u64, u32), payload: (u64, u64), batch: bool) {
+    /// Parent, at submit: fills in a new task and resets the state (last, Release) to `kind`
+    /// (`BATCH` and `DEADLINE` bits, or 0). The slot came off the free list, so no worker
+    /// holds it and no waiter watches it.
+    pub(crate) fn prepare(&self, task_id: u64, task: (u64, u32), payload: (u64, u64), kind: u32) {
         self.task_id.store(task_id, Ordering::Relaxed);
         self.task_off.store(task.0, Ordering::Relaxed);
         self.task_len.store(task.1, Ordering::Relaxed);
@@ -98,8 +102,8 @@ impl SlotHeader {
         // SYNC POINT: Release, so that a supervisor that Acquires this state (checking a dead
         // worker's stale claim) sees the new task id, never the previous task's. The task ring
         // push publishes all of it to the worker.
-        self.state
-            .store(if batch { bits::BATCH } else { 0 }, Ordering::Release);
+        debug_assert_eq!(kind & !(bits::BATCH | bits::DEADLINE), 0);
+        self.state.store(kind, Ordering::Release);
     }
 
     /// Worker, right after its pop: takes the task. Returns the previous state (check

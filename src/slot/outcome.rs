@@ -9,6 +9,7 @@
 //! | `CANCELLED` | worker (skipped) or parent | 0 | 0 | none |
 //! | `DIED` | parent | the dead worker's pid | `ExitCause::encode` | none |
 //! | `TIMEOUT` | parent | the limit in ns | 0 | none |
+//! | `EXPIRED` | worker | 0 | 0 | none (the task's deadline passed before it started) |
 //! | `NO_WORKERS` | parent | 0 | 0 | none |
 //! | `BROKEN` | parent | 0 | 0 | none |
 //!
@@ -39,6 +40,8 @@ pub(crate) const KIND_POISONED: u32 = 11;
 /// The pool broke down (a pool thread failed, or the shared task queue was found corrupt) and
 /// stopped every worker (no record).
 pub(crate) const KIND_BROKEN: u32 = 12;
+/// The task's deadline passed before a worker started it; not run (no record).
+pub(crate) const KIND_EXPIRED: u32 = 13;
 
 /// Bit of `rec` meaning "no ring record: the output archive is inline in the slot's own data
 /// area, at the offset in the low bits" (small results). The offset is past the task's own
@@ -78,6 +81,8 @@ pub(crate) enum Published {
     Died { worker: u32, pid: u32, cause: u32 },
     /// Killed after running past `after_ns`.
     Timeout { worker: u32, after_ns: u64 },
+    /// Its deadline passed before worker `worker` would have started it.
+    Expired { worker: u32 },
     /// Nonsense: what is wrong with it.
     Invalid(&'static str),
 }
@@ -112,6 +117,11 @@ impl RawOutcome {
                 return Published::Timeout {
                     worker: self.worker,
                     after_ns: self.rec,
+                };
+            }
+            KIND_EXPIRED => {
+                return Published::Expired {
+                    worker: self.worker,
                 };
             }
             KIND_OK | KIND_ERR | KIND_PANIC | KIND_BAD_TASK | KIND_TOO_LARGE | KIND_POISONED => {}
@@ -200,7 +210,7 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             let o = RawOutcome::new(
-                (x % 14) as u32,
+                (x % 15) as u32,
                 (x >> 8) as u32 % 4,
                 x.rotate_left(7),
                 (x >> 40) as u32,

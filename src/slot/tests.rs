@@ -35,7 +35,7 @@ mod plain {
     #[test]
     fn publish_reports_whom_to_wake() {
         let sh = SlotHeader::new();
-        sh.prepare(1, (0, 0), (0, 0), false);
+        sh.prepare(1, (0, 0), (0, 0), 0);
         assert_eq!(sh.announce_sleeper(), Some(bits::WAIT_THREAD));
         let a = Arbiter::default();
         assert!(!a.watch(&sh, 1));
@@ -82,7 +82,7 @@ mod models {
             let sh = Arc::new(SlotHeader::new());
             let arb = Arc::new(Arbiter::default());
             let retired = Arc::new(AtomicUsize::new(0));
-            sh.prepare(7, (0, 0), (0, 0), false);
+            sh.prepare(7, (0, 0), (0, 0), 0);
             sh.claim(1);
             let worker = {
                 let sh = sh.clone();
@@ -127,7 +127,7 @@ mod models {
         model(|| {
             let sh = Arc::new(SlotHeader::new());
             let ran = Arc::new(AtomicUsize::new(0));
-            sh.prepare(3, (0, 0), (0, 0), false);
+            sh.prepare(3, (0, 0), (0, 0), 0);
             let worker = {
                 let (sh, ran) = (sh.clone(), ran.clone());
                 loom::thread::spawn(move || {
@@ -166,7 +166,7 @@ mod models {
                 let current_slot = Arc::new(AtomicU32::new(u32::MAX));
                 let current_task = Arc::new(AtomicU64::new(0));
                 let answers = Arc::new(AtomicUsize::new(0));
-                sh.prepare(1, (0, 0), (0, 0), false);
+                sh.prepare(1, (0, 0), (0, 0), 0);
                 let worker = {
                     let (sh, cs, ct) = (sh.clone(), current_slot.clone(), current_task.clone());
                     loom::thread::spawn(move || {
@@ -196,7 +196,7 @@ mod models {
                         spin_until(|| sh.is_done());
                         assert_eq!(sh.task_id.load(Ordering::Relaxed), 1);
                         answers.fetch_add(1, Ordering::SeqCst);
-                        sh.prepare(2, (0, 0), (0, 0), false);
+                        sh.prepare(2, (0, 0), (0, 0), 0);
                     })
                 };
                 worker.join().unwrap();

@@ -12,15 +12,26 @@ use crate::failpoint;
 use crate::ring::bytes::{ByteRing, Reservation};
 use crate::ring::mpmc::{MpmcCell, MpmcRing};
 use crate::ring::wait::wait_on_marked;
-use crate::shm::layout::{FLAG_RESTART_ON_PANIC, RING_HDR, WorkerCtl, ctl_state, hold, parked};
+use crate::shm::layout::{
+    FLAG_RESTART_ON_PANIC, RING_HDR, SlotTimes, WorkerCtl, ctl_state, hold, parked,
+};
 use crate::slot::outcome::{
-    KIND_BAD_TASK, KIND_CANCELLED, KIND_ERR, KIND_OK, KIND_PANIC, KIND_POISONED, KIND_TOO_LARGE,
-    REC_INLINE,
+    KIND_BAD_TASK, KIND_CANCELLED, KIND_ERR, KIND_EXPIRED, KIND_OK, KIND_PANIC, KIND_POISONED,
+    KIND_TOO_LARGE, REC_INLINE,
 };
 use crate::slot::{RawOutcome, SlotHeader, bits};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
+
+/// The outcome kind and message of an error a worker step returned: `KIND_POISONED` for a
+/// [`Poisoned`](super::Poisoned) one, else `KIND_ERR`.
+pub(super) fn error_kind(e: &(dyn std::error::Error + Send + Sync + 'static)) -> (u32, String) {
+    match e.downcast_ref::<super::Poisoned>() {
+        Some(p) => (KIND_POISONED, p.message().to_string()),
+        None => (KIND_ERR, e.to_string()),
+    }
+}
 
 /// Turns a panic payload into its message.
 pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
@@ -199,6 +210,7 @@ pub(crate) fn run<W: Worker>(wp: WorkerProcess) -> ! {
         // in `current_slot` before the offer is cleared, so a death in between leaves it
         // findable (the supervisor checks both words).
         let direct = ctl.direct.load(Ordering::Acquire);
+        let from_queue = direct == 0;
         let popped = if direct != 0 {
             ctl.current_slot.store(direct - 1, Ordering::Relaxed);
             ctl.direct.store(0, Ordering::Release);
@@ -211,6 +223,8 @@ pub(crate) fn run<W: Worker>(wp: WorkerProcess) -> ! {
             ring.pop_tracked(&ctl.claim, &ctl.current_slot, || failpoint::hit("pop_mid"))
         };
         let Some(slot) = popped else {
+            // Idle: a worker filling a batch stops waiting for company while we are.
+            ctl.idle.store(1, Ordering::Relaxed);
             let mark = Some((&ctl.parked, parked::TASK_READY));
             wait_on_marked(&hdr.task_ready, spin, None, mark, || {
                 !ring.is_empty()
@@ -218,6 +232,7 @@ pub(crate) fn run<W: Worker>(wp: WorkerProcess) -> ! {
                     || ctl.hold.load(Ordering::SeqCst) & hold::RETIRE != 0
                     || ctl.direct.load(Ordering::Acquire) != 0
             });
+            ctl.idle.store(0, Ordering::Relaxed);
             if hdr.shutdown.load(Ordering::Acquire) != 0
                 && ring.is_empty()
                 && ctl.direct.load(Ordering::Acquire) == 0
@@ -245,14 +260,19 @@ pub(crate) fn run<W: Worker>(wp: WorkerProcess) -> ! {
         let retire = if prev & bits::CANCELLED != 0 {
             server.publish(&task, RawOutcome::new(KIND_CANCELLED, wp.seat, 0, 0));
             None
+        } else if server.expired(&task, prev) {
+            server.publish(&task, RawOutcome::new(KIND_EXPIRED, wp.seat, 0, 0));
+            None
         } else if prev & bits::BATCH != 0 {
             server.serve_batch(&mut state, &wctx, &task)
+        } else if from_queue && hdr.batch.max.load(Ordering::Relaxed) > 1 {
+            server.serve_dynamic(&mut state, &wctx, task, &ring, slots, owner_tag)
         } else {
             server.serve_one(&mut state, &wctx, &task)
         };
         failpoint::hit("after_publish");
         #[cfg(feature = "failpoints")]
-        server.misbehave_after(&task, &ring);
+        server.misbehave_after(slot, &ring);
         ctl.tasks_done.fetch_add(1, Ordering::Relaxed);
         // Order matters (see `slot::held_by_dead_worker`): the slot first, then the task id;
         // SeqCst pairs with the supervisor's `hold` handshake (it stores `hold`, then reads
@@ -281,21 +301,21 @@ pub(crate) fn run<W: Worker>(wp: WorkerProcess) -> ! {
 }
 
 /// The task being served: its slot, id and header.
-struct Task<'a> {
-    slot: u32,
-    id: u64,
-    sh: &'a SlotHeader,
+pub(super) struct Task<'a> {
+    pub(super) slot: u32,
+    pub(super) id: u64,
+    pub(super) sh: &'a SlotHeader,
 }
 
-struct Server<'a> {
-    wp: &'a WorkerProcess,
-    ctl: &'a WorkerCtl,
-    results: ByteRing<'a>,
-    spin: Duration,
-    restart_on_panic: bool,
+pub(super) struct Server<'a> {
+    pub(super) wp: &'a WorkerProcess,
+    pub(super) ctl: &'a WorkerCtl,
+    pub(super) results: ByteRing<'a>,
+    pub(super) spin: Duration,
+    pub(super) restart_on_panic: bool,
     /// Test builds: the hostile mask and its random numbers.
     #[cfg(feature = "failpoints")]
-    hostile: (u32, failpoint::hostile::Rng),
+    pub(super) hostile: (u32, failpoint::hostile::Rng),
 }
 
 /// What became of one attempt to serialise an output into a region.
@@ -341,17 +361,27 @@ impl Server<'_> {
     ) -> Result<W::Output, (u32, String)> {
         match catch_unwind(AssertUnwindSafe(|| state.execute(task, tctx))) {
             Ok(Ok(out)) => Ok(out),
-            Ok(Err(e)) => Err(match e.downcast_ref::<super::Poisoned>() {
-                Some(p) => (KIND_POISONED, p.message().to_string()),
-                None => (KIND_ERR, e.to_string()),
-            }),
+            Ok(Err(e)) => Err(error_kind(&*e)),
             Err(p) => Err((KIND_PANIC, panic_message(&*p))),
         }
     }
 
+    /// Whether the task has a deadline that has passed (checked just before it would start).
+    pub(super) fn expired(&self, t: &Task<'_>, state: u32) -> bool {
+        state & bits::DEADLINE != 0 && {
+            let d = self.times(t.slot).deadline_ns.load(Ordering::Relaxed);
+            d != 0 && crate::sys::mono_ns() > d
+        }
+    }
+
+    /// The submit time and deadline words of `slot` (an index the caller checked).
+    pub(super) fn times(&self, slot: u32) -> &SlotTimes {
+        self.wp.seg.get(self.wp.layout.slot_times_off(slot))
+    }
+
     /// Whether a task outcome of `kind` makes the worker retire: a poisoning, or a panic under
     /// the restart-on-panic policy.
-    fn retires_after(&self, kind: u32) -> Option<u32> {
+    pub(super) fn retires_after(&self, kind: u32) -> Option<u32> {
         match kind {
             KIND_POISONED => Some(kind),
             KIND_PANIC if self.restart_on_panic => Some(kind),
@@ -363,7 +393,7 @@ impl Server<'_> {
     /// own task), published together as one result. If a task poisons the worker, or panics
     /// under the restart-on-panic policy, the rest are answered "not run" and the worker
     /// retires after publishing.
-    fn serve_batch<W: Worker>(
+    pub(super) fn serve_batch<W: Worker>(
         &self,
         state: &mut W,
         wctx: &WorkerContext,
@@ -394,7 +424,7 @@ impl Server<'_> {
 
     /// The slot's task archive, validated as `T`, its context, and where an inline result may
     /// start; `None` (with the task answered `BadTask`) if it is out of range or invalid.
-    fn open<'s, T: crate::Message>(
+    pub(super) fn open<'s, T: crate::Message>(
         &'s self,
         wctx: &'s WorkerContext,
         t: &Task<'_>,
@@ -409,11 +439,17 @@ impl Server<'_> {
         };
         failpoint::hit("mid_read");
         let state = &self.slot_header(t.slot).state;
+        let deadline_ns = if state.load(Ordering::Relaxed) & bits::DEADLINE != 0 {
+            self.times(t.slot).deadline_ns.load(Ordering::Relaxed)
+        } else {
+            0
+        };
         let tctx = TaskContext {
             worker: wctx,
             task_id: t.id,
             payload,
             state,
+            deadline_ns,
         };
         Some((task, tctx, inline_from))
     }
@@ -525,7 +561,7 @@ impl Server<'_> {
         }
     }
 
-    fn write_output<T: crate::Message>(&self, t: &Task<'_>, inline_from: usize, out: &T) {
+    pub(super) fn write_output<T: crate::Message>(&self, t: &Task<'_>, inline_from: usize, out: &T) {
         let seat = self.wp.seat;
         // Fastest path: a small output goes inline into the task's own slot, whose cache lines
         // this worker already holds, after the task archive.
@@ -592,7 +628,7 @@ impl Server<'_> {
         }
     }
 
-    fn write_message(&self, t: &Task<'_>, kind: u32, msg: &str) {
+    pub(super) fn write_message(&self, t: &Task<'_>, kind: u32, msg: &str) {
         let max = (self.results.max_record_len() as usize).min(64 * 1024);
         let mut end = msg.len().min(max);
         while !msg.is_char_boundary(end) {
@@ -619,7 +655,7 @@ impl Server<'_> {
     }
 
     /// Publishes the outcome in the slot and wakes whoever waits for it.
-    fn publish(&self, t: &Task<'_>, o: RawOutcome) {
+    pub(super) fn publish(&self, t: &Task<'_>, o: RawOutcome) {
         failpoint::hit("after_result_write");
         #[cfg(feature = "failpoints")]
         let o = self.maybe_lie(o);
@@ -658,7 +694,12 @@ impl Server<'_> {
 
     /// Test builds: what a hostile worker does after a task (see `failpoint::hostile`).
     #[cfg(feature = "failpoints")]
-    fn misbehave_after(&self, t: &Task<'_>, queue: &MpmcRing<'_>) {
+    fn misbehave_after(&self, slot: u32, queue: &MpmcRing<'_>) {
+        let t = Task {
+            slot,
+            id: 0,
+            sh: self.slot_header(slot),
+        };
         use failpoint::hostile;
         let (mask, rng) = &self.hostile;
         if *mask == 0 {

@@ -1,6 +1,7 @@
 //! The [`Worker`] trait users implement, the contexts their steps receive, and the worker
 //! process's main loop.
 
+pub(crate) mod batching;
 pub(crate) mod boot;
 pub(crate) mod func;
 pub(crate) mod main_loop;
@@ -72,6 +73,61 @@ pub trait Worker: Sized + 'static {
         task: &Archived<Self::Task>,
         ctx: &TaskContext<'_>,
     ) -> Result<Self::Output, BoxError>;
+
+    /// Runs several tasks in one step, when the pool batches
+    /// ([`PoolBuilder::batch_policy`](crate::PoolBuilder::batch_policy)): up to `max_batch`
+    /// tasks that callers submitted independently, each read in place with its own context
+    /// (task id, payload, deadline). Return one outcome per task, in order: a GPU model runs
+    /// them as one forward pass. The default runs [`execute`](Self::execute) on each in turn.
+    ///
+    /// A wrong number of outcomes fails every task of the batch with a message saying so. An
+    /// `Err` of the whole step fails each task with its message (a [`Poisoned`] one replaces
+    /// the worker); a panic fails each task as [`TaskError::Panicked`](crate::TaskError) and
+    /// replaces the worker as a panic in `execute` does. Tasks cancelled or past their
+    /// deadline before the step starts are not in the batch.
+    ///
+    /// ```
+    /// # use stateful_pool::{BatchTask, BoxError, TaskContext, Worker, WorkerContext};
+    /// struct Model;
+    /// impl Worker for Model {
+    ///     type SpawnArgs = ();
+    ///     type SpawnOutput = ();
+    ///     type Task = Vec<f32>;
+    ///     type Output = f32;
+    ///     fn spawn(_: (), _: &WorkerContext) -> Result<(Self, ()), BoxError> { Ok((Model, ())) }
+    ///     fn execute(&mut self, x: &rkyv::Archived<Vec<f32>>, _: &TaskContext<'_>) -> Result<f32, BoxError> {
+    ///         Ok(x.iter().map(|v| v.to_native()).sum())
+    ///     }
+    ///     fn execute_batch(&mut self, batch: &[BatchTask<'_, Vec<f32>>]) -> Result<Vec<Result<f32, BoxError>>, BoxError> {
+    ///         // One pass over the whole batch (a real model stacks the inputs into a matrix).
+    ///         Ok(batch.iter().map(|t| Ok(t.task.iter().map(|v| v.to_native()).sum())).collect())
+    ///     }
+    /// }
+    /// ```
+    #[allow(clippy::type_complexity)]
+    fn execute_batch(
+        &mut self,
+        batch: &[BatchTask<'_, Self::Task>],
+    ) -> Result<Vec<Result<Self::Output, BoxError>>, BoxError> {
+        Ok(batch.iter().map(|t| self.execute(t.task, &t.ctx)).collect())
+    }
+}
+
+/// One task of a batch given to [`Worker::execute_batch`]: the archived task, read in place in
+/// shared memory, and its own context.
+pub struct BatchTask<'a, T: Message> {
+    /// The task.
+    pub task: &'a Archived<T>,
+    /// Its context (task id, payload, deadline, cancellation).
+    pub ctx: TaskContext<'a>,
+}
+
+impl<T: Message> std::fmt::Debug for BatchTask<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchTask")
+            .field("ctx", &self.ctx)
+            .finish_non_exhaustive()
+    }
 }
 
 /// An error a worker returns from [`Worker::execute`] to declare itself unusable (a sticky CUDA
@@ -170,6 +226,8 @@ pub struct TaskContext<'a> {
     pub(crate) payload: &'a [u8],
     /// The task slot's state word (its `CANCELLED` bit), read by `is_cancelled`.
     pub(crate) state: &'a std::sync::atomic::AtomicU32,
+    /// The task's deadline in `CLOCK_MONOTONIC` ns (0: none).
+    pub(crate) deadline_ns: u64,
 }
 
 impl TaskContext<'_> {
@@ -195,5 +253,23 @@ impl TaskContext<'_> {
     /// is then discarded or delivered as the caller asked. One atomic load.
     pub fn is_cancelled(&self) -> bool {
         self.state.load(std::sync::atomic::Ordering::Relaxed) & crate::slot::bits::CANCELLED != 0
+    }
+
+    /// The latest time the caller wanted the task started
+    /// ([`TaskOptions::deadline`](crate::TaskOptions::deadline)), if it gave one; a task
+    /// that is already running may use it to cut its work short.
+    pub fn deadline(&self) -> Option<std::time::Instant> {
+        if self.deadline_ns == 0 {
+            return None;
+        }
+        let now = crate::sys::mono_ns();
+        let now_i = std::time::Instant::now();
+        Some(if self.deadline_ns >= now {
+            now_i + std::time::Duration::from_nanos(self.deadline_ns - now)
+        } else {
+            now_i
+                .checked_sub(std::time::Duration::from_nanos(now - self.deadline_ns))
+                .unwrap_or(now_i)
+        })
     }
 }

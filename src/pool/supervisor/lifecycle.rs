@@ -100,6 +100,8 @@ impl Sup {
         ctl.parked.store(parked::NONE, Ordering::Relaxed);
         ctl.wants_space.store(0, Ordering::Relaxed);
         ctl.hold.store(0, Ordering::Relaxed);
+        ctl.idle.store(0, Ordering::Relaxed);
+        shared.batch_ctl(seat).clear_held();
         ctl.generation.fetch_add(1, Ordering::Relaxed);
         // SYNC POINT: the launch (fork/exec) orders these stores before anything the worker does.
         ctl.state.store(ctl_state::STARTING, Ordering::Release);

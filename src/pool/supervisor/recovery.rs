@@ -125,6 +125,18 @@ impl Sup {
         {
             held.push(slot);
         }
+        // The tasks of a dynamic batch it was forming or running: each entry by the same rule.
+        let bc = shared.batch_ctl(seat);
+        for (s, t) in bc.held() {
+            if let Some(slot) =
+                held_by_dead_worker(s, t, n_slots, |s| Some(shared.slot(s).state_and_task()))
+            {
+                if !held.contains(&slot) {
+                    held.push(slot);
+                }
+            }
+        }
+        bc.clear_held();
         // A task offered to this worker alone that it had not taken yet.
         if let Some(v) = self.take_offer(seat) {
             if !held.contains(&v) {
@@ -221,8 +233,13 @@ impl Sup {
         let this_task = sh.task_id.load(Ordering::Relaxed);
         let cancelled = sh.state.load(Ordering::Acquire) & bits::CANCELLED != 0;
         let parent = |kind, rec, len| RawOutcome::new(kind, seat, rec, len);
+        let own_limit = meta.timeout_ns.load(Ordering::Relaxed);
         match kill {
-            Some(KillReason::Timeout { task_id, after_ns }) if task_id == this_task => {
+            // The task it was killed for, or a task of the same batch whose own limit had
+            // passed too.
+            Some(KillReason::Timeout { task_id, after_ns })
+                if task_id == this_task || (own_limit != 0 && own_limit <= after_ns) =>
+            {
                 StatCounters::add(&shared.stats.tasks_timed_out, 1);
                 shared.complete_from_parent(slot, parent(KIND_TIMEOUT, after_ns, 0));
                 return false;
@@ -262,28 +279,24 @@ impl Sup {
                 continue;
             }
             let ctl = shared.ctl(seat);
-            let tid = ctl.current_task.load(Ordering::Relaxed);
-            let slot = ctl.current_slot.load(Ordering::Relaxed);
-            if tid == 0 || slot >= n_slots {
+            let Some((tid, limit)) = running(&shared, seat, n_slots) else {
                 s.watch = (0, now);
                 continue;
-            }
+            };
             if s.watch.0 != tid {
                 s.watch = (tid, now);
                 continue;
             }
-            let meta = shared.meta(slot);
-            let limit = meta.timeout_ns.load(Ordering::Relaxed);
-            if limit == 0 || meta.task_id() != tid {
+            if limit == 0 {
                 continue;
             }
             if now.saturating_duration_since(s.watch.1) >= Duration::from_nanos(limit) {
                 // Hold the worker before the kill, then check it is still on this task
-                // (SeqCst both sides, Dekker with the worker's `current_task` clear and `hold`
-                // check): either we see it moved on, and withdraw, or it sees the hold and
-                // takes no next task for the kill to land on.
+                // (SeqCst both sides, Dekker with the worker's clear of its task words and its
+                // `hold` check): either we see it moved on, and withdraw, or it sees the hold
+                // and takes no next task for the kill to land on.
                 ctl.hold.fetch_or(hold::KILL, Ordering::SeqCst);
-                if ctl.current_task.load(Ordering::SeqCst) != tid {
+                if running(&shared, seat, n_slots).map(|r| r.0) != Some(tid) {
                     ctl.hold.fetch_and(!hold::KILL, Ordering::SeqCst);
                     crate::sys::futex_wake(&ctl.hold, i32::MAX);
                     s.watch = (0, now);
@@ -297,4 +310,38 @@ impl Sup {
             }
         }
     }
+}
+
+/// What seat `seat` is running, for its timeout: the task id that keys it (the single task,
+/// or the first task of its batch) and the smallest execution limit among its tasks, in ns
+/// (0: none). Only tasks whose slot still holds that task id count.
+fn running(shared: &Shared, seat: u32, n_slots: u32) -> Option<(u64, u64)> {
+    let ctl = shared.ctl(seat);
+    let limit_of = |slot: u32, tid: u64| {
+        let meta = shared.meta(slot);
+        if meta.task_id() == tid {
+            meta.timeout_ns.load(Ordering::Relaxed)
+        } else {
+            0
+        }
+    };
+    let tid = ctl.current_task.load(Ordering::SeqCst);
+    let slot = ctl.current_slot.load(Ordering::Relaxed);
+    if tid != 0 && slot < n_slots {
+        return Some((tid, limit_of(slot, tid)));
+    }
+    let mut key = None;
+    let mut limit = 0u64;
+    for (slot, tid) in shared.batch_ctl(seat).held() {
+        if tid == 0 || slot >= n_slots {
+            continue;
+        }
+        key.get_or_insert(tid);
+        match limit_of(slot, tid) {
+            0 => {}
+            l if limit == 0 || l < limit => limit = l,
+            _ => {}
+        }
+    }
+    key.map(|k| (k, limit))
 }
