@@ -251,7 +251,11 @@ impl Shared {
             .deadline_ns
             .store(deadline_ns.unwrap_or(0), Ordering::Relaxed);
         let kind = if opts.batch { bits::BATCH } else { 0 }
-            | if deadline_ns.is_some() { bits::DEADLINE } else { 0 };
+            | if deadline_ns.is_some() {
+                bits::DEADLINE
+            } else {
+                0
+            };
         self.slot(slot).prepare(
             task_id,
             (task_off, task_len as u32),

@@ -107,7 +107,6 @@ pub(crate) struct SlotTimes {
     pub(crate) deadline_ns: AtomicU64,
 }
 
-
 /// One seat's dynamic batch: the tasks it holds beyond the pop window (`WorkerCtl::
 /// current_slot`), for recovery, and its batch counters. Written by that worker.
 #[repr(C, align(64))]

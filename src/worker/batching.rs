@@ -63,12 +63,9 @@ impl Server<'_> {
         (0..layout.params.max_workers)
             .filter(|&i| i != self.wp.seat)
             .any(|i| {
-                let c = self
-                    .wp
-                    .seg
-                    .get::<crate::shm::layout::WorkerCtl>(
-                        layout.ctls + i as usize * size_of::<crate::shm::layout::WorkerCtl>(),
-                    );
+                let c = self.wp.seg.get::<crate::shm::layout::WorkerCtl>(
+                    layout.ctls + i as usize * size_of::<crate::shm::layout::WorkerCtl>(),
+                );
                 c.idle.load(Ordering::Relaxed) == 1
                     && c.state.load(Ordering::Relaxed) == ctl_state::READY
             })

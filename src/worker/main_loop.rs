@@ -561,7 +561,12 @@ impl Server<'_> {
         }
     }
 
-    pub(super) fn write_output<T: crate::Message>(&self, t: &Task<'_>, inline_from: usize, out: &T) {
+    pub(super) fn write_output<T: crate::Message>(
+        &self,
+        t: &Task<'_>,
+        inline_from: usize,
+        out: &T,
+    ) {
         let seat = self.wp.seat;
         // Fastest path: a small output goes inline into the task's own slot, whose cache lines
         // this worker already holds, after the task archive.
