@@ -116,6 +116,14 @@ typedef enum sp_status {
    * A panic inside the library was caught at the boundary.
    */
   SP_PANIC = 20,
+  /**
+   * No serving worker has this index (never spawned, retired, failed, or still starting).
+   */
+  SP_NO_SUCH_WORKER = 21,
+  /**
+   * `sp_completion_queue_next`: no completion is pending right now.
+   */
+  SP_EMPTY = 22,
 } sp_status;
 
 /**
@@ -479,6 +487,7 @@ enum sp_status sp_loan_data(struct sp_loan loan, uint8_t **data, size_t *len);
 
 /**
  * Returns an unsent loan's space; the handle is dead afterwards. Use from one thread at a time.
+ * A zero handle is a no-op (`SP_OK`).
  */
 enum sp_status sp_loan_free(struct sp_loan loan);
 
@@ -541,7 +550,8 @@ enum sp_status sp_task_cancel(struct sp_task task);
 
 /**
  * Drops a task handle without collecting: the task is cancelled if no worker has started it,
- * else its result is discarded. The handle is dead afterwards.
+ * else its result is discarded. The handle is dead afterwards. A zero handle is a no-op
+ * (`SP_OK`), so cleanup paths need no check.
  */
 enum sp_status sp_task_free(struct sp_task task);
 
@@ -558,7 +568,7 @@ enum sp_status sp_result_bytes(struct sp_result result, const uint8_t **data, si
 
 /**
  * Releases a result (its space in shared memory goes back to the worker). The handle is dead
- * afterwards; freeing it again gives `SP_INVALID_HANDLE`.
+ * afterwards; freeing it again gives `SP_INVALID_HANDLE`. A zero handle is a no-op (`SP_OK`).
  */
 enum sp_status sp_result_free(struct sp_result result);
 
@@ -573,7 +583,7 @@ enum sp_status sp_pool_shutdown(struct sp_pool pool_h, int32_t immediate);
 /**
  * Shuts the pool down gracefully (if not done yet) and frees it; the handle is dead afterwards.
  * Tasks and results already obtained stay valid. Calls still running on other threads with this
- * handle finish first.
+ * handle finish first. A zero handle is a no-op (`SP_OK`).
  */
 enum sp_status sp_pool_free(struct sp_pool pool_h);
 

@@ -88,28 +88,37 @@ pub struct sp_pool_options {
     pub program: *const c_char,
 }
 
-type CPool = Pool<CWorker>;
+pub(crate) type CPool = Pool<CWorker>;
 
 /// What a result handle holds: a task's result in place in shared memory, or a spawn output.
-enum Bytes {
+pub(crate) enum Bytes {
     InPlace(ResultRef<Vec<u8>>),
     Owned(Vec<u8>),
 }
 
-static POOLS: Table<Arc<CPool>> = Table::new(1, "pool");
-static TASKS: Table<TaskHandle<Vec<u8>>> = Table::new(2, "task");
-static RESULTS: Table<Bytes> = Table::new(3, "result");
-static LOANS: Table<Loan> = Table::new(4, "loan");
+pub(crate) static POOLS: Table<Arc<CPool>> = Table::new(1, "pool");
+pub(crate) static TASKS: Table<TaskHandle<Vec<u8>>> = Table::new(2, "task");
+pub(crate) static RESULTS: Table<Bytes> = Table::new(3, "result");
+pub(crate) static LOANS: Table<Loan> = Table::new(4, "loan");
 
-fn pool(p: sp_pool) -> Result<Arc<CPool>, Fail> {
+pub(crate) fn pool(p: sp_pool) -> Result<Arc<CPool>, Fail> {
     POOLS.with(p.id, |pool| pool.clone())
 }
 
-fn build_fail(e: BuildError) -> Fail {
+/// The body of every `_free`: a zero handle is a no-op (rustls-ffi style: cleanup paths need no
+/// check); any other handle must be live.
+pub(crate) fn free_handle<T>(table: &Table<T>, id: u64) -> Result<(), Fail> {
+    if id == 0 {
+        return Ok(());
+    }
+    table.remove(id).map(drop)
+}
+
+pub(crate) fn build_fail(e: BuildError) -> Fail {
     Fail::new(sp_status::SP_BUILD_FAILED, e.to_string())
 }
 
-fn spawn_fail(e: SpawnError) -> Fail {
+pub(crate) fn spawn_fail(e: SpawnError) -> Fail {
     let status = match e {
         SpawnError::Shutdown => sp_status::SP_SHUTDOWN,
         SpawnError::ArgsTooLarge { .. } => sp_status::SP_TOO_LARGE,
@@ -118,7 +127,7 @@ fn spawn_fail(e: SpawnError) -> Fail {
     Fail::new(status, e.to_string())
 }
 
-fn submit_fail(e: SubmitError) -> Fail {
+pub(crate) fn submit_fail(e: SubmitError) -> Fail {
     let status = match e {
         SubmitError::QueueFull => sp_status::SP_QUEUE_FULL,
         SubmitError::Timeout => sp_status::SP_TIMEOUT,
@@ -134,7 +143,7 @@ fn submit_fail(e: SubmitError) -> Fail {
     Fail::new(status, e.to_string())
 }
 
-fn task_fail(e: TaskError) -> Fail {
+pub(crate) fn task_fail(e: TaskError) -> Fail {
     let status = match &e {
         TaskError::Submit(s) => return submit_fail(s.clone()),
         TaskError::Failed { .. } => sp_status::SP_TASK_FAILED,
@@ -544,9 +553,10 @@ pub unsafe extern "C" fn sp_loan_data(
 }
 
 /// Returns an unsent loan's space; the handle is dead afterwards. Use from one thread at a time.
+/// A zero handle is a no-op (`SP_OK`).
 #[unsafe(no_mangle)]
 pub extern "C" fn sp_loan_free(loan: sp_loan) -> sp_status {
-    guard(|| LOANS.remove(loan.id).map(drop))
+    guard(|| free_handle(&LOANS, loan.id))
 }
 
 /// Queues a task made of a copy of `len` bytes at `task`, with the loan as its payload (the
@@ -657,10 +667,11 @@ pub extern "C" fn sp_task_cancel(task: sp_task) -> sp_status {
 }
 
 /// Drops a task handle without collecting: the task is cancelled if no worker has started it,
-/// else its result is discarded. The handle is dead afterwards.
+/// else its result is discarded. The handle is dead afterwards. A zero handle is a no-op
+/// (`SP_OK`), so cleanup paths need no check.
 #[unsafe(no_mangle)]
 pub extern "C" fn sp_task_free(task: sp_task) -> sp_status {
-    guard(|| TASKS.remove(task.id).map(drop))
+    guard(|| free_handle(&TASKS, task.id))
 }
 
 /// The result's bytes, in place: `*data` receives their address (NULL if empty; 16-byte
@@ -704,10 +715,10 @@ pub unsafe extern "C" fn sp_result_bytes(
 }
 
 /// Releases a result (its space in shared memory goes back to the worker). The handle is dead
-/// afterwards; freeing it again gives `SP_INVALID_HANDLE`.
+/// afterwards; freeing it again gives `SP_INVALID_HANDLE`. A zero handle is a no-op (`SP_OK`).
 #[unsafe(no_mangle)]
 pub extern "C" fn sp_result_free(result: sp_result) -> sp_status {
-    guard(|| RESULTS.remove(result.id).map(drop))
+    guard(|| free_handle(&RESULTS, result.id))
 }
 
 /// Stops the pool: new submissions fail with `SP_SHUTDOWN`; with `immediate` 0 the workers
@@ -729,10 +740,13 @@ pub extern "C" fn sp_pool_shutdown(pool_h: sp_pool, immediate: i32) -> sp_status
 
 /// Shuts the pool down gracefully (if not done yet) and frees it; the handle is dead afterwards.
 /// Tasks and results already obtained stay valid. Calls still running on other threads with this
-/// handle finish first.
+/// handle finish first. A zero handle is a no-op (`SP_OK`).
 #[unsafe(no_mangle)]
 pub extern "C" fn sp_pool_free(pool_h: sp_pool) -> sp_status {
     guard(|| {
+        if pool_h.id == 0 {
+            return Ok(());
+        }
         let p = POOLS.remove(pool_h.id)?;
         p.close();
         drop(p);
