@@ -24,10 +24,14 @@
 
 #![allow(non_camel_case_types)]
 
+mod batch;
+mod cq;
 mod handles;
 mod host;
 mod worker;
 
+pub use batch::*;
+pub use cq::*;
 pub use host::*;
 pub use worker::*;
 
