@@ -284,6 +284,9 @@ fn the_headers_compile_in_each_language_mode() {
 fn a_c_event_loop_drives_many_tasks_through_a_completion_queue() {
     let exe = compile("cc", "c11", "event_loop.c", "event_loop", true);
     let out = stdout(&run(Command::new(&exe), 120));
-    assert!(out.contains("event loop: 1000 of 1000 results correct"), "{out}");
+    assert!(
+        out.contains("event loop: 1000 of 1000 results correct"),
+        "{out}"
+    );
     assert!(out.trim_end().ends_with("done"), "{out}");
 }
