@@ -290,3 +290,30 @@ fn a_c_event_loop_drives_many_tasks_through_a_completion_queue() {
     );
     assert!(out.trim_end().ends_with("done"), "{out}");
 }
+
+#[test]
+fn a_cpp_worker_class_whose_exceptions_become_errors() {
+    let exe = compile("c++", "c++17", "cpp_worker.cpp", "cpp_worker", false);
+    let out = stdout(&run(Command::new(&exe), 120));
+    for line in [
+        "spawned: ada on seat 0",
+        "spawned: bob on seat 1",
+        "spawn error: SP_SPAWN_FAILED: ",
+        "this worker refuses to start",
+        "execute: HELLO",
+        "throw: SP_TASK_FAILED: ",
+        "boom from C++",
+        "throw-int: SP_TASK_FAILED: ",
+        "unknown C++ exception",
+        "poison: SP_POISONED: ",
+        "device lost",
+        "batch[0]: SP_OK A",
+        "batch[1]: SP_TASK_FAILED ",
+        "batch[2]: SP_OK C",
+        "broadcast: 2 workers answered",
+        "completion: 7 -> QUEUED",
+        "done",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+}
