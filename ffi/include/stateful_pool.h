@@ -9,6 +9,12 @@
 #include <stdint.h>
 
 /**
+ * `flags` bit of `sp_pool_submit_with` and `sp_pool_submit_batch`: fail with `SP_QUEUE_FULL`
+ * at once instead of waiting for room in the queue.
+ */
+#define SP_SUBMIT_TRY 1
+
+/**
  * `execute` (and `spawn`) succeeded: the reply's bytes are the output.
  */
 #define SP_WORKER_OK 0
@@ -116,6 +122,14 @@ typedef enum sp_status {
    * A panic inside the library was caught at the boundary.
    */
   SP_PANIC = 20,
+  /**
+   * No serving worker has this index (never spawned, retired, failed, or still starting).
+   */
+  SP_NO_SUCH_WORKER = 21,
+  /**
+   * `sp_completion_queue_next`: no completion is pending right now.
+   */
+  SP_EMPTY = 22,
 } sp_status;
 
 /**
@@ -123,6 +137,120 @@ typedef enum sp_status {
  * is passed to.
  */
 typedef struct sp_reply sp_reply;
+
+/**
+ * A pool (a handle; 0 is none).
+ */
+typedef struct sp_pool {
+  /**
+   * The handle's value (opaque).
+   */
+  uint64_t id;
+} sp_pool;
+
+/**
+ * Options of one task (or one batch), overriding the pool's defaults. All zero (`= {0}`) is
+ * "the pool's defaults".
+ */
+typedef struct sp_task_options {
+  /**
+   * Limit on the task's execution time, ms, counted from when a worker starts it; past it
+   * the task fails with `SP_TASK_TIMED_OUT` and its worker is restarted. 0: the pool's
+   * `task_timeout_ms`.
+   */
+  uint64_t timeout_ms;
+  /**
+   * Times the task is re-run if its worker dies while running it (only for idempotent
+   * work). Used only if `set_retries` is true.
+   */
+  uint32_t retries;
+  /**
+   * Whether `retries` overrides the pool's `task_retries` (false: the pool's default).
+   */
+  bool set_retries;
+} sp_task_options;
+
+/**
+ * A submitted task (a handle; 0 is none).
+ */
+typedef struct sp_task {
+  /**
+   * The handle's value (opaque).
+   */
+  uint64_t id;
+} sp_task;
+
+/**
+ * A byte range given by the caller (spawn arguments for `sp_pool_spawn_many`).
+ */
+typedef struct sp_bytes {
+  /**
+   * The bytes (may be NULL if `len` is 0).
+   */
+  const uint8_t *data;
+  /**
+   * Their length.
+   */
+  size_t len;
+} sp_bytes;
+
+/**
+ * A submitted batch of tasks (a handle; 0 is none).
+ */
+typedef struct sp_batch {
+  /**
+   * The handle's value (opaque).
+   */
+  uint64_t id;
+} sp_batch;
+
+/**
+ * Many outcomes at once: a finished batch's (one per task, in order) or a broadcast's (one
+ * per worker). Read with `sp_result_set_len` / `sp_result_set_get`, release with
+ * `sp_result_set_free` (a handle; 0 is none).
+ */
+typedef struct sp_result_set {
+  /**
+   * The handle's value (opaque).
+   */
+  uint64_t id;
+} sp_result_set;
+
+/**
+ * One outcome in a result set. The pointers stay valid until `sp_result_set_free`.
+ */
+typedef struct sp_outcome {
+  /**
+   * `SP_OK`, or why this task failed (`SP_TASK_FAILED`, `SP_WORKER_DIED`, …).
+   */
+  enum sp_status status;
+  /**
+   * A broadcast's: the index of the worker this outcome is from. A batch's: `SIZE_MAX`.
+   */
+  size_t worker;
+  /**
+   * The result's bytes if `status` is `SP_OK` (NULL if empty or failed).
+   */
+  const uint8_t *data;
+  /**
+   * Length of `data`.
+   */
+  size_t len;
+  /**
+   * The error message if `status` is not `SP_OK`; an empty string otherwise (never NULL).
+   */
+  const char *message;
+} sp_outcome;
+
+/**
+ * A completion queue (a handle; 0 is none).
+ */
+typedef struct sp_completion_queue {
+  /**
+   * The handle's value (opaque).
+   */
+  uint64_t id;
+} sp_completion_queue;
 
 /**
  * Pool options. Zero in any field means the library's default; fill with
@@ -178,17 +306,30 @@ typedef struct sp_pool_options {
    * `sp_init` first thing in `main`.
    */
   const char *program;
-} sp_pool_options;
-
-/**
- * A pool (a handle; 0 is none).
- */
-typedef struct sp_pool {
   /**
-   * The handle's value (opaque).
+   * Restarts of one worker seat allowed within `restart_window_ms` before the seat is marked
+   * failed. 0: the default (5); negative: never restart (a dead worker's seat fails at once).
    */
-  uint64_t id;
-} sp_pool;
+  int64_t max_restarts;
+  /**
+   * The sliding window restarts are counted in, ms (0: the default, 60 s).
+   */
+  uint64_t restart_window_ms;
+  /**
+   * Delay before the second restart within the window, ms, doubling after (0: the default,
+   * 50 ms; negative: no delay).
+   */
+  int64_t restart_backoff_initial_ms;
+  /**
+   * Upper bound of the restart delay, ms (0: the default, 2 s; negative: no delay).
+   */
+  int64_t restart_backoff_max_ms;
+  /**
+   * Whether a worker whose task panicked (in a Rust worker) is replaced by a fresh one.
+   * 0: the default (yes); positive: yes; negative: no, it keeps serving.
+   */
+  int32_t restart_on_panic;
+} sp_pool_options;
 
 /**
  * A task's result or a spawn's output: bytes to read with `sp_result_bytes`, then release with
@@ -202,28 +343,36 @@ typedef struct sp_result {
 } sp_result;
 
 /**
- * A byte range given by the caller (spawn arguments for `sp_pool_spawn_many`).
+ * Per-worker settings of a spawn (`sp_pool_spawn_with`): the GPUs the worker owns and extra
+ * environment variables of its process. Restarts of the worker reuse them, and so does
+ * `sp_pool_replace_worker`. All zero (`= {0}`) is "no GPUs, no extra environment".
  */
-typedef struct sp_bytes {
+typedef struct sp_spawn_options {
   /**
-   * The bytes (may be NULL if `len` is 0).
+   * The worker's GPUs, as the machine numbers them (`gpus_len` of them; NULL if 0). The worker
+   * sees them as its GPU ids; with the library's `cuda` feature it gets a CUDA context on
+   * each, and a GPU it cannot open fails the spawn (`SP_SPAWN_FAILED`). Each at most once.
    */
-  const uint8_t *data;
+  const uint32_t *gpus;
   /**
-   * Their length.
+   * Number of entries in `gpus`.
    */
-  size_t len;
-} sp_bytes;
-
-/**
- * A submitted task (a handle; 0 is none).
- */
-typedef struct sp_task {
+  size_t gpus_len;
   /**
-   * The handle's value (opaque).
+   * Also restrict the worker process's view to its GPUs (`CUDA_VISIBLE_DEVICES`).
    */
-  uint64_t id;
-} sp_task;
+  bool visible_devices_only;
+  /**
+   * Environment variables for the worker's process, each a NUL-terminated UTF-8
+   * `"KEY=VALUE"` string (the key non-empty; the value may be empty or hold more `=`);
+   * `env_len` of them; NULL if 0. Applied after the pool's own worker environment.
+   */
+  const char *const *env;
+  /**
+   * Number of entries in `env`.
+   */
+  size_t env_len;
+} sp_spawn_options;
 
 /**
  * A writable buffer in the pool's shared memory, sent with a task as its payload (a handle;
@@ -252,6 +401,15 @@ typedef struct sp_worker_info {
    * The worker's process id.
    */
   uint32_t pid;
+  /**
+   * The GPUs this worker owns (`sp_spawn_options.gpus`, as the machine numbers them); NULL
+   * if none. Valid during the callback.
+   */
+  const uint32_t *gpus;
+  /**
+   * Number of entries in `gpus`.
+   */
+  size_t gpus_len;
 } sp_worker_info;
 
 /**
@@ -343,6 +501,181 @@ const char *sp_status_name(int32_t status);
 const char *sp_version(void);
 
 /**
+ * Queues a task made of a copy of `len` bytes at `task`, with its own options `opts` (NULL:
+ * the pool's defaults) and `flags` (0: wait for room if the queue is full; `SP_SUBMIT_TRY`:
+ * fail with `SP_QUEUE_FULL` at once). `*out` receives the task handle, as from
+ * `sp_pool_submit`. `SP_SUBMIT_TRY` with non-default options is `SP_INVALID_ARGUMENT` for now.
+ * Thread-safe.
+ *
+ * # Safety
+ *
+ * `task` must point to `len` readable bytes (NULL if 0); `opts` NULL or a valid
+ * `sp_task_options`; `out` writable.
+ */
+enum sp_status sp_pool_submit_with(struct sp_pool pool_h,
+                                   const uint8_t *task,
+                                   size_t len,
+                                   const struct sp_task_options *opts,
+                                   int32_t flags,
+                                   struct sp_task *out);
+
+/**
+ * Queues `n` (> 0) tasks as one batch: `tasks[i]` is a copy of task `i`'s bytes. The next free
+ * worker runs them one after the other and answers them together (one slot and one hand-off
+ * for all: tiny tasks cost far less each). An error fails only its own task. The batch counts
+ * as one task for `opts` (timeout, retries: the whole batch re-runs) and cancellation; if its
+ * worker dies, the whole batch fails. `flags` as for `sp_pool_submit_with`. `*out` receives the
+ * batch handle: wait on it (`sp_batch_wait`), or free it to cancel. Thread-safe.
+ *
+ * # Safety
+ *
+ * `tasks` must point to `n` `sp_bytes`, each describing readable bytes (NULL if its `len` is
+ * 0); `opts` NULL or a valid `sp_task_options`; `out` writable.
+ */
+enum sp_status sp_pool_submit_batch(struct sp_pool pool_h,
+                                    const struct sp_bytes *tasks,
+                                    size_t n,
+                                    const struct sp_task_options *opts,
+                                    int32_t flags,
+                                    struct sp_batch *out);
+
+/**
+ * Blocks until the batch finishes. `SP_OK`: `*out` receives a result set with each task's
+ * outcome, in order (each may have failed on its own). Otherwise the batch failed as a whole
+ * (its worker died, it timed out, was cancelled, …) and the status says why. Either way the
+ * batch handle is consumed. Use from one thread at a time per batch.
+ *
+ * # Safety
+ *
+ * `out` must be writable.
+ */
+enum sp_status sp_batch_wait(struct sp_batch batch, struct sp_result_set *out);
+
+/**
+ * As `sp_batch_wait`, waiting at most `timeout_ms` milliseconds (0: just look): `SP_TIMEOUT` if
+ * the batch has not finished by then, and the batch handle stays valid.
+ *
+ * # Safety
+ *
+ * `out` must be writable.
+ */
+enum sp_status sp_batch_wait_timeout(struct sp_batch batch,
+                                     uint64_t timeout_ms,
+                                     struct sp_result_set *out);
+
+/**
+ * Asks that the batch not run if no worker has started it (it then fails with
+ * `SP_CANCELLED`). The handle stays valid.
+ */
+enum sp_status sp_batch_cancel(struct sp_batch batch);
+
+/**
+ * Drops a batch handle without collecting (the batch is cancelled if no worker has started
+ * it). The handle is dead afterwards. A zero handle is a no-op (`SP_OK`).
+ */
+enum sp_status sp_batch_free(struct sp_batch batch);
+
+/**
+ * Runs the task (a copy of `len` bytes at `task`) once on every serving worker (reload weights,
+ * change a setting) and blocks until each has answered; `*out` receives a result set with one
+ * outcome per worker (`sp_outcome.worker` says which; empty if no worker serves). A worker
+ * runs it before the next queued task it would take. Concurrent broadcasts run one after the
+ * other. Thread-safe.
+ *
+ * # Safety
+ *
+ * `task` must point to `len` readable bytes (NULL if 0); `out` writable.
+ */
+enum sp_status sp_pool_broadcast(struct sp_pool pool_h,
+                                 const uint8_t *task,
+                                 size_t len,
+                                 struct sp_result_set *out);
+
+/**
+ * The number of outcomes in the set.
+ *
+ * # Safety
+ *
+ * `out` must be writable.
+ */
+enum sp_status sp_result_set_len(struct sp_result_set set, size_t *out);
+
+/**
+ * Outcome `index` of the set (`SP_INVALID_ARGUMENT` past the end): its status, worker, result
+ * bytes or error message, read in place until `sp_result_set_free`. Many threads may read a
+ * set; free it from one.
+ *
+ * # Safety
+ *
+ * `out` must be writable.
+ */
+enum sp_status sp_result_set_get(struct sp_result_set set, size_t index, struct sp_outcome *out);
+
+/**
+ * Releases a result set; the pointers read from it die with it. A zero handle is a no-op
+ * (`SP_OK`); freeing twice gives `SP_INVALID_HANDLE`.
+ */
+enum sp_status sp_result_set_free(struct sp_result_set set);
+
+/**
+ * Creates a completion queue; `*out` receives its handle. Thread-safe.
+ *
+ * Thread rules: a queue may be used from many threads at once (`sp_task_notify` from any,
+ * `sp_completion_queue_next` from any; each completion is popped once). Completions are
+ * pushed from the pool's own reactor thread, which never blocks on the queue for long.
+ *
+ * # Safety
+ *
+ * `out` must be writable.
+ */
+enum sp_status sp_completion_queue_new(struct sp_completion_queue *out);
+
+/**
+ * The queue's descriptor, `*out`: an eventfd that is readable (`POLLIN`/`EPOLLIN`) while
+ * completions are pending. Watch it level-triggered (or, edge-triggered, pop until `SP_EMPTY`
+ * each time it fires); do not read, write or close it (it belongs to the queue and is closed by
+ * `sp_completion_queue_free`). Thread-safe.
+ *
+ * # Safety
+ *
+ * `out` must be writable.
+ */
+enum sp_status sp_completion_queue_fd(struct sp_completion_queue cq, int32_t *out);
+
+/**
+ * Asks that `(user_data, task)` be pushed to `cq` once the task finishes (at once if it
+ * already has). Nothing is collected: after popping the pair, collect the result with
+ * `sp_task_poll` (which returns at once) or free the task. One registration per task: a later
+ * call replaces an earlier one that has not fired yet; a call on a task that has already
+ * finished pushes it again. If the task handle is freed before it finishes, nothing is pushed;
+ * if the queue is freed first, its completions are dropped. Fails with `SP_BUSY` while another
+ * thread is waiting on the task. Thread-safe.
+ */
+enum sp_status sp_task_notify(struct sp_task task,
+                              struct sp_completion_queue cq,
+                              uint64_t user_data);
+
+/**
+ * Pops the oldest completion without blocking: `*user_data` and `*task` receive what
+ * `sp_task_notify` registered (the task handle is still the caller's: collect or free it).
+ * `SP_EMPTY` if none is pending (nothing is written). Thread-safe.
+ *
+ * # Safety
+ *
+ * `user_data` and `task` must be writable.
+ */
+enum sp_status sp_completion_queue_next(struct sp_completion_queue cq,
+                                        uint64_t *user_data,
+                                        struct sp_task *task);
+
+/**
+ * Frees the queue and closes its descriptor (remove it from your epoll set first). Pending
+ * and future completions of tasks registered on it are dropped; the tasks themselves are
+ * unaffected. A zero handle is a no-op (`SP_OK`).
+ */
+enum sp_status sp_completion_queue_free(struct sp_completion_queue cq);
+
+/**
  * Fills `opts` with the defaults (all zero: every field means "the library's default").
  *
  * # Safety
@@ -407,6 +740,49 @@ enum sp_status sp_pool_spawn_many(struct sp_pool pool_h,
  * `out` must be writable.
  */
 enum sp_status sp_pool_num_workers(struct sp_pool pool_h, size_t *out);
+
+/**
+ * As `sp_pool_spawn`, with per-worker options `opts` (NULL: none): the worker's GPUs and
+ * extra environment. Nothing is started if an option is malformed: a NULL array with a
+ * nonzero count (`SP_NULL_ARGUMENT`), an environment entry that is not UTF-8 `KEY=VALUE` or a
+ * GPU listed twice (`SP_INVALID_ARGUMENT`); `sp_last_error` says which. `*out` receives the
+ * spawn output, `*worker_index` (if not NULL) the worker's seat. Thread-safe.
+ *
+ * # Safety
+ *
+ * `args` must point to `args_len` readable bytes (NULL if 0); `opts` NULL or a valid
+ * `sp_spawn_options` whose arrays hold their counts of elements; `out` writable;
+ * `worker_index` NULL or writable.
+ */
+enum sp_status sp_pool_spawn_with(struct sp_pool pool_h,
+                                  const uint8_t *args,
+                                  size_t args_len,
+                                  const struct sp_spawn_options *opts,
+                                  struct sp_result *out,
+                                  size_t *worker_index);
+
+/**
+ * Retires worker `index` (scale down): it finishes the task it is running, takes no other,
+ * runs its `drop` callback and exits; its seat is freed, not restarted. Queued tasks go to the
+ * other workers. Blocks until the worker is gone (one that does not finish its task within the
+ * shutdown timeout is killed). `SP_NO_SUCH_WORKER` if no serving worker has that index.
+ * Thread-safe.
+ */
+enum sp_status sp_pool_retire_worker(struct sp_pool pool_h, size_t index);
+
+/**
+ * Replaces worker `index` with a fresh one started from the same spawn arguments and options
+ * (a rolling restart): the new worker starts in a free seat and serves before the old one is
+ * retired, so no task is lost. Needs a free seat (`max_workers`). `*out` receives the new
+ * worker's spawn output. `SP_NO_SUCH_WORKER` if no serving worker has that index; a spawn
+ * failure's status (`SP_SPAWN_FAILED`, …) if the new one cannot start (the old one keeps
+ * serving). Thread-safe.
+ *
+ * # Safety
+ *
+ * `out` must be writable.
+ */
+enum sp_status sp_pool_replace_worker(struct sp_pool pool_h, size_t index, struct sp_result *out);
 
 /**
  * Queues a task made of a copy of `len` bytes at `task` (written once, into shared memory),
@@ -479,6 +855,7 @@ enum sp_status sp_loan_data(struct sp_loan loan, uint8_t **data, size_t *len);
 
 /**
  * Returns an unsent loan's space; the handle is dead afterwards. Use from one thread at a time.
+ * A zero handle is a no-op (`SP_OK`).
  */
 enum sp_status sp_loan_free(struct sp_loan loan);
 
@@ -541,7 +918,8 @@ enum sp_status sp_task_cancel(struct sp_task task);
 
 /**
  * Drops a task handle without collecting: the task is cancelled if no worker has started it,
- * else its result is discarded. The handle is dead afterwards.
+ * else its result is discarded. The handle is dead afterwards. A zero handle is a no-op
+ * (`SP_OK`), so cleanup paths need no check.
  */
 enum sp_status sp_task_free(struct sp_task task);
 
@@ -558,7 +936,7 @@ enum sp_status sp_result_bytes(struct sp_result result, const uint8_t **data, si
 
 /**
  * Releases a result (its space in shared memory goes back to the worker). The handle is dead
- * afterwards; freeing it again gives `SP_INVALID_HANDLE`.
+ * afterwards; freeing it again gives `SP_INVALID_HANDLE`. A zero handle is a no-op (`SP_OK`).
  */
 enum sp_status sp_result_free(struct sp_result result);
 
@@ -573,7 +951,7 @@ enum sp_status sp_pool_shutdown(struct sp_pool pool_h, int32_t immediate);
 /**
  * Shuts the pool down gracefully (if not done yet) and frees it; the handle is dead afterwards.
  * Tasks and results already obtained stay valid. Calls still running on other threads with this
- * handle finish first.
+ * handle finish first. A zero handle is a no-op (`SP_OK`).
  */
 enum sp_status sp_pool_free(struct sp_pool pool_h);
 
@@ -607,6 +985,21 @@ enum sp_status sp_init(const struct sp_worker_callbacks *callbacks);
  * point to `len` readable bytes (may be NULL if `len` is 0).
  */
 enum sp_status sp_reply_write(struct sp_reply *reply, const uint8_t *data, size_t len);
+
+/**
+ * Appends `len` bytes to the reply's output and gives their address in `*out`, for the
+ * callback to write its output straight into (no buffer of its own, no copy through
+ * `sp_reply_write`). The bytes start zeroed. `*out` stays valid until the next
+ * `sp_reply_alloc` or `sp_reply_write` on this reply, or the callback's return. May be mixed
+ * with `sp_reply_write` (each appends). `len` 0 gives NULL. The reply's buffer is sized from
+ * the worker's previous output, so a worker whose outputs have similar sizes makes one
+ * allocation per task. `SP_TOO_LARGE` if the memory cannot be had.
+ *
+ * # Safety
+ *
+ * `reply` as for `sp_reply_write`; `out` must be writable.
+ */
+enum sp_status sp_reply_alloc(struct sp_reply *reply, size_t len, uint8_t **out);
 
 /**
  * Sets the reply's error message (used when the callback returns `SP_WORKER_ERROR` or

@@ -8,6 +8,8 @@
 //   std::string_view bytes = r.view();             // in place in shared memory, until r dies
 //
 // Errors throw stateful_pool::Error, which carries the sp_status and the library's message.
+// C++ workers: worker_callbacks<W>() makes C callbacks from a class; an exception thrown inside
+// is caught at the boundary and becomes the task's (or spawn's) error, never an unwind into C.
 // Objects are move-only; their destructors release what they hold (a Task's cancels the task if
 // it has not started, a Loan's returns its space, a Pool's shuts the pool down gracefully).
 // Thread-safety follows the C functions: a Pool may be used from many threads at once; a Task,
@@ -19,6 +21,9 @@
 #include "stateful_pool.h"
 
 #include <chrono>
+#include <cstdint>
+#include <exception>
+#include <new>
 #include <cstddef>
 #include <cstdint>
 #include <optional>
@@ -54,6 +59,90 @@ inline void check(sp_status s) {
 /// Call first thing in main: in a worker process it serves the pool with `callbacks` and never
 /// returns. Pass nullptr if this program has no worker of its own.
 inline void init(const sp_worker_callbacks *callbacks) { check(sp_init(callbacks)); }
+
+/// Thrown from a C++ worker's execute to declare the worker unusable (SP_WORKER_POISONED: the
+/// task fails with SP_POISONED and the worker process is replaced).
+class Poisoned : public std::runtime_error {
+  public:
+    explicit Poisoned(const std::string &message) : std::runtime_error(message) {}
+};
+
+/// A callback's output (wraps the sp_reply it was given; valid during the callback only).
+class Reply {
+  public:
+    explicit Reply(sp_reply *r) noexcept : r_(r) {}
+    /// Appends bytes to the output.
+    void write(const void *data, std::size_t len) {
+        check(sp_reply_write(r_, static_cast<const std::uint8_t *>(data), len));
+    }
+    void write(std::string_view s) { write(s.data(), s.size()); }
+    /// Appends `len` zeroed bytes and returns their address, to write the output in place
+    /// (valid until the next write/alloc or the callback's return).
+    std::uint8_t *alloc(std::size_t len) {
+        std::uint8_t *p = nullptr;
+        check(sp_reply_alloc(r_, len, &p));
+        return p;
+    }
+
+  private:
+    sp_reply *r_;
+};
+
+namespace detail {
+/// Runs a callback body; any exception becomes the reply's error (never crosses into C).
+template <typename F>
+std::int32_t guard_callback(sp_reply *reply, F &&body) noexcept {
+    try {
+        body();
+        return SP_WORKER_OK;
+    } catch (const Poisoned &e) {
+        sp_reply_set_error(reply, e.what());
+        return SP_WORKER_POISONED;
+    } catch (const std::exception &e) {
+        sp_reply_set_error(reply, e.what());
+    } catch (...) {
+        sp_reply_set_error(reply, "unknown C++ exception");
+    }
+    return SP_WORKER_ERROR;
+}
+
+template <class W>
+struct Callbacks {
+    static std::int32_t spawn(void *, const sp_worker_info *info, const std::uint8_t *args,
+                              std::size_t len, void **state, sp_reply *reply) noexcept {
+        return guard_callback(reply, [&] {
+            Reply out(reply);
+            *state = new W(*info,
+                           std::string_view(reinterpret_cast<const char *>(args), len), out);
+        });
+    }
+    static std::int32_t execute(void *state, const sp_task_info *task, sp_reply *reply) noexcept {
+        return guard_callback(reply, [&] {
+            Reply out(reply);
+            static_cast<W *>(state)->execute(*task, out);
+        });
+    }
+    static void drop(void *state) noexcept {
+        try {
+            delete static_cast<W *>(state);
+        } catch (...) {
+            // A throwing destructor must not unwind into C: the worker is exiting anyway.
+        }
+    }
+};
+}  // namespace detail
+
+/// The C callbacks of a C++ worker class W, with every exception caught at the boundary: a
+/// throw from W's constructor fails the spawn (SP_SPAWN_FAILED, with e.what()), from
+/// W::execute fails the task (SP_TASK_FAILED, or SP_POISONED for Poisoned). W provides:
+///   W(const sp_worker_info &info, std::string_view args, Reply &out);   // the spawn step
+///   void execute(const sp_task_info &task, Reply &out);                 // one task
+/// Use: `auto cb = stateful_pool::worker_callbacks<MyWorker>(); stateful_pool::init(&cb);`
+template <class W>
+sp_worker_callbacks worker_callbacks() noexcept {
+    return sp_worker_callbacks{nullptr, &detail::Callbacks<W>::spawn,
+                               &detail::Callbacks<W>::execute, &detail::Callbacks<W>::drop};
+}
 
 /// Bytes of a task result or a spawn output, read in place; released by the destructor.
 class Result {
@@ -201,6 +290,9 @@ class Task {
     /// Asks that the task not run if it has not started (it then fails with SP_CANCELLED).
     void cancel() { check(sp_task_cancel(h_)); }
 
+    /// The C handle (still owned by this Task).
+    sp_task handle() const noexcept { return h_; }
+
   private:
     void reset() noexcept {
         if (h_.id != 0) {
@@ -208,6 +300,132 @@ class Task {
         }
     }
     sp_task h_{0};
+};
+
+/// Many outcomes (a batch's, in task order; a broadcast's, one per worker); released by the
+/// destructor. Outcomes' bytes and messages are valid while the set lives.
+class ResultSet {
+  public:
+    explicit ResultSet(sp_result_set h) noexcept : h_(h) {}
+    ResultSet(ResultSet &&o) noexcept : h_(std::exchange(o.h_, sp_result_set{0})) {}
+    ResultSet &operator=(ResultSet &&o) noexcept {
+        if (this != &o) {
+            sp_result_set_free(h_);
+            h_ = std::exchange(o.h_, sp_result_set{0});
+        }
+        return *this;
+    }
+    ResultSet(const ResultSet &) = delete;
+    ResultSet &operator=(const ResultSet &) = delete;
+    ~ResultSet() { sp_result_set_free(h_); }  // a zero handle is a no-op
+
+    std::size_t size() const {
+        std::size_t n = 0;
+        check(sp_result_set_len(h_, &n));
+        return n;
+    }
+    /// Outcome i: status, worker (broadcast) or SIZE_MAX (batch), bytes or message.
+    sp_outcome operator[](std::size_t i) const {
+        sp_outcome o{};
+        check(sp_result_set_get(h_, i, &o));
+        return o;
+    }
+    /// Outcome i's bytes as a view; throws Error with its status and message if it failed.
+    std::string_view value(std::size_t i) const {
+        sp_outcome o = (*this)[i];
+        if (o.status != SP_OK) {
+            throw Error(o.status, o.message);
+        }
+        return {reinterpret_cast<const char *>(o.data), o.len};
+    }
+
+  private:
+    sp_result_set h_{0};
+};
+
+/// A submitted batch. Destroying it without waiting cancels it if it has not started.
+class Batch {
+  public:
+    explicit Batch(sp_batch h) noexcept : h_(h) {}
+    Batch(Batch &&o) noexcept : h_(std::exchange(o.h_, sp_batch{0})) {}
+    Batch &operator=(Batch &&o) noexcept {
+        if (this != &o) {
+            sp_batch_free(h_);
+            h_ = std::exchange(o.h_, sp_batch{0});
+        }
+        return *this;
+    }
+    Batch(const Batch &) = delete;
+    Batch &operator=(const Batch &) = delete;
+    ~Batch() { sp_batch_free(h_); }
+
+    /// Blocks for every task's outcome; throws Error if the batch failed as a whole.
+    ResultSet wait() {
+        sp_result_set r{0};
+        check(sp_batch_wait(std::exchange(h_, sp_batch{0}), &r));
+        return ResultSet(r);
+    }
+    /// Waits at most `timeout`: nullopt if the batch has not finished.
+    template <class Rep, class Period>
+    std::optional<ResultSet> wait_for(std::chrono::duration<Rep, Period> timeout) {
+        auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(timeout).count();
+        sp_result_set r{0};
+        sp_status s =
+            sp_batch_wait_timeout(h_, ms < 0 ? 0 : static_cast<std::uint64_t>(ms), &r);
+        if (s == SP_TIMEOUT) {
+            return std::nullopt;
+        }
+        h_ = sp_batch{0};
+        check(s);
+        return ResultSet(r);
+    }
+
+  private:
+    sp_batch h_{0};
+};
+
+/// A completion queue for an event loop: watch fd(), then pop with next().
+class CompletionQueue {
+  public:
+    CompletionQueue() { check(sp_completion_queue_new(&h_)); }
+    CompletionQueue(CompletionQueue &&o) noexcept
+        : h_(std::exchange(o.h_, sp_completion_queue{0})) {}
+    CompletionQueue &operator=(CompletionQueue &&o) noexcept {
+        if (this != &o) {
+            sp_completion_queue_free(h_);
+            h_ = std::exchange(o.h_, sp_completion_queue{0});
+        }
+        return *this;
+    }
+    CompletionQueue(const CompletionQueue &) = delete;
+    CompletionQueue &operator=(const CompletionQueue &) = delete;
+    ~CompletionQueue() { sp_completion_queue_free(h_); }
+
+    /// The eventfd, readable while completions are pending (do not close it).
+    int fd() const {
+        int fd = -1;
+        check(sp_completion_queue_fd(h_, &fd));
+        return fd;
+    }
+    /// Asks that (user_data, task) be pushed here when the task finishes. The Task stays yours.
+    void notify(const Task &task, std::uint64_t user_data) {
+        check(sp_task_notify(task.handle(), h_, user_data));
+    }
+    /// The oldest completion's user_data, or nullopt if none is pending (never blocks).
+    std::optional<std::uint64_t> next() {
+        std::uint64_t user_data = 0;
+        sp_task task{0};
+        sp_status s = sp_completion_queue_next(h_, &user_data, &task);
+        if (s == SP_EMPTY) {
+            return std::nullopt;
+        }
+        check(s);
+        return user_data;
+    }
+    sp_completion_queue handle() const noexcept { return h_; }
+
+  private:
+    sp_completion_queue h_{0};
 };
 
 /// Pool options: every field starts at 0, the library's default.
@@ -299,6 +517,68 @@ class Pool {
         sp_loan l{0};
         check(sp_pool_loan(h_, len, &l));
         return Loan(l);
+    }
+
+    /// Queues a task with its own options (timeout, retries) and flags (SP_SUBMIT_TRY);
+    /// nullopt if SP_SUBMIT_TRY found the queue full.
+    std::optional<Task> submit_with(std::string_view task, const sp_task_options &opts,
+                                    std::int32_t flags = 0) {
+        sp_task t{0};
+        sp_status s = sp_pool_submit_with(h_, reinterpret_cast<const std::uint8_t *>(task.data()),
+                                          task.size(), &opts, flags, &t);
+        if (s == SP_QUEUE_FULL && (flags & SP_SUBMIT_TRY) != 0) {
+            return std::nullopt;
+        }
+        check(s);
+        return Task(t);
+    }
+
+    /// Queues the tasks as one batch (copies of the bytes).
+    Batch submit_batch(const std::vector<std::string> &tasks,
+                       const sp_task_options *opts = nullptr) {
+        std::vector<sp_bytes> in;
+        for (const auto &t : tasks) {
+            in.push_back(sp_bytes{reinterpret_cast<const std::uint8_t *>(t.data()), t.size()});
+        }
+        sp_batch b{0};
+        check(sp_pool_submit_batch(h_, in.data(), in.size(), opts, 0, &b));
+        return Batch(b);
+    }
+
+    /// Runs the task once on every serving worker; one outcome per worker.
+    ResultSet broadcast(std::string_view task) {
+        sp_result_set r{0};
+        check(sp_pool_broadcast(h_, reinterpret_cast<const std::uint8_t *>(task.data()),
+                                task.size(), &r));
+        return ResultSet(r);
+    }
+
+    /// Starts a worker that owns `gpus` and gets `env` ("KEY=VALUE" strings) in its process.
+    Result spawn_with(std::string_view args, const std::vector<std::uint32_t> &gpus,
+                      const std::vector<std::string> &env = {}) {
+        std::vector<const char *> e;
+        for (const auto &kv : env) {
+            e.push_back(kv.c_str());
+        }
+        sp_spawn_options o{};
+        o.gpus = gpus.data();
+        o.gpus_len = gpus.size();
+        o.env = e.data();
+        o.env_len = e.size();
+        sp_result r{0};
+        check(sp_pool_spawn_with(h_, reinterpret_cast<const std::uint8_t *>(args.data()),
+                                 args.size(), &o, &r, nullptr));
+        return Result(r);
+    }
+
+    /// Retires worker `index` (blocks until it is gone).
+    void retire_worker(std::size_t index) { check(sp_pool_retire_worker(h_, index)); }
+
+    /// Replaces worker `index` with a fresh one; returns its spawn output.
+    Result replace_worker(std::size_t index) {
+        sp_result r{0};
+        check(sp_pool_replace_worker(h_, index, &r));
+        return Result(r);
     }
 
     std::size_t num_workers() const {

@@ -1,11 +1,19 @@
 //! Handle tables: what a C host holds is a number, never a pointer into Rust memory, so a null,
 //! stale, forged or double-freed handle is an error code instead of undefined behaviour.
 //!
-//! A handle is `kind (8 bits) | generation (24 bits) | index + 1 (32 bits)`. The kind tells a
-//! task handle from a result handle; the generation changes every time a slot is freed, so an
-//! old handle to a reused slot no longer matches. An entry can be *checked out* (busy) while a
-//! thread works on it outside the table's lock (a blocking wait); a second thread using the same
-//! handle meanwhile gets `SP_BUSY`.
+//! A handle is `kind (8 bits) | generation (24 bits) | shard (4 bits) | index + 1 (28 bits)`.
+//! The kind tells a task handle from a result handle; the generation changes every time a slot
+//! is freed, so an old handle to a reused slot no longer matches. An entry can be *checked out*
+//! (busy) while a thread works on it outside the table's lock (a blocking wait); a second thread
+//! using the same handle meanwhile gets `SP_BUSY`.
+//!
+//! **Sharding.** A table is [`SHARDS`] independent shards, each with its own lock, slots and
+//! free list (on its own cache lines). A thread inserts into "its" shard (assigned round-robin
+//! the first time the thread inserts), and the shard is part of the handle, so every later use
+//! of the handle, from any thread, goes straight to that shard. Threads submitting and waiting
+//! on their own tasks therefore never contend on one process-wide lock; two threads share a
+//! shard only when there are more threads than shards, and then only for the few instructions
+//! a table operation holds the lock.
 //!
 //! After a `fork()` of a process that created a pool, every handle is dead in the child (see
 //! [`watch_forks`]): the child shares the pools' segments with the parent but has private copies
@@ -14,7 +22,7 @@
 
 use crate::{Fail, sp_status};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// Set in the child of a `fork()` once this process has created a pool.
 static FORKED_CHILD: AtomicBool = AtomicBool::new(false);
@@ -90,11 +98,46 @@ impl<T> Inner<T> {
     }
 }
 
-/// A table of live objects of one kind.
+/// One shard: its own lock, slots and free list, alone on its cache lines (so two threads
+/// working in two shards do not bounce one line between their cores).
+#[repr(align(128))]
+struct Shard<T> {
+    inner: Mutex<Inner<T>>,
+}
+
+impl<T> Shard<T> {
+    const fn new() -> Self {
+        Shard {
+            inner: Mutex::new(Inner {
+                slots: Vec::new(),
+                free: std::collections::VecDeque::new(),
+            }),
+        }
+    }
+}
+
+/// Number of shards of every table (a power of two; the shard is 4 bits of the handle).
+pub(crate) const SHARDS: usize = 16;
+const SHARD_SHIFT: u32 = 28;
+/// The handle's low 32 bits below the shard: the index within the shard, plus one.
+const INDEX_MASK: u32 = (1 << SHARD_SHIFT) - 1;
+
+/// The shard this thread inserts into: assigned round-robin on first use, so the first
+/// [`SHARDS`] threads that make handles each get a shard of their own.
+fn this_threads_shard() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static MINE: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    }
+    // During thread-local teardown (a C destructor freeing handles), any shard will do.
+    MINE.try_with(|s| *s).unwrap_or(0)
+}
+
+/// A table of live objects of one kind, in [`SHARDS`] shards.
 pub(crate) struct Table<T> {
     kind: u8,
     name: &'static str,
-    inner: Mutex<Inner<T>>,
+    shards: [Shard<T>; SHARDS],
 }
 
 const GEN_MASK: u32 = (1 << 24) - 1;
@@ -104,23 +147,26 @@ impl<T> Table<T> {
         Table {
             kind,
             name,
-            inner: Mutex::new(Inner {
-                slots: Vec::new(),
-                free: std::collections::VecDeque::new(),
-            }),
+            shards: [const { Shard::new() }; SHARDS],
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner<T>> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self, shard: usize) -> std::sync::MutexGuard<'_, Inner<T>> {
+        self.shards[shard]
+            .inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
-    fn encode(&self, index: usize, generation: u32) -> u64 {
-        (u64::from(self.kind) << 56) | (u64::from(generation & GEN_MASK) << 32) | (index as u64 + 1)
+    fn encode(&self, shard: usize, index: usize, generation: u32) -> u64 {
+        (u64::from(self.kind) << 56)
+            | (u64::from(generation & GEN_MASK) << 32)
+            | ((shard as u64) << SHARD_SHIFT)
+            | (index as u64 + 1)
     }
 
-    /// The slot index and generation a handle names, if it is one of this table's.
-    fn decode(&self, h: u64) -> Result<(usize, u32), Fail> {
+    /// The shard, slot index and generation a handle names, if it is one of this table's.
+    fn decode(&self, h: u64) -> Result<(usize, usize, u32), Fail> {
         check_not_forked()?;
         if h == 0 {
             return Err(Fail::new(
@@ -129,10 +175,12 @@ impl<T> Table<T> {
             ));
         }
         let low = (h & 0xffff_ffff) as u32;
-        if (h >> 56) as u8 != self.kind || low == 0 {
+        let index = low & INDEX_MASK;
+        if (h >> 56) as u8 != self.kind || index == 0 {
             return Err(self.invalid(h));
         }
-        Ok(((low - 1) as usize, ((h >> 32) as u32) & GEN_MASK))
+        let shard = (low >> SHARD_SHIFT) as usize;
+        Ok((shard, (index - 1) as usize, ((h >> 32) as u32) & GEN_MASK))
     }
 
     fn invalid(&self, h: u64) -> Fail {
@@ -145,26 +193,32 @@ impl<T> Table<T> {
         )
     }
 
-    /// Stores `value`; returns its handle.
+    /// Stores `value` in this thread's shard; returns its handle.
     pub(crate) fn insert(&self, value: T) -> u64 {
-        let mut t = self.lock();
+        let shard = this_threads_shard();
+        let mut t = self.lock(shard);
         if let Some(i) = t.free.pop_front() {
             let generation = t.slots[i as usize].generation();
             t.slots[i as usize] = Slot::Live { generation, value };
-            return self.encode(i as usize, generation);
+            return self.encode(shard, i as usize, generation);
         }
         let i = t.slots.len();
+        assert!(
+            i < INDEX_MASK as usize,
+            "more than 2^28 live {} handles in one shard",
+            self.name
+        );
         t.slots.push(Slot::Live {
             generation: FIRST_GENERATION,
             value,
         });
-        self.encode(i, FIRST_GENERATION)
+        self.encode(shard, i, FIRST_GENERATION)
     }
 
-    /// Runs `f` on the live value (under the table's lock: keep it short).
+    /// Runs `f` on the live value (under its shard's lock: keep it short).
     pub(crate) fn with<R>(&self, h: u64, f: impl FnOnce(&mut T) -> R) -> Result<R, Fail> {
-        let (i, g) = self.decode(h)?;
-        let mut t = self.lock();
+        let (s, i, g) = self.decode(h)?;
+        let mut t = self.lock(s);
         match t.slots.get_mut(i) {
             Some(Slot::Live { generation, value }) if *generation == g => Ok(f(value)),
             Some(Slot::Busy { generation }) if *generation == g => Err(self.busy()),
@@ -181,8 +235,8 @@ impl<T> Table<T> {
 
     /// Replaces the live value of handle `h` with `next(generation)`; returns the value.
     fn take_live(&self, h: u64, next: impl FnOnce(u32) -> Slot<T>) -> Result<T, Fail> {
-        let (i, g) = self.decode(h)?;
-        let mut t = self.lock();
+        let (s, i, g) = self.decode(h)?;
+        let mut t = self.lock(s);
         match t.slots.get(i) {
             Some(Slot::Live { generation, .. }) if *generation == g => {}
             Some(Slot::Busy { generation }) if *generation == g => return Err(self.busy()),
@@ -217,8 +271,10 @@ impl<T> Table<T> {
 
     /// Returns a checked-out value under its handle.
     pub(crate) fn put_back(&self, h: u64, value: T) {
-        let Ok((i, g)) = self.decode(h) else { return };
-        let mut t = self.lock();
+        let Ok((s, i, g)) = self.decode(h) else {
+            return;
+        };
+        let mut t = self.lock(s);
         if let Some(slot @ Slot::Busy { .. }) = t.slots.get_mut(i) {
             if slot.generation() == g {
                 *slot = Slot::Live {
@@ -231,8 +287,10 @@ impl<T> Table<T> {
 
     /// Ends a checked-out handle: it is dead from now on.
     pub(crate) fn retire(&self, h: u64) {
-        let Ok((i, g)) = self.decode(h) else { return };
-        let mut t = self.lock();
+        let Ok((s, i, g)) = self.decode(h) else {
+            return;
+        };
+        let mut t = self.lock(s);
         if let Some(slot @ Slot::Busy { .. }) = t.slots.get_mut(i) {
             if slot.generation() == g {
                 let generation = next_generation(g);
@@ -330,5 +388,39 @@ mod tests {
             a.with(h, |_| ()).unwrap_err().status,
             sp_status::SP_INVALID_HANDLE
         );
+    }
+
+    #[test]
+    fn handles_from_many_threads_land_in_several_shards_and_work_from_any_thread() {
+        let a: std::sync::Arc<Table<u32>> = std::sync::Arc::new(Table::new(1, "thing"));
+        let hs: Vec<u64> = (0..SHARDS as u32 * 2)
+            .map(|k| {
+                let a = a.clone();
+                std::thread::spawn(move || a.insert(k)).join().unwrap()
+            })
+            .collect();
+        let shards: std::collections::BTreeSet<u64> =
+            hs.iter().map(|h| (h >> SHARD_SHIFT) & 0xf).collect();
+        assert!(shards.len() > 1, "all handles in one shard: {shards:?}");
+        for (k, h) in hs.iter().enumerate() {
+            // Used and freed from this thread, not the one that made it.
+            assert_eq!(a.with(*h, |v| *v).unwrap(), k as u32);
+            // The same index and generation in another shard is not this handle.
+            let other = *h ^ (1 << SHARD_SHIFT);
+            assert!(a.with(other, |v| *v).map_or(true, |v| v != k as u32));
+            assert_eq!(a.remove(*h).unwrap(), k as u32);
+            assert_eq!(
+                a.remove(*h).unwrap_err().status,
+                sp_status::SP_INVALID_HANDLE
+            );
+        }
+        // A forged handle with a zero index in any shard.
+        for s in 0..SHARDS as u64 {
+            let forged = (1u64 << 56) | (1 << 32) | (s << SHARD_SHIFT);
+            assert_eq!(
+                a.with(forged, |_| ()).unwrap_err().status,
+                sp_status::SP_INVALID_HANDLE
+            );
+        }
     }
 }

@@ -6,7 +6,8 @@ use crate::handles::{Table, check_not_forked, watch_forks};
 use crate::worker::CWorker;
 use crate::{Fail, guard, input_bytes, sp_status, write_out};
 use stateful_pool::{
-    BuildError, Loan, Pool, ResultRef, SpawnError, SubmitError, TaskError, TaskHandle,
+    BuildError, Loan, Pool, RestartPolicy, ResultRef, SpawnError, SpawnOptions, SubmitError,
+    TaskError, TaskHandle, WorkerError,
 };
 use std::ffi::{CStr, c_char};
 use std::sync::Arc;
@@ -86,30 +87,52 @@ pub struct sp_pool_options {
     /// Path of the worker program (NUL-terminated); NULL: this program, which must then call
     /// `sp_init` first thing in `main`.
     pub program: *const c_char,
+    /// Restarts of one worker seat allowed within `restart_window_ms` before the seat is marked
+    /// failed. 0: the default (5); negative: never restart (a dead worker's seat fails at once).
+    pub max_restarts: i64,
+    /// The sliding window restarts are counted in, ms (0: the default, 60 s).
+    pub restart_window_ms: u64,
+    /// Delay before the second restart within the window, ms, doubling after (0: the default,
+    /// 50 ms; negative: no delay).
+    pub restart_backoff_initial_ms: i64,
+    /// Upper bound of the restart delay, ms (0: the default, 2 s; negative: no delay).
+    pub restart_backoff_max_ms: i64,
+    /// Whether a worker whose task panicked (in a Rust worker) is replaced by a fresh one.
+    /// 0: the default (yes); positive: yes; negative: no, it keeps serving.
+    pub restart_on_panic: i32,
 }
 
-type CPool = Pool<CWorker>;
+pub(crate) type CPool = Pool<CWorker>;
 
 /// What a result handle holds: a task's result in place in shared memory, or a spawn output.
-enum Bytes {
+pub(crate) enum Bytes {
     InPlace(ResultRef<Vec<u8>>),
     Owned(Vec<u8>),
 }
 
-static POOLS: Table<Arc<CPool>> = Table::new(1, "pool");
-static TASKS: Table<TaskHandle<Vec<u8>>> = Table::new(2, "task");
-static RESULTS: Table<Bytes> = Table::new(3, "result");
-static LOANS: Table<Loan> = Table::new(4, "loan");
+pub(crate) static POOLS: Table<Arc<CPool>> = Table::new(1, "pool");
+pub(crate) static TASKS: Table<TaskHandle<Vec<u8>>> = Table::new(2, "task");
+pub(crate) static RESULTS: Table<Bytes> = Table::new(3, "result");
+pub(crate) static LOANS: Table<Loan> = Table::new(4, "loan");
 
-fn pool(p: sp_pool) -> Result<Arc<CPool>, Fail> {
+pub(crate) fn pool(p: sp_pool) -> Result<Arc<CPool>, Fail> {
     POOLS.with(p.id, |pool| pool.clone())
 }
 
-fn build_fail(e: BuildError) -> Fail {
+/// The body of every `_free`: a zero handle is a no-op (rustls-ffi style: cleanup paths need no
+/// check); any other handle must be live.
+pub(crate) fn free_handle<T>(table: &Table<T>, id: u64) -> Result<(), Fail> {
+    if id == 0 {
+        return Ok(());
+    }
+    table.remove(id).map(drop)
+}
+
+pub(crate) fn build_fail(e: BuildError) -> Fail {
     Fail::new(sp_status::SP_BUILD_FAILED, e.to_string())
 }
 
-fn spawn_fail(e: SpawnError) -> Fail {
+pub(crate) fn spawn_fail(e: SpawnError) -> Fail {
     let status = match e {
         SpawnError::Shutdown => sp_status::SP_SHUTDOWN,
         SpawnError::ArgsTooLarge { .. } => sp_status::SP_TOO_LARGE,
@@ -118,7 +141,7 @@ fn spawn_fail(e: SpawnError) -> Fail {
     Fail::new(status, e.to_string())
 }
 
-fn submit_fail(e: SubmitError) -> Fail {
+pub(crate) fn submit_fail(e: SubmitError) -> Fail {
     let status = match e {
         SubmitError::QueueFull => sp_status::SP_QUEUE_FULL,
         SubmitError::Timeout => sp_status::SP_TIMEOUT,
@@ -134,7 +157,7 @@ fn submit_fail(e: SubmitError) -> Fail {
     Fail::new(status, e.to_string())
 }
 
-fn task_fail(e: TaskError) -> Fail {
+pub(crate) fn task_fail(e: TaskError) -> Fail {
     let status = match &e {
         TaskError::Submit(s) => return submit_fail(s.clone()),
         TaskError::Failed { .. } => sp_status::SP_TASK_FAILED,
@@ -151,6 +174,29 @@ fn task_fail(e: TaskError) -> Fail {
         _ => sp_status::SP_TASK_FAILED,
     };
     Fail::new(status, e.to_string())
+}
+
+/// The restart policy `o` asks for (0 in a field: the default's value).
+fn restart_policy(o: &sp_pool_options) -> RestartPolicy {
+    let d = RestartPolicy::default();
+    let ms = |v: i64, default: Duration| match v {
+        0 => default,
+        v if v < 0 => Duration::ZERO,
+        v => Duration::from_millis(v as u64),
+    };
+    RestartPolicy {
+        max_restarts: match o.max_restarts {
+            0 => d.max_restarts,
+            v if v < 0 => 0,
+            v => u32::try_from(v).unwrap_or(u32::MAX),
+        },
+        window: match o.restart_window_ms {
+            0 => d.window,
+            v => Duration::from_millis(v),
+        },
+        backoff_initial: ms(o.restart_backoff_initial_ms, d.backoff_initial),
+        backoff_max: ms(o.restart_backoff_max_ms, d.backoff_max),
+    }
 }
 
 /// Fills `opts` with the defaults (all zero: every field means "the library's default").
@@ -174,6 +220,11 @@ pub unsafe extern "C" fn sp_pool_options_init(opts: *mut sp_pool_options) -> sp_
             task_timeout_ms: 0,
             task_retries: 0,
             program: std::ptr::null(),
+            max_restarts: 0,
+            restart_window_ms: 0,
+            restart_backoff_initial_ms: 0,
+            restart_backoff_max_ms: 0,
+            restart_on_panic: 0,
         };
         // SAFETY: the caller promises a writable struct (NULL is refused).
         unsafe { write_out(opts, zero, "opts") }
@@ -235,6 +286,16 @@ pub unsafe extern "C" fn sp_pool_new(opts: *const sp_pool_options, out: *mut sp_
             }
             if o.task_retries != 0 {
                 b = b.task_retries(o.task_retries);
+            }
+            if o.max_restarts != 0
+                || o.restart_window_ms != 0
+                || o.restart_backoff_initial_ms != 0
+                || o.restart_backoff_max_ms != 0
+            {
+                b = b.restart_policy(restart_policy(&o));
+            }
+            if o.restart_on_panic != 0 {
+                b = b.restart_on_panic(o.restart_on_panic > 0);
             }
             if !o.program.is_null() {
                 // SAFETY: non-null; the caller promises a NUL-terminated string.
@@ -369,6 +430,196 @@ pub unsafe extern "C" fn sp_pool_num_workers(pool_h: sp_pool, out: *mut usize) -
         let n = pool(pool_h)?.num_workers();
         // SAFETY: the caller promises a writable out-pointer (NULL is refused).
         unsafe { write_out(out, n, "out") }
+    })
+}
+
+/// Per-worker settings of a spawn (`sp_pool_spawn_with`): the GPUs the worker owns and extra
+/// environment variables of its process. Restarts of the worker reuse them, and so does
+/// `sp_pool_replace_worker`. All zero (`= {0}`) is "no GPUs, no extra environment".
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct sp_spawn_options {
+    /// The worker's GPUs, as the machine numbers them (`gpus_len` of them; NULL if 0). The worker
+    /// sees them as its GPU ids; with the library's `cuda` feature it gets a CUDA context on
+    /// each, and a GPU it cannot open fails the spawn (`SP_SPAWN_FAILED`). Each at most once.
+    pub gpus: *const u32,
+    /// Number of entries in `gpus`.
+    pub gpus_len: usize,
+    /// Also restrict the worker process's view to its GPUs (`CUDA_VISIBLE_DEVICES`).
+    pub visible_devices_only: bool,
+    /// Environment variables for the worker's process, each a NUL-terminated UTF-8
+    /// `"KEY=VALUE"` string (the key non-empty; the value may be empty or hold more `=`);
+    /// `env_len` of them; NULL if 0. Applied after the pool's own worker environment.
+    pub env: *const *const c_char,
+    /// Number of entries in `env`.
+    pub env_len: usize,
+}
+
+/// Checks `n` elements at `ptr` (NULL only if `n` is 0) and returns them as a slice.
+///
+/// # Safety
+///
+/// If `n > 0` and `ptr` is not NULL, it must point to `n` readable `T`s that outlive `'a`.
+pub(crate) unsafe fn input_array<'a, T>(
+    ptr: *const T,
+    n: usize,
+    what: &str,
+) -> Result<&'a [T], Fail> {
+    if n == 0 {
+        return Ok(&[]);
+    }
+    if ptr.is_null() {
+        return Err(Fail::null(what));
+    }
+    if n > (isize::MAX as usize) / size_of::<T>().max(1) {
+        return Err(Fail::new(
+            sp_status::SP_INVALID_ARGUMENT,
+            format!("{what}: count {n} is out of range"),
+        ));
+    }
+    // SAFETY: non-null, the byte length fits in isize, and the caller promises `n` elements.
+    Ok(unsafe { std::slice::from_raw_parts(ptr, n) })
+}
+
+/// The Rust spawn options `o` describes, every field checked.
+///
+/// # Safety
+///
+/// `o`'s arrays as documented on `sp_spawn_options`.
+unsafe fn spawn_options(o: &sp_spawn_options) -> Result<SpawnOptions, Fail> {
+    // SAFETY: the caller promises `gpus_len` readable ordinals.
+    let gpus = unsafe { input_array(o.gpus, o.gpus_len, "opts.gpus") }?;
+    for (i, g) in gpus.iter().enumerate() {
+        if gpus[..i].contains(g) {
+            return Err(Fail::new(
+                sp_status::SP_INVALID_ARGUMENT,
+                format!("opts.gpus lists GPU {g} twice"),
+            ));
+        }
+    }
+    let mut so = SpawnOptions::new()
+        .gpus(gpus.iter().copied())
+        .visible_devices_only(o.visible_devices_only);
+    // SAFETY: the caller promises `env_len` readable string pointers.
+    let env = unsafe { input_array(o.env, o.env_len, "opts.env") }?;
+    for (i, &e) in env.iter().enumerate() {
+        if e.is_null() {
+            return Err(Fail::null(&format!("opts.env[{i}]")));
+        }
+        // SAFETY: non-null; the caller promises a NUL-terminated string.
+        let e = unsafe { CStr::from_ptr(e) }.to_str().map_err(|_| {
+            Fail::new(
+                sp_status::SP_INVALID_ARGUMENT,
+                format!("opts.env[{i}] is not valid UTF-8"),
+            )
+        })?;
+        match e.split_once('=') {
+            Some((k, v)) if !k.is_empty() => so = so.env(k, v),
+            _ => {
+                return Err(Fail::new(
+                    sp_status::SP_INVALID_ARGUMENT,
+                    format!("opts.env[{i}] = {e:?} is not of the form KEY=VALUE"),
+                ));
+            }
+        }
+    }
+    Ok(so)
+}
+
+/// As `sp_pool_spawn`, with per-worker options `opts` (NULL: none): the worker's GPUs and
+/// extra environment. Nothing is started if an option is malformed: a NULL array with a
+/// nonzero count (`SP_NULL_ARGUMENT`), an environment entry that is not UTF-8 `KEY=VALUE` or a
+/// GPU listed twice (`SP_INVALID_ARGUMENT`); `sp_last_error` says which. `*out` receives the
+/// spawn output, `*worker_index` (if not NULL) the worker's seat. Thread-safe.
+///
+/// # Safety
+///
+/// `args` must point to `args_len` readable bytes (NULL if 0); `opts` NULL or a valid
+/// `sp_spawn_options` whose arrays hold their counts of elements; `out` writable;
+/// `worker_index` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sp_pool_spawn_with(
+    pool_h: sp_pool,
+    args: *const u8,
+    args_len: usize,
+    opts: *const sp_spawn_options,
+    out: *mut sp_result,
+    worker_index: *mut usize,
+) -> sp_status {
+    guard(|| {
+        if out.is_null() {
+            return Err(Fail::null("out"));
+        }
+        let p = pool(pool_h)?;
+        let so = if opts.is_null() {
+            SpawnOptions::new()
+        } else {
+            // SAFETY: non-null; the caller promises a valid struct with valid arrays.
+            unsafe { spawn_options(&*opts) }?
+        };
+        // SAFETY: the caller promises `args_len` readable bytes.
+        let args = unsafe { input_bytes(args, args_len, "args") }?.to_vec();
+        let handle = p.submit_spawn_with(&args, &so).map_err(spawn_fail)?;
+        let index = handle.worker_index();
+        let output = handle.wait().map_err(spawn_fail)?;
+        let h = RESULTS.insert(Bytes::Owned(output));
+        if !worker_index.is_null() {
+            // SAFETY: non-null; the caller promises it is writable.
+            unsafe { worker_index.write(index) };
+        }
+        // SAFETY: checked non-null above; the caller promises it is writable.
+        unsafe { out.write(sp_result { id: h }) };
+        Ok(())
+    })
+}
+
+pub(crate) fn worker_fail(e: WorkerError) -> Fail {
+    let message = e.to_string();
+    let status = match e {
+        WorkerError::NoSuchWorker { .. } => sp_status::SP_NO_SUCH_WORKER,
+        WorkerError::Shutdown => sp_status::SP_SHUTDOWN,
+        WorkerError::Spawn(s) => spawn_fail(s).status,
+        // A kind added later: the message says which.
+        _ => sp_status::SP_INVALID_ARGUMENT,
+    };
+    Fail::new(status, message)
+}
+
+/// Retires worker `index` (scale down): it finishes the task it is running, takes no other,
+/// runs its `drop` callback and exits; its seat is freed, not restarted. Queued tasks go to the
+/// other workers. Blocks until the worker is gone (one that does not finish its task within the
+/// shutdown timeout is killed). `SP_NO_SUCH_WORKER` if no serving worker has that index.
+/// Thread-safe.
+#[unsafe(no_mangle)]
+pub extern "C" fn sp_pool_retire_worker(pool_h: sp_pool, index: usize) -> sp_status {
+    guard(|| pool(pool_h)?.retire_worker(index).map_err(worker_fail))
+}
+
+/// Replaces worker `index` with a fresh one started from the same spawn arguments and options
+/// (a rolling restart): the new worker starts in a free seat and serves before the old one is
+/// retired, so no task is lost. Needs a free seat (`max_workers`). `*out` receives the new
+/// worker's spawn output. `SP_NO_SUCH_WORKER` if no serving worker has that index; a spawn
+/// failure's status (`SP_SPAWN_FAILED`, …) if the new one cannot start (the old one keeps
+/// serving). Thread-safe.
+///
+/// # Safety
+///
+/// `out` must be writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sp_pool_replace_worker(
+    pool_h: sp_pool,
+    index: usize,
+    out: *mut sp_result,
+) -> sp_status {
+    guard(|| {
+        if out.is_null() {
+            return Err(Fail::null("out"));
+        }
+        let output = pool(pool_h)?.replace_worker(index).map_err(worker_fail)?;
+        let h = RESULTS.insert(Bytes::Owned(output));
+        // SAFETY: checked non-null above; the caller promises it is writable.
+        unsafe { out.write(sp_result { id: h }) };
+        Ok(())
     })
 }
 
@@ -548,9 +799,10 @@ pub unsafe extern "C" fn sp_loan_data(
 }
 
 /// Returns an unsent loan's space; the handle is dead afterwards. Use from one thread at a time.
+/// A zero handle is a no-op (`SP_OK`).
 #[unsafe(no_mangle)]
 pub extern "C" fn sp_loan_free(loan: sp_loan) -> sp_status {
-    guard(|| LOANS.remove(loan.id).map(drop))
+    guard(|| free_handle(&LOANS, loan.id))
 }
 
 /// Queues a task made of a copy of `len` bytes at `task`, with the loan as its payload (the
@@ -684,10 +936,11 @@ pub extern "C" fn sp_task_cancel(task: sp_task) -> sp_status {
 }
 
 /// Drops a task handle without collecting: the task is cancelled if no worker has started it,
-/// else its result is discarded. The handle is dead afterwards.
+/// else its result is discarded. The handle is dead afterwards. A zero handle is a no-op
+/// (`SP_OK`), so cleanup paths need no check.
 #[unsafe(no_mangle)]
 pub extern "C" fn sp_task_free(task: sp_task) -> sp_status {
-    guard(|| TASKS.remove(task.id).map(drop))
+    guard(|| free_handle(&TASKS, task.id))
 }
 
 /// The result's bytes, in place: `*data` receives their address (NULL if empty; 16-byte
@@ -731,10 +984,10 @@ pub unsafe extern "C" fn sp_result_bytes(
 }
 
 /// Releases a result (its space in shared memory goes back to the worker). The handle is dead
-/// afterwards; freeing it again gives `SP_INVALID_HANDLE`.
+/// afterwards; freeing it again gives `SP_INVALID_HANDLE`. A zero handle is a no-op (`SP_OK`).
 #[unsafe(no_mangle)]
 pub extern "C" fn sp_result_free(result: sp_result) -> sp_status {
-    guard(|| RESULTS.remove(result.id).map(drop))
+    guard(|| free_handle(&RESULTS, result.id))
 }
 
 /// Stops the pool: new submissions fail with `SP_SHUTDOWN`; with `immediate` 0 the workers
@@ -756,10 +1009,13 @@ pub extern "C" fn sp_pool_shutdown(pool_h: sp_pool, immediate: i32) -> sp_status
 
 /// Shuts the pool down gracefully (if not done yet) and frees it; the handle is dead afterwards.
 /// Tasks and results already obtained stay valid. Calls still running on other threads with this
-/// handle finish first.
+/// handle finish first. A zero handle is a no-op (`SP_OK`).
 #[unsafe(no_mangle)]
 pub extern "C" fn sp_pool_free(pool_h: sp_pool) -> sp_status {
     guard(|| {
+        if pool_h.id == 0 {
+            return Ok(());
+        }
         let p = POOLS.remove(pool_h.id)?;
         p.close();
         drop(p);

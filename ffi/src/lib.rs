@@ -24,10 +24,14 @@
 
 #![allow(non_camel_case_types)]
 
+mod batch;
+mod cq;
 mod handles;
 mod host;
 mod worker;
 
+pub use batch::*;
+pub use cq::*;
 pub use host::*;
 pub use worker::*;
 
@@ -84,6 +88,10 @@ pub enum sp_status {
     SP_BUILD_FAILED = 19,
     /// A panic inside the library was caught at the boundary.
     SP_PANIC = 20,
+    /// No serving worker has this index (never spawned, retired, failed, or still starting).
+    SP_NO_SUCH_WORKER = 21,
+    /// `sp_completion_queue_next`: no completion is pending right now.
+    SP_EMPTY = 22,
 }
 
 /// An error on its way to the C caller: a status and the message `sp_last_error` will give.
@@ -112,7 +120,7 @@ thread_local! {
 
 fn set_last_error(message: &str) {
     let c = CString::new(message.replace('\0', "\\0")).unwrap_or_default();
-    LAST_ERROR.with(|e| *e.borrow_mut() = c);
+    let _ = LAST_ERROR.try_with(|e| *e.borrow_mut() = c);
 }
 
 /// Runs the body of an exported function: converts its error into a status (recording the
@@ -140,7 +148,10 @@ pub(crate) fn guard(f: impl FnOnce() -> Result<(), Fail>) -> sp_status {
 /// valid until the next failing call on this thread. Thread-safe: each thread has its own.
 #[unsafe(no_mangle)]
 pub extern "C" fn sp_last_error() -> *const c_char {
-    LAST_ERROR.with(|e| e.borrow().as_ptr())
+    // `try_with`: during thread-local teardown (a C destructor calling in) there is no message.
+    LAST_ERROR
+        .try_with(|e| e.borrow().as_ptr())
+        .unwrap_or(c"".as_ptr())
 }
 
 /// A static, NUL-terminated name for a status value, such as `"SP_QUEUE_FULL"` (or
@@ -169,6 +180,8 @@ pub extern "C" fn sp_status_name(status: i32) -> *const c_char {
         18 => b"SP_SPAWN_FAILED\0",
         19 => b"SP_BUILD_FAILED\0",
         20 => b"SP_PANIC\0",
+        21 => b"SP_NO_SUCH_WORKER\0",
+        22 => b"SP_EMPTY\0",
         _ => b"SP_UNKNOWN\0",
     };
     s.as_ptr().cast()

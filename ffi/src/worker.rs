@@ -25,6 +25,11 @@ pub struct sp_worker_info {
     pub generation: u32,
     /// The worker's process id.
     pub pid: u32,
+    /// The GPUs this worker owns (`sp_spawn_options.gpus`, as the machine numbers them); NULL
+    /// if none. Valid during the callback.
+    pub gpus: *const u32,
+    /// Number of entries in `gpus`.
+    pub gpus_len: usize,
 }
 
 /// One task, as `execute` sees it. The pointers are into shared memory, valid during the call.
@@ -110,6 +115,10 @@ static CALLBACKS: OnceLock<Registered> = OnceLock::new();
 pub struct CWorker {
     state: *mut c_void,
     callbacks: sp_worker_callbacks,
+    /// The length of the last output: the next reply's buffer starts with that capacity, so a
+    /// worker whose outputs are about the same size makes one allocation per task, never a
+    /// chain of reallocations.
+    last_output_len: usize,
 }
 
 fn info(ctx: &WorkerContext) -> sp_worker_info {
@@ -117,6 +126,12 @@ fn info(ctx: &WorkerContext) -> sp_worker_info {
         index: ctx.index(),
         generation: ctx.generation(),
         pid: ctx.pid(),
+        gpus: if ctx.gpu_ids().is_empty() {
+            std::ptr::null()
+        } else {
+            ctx.gpu_ids().as_ptr()
+        },
+        gpus_len: ctx.gpu_ids().len(),
     }
 }
 
@@ -164,6 +179,7 @@ impl Worker for CWorker {
             CWorker {
                 state,
                 callbacks: *cb,
+                last_output_len: 0,
             },
             reply.bytes,
         ))
@@ -194,12 +210,18 @@ impl Worker for CWorker {
             task_id: ctx.task_id(),
             worker: info(ctx.worker()),
         };
-        let mut reply = sp_reply::default();
+        let mut reply = sp_reply {
+            bytes: Vec::with_capacity(self.last_output_len),
+            error: None,
+        };
         // SAFETY: registered with this signature; `t`'s pointers are into the task's slot and
         // payload, which stay put until this task is answered, after the call.
         let rc = unsafe { execute(self.state, &t, &mut reply) };
         match rc {
-            SP_WORKER_OK => Ok(reply.bytes),
+            SP_WORKER_OK => {
+                self.last_output_len = reply.bytes.len();
+                Ok(reply.bytes)
+            }
             SP_WORKER_POISONED => Err(Poisoned::new(reply_error(&mut reply, "execute", rc)).into()),
             _ => Err(reply_error(&mut reply, "execute", rc).into()),
         }
@@ -278,6 +300,53 @@ pub unsafe extern "C" fn sp_reply_write(
         // and nobody else touches during the call.
         let reply = unsafe { &mut *reply };
         reply.bytes.extend_from_slice(bytes);
+        Ok(())
+    })
+}
+
+/// Appends `len` bytes to the reply's output and gives their address in `*out`, for the
+/// callback to write its output straight into (no buffer of its own, no copy through
+/// `sp_reply_write`). The bytes start zeroed. `*out` stays valid until the next
+/// `sp_reply_alloc` or `sp_reply_write` on this reply, or the callback's return. May be mixed
+/// with `sp_reply_write` (each appends). `len` 0 gives NULL. The reply's buffer is sized from
+/// the worker's previous output, so a worker whose outputs have similar sizes makes one
+/// allocation per task. `SP_TOO_LARGE` if the memory cannot be had.
+///
+/// # Safety
+///
+/// `reply` as for `sp_reply_write`; `out` must be writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sp_reply_alloc(
+    reply: *mut sp_reply,
+    len: usize,
+    out: *mut *mut u8,
+) -> sp_status {
+    guard(|| {
+        if reply.is_null() || out.is_null() {
+            return Err(Fail::null("reply or out"));
+        }
+        // SAFETY: as in `sp_reply_write`.
+        let reply = unsafe { &mut *reply };
+        if len == 0 {
+            // SAFETY: checked non-null; the caller promises it is writable.
+            unsafe { out.write(std::ptr::null_mut()) };
+            return Ok(());
+        }
+        let too_large = || {
+            Fail::new(
+                sp_status::SP_TOO_LARGE,
+                format!("cannot grow the reply by {len} bytes"),
+            )
+        };
+        if len > (isize::MAX as usize) - reply.bytes.len() {
+            return Err(too_large());
+        }
+        reply.bytes.try_reserve(len).map_err(|_| too_large())?;
+        let start = reply.bytes.len();
+        reply.bytes.resize(start + len, 0);
+        // SAFETY: checked non-null; the caller promises it is writable. The pointer is to the
+        // `len` bytes just appended, inside the reply's buffer.
+        unsafe { out.write(reply.bytes.as_mut_ptr().add(start)) };
         Ok(())
     })
 }

@@ -40,7 +40,12 @@ unsafe extern "C-unwind" fn t_spawn(
     // SAFETY: valid pointers from the library.
     unsafe {
         *state = Box::into_raw(Box::new(0u64)).cast();
-        let msg = format!("seat {}", (*info).index);
+        let info = &*info;
+        let mut msg = format!("seat {}", info.index);
+        if info.gpus_len > 0 {
+            let gpus = std::slice::from_raw_parts(info.gpus, info.gpus_len);
+            msg.push_str(&format!(" gpus {gpus:?}"));
+        }
         sp_reply_write(reply, msg.as_ptr(), msg.len());
     }
     SP_WORKER_OK
@@ -69,6 +74,54 @@ unsafe extern "C-unwind" fn t_execute(
             b"poison" => {
                 sp_reply_set_error(reply, c"sticky device error".as_ptr());
                 SP_WORKER_POISONED
+            }
+            b"never" => {
+                // Runs until killed (a task timeout) or 60 s pass.
+                std::thread::sleep(std::time::Duration::from_secs(60));
+                SP_WORKER_OK
+            }
+            _ if data.starts_with(b"gate:") => {
+                // Finishes only once the test creates the file (at most 60 s).
+                let path = std::str::from_utf8(&data[5..]).unwrap_or("");
+                let start = std::time::Instant::now();
+                while !std::path::Path::new(path).exists()
+                    && start.elapsed() < std::time::Duration::from_secs(60)
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                sp_reply_write(reply, b"opened".as_ptr(), 6);
+                SP_WORKER_OK
+            }
+            _ if data.starts_with(b"env:") => {
+                let key = std::str::from_utf8(&data[4..]).unwrap_or("");
+                let v = std::env::var(key).unwrap_or_else(|_| "<unset>".into());
+                sp_reply_write(reply, v.as_ptr(), v.len());
+                SP_WORKER_OK
+            }
+            _ if data.starts_with(b"alloc:") => {
+                // The output written in place: "head" (sp_reply_write), then n bytes i % 251
+                // (sp_reply_alloc), then "tail" (sp_reply_write).
+                let n: usize = std::str::from_utf8(&data[6..]).unwrap().parse().unwrap();
+                sp_reply_write(reply, b"head".as_ptr(), 4);
+                let mut p = null_mut();
+                if sp_reply_alloc(reply, n, &mut p) != SP_OK {
+                    return SP_WORKER_ERROR;
+                }
+                for i in 0..n {
+                    *p.add(i) = (i % 251) as u8;
+                }
+                sp_reply_write(reply, b"tail".as_ptr(), 4);
+                SP_WORKER_OK
+            }
+            b"alloc-bad" => {
+                let mut p = null_mut();
+                let a = sp_reply_alloc(null_mut(), 4, &mut p);
+                let b = sp_reply_alloc(reply, 4, null_mut());
+                let c = sp_reply_alloc(reply, usize::MAX, &mut p);
+                let d = sp_reply_alloc(reply, 0, &mut p);
+                let s = format!("{a:?} {b:?} {c:?} {d:?} {}", p.is_null());
+                sp_reply_write(reply, s.as_ptr(), s.len());
+                SP_WORKER_OK
             }
             b"payload-len" => {
                 let s = t.payload_len.to_string();
@@ -225,6 +278,9 @@ fn statuses_have_names_and_the_version_is_set() {
         assert_eq!(name(0), "SP_OK");
         assert_eq!(name(5), "SP_QUEUE_FULL");
         assert_eq!(name(20), "SP_PANIC");
+        assert_eq!(name(21), "SP_NO_SUCH_WORKER");
+        assert_eq!(name(22), "SP_EMPTY");
+        assert_eq!(name(23), "SP_UNKNOWN");
         assert_eq!(name(-1), "SP_UNKNOWN");
         assert_eq!(name(1000), "SP_UNKNOWN");
         // SAFETY: as above.
@@ -277,7 +333,9 @@ fn null_zero_forged_and_wrong_kind_handles_are_error_codes() {
                 assert_eq!(sp_pool_try_loan(p, 16, &mut l), want);
                 assert_eq!(sp_pool_submit_loan(p, null(), 0, l, &mut t), want);
                 assert_eq!(sp_pool_shutdown(p, 0), want);
-                assert_eq!(sp_pool_free(p), want);
+                // Freeing a zero handle is a no-op; a forged one is an error.
+                let free_want = if p.id == 0 { SP_OK } else { want };
+                assert_eq!(sp_pool_free(p), free_want);
             }
             assert!(
                 last_error().contains("not a live pool handle"),
@@ -292,12 +350,13 @@ fn null_zero_forged_and_wrong_kind_handles_are_error_codes() {
             );
             assert_eq!(sp_task_poll(sp_task { id: 77 }, &mut r), SP_INVALID_HANDLE);
             assert_eq!(sp_task_cancel(sp_task { id: 77 }), SP_INVALID_HANDLE);
-            assert_eq!(sp_task_free(sp_task { id: 0 }), SP_NULL_ARGUMENT);
+            assert_eq!(sp_task_free(sp_task { id: 0 }), SP_OK);
+            assert_eq!(sp_loan_free(sp_loan { id: 0 }), SP_OK);
             assert_eq!(
                 sp_result_bytes(sp_result { id: 9 }, &mut d, &mut n),
                 SP_INVALID_HANDLE
             );
-            assert_eq!(sp_result_free(sp_result { id: 0 }), SP_NULL_ARGUMENT);
+            assert_eq!(sp_result_free(sp_result { id: 0 }), SP_OK);
             assert_eq!(
                 sp_loan_data(sp_loan { id: 5 }, &mut dm, &mut n),
                 SP_INVALID_HANDLE
@@ -634,6 +693,790 @@ fn a_forked_child_finds_the_parents_pools_shut_down() {
         );
         // The parent's pool is untouched.
         assert_eq!(execute(p, b"after fork").unwrap(), "echo:after fork");
+        assert_eq!(sp_pool_free(p), SP_OK);
+    });
+}
+
+// ---- per-task options, batches, spawn options, restarts, broadcast, completion queues ----
+
+/// A path that does not exist yet, unique to this test process and `name`: a gate a task or
+/// spawn waits on until the test creates the file.
+fn gate_path(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("sp-abi-{}-{name}", std::process::id()))
+}
+
+fn open_gate(path: &std::path::Path) {
+    std::fs::write(path, b"").unwrap();
+}
+
+/// Reads a result set into `(status, worker, text)` triples and frees it.
+fn read_set(set: sp_result_set) -> Vec<(sp_status, usize, String)> {
+    let mut n = 0usize;
+    // SAFETY: valid out-pointers; the pointers read stay valid until the free below.
+    unsafe {
+        assert_eq!(sp_result_set_len(set, &mut n), SP_OK);
+        let v = (0..n)
+            .map(|i| {
+                let mut o = std::mem::zeroed::<sp_outcome>();
+                assert_eq!(sp_result_set_get(set, i, &mut o), SP_OK);
+                assert!(!o.message.is_null());
+                let text = if o.status == SP_OK {
+                    if o.len == 0 {
+                        String::new()
+                    } else {
+                        String::from_utf8_lossy(std::slice::from_raw_parts(o.data, o.len))
+                            .into_owned()
+                    }
+                } else {
+                    CStr::from_ptr(o.message).to_string_lossy().into_owned()
+                };
+                (o.status, o.worker, text)
+            })
+            .collect();
+        assert_eq!(sp_result_set_free(set), SP_OK);
+        assert_eq!(sp_result_set_free(set), SP_INVALID_HANDLE);
+        v
+    }
+}
+
+#[test]
+fn outputs_are_written_only_on_success() {
+    watchdog(120, || {
+        let p = new_pool(|o| {
+            o.queue_size = 2;
+            o.max_workers = 1;
+        });
+        spawn(p, b"").unwrap();
+        let gate = gate_path("outputs");
+        let gated = format!("gate:{}", gate.display());
+        const MARK: u64 = 0xdead_beef;
+        let mut t = sp_task { id: MARK };
+        let mut r = sp_result { id: MARK };
+        let mut l = sp_loan { id: MARK };
+        let mut b = sp_batch { id: MARK };
+        let mut set = sp_result_set { id: MARK };
+        let mut cq = sp_completion_queue { id: MARK };
+        let mut n = MARK as usize;
+        let mut ud = MARK;
+        let (mut d, mut dm) = (std::ptr::dangling::<u8>(), std::ptr::dangling_mut::<u8>());
+        let forged_task = sp_task {
+            id: 0x0200_0001_0000_0042,
+        };
+        // SAFETY: (whole block) valid out-pointers; the calls are meant to fail.
+        unsafe {
+            let forged = sp_pool {
+                id: 0x0100_0001_0000_0063,
+            };
+            assert_eq!(sp_pool_submit(forged, null(), 0, &mut t), SP_INVALID_HANDLE);
+            assert_eq!(
+                sp_pool_execute(forged, null(), 0, &mut r),
+                SP_INVALID_HANDLE
+            );
+            assert_eq!(sp_pool_loan(p, 0, &mut l), SP_INVALID_ARGUMENT);
+            assert_eq!(sp_pool_num_workers(forged, &mut n), SP_INVALID_HANDLE);
+            assert_eq!(sp_task_wait(forged_task, &mut r), SP_INVALID_HANDLE);
+            assert_eq!(sp_task_poll(forged_task, &mut r), SP_INVALID_HANDLE);
+            assert_eq!(
+                sp_result_bytes(sp_result { id: 9 }, &mut d, &mut n),
+                SP_INVALID_HANDLE
+            );
+            assert_eq!(
+                sp_loan_data(sp_loan { id: 9 }, &mut dm, &mut n),
+                SP_INVALID_HANDLE
+            );
+            assert_eq!(
+                sp_pool_submit_batch(p, null(), 0, null(), 0, &mut b),
+                SP_INVALID_ARGUMENT
+            );
+            assert_eq!(
+                sp_pool_broadcast(forged, null(), 0, &mut set),
+                SP_INVALID_HANDLE
+            );
+            assert_eq!(
+                sp_batch_wait(sp_batch { id: 9 }, &mut set),
+                SP_INVALID_HANDLE
+            );
+            assert_eq!(
+                sp_pool_spawn_with(forged, null(), 0, null(), &mut r, &mut n),
+                SP_INVALID_HANDLE
+            );
+            assert_eq!(sp_pool_replace_worker(p, 3, &mut r), SP_NO_SUCH_WORKER);
+            assert_eq!(
+                sp_completion_queue_fd(cq, &mut (n as i32)),
+                SP_INVALID_HANDLE
+            );
+            // A pending task: poll is SP_PENDING and writes nothing.
+            assert_eq!(
+                sp_pool_submit(p, gated.as_ptr(), gated.len(), &mut t),
+                SP_OK
+            );
+            let live = t;
+            t = sp_task { id: MARK };
+            let mut pending = sp_result { id: MARK };
+            assert_eq!(sp_task_poll(live, &mut pending), SP_PENDING);
+            assert_eq!(pending.id, MARK);
+            assert_eq!(sp_task_wait_timeout(live, 0, &mut pending), SP_TIMEOUT);
+            assert_eq!(pending.id, MARK);
+            // An empty completion queue.
+            let mut q = sp_completion_queue { id: 0 };
+            assert_eq!(sp_completion_queue_new(&mut q), SP_OK);
+            assert_eq!(sp_completion_queue_next(q, &mut ud, &mut t), SP_EMPTY);
+            assert_eq!(sp_completion_queue_free(q), SP_OK);
+            cq = q;
+            open_gate(&gate);
+            assert_eq!(wait(live).unwrap(), "opened");
+        }
+        let _ = std::fs::remove_file(&gate);
+        assert_eq!(
+            (
+                t.id,
+                r.id,
+                l.id,
+                b.id,
+                set.id,
+                n,
+                ud,
+                d as usize,
+                dm as usize
+            ),
+            (
+                MARK,
+                MARK,
+                MARK,
+                MARK,
+                MARK,
+                MARK as usize,
+                MARK,
+                std::ptr::dangling::<u8>() as usize,
+                std::ptr::dangling::<u8>() as usize
+            )
+        );
+        assert_ne!(cq.id, MARK);
+        assert_eq!(sp_pool_free(p), SP_OK);
+    });
+}
+
+#[test]
+fn per_task_options_set_a_timeout_and_flags_are_checked() {
+    watchdog(120, || {
+        let p = new_pool(|o| {
+            o.queue_size = 1;
+            o.max_workers = 1;
+        });
+        spawn(p, b"").unwrap();
+        let mut t = sp_task { id: 0 };
+        let opts = sp_task_options {
+            timeout_ms: 300,
+            retries: 0,
+            set_retries: true,
+        };
+        // SAFETY: (whole block) valid pointers, or NULL where the API allows it.
+        unsafe {
+            // NULL options: as sp_pool_submit.
+            assert_eq!(
+                sp_pool_submit_with(p, b"a".as_ptr(), 1, null(), 0, &mut t),
+                SP_OK
+            );
+            assert_eq!(wait(t).unwrap(), "echo:a");
+            // All-zero options are the defaults (and may be combined with SP_SUBMIT_TRY).
+            let zero = sp_task_options::default();
+            assert_eq!(
+                sp_pool_submit_with(p, b"b".as_ptr(), 1, &zero, SP_SUBMIT_TRY, &mut t),
+                SP_OK
+            );
+            // The queue (one slot) is full until that task is collected.
+            let mut t2 = sp_task { id: 0 };
+            assert_eq!(
+                sp_pool_submit_with(p, b"c".as_ptr(), 1, null(), SP_SUBMIT_TRY, &mut t2),
+                SP_QUEUE_FULL
+            );
+            assert_eq!(t2.id, 0);
+            assert_eq!(wait(t).unwrap(), "echo:b");
+            // A timeout: the task is killed with its worker (which is restarted).
+            assert_eq!(
+                sp_pool_submit_with(p, b"never".as_ptr(), 5, &opts, 0, &mut t),
+                SP_OK
+            );
+            let (s, msg) = wait(t).unwrap_err();
+            assert_eq!(s, SP_TASK_TIMED_OUT, "{msg}");
+            assert_eq!(execute(p, b"after").unwrap(), "echo:after");
+            // Bad arguments.
+            assert_eq!(
+                sp_pool_submit_with(p, b"x".as_ptr(), 1, &opts, SP_SUBMIT_TRY, &mut t2),
+                SP_INVALID_ARGUMENT
+            );
+            assert!(last_error().contains("SP_SUBMIT_TRY"), "{}", last_error());
+            assert_eq!(
+                sp_pool_submit_with(p, b"x".as_ptr(), 1, null(), 6, &mut t2),
+                SP_INVALID_ARGUMENT
+            );
+            assert_eq!(
+                sp_pool_submit_with(p, null(), 3, null(), 0, &mut t2),
+                SP_NULL_ARGUMENT
+            );
+            assert_eq!(
+                sp_pool_submit_with(p, b"x".as_ptr(), 1, null(), 0, null_mut()),
+                SP_NULL_ARGUMENT
+            );
+            assert_eq!(
+                sp_pool_submit_with(sp_pool { id: 0 }, null(), 0, null(), 0, &mut t2),
+                SP_NULL_ARGUMENT
+            );
+            assert_eq!(t2.id, 0);
+        }
+        assert_eq!(sp_pool_free(p), SP_OK);
+    });
+}
+
+#[test]
+fn batches_give_each_tasks_outcome_and_wait_with_a_timeout() {
+    watchdog(120, || {
+        let p = new_pool(|o| {
+            o.queue_size = 4;
+            o.max_workers = 1;
+        });
+        spawn(p, b"").unwrap();
+        let gate = gate_path("batch");
+        let gate_task = format!("gate:{}", gate.display());
+        let bytes = |s: &[u8]| sp_bytes {
+            data: s.as_ptr(),
+            len: s.len(),
+        };
+        let mut b = sp_batch { id: 0 };
+        let mut set = sp_result_set { id: 0 };
+        // SAFETY: (whole block) valid pointers, or NULL where the API allows it.
+        unsafe {
+            let tasks = [bytes(b"a"), bytes(b"fail"), bytes(b""), bytes(b"b")];
+            assert_eq!(
+                sp_pool_submit_batch(p, tasks.as_ptr(), tasks.len(), null(), 0, &mut b),
+                SP_OK
+            );
+            assert_eq!(sp_batch_wait(b, &mut set), SP_OK);
+            assert_eq!(sp_batch_wait(b, &mut set), SP_INVALID_HANDLE);
+            let got = read_set(set);
+            assert_eq!(got.len(), 4);
+            assert_eq!(got[0], (SP_OK, usize::MAX, "echo:a".to_string()));
+            assert_eq!(got[1].0, SP_TASK_FAILED);
+            assert!(got[1].2.contains("failing on purpose"), "{}", got[1].2);
+            assert_eq!(got[2], (SP_OK, usize::MAX, "echo:".to_string()));
+            assert_eq!(got[3], (SP_OK, usize::MAX, "echo:b".to_string()));
+
+            // A gated batch, with options: times out while waiting, then finishes.
+            let opts = sp_task_options {
+                timeout_ms: 60_000,
+                retries: 0,
+                set_retries: false,
+            };
+            let tasks = [bytes(gate_task.as_bytes()), bytes(b"c")];
+            assert_eq!(
+                sp_pool_submit_batch(p, tasks.as_ptr(), 2, &opts, 0, &mut b),
+                SP_OK
+            );
+            set = sp_result_set { id: 0 };
+            assert_eq!(sp_batch_wait_timeout(b, 1, &mut set), SP_TIMEOUT);
+            assert_eq!(set.id, 0);
+            assert_eq!(sp_batch_wait_timeout(b, 0, &mut set), SP_TIMEOUT);
+            open_gate(&gate);
+            assert_eq!(sp_batch_wait_timeout(b, 60_000, &mut set), SP_OK);
+            let got = read_set(set);
+            assert_eq!(got[0].2, "opened");
+            assert_eq!(got[1].2, "echo:c");
+            assert_eq!(sp_batch_free(b), SP_INVALID_HANDLE);
+
+            // Cancel and free.
+            assert_eq!(
+                sp_pool_submit_batch(p, tasks.as_ptr(), 2, null(), 0, &mut b),
+                SP_OK
+            );
+            assert_eq!(sp_batch_cancel(b), SP_OK);
+            assert_eq!(sp_batch_free(b), SP_OK);
+            assert_eq!(sp_batch_free(b), SP_INVALID_HANDLE);
+            assert_eq!(sp_batch_free(sp_batch { id: 0 }), SP_OK);
+            assert_eq!(sp_result_set_free(sp_result_set { id: 0 }), SP_OK);
+
+            // Bad arguments.
+            let mut b2 = sp_batch { id: 0 };
+            assert_eq!(
+                sp_pool_submit_batch(p, tasks.as_ptr(), 0, null(), 0, &mut b2),
+                SP_INVALID_ARGUMENT
+            );
+            assert_eq!(
+                sp_pool_submit_batch(p, null(), 2, null(), 0, &mut b2),
+                SP_NULL_ARGUMENT
+            );
+            let holey = [
+                bytes(b"a"),
+                sp_bytes {
+                    data: null(),
+                    len: 3,
+                },
+            ];
+            assert_eq!(
+                sp_pool_submit_batch(p, holey.as_ptr(), 2, null(), 0, &mut b2),
+                SP_NULL_ARGUMENT
+            );
+            assert!(last_error().contains("tasks[1]"), "{}", last_error());
+            assert_eq!(
+                sp_pool_submit_batch(p, tasks.as_ptr(), 2, null(), 8, &mut b2),
+                SP_INVALID_ARGUMENT
+            );
+            assert_eq!(
+                sp_pool_submit_batch(p, tasks.as_ptr(), 2, &opts, SP_SUBMIT_TRY, &mut b2),
+                SP_INVALID_ARGUMENT
+            );
+            assert_eq!(
+                sp_pool_submit_batch(p, tasks.as_ptr(), 2, null(), 0, null_mut()),
+                SP_NULL_ARGUMENT
+            );
+            assert_eq!(b2.id, 0);
+            let forged = sp_batch {
+                id: 0x0500_0001_0000_0077,
+            };
+            assert_eq!(sp_batch_wait(forged, &mut set), SP_INVALID_HANDLE);
+            assert_eq!(
+                sp_batch_wait_timeout(forged, 1, &mut set),
+                SP_INVALID_HANDLE
+            );
+            assert_eq!(sp_batch_cancel(forged), SP_INVALID_HANDLE);
+            assert_eq!(
+                sp_batch_wait(sp_batch { id: 0 }, &mut set),
+                SP_NULL_ARGUMENT
+            );
+            // A task handle is not a batch handle.
+            let t = submit(p, b"t").unwrap();
+            assert_eq!(sp_batch_cancel(sp_batch { id: t.id }), SP_INVALID_HANDLE);
+            assert_eq!(wait(t).unwrap(), "echo:t");
+            // A set: index past the end, NULL out, forged.
+            let one = [bytes(b"z")];
+            assert_eq!(
+                sp_pool_submit_batch(p, one.as_ptr(), 1, null(), SP_SUBMIT_TRY, &mut b),
+                SP_OK
+            );
+            assert_eq!(sp_batch_wait(b, &mut set), SP_OK);
+            let mut o = std::mem::zeroed::<sp_outcome>();
+            assert_eq!(sp_result_set_get(set, 1, &mut o), SP_INVALID_ARGUMENT);
+            assert_eq!(sp_result_set_get(set, 0, null_mut()), SP_NULL_ARGUMENT);
+            assert_eq!(sp_result_set_len(set, null_mut()), SP_NULL_ARGUMENT);
+            let mut n = 0;
+            assert_eq!(
+                sp_result_set_len(
+                    sp_result_set {
+                        id: 0x0600_0001_0000_0005
+                    },
+                    &mut n
+                ),
+                SP_INVALID_HANDLE
+            );
+            assert_eq!(read_set(set)[0].2, "echo:z");
+        }
+        let _ = std::fs::remove_file(&gate);
+        assert_eq!(sp_pool_free(p), SP_OK);
+    });
+}
+
+#[test]
+fn spawn_options_carry_gpus_and_environment_and_bad_ones_are_refused() {
+    watchdog(120, || {
+        let p = new_pool(|o| {
+            o.queue_size = 4;
+            o.max_workers = 2;
+        });
+        let gpus = [3u32, 1];
+        let env = [c"SP_ABI_A=hello".as_ptr(), c"SP_ABI_B=x=y".as_ptr()];
+        let opts = sp_spawn_options {
+            gpus: gpus.as_ptr(),
+            gpus_len: 2,
+            visible_devices_only: false,
+            env: env.as_ptr(),
+            env_len: 2,
+        };
+        let mut r = sp_result { id: 0 };
+        let mut index = usize::MAX;
+        // SAFETY: (whole block) valid pointers, or NULL where the API allows it.
+        unsafe {
+            assert_eq!(
+                sp_pool_spawn_with(p, null(), 0, &opts, &mut r, &mut index),
+                SP_OK,
+                "{}",
+                last_error()
+            );
+            assert_eq!(index, 0);
+            assert_eq!(take(r), "seat 0 gpus [3, 1]");
+            assert_eq!(execute(p, b"env:SP_ABI_A").unwrap(), "hello");
+            assert_eq!(execute(p, b"env:SP_ABI_B").unwrap(), "x=y");
+            // NULL options: as sp_pool_spawn.
+            assert_eq!(
+                sp_pool_spawn_with(p, null(), 0, null(), &mut r, null_mut()),
+                SP_OK
+            );
+            assert_eq!(take(r), "seat 1");
+
+            let bad = |o: sp_spawn_options, want: sp_status, msg: &str| {
+                let mut r = sp_result { id: 0 };
+                assert_eq!(
+                    sp_pool_spawn_with(p, null(), 0, &o, &mut r, null_mut()),
+                    want
+                );
+                assert!(last_error().contains(msg), "{msg}: {}", last_error());
+                assert_eq!(r.id, 0);
+            };
+            bad(
+                sp_spawn_options {
+                    gpus: null(),
+                    ..opts
+                },
+                SP_NULL_ARGUMENT,
+                "opts.gpus",
+            );
+            bad(
+                sp_spawn_options {
+                    env: null(),
+                    ..opts
+                },
+                SP_NULL_ARGUMENT,
+                "opts.env",
+            );
+            let dup = [2u32, 2];
+            bad(
+                sp_spawn_options {
+                    gpus: dup.as_ptr(),
+                    ..opts
+                },
+                SP_INVALID_ARGUMENT,
+                "GPU 2 twice",
+            );
+            let non_utf8 = [0xffu8, b'=', b'x', 0];
+            for (e, want, msg) in [
+                (null(), SP_NULL_ARGUMENT, "opts.env[1]"),
+                (c"NOEQUALS".as_ptr(), SP_INVALID_ARGUMENT, "KEY=VALUE"),
+                (c"=value".as_ptr(), SP_INVALID_ARGUMENT, "KEY=VALUE"),
+                (non_utf8.as_ptr().cast(), SP_INVALID_ARGUMENT, "UTF-8"),
+            ] {
+                let env = [c"OK=1".as_ptr(), e];
+                bad(
+                    sp_spawn_options {
+                        env: env.as_ptr(),
+                        ..opts
+                    },
+                    want,
+                    msg,
+                );
+            }
+            assert_eq!(
+                sp_pool_spawn_with(p, null(), 0, &opts, null_mut(), null_mut()),
+                SP_NULL_ARGUMENT
+            );
+            assert_eq!(
+                sp_pool_spawn_with(sp_pool { id: 0 }, null(), 0, &opts, &mut r, null_mut()),
+                SP_NULL_ARGUMENT
+            );
+            // No free seat: a spawn failure, nothing written.
+            let mut r2 = sp_result { id: 0 };
+            assert_eq!(
+                sp_pool_spawn_with(p, null(), 0, null(), &mut r2, &mut index),
+                SP_SPAWN_FAILED
+            );
+            assert_eq!((r2.id, index), (0, 0));
+        }
+        assert_eq!(sp_pool_free(p), SP_OK);
+    });
+}
+
+/// Waits (bounded) until the pool serves `n` workers.
+fn wait_workers(p: sp_pool, n: usize) {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let mut k = 0usize;
+        // SAFETY: valid out-pointer.
+        assert_eq!(unsafe { sp_pool_num_workers(p, &mut k) }, SP_OK);
+        if k == n {
+            return;
+        }
+        assert!(std::time::Instant::now() < end, "{k} workers, not {n}");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn the_restart_policy_comes_from_the_pool_options() {
+    watchdog(120, || {
+        // Never restart: a poisoned worker's seat fails and the pool has no workers left.
+        let never = new_pool(|o| {
+            o.max_workers = 1;
+            o.max_restarts = -1;
+            o.restart_on_panic = -1;
+        });
+        spawn(never, b"").unwrap();
+        assert_eq!(execute(never, b"poison").unwrap_err().0, SP_POISONED);
+        wait_workers(never, 0);
+        assert_eq!(sp_pool_free(never), SP_OK);
+        // Explicit values: restarted (the first restart has no delay).
+        let some = new_pool(|o| {
+            o.max_workers = 1;
+            o.max_restarts = 3;
+            o.restart_window_ms = 10_000;
+            o.restart_backoff_initial_ms = -1;
+            o.restart_backoff_max_ms = 100;
+            o.restart_on_panic = 1;
+        });
+        spawn(some, b"").unwrap();
+        assert_eq!(execute(some, b"poison").unwrap_err().0, SP_POISONED);
+        assert_eq!(execute(some, b"again").unwrap(), "echo:again");
+        assert_eq!(sp_pool_free(some), SP_OK);
+    });
+}
+
+#[test]
+fn broadcast_retire_and_replace_workers() {
+    watchdog(120, || {
+        let p = new_pool(|o| {
+            o.queue_size = 8;
+            o.max_workers = 3;
+        });
+        spawn(p, b"").unwrap();
+        spawn(p, b"").unwrap();
+        let mut set = sp_result_set { id: 0 };
+        let mut r = sp_result { id: 0 };
+        // SAFETY: (whole block) valid pointers, or NULL where the API allows it.
+        unsafe {
+            assert_eq!(sp_pool_broadcast(p, b"bc".as_ptr(), 2, &mut set), SP_OK);
+            let mut got = read_set(set);
+            got.sort_by_key(|g| g.1);
+            assert_eq!(
+                got,
+                vec![
+                    (SP_OK, 0, "echo:bc".to_string()),
+                    (SP_OK, 1, "echo:bc".to_string())
+                ]
+            );
+            assert_eq!(sp_pool_broadcast(p, b"fail".as_ptr(), 4, &mut set), SP_OK);
+            let got = read_set(set);
+            assert!(
+                got.iter()
+                    .all(|g| g.0 == SP_TASK_FAILED && g.2.contains("on purpose"))
+            );
+
+            assert_eq!(sp_pool_retire_worker(p, 1), SP_OK);
+            assert_eq!(sp_pool_retire_worker(p, 1), SP_NO_SUCH_WORKER);
+            assert_eq!(sp_pool_retire_worker(p, 99), SP_NO_SUCH_WORKER);
+            assert!(last_error().contains("99"), "{}", last_error());
+            wait_workers(p, 1);
+            assert_eq!(sp_pool_broadcast(p, b"one".as_ptr(), 3, &mut set), SP_OK);
+            assert_eq!(read_set(set), vec![(SP_OK, 0, "echo:one".to_string())]);
+
+            assert_eq!(
+                sp_pool_replace_worker(p, 0, &mut r),
+                SP_OK,
+                "{}",
+                last_error()
+            );
+            let out = take(r);
+            assert!(out.starts_with("seat ") && out != "seat 0", "{out}");
+            wait_workers(p, 1);
+            assert_eq!(execute(p, b"still").unwrap(), "echo:still");
+            r = sp_result { id: 0 };
+            assert_eq!(sp_pool_replace_worker(p, 0, &mut r), SP_NO_SUCH_WORKER);
+            assert_eq!(sp_pool_replace_worker(p, 42, &mut r), SP_NO_SUCH_WORKER);
+            assert_eq!(sp_pool_replace_worker(p, 1, null_mut()), SP_NULL_ARGUMENT);
+            assert_eq!(r.id, 0);
+            assert_eq!(sp_pool_broadcast(p, null(), 1, &mut set), SP_NULL_ARGUMENT);
+            assert_eq!(
+                sp_pool_broadcast(p, null(), 0, null_mut()),
+                SP_NULL_ARGUMENT
+            );
+            let forged = sp_pool {
+                id: 0x0100_0001_0000_0063,
+            };
+            assert_eq!(
+                sp_pool_broadcast(forged, null(), 0, &mut set),
+                SP_INVALID_HANDLE
+            );
+            assert_eq!(sp_pool_retire_worker(forged, 0), SP_INVALID_HANDLE);
+            assert_eq!(
+                sp_pool_retire_worker(sp_pool { id: 0 }, 0),
+                SP_NULL_ARGUMENT
+            );
+            assert_eq!(sp_pool_replace_worker(forged, 0, &mut r), SP_INVALID_HANDLE);
+
+            // Shut down: every worker verb says so.
+            assert_eq!(sp_pool_shutdown(p, 0), SP_OK);
+            assert_eq!(sp_pool_retire_worker(p, 0), SP_SHUTDOWN);
+            assert_eq!(sp_pool_broadcast(p, null(), 0, &mut set), SP_OK);
+            assert!(read_set(set).is_empty());
+        }
+        assert_eq!(sp_pool_free(p), SP_OK);
+    });
+}
+
+/// Waits (at most 60 s) for the completion queue's descriptor to become readable.
+fn poll_readable(fd: i32, timeout_ms: i32) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+    assert!(n >= 0, "poll failed");
+    n == 1 && pfd.revents & libc::POLLIN != 0
+}
+
+#[test]
+fn a_completion_queue_drives_many_tasks_from_one_descriptor() {
+    watchdog(120, || {
+        let p = new_pool(|o| {
+            o.queue_size = 64;
+            o.max_workers = 2;
+        });
+        spawn(p, b"").unwrap();
+        spawn(p, b"").unwrap();
+        let mut cq = sp_completion_queue { id: 0 };
+        let mut fd = -1;
+        // SAFETY: (whole block) valid pointers, or NULL where the API allows it.
+        unsafe {
+            assert_eq!(sp_completion_queue_new(&mut cq), SP_OK);
+            assert_eq!(sp_completion_queue_fd(cq, &mut fd), SP_OK);
+            assert!(fd >= 0);
+            assert!(!poll_readable(fd, 0), "readable while empty");
+            const N: u64 = 50;
+            let mut tasks = std::collections::HashMap::new();
+            for i in 0..N {
+                let t = submit(p, format!("{i}").as_bytes()).unwrap();
+                assert_eq!(sp_task_notify(t, cq, 1000 + i), SP_OK);
+                tasks.insert(1000 + i, t);
+            }
+            let mut seen = 0;
+            while seen < N {
+                assert!(poll_readable(fd, 60_000), "no completion within 60 s");
+                let (mut ud, mut t) = (0u64, sp_task { id: 0 });
+                loop {
+                    match sp_completion_queue_next(cq, &mut ud, &mut t) {
+                        SP_OK => {}
+                        SP_EMPTY => break,
+                        s => panic!("{s:?}: {}", last_error()),
+                    }
+                    assert_eq!(tasks.remove(&ud), Some(t), "user data {ud}");
+                    let mut r = sp_result { id: 0 };
+                    assert_eq!(sp_task_poll(t, &mut r), SP_OK, "finished when popped");
+                    assert_eq!(take(r), format!("echo:{}", ud - 1000));
+                    seen += 1;
+                }
+            }
+            assert!(tasks.is_empty());
+            assert!(!poll_readable(fd, 0), "readable once drained");
+
+            // Already finished: pushed at once. A failed task completes too.
+            let t = submit(p, b"fail").unwrap();
+            assert_eq!(sp_task_notify(t, cq, 7), SP_OK);
+            assert!(poll_readable(fd, 60_000));
+            let (mut ud, mut t2) = (0u64, sp_task { id: 0 });
+            assert_eq!(sp_completion_queue_next(cq, &mut ud, &mut t2), SP_OK);
+            assert_eq!((ud, t2), (7, t));
+            assert_eq!(sp_task_notify(t, cq, 8), SP_OK);
+            assert!(poll_readable(fd, 0));
+            assert_eq!(sp_completion_queue_next(cq, &mut ud, &mut t2), SP_OK);
+            assert_eq!((ud, t2), (8, t));
+            assert_eq!(wait(t).unwrap_err().0, SP_TASK_FAILED);
+
+            // A freed task never completes into the queue; a freed queue drops completions.
+            let gate = gate_path("cq");
+            let slow = submit(p, format!("gate:{}", gate.display()).as_bytes()).unwrap();
+            assert_eq!(sp_task_notify(slow, cq, 9), SP_OK);
+            assert_eq!(sp_task_free(slow), SP_OK);
+            let mut cq2 = sp_completion_queue { id: 0 };
+            assert_eq!(sp_completion_queue_new(&mut cq2), SP_OK);
+            let slow2 = submit(p, format!("gate:{}", gate.display()).as_bytes()).unwrap();
+            assert_eq!(sp_task_notify(slow2, cq2, 10), SP_OK);
+            assert_eq!(sp_completion_queue_free(cq2), SP_OK);
+            open_gate(&gate);
+            assert_eq!(wait(slow2).unwrap(), "opened");
+            assert_eq!(execute(p, b"flush").unwrap(), "echo:flush");
+            assert_eq!(sp_completion_queue_next(cq, &mut ud, &mut t2), SP_EMPTY);
+            let _ = std::fs::remove_file(&gate);
+
+            // Bad arguments.
+            let forged = sp_completion_queue {
+                id: 0x0700_0001_0000_0033,
+            };
+            let live = submit(p, b"x").unwrap();
+            assert_eq!(sp_completion_queue_new(null_mut()), SP_NULL_ARGUMENT);
+            assert_eq!(sp_completion_queue_fd(cq, null_mut()), SP_NULL_ARGUMENT);
+            assert_eq!(sp_completion_queue_fd(forged, &mut fd), SP_INVALID_HANDLE);
+            assert_eq!(sp_completion_queue_fd(cq2, &mut fd), SP_INVALID_HANDLE);
+            assert_eq!(sp_task_notify(live, forged, 1), SP_INVALID_HANDLE);
+            assert_eq!(
+                sp_task_notify(live, sp_completion_queue { id: 0 }, 1),
+                SP_NULL_ARGUMENT
+            );
+            assert_eq!(sp_task_notify(sp_task { id: 0 }, cq, 1), SP_NULL_ARGUMENT);
+            assert_eq!(
+                sp_task_notify(sp_task { id: cq.id }, cq, 1),
+                SP_INVALID_HANDLE
+            );
+            assert_eq!(
+                sp_completion_queue_next(cq, null_mut(), &mut t2),
+                SP_NULL_ARGUMENT
+            );
+            assert_eq!(
+                sp_completion_queue_next(cq, &mut ud, null_mut()),
+                SP_NULL_ARGUMENT
+            );
+            assert_eq!(
+                sp_completion_queue_next(forged, &mut ud, &mut t2),
+                SP_INVALID_HANDLE
+            );
+            assert_eq!(wait(live).unwrap(), "echo:x");
+            assert_eq!(sp_completion_queue_free(forged), SP_INVALID_HANDLE);
+            assert_eq!(
+                sp_completion_queue_free(sp_completion_queue { id: 0 }),
+                SP_OK
+            );
+            assert_eq!(sp_completion_queue_free(cq), SP_OK);
+            assert_eq!(sp_completion_queue_free(cq), SP_INVALID_HANDLE);
+        }
+        assert_eq!(sp_pool_free(p), SP_OK);
+    });
+}
+
+#[test]
+fn a_worker_writes_its_output_in_place_with_sp_reply_alloc() {
+    watchdog(120, || {
+        let p = new_pool(|o| {
+            o.queue_size = 4;
+            o.max_workers = 1;
+        });
+        spawn(p, b"").unwrap();
+        for n in [0usize, 1, 100, 100, 70_000, 10] {
+            let mut r = sp_result { id: 0 };
+            let task = format!("alloc:{n}");
+            assert_eq!(
+                // SAFETY: valid pointers.
+                unsafe { sp_pool_execute(p, task.as_ptr(), task.len(), &mut r) },
+                SP_OK,
+                "{}",
+                last_error()
+            );
+            let (mut d, mut len) = (null(), 0usize);
+            // SAFETY: valid out-pointers; the bytes are read before the free.
+            unsafe {
+                assert_eq!(sp_result_bytes(r, &mut d, &mut len), SP_OK);
+                let b = std::slice::from_raw_parts(d, len);
+                assert_eq!(len, n + 8);
+                assert_eq!(&b[..4], b"head");
+                assert_eq!(&b[n + 4..], b"tail");
+                assert!(
+                    b[4..n + 4]
+                        .iter()
+                        .enumerate()
+                        .all(|(i, &x)| x == (i % 251) as u8)
+                );
+            }
+            assert_eq!(sp_result_free(r), SP_OK);
+        }
+        assert_eq!(
+            execute(p, b"alloc-bad").unwrap(),
+            "SP_NULL_ARGUMENT SP_NULL_ARGUMENT SP_TOO_LARGE SP_OK true"
+        );
         assert_eq!(sp_pool_free(p), SP_OK);
     });
 }

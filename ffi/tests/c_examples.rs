@@ -279,3 +279,41 @@ fn the_headers_compile_in_each_language_mode() {
     run(cmd, 120);
     assert!(Path::new(&src).exists());
 }
+
+#[test]
+fn a_c_event_loop_drives_many_tasks_through_a_completion_queue() {
+    let exe = compile("cc", "c11", "event_loop.c", "event_loop", true);
+    let out = stdout(&run(Command::new(&exe), 120));
+    assert!(
+        out.contains("event loop: 1000 of 1000 results correct"),
+        "{out}"
+    );
+    assert!(out.trim_end().ends_with("done"), "{out}");
+}
+
+#[test]
+fn a_cpp_worker_class_whose_exceptions_become_errors() {
+    let exe = compile("c++", "c++17", "cpp_worker.cpp", "cpp_worker", false);
+    let out = stdout(&run(Command::new(&exe), 120));
+    for line in [
+        "spawned: ada on seat 0",
+        "spawned: bob on seat 1",
+        "spawn error: SP_SPAWN_FAILED: ",
+        "this worker refuses to start",
+        "execute: HELLO",
+        "throw: SP_TASK_FAILED: ",
+        "boom from C++",
+        "throw-int: SP_TASK_FAILED: ",
+        "unknown C++ exception",
+        "poison: SP_POISONED: ",
+        "device lost",
+        "batch[0]: SP_OK A",
+        "batch[1]: SP_TASK_FAILED ",
+        "batch[2]: SP_OK C",
+        "broadcast: 2 workers answered",
+        "completion: 7 -> QUEUED",
+        "done",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+}
