@@ -504,8 +504,7 @@ const char *sp_version(void);
  * Queues a task made of a copy of `len` bytes at `task`, with its own options `opts` (NULL:
  * the pool's defaults) and `flags` (0: wait for room if the queue is full; `SP_SUBMIT_TRY`:
  * fail with `SP_QUEUE_FULL` at once). `*out` receives the task handle, as from
- * `sp_pool_submit`. `SP_SUBMIT_TRY` with non-default options is `SP_INVALID_ARGUMENT` for now.
- * Thread-safe.
+ * `sp_pool_submit`. Thread-safe.
  *
  * # Safety
  *
@@ -861,10 +860,9 @@ enum sp_status sp_loan_free(struct sp_loan loan);
 
 /**
  * Queues a task made of a copy of `len` bytes at `task`, with the loan as its payload (the
- * worker reads it in place). Waits for room if the queue is full. The loan handle is consumed
- * once the submit is attempted, whatever its outcome (on an error its space is returned); only
- * when the call is refused before that (`SP_NULL_ARGUMENT` for `out` or `task`, or a bad pool
- * handle) does the loan stay the caller's. Thread-safe.
+ * worker reads it in place). Waits for room if the queue is full. On success the loan handle
+ * is consumed (the task owns the buffer now); on any failure it stays the caller's, still
+ * filled: submit it again, or free it. Thread-safe.
  *
  * # Safety
  *

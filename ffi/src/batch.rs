@@ -3,7 +3,7 @@
 use crate::handles::Table;
 use crate::host::{TASKS, input_array, pool, sp_bytes, sp_pool, sp_task, submit_fail, task_fail};
 use crate::{Fail, guard, input_bytes, sp_status};
-use stateful_pool::{BatchHandle, TaskError, TaskOptions};
+use stateful_pool::{BatchHandle, TaskError, TaskOptions, WaitTimeoutError};
 use std::ffi::{CString, c_char};
 use std::time::Duration;
 
@@ -129,19 +129,10 @@ fn try_flag(flags: i32) -> Result<bool, Fail> {
     Ok(flags & SP_SUBMIT_TRY != 0)
 }
 
-fn try_with_options() -> Fail {
-    Fail::new(
-        sp_status::SP_INVALID_ARGUMENT,
-        "SP_SUBMIT_TRY together with a timeout or retries is not supported yet: submit with \
-         options without SP_SUBMIT_TRY, or without options",
-    )
-}
-
 /// Queues a task made of a copy of `len` bytes at `task`, with its own options `opts` (NULL:
 /// the pool's defaults) and `flags` (0: wait for room if the queue is full; `SP_SUBMIT_TRY`:
 /// fail with `SP_QUEUE_FULL` at once). `*out` receives the task handle, as from
-/// `sp_pool_submit`. `SP_SUBMIT_TRY` with non-default options is `SP_INVALID_ARGUMENT` for now.
-/// Thread-safe.
+/// `sp_pool_submit`. Thread-safe.
 ///
 /// # Safety
 ///
@@ -166,11 +157,11 @@ pub unsafe extern "C" fn sp_pool_submit_with(
         let p = pool(pool_h)?;
         // SAFETY: the caller promises `len` readable bytes.
         let bytes = unsafe { input_bytes(task, len, "task") }?;
-        let h = match (opts, try_only) {
-            (None, false) => p.submit_bytes(bytes),
-            (None, true) => p.try_submit_bytes(bytes),
-            (Some(o), false) => p.submit_with_options(&bytes.to_vec(), o),
-            (Some(_), true) => return Err(try_with_options()),
+        let req = p.task(bytes).options(opts.unwrap_or_default());
+        let h = if try_only {
+            req.try_submit()
+        } else {
+            req.submit()
         }
         .map_err(submit_fail)?;
         let id = TASKS.insert(h);
@@ -224,11 +215,11 @@ pub unsafe extern "C" fn sp_pool_submit_batch(
                 unsafe { input_bytes(t.data, t.len, &format!("tasks[{i}]")) }.map(<[u8]>::to_vec)
             })
             .collect::<Result<Vec<Vec<u8>>, Fail>>()?;
-        let h = match (opts, try_only) {
-            (None, false) => p.submit_batch(&owned),
-            (None, true) => p.try_submit_batch(&owned),
-            (Some(o), false) => p.submit_batch_with_options(&owned, o),
-            (Some(_), true) => return Err(try_with_options()),
+        let req = p.batch(&owned).options(opts.unwrap_or_default());
+        let h = if try_only {
+            req.try_submit()
+        } else {
+            req.submit()
         }
         .map_err(submit_fail)?;
         let id = BATCHES.insert(h);
@@ -293,14 +284,25 @@ pub unsafe extern "C" fn sp_batch_wait_timeout(
         match h.wait_timeout(Duration::from_millis(timeout_ms)) {
             Ok(r) => {
                 BATCHES.retire(batch.id);
-                finish_batch(out, r)
+                finish_batch(out, Ok(r))
             }
-            Err(h) => {
+            Err(WaitTimeoutError::Timeout(h)) => {
                 BATCHES.put_back(batch.id, h);
                 Err(Fail::new(
                     sp_status::SP_TIMEOUT,
                     format!("the batch did not finish within {timeout_ms} ms"),
                 ))
+            }
+            Err(e) => {
+                BATCHES.retire(batch.id);
+                let e = match e {
+                    WaitTimeoutError::Task(e) => e,
+                    other => TaskError::BadResult {
+                        worker: usize::MAX,
+                        message: other.to_string(),
+                    },
+                };
+                finish_batch(out, Err(e))
             }
         }
     })

@@ -646,11 +646,25 @@ fn submit_common(
     let h = match how {
         Submit::Wait => p.submit(bytes),
         Submit::Try => p.try_submit(bytes),
-        Submit::WithLoan(l) => p
-            .task(bytes)
-            .payload(LOANS.remove(l.id)?)
-            .submit()
-            .map_err(SubmitError::from),
+        Submit::WithLoan(l) => {
+            // Checked out, not removed: a refused submit hands the loan back, and the handle
+            // stays the caller's (outputs and consumed inputs only on success).
+            let loan = LOANS.check_out(l.id)?;
+            match p.task(bytes).payload(loan).submit() {
+                Ok(h) => {
+                    LOANS.retire(l.id);
+                    Ok(h)
+                }
+                Err(r) => {
+                    let (e, loan) = r.into_parts();
+                    match loan {
+                        Some(loan) => LOANS.put_back(l.id, loan),
+                        None => LOANS.retire(l.id),
+                    }
+                    Err(e)
+                }
+            }
+        }
     }
     .map_err(submit_fail)?;
     let id = TASKS.insert(h);
@@ -806,10 +820,9 @@ pub extern "C" fn sp_loan_free(loan: sp_loan) -> sp_status {
 }
 
 /// Queues a task made of a copy of `len` bytes at `task`, with the loan as its payload (the
-/// worker reads it in place). Waits for room if the queue is full. The loan handle is consumed
-/// once the submit is attempted, whatever its outcome (on an error its space is returned); only
-/// when the call is refused before that (`SP_NULL_ARGUMENT` for `out` or `task`, or a bad pool
-/// handle) does the loan stay the caller's. Thread-safe.
+/// worker reads it in place). Waits for room if the queue is full. On success the loan handle
+/// is consumed (the task owns the buffer now); on any failure it stays the caller's, still
+/// filled: submit it again, or free it. Thread-safe.
 ///
 /// # Safety
 ///
