@@ -9,7 +9,9 @@
 
 #include <poll.h>
 
+#include <chrono>
 #include <iostream>
+#include <thread>
 #include <stdexcept>
 #include <string>
 
@@ -75,6 +77,11 @@ int main() {
         std::cout << "batch[" << i << "]: " << sp_status_name(o.status) << " "
                   << (o.status == SP_OK ? std::string(set.value(i)) : std::string(o.message))
                   << "\n";
+    }
+    // The poisoned worker is being replaced: wait (bounded) until both serve again, so the
+    // broadcast reaches both.
+    for (int i = 0; i < 6000 && pool.num_workers() < 2; i++) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
     stateful_pool::ResultSet all = pool.broadcast("ping");
     std::cout << "broadcast: " << all.size() << " workers answered\n";
