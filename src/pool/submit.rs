@@ -33,9 +33,10 @@ use std::time::{Duration, Instant};
 /// [`payload`](Self::payload), sent by one of its verbs.
 ///
 /// ```no_run
-/// # use stateful_pool::{Pool, FnWorker, task_fn};
+/// # use stateful_pool::{Pool, FnWorker};
 /// # use std::time::Duration;
-/// # fn demo(pool: &Pool<FnWorker<task_fn!(|s: &rkyv::Archived<String>| s.len() as u64)>>) -> Result<(), Box<dyn std::error::Error>> {
+/// # stateful_pool::task_fn! { fn Len(s: String, _ctx) -> u64 { Ok(s.as_str().len() as u64) } }
+/// # fn demo(pool: &Pool<FnWorker<Len>>) -> Result<(), Box<dyn std::error::Error>> {
 /// let mut loan = pool.loan(4)?;
 /// loan.as_mut_slice().copy_from_slice(b"data");
 /// let handle = pool
