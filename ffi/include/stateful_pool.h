@@ -329,6 +329,18 @@ typedef struct sp_pool_options {
    * 0: the default (yes); positive: yes; negative: no, it keeps serving.
    */
   int32_t restart_on_panic;
+  /**
+   * Dynamic batching: the most tasks a worker runs in one batch step (its
+   * `execute_batch` callback, or `execute` on each). 0 or 1: no batching (the default);
+   * at most 64.
+   */
+  size_t max_batch;
+  /**
+   * How long a free worker may wait for a fuller batch, counted from the oldest waiting
+   * task's submission, in microseconds (0: never wait; it never waits while another
+   * worker is idle either).
+   */
+  uint64_t max_batch_delay_us;
 } sp_pool_options;
 
 /**
@@ -477,6 +489,21 @@ typedef struct sp_worker_callbacks {
    * Releases the worker's state when the worker stops normally (optional).
    */
   void (*drop)(void *state);
+  /**
+   * The batch step (optional; NULL: a batching pool calls `execute` on each task in turn).
+   * When the pool batches (`sp_pool_options.max_batch`, `sp_pool_set_batch_policy`), runs
+   * `n` (≥ 1) independently submitted tasks at once: `tasks[i]` is task `i` (pointers into
+   * shared memory, valid during the call), `replies[i]` its reply, `statuses[i]` its
+   * outcome (preset to `SP_WORKER_OK`; set `SP_WORKER_ERROR` with a message on
+   * `replies[i]` to fail that task alone). Return `SP_WORKER_OK`; or `SP_WORKER_ERROR` /
+   * `SP_WORKER_POISONED` to fail every task of the step with the message set on
+   * `replies[0]`.
+   */
+  int32_t (*execute_batch)(void *state,
+                           const struct sp_task_info *tasks,
+                           size_t n,
+                           struct sp_reply *const *replies,
+                           int32_t *statuses);
 } sp_worker_callbacks;
 
 #ifdef __cplusplus
@@ -696,6 +723,15 @@ enum sp_status sp_pool_options_init(struct sp_pool_options *opts);
  * NUL-terminated string); `out` must be valid for a write.
  */
 enum sp_status sp_pool_new(const struct sp_pool_options *opts, struct sp_pool *out);
+
+/**
+ * Changes a live pool's dynamic batching (as `sp_pool_options.max_batch` and
+ * `max_batch_delay_us`): each worker applies it from its next batch. `max_batch` 0 or 1 turns
+ * batching off; above 64, or a delay over an hour, is `SP_INVALID_ARGUMENT`. Thread-safe.
+ */
+enum sp_status sp_pool_set_batch_policy(struct sp_pool pool_h,
+                                        size_t max_batch,
+                                        uint64_t max_batch_delay_us);
 
 /**
  * Starts a worker process with the spawn argument bytes `args` and blocks until its spawn step

@@ -6,8 +6,8 @@ use crate::handles::{Table, check_not_forked, watch_forks};
 use crate::worker::CWorker;
 use crate::{Fail, guard, input_bytes, sp_status, write_out};
 use stateful_pool::{
-    BuildError, Loan, Pool, RestartPolicy, ResultRef, SpawnError, SpawnOptions, SubmitError,
-    TaskError, TaskHandle, WorkerError,
+    BatchPolicy, BuildError, Loan, Pool, RestartPolicy, ResultRef, SpawnError, SpawnOptions,
+    SubmitError, TaskError, TaskHandle, WorkerError,
 };
 use std::ffi::{CStr, c_char};
 use std::sync::Arc;
@@ -100,6 +100,14 @@ pub struct sp_pool_options {
     /// Whether a worker whose task panicked (in a Rust worker) is replaced by a fresh one.
     /// 0: the default (yes); positive: yes; negative: no, it keeps serving.
     pub restart_on_panic: i32,
+    /// Dynamic batching: the most tasks a worker runs in one batch step (its
+    /// `execute_batch` callback, or `execute` on each). 0 or 1: no batching (the default);
+    /// at most 64.
+    pub max_batch: usize,
+    /// How long a free worker may wait for a fuller batch, counted from the oldest waiting
+    /// task's submission, in microseconds (0: never wait; it never waits while another
+    /// worker is idle either).
+    pub max_batch_delay_us: u64,
 }
 
 pub(crate) type CPool = Pool<CWorker>;
@@ -225,6 +233,8 @@ pub unsafe extern "C" fn sp_pool_options_init(opts: *mut sp_pool_options) -> sp_
             restart_backoff_initial_ms: 0,
             restart_backoff_max_ms: 0,
             restart_on_panic: 0,
+            max_batch: 0,
+            max_batch_delay_us: 0,
         };
         // SAFETY: the caller promises a writable struct (NULL is refused).
         unsafe { write_out(opts, zero, "opts") }
@@ -297,6 +307,9 @@ pub unsafe extern "C" fn sp_pool_new(opts: *const sp_pool_options, out: *mut sp_
             if o.restart_on_panic != 0 {
                 b = b.restart_on_panic(o.restart_on_panic > 0);
             }
+            if o.max_batch > 1 {
+                b = b.batch_policy(batch_policy(o.max_batch, o.max_batch_delay_us));
+            }
             if !o.program.is_null() {
                 // SAFETY: non-null; the caller promises a NUL-terminated string.
                 let p = unsafe { CStr::from_ptr(o.program) };
@@ -314,6 +327,29 @@ pub unsafe extern "C" fn sp_pool_new(opts: *const sp_pool_options, out: *mut sp_
         // SAFETY: checked non-null above; the caller promises it is writable.
         unsafe { out.write(sp_pool { id: h }) };
         Ok(())
+    })
+}
+
+fn batch_policy(max_batch: usize, delay_us: u64) -> BatchPolicy {
+    if max_batch <= 1 {
+        return BatchPolicy::none();
+    }
+    BatchPolicy::new(max_batch).max_delay(Duration::from_micros(delay_us))
+}
+
+/// Changes a live pool's dynamic batching (as `sp_pool_options.max_batch` and
+/// `max_batch_delay_us`): each worker applies it from its next batch. `max_batch` 0 or 1 turns
+/// batching off; above 64, or a delay over an hour, is `SP_INVALID_ARGUMENT`. Thread-safe.
+#[unsafe(no_mangle)]
+pub extern "C" fn sp_pool_set_batch_policy(
+    pool_h: sp_pool,
+    max_batch: usize,
+    max_batch_delay_us: u64,
+) -> sp_status {
+    guard(|| {
+        let p = pool(pool_h)?;
+        p.set_batch_policy(batch_policy(max_batch, max_batch_delay_us))
+            .map_err(|e| Fail::new(sp_status::SP_INVALID_ARGUMENT, e.to_string()))
     })
 }
 

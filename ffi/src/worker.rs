@@ -2,7 +2,7 @@
 //! [`sp_init`], which (in a worker process) serves the pool with them and never returns.
 
 use crate::{Fail, guard, input_bytes, sp_status};
-use stateful_pool::{BoxError, Poisoned, TaskContext, Worker, WorkerContext};
+use stateful_pool::{BatchTask, BoxError, Poisoned, TaskContext, Worker, WorkerContext};
 use std::ffi::{CStr, c_char, c_void};
 use std::sync::OnceLock;
 
@@ -95,6 +95,23 @@ pub struct sp_worker_callbacks {
     >,
     /// Releases the worker's state when the worker stops normally (optional).
     pub drop: Option<unsafe extern "C-unwind" fn(state: *mut c_void)>,
+    /// The batch step (optional; NULL: a batching pool calls `execute` on each task in turn).
+    /// When the pool batches (`sp_pool_options.max_batch`, `sp_pool_set_batch_policy`), runs
+    /// `n` (≥ 1) independently submitted tasks at once: `tasks[i]` is task `i` (pointers into
+    /// shared memory, valid during the call), `replies[i]` its reply, `statuses[i]` its
+    /// outcome (preset to `SP_WORKER_OK`; set `SP_WORKER_ERROR` with a message on
+    /// `replies[i]` to fail that task alone). Return `SP_WORKER_OK`; or `SP_WORKER_ERROR` /
+    /// `SP_WORKER_POISONED` to fail every task of the step with the message set on
+    /// `replies[0]`.
+    pub execute_batch: Option<
+        unsafe extern "C-unwind" fn(
+            state: *mut c_void,
+            tasks: *const sp_task_info,
+            n: usize,
+            replies: *const *mut sp_reply,
+            statuses: *mut i32,
+        ) -> i32,
+    >,
 }
 
 /// The registered callbacks (set once, by `sp_init`).
@@ -193,23 +210,7 @@ impl Worker for CWorker {
         let Some(execute) = self.callbacks.execute else {
             return Err("sp_worker_callbacks.execute is NULL".into());
         };
-        let data = task.as_slice();
-        let payload = ctx.payload();
-        let ptr_or_null = |s: &[u8]| {
-            if s.is_empty() {
-                std::ptr::null()
-            } else {
-                s.as_ptr()
-            }
-        };
-        let t = sp_task_info {
-            data: ptr_or_null(data),
-            len: data.len(),
-            payload: ptr_or_null(payload),
-            payload_len: payload.len(),
-            task_id: ctx.task_id(),
-            worker: info(ctx.worker()),
-        };
+        let t = task_info(task, ctx);
         let mut reply = sp_reply {
             bytes: Vec::with_capacity(self.last_output_len),
             error: None,
@@ -225,6 +226,79 @@ impl Worker for CWorker {
             SP_WORKER_POISONED => Err(Poisoned::new(reply_error(&mut reply, "execute", rc)).into()),
             _ => Err(reply_error(&mut reply, "execute", rc).into()),
         }
+    }
+
+    fn execute_batch(
+        &mut self,
+        batch: &[BatchTask<'_, Vec<u8>>],
+    ) -> Result<Vec<Result<Vec<u8>, BoxError>>, BoxError> {
+        let Some(execute_batch) = self.callbacks.execute_batch else {
+            return Ok(batch.iter().map(|t| self.execute(t.task, &t.ctx)).collect());
+        };
+        let infos: Vec<sp_task_info> = batch.iter().map(|t| task_info(t.task, &t.ctx)).collect();
+        let mut replies: Vec<sp_reply> = batch
+            .iter()
+            .map(|_| sp_reply {
+                bytes: Vec::with_capacity(self.last_output_len),
+                error: None,
+            })
+            .collect();
+        let ptrs: Vec<*mut sp_reply> = replies.iter_mut().map(|r| r as *mut sp_reply).collect();
+        let mut statuses = vec![SP_WORKER_OK; batch.len()];
+        // SAFETY: registered with this signature; `infos` (pointers into the tasks' slots and
+        // payloads, which stay put until the batch is answered), `ptrs` (each to a live reply
+        // in `replies`, distinct) and `statuses` all hold `batch.len()` elements and outlive
+        // the call.
+        let rc = unsafe {
+            execute_batch(
+                self.state,
+                infos.as_ptr(),
+                infos.len(),
+                ptrs.as_ptr(),
+                statuses.as_mut_ptr(),
+            )
+        };
+        drop(ptrs);
+        if rc != SP_WORKER_OK {
+            let msg = reply_error(&mut replies[0], "execute_batch", rc);
+            return Err(if rc == SP_WORKER_POISONED {
+                Poisoned::new(msg).into()
+            } else {
+                msg.into()
+            });
+        }
+        Ok(replies
+            .into_iter()
+            .zip(statuses)
+            .map(|(mut r, st)| match st {
+                SP_WORKER_OK => {
+                    self.last_output_len = self.last_output_len.max(r.bytes.len());
+                    Ok(r.bytes)
+                }
+                _ => Err(reply_error(&mut r, "execute_batch", st).into()),
+            })
+            .collect())
+    }
+}
+
+/// What a C callback sees of one task.
+fn task_info(task: &rkyv::Archived<Vec<u8>>, ctx: &TaskContext<'_>) -> sp_task_info {
+    let data = task.as_slice();
+    let payload = ctx.payload();
+    let ptr_or_null = |s: &[u8]| {
+        if s.is_empty() {
+            std::ptr::null()
+        } else {
+            s.as_ptr()
+        }
+    };
+    sp_task_info {
+        data: ptr_or_null(data),
+        len: data.len(),
+        payload: ptr_or_null(payload),
+        payload_len: payload.len(),
+        task_id: ctx.task_id(),
+        worker: info(ctx.worker()),
     }
 }
 

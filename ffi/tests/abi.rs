@@ -138,6 +138,54 @@ unsafe extern "C-unwind" fn t_execute(
     }
 }
 
+/// The batch step: each task answered "batch{n}:{its bytes}", except "fail" (fails alone);
+/// "fail-batch" fails the whole step; anything else goes through `t_execute`'s behaviour only
+/// when the pool does not batch.
+unsafe extern "C-unwind" fn t_execute_batch(
+    _state: *mut c_void,
+    tasks: *const sp_task_info,
+    n: usize,
+    replies: *const *mut sp_reply,
+    statuses: *mut i32,
+) -> i32 {
+    // SAFETY: the library passes `n` tasks, replies and statuses, valid during the call.
+    unsafe {
+        let tasks = std::slice::from_raw_parts(tasks, n);
+        let replies = std::slice::from_raw_parts(replies, n);
+        let statuses = std::slice::from_raw_parts_mut(statuses, n);
+        for (i, t) in tasks.iter().enumerate() {
+            let data = if t.len == 0 {
+                &[][..]
+            } else {
+                std::slice::from_raw_parts(t.data, t.len)
+            };
+            if data == b"fail-batch" {
+                sp_reply_set_error(replies[0], c"the whole batch failed".as_ptr());
+                return SP_WORKER_ERROR;
+            }
+            if data.starts_with(b"gate:") {
+                let path = std::str::from_utf8(&data[5..]).unwrap_or("");
+                let _ = std::fs::write(format!("{path}.started"), b"");
+                let start = std::time::Instant::now();
+                while !std::path::Path::new(path).exists()
+                    && start.elapsed() < std::time::Duration::from_secs(60)
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+            if data == b"fail" {
+                sp_reply_set_error(replies[i], c"this one failed".as_ptr());
+                statuses[i] = SP_WORKER_ERROR;
+                continue;
+            }
+            let mut v = format!("batch{n}:").into_bytes();
+            v.extend_from_slice(data);
+            sp_reply_write(replies[i], v.as_ptr(), v.len());
+        }
+        SP_WORKER_OK
+    }
+}
+
 unsafe extern "C-unwind" fn t_drop(state: *mut c_void) {
     // SAFETY: the Box our spawn made, dropped once.
     drop(unsafe { Box::from_raw(state as *mut u64) });
@@ -149,6 +197,7 @@ fn callbacks() -> sp_worker_callbacks {
         spawn: Some(t_spawn),
         execute: Some(t_execute),
         drop: Some(t_drop),
+        execute_batch: Some(t_execute_batch),
     }
 }
 
@@ -603,6 +652,79 @@ fn a_refused_submit_loan_leaves_the_loan_with_the_caller() {
         }
         assert_eq!(sp_pool_free(p), SP_OK);
         assert_eq!(sp_pool_free(other), SP_OK);
+    });
+}
+
+#[test]
+fn a_c_worker_runs_batches_through_its_batch_callback() {
+    watchdog(120, || {
+        let p = new_pool(|o| {
+            o.queue_size = 32;
+            o.max_batch = 8;
+        });
+        assert!(spawn(p, b"ok").is_ok());
+        // Hold the worker, queue four tasks, release: they run as one batch.
+        let gate = gate_path("c-batch");
+        let g = format!("gate:{}", gate.display());
+        let started = std::path::PathBuf::from(format!("{}.started", gate.display()));
+        let held = submit(p, g.as_bytes()).unwrap();
+        // Its batch step has started (alone): what is queued now forms the next batch.
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !started.exists() && std::time::Instant::now() < end {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(started.exists(), "the gate task started");
+        let ts: Vec<sp_task> = [&b"a"[..], b"fail", b"c", b"d"]
+            .iter()
+            .map(|t| submit(p, t).unwrap())
+            .collect();
+        open_gate(&gate);
+        assert_eq!(wait(held).unwrap(), format!("batch1:{g}"));
+        let outs: Vec<_> = ts.into_iter().map(wait).collect();
+        let batch_size = |s: &str| s.split(':').next().unwrap().to_string();
+        let ok: Vec<&String> = outs.iter().filter_map(|o| o.as_ref().ok()).collect();
+        assert_eq!(ok.len(), 3, "{outs:?}");
+        assert!(ok.iter().all(|o| o.starts_with("batch")), "{outs:?}");
+        let (st, msg) = outs[1].clone().unwrap_err();
+        assert_eq!(st, SP_TASK_FAILED);
+        assert!(msg.contains("this one failed"), "{msg}");
+        assert!(
+            ok.iter().all(|o| batch_size(o) == "batch4"),
+            "one step of the four queued tasks: {outs:?}"
+        );
+        let _ = std::fs::remove_file(&started);
+        // A whole-step failure fails every task of it.
+        let gate2 = gate_path("c-batch-2");
+        let g2 = format!("gate:{}", gate2.display());
+        let started2 = std::path::PathBuf::from(format!("{}.started", gate2.display()));
+        let held = submit(p, g2.as_bytes()).unwrap();
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !started2.exists() && std::time::Instant::now() < end {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let ts: Vec<sp_task> = [&b"x"[..], b"fail-batch"]
+            .iter()
+            .map(|t| submit(p, t).unwrap())
+            .collect();
+        open_gate(&gate2);
+        let _ = wait(held);
+        let _ = std::fs::remove_file(&started2);
+        for t in ts {
+            let (st, msg) = wait(t).unwrap_err();
+            assert_eq!(st, SP_TASK_FAILED);
+            assert!(msg.contains("the whole batch failed"), "{msg}");
+        }
+        // Off, on a live pool: tasks go through `execute` again.
+        assert_eq!(sp_pool_set_batch_policy(p, 1, 0), SP_OK);
+        assert_eq!(execute(p, b"z").unwrap(), "echo:z");
+        assert_eq!(sp_pool_set_batch_policy(p, 65, 0), SP_INVALID_ARGUMENT);
+        assert_eq!(
+            sp_pool_set_batch_policy(sp_pool { id: 0 }, 8, 0),
+            SP_NULL_ARGUMENT
+        );
+        assert_eq!(sp_pool_set_batch_policy(p, 4, 100), SP_OK);
+        assert!(execute(p, b"z").unwrap().starts_with("batch"));
+        assert_eq!(sp_pool_free(p), SP_OK);
     });
 }
 
