@@ -2,8 +2,10 @@
 //! in its spawn step, then serves matrix-vector products whose input vector arrives as a loaned
 //! payload in shared memory: the worker copies it to the GPU straight from the pinned
 //! shared-memory payload (no staging copy), runs an NVRTC-compiled kernel and returns the
-//! result, which the caller checks against a CPU reference. It ends by measuring host-to-device
-//! bandwidth from the pinned payload against pageable memory.
+//! result, which the caller checks against a CPU reference. Then the same with dynamic
+//! batching: a worker stacks the inputs of up to 32 queued tasks and serves them with one
+//! host-to-device copy, one kernel launch and one copy back (`execute_batch`). It ends by
+//! measuring host-to-device bandwidth from the pinned payload against pageable memory.
 //!
 //! Run: `cargo run --release --features cuda --example gpu_worker [N_GPUS]`
 //!
@@ -13,7 +15,10 @@ use rkyv::{Archive, Deserialize, Serialize};
 use stateful_pool::cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
 };
-use stateful_pool::{BoxError, Poisoned, Pool, SpawnOptions, TaskContext, Worker, WorkerContext};
+use stateful_pool::{
+    BatchPolicy, BatchTask, BoxError, Poisoned, Pool, SpawnOptions, TaskContext, Worker,
+    WorkerContext,
+};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -37,6 +42,8 @@ struct Answer {
     y: Vec<f32>,
     /// How many times this worker process uploaded its model (1: once, at spawn).
     uploads: u32,
+    /// Tasks in the kernel launch that computed `y` (1: alone).
+    batch: u32,
     device: String,
     pinned_gbps: f64,
     pageable_gbps: f64,
@@ -70,11 +77,23 @@ extern "C" __global__ void matvec(const float* w, const float* x, float* y, int 
         y[i] = acc;
     }
 }
+
+// One launch for a batch: x and y hold `b` vectors of n, one after the other.
+extern "C" __global__ void matvec_batched(const float* w, const float* x, float* y, int n, int b) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t < n * b) {
+        int k = t / n, i = t % n;
+        float acc = 0.0f;
+        for (int j = 0; j < n; j++) acc += w[i * n + j] * x[k * n + j];
+        y[t] = acc;
+    }
+}
 "#;
 
 struct GpuWorker {
     stream: Arc<CudaStream>,
     func: CudaFunction,
+    batched: CudaFunction,
     weights: CudaSlice<f32>,
     n: usize,
     uploads: u32,
@@ -97,7 +116,9 @@ impl Worker for GpuWorker {
         let gpu: &Arc<CudaContext> = ctx.cuda().first().ok_or("spawn this worker with a GPU")?;
         let stream = gpu.default_stream();
         let ptx = stateful_pool::cudarc::nvrtc::compile_ptx(KERNEL)?;
-        let func = gpu.load_module(ptx)?.load_function("matvec")?;
+        let module = gpu.load_module(ptx)?;
+        let func = module.load_function("matvec")?;
+        let batched = module.load_function("matvec_batched")?;
         let weights = stream.clone_htod(&weights(model))?; // the model goes up once
         let device = gpu.name()?;
         let msg = format!(
@@ -113,6 +134,7 @@ impl Worker for GpuWorker {
             GpuWorker {
                 stream,
                 func,
+                batched,
                 weights,
                 n: model.n as usize,
                 uploads: 1,
@@ -127,6 +149,7 @@ impl Worker for GpuWorker {
         let mut answer = Answer {
             y: Vec::new(),
             uploads: self.uploads,
+            batch: 1,
             device: self.device.clone(),
             pinned_gbps: 0.0,
             pageable_gbps: 0.0,
@@ -164,6 +187,58 @@ impl Worker for GpuWorker {
             }
         }
         Ok(answer)
+    }
+
+    /// The inputs of every `MatVec` task in the batch are stacked and served with one upload,
+    /// one launch and one download; other jobs run on their own.
+    fn execute_batch(
+        &mut self,
+        batch: &[BatchTask<'_, Job>],
+    ) -> Result<Vec<Result<Answer, BoxError>>, BoxError> {
+        let n = self.n;
+        let stacked: Vec<usize> = (0..batch.len())
+            .filter(|&k| {
+                matches!(batch[k].task, ArchivedJob::MatVec)
+                    && batch[k].ctx.payload().len() == n * 4
+            })
+            .collect();
+        let mut ys = Vec::new();
+        if !stacked.is_empty() {
+            let b = stacked.len();
+            let mut host = Vec::with_capacity(b * n * 4);
+            for &k in &stacked {
+                host.extend_from_slice(batch[k].ctx.payload());
+            }
+            let x: CudaSlice<u8> = cuda(self.stream.clone_htod(&host))?; // one upload
+            let mut y = cuda(self.stream.alloc_zeros::<f32>(n * b))?;
+            let (ni, bi) = (n as i32, b as i32);
+            let mut launch = self.stream.launch_builder(&self.batched);
+            launch
+                .arg(&self.weights)
+                .arg(&x)
+                .arg(&mut y)
+                .arg(&ni)
+                .arg(&bi);
+            // SAFETY: the kernel's parameters are (const float*, const float*, float*, int,
+            // int): `weights` holds n·n floats, `x` b·n floats (4bn bytes), `y` b·n floats.
+            cuda(unsafe { launch.launch(LaunchConfig::for_num_elems((n * b) as u32)) })?;
+            ys = cuda(self.stream.clone_dtoh(&y))?; // one download
+        }
+        Ok(batch
+            .iter()
+            .enumerate()
+            .map(|(k, t)| match stacked.iter().position(|&s| s == k) {
+                Some(pos) => Ok(Answer {
+                    y: ys[pos * n..(pos + 1) * n].to_vec(),
+                    uploads: self.uploads,
+                    batch: stacked.len() as u32,
+                    device: self.device.clone(),
+                    pinned_gbps: 0.0,
+                    pageable_gbps: 0.0,
+                }),
+                None => self.execute(t.task, &t.ctx),
+            })
+            .collect())
     }
 }
 
@@ -227,6 +302,43 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         assert!(err < 1e-3, "GPU result differs from the CPU reference");
         assert_eq!(a.uploads, 1, "the model is uploaded once per worker");
     }
+
+    // The same work, 64 tasks in flight: one by one, then batched by the workers.
+    let check = |y: &[f32]| {
+        y.iter()
+            .zip(&reference)
+            .map(|(g, c)| (g - c).abs() / c.abs().max(1.0))
+            .fold(0.0f32, f32::max)
+    };
+    for policy in [BatchPolicy::none(), BatchPolicy::new(32)] {
+        pool.set_batch_policy(policy)?;
+        let t = Instant::now();
+        let handles = (0..64)
+            .map(|_| {
+                let mut loan = pool.loan(x.len() * 4)?;
+                for (dst, v) in loan.as_mut_slice().chunks_exact_mut(4).zip(&x) {
+                    dst.copy_from_slice(&v.to_le_bytes());
+                }
+                Ok(pool.task(&Job::MatVec).payload(loan).submit()?)
+            })
+            .collect::<Result<Vec<_>, Box<dyn std::error::Error>>>()?;
+        let mut biggest = 0;
+        for h in handles {
+            let a = h.wait()?;
+            assert!(
+                check(&a.y) < 1e-3,
+                "GPU result differs from the CPU reference"
+            );
+            biggest = biggest.max(a.batch);
+        }
+        println!(
+            "64 tasks, max_batch {:>2}: {:>8.2?} ({:.0} tasks/s), largest kernel launch served {biggest} tasks",
+            policy.max_batch(),
+            t.elapsed(),
+            64.0 / t.elapsed().as_secs_f64()
+        );
+    }
+    pool.set_batch_policy(BatchPolicy::none())?;
 
     // Host-to-device bandwidth: 64 MiB from the pinned shared-memory payload vs pageable.
     let mut loan = pool.loan(64 << 20)?;

@@ -349,6 +349,49 @@ fn a_free_worker_waits_at_most_the_delay_and_never_while_another_is_idle() {
     });
 }
 
+#[test]
+fn only_when_saturated_waits_after_full_batches_only() {
+    watchdog(180, || {
+        // A long delay, one worker: a lone task after a partial batch is not kept waiting.
+        let pool = pool(
+            1,
+            BatchPolicy::new(4)
+                .max_delay(Duration::from_secs(300))
+                .only_when_saturated(true),
+        );
+        let t = Instant::now();
+        assert_eq!(pool.execute(&Job::Echo(1)).unwrap().value, 1);
+        assert!(
+            t.elapsed() < Duration::from_secs(100),
+            "waited after a partial batch"
+        );
+        // A full batch (four queued behind a gate), then a lone task: now the worker waits
+        // for company (bounded by the delay), so the task's queue delay is long. Close the
+        // pool instead of waiting out 300 s: the task in the forming batch is still answered.
+        let held = Held::new(&pool, "saturated");
+        let full: Vec<_> = (0..4)
+            .map(|i| pool.submit(&Job::Echo(i)).unwrap())
+            .collect();
+        held.open();
+        for h in full {
+            assert_eq!(h.wait().unwrap().batch, 4);
+        }
+        let lone = pool.submit(&Job::Echo(9)).unwrap();
+        // It waits for company: not finished a good while later.
+        assert!(
+            lone.wait_timeout(Duration::from_millis(300))
+                .is_err_and(|e| e.is_timeout())
+        );
+        assert_eq!(
+            pool.batch_policy(),
+            BatchPolicy::new(4)
+                .max_delay(Duration::from_secs(300))
+                .only_when_saturated(true)
+        );
+        drop(pool);
+    });
+}
+
 fn pool_two_idle() -> Pool<Batcher> {
     let pool = pool(2, BatchPolicy::new(32).max_delay(Duration::from_secs(300)));
     // Both workers reach their wait (each marks itself idle there).

@@ -37,6 +37,7 @@ pub struct BatchPolicy {
     max_delay: Duration,
     from_first_taken: bool,
     ignore_idle: bool,
+    when_saturated: bool,
 }
 
 impl Default for BatchPolicy {
@@ -53,6 +54,7 @@ impl BatchPolicy {
             max_delay: Duration::ZERO,
             from_first_taken: false,
             ignore_idle: false,
+            when_saturated: false,
         }
     }
 
@@ -69,6 +71,16 @@ impl BatchPolicy {
     /// fuller batch, unless another worker is idle.
     pub fn max_delay(mut self, d: Duration) -> Self {
         self.max_delay = d;
+        self
+    }
+
+    /// Waits for a fuller batch (up to [`max_delay`](Self::max_delay)) only while the load
+    /// fills batches: when the worker's previous batch was full. Under light load every
+    /// batch is partial and nobody waits (work-conserving, lowest latency); at saturation a
+    /// free worker waits for a full batch (most throughput). Recommended with a delay for
+    /// services that run near capacity (see BENCHMARKS.md, W7).
+    pub fn only_when_saturated(mut self, yes: bool) -> Self {
+        self.when_saturated = yes;
         self
     }
 
@@ -122,6 +134,10 @@ impl BatchPolicy {
             0
         } | if self.ignore_idle {
             batch_flags::IGNORE_IDLE
+        } else {
+            0
+        } | if self.when_saturated {
+            batch_flags::WHEN_SATURATED
         } else {
             0
         };
@@ -187,6 +203,7 @@ impl<W: Worker> Pool<W> {
             max_delay: Duration::from_nanos(b.delay_ns.load(Ordering::Relaxed)),
             from_first_taken: flags & batch_flags::FROM_FIRST_TAKEN != 0,
             ignore_idle: flags & batch_flags::IGNORE_IDLE != 0,
+            when_saturated: flags & batch_flags::WHEN_SATURATED != 0,
         }
     }
 

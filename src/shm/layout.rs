@@ -91,6 +91,9 @@ pub(crate) mod batch_flags {
     /// Wait for a fuller batch even while another worker is idle (Triton's and mpservice's
     /// rule; for comparison benchmarks).
     pub(crate) const IGNORE_IDLE: u32 = 2;
+    /// Wait for a fuller batch only while batches fill: when the worker's previous batch was
+    /// full (saturation), never after a partial one (light load).
+    pub(crate) const WHEN_SATURATED: u32 = 4;
 }
 
 /// Most tasks one dynamic batch can hold (the size of [`BatchCtl`]'s held list).

@@ -106,6 +106,7 @@ impl Server<'_> {
         while members.len() < max {
             if self.ctl.hold.load(Ordering::SeqCst) != 0
                 || self.ctl.direct.load(Ordering::Acquire) != 0
+                || hdr.shutdown.load(Ordering::Acquire) != 0
             {
                 break;
             }
@@ -147,7 +148,10 @@ impl Server<'_> {
             };
             let until = base.saturating_add(delay_ns);
             let now = mono_ns();
-            if now >= until || (flags & batch_flags::IGNORE_IDLE == 0 && self.another_idle()) {
+            if now >= until
+                || (flags & batch_flags::WHEN_SATURATED != 0 && !self.last_batch_full.get())
+                || (flags & batch_flags::IGNORE_IDLE == 0 && self.another_idle())
+            {
                 break;
             }
             let slice = Duration::from_nanos(until - now).min(FILL_SLICE);
@@ -161,9 +165,11 @@ impl Server<'_> {
                     !ring.is_empty()
                         || self.ctl.hold.load(Ordering::SeqCst) != 0
                         || self.ctl.direct.load(Ordering::Acquire) != 0
+                        || hdr.shutdown.load(Ordering::Acquire) != 0
                 },
             );
         }
+        self.last_batch_full.set(members.len() >= max);
         let retire = self.run_batch(state, wctx, members, oldest);
         if let Some(t) = packed {
             // Still in the pop window, claimed: run it, unless the worker must retire (then

@@ -190,6 +190,7 @@ pub(crate) fn run<W: Worker>(wp: WorkerProcess) -> ! {
         results,
         spin,
         restart_on_panic: hdr.flags & FLAG_RESTART_ON_PANIC != 0,
+        last_batch_full: std::cell::Cell::new(false),
         #[cfg(feature = "failpoints")]
         hostile: (
             failpoint::hostile::mask(),
@@ -313,6 +314,8 @@ pub(super) struct Server<'a> {
     pub(super) results: ByteRing<'a>,
     pub(super) spin: Duration,
     pub(super) restart_on_panic: bool,
+    /// Whether this worker's previous dynamic batch was full (see `batch_flags::WHEN_SATURATED`).
+    pub(super) last_batch_full: std::cell::Cell<bool>,
     /// Test builds: the hostile mask and its random numbers.
     #[cfg(feature = "failpoints")]
     pub(super) hostile: (u32, failpoint::hostile::Rng),
