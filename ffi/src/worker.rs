@@ -132,10 +132,26 @@ static CALLBACKS: OnceLock<Registered> = OnceLock::new();
 pub struct CWorker {
     state: *mut c_void,
     callbacks: sp_worker_callbacks,
-    /// The length of the last output: the next reply's buffer starts with that capacity, so a
-    /// worker whose outputs are about the same size makes one allocation per task, never a
-    /// chain of reallocations.
+    /// The length of the last output: a new reply buffer starts with that capacity.
     last_output_len: usize,
+    /// Reply buffers handed back after their output was written into shared memory
+    /// ([`Worker::recycle`]): the next replies are built in them, so a worker whose outputs
+    /// fit the buffers it has allocates nothing per task.
+    spare: Vec<Vec<u8>>,
+}
+
+impl CWorker {
+    /// An empty reply, in a recycled buffer if there is one.
+    fn reply(&mut self) -> sp_reply {
+        let bytes = match self.spare.pop() {
+            Some(mut b) => {
+                b.clear();
+                b
+            }
+            None => Vec::with_capacity(self.last_output_len),
+        };
+        sp_reply { bytes, error: None }
+    }
 }
 
 fn info(ctx: &WorkerContext) -> sp_worker_info {
@@ -197,6 +213,7 @@ impl Worker for CWorker {
                 state,
                 callbacks: *cb,
                 last_output_len: 0,
+                spare: Vec::new(),
             },
             reply.bytes,
         ))
@@ -211,10 +228,7 @@ impl Worker for CWorker {
             return Err("sp_worker_callbacks.execute is NULL".into());
         };
         let t = task_info(task, ctx);
-        let mut reply = sp_reply {
-            bytes: Vec::with_capacity(self.last_output_len),
-            error: None,
-        };
+        let mut reply = self.reply();
         // SAFETY: registered with this signature; `t`'s pointers are into the task's slot and
         // payload, which stay put until this task is answered, after the call.
         let rc = unsafe { execute(self.state, &t, &mut reply) };
@@ -228,6 +242,13 @@ impl Worker for CWorker {
         }
     }
 
+    fn recycle(&mut self, output: Vec<u8>) {
+        // Enough buffers for a full batch; more are dropped.
+        if self.spare.len() < 64 {
+            self.spare.push(output);
+        }
+    }
+
     fn execute_batch(
         &mut self,
         batch: &[BatchTask<'_, Vec<u8>>],
@@ -236,13 +257,7 @@ impl Worker for CWorker {
             return Ok(batch.iter().map(|t| self.execute(t.task, &t.ctx)).collect());
         };
         let infos: Vec<sp_task_info> = batch.iter().map(|t| task_info(t.task, &t.ctx)).collect();
-        let mut replies: Vec<sp_reply> = batch
-            .iter()
-            .map(|_| sp_reply {
-                bytes: Vec::with_capacity(self.last_output_len),
-                error: None,
-            })
-            .collect();
+        let mut replies: Vec<sp_reply> = batch.iter().map(|_| self.reply()).collect();
         let ptrs: Vec<*mut sp_reply> = replies.iter_mut().map(|r| r as *mut sp_reply).collect();
         let mut statuses = vec![SP_WORKER_OK; batch.len()];
         // SAFETY: registered with this signature; `infos` (pointers into the tasks' slots and

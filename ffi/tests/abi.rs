@@ -123,6 +123,22 @@ unsafe extern "C-unwind" fn t_execute(
                 sp_reply_write(reply, s.as_ptr(), s.len());
                 SP_WORKER_OK
             }
+            b"allocs" => {
+                // This process's allocation count, formatted without allocating.
+                let mut buf = [0u8; 20];
+                let mut n = ALLOCS.load(std::sync::atomic::Ordering::Relaxed);
+                let mut i = buf.len();
+                loop {
+                    i -= 1;
+                    buf[i] = b'0' + (n % 10) as u8;
+                    n /= 10;
+                    if n == 0 {
+                        break;
+                    }
+                }
+                sp_reply_write(reply, buf[i..].as_ptr(), buf.len() - i);
+                SP_WORKER_OK
+            }
             b"payload-len" => {
                 let s = t.payload_len.to_string();
                 sp_reply_write(reply, s.as_ptr(), s.len());
@@ -190,6 +206,32 @@ unsafe extern "C-unwind" fn t_drop(state: *mut c_void) {
     // SAFETY: the Box our spawn made, dropped once.
     drop(unsafe { Box::from_raw(state as *mut u64) });
 }
+
+/// Allocations of this process (worker processes run this binary too).
+static ALLOCS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+struct Counting;
+
+// SAFETY: forwards to the system allocator; only counts.
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { std::alloc::System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
+        // SAFETY: same contract as ours.
+        unsafe { std::alloc::System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: std::alloc::Layout, n: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { std::alloc::System.realloc(p, l, n) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
 
 fn callbacks() -> sp_worker_callbacks {
     sp_worker_callbacks {
@@ -724,6 +766,31 @@ fn a_c_worker_runs_batches_through_its_batch_callback() {
         );
         assert_eq!(sp_pool_set_batch_policy(p, 4, 100), SP_OK);
         assert!(execute(p, b"z").unwrap().starts_with("batch"));
+        assert_eq!(sp_pool_free(p), SP_OK);
+    });
+}
+
+#[test]
+fn a_c_worker_output_costs_no_allocation_per_task() {
+    watchdog(120, || {
+        let p = new_pool(|o| o.queue_size = 8);
+        assert!(spawn(p, b"ok").is_ok());
+        let count = |p| execute(p, b"allocs").unwrap().parse::<u64>().unwrap();
+        // Warm up: the reply buffers reach their size and are recycled from then on.
+        for _ in 0..200 {
+            assert_eq!(execute(p, b"alloc:100").unwrap().len(), 108);
+        }
+        let before = count(p);
+        for _ in 0..500 {
+            assert_eq!(execute(p, b"alloc:100").unwrap().len(), 108);
+        }
+        let after = count(p);
+        // The "allocs" task itself is one more task; a handful is slack, not one per task.
+        assert!(
+            after - before <= 5,
+            "{} allocations in the worker for 500 tasks",
+            after - before
+        );
         assert_eq!(sp_pool_free(p), SP_OK);
     });
 }

@@ -16,7 +16,7 @@
 //! is cleared only after its task's outcome is published, so the supervisor answers exactly
 //! the unpublished ones (`slot::held_by_dead_worker`, entry by entry).
 
-use super::main_loop::{Server, Task, error_kind, panic_message};
+use super::main_loop::{Server, Task, error_kind, panic_message, recycle};
 use super::{BatchTask, Worker, WorkerContext};
 use crate::failpoint;
 use crate::ring::mpmc::MpmcRing;
@@ -245,7 +245,10 @@ impl Server<'_> {
                 let mut retire = None;
                 for ((k, t, inline_from), out) in opened.iter().zip(outs) {
                     match out {
-                        Ok(o) => self.write_output(t, *inline_from, &o),
+                        Ok(o) => {
+                            self.write_output(t, *inline_from, &o);
+                            recycle(state, o);
+                        }
                         Err(e) => {
                             let (kind, msg) = error_kind(&*e);
                             self.write_message(t, kind, &msg);

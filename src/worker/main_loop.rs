@@ -33,6 +33,12 @@ pub(super) fn error_kind(e: &(dyn std::error::Error + Send + Sync + 'static)) ->
     }
 }
 
+/// Hands a published output back to the worker ([`Worker::recycle`]); a panic in it is
+/// ignored (the outcome is already published).
+pub(super) fn recycle<W: Worker>(state: &mut W, out: W::Output) {
+    let _ = catch_unwind(AssertUnwindSafe(|| state.recycle(out)));
+}
+
 /// Turns a panic payload into its message.
 pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = p.downcast_ref::<&str>() {
@@ -345,6 +351,7 @@ impl Server<'_> {
         match self.run(state, task, &tctx) {
             Ok(out) => {
                 self.write_output(t, inline_from, &out);
+                recycle(state, out);
                 None
             }
             Err((kind, message)) => {

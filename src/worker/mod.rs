@@ -74,6 +74,13 @@ pub trait Worker: Sized + 'static {
         ctx: &TaskContext<'_>,
     ) -> Result<Self::Output, BoxError>;
 
+    /// Takes back an output once it has been written into shared memory (the default drops
+    /// it). A worker whose outputs own buffers can keep one here and fill it again for the
+    /// next task, so that producing an output allocates nothing (the C ABI's workers do).
+    fn recycle(&mut self, output: Self::Output) {
+        drop(output);
+    }
+
     /// Runs several tasks in one step, when the pool batches
     /// ([`PoolBuilder::batch_policy`](crate::PoolBuilder::batch_policy)): up to `max_batch`
     /// tasks that callers submitted independently, each read in place with its own context
