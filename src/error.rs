@@ -123,6 +123,15 @@ pub enum SpawnError {
     /// The pool is shutting down.
     #[error("the pool is shut down")]
     Shutdown,
+    /// A CPU of the worker's [CPU set](crate::SpawnOptions::cpus) is not one this process may
+    /// run on.
+    #[error("CPU {cpu} is not available to this process (it may use CPUs {allowed:?})")]
+    CpuNotAllowed {
+        /// The CPU asked for.
+        cpu: usize,
+        /// The CPUs this process may use.
+        allowed: Vec<usize>,
+    },
 }
 
 /// Why a worker could not be retired or replaced

@@ -108,7 +108,7 @@ pub use pool::handle::{BatchHandle, Loan, ResultRef, SpawnHandle, TaskHandle};
 #[cfg(not(stateful_pool_loom))]
 pub use pool::map::{ErrorPolicy, Map, MapError, MapStream};
 #[cfg(not(stateful_pool_loom))]
-pub use pool::options::{SpawnOptions, TaskOptions};
+pub use pool::options::{SpawnOptions, THREAD_ENV_VARS, TaskOptions};
 #[cfg(not(stateful_pool_loom))]
 pub use pool::submit::{NoPayload, Payload, Submit, SubmitBatch};
 

@@ -13,6 +13,37 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
+/// The CPUs this process may run on (its affinity mask), ascending.
+pub(crate) fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: an all-zero cpu_set_t is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a live cpu_set_t of the size passed; sched_getaffinity writes into it.
+    let r = unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) };
+    if r != 0 {
+        return Vec::new();
+    }
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: CPU_ISSET reads bit `c` of the set, `c` < CPU_SETSIZE.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect()
+}
+
+/// A CPU set from a `0,1,5` list (the worker's `STATEFUL_POOL_CPUS`); `None` if malformed or
+/// out of range.
+pub(crate) fn cpu_set(list: &str) -> Option<libc::cpu_set_t> {
+    // SAFETY: an all-zero cpu_set_t is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for part in list.split(',') {
+        let c: usize = part.trim().parse().ok()?;
+        if c >= libc::CPU_SETSIZE as usize {
+            return None;
+        }
+        // SAFETY: CPU_SET sets bit `c` of the set, `c` < CPU_SETSIZE (checked above).
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    Some(set)
+}
+
 /// `CLOCK_MONOTONIC` in nanoseconds: one clock for every process of the machine (what
 /// `Instant` reads), so a time the parent stores in shared memory means the same to a worker.
 pub(crate) fn mono_ns() -> u64 {

@@ -721,3 +721,76 @@ fn every_close_returns_only_once_the_workers_are_stopped() {
         }
     });
 }
+
+#[test]
+fn cpu_sets_pin_workers_before_they_start_and_a_disallowed_cpu_is_refused() {
+    watchdog(120, || {
+        let allowed = allowed_cpus();
+        assert!(!allowed.is_empty());
+        let pool = Pool::<TestWorker>::builder().build().unwrap();
+        // One worker per allowed CPU (at most two), started in parallel, each pinned.
+        let sets: Vec<Vec<usize>> = allowed.iter().take(2).map(|&c| vec![c]).collect();
+        let handles: Vec<_> = sets
+            .iter()
+            .map(|set| {
+                pool.submit_spawn_with(
+                    &Spawn::ok("pinned"),
+                    &SpawnOptions::new()
+                        .cpus(set.iter().copied())
+                        .thread_env_from_cpus(true),
+                )
+                .unwrap()
+            })
+            .collect();
+        for h in handles {
+            h.wait().unwrap();
+        }
+        for _ in 0..2 {
+            // Every worker reads its own affinity: exactly its set. Its thread pools are told
+            // the set's size.
+            for w in pool.workers() {
+                let out = pool.broadcast(&Cmd::Cpus);
+                let (_, r) = out.iter().find(|(i, _)| *i == w.index).unwrap();
+                let cpus: Vec<usize> = r
+                    .as_ref()
+                    .unwrap()
+                    .bytes
+                    .iter()
+                    .map(|&c| c as usize)
+                    .collect();
+                assert_eq!(cpus.len(), 1, "pinned to one CPU: {cpus:?}");
+                assert!(sets.contains(&cpus), "{cpus:?} is one of {sets:?}");
+            }
+            let env = pool.broadcast(&Cmd::Env("OMP_NUM_THREADS".into()));
+            assert!(env.iter().all(|(_, r)| r.as_ref().unwrap().bytes == b"1"));
+            // A restarted worker keeps its set.
+            let pid = pool.worker_pids()[0].1;
+            // SAFETY: kill has no memory-safety preconditions; `pid` is our worker.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            assert!(wait_until(60, || process_gone(pid)));
+            assert!(wait_until(60, || {
+                let pids = pool.worker_pids();
+                pids.len() == sets.len() && pids.iter().all(|&(_, p)| p != pid)
+            }));
+        }
+        // A CPU this process may not use: refused before anything starts, naming it.
+        let bad = 4000;
+        assert!(!allowed.contains(&bad));
+        match pool.spawn_with(
+            &Spawn::ok("bad"),
+            &SpawnOptions::new().cpus([allowed[0], bad]),
+        ) {
+            Err(e @ SpawnError::CpuNotAllowed { cpu: 4000, .. }) => {
+                assert!(e.to_string().contains("CPU 4000"), "{e}")
+            }
+            other => panic!("expected CpuNotAllowed, got {other:?}"),
+        }
+        assert_eq!(pool.num_workers(), sets.len());
+        // No set: not pinned.
+        let free = Pool::<TestWorker>::builder().build().unwrap();
+        free.spawn_with(&Spawn::ok("free"), &SpawnOptions::new().cpus([]))
+            .unwrap();
+        let cpus = free.execute(&Cmd::Cpus).unwrap().bytes;
+        assert_eq!(cpus.len(), allowed.len().min(256));
+    });
+}

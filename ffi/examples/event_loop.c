@@ -58,7 +58,7 @@ static int32_t ev_execute(void *state, const sp_task_info *task, sp_reply *reply
 enum { N_TASKS = 1000, IN_FLIGHT = 64 };
 
 int main(void) {
-    sp_worker_callbacks cb = {NULL, ev_spawn, ev_execute, NULL};
+    sp_worker_callbacks cb = {NULL, ev_spawn, ev_execute, NULL, NULL};
     CHECK(sp_init(&cb));
 
     sp_pool_options opts;

@@ -87,7 +87,7 @@ void worker_drop(void *state) { delete static_cast<Worker *>(state); }
 }  // namespace
 
 int main() {
-    sp_worker_callbacks callbacks{nullptr, worker_spawn, worker_execute, worker_drop};
+    sp_worker_callbacks callbacks{nullptr, worker_spawn, worker_execute, worker_drop, nullptr};
     stateful_pool::init(&callbacks);  // workers branch off here: keep it first
 
     namespace sp = stateful_pool;

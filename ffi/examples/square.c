@@ -74,7 +74,7 @@ static void print_result(sp_result r) {
 
 int main(void) {
     /* Workers branch off here: keep it first. */
-    sp_worker_callbacks callbacks = {NULL, square_spawn, square_execute, square_drop};
+    sp_worker_callbacks callbacks = {NULL, square_spawn, square_execute, square_drop, NULL};
     CHECK(sp_init(&callbacks));
 
     sp_pool_options opts;

@@ -141,7 +141,8 @@ struct Callbacks {
 template <class W>
 sp_worker_callbacks worker_callbacks() noexcept {
     return sp_worker_callbacks{nullptr, &detail::Callbacks<W>::spawn,
-                               &detail::Callbacks<W>::execute, &detail::Callbacks<W>::drop};
+                               &detail::Callbacks<W>::execute, &detail::Callbacks<W>::drop,
+                               nullptr};
 }
 
 /// Bytes of a task result or a spawn output, read in place; released by the destructor.

@@ -269,6 +269,7 @@ impl<W: Worker> Pool<W> {
         // SAFETY: `buf` is our own, `len` bytes long.
         unsafe { codec::encode_into(args, buf.as_mut_ptr(), len) }
             .map_err(|e| SpawnError::Encode(e.message()))?;
+        opts.check_cpus()?;
         self.submit_spawn_archived(buf, opts.process_env())
     }
 

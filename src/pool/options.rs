@@ -67,7 +67,23 @@ pub struct SpawnOptions {
     pub(crate) gpus: Vec<u32>,
     pub(crate) visible_only: bool,
     pub(crate) env: Vec<(String, String)>,
+    pub(crate) cpus: Vec<usize>,
+    pub(crate) thread_env: bool,
 }
+
+/// The environment variables that size common thread pools (OpenMP, MKL, OpenBLAS, BLIS,
+/// rayon, numexpr, Apple Accelerate/vecLib, tokio), set by
+/// [`SpawnOptions::thread_env_from_cpus`].
+pub const THREAD_ENV_VARS: [&str; 8] = [
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "BLIS_NUM_THREADS",
+    "RAYON_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "TOKIO_WORKER_THREADS",
+];
 
 impl SpawnOptions {
     /// No GPUs, no extra environment.
@@ -100,6 +116,44 @@ impl SpawnOptions {
         self
     }
 
+    /// Pins the worker process to these CPUs (the seed's `[[0, 1], [2], None]`: one set per
+    /// worker). The set is applied between fork and exec, before the worker's program starts,
+    /// so every thread it ever starts inherits it; restarts keep it. Each CPU is checked at
+    /// spawn against the CPUs this process may use: one that is not allowed fails the spawn
+    /// with [`SpawnError::CpuNotAllowed`](crate::SpawnError::CpuNotAllowed) naming it. An
+    /// empty set means no pinning.
+    pub fn cpus(mut self, cpus: impl IntoIterator<Item = usize>) -> Self {
+        self.cpus = cpus.into_iter().collect();
+        self.cpus.sort_unstable();
+        self.cpus.dedup();
+        self
+    }
+
+    /// Also sets the usual thread-count variables ([`THREAD_ENV_VARS`]: `OMP_NUM_THREADS`,
+    /// `MKL_NUM_THREADS`, …) in the worker's environment to the size of its CPU set, so the
+    /// libraries it loads do not start one thread per machine core.
+    pub fn thread_env_from_cpus(mut self, yes: bool) -> Self {
+        self.thread_env = yes;
+        self
+    }
+
+    /// The CPUs set with [`cpus`](Self::cpus), sorted.
+    pub fn cpu_ids(&self) -> &[usize] {
+        &self.cpus
+    }
+
+    /// Checks the CPU set against the CPUs this process may run on.
+    pub(crate) fn check_cpus(&self) -> Result<(), crate::SpawnError> {
+        if self.cpus.is_empty() {
+            return Ok(());
+        }
+        let allowed = crate::sys::allowed_cpus();
+        match self.cpus.iter().find(|c| !allowed.contains(c)) {
+            Some(&cpu) => Err(crate::SpawnError::CpuNotAllowed { cpu, allowed }),
+            None => Ok(()),
+        }
+    }
+
     /// The GPUs set with [`gpus`](Self::gpus).
     pub fn gpu_ids(&self) -> &[u32] {
         &self.gpus
@@ -108,6 +162,20 @@ impl SpawnOptions {
     /// The environment the worker process gets for these options.
     pub(crate) fn process_env(&self) -> Vec<(String, String)> {
         let mut env = self.env.clone();
+        if !self.cpus.is_empty() {
+            let list = self
+                .cpus
+                .iter()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(",");
+            env.push((crate::worker::boot::CPUS_ENV.to_string(), list));
+            if self.thread_env {
+                for k in THREAD_ENV_VARS {
+                    env.push((k.to_string(), self.cpus.len().to_string()));
+                }
+            }
+        }
         if !self.gpus.is_empty() {
             let list = self
                 .gpus

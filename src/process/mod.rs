@@ -37,13 +37,25 @@ pub(crate) fn launch(
     // The bound of the fallback loop in `cloexec_from`, read here: the closure may not
     // allocate or do anything but plain system calls.
     let fd_limit = open_files_limit();
+    // The CPU set, parsed here: the closure may not allocate.
+    let cpus = match env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == crate::worker::boot::CPUS_ENV)
+    {
+        Some((_, list)) => Some(crate::sys::cpu_set(list).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("bad CPU set {list:?}"))
+        })?),
+        None => None,
+    };
     let mut cmd = Command::new(program);
     cmd.envs(env.iter().map(|(k, v)| (k, v)))
         .env(BOOT_ENV, boot)
         .stdin(Stdio::null())
         .process_group(0);
     // SAFETY: the closure runs between fork and exec in the child and calls only
-    // async-signal-safe functions (fcntl, dup2, close, close_range, prctl), allocating nothing.
+    // async-signal-safe functions (fcntl, dup2, close, close_range, prctl, sched_setaffinity),
+    // allocating nothing.
     unsafe {
         cmd.pre_exec(move || {
             // Duplicate both fds above the targets first, so neither dup2 can clobber the other
@@ -59,6 +71,12 @@ pub(crate) fn launch(
             }
             libc::close(seg);
             libc::close(notify);
+            // The worker's CPU set, before its program (and any thread of it) starts.
+            if let Some(set) = &cpus {
+                if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), set) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             // Everything else the parent holds (a C host's sockets and files opened without
             // O_CLOEXEC) stays out of the worker. Close-on-exec rather than closed: std's own
             // pipe that reports a failed exec to the parent must live until the exec.

@@ -25,6 +25,9 @@ pub(crate) const BOOT_ENV: &str = "STATEFUL_POOL_WORKER";
 /// The environment variable carrying a worker's GPU ids (`0,1`, or `visible:0,1` when its
 /// `CUDA_VISIBLE_DEVICES` was restricted to them).
 pub(crate) const GPUS_ENV: &str = "STATEFUL_POOL_GPUS";
+/// The environment variable carrying a worker's CPU set (`0,1`), applied to the process
+/// before its program starts (`process::launch`).
+pub(crate) const CPUS_ENV: &str = "STATEFUL_POOL_CPUS";
 /// The fd number the segment arrives on.
 pub(crate) const SEGMENT_FD: i32 = 3;
 /// The fd number of the parent supervisor's eventfd: the worker writes to it after reporting

@@ -82,6 +82,8 @@ pub enum Cmd {
     /// Returns the value of this environment variable in the worker (`Out::bytes`), and
     /// `Out::value` 1 if it is set.
     Env(String),
+    /// Returns the CPUs this worker process may run on (its affinity), one byte each.
+    Cpus,
     /// Returns the worker's GPU ids (`Out::bytes`, one byte each) and whether its payload arena
     /// is pinned (`Out::value`).
     GpuIds,
@@ -256,6 +258,11 @@ impl Worker for TestWorker {
                 }
                 out(1)
             }
+            ArchivedCmd::Cpus => Out {
+                worker,
+                value: 0,
+                bytes: allowed_cpus().into_iter().map(|c| c as u8).collect(),
+            },
             ArchivedCmd::Env(key) => match std::env::var(key.as_str()) {
                 Ok(v) => Out {
                     worker,
@@ -368,6 +375,20 @@ pub fn process_gone(pid: u32) -> bool {
 }
 
 /// Polls `cond` every 5 ms until it holds or `secs` pass; returns whether it held.
+/// The CPUs this process may run on (its affinity mask), ascending.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: an all-zero cpu_set_t is a valid empty set; sched_getaffinity writes into ours.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
+    }
+}
+
 pub fn wait_until(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + Duration::from_secs(secs);
     loop {
