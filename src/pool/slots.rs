@@ -287,7 +287,9 @@ impl Shared {
             // above to the worker's Acquire load of `direct`. The broadcaster serialises offers
             // per pool, so the word is free (taken by the worker, or cleared by its recovery).
             self.ctl(seat).direct.store(slot + 1, Ordering::Release);
-            self.header().task_ready.notify_all();
+            // Unconditionally (rare: broadcasts): a missed wake would hold the broadcast until
+            // the next task arrives.
+            self.header().task_ready.wake_all_unconditionally();
             return Ok((slot, task_id));
         }
         // SYNC POINT: the push's Release store of the cell stamp publishes the slot contents

@@ -42,7 +42,8 @@ impl Sup {
                 let ctl = shared.ctl(seat);
                 ctl.hold.fetch_or(hold::RETIRE, Ordering::SeqCst);
                 crate::sys::futex_wake(&ctl.hold, i32::MAX);
-                shared.header().task_ready.notify_all();
+                // Unconditionally: the sleeper count is in memory workers write.
+                shared.header().task_ready.wake_all_unconditionally();
                 match &mut s.retiring {
                     Some((_, waiters)) => waiters.push(done),
                     None => {

@@ -30,8 +30,11 @@ impl Sup {
         }
         let hdr = shared.header();
         hdr.shutdown.store(1, Ordering::SeqCst);
-        hdr.task_ready.notify_all();
-        hdr.space.notify_all();
+        // Whatever the sleeper counts say: they live in memory workers write (and a dead
+        // worker's withdrawal is a best guess), and a wake missed here would leave a worker
+        // asleep until the shutdown timeout kills it.
+        hdr.task_ready.wake_all_unconditionally();
+        hdr.space.wake_all_unconditionally();
     }
 
     /// The shutdown grace is over: kill every worker still running.
