@@ -488,3 +488,48 @@ fn callers_packed_batches_and_dynamic_batches_mix() {
         assert_eq!(after.wait().unwrap().value, 4);
     });
 }
+
+#[test]
+fn a_hung_batch_is_killed_by_its_smallest_limit_and_waiting_for_company_is_not_running() {
+    watchdog(180, || {
+        let pool = pool(1, BatchPolicy::new(8));
+        let held = Held::new(&pool, "hung");
+        let never = gate_path("never-opens");
+        let limited = pool
+            .task(&Job::Echo(1))
+            .timeout(Duration::from_millis(300))
+            .submit()
+            .unwrap();
+        let unlimited = pool.submit(&Job::Echo(2)).unwrap();
+        let hang = pool
+            .submit(&Job::Gate(
+                gate_path("never-started").to_string_lossy().into(),
+                never.to_string_lossy().into(),
+            ))
+            .unwrap();
+        held.open();
+        // The batch hangs: killed at the smallest limit among its tasks.
+        assert!(
+            matches!(limited.wait(), Err(TaskError::Timeout { .. })),
+            "the task whose limit passed"
+        );
+        assert!(matches!(
+            unlimited.wait(),
+            Err(TaskError::WorkerDied { .. })
+        ));
+        assert!(matches!(hang.wait(), Err(TaskError::WorkerDied { .. })));
+        assert_eq!(pool.execute(&Job::Echo(3)).unwrap().value, 3);
+        drop(pool);
+
+        // One worker waiting 1 s for company: a 300 ms execution limit is not spent waiting.
+        let pool = self::pool(1, BatchPolicy::new(8).max_delay(Duration::from_secs(1)));
+        let d = pool
+            .task(&Job::Echo(4))
+            .timeout(Duration::from_millis(300))
+            .execute()
+            .unwrap();
+        assert_eq!((d.value, d.batch), (4, 1));
+        assert!(pool.stats().batching.queue_delay_max >= Duration::from_secs(1));
+        assert_eq!(pool.stats().worker_deaths, 0);
+    });
+}

@@ -18,7 +18,9 @@ use std::time::Duration;
 ///   **oldest** waiting task's submission. The default, zero, is work-conserving: a worker
 ///   that becomes free takes whatever is queued, up to `max_batch`, at once, and a lone
 ///   request never waits for company. Even with a delay, a worker never waits while another
-///   worker of the pool is idle and could take the tasks.
+///   worker of the pool is idle and could take the tasks. (A task submitted before batching
+///   was switched on counts from when a worker took it.) Waiting for company is not
+///   execution: a task's execution timeout starts when its batch step does.
 ///
 /// Batches form from the shared queue, so several batching workers balance as single tasks
 /// do, and a worker takes tasks only while it is free. This is not
@@ -153,7 +155,7 @@ impl BatchPolicy {
     }
 }
 
-/// Dynamic batching counters, summed over the pool's workers since each started
+/// Dynamic batching counters, summed over the pool's worker seats since the pool was built
 /// ([`PoolStats::batching`](crate::PoolStats::batching)).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]

@@ -114,7 +114,9 @@ pub struct PoolStats {
     pub failed_workers: u64,
     /// Tasks that failed because their worker died (`WorkerDied`).
     pub tasks_died: u64,
-    /// Tasks that failed their timeout (`Timeout`).
+    /// Tasks that ran past their execution timeout (`Timeout`; their worker was killed).
+    /// Tasks answered `Timeout` because their deadline passed before they started are not
+    /// counted here.
     pub tasks_timed_out: u64,
     /// Re-runs of tasks whose worker died, under their retry policy.
     pub tasks_retried: u64,

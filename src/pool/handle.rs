@@ -460,6 +460,9 @@ impl<O: Message> BatchHandle<O> {
     /// The outcomes if the batch has finished, without waiting (a zero-timeout
     /// [`wait_timeout`](Self::wait_timeout)).
     pub fn try_wait(self) -> Result<Vec<Result<O, TaskError>>, WaitTimeoutError<Self>> {
+        if !self.inner.is_finished() {
+            return Err(WaitTimeoutError::Timeout(self));
+        }
         self.wait_timeout(Duration::ZERO)
     }
 }

@@ -132,6 +132,10 @@ pub(crate) struct BatchCtl {
     pub(crate) max_queue_ns: AtomicU64,
     pub(crate) exec_ns: AtomicU64,
     pub(crate) max_exec_ns: AtomicU64,
+    /// 1 while the held tasks run (from just before `execute_batch` until their outcomes are
+    /// published): only then does the supervisor watch them for their execution timeout.
+    /// Forming a batch (waiting for company) is not execution.
+    pub(crate) started: AtomicU32,
 }
 
 /// Bits of [`WorkerCtl::hold`].
@@ -423,6 +427,7 @@ impl SegmentHeader {
 impl BatchCtl {
     /// Empties the held list (between lives of the seat, and after a recovery).
     pub(crate) fn clear_held(&self) {
+        self.started.store(0, std::sync::atomic::Ordering::Relaxed);
         for k in 0..BATCH_CAP {
             self.held_slots[k].store(0, std::sync::atomic::Ordering::Relaxed);
             self.held_tasks[k].store(0, std::sync::atomic::Ordering::Relaxed);

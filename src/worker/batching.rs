@@ -170,14 +170,28 @@ impl Server<'_> {
             );
         }
         self.last_batch_full.set(members.len() >= max);
+        let n = members.len() as u64;
         let retire = self.run_batch(state, wctx, members, oldest);
+        // The main loop counts one task; the batch was `n`.
+        self.ctl.tasks_done.fetch_add(n - 1, Ordering::Relaxed);
         if let Some(t) = packed {
             // Still in the pop window, claimed: run it, unless the worker must retire (then
-            // it is answered "not run", as the rest of a batch is after a poisoning).
+            // it is answered "not run", as the rest of a batch is after a poisoning), or it was
+            // cancelled or its deadline passed meanwhile.
+            let st = t.sh.state.load(Ordering::Acquire);
+            let seat = self.wp.seat;
             return match retire {
                 Some(kind) => {
-                    self.publish(&t, RawOutcome::new(KIND_CANCELLED, self.wp.seat, 0, 0));
+                    self.publish(&t, RawOutcome::new(KIND_CANCELLED, seat, 0, 0));
                     Some(kind)
+                }
+                None if st & bits::CANCELLED != 0 => {
+                    self.publish(&t, RawOutcome::new(KIND_CANCELLED, seat, 0, 0));
+                    None
+                }
+                None if self.expired(&t, st) => {
+                    self.publish(&t, RawOutcome::new(KIND_EXPIRED, seat, 0, 0));
+                    None
                 }
                 None => self.serve_batch(state, wctx, &t),
             };
@@ -228,6 +242,10 @@ impl Server<'_> {
             return None;
         }
         failpoint::hit("mid_read");
+        // From here the batch runs: the supervisor watches its execution limits (SeqCst pairs
+        // with its timeout handshake).
+        let bc = self.batch_ctl();
+        bc.started.store(1, Ordering::SeqCst);
         let start = mono_ns();
         let r = catch_unwind(AssertUnwindSafe(|| state.execute_batch(&items)));
         let exec = mono_ns().saturating_sub(start);
@@ -240,7 +258,7 @@ impl Server<'_> {
             }
             self.retires_after(kind)
         };
-        match r {
+        let retire = match r {
             Ok(Ok(outs)) if outs.len() == opened.len() => {
                 let mut retire = None;
                 for ((k, t, inline_from), out) in opened.iter().zip(outs) {
@@ -272,7 +290,9 @@ impl Server<'_> {
                 whole(kind, &msg)
             }
             Err(p) => whole(KIND_PANIC, &panic_message(&*p)),
-        }
+        };
+        bc.started.store(0, Ordering::SeqCst);
+        retire
     }
 
     /// Adds one batch to the seat's counters.

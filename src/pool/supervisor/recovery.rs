@@ -126,11 +126,17 @@ impl Sup {
             held.push(slot);
         }
         // The tasks of a dynamic batch it was forming or running: each entry by the same rule.
+        // Those of a batch that had started ran (for the timeout rule in `answer_held`).
         let bc = shared.batch_ctl(seat);
+        let batch_started = bc.started.load(Ordering::SeqCst) != 0;
+        let mut ran_in_batch: Vec<u32> = Vec::new();
         for (s, t) in bc.held() {
             if let Some(slot) =
                 held_by_dead_worker(s, t, n_slots, |s| Some(shared.slot(s).state_and_task()))
             {
+                if batch_started {
+                    ran_in_batch.push(slot);
+                }
                 if !held.contains(&slot) {
                     held.push(slot);
                 }
@@ -168,7 +174,8 @@ impl Sup {
         ctl.current_task.store(0, Ordering::Relaxed);
         let (mut failed, mut retried) = (0, 0);
         for slot in held {
-            if self.answer_held(slot, seat, pid, cause, kill) {
+            let in_batch = ran_in_batch.contains(&slot);
+            if self.answer_held(slot, seat, pid, cause, kill, in_batch) {
                 retried += 1;
             } else {
                 failed += 1;
@@ -208,7 +215,7 @@ impl Sup {
                     // already answered it, it is the dead worker's to answer.
                     let st = self.shared.slot(v).state.load(Ordering::Acquire);
                     if st & (bits::CLAIMED | bits::DONE) == 0 {
-                        let _ = self.answer_held(v, p.seat, p.pid, p.cause, None);
+                        let _ = self.answer_held(v, p.seat, p.pid, p.cause, None, false);
                     }
                 }
                 _ => {}
@@ -216,8 +223,9 @@ impl Sup {
         }
     }
 
-    /// Answers a task a dead worker held: `Timeout` if we killed it for this task,
-    /// `Cancelled` at shutdown or if its caller cancelled, a retry if its budget allows, else
+    /// Answers a task a dead worker held: `Timeout` if we killed it for this task (or it ran
+    /// in the same started batch, `in_batch`, and its own limit had passed too), `Cancelled`
+    /// at shutdown or if its caller cancelled, a retry if its budget allows, else
     /// `WorkerDied`. Returns whether it was requeued.
     pub(super) fn answer_held(
         &mut self,
@@ -226,6 +234,7 @@ impl Sup {
         pid: u32,
         cause: ExitCause,
         kill: Option<KillReason>,
+        in_batch: bool,
     ) -> bool {
         let shared = self.shared.clone();
         let sh = shared.slot(slot);
@@ -238,7 +247,8 @@ impl Sup {
             // The task it was killed for, or a task of the same batch whose own limit had
             // passed too.
             Some(KillReason::Timeout { task_id, after_ns })
-                if task_id == this_task || (own_limit != 0 && own_limit <= after_ns) =>
+                if task_id == this_task
+                    || (in_batch && own_limit != 0 && own_limit <= after_ns) =>
             {
                 StatCounters::add(&shared.stats.tasks_timed_out, 1);
                 shared.complete_from_parent(slot, parent(KIND_TIMEOUT, after_ns, 0));
@@ -313,8 +323,8 @@ impl Sup {
 }
 
 /// What seat `seat` is running, for its timeout: the task id that keys it (the single task,
-/// or the first task of its batch) and the smallest execution limit among its tasks, in ns
-/// (0: none). Only tasks whose slot still holds that task id count.
+/// or the first task of a dynamic batch that has started) and the smallest execution limit
+/// among its tasks, in ns (0: none). Only tasks whose slot still holds that task id count.
 fn running(shared: &Shared, seat: u32, n_slots: u32) -> Option<(u64, u64)> {
     let ctl = shared.ctl(seat);
     let limit_of = |slot: u32, tid: u64| {
@@ -325,14 +335,17 @@ fn running(shared: &Shared, seat: u32, n_slots: u32) -> Option<(u64, u64)> {
             0
         }
     };
-    let tid = ctl.current_task.load(Ordering::SeqCst);
-    let slot = ctl.current_slot.load(Ordering::Relaxed);
-    if tid != 0 && slot < n_slots {
-        return Some((tid, limit_of(slot, tid)));
+    // A running batch first: a packed task held back in the pop window meanwhile has not
+    // started. A batch being formed is not running (its tasks wait for company).
+    let bc = shared.batch_ctl(seat);
+    if bc.started.load(Ordering::SeqCst) == 0 {
+        let tid = ctl.current_task.load(Ordering::SeqCst);
+        let slot = ctl.current_slot.load(Ordering::Relaxed);
+        return (tid != 0 && slot < n_slots).then(|| (tid, limit_of(slot, tid)));
     }
     let mut key = None;
     let mut limit = 0u64;
-    for (slot, tid) in shared.batch_ctl(seat).held() {
+    for (slot, tid) in bc.held() {
         if tid == 0 || slot >= n_slots {
             continue;
         }
