@@ -28,6 +28,57 @@ use std::sync::atomic::Ordering;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
+/// The option setters and the three blocking verbs, the same on [`Submit`] and
+/// [`SubmitBatch`] (`$what`: "task" or "batch", for the docs; `$handle`: what a verb returns).
+macro_rules! request_verbs {
+    ($what:literal, $handle:ty) => {
+        #[doc = concat!("Limit on the ", $what, "'s execution time, counted from when a worker")]
+        /// starts it (past it, the worker is killed and it fails with
+        /// [`TaskError::Timeout`]).
+        pub fn timeout(mut self, d: Duration) -> Self {
+            self.opts = self.opts.timeout(d);
+            self
+        }
+
+        #[doc = concat!("Times the ", $what, " is re-run if its worker dies while running it")]
+        /// (idempotent work only).
+        pub fn retries(mut self, n: u32) -> Self {
+            self.opts = self.opts.retries(n);
+            self
+        }
+
+        #[doc = concat!("The latest time a worker may start the ", $what, " (see")]
+        /// [`TaskOptions::deadline`]).
+        pub fn deadline(mut self, at: Instant) -> Self {
+            self.opts = self.opts.deadline(at);
+            self
+        }
+
+        #[doc = concat!("All the ", $what, "'s options at once (replacing any set before).")]
+        pub fn options(mut self, opts: TaskOptions) -> Self {
+            self.opts = opts;
+            self
+        }
+
+        #[doc = concat!("Queues the ", $what, ", waiting for room as long as it takes.")]
+        pub fn submit(self) -> Result<$handle, P::Error> {
+            self.send(Block::Until(None))
+        }
+
+        #[doc = concat!("Queues the ", $what, ", or fails at once with")]
+        /// [`SubmitError::QueueFull`].
+        pub fn try_submit(self) -> Result<$handle, P::Error> {
+            self.send(Block::No)
+        }
+
+        #[doc = concat!("Queues the ", $what, ", waiting at most `wait` for room")]
+        /// ([`SubmitError::Timeout`]).
+        pub fn submit_timeout(self, wait: Duration) -> Result<$handle, P::Error> {
+            self.send(Block::Until(Some(Instant::now() + wait)))
+        }
+    };
+}
+
 /// A task about to be submitted, with its options: made by [`Pool::task`], configured with
 /// [`timeout`](Self::timeout), [`retries`](Self::retries), [`options`](Self::options) and
 /// [`payload`](Self::payload), sent by one of its verbs.
@@ -141,45 +192,7 @@ impl<'p, 'a, W: Worker, A: ?Sized + ArchivesAs<W::Task>> Submit<'p, 'a, W, A> {
 }
 
 impl<'p, 'a, W: Worker, A: ?Sized + ArchivesAs<W::Task>, P: Payload> Submit<'p, 'a, W, A, P> {
-    /// Limit on the task's execution time, counted from when a worker starts it (past it,
-    /// the worker is killed and the task fails with [`TaskError::Timeout`]).
-    pub fn timeout(mut self, d: Duration) -> Self {
-        self.opts = self.opts.timeout(d);
-        self
-    }
-
-    /// Times the task is re-run if its worker dies while running it (idempotent work only).
-    pub fn retries(mut self, n: u32) -> Self {
-        self.opts = self.opts.retries(n);
-        self
-    }
-
-    /// The latest time a worker may start the task (see [`TaskOptions::deadline`]).
-    pub fn deadline(mut self, at: Instant) -> Self {
-        self.opts = self.opts.deadline(at);
-        self
-    }
-
-    /// All the task's options at once (replacing any set before).
-    pub fn options(mut self, opts: TaskOptions) -> Self {
-        self.opts = opts;
-        self
-    }
-
-    /// Queues the task, waiting for room as long as it takes.
-    pub fn submit(self) -> Result<TaskHandle<W::Output>, P::Error> {
-        self.send(Block::Until(None))
-    }
-
-    /// Queues the task, or fails at once with [`SubmitError::QueueFull`].
-    pub fn try_submit(self) -> Result<TaskHandle<W::Output>, P::Error> {
-        self.send(Block::No)
-    }
-
-    /// Queues the task, waiting at most `wait` for room ([`SubmitError::Timeout`]).
-    pub fn submit_timeout(self, wait: Duration) -> Result<TaskHandle<W::Output>, P::Error> {
-        self.send(Block::Until(Some(Instant::now() + wait)))
-    }
+    request_verbs!("task", TaskHandle<W::Output>);
 
     /// Queues the task without blocking the thread: if the queue is full, the future waits
     /// for room. Works on any executor.
@@ -268,44 +281,7 @@ impl<'p, 'a, W: Worker, T: Borrow<W::Task>> SubmitBatch<'p, 'a, W, T> {
 }
 
 impl<'p, 'a, W: Worker, T: Borrow<W::Task>, P: Payload> SubmitBatch<'p, 'a, W, T, P> {
-    /// Limit on the whole batch's execution time (see [`Submit::timeout`]).
-    pub fn timeout(mut self, d: Duration) -> Self {
-        self.opts = self.opts.timeout(d);
-        self
-    }
-
-    /// Times the whole batch is re-run if its worker dies while running it.
-    pub fn retries(mut self, n: u32) -> Self {
-        self.opts = self.opts.retries(n);
-        self
-    }
-
-    /// The latest time a worker may start the batch (see [`TaskOptions::deadline`]).
-    pub fn deadline(mut self, at: Instant) -> Self {
-        self.opts = self.opts.deadline(at);
-        self
-    }
-
-    /// All the batch's options at once (replacing any set before).
-    pub fn options(mut self, opts: TaskOptions) -> Self {
-        self.opts = opts;
-        self
-    }
-
-    /// Queues the batch, waiting for room as long as it takes.
-    pub fn submit(self) -> Result<BatchHandle<W::Output>, P::Error> {
-        self.send(Block::Until(None))
-    }
-
-    /// Queues the batch, or fails at once with [`SubmitError::QueueFull`].
-    pub fn try_submit(self) -> Result<BatchHandle<W::Output>, P::Error> {
-        self.send(Block::No)
-    }
-
-    /// Queues the batch, waiting at most `wait` for room ([`SubmitError::Timeout`]).
-    pub fn submit_timeout(self, wait: Duration) -> Result<BatchHandle<W::Output>, P::Error> {
-        self.send(Block::Until(Some(Instant::now() + wait)))
-    }
+    request_verbs!("batch", BatchHandle<W::Output>);
 
     /// Queues the batch without blocking the thread.
     pub async fn submit_async(self) -> Result<BatchHandle<W::Output>, P::Error> {
