@@ -384,6 +384,21 @@ typedef struct sp_spawn_options {
    * Number of entries in `env`.
    */
   size_t env_len;
+  /**
+   * The CPUs to pin the worker process to (`cpus_len` of them; NULL if 0: not pinned),
+   * applied before its program starts, so every thread of it inherits the set; kept
+   * across restarts. A CPU this process may not use fails the spawn with
+   * `SP_INVALID_ARGUMENT` naming it.
+   */
+  const size_t *cpus;
+  /**
+   * Number of entries in `cpus`.
+   */
+  size_t cpus_len;
+  /**
+   * Also set `OMP_NUM_THREADS`, `MKL_NUM_THREADS` and the like to the size of the CPU set.
+   */
+  bool thread_env_from_cpus;
 } sp_spawn_options;
 
 /**
@@ -777,8 +792,8 @@ enum sp_status sp_pool_spawn_many(struct sp_pool pool_h,
 enum sp_status sp_pool_num_workers(struct sp_pool pool_h, size_t *out);
 
 /**
- * As `sp_pool_spawn`, with per-worker options `opts` (NULL: none): the worker's GPUs and
- * extra environment. Nothing is started if an option is malformed: a NULL array with a
+ * As `sp_pool_spawn`, with per-worker options `opts` (NULL: none): the worker's GPUs, CPU set
+ * and extra environment. Nothing is started if an option is malformed: a NULL array with a
  * nonzero count (`SP_NULL_ARGUMENT`), an environment entry that is not UTF-8 `KEY=VALUE` or a
  * GPU listed twice (`SP_INVALID_ARGUMENT`); `sp_last_error` says which. `*out` receives the
  * spawn output, `*worker_index` (if not NULL) the worker's seat. Thread-safe.

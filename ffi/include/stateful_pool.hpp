@@ -554,9 +554,11 @@ class Pool {
         return ResultSet(r);
     }
 
-    /// Starts a worker that owns `gpus` and gets `env` ("KEY=VALUE" strings) in its process.
+    /// Starts a worker that owns `gpus`, gets `env` ("KEY=VALUE" strings) in its process and,
+    /// if `cpus` is not empty, is pinned to those CPUs.
     Result spawn_with(std::string_view args, const std::vector<std::uint32_t> &gpus,
-                      const std::vector<std::string> &env = {}) {
+                      const std::vector<std::string> &env = {},
+                      const std::vector<std::size_t> &cpus = {}) {
         std::vector<const char *> e;
         for (const auto &kv : env) {
             e.push_back(kv.c_str());
@@ -566,6 +568,8 @@ class Pool {
         o.gpus_len = gpus.size();
         o.env = e.data();
         o.env_len = e.size();
+        o.cpus = cpus.data();
+        o.cpus_len = cpus.size();
         sp_result r{0};
         check(sp_pool_spawn_with(h_, reinterpret_cast<const std::uint8_t *>(args.data()),
                                  args.size(), &o, &r, nullptr));

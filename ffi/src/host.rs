@@ -144,6 +144,7 @@ pub(crate) fn spawn_fail(e: SpawnError) -> Fail {
     let status = match e {
         SpawnError::Shutdown => sp_status::SP_SHUTDOWN,
         SpawnError::ArgsTooLarge { .. } => sp_status::SP_TOO_LARGE,
+        SpawnError::CpuNotAllowed { .. } => sp_status::SP_INVALID_ARGUMENT,
         _ => sp_status::SP_SPAWN_FAILED,
     };
     Fail::new(status, e.to_string())
@@ -489,6 +490,15 @@ pub struct sp_spawn_options {
     pub env: *const *const c_char,
     /// Number of entries in `env`.
     pub env_len: usize,
+    /// The CPUs to pin the worker process to (`cpus_len` of them; NULL if 0: not pinned),
+    /// applied before its program starts, so every thread of it inherits the set; kept
+    /// across restarts. A CPU this process may not use fails the spawn with
+    /// `SP_INVALID_ARGUMENT` naming it.
+    pub cpus: *const usize,
+    /// Number of entries in `cpus`.
+    pub cpus_len: usize,
+    /// Also set `OMP_NUM_THREADS`, `MKL_NUM_THREADS` and the like to the size of the CPU set.
+    pub thread_env_from_cpus: bool,
 }
 
 /// Checks `n` elements at `ptr` (NULL only if `n` is 0) and returns them as a slice.
@@ -533,9 +543,13 @@ unsafe fn spawn_options(o: &sp_spawn_options) -> Result<SpawnOptions, Fail> {
             ));
         }
     }
+    // SAFETY: the caller promises `cpus_len` readable CPU numbers.
+    let cpus = unsafe { input_array(o.cpus, o.cpus_len, "opts.cpus") }?;
     let mut so = SpawnOptions::new()
         .gpus(gpus.iter().copied())
-        .visible_devices_only(o.visible_devices_only);
+        .visible_devices_only(o.visible_devices_only)
+        .cpus(cpus.iter().copied())
+        .thread_env_from_cpus(o.thread_env_from_cpus);
     // SAFETY: the caller promises `env_len` readable string pointers.
     let env = unsafe { input_array(o.env, o.env_len, "opts.env") }?;
     for (i, &e) in env.iter().enumerate() {
@@ -562,8 +576,8 @@ unsafe fn spawn_options(o: &sp_spawn_options) -> Result<SpawnOptions, Fail> {
     Ok(so)
 }
 
-/// As `sp_pool_spawn`, with per-worker options `opts` (NULL: none): the worker's GPUs and
-/// extra environment. Nothing is started if an option is malformed: a NULL array with a
+/// As `sp_pool_spawn`, with per-worker options `opts` (NULL: none): the worker's GPUs, CPU set
+/// and extra environment. Nothing is started if an option is malformed: a NULL array with a
 /// nonzero count (`SP_NULL_ARGUMENT`), an environment entry that is not UTF-8 `KEY=VALUE` or a
 /// GPU listed twice (`SP_INVALID_ARGUMENT`); `sp_last_error` says which. `*out` receives the
 /// spawn output, `*worker_index` (if not NULL) the worker's seat. Thread-safe.

@@ -1330,6 +1330,9 @@ fn spawn_options_carry_gpus_and_environment_and_bad_ones_are_refused() {
             visible_devices_only: false,
             env: env.as_ptr(),
             env_len: 2,
+            cpus: null(),
+            cpus_len: 0,
+            thread_env_from_cpus: false,
         };
         let mut r = sp_result { id: 0 };
         let mut index = usize::MAX;
@@ -1385,6 +1388,25 @@ fn spawn_options_carry_gpus_and_environment_and_bad_ones_are_refused() {
                 },
                 SP_INVALID_ARGUMENT,
                 "GPU 2 twice",
+            );
+            bad(
+                sp_spawn_options {
+                    cpus: null(),
+                    cpus_len: 1,
+                    ..opts
+                },
+                SP_NULL_ARGUMENT,
+                "opts.cpus",
+            );
+            let far = [0usize, 4000];
+            bad(
+                sp_spawn_options {
+                    cpus: far.as_ptr(),
+                    cpus_len: 2,
+                    ..opts
+                },
+                SP_INVALID_ARGUMENT,
+                "CPU 4000",
             );
             let non_utf8 = [0xffu8, b'=', b'x', 0];
             for (e, want, msg) in [
