@@ -7,7 +7,9 @@ stateful_pool::worker_hook!();
 mod common;
 
 use common::*;
-use stateful_pool::{Pool, RestartPolicy, SpawnOptions, TaskError, TaskHandle, WaitTimeoutError};
+use stateful_pool::{
+    BatchPolicy, Pool, RestartPolicy, SpawnOptions, TaskError, TaskHandle, WaitTimeoutError,
+};
 use std::time::Duration;
 
 /// The shapes a task's outcome can take on its way back.
@@ -137,6 +139,104 @@ fn a_worker_killed_at_any_step_with_any_result_shape_costs_only_its_task_and_its
             }
         }
     });
+}
+
+/// The same matrix with dynamic batching on: the worker takes several queued tasks at once,
+/// so a death costs its whole batch (at least one task, never a task of another batch), and
+/// the seat then serves batches of large results and messages, lap after lap.
+#[test]
+fn a_batching_worker_killed_at_any_step_with_any_result_shape_costs_only_its_batch() {
+    watchdog(600, || {
+        for point in [
+            "pop_mid",
+            "after_claim",
+            "mid_read",
+            "after_result_write",
+            "after_publish",
+        ] {
+            for shape in [
+                Shape::Inline,
+                Shape::Record,
+                Shape::Error,
+                Shape::Panic,
+                Shape::TooLarge,
+            ] {
+                let ctx = format!("batching: {point} × {shape:?}");
+                let pool = Pool::<TestWorker>::builder()
+                    .queue_size(16)
+                    .max_workers(1)
+                    .result_ring_bytes(RING)
+                    .restart_on_panic(false)
+                    .batch_policy(BatchPolicy::new(4))
+                    .worker_env("STATEFUL_POOL_FAILPOINTS", format!("{point}@3/1"))
+                    .build()
+                    .unwrap();
+                pool.spawn(&Spawn::ok("fp")).unwrap();
+                let handles: Vec<TaskHandle<Out>> = (0..8u64)
+                    .map(|i| pool.submit(&task(shape, i)))
+                    .collect::<Result<_, _>>()
+                    .unwrap_or_else(|e| panic!("{ctx}: submit failed: {e}"));
+                let mut died = 0;
+                for (i, h) in handles.into_iter().enumerate() {
+                    match (shape, h.wait()) {
+                        // A panic fails its whole batch step, with the first panic's message.
+                        (Shape::Panic, Err(TaskError::Panicked { message, .. })) => {
+                            assert!(message.starts_with("panic "), "{ctx}: {message:.40}")
+                        }
+                        (_, r) => {
+                            if check(shape, i as u64, r, &ctx).is_err() {
+                                died += 1;
+                            }
+                        }
+                    }
+                }
+                assert!(died <= 4, "{ctx}: {died} tasks lost, more than one batch");
+                // `after_publish` is hit once per batch: with 8 tasks in a few batches its
+                // third hit may not come.
+                let deaths = pool.stats().worker_deaths;
+                if point == "after_publish" {
+                    assert!(
+                        deaths <= 1 && died == 0,
+                        "{ctx}: {deaths} deaths, {died} lost"
+                    );
+                } else {
+                    assert!(died >= 1, "{ctx}: the death cost no task?");
+                    assert_eq!(deaths, 1, "{ctx}");
+                }
+                laps_batched(&pool, &ctx);
+                // (An `after_publish` death may come during the laps: it costs no task.)
+                assert!(pool.stats().worker_deaths <= 1, "{ctx}: no further deaths");
+            }
+        }
+    });
+}
+
+/// Laps of the ring in batches: four large outputs or messages submitted together, each
+/// checked.
+fn laps_batched(pool: &Pool<TestWorker>, ctx: &str) {
+    let per_lap = RING / (BIG as usize + 64);
+    let n = 4 * per_lap as u64 + 4;
+    for group in (0..n).collect::<Vec<_>>().chunks(4) {
+        let shapes: Vec<Shape> = group
+            .iter()
+            .map(|i| {
+                if i % 3 == 2 {
+                    Shape::Error
+                } else {
+                    Shape::Record
+                }
+            })
+            .collect();
+        let handles: Vec<_> = group
+            .iter()
+            .zip(&shapes)
+            .map(|(&i, &s)| pool.submit(&task(s, i)).unwrap())
+            .collect();
+        for ((&i, &s), h) in group.iter().zip(&shapes).zip(handles) {
+            check(s, i, h.wait(), &format!("{ctx}, batched lap task {i}"))
+                .expect("no death expected");
+        }
+    }
 }
 
 #[test]

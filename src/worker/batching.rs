@@ -121,6 +121,7 @@ impl Server<'_> {
                 let id = sh.task_id.load(Ordering::Relaxed);
                 self.ctl.current_task.store(id, Ordering::Relaxed);
                 let prev = sh.claim(owner_tag);
+                failpoint::hit("after_claim");
                 let t = Task { slot, id, sh };
                 if prev & bits::CANCELLED != 0 {
                     self.publish(&t, RawOutcome::new(KIND_CANCELLED, self.wp.seat, 0, 0));
