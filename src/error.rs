@@ -21,8 +21,9 @@ pub enum BuildError {
          serving: call stateful_pool::init() first thing in main (or use worker_hook!())"
     )]
     InsideWorker,
-    /// The machine does not have the memory to reserve the segment (it is reserved in full at
-    /// creation, so a shortage shows up here rather than as a crash later).
+    /// The machine does not have the memory for the segment: the whole segment is compared
+    /// with the memory available, and its fixed regions are reserved at creation, so a
+    /// shortage shows up here rather than as a crash later.
     #[error(
         "cannot reserve {bytes} bytes of shared memory ({}); shrink the pool's queue_size, \
          task_arena_bytes or result_ring_bytes, or free memory",
@@ -123,6 +124,17 @@ pub enum SpawnError {
     /// The pool is shutting down.
     #[error("the pool is shut down")]
     Shutdown,
+    /// The memory of the worker's completion ring could not be reserved (with
+    /// [`reserve_memory`](crate::PoolBuilder::reserve_memory), each seat's ring is reserved
+    /// when the seat is first spawned, so a shortage is this error, never a crash later).
+    #[error("cannot reserve {bytes} bytes of shared memory for the worker's results: {source}")]
+    NoSpace {
+        /// Bytes asked for.
+        bytes: u64,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// A CPU of the worker's [CPU set](crate::SpawnOptions::cpus) is not one this process may
     /// run on.
     #[error("CPU {cpu} is not available to this process (it may use CPUs {allowed:?})")]
@@ -186,6 +198,15 @@ pub enum SubmitError {
     /// could run the task. Spawn a new worker to serve again.
     #[error("no live worker: every worker failed past its restart budget")]
     NoWorkers,
+    /// The memory of an arena block (a large task or a loan) could not be reserved: the
+    /// machine is short of memory. Nothing was queued; the pool serves on.
+    #[error("cannot reserve {bytes} bytes of shared memory (errno {errno})")]
+    NoSpace {
+        /// Bytes asked for.
+        bytes: u64,
+        /// The OS error number (`ENOSPC`, `ENOMEM`, …).
+        errno: i32,
+    },
     /// The pool broke down (one of its threads failed, or a worker corrupted the shared task
     /// queue) and stopped its workers; build a new pool.
     #[error("the pool broke down: {reason}")]

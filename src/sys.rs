@@ -9,7 +9,7 @@
 //! directly, where a wrapper would hide what is async-signal-safe.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
@@ -122,7 +122,7 @@ fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
 ///
 /// With `reserve`, every page is allocated now (`fallocate`), so running out of memory is an
 /// error here rather than a SIGBUS or an OOM kill at first touch.
-pub(crate) fn memfd_sealed(len: u64, reserve: bool) -> io::Result<OwnedFd> {
+pub(crate) fn memfd_sealed(len: u64, reserve: u64) -> io::Result<OwnedFd> {
     // SAFETY: the name is a valid NUL-terminated C string; flags are valid memfd flags.
     let raw = check(unsafe {
         libc::memfd_create(
@@ -136,12 +136,8 @@ pub(crate) fn memfd_sealed(len: u64, reserve: bool) -> io::Result<OwnedFd> {
     check(unsafe { libc::fchmod(fd.as_raw_fd(), 0o600) })?;
     // SAFETY: `fd` is a valid open memfd.
     check(unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) })?;
-    if reserve {
-        // SAFETY: `fd` is a valid open memfd of `len` bytes.
-        let r = unsafe { libc::fallocate(fd.as_raw_fd(), 0, 0, len as libc::off_t) };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
-        }
+    if reserve > 0 {
+        reserve_range(fd.as_fd(), 0, reserve.min(len))?;
     }
     // SAFETY: `fd` is a valid open memfd created with MFD_ALLOW_SEALING.
     check(unsafe {
@@ -152,6 +148,17 @@ pub(crate) fn memfd_sealed(len: u64, reserve: bool) -> io::Result<OwnedFd> {
         )
     })?;
     Ok(fd)
+}
+
+/// Reserves (allocates) the memory of bytes `off..off + len` of a memfd, so that touching them
+/// later can never fail (a shortage is this error now, not a SIGBUS then).
+pub(crate) fn reserve_range(fd: BorrowedFd<'_>, off: u64, len: u64) -> io::Result<()> {
+    // SAFETY: fallocate takes integers only; mode 0 allocates within the file's size.
+    let r = unsafe { libc::fallocate(fd.as_raw_fd(), 0, off as libc::off_t, len as libc::off_t) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Creates a non-blocking, close-on-exec eventfd (the supervisor's wake-up line).

@@ -532,6 +532,53 @@ fn too_little_memory_is_a_clear_error_at_build_time() {
 }
 
 #[test]
+fn memory_reserved_as_it_is_needed_fails_clearly_and_the_pool_serves_on() {
+    watchdog(120, || {
+        // A seat's completion ring cannot be reserved: the spawn fails, nothing is started,
+        // the seat stays free.
+        let pool = Pool::<TestWorker>::builder()
+            .__fail_reservations(1)
+            .build()
+            .unwrap();
+        match pool.spawn(&Spawn::ok("no-ring")) {
+            Err(e @ SpawnError::NoSpace { .. }) => {
+                assert!(e.to_string().contains("cannot reserve"), "{e}")
+            }
+            other => panic!("expected SpawnError::NoSpace, got {other:?}"),
+        }
+        assert_eq!(pool.num_workers(), 0);
+        assert!(pool.workers().iter().all(|w| w.state == WorkerState::Empty));
+        drop(pool);
+        // The arena cannot grow: large tasks and loans fail with NoSpace; small tasks (in
+        // their slot) are served.
+        let pool = Pool::<TestWorker>::builder()
+            .__fail_reservations(2)
+            .build()
+            .unwrap();
+        pool.spawn(&Spawn::ok("no-arena")).unwrap();
+        assert!(matches!(
+            pool.submit(&Cmd::SumVec(vec![1; 100_000])),
+            Err(SubmitError::NoSpace { .. })
+        ));
+        assert!(matches!(
+            pool.loan(1 << 20),
+            Err(SubmitError::NoSpace { .. })
+        ));
+        assert_eq!(pool.execute(&Cmd::Echo(3)).unwrap().value, 3);
+        drop(pool);
+        // Reserved as needed: large tasks and loans well past the first step work.
+        let pool = Pool::<TestWorker>::builder().build().unwrap();
+        pool.spawn(&Spawn::ok("grow")).unwrap();
+        let big = vec![1u8; 9 << 20];
+        assert_eq!(pool.execute(&Cmd::SumVec(big)).unwrap().value, 9 << 20);
+        let mut loan = pool.loan(20 << 20).unwrap();
+        loan.as_mut_slice().fill(1);
+        let out = pool.task(&Cmd::SumPayload).payload(loan).execute().unwrap();
+        assert_eq!(out.value, (20u64 << 20) / 4096);
+    });
+}
+
+#[test]
 fn the_segment_is_private_to_its_owner() {
     let pool = Pool::<TestWorker>::builder().build().unwrap();
     let mut seen = 0;

@@ -138,6 +138,9 @@ pub(crate) struct Config {
     pub(crate) worker_env: Vec<(String, String)>,
     pub(crate) reserve_memory: bool,
     pub(crate) batch: super::batching::BatchPolicy,
+    /// Test hook (feature `failpoints`): later reservations fail (bit 1: seats' rings, bit 2:
+    /// the arena), as on a machine out of memory.
+    pub(crate) fail_reserve: u32,
 }
 
 impl Default for Config {
@@ -163,6 +166,7 @@ impl Default for Config {
             worker_env: Vec::new(),
             reserve_memory: true,
             batch: super::batching::BatchPolicy::none(),
+            fail_reserve: 0,
         }
     }
 }
@@ -225,15 +229,15 @@ impl<W: Worker> PoolBuilder<W> {
     /// a 32-byte record header, whatever the ring holds at the time (larger ones fail with
     /// `TaskError::ResultTooLarge`). Results that fit a task slot travel inline in the slot
     /// instead. Results nobody has collected yet never block a worker: the pool moves them out
-    /// of the ring when the worker needs the room. Default 4 MiB (reserved at `build()` unless
-    /// [`reserve_memory(false)`](Self::reserve_memory)).
+    /// of the ring when the worker needs the room. Default 4 MiB, reserved when the seat is
+    /// first spawned (see [`reserve_memory`](Self::reserve_memory)).
     pub fn result_ring_bytes(mut self, n: usize) -> Self {
         self.cfg.result_ring_bytes = n;
         self
     }
 
-    /// Bytes of the task arena shared by large tasks and loans. Default 64 MiB (reserved at
-    /// `build()` unless [`reserve_memory(false)`](Self::reserve_memory)).
+    /// Bytes of the task arena shared by large tasks and loans. Default 64 MiB, reserved in
+    /// 4 MiB steps as it is first used (see [`reserve_memory`](Self::reserve_memory)).
     pub fn task_arena_bytes(mut self, n: usize) -> Self {
         self.cfg.arena_bytes = n;
         self
@@ -343,11 +347,26 @@ impl<W: Worker> PoolBuilder<W> {
         self
     }
 
-    /// Whether the segment's memory is reserved in full when the pool is built (default
-    /// `true`): a shortage is then a [`BuildError::NoSpace`] at build time instead of a crash
-    /// when a page is first touched. With `false` pages are committed as they are used.
+    /// Whether the segment's memory is reserved before anyone can touch it (default `true`),
+    /// so a shortage of memory is always an error, never a crash (SIGBUS) when a page is
+    /// first touched: the queue, slots and control blocks at `build()`
+    /// ([`BuildError::NoSpace`]), each seat's completion ring when the seat is first spawned
+    /// ([`SpawnError::NoSpace`](crate::SpawnError::NoSpace)), and the task arena in 4 MiB
+    /// steps as large tasks and loans first reach it
+    /// ([`SubmitError::NoSpace`](crate::SubmitError::NoSpace)). So a pool costs memory for
+    /// the workers it has and the arena it has used, not for `max_workers`. With `false`
+    /// pages are committed as they are used, unchecked.
     pub fn reserve_memory(mut self, yes: bool) -> Self {
         self.cfg.reserve_memory = yes;
+        self
+    }
+
+    /// Test hook (feature `failpoints`, not an API): the lazy reservations fail with `ENOSPC`
+    /// (bit 1: a seat's completion ring, at spawn; bit 2: the task arena, at submit or loan).
+    #[cfg(feature = "failpoints")]
+    #[doc(hidden)]
+    pub fn __fail_reservations(mut self, bits: u32) -> Self {
+        self.cfg.fail_reserve = bits;
         self
     }
 

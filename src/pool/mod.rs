@@ -288,6 +288,13 @@ impl<W: Worker> Pool<W> {
             let Some(i) = seats.iter().position(|s| !s.in_use) else {
                 return Err(SpawnError::NoCapacity { max: seats.len() });
             };
+            // The seat's completion ring, reserved before its first worker can write there.
+            if let Err(e) = shared.reserve_seat(i as u32) {
+                return Err(SpawnError::NoSpace {
+                    bytes: shared.layout.result_ring_stride as u64,
+                    source: e,
+                });
+            }
             shared.set_seat_in_use(&mut seats, i, true);
             seats[i].spawned_with = Some((buf.clone(), env.clone()));
             i as u32
@@ -618,13 +625,19 @@ impl<W: Worker> Pool<W> {
             .arena
             .alloc(len as u64, block, || shared.closing.load(Ordering::SeqCst))
         {
-            Some((off, blk)) => Ok(Loan {
-                shared: shared.clone(),
-                off,
-                len: len as u64,
-                blk,
-                sent: false,
-            }),
+            Some((off, blk)) => {
+                if let Err(e) = shared.reserve_arena(off + blk) {
+                    shared.arena.free(off, blk);
+                    return Err(slots::no_space(blk, &e));
+                }
+                Ok(Loan {
+                    shared: shared.clone(),
+                    off,
+                    len: len as u64,
+                    blk,
+                    sent: false,
+                })
+            }
             None if shared.closing.load(Ordering::SeqCst) => Err(SubmitError::Shutdown),
             None => Err(SubmitError::QueueFull),
         }

@@ -89,7 +89,21 @@ pub(crate) struct Shared {
     /// only while this is non-zero).
     pub(crate) timed_in_flight: AtomicUsize,
     pub(crate) stats: StatCounters,
+    /// What of the segment's memory is reserved beyond what `build` reserved (with
+    /// `reserve_memory`): each seat's completion ring, and the arena up to a mark.
+    reserved: Mutex<Reserved>,
 }
+
+/// See [`Shared::reserve_seat`] and [`Shared::reserve_arena`].
+#[derive(Debug, Default)]
+struct Reserved {
+    seats: Vec<bool>,
+    /// The arena is reserved from its start up to this segment offset.
+    arena_end: u64,
+}
+
+/// The arena is reserved in steps of this much (or to its end): one `fallocate` per step.
+const ARENA_RESERVE_STEP: u64 = 4 << 20;
 
 static NEXT_POOL_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -133,6 +147,10 @@ impl Shared {
             broken_reason: Mutex::new(None),
             timed_in_flight: AtomicUsize::new(0),
             stats: StatCounters::default(),
+            reserved: Mutex::new(Reserved {
+                seats: vec![false; seats],
+                arena_end: layout.arena as u64,
+            }),
             seg,
             layout,
             cfg,
@@ -148,6 +166,50 @@ impl Shared {
     pub(crate) fn slot(&self, slot: u32) -> &SlotHeader {
         self.seg
             .get(self.layout.slots + slot as usize * size_of::<SlotHeader>())
+    }
+
+    /// Reserves the memory of seat `seat`'s completion ring, once, before its first worker
+    /// starts (with `reserve_memory`; a no-op otherwise): a shortage is this error, at spawn,
+    /// never a SIGBUS when the worker writes a result.
+    pub(crate) fn reserve_seat(&self, seat: u32) -> std::io::Result<()> {
+        if !self.cfg.reserve_memory {
+            return Ok(());
+        }
+        let mut r = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
+        if r.seats[seat as usize] {
+            return Ok(());
+        }
+        if self.cfg.fail_reserve & 1 != 0 {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        self.seg.reserve(
+            self.layout.result_ring_off(seat),
+            self.layout.result_ring_stride,
+        )?;
+        r.seats[seat as usize] = true;
+        Ok(())
+    }
+
+    /// Reserves the arena's memory up to segment offset `end` (rounded up to a step), before
+    /// an arena block there is handed out (with `reserve_memory`; a no-op otherwise). The
+    /// caller frees its block on an error.
+    pub(crate) fn reserve_arena(&self, end: u64) -> std::io::Result<()> {
+        if !self.cfg.reserve_memory {
+            return Ok(());
+        }
+        let mut r = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
+        if end <= r.arena_end {
+            return Ok(());
+        }
+        if self.cfg.fail_reserve & 2 != 0 {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        let limit = self.layout.arena as u64 + self.layout.params.arena;
+        let to = (end.div_ceil(ARENA_RESERVE_STEP) * ARENA_RESERVE_STEP).min(limit);
+        self.seg
+            .reserve(r.arena_end as usize, (to - r.arena_end) as usize)?;
+        r.arena_end = to;
+        Ok(())
     }
 
     /// The submit time and deadline of `slot`'s task.

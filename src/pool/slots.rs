@@ -20,6 +20,14 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::task::Waker;
 use std::time::Instant;
 
+/// The error for an arena block whose memory could not be reserved.
+pub(crate) fn no_space(bytes: u64, e: &std::io::Error) -> SubmitError {
+    SubmitError::NoSpace {
+        bytes,
+        errno: e.raw_os_error().unwrap_or(0),
+    }
+}
+
 /// Parent-local facts about a slot.
 #[derive(Debug, Default)]
 pub(crate) struct SlotMeta {
@@ -198,6 +206,10 @@ impl Shared {
                         };
                         return Err(self.abort_submit(slot, e));
                     };
+                    if let Err(e) = self.reserve_arena(off + blk) {
+                        self.arena.free(off, blk);
+                        return Err(self.abort_submit(slot, no_space(blk, &e)));
+                    }
                     // SAFETY: a fresh arena block of at least `len` bytes, ours alone until the
                     // push publishes it.
                     match unsafe { encode_into(task, self.seg.bytes_ptr(off as usize, len), len) } {

@@ -19,9 +19,12 @@ pub(crate) struct HeaderInit {
     pub(crate) flags: u32,
 }
 
-/// Creates and initialises a segment for `layout`, its memory reserved up front if `reserve`.
+/// Creates and initialises a segment for `layout`. With `reserve`, the memory of every region
+/// before the completion rings (header, queue, slots, controls, spawn areas) is reserved now;
+/// each seat's ring is reserved when the seat is first spawned, and the task arena as it is
+/// first allocated from (`Shared::reserve_seat`, `Shared::reserve_arena`).
 pub(crate) fn create(layout: &Layout, init: HeaderInit, reserve: bool) -> io::Result<Segment> {
-    let seg = Segment::create(layout.total, reserve)?;
+    let seg = Segment::create(layout.total, if reserve { layout.result_rings } else { 0 })?;
     let hdr_ptr = seg.base() as *mut SegmentHeader;
     // SAFETY: the mapping is fresh, private to us, page-aligned and at least a header long
     // (the layout starts with it); no reference into it exists yet.

@@ -28,10 +28,10 @@ pub(crate) struct Segment {
 }
 
 impl Segment {
-    /// Creates a zero-filled segment of `len` bytes (sealed against resizing), its memory
-    /// reserved up front if `reserve`.
-    pub(crate) fn create(len: usize, reserve: bool) -> io::Result<Segment> {
-        let fd = crate::sys::memfd_sealed(len as u64, reserve)?;
+    /// Creates a zero-filled segment of `len` bytes (sealed against resizing), its first
+    /// `reserve` bytes' memory reserved up front (the rest with [`reserve`](Self::reserve)).
+    pub(crate) fn create(len: usize, reserve: usize) -> io::Result<Segment> {
+        let fd = crate::sys::memfd_sealed(len as u64, reserve as u64)?;
         let map = MmapOptions::new().len(len).map_raw(&fd)?;
         Ok(Segment { map, fd: Some(fd) })
     }
@@ -47,6 +47,19 @@ impl Segment {
         let map = MmapOptions::new().len(len).map_raw(&file)?;
         drop(file);
         Ok(Segment { map, fd: None })
+    }
+
+    /// Reserves the memory of bytes `off..off + len` (clamped to the segment), so that
+    /// touching them can never fail later. Parent only (a worker's segment has no fd).
+    pub(crate) fn reserve(&self, off: usize, len: usize) -> io::Result<()> {
+        let Some(fd) = &self.fd else {
+            return Err(io::Error::other("a worker's segment cannot reserve memory"));
+        };
+        let end = off.saturating_add(len).min(self.len());
+        if end <= off {
+            return Ok(());
+        }
+        crate::sys::reserve_range(fd.as_fd(), off as u64, (end - off) as u64)
     }
 
     /// Base address of the mapping in this process.
