@@ -270,6 +270,17 @@ impl<W: Worker> Pool<W> {
         unsafe { codec::encode_into(args, buf.as_mut_ptr(), len) }
             .map_err(|e| SpawnError::Encode(e.message()))?;
         opts.check_cpus()?;
+        if !opts.gpus.is_empty() {
+            // A GPU worker pins the whole payload arena (registering it touches every page):
+            // reserve it all first, so a shortage is this error, not a SIGBUS in the worker.
+            let end = shared.layout.arena as u64 + shared.layout.params.arena;
+            shared
+                .reserve_arena(end)
+                .map_err(|source| SpawnError::NoSpace {
+                    bytes: shared.layout.params.arena,
+                    source,
+                })?;
+        }
         self.submit_spawn_archived(buf, opts.process_env())
     }
 
