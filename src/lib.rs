@@ -46,6 +46,34 @@
 //! } // dropping the pool finishes queued tasks and stops the workers
 //! ```
 //!
+//! ## Submitting, batching, faults
+//!
+//! Every submit is a request ([`Pool::task`], or [`Pool::batch`] for many tasks in one slot)
+//! with its options, sent by one of six verbs: `submit`, `try_submit`, `submit_timeout`,
+//! `submit_async`, `execute`, `execute_async`. A task may be given in any form that archives as
+//! the task type ([`ArchivesAs`]: a `&str` for a `String` task, a `&[u8]` for `Vec<u8>`).
+//!
+//! ```no_run
+//! # use stateful_pool::{BatchPolicy, FnWorker, Pool};
+//! # stateful_pool::task_fn! { fn Len(s: String, _ctx) -> u64 { Ok(s.as_str().len() as u64) } }
+//! # fn demo(pool: &Pool<FnWorker<Len>>) -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! let n = pool.execute("a &str for a String task")?;
+//! let handle = pool
+//!     .task("with options")
+//!     .timeout(Duration::from_secs(5)) // kill and restart the worker past 5 s of running
+//!     .retries(1)                      // idempotent: re-run once if its worker dies
+//!     .try_submit()?;                  // fail at once if the queue is full
+//! let each = pool.batch(&["a".to_string(), "bb".to_string()]).execute()?;
+//! // Workers run independently submitted tasks together (`Worker::execute_batch`).
+//! pool.set_batch_policy(BatchPolicy::new(32))?;
+//! # let _ = (n, handle, each); Ok(()) }
+//! ```
+//!
+//! A worker that dies (crash, kill, timeout) costs only the tasks it held, which fail with
+//! [`TaskError::WorkerDied`] (or run again under their retries), and is restarted; see
+//! [`Pool`] and `ARCHITECTURE.md`, *Faults and recovery*.
+//!
 //! ## How a worker process starts
 //!
 //! A worker is the running program re-executed (never a bare `fork`, which is unsafe in a
