@@ -27,6 +27,24 @@ enum Shape {
     TooLarge,
 }
 
+/// Every failpoint of the worker's protocol, in order.
+const POINTS: [&str; 5] = [
+    "pop_mid",
+    "after_claim",
+    "mid_read",
+    "after_result_write",
+    "after_publish",
+];
+
+/// Every shape of outcome.
+const SHAPES: [Shape; 5] = [
+    Shape::Inline,
+    Shape::Record,
+    Shape::Error,
+    Shape::Panic,
+    Shape::TooLarge,
+];
+
 const RING: usize = 256 * 1024;
 const BIG: u32 = 40_000;
 
@@ -97,20 +115,8 @@ fn laps(pool: &Pool<TestWorker>, ctx: &str) {
 #[test]
 fn a_worker_killed_at_any_step_with_any_result_shape_costs_only_its_task_and_its_seat_serves_on() {
     watchdog(600, || {
-        for point in [
-            "pop_mid",
-            "after_claim",
-            "mid_read",
-            "after_result_write",
-            "after_publish",
-        ] {
-            for shape in [
-                Shape::Inline,
-                Shape::Record,
-                Shape::Error,
-                Shape::Panic,
-                Shape::TooLarge,
-            ] {
+        for point in POINTS {
+            for shape in SHAPES {
                 let ctx = format!("{point} × {shape:?}");
                 let pool = Pool::<TestWorker>::builder()
                     .queue_size(8)
@@ -147,20 +153,8 @@ fn a_worker_killed_at_any_step_with_any_result_shape_costs_only_its_task_and_its
 #[test]
 fn a_batching_worker_killed_at_any_step_with_any_result_shape_costs_only_its_batch() {
     watchdog(600, || {
-        for point in [
-            "pop_mid",
-            "after_claim",
-            "mid_read",
-            "after_result_write",
-            "after_publish",
-        ] {
-            for shape in [
-                Shape::Inline,
-                Shape::Record,
-                Shape::Error,
-                Shape::Panic,
-                Shape::TooLarge,
-            ] {
+        for point in POINTS {
+            for shape in SHAPES {
                 let ctx = format!("batching: {point} × {shape:?}");
                 let pool = Pool::<TestWorker>::builder()
                     .queue_size(16)

@@ -371,25 +371,8 @@ pub unsafe extern "C" fn sp_pool_spawn(
     out: *mut sp_result,
     worker_index: *mut usize,
 ) -> sp_status {
-    guard(|| {
-        if out.is_null() {
-            return Err(Fail::null("out"));
-        }
-        let p = pool(pool_h)?;
-        // SAFETY: the caller promises `args_len` readable bytes.
-        let args = unsafe { input_bytes(args, args_len, "args") }?.to_vec();
-        let handle = p.submit_spawn(&args).map_err(spawn_fail)?;
-        let index = handle.worker_index();
-        let output = handle.wait().map_err(spawn_fail)?;
-        if !worker_index.is_null() {
-            // SAFETY: non-null; the caller promises it is writable.
-            unsafe { worker_index.write(index) };
-        }
-        let h = RESULTS.insert(Bytes::Owned(output));
-        // SAFETY: checked non-null above.
-        unsafe { out.write(sp_result { id: h }) };
-        Ok(())
-    })
+    // SAFETY: the same contract, with no options (NULL is allowed for them).
+    unsafe { sp_pool_spawn_with(pool_h, args, args_len, std::ptr::null(), out, worker_index) }
 }
 
 /// Starts `n` workers at once, worker `i` with the argument bytes `args[i]`, and waits for all
