@@ -1062,7 +1062,6 @@ fn outputs_are_written_only_on_success() {
             open_gate(&gate);
             assert_eq!(wait(live).unwrap(), "opened");
         }
-        let _ = std::fs::remove_file(&gate);
         assert_eq!(
             (
                 t.id,
@@ -1089,6 +1088,9 @@ fn outputs_are_written_only_on_success() {
         );
         assert_ne!(cq.id, MARK);
         assert_eq!(sp_pool_free(p), SP_OK);
+        // Only now: a gate task that has not seen the gate yet would wait for it until the
+        // shutdown timeout.
+        let _ = std::fs::remove_file(&gate);
     });
 }
 
@@ -1310,8 +1312,9 @@ fn batches_give_each_tasks_outcome_and_wait_with_a_timeout() {
             );
             assert_eq!(read_set(set)[0].2, "echo:z");
         }
-        let _ = std::fs::remove_file(&gate);
         assert_eq!(sp_pool_free(p), SP_OK);
+        // Only now: a task that saw no gate yet would wait for it until the shutdown timeout.
+        let _ = std::fs::remove_file(&gate);
     });
 }
 
@@ -1595,6 +1598,7 @@ fn a_completion_queue_drives_many_tasks_from_one_descriptor() {
         spawn(p, b"").unwrap();
         let mut cq = sp_completion_queue { id: 0 };
         let mut fd = -1;
+        let gate = gate_path("cq");
         // SAFETY: (whole block) valid pointers, or NULL where the API allows it.
         unsafe {
             assert_eq!(sp_completion_queue_new(&mut cq), SP_OK);
@@ -1642,7 +1646,6 @@ fn a_completion_queue_drives_many_tasks_from_one_descriptor() {
             assert_eq!(wait(t).unwrap_err().0, SP_TASK_FAILED);
 
             // A freed task never completes into the queue; a freed queue drops completions.
-            let gate = gate_path("cq");
             let slow = submit(p, format!("gate:{}", gate.display()).as_bytes()).unwrap();
             assert_eq!(sp_task_notify(slow, cq, 9), SP_OK);
             assert_eq!(sp_task_free(slow), SP_OK);
@@ -1655,7 +1658,6 @@ fn a_completion_queue_drives_many_tasks_from_one_descriptor() {
             assert_eq!(wait(slow2).unwrap(), "opened");
             assert_eq!(execute(p, b"flush").unwrap(), "echo:flush");
             assert_eq!(sp_completion_queue_next(cq, &mut ud, &mut t2), SP_EMPTY);
-            let _ = std::fs::remove_file(&gate);
 
             // Bad arguments.
             let forged = sp_completion_queue {
@@ -1698,6 +1700,8 @@ fn a_completion_queue_drives_many_tasks_from_one_descriptor() {
             assert_eq!(sp_completion_queue_free(cq), SP_INVALID_HANDLE);
         }
         assert_eq!(sp_pool_free(p), SP_OK);
+        // Only now: the freed gate task may still be waiting for the gate (see above).
+        let _ = std::fs::remove_file(&gate);
     });
 }
 
