@@ -9,6 +9,14 @@
 #include <stdint.h>
 
 /**
+ * The version of the C ABI's structs and signatures this header describes: it changes whenever
+ * a struct passed by the caller (`sp_pool_options`, `sp_spawn_options`, `sp_task_options`,
+ * `sp_worker_callbacks`) changes size or meaning. Check it against `sp_abi_version()` at start
+ * up: a program built against another header would pass structs of the wrong size.
+ */
+#define SP_ABI_VERSION 2
+
+/**
  * `flags` bit of `sp_pool_submit_with` and `sp_pool_submit_batch`: fail with `SP_QUEUE_FULL`
  * at once instead of waiting for room in the queue.
  */
@@ -58,7 +66,8 @@ typedef enum sp_status {
    */
   SP_BUSY = 4,
   /**
-   * The task queue is full (`sp_pool_try_submit`, `sp_pool_try_loan`).
+   * The task queue is full (`sp_pool_try_submit`, `sp_pool_try_loan`, and
+   * `sp_pool_submit_with` / `sp_pool_submit_batch` with `SP_SUBMIT_TRY`).
    */
   SP_QUEUE_FULL = 5,
   /**
@@ -510,7 +519,8 @@ typedef struct sp_worker_callbacks {
    * `n` (≥ 1) independently submitted tasks at once: `tasks[i]` is task `i` (pointers into
    * shared memory, valid during the call), `replies[i]` its reply, `statuses[i]` its
    * outcome (preset to `SP_WORKER_OK`; set `SP_WORKER_ERROR` with a message on
-   * `replies[i]` to fail that task alone). Return `SP_WORKER_OK`; or `SP_WORKER_ERROR` /
+   * `replies[i]` to fail that task alone, or `SP_WORKER_POISONED` to fail it and replace
+   * the worker after the batch). Return `SP_WORKER_OK`; or `SP_WORKER_ERROR` /
    * `SP_WORKER_POISONED` to fail every task of the step with the message set on
    * `replies[0]`.
    */
@@ -538,7 +548,13 @@ const char *sp_last_error(void);
 const char *sp_status_name(int32_t status);
 
 /**
- * The library's version, e.g. `"0.1.0"` (static, NUL-terminated). Thread-safe.
+ * The ABI version of the loaded library (see `SP_ABI_VERSION`): a program compares it with
+ * the `SP_ABI_VERSION` of the header it was built against. Thread-safe.
+ */
+uint32_t sp_abi_version(void);
+
+/**
+ * The library's version, e.g. `"0.2.0"` (static, NUL-terminated). Thread-safe.
  */
 const char *sp_version(void);
 
@@ -688,9 +704,12 @@ enum sp_status sp_completion_queue_fd(struct sp_completion_queue cq, int32_t *ou
  * already has). Nothing is collected: after popping the pair, collect the result with
  * `sp_task_poll` (which returns at once) or free the task. One registration per task: a later
  * call replaces an earlier one that has not fired yet; a call on a task that has already
- * finished pushes it again. If the task handle is freed before it finishes, nothing is pushed;
- * if the queue is freed first, its completions are dropped. Fails with `SP_BUSY` while another
- * thread is waiting on the task. Thread-safe.
+ * finished pushes it again. A bounded look at the task (`sp_task_wait_timeout`,
+ * `sp_task_poll`) keeps the registration. If the task handle is freed before it finishes,
+ * nothing is pushed (or, in a narrow race with its completion, a handle that is already dead,
+ * which `sp_task_poll` reports as `SP_INVALID_HANDLE`); if the queue is freed first, its
+ * completions are dropped. Fails with `SP_BUSY` while another thread is inside a bounded wait
+ * on the task, `SP_INVALID_HANDLE` while one blocks in `sp_task_wait`. Thread-safe.
  */
 enum sp_status sp_task_notify(struct sp_task task,
                               struct sp_completion_queue cq,

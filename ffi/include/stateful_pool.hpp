@@ -218,6 +218,8 @@ class Loan {
 
     std::uint8_t *data() noexcept { return data_; }
     std::size_t size() const noexcept { return size_; }
+    /// The C handle (still owned by this Loan).
+    sp_loan get() const noexcept { return h_; }
     /// Gives up ownership (the caller passes the handle on).
     sp_loan release() noexcept {
         sp_loan h = h_;
@@ -271,7 +273,9 @@ class Task {
         if (s == SP_TIMEOUT) {
             return std::nullopt;
         }
-        h_ = sp_task{0};
+        if (s != SP_BUSY && s != SP_PANIC) {
+            h_ = sp_task{0}; // consumed (a result, or the task's failure)
+        }
         check(s);
         return Result(r);
     }
@@ -283,7 +287,9 @@ class Task {
         if (s == SP_PENDING) {
             return std::nullopt;
         }
-        h_ = sp_task{0};
+        if (s != SP_BUSY && s != SP_PANIC) {
+            h_ = sp_task{0}; // consumed (a result, or the task's failure)
+        }
         check(s);
         return Result(r);
     }
@@ -376,7 +382,9 @@ class Batch {
         if (s == SP_TIMEOUT) {
             return std::nullopt;
         }
-        h_ = sp_batch{0};
+        if (s != SP_BUSY && s != SP_PANIC) {
+            h_ = sp_batch{0}; // consumed (the outcomes, or the batch's failure)
+        }
         check(s);
         return ResultSet(r);
     }
@@ -486,10 +494,12 @@ class Pool {
     Task submit(std::string_view task) { return submit(task.data(), task.size()); }
 
     /// Queues a task with a loaned payload (the loan is used up).
+    /// On failure the loan stays with `payload` (still filled), as in C.
     Task submit(std::string_view task, Loan &&payload) {
         sp_task t{0};
         check(sp_pool_submit_loan(h_, reinterpret_cast<const std::uint8_t *>(task.data()),
-                                  task.size(), payload.release(), &t));
+                                  task.size(), payload.get(), &t));
+        payload.release(); // consumed by the successful submit
         return Task(t);
     }
 

@@ -915,7 +915,7 @@ pub unsafe extern "C" fn sp_task_wait_timeout(
             return Err(Fail::null("out"));
         }
         let h = TASKS.check_out(task.id)?;
-        if !finished_within(&h, Duration::from_millis(timeout_ms)) {
+        if !h.__finished_within(Duration::from_millis(timeout_ms)) {
             TASKS.put_back(task.id, h);
             return Err(Fail::new(
                 sp_status::SP_TIMEOUT,
@@ -925,29 +925,6 @@ pub unsafe extern "C" fn sp_task_wait_timeout(
         TASKS.retire(task.id);
         finish(out, h.wait_ref())
     })
-}
-
-/// Waits until the task has finished or `timeout` has passed, without collecting its result;
-/// whether it finished. The pool's reactor wakes this thread through the handle's waker.
-fn finished_within(h: &TaskHandle<Vec<u8>>, timeout: Duration) -> bool {
-    struct Unpark(std::thread::Thread);
-    impl std::task::Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let deadline = std::time::Instant::now() + timeout;
-    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
-    loop {
-        if h.wake_when_finished(&waker) {
-            return true;
-        }
-        let now = std::time::Instant::now();
-        if now >= deadline {
-            return h.is_finished();
-        }
-        std::thread::park_timeout(deadline - now);
-    }
 }
 
 /// Returns at once: `SP_PENDING` if the task has not finished (the handle stays valid), else as

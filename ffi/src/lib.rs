@@ -20,7 +20,9 @@
 //!
 //! Every function may be called from any thread. Pool handles may be used by many threads at
 //! once (submitting, waiting, spawning). A task, result or loan handle is used by one thread at a
-//! time: a second thread using it while the first is inside a call gets `SP_BUSY`.
+//! time: a second thread using it while the first is inside a call gets `SP_BUSY`, or
+//! `SP_INVALID_HANDLE` if that call consumes the handle (`sp_task_wait` and `sp_batch_wait` take
+//! it out of the table before they block).
 
 #![allow(non_camel_case_types)]
 
@@ -55,7 +57,8 @@ pub enum sp_status {
     SP_INVALID_ARGUMENT = 3,
     /// The handle is in use by another thread's call right now.
     SP_BUSY = 4,
-    /// The task queue is full (`sp_pool_try_submit`, `sp_pool_try_loan`).
+    /// The task queue is full (`sp_pool_try_submit`, `sp_pool_try_loan`, and
+    /// `sp_pool_submit_with` / `sp_pool_submit_batch` with `SP_SUBMIT_TRY`).
     SP_QUEUE_FULL = 5,
     /// `sp_task_wait_timeout` ran out of time; the task handle is still valid.
     SP_TIMEOUT = 6,
@@ -187,7 +190,20 @@ pub extern "C" fn sp_status_name(status: i32) -> *const c_char {
     s.as_ptr().cast()
 }
 
-/// The library's version, e.g. `"0.1.0"` (static, NUL-terminated). Thread-safe.
+/// The version of the C ABI's structs and signatures this header describes: it changes whenever
+/// a struct passed by the caller (`sp_pool_options`, `sp_spawn_options`, `sp_task_options`,
+/// `sp_worker_callbacks`) changes size or meaning. Check it against `sp_abi_version()` at start
+/// up: a program built against another header would pass structs of the wrong size.
+pub const SP_ABI_VERSION: u32 = 2;
+
+/// The ABI version of the loaded library (see `SP_ABI_VERSION`): a program compares it with
+/// the `SP_ABI_VERSION` of the header it was built against. Thread-safe.
+#[unsafe(no_mangle)]
+pub extern "C" fn sp_abi_version() -> u32 {
+    SP_ABI_VERSION
+}
+
+/// The library's version, e.g. `"0.2.0"` (static, NUL-terminated). Thread-safe.
 #[unsafe(no_mangle)]
 pub extern "C" fn sp_version() -> *const c_char {
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()

@@ -100,7 +100,8 @@ pub struct sp_worker_callbacks {
     /// `n` (≥ 1) independently submitted tasks at once: `tasks[i]` is task `i` (pointers into
     /// shared memory, valid during the call), `replies[i]` its reply, `statuses[i]` its
     /// outcome (preset to `SP_WORKER_OK`; set `SP_WORKER_ERROR` with a message on
-    /// `replies[i]` to fail that task alone). Return `SP_WORKER_OK`; or `SP_WORKER_ERROR` /
+    /// `replies[i]` to fail that task alone, or `SP_WORKER_POISONED` to fail it and replace
+    /// the worker after the batch). Return `SP_WORKER_OK`; or `SP_WORKER_ERROR` /
     /// `SP_WORKER_POISONED` to fail every task of the step with the message set on
     /// `replies[0]`.
     pub execute_batch: Option<
@@ -139,6 +140,9 @@ pub struct CWorker {
     /// fit the buffers it has allocates nothing per task.
     spare: Vec<Vec<u8>>,
 }
+
+/// Reply buffers up to this capacity are kept for reuse.
+const MAX_SPARE_BYTES: usize = 1 << 20;
 
 impl CWorker {
     /// An empty reply, in a recycled buffer if there is one.
@@ -234,7 +238,7 @@ impl Worker for CWorker {
         let rc = unsafe { execute(self.state, &t, &mut reply) };
         match rc {
             SP_WORKER_OK => {
-                self.last_output_len = reply.bytes.len();
+                self.last_output_len = reply.bytes.len().min(MAX_SPARE_BYTES);
                 Ok(reply.bytes)
             }
             SP_WORKER_POISONED => Err(Poisoned::new(reply_error(&mut reply, "execute", rc)).into()),
@@ -243,8 +247,9 @@ impl Worker for CWorker {
     }
 
     fn recycle(&mut self, output: Vec<u8>) {
-        // Enough buffers for a full batch; more are dropped.
-        if self.spare.len() < 64 {
+        // Enough buffers for a full batch; more, and big ones (a rare large output must not
+        // pin its memory for the worker's life), are dropped.
+        if self.spare.len() < 64 && output.capacity() <= MAX_SPARE_BYTES {
             self.spare.push(output);
         }
     }
@@ -287,8 +292,12 @@ impl Worker for CWorker {
             .zip(statuses)
             .map(|(mut r, st)| match st {
                 SP_WORKER_OK => {
-                    self.last_output_len = self.last_output_len.max(r.bytes.len());
+                    self.last_output_len = r.bytes.len().min(MAX_SPARE_BYTES);
                     Ok(r.bytes)
+                }
+                // A task that finds the worker unusable replaces it, as from `execute`.
+                SP_WORKER_POISONED => {
+                    Err(Poisoned::new(reply_error(&mut r, "execute_batch", st)).into())
                 }
                 _ => Err(reply_error(&mut r, "execute_batch", st).into()),
             })
@@ -352,6 +361,8 @@ pub unsafe extern "C" fn sp_init(callbacks: *const sp_worker_callbacks) -> sp_st
             let same = stored.0.spawn.map(|f| f as usize) == cb.spawn.map(|f| f as usize)
                 && stored.0.execute.map(|f| f as usize) == cb.execute.map(|f| f as usize)
                 && stored.0.drop.map(|f| f as usize) == cb.drop.map(|f| f as usize)
+                && stored.0.execute_batch.map(|f| f as usize)
+                    == cb.execute_batch.map(|f| f as usize)
                 && stored.0.user_data == cb.user_data;
             if !same {
                 return Err(Fail::new(

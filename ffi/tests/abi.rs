@@ -377,6 +377,46 @@ fn statuses_have_names_and_the_version_is_set() {
         // SAFETY: as above.
         let v = unsafe { CStr::from_ptr(sp_version()) }.to_str().unwrap();
         assert_eq!(v, env!("CARGO_PKG_VERSION"));
+        assert_eq!(sp_abi_version(), SP_ABI_VERSION);
+    });
+}
+
+#[test]
+fn a_bounded_look_keeps_a_completion_queue_registration() {
+    watchdog(120, || {
+        let p = new_pool(|o| o.queue_size = 8);
+        assert!(spawn(p, b"ok").is_ok());
+        let gate = gate_path("cq-look");
+        let mut cq = sp_completion_queue { id: 0 };
+        let (mut ud, mut t2) = (0u64, sp_task { id: 0 });
+        // SAFETY: (whole block) valid pointers.
+        unsafe {
+            assert_eq!(sp_completion_queue_new(&mut cq), SP_OK);
+            let t = submit(p, format!("gate:{}", gate.display()).as_bytes()).unwrap();
+            assert_eq!(sp_task_notify(t, cq, 42), SP_OK);
+            // A quick look and a poll: not finished, and the registration stays.
+            let mut r = sp_result { id: 0 };
+            assert_eq!(sp_task_wait_timeout(t, 0, &mut r), SP_TIMEOUT);
+            assert_eq!(sp_task_wait_timeout(t, 5, &mut r), SP_TIMEOUT);
+            assert_eq!(sp_task_poll(t, &mut r), SP_PENDING);
+            open_gate(&gate);
+            let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            let got = loop {
+                match sp_completion_queue_next(cq, &mut ud, &mut t2) {
+                    SP_OK => break true,
+                    SP_EMPTY if std::time::Instant::now() < end => {
+                        std::thread::sleep(std::time::Duration::from_millis(1))
+                    }
+                    _ => break false,
+                }
+            };
+            assert!(got, "the completion reached the queue");
+            assert_eq!((ud, t2), (42, t));
+            assert_eq!(wait(t).unwrap(), "opened");
+            assert_eq!(sp_completion_queue_free(cq), SP_OK);
+        }
+        assert_eq!(sp_pool_free(p), SP_OK);
+        let _ = std::fs::remove_file(&gate);
     });
 }
 

@@ -80,6 +80,15 @@ impl<T: Message> TaskHandle<T> {
         self.shared.register_waker(self.slot, self.task_id, waker)
     }
 
+    /// For the C ABI, not an API: blocks until the task finishes or `timeout` passes, without
+    /// collecting and without touching the handle's registered waker (a C event loop's
+    /// completion-queue registration must survive a bounded look). Whether it finished.
+    #[doc(hidden)]
+    pub fn __finished_within(&self, timeout: Duration) -> bool {
+        self.shared
+            .wait_done(self.slot, Some(Instant::now() + timeout))
+    }
+
     /// Blocks until the task finishes, without collecting its result.
     pub(crate) fn block_until_done(&self) {
         self.shared.wait_done(self.slot, None);
