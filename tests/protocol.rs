@@ -324,7 +324,7 @@ fn wait_ref_results_are_private_copies_that_can_be_held() {
 /// Runs `n` tasks through a pool with one honest seat and one hostile seat (misbehaviours
 /// `mask`, see `failpoint::hostile`): every task gets exactly one answer, the honest seat's
 /// answers are all correct, and no pool thread fails.
-fn survive_hostile(mask: u32, n: u64) {
+fn survive_hostile(mask: u32, n: u64, batching: bool) {
     let policy = RestartPolicy {
         max_restarts: 10_000,
         window: Duration::from_secs(60),
@@ -336,6 +336,11 @@ fn survive_hostile(mask: u32, n: u64) {
         .max_workers(2)
         .result_ring_bytes(64 * 1024)
         .restart_policy(policy)
+        .batch_policy(if batching {
+            BatchPolicy::new(8)
+        } else {
+            BatchPolicy::none()
+        })
         .build()
         .unwrap();
     pool.spawn(&Spawn::ok("honest")).unwrap();
@@ -390,10 +395,12 @@ fn survive_hostile(mask: u32, n: u64) {
         honest_ok > 0,
         "mask {mask}: the honest worker served nothing"
     );
-    // The pool still serves.
+    // The pool still serves, and its counters (summed from what workers wrote) are numbers.
     for k in 0..20 {
         let _ = pool.execute(&Cmd::Echo(k));
     }
+    // (Summing garbage counters saturates instead of overflowing: this must not panic.)
+    let _ = pool.stats();
 }
 
 #[test]
@@ -408,7 +415,20 @@ fn a_hostile_worker_cannot_hurt_the_parent_or_other_seats() {
             CLAIMS,
             LIE | REWRITE | COUNTERS | RECORDS | CLAIMS,
         ] {
-            survive_hostile(mask, 400);
+            survive_hostile(mask, 400, false);
+        }
+    });
+}
+
+/// The same with dynamic batching: a hostile worker also forges its batch block (held
+/// entries naming other seats' slots, `started`, counters); every task still gets exactly one
+/// answer, the honest seat's are right, and `stats()` stays a number.
+#[test]
+fn a_hostile_batching_worker_cannot_hurt_the_parent_or_other_seats() {
+    watchdog(600, || {
+        use stateful_pool_hostile::*;
+        for mask in [CLAIMS, LIE | REWRITE | COUNTERS | RECORDS | CLAIMS] {
+            survive_hostile(mask, 400, true);
         }
     });
 }

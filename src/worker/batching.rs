@@ -35,7 +35,7 @@ const FILL_SLICE: Duration = Duration::from_micros(500);
 
 impl Server<'_> {
     /// This seat's batch block.
-    fn batch_ctl(&self) -> &BatchCtl {
+    pub(super) fn batch_ctl(&self) -> &BatchCtl {
         self.wp.seg.get(self.wp.layout.batch_ctl_off(self.wp.seat))
     }
 

@@ -742,6 +742,19 @@ impl Server<'_> {
             queue.scribble(rng.next(), rng.next());
         }
         if mask & hostile::CLAIMS != 0 {
+            // The batch block too: forged held entries (other seats' slots, live task ids
+            // among them), a forged `started`, garbage counters.
+            let bc = self.batch_ctl();
+            for k in 0..4 {
+                let e = (rng.next() as usize) % bc.held_slots.len();
+                bc.held_slots[e].store(rng.next() as u32 % 64, Ordering::Relaxed);
+                bc.held_tasks[e].store(rng.next() % 64, Ordering::Relaxed);
+                let _ = k;
+            }
+            bc.started.store(rng.next() as u32 & 1, Ordering::Relaxed);
+            bc.batches.store(rng.next(), Ordering::Relaxed);
+            bc.size_hist[(rng.next() % 8) as usize].store(rng.next(), Ordering::Relaxed);
+            bc.max_queue_ns.store(rng.next(), Ordering::Relaxed);
             self.ctl.claim.store(rng.next() % 64, Ordering::Relaxed);
             self.ctl
                 .current_slot
