@@ -182,3 +182,35 @@ fn batches_obey_the_queue_and_size_limits_and_await() {
         ));
     });
 }
+
+#[test]
+fn a_batch_wakes_a_registered_waker_when_it_finishes() {
+    struct Flag(std::sync::atomic::AtomicBool, std::thread::Thread);
+    impl std::task::Wake for Flag {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+            self.1.unpark();
+        }
+    }
+    watchdog(60, || {
+        let pool = pool(true);
+        let flag = std::sync::Arc::new(Flag(
+            std::sync::atomic::AtomicBool::new(false),
+            std::thread::current(),
+        ));
+        let waker = std::task::Waker::from(flag.clone());
+        let h = pool
+            .batch(&[Cmd::SleepMs(50), Cmd::Echo(2)])
+            .submit()
+            .unwrap();
+        if !h.wake_when_finished(&waker) {
+            // Woken from the pool's reactor (bounded: the watchdog).
+            while !flag.0.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::park_timeout(std::time::Duration::from_millis(100));
+            }
+        }
+        assert!(h.is_finished());
+        let outs = h.wait().unwrap();
+        assert_eq!(outs[1].as_ref().unwrap().value, 2);
+    });
+}

@@ -438,6 +438,12 @@ impl<O: Message> BatchHandle<O> {
         self.inner.is_finished()
     }
 
+    /// Asks the pool to wake `waker` once the whole batch finishes, without collecting; `true`
+    /// if it already has (see [`TaskHandle::wake_when_finished`]).
+    pub fn wake_when_finished(&self, waker: &Waker) -> bool {
+        self.inner.wake_when_finished(waker)
+    }
+
     /// Asks that the batch not run if no worker has started it (see [`TaskHandle::cancel`]).
     pub fn cancel(&self) {
         self.inner.cancel()
