@@ -158,20 +158,30 @@ impl Held {
     }
 }
 
+/// Submits `jobs` while a gate task holds the only worker, then opens the gate: they run as
+/// one batch. Their outcomes, in order.
+fn queued_behind_a_gate(
+    pool: &Pool<Batcher>,
+    name: &str,
+    jobs: &[Job],
+) -> Vec<Result<Done, TaskError>> {
+    let held = Held::new(pool, name);
+    let handles: Vec<_> = jobs.iter().map(|j| pool.submit(j).unwrap()).collect();
+    assert_eq!(held.open().batch, 1, "the gate task ran alone");
+    handles.into_iter().map(|h| h.wait()).collect()
+}
+
 #[test]
 fn queued_tasks_run_as_one_batch_each_with_its_own_outcome() {
     watchdog(120, || {
         let pool = pool(1, BatchPolicy::new(16));
-        let held = Held::new(&pool, "own-outcome");
         let jobs = [
             Job::Echo(1),
             Job::Fail("task two is bad".into()),
             Job::Echo(3),
             Job::Echo(4),
         ];
-        let handles: Vec<_> = jobs.iter().map(|j| pool.submit(j).unwrap()).collect();
-        assert_eq!(held.open().batch, 1, "the gate task ran alone");
-        let outs: Vec<_> = handles.into_iter().map(|h| h.wait()).collect();
+        let outs = queued_behind_a_gate(&pool, "own-outcome", &jobs);
         let firsts: Vec<u64> = outs.iter().flatten().map(|d| d.first).collect();
         assert!(
             firsts.windows(2).all(|w| w[0] == w[1]),
@@ -205,14 +215,8 @@ fn queued_tasks_run_as_one_batch_each_with_its_own_outcome() {
 fn a_wrong_outcome_count_fails_every_task_of_that_batch_and_only_those() {
     watchdog(120, || {
         let pool = pool(1, BatchPolicy::new(16));
-        let held = Held::new(&pool, "short");
-        let handles: Vec<_> = [Job::Echo(1), Job::Short, Job::Echo(3)]
-            .iter()
-            .map(|j| pool.submit(j).unwrap())
-            .collect();
-        held.open();
-        for h in handles {
-            match h.wait() {
+        for r in queued_behind_a_gate(&pool, "short", &[Job::Echo(1), Job::Short, Job::Echo(3)]) {
+            match r {
                 Err(TaskError::Failed { message, .. }) => {
                     assert!(message.contains("2 outcomes for a batch of 3"), "{message}")
                 }
@@ -228,14 +232,9 @@ fn a_panic_fails_each_task_of_the_step_and_the_worker_is_replaced() {
     watchdog(120, || {
         let pool = pool(1, BatchPolicy::new(16));
         let pid = pool.worker_pids()[0].1;
-        let held = Held::new(&pool, "panic");
-        let handles: Vec<_> = [Job::Echo(1), Job::PanicAll, Job::Echo(3)]
-            .iter()
-            .map(|j| pool.submit(j).unwrap())
-            .collect();
-        held.open();
-        for h in handles {
-            match h.wait() {
+        for r in queued_behind_a_gate(&pool, "panic", &[Job::Echo(1), Job::PanicAll, Job::Echo(3)])
+        {
+            match r {
                 Err(TaskError::Panicked { message, .. }) => {
                     assert!(message.contains("the whole batch panicked"), "{message}")
                 }

@@ -95,6 +95,22 @@ fn check(shape: Shape, i: u64, r: Result<Out, TaskError>, ctx: &str) -> Result<(
     Ok(())
 }
 
+/// One worker that dies at the third hit of failpoint `point` (in its first life only), with
+/// a small completion ring, so that large results take the ring-record path.
+fn matrix_pool(point: &str, batch: BatchPolicy) -> Pool<TestWorker> {
+    let pool = Pool::<TestWorker>::builder()
+        .queue_size(16)
+        .max_workers(1)
+        .result_ring_bytes(RING)
+        .restart_on_panic(false)
+        .batch_policy(batch)
+        .worker_env("STATEFUL_POOL_FAILPOINTS", format!("{point}@3/1"))
+        .build()
+        .unwrap();
+    pool.spawn(&Spawn::ok("fp")).unwrap();
+    pool
+}
+
 /// Three laps of the seat's ring and more: large outputs and messages, each checked.
 fn laps(pool: &Pool<TestWorker>, ctx: &str) {
     let per_lap = RING / (BIG as usize + 64);
@@ -118,15 +134,7 @@ fn a_worker_killed_at_any_step_with_any_result_shape_costs_only_its_task_and_its
         for point in POINTS {
             for shape in SHAPES {
                 let ctx = format!("{point} × {shape:?}");
-                let pool = Pool::<TestWorker>::builder()
-                    .queue_size(8)
-                    .max_workers(1)
-                    .result_ring_bytes(RING)
-                    .restart_on_panic(false)
-                    .worker_env("STATEFUL_POOL_FAILPOINTS", format!("{point}@3/1"))
-                    .build()
-                    .unwrap();
-                pool.spawn(&Spawn::ok("fp")).unwrap();
+                let pool = matrix_pool(point, BatchPolicy::none());
                 let handles: Vec<TaskHandle<Out>> = (0..8u64)
                     .map(|i| pool.submit(&task(shape, i)))
                     .collect::<Result<_, _>>()
@@ -156,16 +164,7 @@ fn a_batching_worker_killed_at_any_step_with_any_result_shape_costs_only_its_bat
         for point in POINTS {
             for shape in SHAPES {
                 let ctx = format!("batching: {point} × {shape:?}");
-                let pool = Pool::<TestWorker>::builder()
-                    .queue_size(16)
-                    .max_workers(1)
-                    .result_ring_bytes(RING)
-                    .restart_on_panic(false)
-                    .batch_policy(BatchPolicy::new(4))
-                    .worker_env("STATEFUL_POOL_FAILPOINTS", format!("{point}@3/1"))
-                    .build()
-                    .unwrap();
-                pool.spawn(&Spawn::ok("fp")).unwrap();
+                let pool = matrix_pool(point, BatchPolicy::new(4));
                 let handles: Vec<TaskHandle<Out>> = (0..8u64)
                     .map(|i| pool.submit(&task(shape, i)))
                     .collect::<Result<_, _>>()

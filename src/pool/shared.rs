@@ -223,8 +223,7 @@ impl Shared {
     }
 
     pub(crate) fn ctl(&self, seat: u32) -> &WorkerCtl {
-        self.seg
-            .get(self.layout.ctls + seat as usize * size_of::<WorkerCtl>())
+        self.seg.get(self.layout.ctl_off(seat))
     }
 
     pub(crate) fn n_slots(&self) -> u32 {

@@ -247,17 +247,17 @@ impl Shared {
         };
         // Times only when something reads them: a batching pool (queue delay, the oldest
         // task's wait) or a deadline. Always stored: stale values must not outlive a task.
-        let deadline_ns = opts.deadline.map(|d| {
-            let left = d.saturating_duration_since(Instant::now()).as_nanos();
-            crate::sys::mono_ns().saturating_add(left.min(u64::MAX as u128) as u64)
-        });
-        let times = self.times(slot);
         let batching = self.header().batch.max.load(Ordering::Relaxed) > 1;
-        let submitted_ns = if batching || deadline_ns.is_some() {
+        let submitted_ns = if batching || opts.deadline.is_some() {
             crate::sys::mono_ns()
         } else {
             0
         };
+        let deadline_ns = opts.deadline.map(|d| {
+            let left = d.saturating_duration_since(Instant::now()).as_nanos();
+            submitted_ns.saturating_add(left.min(u64::MAX as u128) as u64)
+        });
+        let times = self.times(slot);
         times.submitted_ns.store(submitted_ns, Ordering::Relaxed);
         times
             .deadline_ns

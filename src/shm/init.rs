@@ -46,7 +46,7 @@ pub(crate) fn create(layout: &Layout, init: HeaderInit, reserve: bool) -> io::Re
         unsafe { p.write(MpmcCell::new(i as u64)) };
     }
     for i in 0..layout.params.max_workers as usize {
-        let off = layout.ctls + i * size_of::<WorkerCtl>();
+        let off = layout.ctl_off(i as u32);
         let p = seg.bytes_ptr(off, size_of::<WorkerCtl>()) as *mut WorkerCtl;
         // SAFETY: as above, for the worker control blocks.
         unsafe { p.write(WorkerCtl::new()) };

@@ -303,6 +303,10 @@ impl Layout {
         })
     }
 
+    pub(crate) fn ctl_off(&self, worker: u32) -> usize {
+        self.ctls + worker as usize * size_of::<WorkerCtl>()
+    }
+
     pub(crate) fn slot_times_off(&self, slot: u32) -> usize {
         self.slot_times + slot as usize * size_of::<SlotTimes>()
     }

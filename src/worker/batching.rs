@@ -21,7 +21,7 @@ use super::{BatchTask, Worker, WorkerContext};
 use crate::failpoint;
 use crate::ring::mpmc::MpmcRing;
 use crate::ring::wait::wait_on_marked;
-use crate::shm::layout::{BATCH_CAP, BatchCtl, batch_flags, ctl_state, parked};
+use crate::shm::layout::{BATCH_CAP, BatchCtl, WorkerCtl, batch_flags, ctl_state, parked};
 use crate::slot::outcome::{KIND_CANCELLED, KIND_ERR, KIND_EXPIRED, KIND_PANIC};
 use crate::slot::{RawOutcome, SlotHeader, bits};
 use crate::sys::mono_ns;
@@ -45,6 +45,11 @@ impl Server<'_> {
         let bc = self.batch_ctl();
         bc.held_slots[k].store(t.slot + 1, Ordering::Relaxed);
         bc.held_tasks[k].store(t.id, Ordering::SeqCst);
+        self.clear_window();
+    }
+
+    /// Clears the pop window (slot, then task id: the recovery rule's order).
+    fn clear_window(&self) {
         self.ctl.current_slot.store(u32::MAX, Ordering::Release);
         self.ctl.current_task.store(0, Ordering::SeqCst);
     }
@@ -63,9 +68,7 @@ impl Server<'_> {
         (0..layout.params.max_workers)
             .filter(|&i| i != self.wp.seat)
             .any(|i| {
-                let c = self.wp.seg.get::<crate::shm::layout::WorkerCtl>(
-                    layout.ctls + i as usize * size_of::<crate::shm::layout::WorkerCtl>(),
-                );
+                let c = self.wp.seg.get::<WorkerCtl>(layout.ctl_off(i));
                 c.idle.load(Ordering::Relaxed) == 1
                     && c.state.load(Ordering::Relaxed) == ctl_state::READY
             })
@@ -125,8 +128,7 @@ impl Server<'_> {
                 let t = Task { slot, id, sh };
                 if prev & bits::CANCELLED != 0 {
                     self.publish(&t, RawOutcome::new(KIND_CANCELLED, self.wp.seat, 0, 0));
-                    self.ctl.current_slot.store(u32::MAX, Ordering::Release);
-                    self.ctl.current_task.store(0, Ordering::SeqCst);
+                    self.clear_window();
                     continue;
                 }
                 if prev & bits::BATCH != 0 {
@@ -210,17 +212,13 @@ impl Server<'_> {
     ) -> Option<u32> {
         let seat = self.wp.seat;
         // Tasks cancelled or past their deadline before the step starts are not run.
-        let now = mono_ns();
         let mut live = Vec::with_capacity(members.len());
         for (k, t) in members.into_iter().enumerate() {
             let st = t.sh.state.load(Ordering::Acquire);
             if st & bits::CANCELLED != 0 {
                 self.publish(&t, RawOutcome::new(KIND_CANCELLED, seat, 0, 0));
                 self.release(k);
-            } else if st & bits::DEADLINE != 0 && {
-                let d = self.times(t.slot).deadline_ns.load(Ordering::Relaxed);
-                d != 0 && now > d
-            } {
+            } else if self.expired(&t, st) {
                 self.publish(&t, RawOutcome::new(KIND_EXPIRED, seat, 0, 0));
                 self.release(k);
             } else {

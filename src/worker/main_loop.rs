@@ -54,9 +54,7 @@ pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 pub(crate) fn run<W: Worker>(wp: WorkerProcess) -> ! {
     let hdr = wp.header();
     let layout = wp.layout;
-    let ctl = wp
-        .seg
-        .get::<WorkerCtl>(layout.ctls + wp.seat as usize * size_of::<WorkerCtl>());
+    let ctl = wp.seg.get::<WorkerCtl>(layout.ctl_off(wp.seat));
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() } as u32;
     ctl.pid.store(pid, Ordering::Relaxed);
