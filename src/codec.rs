@@ -9,6 +9,7 @@
 //! and a C host can send anything, so bytes from another process are checked before use. For the
 //! plain-data types typical of tasks this costs nanoseconds.
 
+use rkyv::util::AlignedVec;
 use rkyv::api::high::{HighDeserializer, HighSerializer, HighValidator};
 use rkyv::bytecheck::CheckBytes;
 use rkyv::rancor::{BoxedError, Source};
@@ -342,6 +343,19 @@ pub(crate) fn encoded_len<T: Encode>(value: &T) -> Result<usize, EncodeError> {
         Ok(w) => Ok(w.pos),
         Err(e) => Err(EncodeError::Failed(e.to_string())),
     }
+}
+
+/// Serialises `value` into a fresh 16-aligned buffer of its own (for thread stages, where the
+/// archive never leaves the process).
+pub(crate) fn encode_owned<T: Encode>(value: &T) -> Result<AlignedVec<16>, EncodeError> {
+    let len = encoded_len(value)?;
+    let mut buf = AlignedVec::<16>::with_capacity(len.max(1));
+    // SAFETY: the buffer has `len` bytes of capacity, is ours alone, and `encode_into` writes
+    // at most `len` bytes there (it fails with `Overflow` rather than write past `cap`).
+    let n = unsafe { encode_into(value, buf.as_mut_ptr(), len)? };
+    // SAFETY: `encode_into` initialised the first `n <= len <= capacity` bytes.
+    unsafe { buf.set_len(n) };
+    Ok(buf)
 }
 
 /// Validates `bytes` as an archive of `T` and returns a reference into them.

@@ -102,6 +102,8 @@ mod gpu;
 mod pool;
 #[cfg(not(stateful_pool_loom))]
 mod process;
+#[cfg(not(stateful_pool_loom))]
+pub mod service;
 pub(crate) mod ring;
 #[cfg(not(stateful_pool_loom))]
 mod shm;

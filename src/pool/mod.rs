@@ -654,6 +654,12 @@ impl<W: Worker> Pool<W> {
         }
     }
 
+    /// The number of task slots ([`PoolBuilder::queue_size`](crate::PoolBuilder::queue_size)):
+    /// tasks queued, running, or finished and not yet collected, at most.
+    pub fn queue_size(&self) -> usize {
+        self.shared.n_slots() as usize
+    }
+
     /// Tasks queued and not yet taken by a worker (a snapshot).
     pub fn queued(&self) -> usize {
         self.shared.task_ring().len()

@@ -39,15 +39,42 @@ pub(super) fn recycle<W: Worker>(state: &mut W, out: W::Output) {
     let _ = catch_unwind(AssertUnwindSafe(|| state.recycle(out)));
 }
 
-/// Turns a panic payload into its message.
+/// Turns a panic payload into its message; in a worker process, followed by the backtrace
+/// the panic hook captured (see [`capture_backtraces`]) after [`BACKTRACE_MARK`].
 pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = p.downcast_ref::<&str>() {
+    let mut m = if let Some(s) = p.downcast_ref::<&str>() {
         (*s).to_string()
     } else if let Some(s) = p.downcast_ref::<String>() {
         s.clone()
     } else {
         "panic with a non-string payload".to_string()
+    };
+    if let Some(bt) = LAST_BACKTRACE.take() {
+        m.push_str(BACKTRACE_MARK);
+        m.push_str(&bt);
     }
+    m
+}
+
+/// Separates a panic's message from the worker's backtrace in the message a worker sends.
+pub(crate) const BACKTRACE_MARK: &str = "\n\nworker backtrace:\n";
+
+thread_local! {
+    static LAST_BACKTRACE: std::cell::Cell<Option<String>> = const { std::cell::Cell::new(None) };
+}
+
+/// Worker processes only: a panic hook that keeps the panicking thread's backtrace for
+/// [`panic_message`], when backtraces are enabled the standard way (`RUST_BACKTRACE` or
+/// `RUST_LIB_BACKTRACE`), then runs the previous hook. Without them nothing is captured.
+pub(crate) fn capture_backtraces() {
+    let prev = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let bt = std::backtrace::Backtrace::capture();
+        if bt.status() == std::backtrace::BacktraceStatus::Captured {
+            LAST_BACKTRACE.set(Some(bt.to_string()));
+        }
+        prev(info);
+    }));
 }
 
 /// Entry point of a worker process serving worker type `W`. Never returns.
@@ -55,6 +82,7 @@ pub(crate) fn run<W: Worker>(wp: WorkerProcess) -> ! {
     let hdr = wp.header();
     let layout = wp.layout;
     let ctl = wp.seg.get::<WorkerCtl>(layout.ctl_off(wp.seat));
+    capture_backtraces();
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() } as u32;
     ctl.pid.store(pid, Ordering::Relaxed);

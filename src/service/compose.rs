@@ -1,0 +1,384 @@
+//! Composition: [`seq`] (each stage's output is the next one's input), [`ensemble`] (every
+//! member gets the item; outputs in member order), [`switch`] (each item goes to the member a
+//! function of it picks). Compositions are stages themselves, so they nest freely, and the
+//! compiler checks every connection's types.
+//!
+//! Paths: a composition's members are named `seq[i]`, `ensemble[i]`, `switch[i]` under the
+//! composition's own prefix, so a leaf two levels down reads `seq[1]/ensemble[0]/Model`.
+
+use super::error::ServiceError;
+use super::stage::{Item, Stage, StageFuture, StageStats};
+use futures_util::future::{join_all, try_join_all};
+use std::marker::PhantomData;
+
+/// A stage behind a box, for members chosen at run time ([`ensemble_vec`], [`switch`]).
+pub type BoxStage<I, O> = Box<dyn Stage<In = I, Out = O>>;
+
+impl<I: Send + 'static, O: Send + 'static> Stage for BoxStage<I, O> {
+    type In = I;
+    type Out = O;
+
+    fn run<'a>(&'a self, input: I, item: &'a Item) -> StageFuture<'a, O> {
+        (**self).run(input, item)
+    }
+
+    fn attach(&mut self, prefix: &str) {
+        (**self).attach(prefix)
+    }
+
+    fn report(&self, out: &mut Vec<StageStats>) {
+        (**self).report(out)
+    }
+
+    fn close(&self) {
+        (**self).close()
+    }
+
+    fn close_now(&self) {
+        (**self).close_now()
+    }
+}
+
+/// Chaining and boxing for any stage.
+pub trait StageExt: Stage + Sized {
+    /// This stage, then `next` on its output: `a.then(b)` is `seq((a, b))`.
+    fn then<N: Stage<In = Self::Out>>(self, next: N) -> Seq<(Self, N)> {
+        seq((self, next))
+    }
+
+    /// This stage behind a box (to mix stage types in [`ensemble_vec`] or [`switch`]).
+    fn boxed(self) -> BoxStage<Self::In, Self::Out> {
+        Box::new(self)
+    }
+}
+
+impl<S: Stage> StageExt for S {}
+
+// ---- seq ----
+
+/// Stages in sequence (made by [`seq`]).
+#[derive(Debug)]
+pub struct Seq<T>(T);
+
+/// Stages in sequence, given as a tuple of 2 to 6 stages: the first gets the item, each next
+/// one the previous one's output; the last one's output is the sequence's. An error anywhere
+/// ends the item there.
+///
+/// ```ignore
+/// let graph = seq((decode, seq((resize, model)))); // nests freely
+/// ```
+pub fn seq<T>(stages: T) -> Seq<T>
+where
+    Seq<T>: Stage,
+{
+    Seq(stages)
+}
+
+macro_rules! seq_impl {
+    ([$($s:ident $i:tt),+], $f:ident, $l:ident, [$($n:ident: $p:ident),+]) => {
+        impl<$($s: Stage),+> Stage for Seq<($($s,)+)>
+        where
+            $($n: Stage<In = $p::Out>),+
+        {
+            type In = $f::In;
+            type Out = $l::Out;
+
+            fn run<'a>(&'a self, input: Self::In, item: &'a Item) -> StageFuture<'a, Self::Out> {
+                Box::pin(async move {
+                    let x = input;
+                    $(let x = self.0.$i.run(x, item).await?;)+
+                    Ok(x)
+                })
+            }
+
+            fn attach(&mut self, prefix: &str) {
+                $(self.0.$i.attach(&format!("{prefix}seq[{}]/", $i));)+
+            }
+
+            fn report(&self, out: &mut Vec<StageStats>) {
+                $(self.0.$i.report(out);)+
+            }
+
+            fn close(&self) {
+                $(self.0.$i.close();)+
+            }
+
+            fn close_now(&self) {
+                $(self.0.$i.close_now();)+
+            }
+        }
+    };
+}
+
+seq_impl!([A 0, B 1], A, B, [B: A]);
+seq_impl!([A 0, B 1, C 2], A, C, [B: A, C: B]);
+seq_impl!([A 0, B 1, C 2, D 3], A, D, [B: A, C: B, D: C]);
+seq_impl!([A 0, B 1, C 2, D 3, E 4], A, E, [B: A, C: B, D: C, E: D]);
+seq_impl!([A 0, B 1, C 2, D 3, E 4, F 5], A, F, [B: A, C: B, D: C, E: D, F: E]);
+
+// ---- ensemble ----
+
+/// Ensemble mode: the first error ends the item, and members that have not started it are
+/// cancelled (the default).
+#[derive(Debug, Clone, Copy)]
+pub struct FailFast;
+
+/// Ensemble mode: every member runs the item to its end; each member's outcome is kept.
+#[derive(Debug, Clone, Copy)]
+pub struct CollectAll;
+
+/// Every member gets a copy of the item, concurrently; made by [`ensemble`] (a tuple of
+/// members of any stage types, outputs as a tuple) or [`ensemble_vec`] (boxed members of one
+/// output type, outputs as a `Vec`). Outputs come in member order.
+///
+/// By default [`FailFast`]: the first member error fails the item at once, and the members
+/// still working on it are dropped, which cancels the item wherever it has not started
+/// (process and thread stages answer it cancelled without running it). With
+/// [`collect_all`](Ensemble::collect_all) every member finishes and the output holds each
+/// member's `Result`. Add a combine step with [`StageExt::then`] and a [`local`](super::local)
+/// stage.
+#[derive(Debug)]
+pub struct Ensemble<T, M = FailFast> {
+    members: T,
+    _mode: PhantomData<M>,
+}
+
+/// An ensemble of a tuple of 2 to 4 stages that take the same input (`Clone`): see
+/// [`Ensemble`].
+pub fn ensemble<T>(members: T) -> Ensemble<T>
+where
+    Ensemble<T>: Stage,
+{
+    Ensemble {
+        members,
+        _mode: PhantomData,
+    }
+}
+
+/// An ensemble of any number of boxed stages with one input and one output type: see
+/// [`Ensemble`]. Its output is a `Vec` in member order.
+pub fn ensemble_vec<I, O>(members: Vec<BoxStage<I, O>>) -> Ensemble<Vec<BoxStage<I, O>>>
+where
+    I: Clone + Send + Sync + 'static,
+    O: Send + 'static,
+{
+    Ensemble {
+        members,
+        _mode: PhantomData,
+    }
+}
+
+impl<T> Ensemble<T, FailFast> {
+    /// Every member runs the item to its end; the output holds each member's `Result`.
+    pub fn collect_all(self) -> Ensemble<T, CollectAll> {
+        Ensemble {
+            members: self.members,
+            _mode: PhantomData,
+        }
+    }
+}
+
+macro_rules! ensemble_members {
+    ($($i:tt),+) => {
+        fn attach(&mut self, prefix: &str) {
+            $(self.members.$i.attach(&format!("{prefix}ensemble[{}]/", $i));)+
+        }
+
+        fn report(&self, out: &mut Vec<StageStats>) {
+            $(self.members.$i.report(out);)+
+        }
+
+        fn close(&self) {
+            $(self.members.$i.close();)+
+        }
+
+        fn close_now(&self) {
+            $(self.members.$i.close_now();)+
+        }
+    };
+}
+
+macro_rules! ensemble_impl {
+    ($first:ident $fi:tt, $($s:ident $i:tt $last:tt),+) => {
+        impl<$first: Stage, $($s: Stage<In = $first::In>),+> Stage for Ensemble<($first, $($s,)+), FailFast>
+        where
+            $first::In: Clone + Sync,
+        {
+            type In = $first::In;
+            type Out = ($first::Out, $($s::Out,)+);
+
+            fn run<'a>(&'a self, input: Self::In, item: &'a Item) -> StageFuture<'a, Self::Out> {
+                Box::pin(async move {
+                    futures_util::try_join!(
+                        self.members.$fi.run(input.clone(), item),
+                        $(self.members.$i.run(ensemble_impl!(@input input $last), item)),+
+                    )
+                })
+            }
+
+            ensemble_members!($fi, $($i),+);
+        }
+
+        impl<$first: Stage, $($s: Stage<In = $first::In>),+> Stage for Ensemble<($first, $($s,)+), CollectAll>
+        where
+            $first::In: Clone + Sync,
+        {
+            type In = $first::In;
+            type Out = (Result<$first::Out, ServiceError>, $(Result<$s::Out, ServiceError>,)+);
+
+            fn run<'a>(&'a self, input: Self::In, item: &'a Item) -> StageFuture<'a, Self::Out> {
+                Box::pin(async move {
+                    Ok(futures_util::join!(
+                        self.members.$fi.run(input.clone(), item),
+                        $(self.members.$i.run(ensemble_impl!(@input input $last), item)),+
+                    ))
+                })
+            }
+
+            ensemble_members!($fi, $($i),+);
+        }
+    };
+    (@input $x:ident last) => { $x };
+    (@input $x:ident more) => { $x.clone() };
+}
+
+ensemble_impl!(A 0, B 1 last);
+ensemble_impl!(A 0, B 1 more, C 2 last);
+ensemble_impl!(A 0, B 1 more, C 2 more, D 3 last);
+
+macro_rules! ensemble_vec_members {
+    () => {
+        fn attach(&mut self, prefix: &str) {
+            for (i, m) in self.members.iter_mut().enumerate() {
+                m.attach(&format!("{prefix}ensemble[{i}]/"));
+            }
+        }
+
+        fn report(&self, out: &mut Vec<StageStats>) {
+            self.members.iter().for_each(|m| m.report(out));
+        }
+
+        fn close(&self) {
+            self.members.iter().for_each(|m| m.close());
+        }
+
+        fn close_now(&self) {
+            self.members.iter().for_each(|m| m.close_now());
+        }
+    };
+}
+
+impl<I, O> Stage for Ensemble<Vec<BoxStage<I, O>>, FailFast>
+where
+    I: Clone + Send + Sync + 'static,
+    O: Send + 'static,
+{
+    type In = I;
+    type Out = Vec<O>;
+
+    fn run<'a>(&'a self, input: I, item: &'a Item) -> StageFuture<'a, Vec<O>> {
+        let runs: Vec<_> = self
+            .members
+            .iter()
+            .map(|m| m.run(input.clone(), item))
+            .collect();
+        Box::pin(try_join_all(runs))
+    }
+
+    ensemble_vec_members!();
+}
+
+impl<I, O> Stage for Ensemble<Vec<BoxStage<I, O>>, CollectAll>
+where
+    I: Clone + Send + Sync + 'static,
+    O: Send + 'static,
+{
+    type In = I;
+    type Out = Vec<Result<O, ServiceError>>;
+
+    fn run<'a>(&'a self, input: I, item: &'a Item) -> StageFuture<'a, Self::Out> {
+        let runs: Vec<_> = self
+            .members
+            .iter()
+            .map(|m| m.run(input.clone(), item))
+            .collect();
+        Box::pin(async move { Ok(join_all(runs).await) })
+    }
+
+    ensemble_vec_members!();
+}
+
+// ---- switch ----
+
+/// Routes each item to one member, picked by a function of the input (made by [`switch`]).
+pub struct Switch<I, O, R> {
+    route: R,
+    members: Vec<BoxStage<I, O>>,
+    path: String,
+}
+
+impl<I, O, R> std::fmt::Debug for Switch<I, O, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Switch")
+            .field("path", &self.path)
+            .field("members", &self.members.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A switch: `route(&input)` picks the member (an index into `members`) that runs the item.
+/// An index out of range fails the item with [`ServiceError::Route`].
+pub fn switch<I, O, R>(route: R, members: Vec<BoxStage<I, O>>) -> Switch<I, O, R>
+where
+    R: Fn(&I) -> usize + Send + Sync + 'static,
+{
+    Switch {
+        route,
+        members,
+        path: "switch".to_string(),
+    }
+}
+
+impl<I, O, R> Stage for Switch<I, O, R>
+where
+    I: Send + 'static,
+    O: Send + 'static,
+    R: Fn(&I) -> usize + Send + Sync + 'static,
+{
+    type In = I;
+    type Out = O;
+
+    fn run<'a>(&'a self, input: I, item: &'a Item) -> StageFuture<'a, O> {
+        let i = (self.route)(&input);
+        match self.members.get(i) {
+            Some(m) => m.run(input, item),
+            None => {
+                let e = ServiceError::Route {
+                    stage: self.path.clone(),
+                    index: i,
+                    members: self.members.len(),
+                };
+                Box::pin(async move { Err(e) })
+            }
+        }
+    }
+
+    fn attach(&mut self, prefix: &str) {
+        self.path = format!("{prefix}switch");
+        for (i, m) in self.members.iter_mut().enumerate() {
+            m.attach(&format!("{prefix}switch[{i}]/"));
+        }
+    }
+
+    fn report(&self, out: &mut Vec<StageStats>) {
+        self.members.iter().for_each(|m| m.report(out));
+    }
+
+    fn close(&self) {
+        self.members.iter().for_each(|m| m.close());
+    }
+
+    fn close_now(&self) {
+        self.members.iter().for_each(|m| m.close_now());
+    }
+}

@@ -1,0 +1,158 @@
+//! A counting gate: at most `cap` holders at once, waited for blocking or async, with a
+//! deadline. The server's capacity and each stage's bound on items in flight are gates.
+//!
+//! A holder is a [`Permit`]; dropping it frees the place and wakes one waiter. Waiting is
+//! `event_listener`'s: a listener is registered before the count is read again, so a place
+//! freed between the failed attempt and the registration is never missed.
+
+use event_listener::{Event, Listener};
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+/// At most `cap` permits out at once.
+#[derive(Debug)]
+pub(crate) struct Gate {
+    used: AtomicUsize,
+    cap: usize,
+    freed: Event,
+    /// Notified when the last permit is given back.
+    idle: Event,
+}
+
+/// One place in a [`Gate`], given back on drop.
+#[derive(Debug)]
+pub(crate) struct Permit<'a>(&'a Gate);
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if self.0.used.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify(usize::MAX);
+        }
+        self.0.freed.notify(1);
+    }
+}
+
+impl Gate {
+    /// A gate with `cap` places (`cap` ≥ 1; 0 is taken as 1).
+    pub(crate) fn new(cap: usize) -> Gate {
+        Gate {
+            used: AtomicUsize::new(0),
+            cap: cap.max(1),
+            freed: Event::new(),
+            idle: Event::new(),
+        }
+    }
+
+    /// The number of places.
+    pub(crate) fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// Places taken now.
+    pub(crate) fn in_use(&self) -> usize {
+        self.used.load(Ordering::SeqCst)
+    }
+
+    /// Waits (blocking) until no permit is out, or `deadline`; whether none is out.
+    pub(crate) fn wait_idle(&self, deadline: Instant) -> bool {
+        loop {
+            if self.in_use() == 0 {
+                return true;
+            }
+            let l = self.idle.listen();
+            if self.in_use() == 0 {
+                return true;
+            }
+            if l.wait_deadline(deadline).is_none() && Instant::now() >= deadline {
+                return self.in_use() == 0;
+            }
+        }
+    }
+
+    /// A place if one is free now.
+    pub(crate) fn try_acquire(&self) -> Option<Permit<'_>> {
+        let mut cur = self.used.load(Ordering::SeqCst);
+        while cur < self.cap {
+            match self
+                .used
+                .compare_exchange_weak(cur, cur + 1, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => return Some(Permit(self)),
+                Err(now) => cur = now,
+            }
+        }
+        None
+    }
+
+    /// Waits (async, any executor) for a place until `deadline`; `None` if it passed first.
+    pub(crate) async fn acquire(&self, deadline: Option<Instant>) -> Option<Permit<'_>> {
+        loop {
+            if let Some(p) = self.try_acquire() {
+                return Some(p);
+            }
+            let l = self.freed.listen();
+            if let Some(p) = self.try_acquire() {
+                drop(l);
+                self.freed.notify(1);
+                return Some(p);
+            }
+            if until(deadline, l).await.is_none() {
+                return self.try_acquire();
+            }
+        }
+    }
+}
+
+/// Runs `f` until `deadline`: its output, or `None` if the deadline came first (then `f` is
+/// dropped, which cancels whatever it had not started).
+pub(crate) async fn until<F: Future>(deadline: Option<Instant>, f: F) -> Option<F::Output> {
+    use futures_util::future::{Either, select};
+    let Some(d) = deadline else {
+        return Some(f.await);
+    };
+    if Instant::now() >= d {
+        return None;
+    }
+    let f = std::pin::pin!(f);
+    match select(f, async_io::Timer::at(d)).await {
+        Either::Left((v, _)) => Some(v),
+        Either::Right(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_gate_holds_at_most_its_capacity_and_frees_on_drop() {
+        let g = Gate::new(2);
+        let a = g.try_acquire().unwrap();
+        let _b = g.try_acquire().unwrap();
+        assert!(g.try_acquire().is_none());
+        assert_eq!(g.in_use(), 2);
+        drop(a);
+        assert!(g.try_acquire().is_some());
+    }
+
+    #[test]
+    fn waits_end_at_the_deadline_or_when_a_place_frees() {
+        let g = Gate::new(1);
+        let p = g.try_acquire().unwrap();
+        let soon = Instant::now() + Duration::from_millis(20);
+        assert!(futures_executor::block_on(g.acquire(Some(soon))).is_none());
+        assert!(futures_executor::block_on(g.acquire(Some(Instant::now()))).is_none());
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let q = futures_executor::block_on(g.acquire(None));
+                assert!(q.is_some());
+            });
+            drop(p);
+        });
+        assert!(g.wait_idle(Instant::now() + Duration::from_secs(60)));
+        let got = futures_executor::block_on(g.acquire(None));
+        assert!(got.is_some());
+    }
+}

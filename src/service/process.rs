@@ -1,0 +1,152 @@
+//! A stage of worker processes: a [`Pool`] in a service graph.
+
+use super::error::{ServiceError, StageError};
+use super::stage::{Item, Meter, Stage, StageFuture, StageStats};
+use crate::{Pool, TaskError, TaskOptions, Worker, WorkerState};
+use std::sync::Arc;
+
+/// A stage whose items run as tasks on a [`Pool`]'s worker processes (each optionally pinned
+/// to its CPUs with [`SpawnOptions::cpus`](crate::SpawnOptions::cpus), batching with the
+/// pool's [`BatchPolicy`](crate::BatchPolicy)). Its input is the worker's task type, its
+/// output the worker's output type.
+///
+/// The item's deadline travels with the task: a worker skips it if it passed before the task
+/// started. A worker's death fails only the item it was running (or re-runs it, with
+/// [`task_options`](Self::task_options) retries). The pool stays reachable through
+/// [`pool`](Self::pool) (to spawn, retire or replace workers while the service runs).
+pub struct Process<W: Worker> {
+    name: String,
+    pool: Arc<Pool<W>>,
+    meter: Meter,
+    opts: TaskOptions,
+}
+
+impl<W: Worker> std::fmt::Debug for Process<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Process")
+            .field("path", &self.meter.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<W: Worker> Process<W> {
+    /// A stage named `name` (the last part of its path) over `pool`. Its bound on items in
+    /// flight starts at the pool's queue size.
+    pub fn new(name: &str, pool: impl Into<Arc<Pool<W>>>) -> Self {
+        let pool = pool.into();
+        let bound = pool.queue_size();
+        Process {
+            name: name.to_string(),
+            pool,
+            meter: Meter::new(name, bound),
+            opts: TaskOptions::default(),
+        }
+    }
+
+    /// At most `n` items in the stage at once (queued or running); more wait at its door,
+    /// each until its deadline.
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.meter = Meter::new(&self.meter.path, n);
+        self
+    }
+
+    /// A timeout and retries for each of the stage's tasks (see [`TaskOptions`]); the item's
+    /// deadline is added to them.
+    pub fn task_options(mut self, opts: TaskOptions) -> Self {
+        self.opts = opts;
+        self
+    }
+
+    /// The stage's pool.
+    pub fn pool(&self) -> &Arc<Pool<W>> {
+        &self.pool
+    }
+
+    /// A task's failure as this stage's: its path, worker and pid.
+    fn stage_error(&self, item: &Item, e: TaskError) -> ServiceError {
+        let (worker, pid) = match &e {
+            TaskError::WorkerDied { worker, pid, .. } => (Some(*worker), Some(*pid)),
+            TaskError::Failed { worker, .. }
+            | TaskError::Panicked { worker, .. }
+            | TaskError::ResultTooLarge { worker, .. }
+            | TaskError::BadTask { worker, .. }
+            | TaskError::BadResult { worker, .. }
+            | TaskError::Timeout { worker, .. }
+            | TaskError::Poisoned { worker, .. } => {
+                let pid = self
+                    .pool
+                    .worker_pids()
+                    .into_iter()
+                    .find(|(i, _)| i == worker)
+                    .map(|(_, p)| p);
+                (Some(*worker), pid)
+            }
+            _ => (None, None),
+        };
+        // A task answered `Timeout` after the item's deadline passed: the deadline's doing.
+        if matches!(e, TaskError::Timeout { .. }) && item.expired() {
+            return item.timeout(Some(&self.meter.path));
+        }
+        let (error, backtrace) = super::split_backtrace(e);
+        StageError {
+            path: self.meter.path.clone(),
+            worker,
+            pid,
+            error,
+            backtrace,
+        }
+        .into()
+    }
+}
+
+impl<W: Worker> Stage for Process<W>
+where
+    W::Task: Sync,
+{
+    type In = W::Task;
+    type Out = W::Output;
+
+    fn run<'a>(&'a self, input: W::Task, item: &'a Item) -> StageFuture<'a, W::Output> {
+        Box::pin(self.meter.admit(item, true, async move {
+            let mut req = self.pool.task(&input).options(self.opts);
+            if let Some(d) = item.deadline {
+                req = req.deadline(d);
+            }
+            let handle = match req.submit_async().await {
+                Ok(h) => h,
+                Err(e) => return Err(self.stage_error(item, e.into())),
+            };
+            drop(input);
+            handle.await.map_err(|e| self.stage_error(item, e))
+        }))
+    }
+
+    fn attach(&mut self, prefix: &str) {
+        self.meter.attach(prefix, &self.name);
+    }
+
+    fn report(&self, out: &mut Vec<StageStats>) {
+        let mut s = self.meter.stats("process");
+        s.live_workers = Some(
+            self.pool
+                .workers()
+                .iter()
+                .filter(|w| w.state == WorkerState::Ready)
+                .count(),
+        );
+        s.queued = self.pool.queued();
+        let b = self.pool.stats().batching;
+        if b.batches > 0 {
+            s.batching = Some(b);
+        }
+        out.push(s);
+    }
+
+    fn close(&self) {
+        self.pool.close();
+    }
+
+    fn close_now(&self) {
+        self.pool.close_now();
+    }
+}

@@ -1,0 +1,300 @@
+//! [`Server::stream`]: a possibly endless input through the graph, with a bounded window,
+//! ordered or unordered, inputs beside outputs, and the map engine's error policies.
+
+use super::error::ServiceError;
+use super::server::Server;
+use super::stage::{Item, Stage};
+use crate::ErrorPolicy;
+use futures_core::Stream;
+use futures_util::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+/// Items are the outputs: `Result<Out, ServiceError>` (the default).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Outputs;
+
+/// Items are `(input, Result<Out, ServiceError>)`: each input beside its outcome.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WithInputs;
+
+type ItemFuture<'s, I, O> = Pin<Box<dyn Future<Output = (Option<I>, Result<O, ServiceError>)> + Send + 's>>;
+
+enum Window<F: Future> {
+    Ordered(FuturesOrdered<F>),
+    Unordered(FuturesUnordered<F>),
+}
+
+impl<F: Future> Window<F> {
+    fn len(&self) -> usize {
+        match self {
+            Window::Ordered(w) => w.len(),
+            Window::Unordered(w) => w.len(),
+        }
+    }
+
+    fn push(&mut self, f: F) {
+        match self {
+            Window::Ordered(w) => w.push_back(f),
+            Window::Unordered(w) => w.push(f),
+        }
+    }
+
+    fn clear(&mut self) {
+        match self {
+            Window::Ordered(w) => *w = FuturesOrdered::new(),
+            Window::Unordered(w) => w.clear(),
+        }
+    }
+
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<F::Output>> {
+        match self {
+            Window::Ordered(w) => w.poll_next_unpin(cx),
+            Window::Unordered(w) => w.poll_next_unpin(cx),
+        }
+    }
+}
+
+/// A stream of a [`Server`]'s outputs for a stream of inputs (made by [`Server::stream`]).
+///
+/// At most [`window`](Self::window) inputs are in flight (each also takes a place in the
+/// server's capacity, waiting for one); the input is pulled only to refill the window, so
+/// an endless input uses bounded memory. Results come in input order, or as they finish with
+/// [`unordered`](Self::unordered). Errors follow the [`ErrorPolicy`]:
+/// [`Deferred`](ErrorPolicy::Deferred) (each input gets its result; the default),
+/// [`Immediate`](ErrorPolicy::Immediate) (the first error is yielded at once and the stream
+/// ends; the items in flight are dropped, which cancels them wherever they have not started),
+/// or [`WaitOthers`](ErrorPolicy::WaitOthers) (on the first error the stream stops taking
+/// input, lets the items in flight finish, discards their results, then yields the error and
+/// ends).
+#[must_use = "a stream does nothing unless polled"]
+pub struct ServiceStream<'s, S: Stage, St, K = Outputs> {
+    server: &'s Server<S>,
+    inputs: Option<St>,
+    window: Window<ItemFuture<'s, S::In, S::Out>>,
+    size: usize,
+    policy: ErrorPolicy,
+    timeout: Option<Duration>,
+    /// An error held back by `WaitOthers` until the window drains.
+    held: Option<(Option<S::In>, ServiceError)>,
+    stopped: bool,
+    ended: bool,
+    _k: std::marker::PhantomData<K>,
+}
+
+impl<S: Stage, St, K> std::fmt::Debug for ServiceStream<'_, S, St, K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceStream")
+            .field("in_flight", &self.window.len())
+            .field("window", &self.size)
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a stream yields for one input: its outcome, with or without the input.
+pub trait StreamShape<I, O>: Send + 'static {
+    /// The item type.
+    type Item;
+    /// What is kept of the input until its outcome is yielded.
+    #[doc(hidden)]
+    fn keep(input: &I) -> Option<I>;
+    /// Builds an item.
+    #[doc(hidden)]
+    fn item(input: Option<I>, r: Result<O, ServiceError>) -> Self::Item;
+}
+
+impl<I, O> StreamShape<I, O> for Outputs {
+    type Item = Result<O, ServiceError>;
+    fn keep(_: &I) -> Option<I> {
+        None
+    }
+    fn item(_: Option<I>, r: Result<O, ServiceError>) -> Self::Item {
+        r
+    }
+}
+
+impl<I: Clone, O> StreamShape<I, O> for WithInputs {
+    type Item = (I, Result<O, ServiceError>);
+    fn keep(input: &I) -> Option<I> {
+        Some(input.clone())
+    }
+    fn item(input: Option<I>, r: Result<O, ServiceError>) -> Self::Item {
+        (
+            input.expect("a WithInputs stream keeps every input until its outcome"),
+            r,
+        )
+    }
+}
+
+impl<S: Stage> Server<S> {
+    /// Runs every input of `inputs` (any [`Stream`], possibly endless) through the graph:
+    /// see [`ServiceStream`]. The window starts at the server's capacity.
+    pub fn stream<St: Stream<Item = S::In> + Unpin>(&self, inputs: St) -> ServiceStream<'_, S, St> {
+        ServiceStream {
+            server: self,
+            inputs: Some(inputs),
+            window: Window::Ordered(FuturesOrdered::new()),
+            size: self.capacity(),
+            policy: ErrorPolicy::Deferred,
+            timeout: None,
+            held: None,
+            stopped: false,
+            ended: false,
+            _k: std::marker::PhantomData,
+        }
+    }
+
+    /// [`stream`](Self::stream) over an iterator, as a blocking iterator (each `next` drives
+    /// the window on the calling thread).
+    pub fn stream_iter<I>(
+        &self,
+        inputs: I,
+    ) -> futures_executor::BlockingStream<ServiceStream<'_, S, futures_util::stream::Iter<I::IntoIter>>>
+    where
+        I: IntoIterator<Item = S::In>,
+    {
+        futures_executor::block_on_stream(self.stream(futures_util::stream::iter(inputs)))
+    }
+}
+
+impl<'s, S: Stage, St: Stream<Item = S::In> + Unpin, K: StreamShape<S::In, S::Out>>
+    ServiceStream<'s, S, St, K>
+{
+    /// At most `n` inputs in flight (at least 1).
+    pub fn window(mut self, n: usize) -> Self {
+        self.size = n.max(1);
+        self
+    }
+
+    /// Results as they finish instead of in input order.
+    pub fn unordered(mut self) -> Self {
+        self.window = Window::Unordered(FuturesUnordered::new());
+        self
+    }
+
+    /// What to do when an item fails (see [`ServiceStream`]).
+    pub fn on_error(mut self, policy: ErrorPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// A deadline for each item: `d` after it enters the window.
+    pub fn timeout(mut self, d: Duration) -> Self {
+        self.timeout = Some(d);
+        self
+    }
+
+    /// Each input beside its outcome: items become `(input, Result<Out, ServiceError>)`.
+    pub fn with_inputs(self) -> ServiceStream<'s, S, St, WithInputs>
+    where
+        S::In: Clone + Sync,
+    {
+        ServiceStream {
+            server: self.server,
+            inputs: self.inputs,
+            window: self.window,
+            size: self.size,
+            policy: self.policy,
+            timeout: self.timeout,
+            held: None,
+            stopped: false,
+            ended: false,
+            _k: std::marker::PhantomData,
+        }
+    }
+
+    /// Items in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.window.len()
+    }
+
+    fn launch(&mut self, input: S::In) {
+        let server = self.server;
+        let item = match self.timeout.or(server.timeout_default()) {
+            Some(d) => Item::with_deadline(Instant::now() + d),
+            None => Item::new(),
+        };
+        let kept = K::keep(&input);
+        self.window.push(Box::pin(async move {
+            (kept, server.run(input, item, true).await)
+        }));
+    }
+}
+
+impl<S: Stage, St, K> Stream for ServiceStream<'_, S, St, K>
+where
+    St: Stream<Item = S::In> + Unpin,
+    K: StreamShape<S::In, S::Out>,
+{
+    type Item = K::Item;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<K::Item>> {
+        let this = self.get_mut();
+        loop {
+            if this.ended {
+                return Poll::Ready(None);
+            }
+            // Refill the window from the input (not after an error under WaitOthers, nor once
+            // the server is shutting down).
+            if this.server.is_closing() {
+                this.stopped = true;
+            }
+            while !this.stopped && this.window.len() < this.size {
+                let Some(inputs) = this.inputs.as_mut() else { break };
+                match Pin::new(inputs).poll_next(cx) {
+                    Poll::Ready(Some(x)) => this.launch(x),
+                    Poll::Ready(None) => {
+                        this.inputs = None;
+                        break;
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            match this.window.poll_next(cx) {
+                Poll::Ready(Some((input, r))) => {
+                    let e = match r {
+                        Ok(o) => {
+                            if this.held.is_some() {
+                                continue; // draining under WaitOthers: discarded
+                            }
+                            return Poll::Ready(Some(K::item(input, Ok(o))));
+                        }
+                        Err(e) => e,
+                    };
+                    match this.policy {
+                        ErrorPolicy::Deferred => return Poll::Ready(Some(K::item(input, Err(e)))),
+                        ErrorPolicy::Immediate => {
+                            this.window.clear();
+                            this.ended = true;
+                            return Poll::Ready(Some(K::item(input, Err(e))));
+                        }
+                        ErrorPolicy::WaitOthers => {
+                            this.stopped = true;
+                            if this.held.is_none() {
+                                this.held = Some((input, e));
+                            }
+                        }
+                    }
+                }
+                Poll::Ready(None) => {
+                    if let Some((input, e)) = this.held.take() {
+                        this.ended = true;
+                        return Poll::Ready(Some(K::item(input, Err(e))));
+                    }
+                    if this.inputs.is_none() || this.stopped {
+                        this.ended = true;
+                        return Poll::Ready(None);
+                    }
+                    // The input is pending and nothing is in flight: its waker is registered.
+                    return Poll::Pending;
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+impl<S: Stage, St: Unpin, K> Unpin for ServiceStream<'_, S, St, K> {}

@@ -1,0 +1,494 @@
+//! A stage of worker threads: the same [`Worker`] type, run on threads of the parent, for
+//! IO-bound work or work that needs no isolation.
+
+use super::error::{ServiceError, StageError};
+use super::stage::{Item, Meter, Stage, StageFuture, StageStats};
+use crate::codec;
+use crate::worker::main_loop::panic_message;
+use crate::worker::{BatchTask, Poisoned, TaskContext, WorkerContext};
+use crate::{SpawnError, TaskError, Worker};
+use futures_channel::oneshot;
+use rkyv::util::AlignedVec;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// One task on its way to a thread.
+struct Job<O> {
+    task: AlignedVec<16>,
+    deadline_ns: u64,
+    deadline: Option<Instant>,
+    queued_at: Instant,
+    id: u64,
+    /// `slot::bits::CANCELLED` once the caller gave up (read by `TaskContext::is_cancelled`).
+    state: Arc<AtomicU32>,
+    reply: oneshot::Sender<Reply<O>>,
+}
+
+struct Reply<O> {
+    result: Result<O, TaskError>,
+    queued: Duration,
+}
+
+struct Inner<W: Worker> {
+    tx: Mutex<Option<crossbeam_channel::Sender<Job<W::Output>>>>,
+    rx: crossbeam_channel::Receiver<Job<W::Output>>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    live: AtomicUsize,
+    seats: AtomicUsize,
+    max_batch: AtomicUsize,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+/// Worker threads running a [`Worker`] type in this process: the same trait, the same task
+/// outcomes ([`TaskError`]), the same dynamic batching
+/// ([`Worker::execute_batch`] with up to [`max_batch`](Self::max_batch) queued tasks per
+/// step, never waiting for company) and deadlines, without a process boundary. Each thread
+/// holds its own worker state, made by [`spawn`](Self::spawn).
+///
+/// Use it directly ([`execute`](Self::execute), [`execute_async`](Self::execute_async)) or as
+/// a stage in a service graph (its input is the worker's task type, its output the worker's
+/// output, handed over without serialising it). A panic in a task fails that task and the
+/// thread serves on; [`Poisoned`] rebuilds the thread's state from its spawn arguments.
+/// Threads cannot be killed: a task that never returns holds its thread, and a thread stage
+/// has no task timeouts (deadlines still skip tasks that have not started).
+pub struct Threads<W: Worker> {
+    name: String,
+    inner: Arc<Inner<W>>,
+    meter: Meter,
+}
+
+impl<W: Worker> std::fmt::Debug for Threads<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Threads")
+            .field("path", &self.meter.path)
+            .field("live", &self.inner.live.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl<W: Worker> Threads<W> {
+    /// A thread stage named `name`, with no threads yet ([`spawn`](Self::spawn) adds them),
+    /// batching off, and a bound of 1024 items in flight.
+    pub fn new(name: &str) -> Self {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        Threads {
+            name: name.to_string(),
+            inner: Arc::new(Inner {
+                tx: Mutex::new(Some(tx)),
+                rx,
+                threads: Mutex::new(Vec::new()),
+                live: AtomicUsize::new(0),
+                seats: AtomicUsize::new(0),
+                max_batch: AtomicUsize::new(1),
+                next_id: std::sync::atomic::AtomicU64::new(1),
+            }),
+            meter: Meter::new(name, 1024),
+        }
+    }
+
+    /// At most `n` items in the stage at once; more wait at its door, each until its deadline.
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.meter = Meter::new(&self.meter.path, n);
+        self
+    }
+
+    /// Up to `n` queued tasks (1..=64) per [`Worker::execute_batch`] step. A thread takes what
+    /// is queued when it is free and never waits for more.
+    pub fn max_batch(self, n: usize) -> Self {
+        self.inner.max_batch.store(n.clamp(1, 64), Ordering::Relaxed);
+        self
+    }
+
+    /// Starts one worker thread with `args` and waits for its spawn step.
+    pub fn spawn(&self, args: &W::SpawnArgs) -> Result<W::SpawnOutput, SpawnError> {
+        let index = self.inner.seats.fetch_add(1, Ordering::Relaxed);
+        let args = codec::encode_owned(args).map_err(|e| SpawnError::Encode(e.message()))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let inner = self.inner.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("{}#{index}", self.name))
+            .spawn(move || serve::<W>(index, args, inner, tx))
+            .map_err(|source| SpawnError::Launch {
+                worker: index,
+                source,
+            })?;
+        self.inner
+            .threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(h);
+        rx.recv().unwrap_or(Err(SpawnError::Shutdown))
+    }
+
+    /// Threads serving now.
+    pub fn num_workers(&self) -> usize {
+        self.inner.live.load(Ordering::SeqCst)
+    }
+
+    /// Runs a task on a worker thread and blocks for its result.
+    pub fn execute(&self, task: &W::Task) -> Result<W::Output, TaskError> {
+        futures_executor::block_on(self.execute_async(task))
+    }
+
+    /// Runs a task on a worker thread and resolves to its result (any executor). Dropping the
+    /// future before a thread took the task cancels it.
+    pub async fn execute_async(&self, task: &W::Task) -> Result<W::Output, TaskError> {
+        self.send(task, None)?.await.result
+    }
+
+    /// Queues `task`; the returned future resolves to its outcome.
+    fn send(
+        &self,
+        task: &W::Task,
+        deadline: Option<Instant>,
+    ) -> Result<Call<W::Output>, TaskError> {
+        let bytes = codec::encode_owned(task)
+            .map_err(|e| TaskError::Submit(crate::SubmitError::Encode(e.message())))?;
+        if self.inner.live.load(Ordering::SeqCst) == 0 {
+            return Err(TaskError::NoWorkers);
+        }
+        let (tx, rx) = oneshot::channel();
+        let state = Arc::new(AtomicU32::new(0));
+        let deadline_ns = deadline.map_or(0, |d| {
+            let left = d.saturating_duration_since(Instant::now()).as_nanos();
+            crate::sys::mono_ns().saturating_add(left.min(u64::MAX as u128) as u64)
+        });
+        let job = Job {
+            task: bytes,
+            deadline_ns,
+            deadline,
+            queued_at: Instant::now(),
+            id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
+            state: state.clone(),
+            reply: tx,
+        };
+        let sender = self.inner.tx.lock().unwrap_or_else(|e| e.into_inner());
+        match sender.as_ref().map(|s| s.send(job)) {
+            Some(Ok(())) => Ok(Call { rx, state }),
+            _ => Err(TaskError::Submit(crate::SubmitError::Shutdown)),
+        }
+    }
+
+    /// Stops intake; the threads finish what is queued and exit. Does not wait for them.
+    pub fn close(&self) {
+        self.inner
+            .tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+
+    /// Stops intake, cancels what is queued (answered `Cancelled`), and waits for the
+    /// threads to finish the tasks they are running and exit.
+    pub fn shutdown(&self) {
+        self.close();
+        while let Ok(j) = self.inner.rx.try_recv() {
+            let _ = j.reply.send(Reply {
+                result: Err(TaskError::Cancelled),
+                queued: j.queued_at.elapsed(),
+            });
+        }
+        let hs = std::mem::take(&mut *self.inner.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for h in hs {
+            let _ = h.join();
+        }
+    }
+
+    fn stage_error(&self, item: &Item, e: TaskError) -> ServiceError {
+        if matches!(e, TaskError::Timeout { .. }) && item.expired() {
+            return item.timeout(Some(&self.meter.path));
+        }
+        let worker = match &e {
+            TaskError::Failed { worker, .. }
+            | TaskError::Panicked { worker, .. }
+            | TaskError::Timeout { worker, .. }
+            | TaskError::Poisoned { worker, .. }
+            | TaskError::BadTask { worker, .. } => Some(*worker),
+            _ => None,
+        };
+        StageError {
+            path: self.meter.path.clone(),
+            worker,
+            pid: Some(std::process::id()),
+            error: e,
+            backtrace: None,
+        }
+        .into()
+    }
+}
+
+impl<W: Worker> Drop for Threads<W> {
+    /// Stops intake; the threads finish what is queued and exit on their own.
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// A queued task's reply; dropping it before a thread took the task cancels the task.
+struct Call<O> {
+    rx: oneshot::Receiver<Reply<O>>,
+    state: Arc<AtomicU32>,
+}
+
+impl<O> std::future::Future for Call<O> {
+    type Output = Reply<O>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Reply<O>> {
+        std::pin::Pin::new(&mut self.rx).poll(cx).map(|r| {
+            r.unwrap_or_else(|_| Reply {
+                result: Err(TaskError::NoWorkers),
+                queued: Duration::ZERO,
+            })
+        })
+    }
+}
+
+impl<O> Drop for Call<O> {
+    fn drop(&mut self) {
+        self.state
+            .fetch_or(crate::slot::bits::CANCELLED, Ordering::Relaxed);
+    }
+}
+
+/// A worker thread: its spawn step, then tasks until the queue closes.
+fn serve<W: Worker>(
+    index: usize,
+    args: AlignedVec<16>,
+    inner: Arc<Inner<W>>,
+    spawned: std::sync::mpsc::Sender<Result<W::SpawnOutput, SpawnError>>,
+) {
+    let wctx = WorkerContext {
+        index,
+        generation: 1,
+        pid: std::process::id(),
+        gpus: Vec::new(),
+        #[cfg(feature = "cuda")]
+        cuda: Vec::new(),
+        payload_pinned: false,
+    };
+    let start = |wctx: &WorkerContext| -> Result<(W, W::SpawnOutput), SpawnError> {
+        let a = codec::decode::<W::SpawnArgs>(&args).map_err(SpawnError::Encode)?;
+        match catch_unwind(AssertUnwindSafe(|| W::spawn(a, wctx))) {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(SpawnError::Failed {
+                worker: index,
+                message: e.to_string(),
+            }),
+            Err(p) => Err(SpawnError::Panicked {
+                worker: index,
+                message: panic_message(&*p),
+            }),
+        }
+    };
+    let mut state = match start(&wctx) {
+        Ok((s, out)) => {
+            inner.live.fetch_add(1, Ordering::SeqCst);
+            let _ = spawned.send(Ok(out));
+            s
+        }
+        Err(e) => {
+            let _ = spawned.send(Err(e));
+            return;
+        }
+    };
+    drop(spawned);
+    let rx = inner.rx.clone();
+    let mut jobs: Vec<Job<W::Output>> = Vec::new();
+    while let Ok(first) = rx.recv() {
+        jobs.push(first);
+        let max = inner.max_batch.load(Ordering::Relaxed);
+        while jobs.len() < max {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        let now = Instant::now();
+        // Callers that gave up: dropped unanswered (nobody listens).
+        jobs.retain(|j| {
+            !j.reply.is_canceled()
+                && j.state.load(Ordering::Relaxed) & crate::slot::bits::CANCELLED == 0
+        });
+        let poisoned = run_jobs(&mut state, &wctx, &mut jobs, now);
+        jobs.clear();
+        if poisoned {
+            drop(state);
+            match start(&wctx) {
+                Ok((s, _)) => state = s,
+                Err(_) => break,
+            }
+        }
+    }
+    if inner.live.fetch_sub(1, Ordering::SeqCst) == 1 {
+        // The last thread: nobody will take what is still queued.
+        while let Ok(j) = rx.try_recv() {
+            let _ = j.reply.send(Reply {
+                result: Err(TaskError::NoWorkers),
+                queued: j.queued_at.elapsed(),
+            });
+        }
+    }
+}
+
+/// Runs the ready jobs as one step (single or batch) and answers each. Returns whether the
+/// worker declared itself poisoned.
+fn run_jobs<W: Worker>(
+    state: &mut W,
+    wctx: &WorkerContext,
+    jobs: &mut Vec<Job<W::Output>>,
+    now: Instant,
+) -> bool {
+    let index = wctx.index;
+    // Expired jobs first: answered, never run.
+    let mut live = Vec::with_capacity(jobs.len());
+    for j in jobs.drain(..) {
+        if j.deadline.is_some_and(|d| now >= d) {
+            let after = j
+                .deadline
+                .map_or(Duration::ZERO, |d| d.saturating_duration_since(j.queued_at));
+            let _ = j.reply.send(Reply {
+                result: Err(TaskError::Timeout {
+                    worker: index,
+                    after,
+                }),
+                queued: now.saturating_duration_since(j.queued_at),
+            });
+        } else {
+            live.push(j);
+        }
+    }
+    if live.is_empty() {
+        return false;
+    }
+    let mut poisoned = false;
+    let mut outcome = |r: Result<W::Output, crate::BoxError>| match r {
+        Ok(o) => Ok(o),
+        Err(e) => match e.downcast_ref::<Poisoned>() {
+            Some(p) => {
+                poisoned = true;
+                Err(TaskError::Poisoned {
+                    worker: index,
+                    message: p.message().to_string(),
+                })
+            }
+            None => Err(TaskError::Failed {
+                worker: index,
+                message: e.to_string(),
+            }),
+        },
+    };
+    let archived: Result<Vec<_>, String> = live
+        .iter()
+        .map(|j| codec::access::<W::Task>(&j.task))
+        .collect();
+    let results: Vec<Result<W::Output, TaskError>> = match archived {
+        Err(m) => live
+            .iter()
+            .map(|_| {
+                Err(TaskError::BadTask {
+                    worker: index,
+                    message: m.clone(),
+                })
+            })
+            .collect(),
+        Ok(tasks) => {
+            fn ctx<'j, O>(wctx: &'j WorkerContext, j: &'j Job<O>) -> TaskContext<'j> {
+                TaskContext {
+                    worker: wctx,
+                    task_id: j.id,
+                    payload: &[],
+                    state: &j.state,
+                    deadline_ns: j.deadline_ns,
+                }
+            }
+            if live.len() == 1 {
+                let r = catch_unwind(AssertUnwindSafe(|| state.execute(tasks[0], &ctx(wctx, &live[0]))));
+                vec![match r {
+                    Ok(r) => outcome(r),
+                    Err(p) => Err(TaskError::Panicked {
+                        worker: index,
+                        message: panic_message(&*p),
+                    }),
+                }]
+            } else {
+                let batch: Vec<BatchTask<'_, W::Task>> = tasks
+                    .iter()
+                    .copied()
+                    .zip(&live)
+                    .map(|(t, j)| BatchTask { task: t, ctx: ctx(wctx, j) })
+                    .collect();
+                let whole = |e: TaskError| live.iter().map(|_| Err(e.clone())).collect();
+                match catch_unwind(AssertUnwindSafe(|| state.execute_batch(&batch))) {
+                    Ok(Ok(v)) if v.len() == live.len() => v.into_iter().map(&mut outcome).collect(),
+                    Ok(Ok(v)) => whole(TaskError::Failed {
+                        worker: index,
+                        message: format!(
+                            "execute_batch returned {} outcomes for {} tasks",
+                            v.len(),
+                            live.len()
+                        ),
+                    }),
+                    Ok(Err(e)) => match outcome(Err(e)) {
+                        Err(e) => whole(e),
+                        Ok(_) => unreachable!("outcome of an Err is an Err"),
+                    },
+                    Err(p) => whole(TaskError::Panicked {
+                        worker: index,
+                        message: panic_message(&*p),
+                    }),
+                }
+            }
+        }
+    };
+    for (j, r) in live.into_iter().zip(results) {
+        let _ = j.reply.send(Reply {
+            result: r,
+            queued: now.saturating_duration_since(j.queued_at),
+        });
+    }
+    poisoned
+}
+
+impl<W: Worker> Stage for Threads<W>
+where
+    W::Task: Sync,
+{
+    type In = W::Task;
+    type Out = W::Output;
+
+    fn run<'a>(&'a self, input: W::Task, item: &'a Item) -> StageFuture<'a, W::Output> {
+        Box::pin(self.meter.admit(item, false, async move {
+            let call = self
+                .send(&input, item.deadline)
+                .map_err(|e| self.stage_error(item, e))?;
+            drop(input);
+            let reply = call.await;
+            self.meter.queued_for(reply.queued);
+            reply.result.map_err(|e| self.stage_error(item, e))
+        }))
+    }
+
+    fn attach(&mut self, prefix: &str) {
+        self.meter.attach(prefix, &self.name);
+    }
+
+    fn report(&self, out: &mut Vec<StageStats>) {
+        let mut s = self.meter.stats("thread");
+        s.live_workers = Some(self.num_workers());
+        s.queued = self.inner.rx.len();
+        out.push(s);
+    }
+
+    fn close(&self) {
+        Threads::close(self);
+    }
+
+    fn close_now(&self) {
+        self.shutdown();
+    }
+}
