@@ -74,6 +74,13 @@ where
     Seq(stages)
 }
 
+impl<T> Seq<T> {
+    /// The stages, as the tuple given to [`seq`].
+    pub fn members(&self) -> &T {
+        &self.0
+    }
+}
+
 macro_rules! seq_impl {
     ([$($s:ident $i:tt),+], $f:ident, $l:ident, [$($n:ident: $p:ident),+]) => {
         impl<$($s: Stage),+> Stage for Seq<($($s,)+)>
@@ -165,6 +172,13 @@ where
     Ensemble {
         members,
         _mode: PhantomData,
+    }
+}
+
+impl<T, M> Ensemble<T, M> {
+    /// The members, as given to [`ensemble`] or [`ensemble_vec`].
+    pub fn members(&self) -> &T {
+        &self.members
     }
 }
 

@@ -106,7 +106,7 @@ impl<S: Stage> Server<S> {
 
     fn item(&self, timeout: Option<Duration>) -> Item {
         match timeout.or(self.timeout) {
-            Some(d) => Item::with_deadline(Instant::now() + d),
+            Some(d) => Item::with_timeout(d),
             None => Item::new(),
         }
     }

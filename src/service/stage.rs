@@ -47,6 +47,15 @@ impl Item {
         }
     }
 
+    /// An item that must be done `d` from now.
+    pub fn with_timeout(d: Duration) -> Item {
+        let now = Instant::now();
+        Item {
+            deadline: Some(now + d),
+            since: now,
+        }
+    }
+
     /// The error for this item's deadline having passed in stage `path`.
     pub(crate) fn timeout(&self, path: Option<&str>) -> ServiceError {
         ServiceError::Timeout {

@@ -10,7 +10,7 @@ use futures_util::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Items are the outputs: `Result<Out, ServiceError>` (the default).
 #[derive(Debug, Clone, Copy, Default)]
@@ -214,7 +214,7 @@ impl<'s, S: Stage, St: Stream<Item = S::In> + Unpin, K: StreamShape<S::In, S::Ou
     fn launch(&mut self, input: S::In) {
         let server = self.server;
         let item = match self.timeout.or(server.timeout_default()) {
-            Some(d) => Item::with_deadline(Instant::now() + d),
+            Some(d) => Item::with_timeout(d),
             None => Item::new(),
         };
         let kept = K::keep(&input);

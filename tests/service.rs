@@ -1,0 +1,601 @@
+//! Services: typed composition, nesting, ensembles (fail-fast cancelling, collect-all),
+//! switch routing, deadlines in a middle stage, capacity and `try_call`, dropped calls
+//! cancelling, a worker killed in a middle stage, thread stages, streams, stats, backtraces,
+//! and shutdown under load.
+mod common;
+use common::{gate_path, wait_until, watchdog};
+use rkyv::{Archive, Deserialize, Serialize};
+use stateful_pool::service::{
+    Process, Server, ServiceError, StageExt, Threads, ensemble, ensemble_vec, local, seq, switch,
+};
+use stateful_pool::{
+    BatchTask, BoxError, ErrorPolicy, Poisoned, Pool, TaskContext, TaskError, Worker,
+    WorkerContext,
+};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+stateful_pool::worker_hook!();
+
+/// What one stage does with an item, beside appending its name to the trail.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+enum Cmd {
+    Fail(String),
+    Panic(String),
+    /// SIGKILLs its own process.
+    Kill,
+    /// Waits until this file exists (at most 60 s).
+    Gate(String),
+    /// Creates this file (a sign that the stage ran the item).
+    Touch(String),
+    /// Declares the worker poisoned.
+    Poison,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+struct Msg {
+    v: u64,
+    trail: Vec<String>,
+    /// Commands for the stage of this name.
+    cmds: Vec<(String, Cmd)>,
+}
+
+fn msg(v: u64) -> Msg {
+    Msg {
+        v,
+        trail: Vec::new(),
+        cmds: Vec::new(),
+    }
+}
+
+fn with(mut m: Msg, stage: &str, c: Cmd) -> Msg {
+    m.cmds.push((stage.to_string(), c));
+    m
+}
+
+/// Each stage adds 1 and signs the trail; spawned with its name.
+struct Step {
+    name: String,
+    spawns: u32,
+}
+
+fn wait_file(p: &str) {
+    let end = Instant::now() + Duration::from_secs(60);
+    while !Path::new(p).exists() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+impl Worker for Step {
+    type SpawnArgs = String;
+    type SpawnOutput = u32;
+    type Task = Msg;
+    type Output = Msg;
+
+    fn spawn(name: String, ctx: &WorkerContext) -> Result<(Self, u32), BoxError> {
+        Ok((Step { name, spawns: 1 }, ctx.pid()))
+    }
+
+    fn execute(&mut self, m: &ArchivedMsg, ctx: &TaskContext<'_>) -> Result<Msg, BoxError> {
+        let mut out: Msg = rkyv::deserialize::<Msg, rkyv::rancor::Error>(m)?;
+        for (stage, c) in &out.cmds {
+            if *stage != self.name {
+                continue;
+            }
+            match c {
+                Cmd::Fail(s) => return Err(s.clone().into()),
+                Cmd::Panic(s) => panic!("{s}"),
+                Cmd::Kill => {
+                    // SAFETY: signalling our own process.
+                    unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+                }
+                Cmd::Gate(p) => wait_file(p),
+                Cmd::Touch(p) => {
+                    std::fs::write(p, b"ran")?;
+                }
+                Cmd::Poison => return Err(Box::new(Poisoned::new("bad state"))),
+            }
+        }
+        let _ = ctx;
+        out.v += 1;
+        out.trail
+            .push(format!("{}@{}#{}", self.name, self.spawns, out.trail.len()));
+        Ok(out)
+    }
+
+    fn execute_batch(
+        &mut self,
+        batch: &[BatchTask<'_, Msg>],
+    ) -> Result<Vec<Result<Msg, BoxError>>, BoxError> {
+        let n = batch.len();
+        Ok(batch
+            .iter()
+            .map(|t| {
+                self.execute(t.task, &t.ctx).map(|mut m| {
+                    m.trail.push(format!("batch{n}"));
+                    m
+                })
+            })
+            .collect())
+    }
+}
+
+fn pool(name: &str, workers: usize) -> Arc<Pool<Step>> {
+    let p = Pool::<Step>::builder().queue_size(64).build().unwrap();
+    for r in p.spawn_n(&name.to_string(), workers) {
+        r.unwrap();
+    }
+    Arc::new(p)
+}
+
+fn process(name: &str) -> Process<Step> {
+    Process::new(name, pool(name, 1))
+}
+
+fn threads(name: &str, n: usize) -> Threads<Step> {
+    let t = Threads::<Step>::new(name);
+    for _ in 0..n {
+        t.spawn(&name.to_string()).unwrap();
+    }
+    t
+}
+
+fn names(m: &Msg) -> Vec<String> {
+    m.trail
+        .iter()
+        .map(|t| t.split('@').next().unwrap().to_string())
+        .collect()
+}
+
+fn stage_err(e: ServiceError) -> stateful_pool::service::StageError {
+    match e {
+        ServiceError::Stage(s) => *s,
+        other => panic!("expected a stage error, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_typed_pipeline_of_thread_process_and_local_stages_runs_in_order() {
+    watchdog(120, || {
+        let graph = seq((
+            threads("A", 1),
+            process("B"),
+            local("len", |m: Msg| Ok(names(&m).join(">"))),
+        ));
+        let server = Server::new(graph, 8);
+        assert_eq!(server.call(msg(0)).unwrap(), "A>B");
+        let outs: Vec<String> = (0..20)
+            .map(|i| server.call(msg(i)).unwrap())
+            .collect();
+        assert!(outs.iter().all(|o| o == "A>B"));
+        let s = server.stats();
+        let paths: Vec<&str> = s.stages.iter().map(|s| s.path.as_str()).collect();
+        assert_eq!(paths, ["seq[0]/A", "seq[1]/B", "seq[2]/len"]);
+        assert!(s.stages.iter().all(|st| st.done == 21 && st.failed == 0));
+        assert_eq!(s.stages[0].kind, "thread");
+        assert_eq!(s.stages[1].kind, "process");
+        assert_eq!(s.stages[1].live_workers, Some(1));
+        assert_eq!(s.stages[1].execute.count, 21);
+        assert!(server.healthy());
+    });
+}
+
+#[test]
+fn three_deep_nesting_names_the_failing_stage_and_its_worker() {
+    watchdog(120, || {
+        let c = process("C");
+        let c_pid = c.pool().worker_pids()[0].1;
+        let graph = seq((
+            process("A"),
+            ensemble((seq((process("B"), c)), process("D"))),
+            local("combine", |(x, y): (Msg, Msg)| {
+                Ok((names(&x).join(">"), names(&y).join(">")))
+            }),
+        ));
+        let server = Server::new(graph, 8);
+        let (x, y) = server.call(msg(1)).unwrap();
+        assert_eq!(x, "A>B>C");
+        assert_eq!(y, "A>D");
+
+        let e = stage_err(
+            server
+                .call(with(msg(2), "C", Cmd::Fail("bad input".into())))
+                .unwrap_err(),
+        );
+        assert_eq!(e.path, "seq[1]/ensemble[0]/seq[1]/C");
+        assert_eq!(e.worker, Some(0));
+        assert_eq!(e.pid, Some(c_pid));
+        assert!(matches!(&e.error, TaskError::Failed { message, .. } if message == "bad input"));
+        let shown = e.to_string();
+        assert!(
+            shown.starts_with(&format!("seq[1]/ensemble[0]/seq[1]/C#0 (pid {c_pid}): ")),
+            "{shown}"
+        );
+        // The graph serves on.
+        assert_eq!(server.call(msg(3)).unwrap().0, "A>B>C");
+    });
+}
+
+#[test]
+fn fail_fast_cancels_members_that_have_not_started_and_collect_all_keeps_every_outcome() {
+    watchdog(120, || {
+        let gate = gate_path("ff-gate");
+        let mark = gate_path("ff-mark");
+        let slow = process("S");
+        // Hold S's only worker, so the ensemble's item waits in S's queue.
+        let holder = slow
+            .pool()
+            .submit(&with(msg(0), "S", Cmd::Gate(gate.display().to_string())))
+            .unwrap();
+        let server = Server::new(ensemble((process("F"), slow)), 8);
+        let item = with(
+            with(msg(1), "F", Cmd::Fail("no".into())),
+            "S",
+            Cmd::Touch(mark.display().to_string()),
+        );
+        let e = stage_err(server.call(item).unwrap_err());
+        assert_eq!(e.path, "ensemble[0]/F");
+        assert_eq!(server.in_flight(), 0);
+        std::fs::write(&gate, b"").unwrap();
+        holder.wait().unwrap();
+        // S's worker is free again: a task queued after the cancelled one runs, so the
+        // cancelled one was passed over, never run.
+        let s_pool = server.graph().members().1.pool().clone();
+        s_pool.execute(&msg(9)).unwrap();
+        assert!(!mark.exists(), "the cancelled member ran the item");
+        let _ = std::fs::remove_file(&gate);
+
+        // Collect-all: every member's outcome, in member order.
+        let server = Server::new(ensemble((process("F"), process("G"))).collect_all(), 8);
+        let (f, g) = server
+            .call(with(msg(1), "F", Cmd::Fail("no".into())))
+            .unwrap();
+        assert_eq!(stage_err(f.unwrap_err()).path, "ensemble[0]/F");
+        assert_eq!(names(&g.unwrap()), ["G"]);
+
+        // A vector ensemble: outputs in member order.
+        let members = vec![threads("X", 1).boxed(), process("Y").boxed(), threads("Z", 1).boxed()];
+        let server = Server::new(ensemble_vec(members), 8);
+        let outs = server.call(msg(5)).unwrap();
+        let firsts: Vec<String> = outs.iter().map(|m| names(m)[0].clone()).collect();
+        assert_eq!(firsts, ["X", "Y", "Z"]);
+    });
+}
+
+#[test]
+fn switch_routes_each_item_by_its_input() {
+    watchdog(120, || {
+        let graph = switch(
+            |m: &Msg| m.v as usize,
+            vec![process("Even").boxed(), threads("Odd", 1).boxed()],
+        );
+        let server = Server::new(seq((local("parity", |m: Msg| Ok(Msg { v: m.v % 2, ..m })), graph)), 8);
+        for v in 0..10u64 {
+            let out = server.call(msg(v)).unwrap();
+            assert_eq!(names(&out), [if v % 2 == 0 { "Even" } else { "Odd" }]);
+        }
+        let stats = server.stats();
+        assert_eq!(stats.stages[1].path, "seq[1]/switch[0]/Even");
+        assert_eq!(stats.stages[1].done, 5);
+        assert_eq!(stats.stages[2].done, 5);
+
+        let bad = Server::new(switch(|m: &Msg| m.v as usize, vec![process("Only").boxed()]), 4);
+        match bad.call(msg(3)).unwrap_err() {
+            ServiceError::Route { stage, index, members } => {
+                assert_eq!((stage.as_str(), index, members), ("switch", 3, 1));
+            }
+            e => panic!("{e:?}"),
+        }
+    });
+}
+
+#[test]
+fn a_deadline_expiring_in_a_middle_stage_frees_capacity_at_once_and_the_stage_skips_the_item() {
+    watchdog(120, || {
+        let gate = gate_path("dl-gate");
+        let mark_b = gate_path("dl-mark-b");
+        let mark_c = gate_path("dl-mark-c");
+        let b = process("B");
+        let holder = b
+            .pool()
+            .submit(&with(msg(0), "B", Cmd::Gate(gate.display().to_string())))
+            .unwrap();
+        let server = Server::new(seq((process("A"), b, process("C"))), 4);
+        let item = with(
+            with(msg(1), "B", Cmd::Touch(mark_b.display().to_string())),
+            "C",
+            Cmd::Touch(mark_c.display().to_string()),
+        );
+        match server.call_timeout(item, Duration::from_millis(300)).unwrap_err() {
+            ServiceError::Timeout { stage, after } => {
+                assert_eq!(stage.as_deref(), Some("seq[1]/B"));
+                assert_eq!(after, Duration::from_millis(300));
+            }
+            e => panic!("{e:?}"),
+        }
+        assert_eq!(server.in_flight(), 0, "capacity is freed when the deadline passes");
+        std::fs::write(&gate, b"").unwrap();
+        holder.wait().unwrap();
+        let b_pool = server.graph().members().1.pool().clone();
+        b_pool.execute(&msg(9)).unwrap();
+        assert!(!mark_b.exists(), "B ran an expired item");
+        assert!(!mark_c.exists(), "C ran an expired item");
+        assert_eq!(server.stats().stages[1].expired, 1);
+        // Within the deadline, the same graph answers.
+        assert_eq!(
+            names(&server.call_timeout(msg(2), Duration::from_secs(60)).unwrap()),
+            ["A", "B", "C"]
+        );
+        let _ = std::fs::remove_file(&gate);
+    });
+}
+
+#[test]
+fn capacity_counts_items_anywhere_and_try_call_refuses_when_full() {
+    watchdog(120, || {
+        let gate = gate_path("cap-gate");
+        let server = Arc::new(Server::new(seq((process("A"), threads("B", 2))), 2));
+        let g = gate.display().to_string();
+        let callers: Vec<_> = (0..2)
+            .map(|i| {
+                let server = server.clone();
+                let g = g.clone();
+                std::thread::spawn(move || server.call(with(msg(i), "B", Cmd::Gate(g))))
+            })
+            .collect();
+        assert!(wait_until(60, || server.in_flight() == 2));
+        assert_eq!(
+            server.try_call(msg(5)).unwrap_err(),
+            ServiceError::Full { capacity: 2 }
+        );
+        match server.call_timeout(msg(5), Duration::from_millis(50)).unwrap_err() {
+            ServiceError::Timeout { stage: None, .. } => {}
+            e => panic!("{e:?}"),
+        }
+        let refused = futures_executor::block_on(server.try_call_async(msg(5))).unwrap_err();
+        assert_eq!(refused, ServiceError::Full { capacity: 2 });
+        std::fs::write(&gate, b"").unwrap();
+        for c in callers {
+            assert_eq!(names(&c.join().unwrap().unwrap()), ["A", "B"]);
+        }
+        assert_eq!(server.in_flight(), 0);
+        assert!(server.try_call(msg(6)).is_ok());
+        let _ = std::fs::remove_file(&gate);
+    });
+}
+
+#[test]
+fn dropping_a_call_cancels_its_item_in_every_stage_that_has_not_started_it() {
+    watchdog(120, || {
+        let gate = gate_path("drop-gate");
+        let mark = gate_path("drop-mark");
+        let b = process("B");
+        let holder = b
+            .pool()
+            .submit(&with(msg(0), "B", Cmd::Gate(gate.display().to_string())))
+            .unwrap();
+        let server = Server::new(seq((threads("A", 1), b)), 4);
+        let item = with(msg(1), "B", Cmd::Touch(mark.display().to_string()));
+        {
+            let mut call = std::pin::pin!(server.call_async(item));
+            // Drive it until it waits in B's queue (A is done, B's worker is held).
+            let waker = futures_util::task::noop_waker();
+            let mut cx = std::task::Context::from_waker(&waker);
+            assert!(wait_until(60, || {
+                assert!(call.as_mut().poll(&mut cx).is_pending());
+                server.stats().stages[1].in_flight == 1 && server.stats().stages[0].done == 1
+            }));
+        } // dropped here
+        assert_eq!(server.in_flight(), 0);
+        std::fs::write(&gate, b"").unwrap();
+        holder.wait().unwrap();
+        let b_pool = server.graph().members().1.pool().clone();
+        b_pool.execute(&msg(9)).unwrap();
+        assert!(!mark.exists(), "a dropped call's item ran");
+        let _ = std::fs::remove_file(&gate);
+    });
+}
+
+#[test]
+fn a_worker_killed_in_a_middle_stage_fails_only_its_item_naming_the_stage() {
+    watchdog(180, || {
+        let b = Process::new("B", pool("B", 2));
+        let server = Arc::new(Server::new(seq((process("A"), b, threads("C", 2))), 32));
+        let handles: Vec<_> = (0..24u64)
+            .map(|i| {
+                let server = server.clone();
+                std::thread::spawn(move || {
+                    let m = if i == 7 { with(msg(i), "B", Cmd::Kill) } else { msg(i) };
+                    (i, server.call(m))
+                })
+            })
+            .collect();
+        for h in handles {
+            let (i, r) = h.join().unwrap();
+            if i == 7 {
+                let e = stage_err(r.unwrap_err());
+                assert_eq!(e.path, "seq[1]/B");
+                assert!(matches!(e.error, TaskError::WorkerDied { .. }), "{e:?}");
+                assert!(e.pid.is_some());
+            } else {
+                assert_eq!(names(&r.unwrap()), ["A", "B", "C"], "item {i}");
+            }
+        }
+        let st = server.stats();
+        assert_eq!(st.stages[1].failed, 1);
+        assert_eq!(st.stages[1].done, 23);
+        // The stage serves many more items afterwards (its worker restarted).
+        for i in 0..50 {
+            server.call(msg(i)).unwrap();
+        }
+        assert!(wait_until(60, || server.healthy()));
+    });
+}
+
+#[test]
+fn thread_stages_give_the_same_outcomes_batch_and_rebuild_a_poisoned_state() {
+    watchdog(120, || {
+        let t = threads("T", 1).max_batch(8);
+        assert_eq!(names(&t.execute(&msg(1)).unwrap()), ["T"]);
+        match t.execute(&with(msg(1), "T", Cmd::Fail("nope".into()))) {
+            Err(TaskError::Failed { worker: 0, message }) => assert_eq!(message, "nope"),
+            r => panic!("{r:?}"),
+        }
+        match t.execute(&with(msg(1), "T", Cmd::Panic("boom".into()))) {
+            Err(TaskError::Panicked { message, .. }) => assert_eq!(message, "boom"),
+            r => panic!("{r:?}"),
+        }
+        // Poisoned: the state is rebuilt from the spawn arguments (spawns counts lives).
+        assert!(matches!(
+            t.execute(&with(msg(1), "T", Cmd::Poison)),
+            Err(TaskError::Poisoned { .. })
+        ));
+        let after = t.execute(&msg(2)).unwrap();
+        assert_eq!(after.trail.len(), 1);
+
+        // Batching: tasks queued while the thread is busy run as one step.
+        let gate = gate_path("tb-gate");
+        let server = Server::new(t, 64);
+        std::thread::scope(|s| {
+            let g = gate.display().to_string();
+            let first = s.spawn(|| server.call(with(msg(0), "T", Cmd::Gate(g))));
+            assert!(wait_until(60, || server.stats().stages[0].queued == 0
+                && server.in_flight() == 1));
+            let rest: Vec<_> = (1..6)
+                .map(|i| {
+                    let server = &server;
+                    s.spawn(move || server.call(msg(i)))
+                })
+                .collect();
+            assert!(wait_until(60, || server.stats().stages[0].queued == 5));
+            std::fs::write(&gate, b"").unwrap();
+            first.join().unwrap().unwrap();
+            for r in rest {
+                let m = r.join().unwrap().unwrap();
+                assert_eq!(m.trail.last().unwrap(), "batch5");
+            }
+        });
+        let _ = std::fs::remove_file(&gate);
+
+        // No threads: a clear error, not a hang.
+        let none = Threads::<Step>::new("none");
+        assert_eq!(none.execute(&msg(1)).unwrap_err(), TaskError::NoWorkers);
+    });
+}
+
+#[test]
+fn streams_keep_order_or_not_carry_inputs_and_follow_the_error_policy() {
+    watchdog(120, || {
+        let server = Server::new(seq((process("A"), threads("B", 2))), 8);
+        let outs: Vec<u64> = server
+            .stream_iter((0..100).map(msg))
+            .map(|r| r.unwrap().v)
+            .collect();
+        assert_eq!(outs, (2..102).collect::<Vec<_>>());
+
+        let mut un: Vec<u64> = futures_executor::block_on_stream(
+            server
+                .stream(futures_util::stream::iter((0..50).map(msg)))
+                .unordered()
+                .window(4),
+        )
+        .map(|r| r.unwrap().v)
+        .collect();
+        un.sort();
+        assert_eq!(un, (2..52).collect::<Vec<_>>());
+
+        let inputs = (0..10).map(|i| if i == 3 { with(msg(i), "B", Cmd::Fail("x".into())) } else { msg(i) });
+        let pairs: Vec<_> =
+            futures_executor::block_on_stream(server.stream(futures_util::stream::iter(inputs)).with_inputs())
+                .collect();
+        assert_eq!(pairs.len(), 10);
+        for (input, r) in &pairs {
+            assert_eq!(r.is_err(), input.v == 3);
+        }
+
+        // Immediate: the error ends the stream.
+        let inputs = (0..1000).map(|i| if i == 3 { with(msg(i), "A", Cmd::Fail("x".into())) } else { msg(i) });
+        let got: Vec<_> = futures_executor::block_on_stream(
+            server
+                .stream(futures_util::stream::iter(inputs))
+                .window(4)
+                .on_error(ErrorPolicy::Immediate),
+        )
+        .collect();
+        assert!(got.last().unwrap().is_err());
+        assert!(got.len() <= 4, "{}", got.len());
+
+        // An endless input with a bounded window, consumed in part.
+        let endless = futures_util::stream::iter((0u64..).map(msg));
+        let first: Vec<_> = futures_executor::block_on_stream(server.stream(endless).window(3))
+            .take(10)
+            .map(|r| r.unwrap().v)
+            .collect();
+        assert_eq!(first, (2..12).collect::<Vec<_>>());
+        assert!(wait_until(60, || server.in_flight() == 0));
+    });
+}
+
+#[test]
+fn a_panicking_worker_reports_its_backtrace() {
+    watchdog(120, || {
+        let p = Pool::<Step>::builder()
+            .worker_env("RUST_BACKTRACE", "1")
+            .build()
+            .unwrap();
+        p.spawn(&"P".to_string()).unwrap();
+        let server = Server::new(Process::new("P", p), 4);
+        let e = stage_err(
+            server
+                .call(with(msg(1), "P", Cmd::Panic("kaboom".into())))
+                .unwrap_err(),
+        );
+        assert!(matches!(&e.error, TaskError::Panicked { message, .. } if message == "kaboom"));
+        let bt = e.backtrace.expect("a backtrace");
+        assert!(bt.contains("execute"), "{bt}");
+    });
+}
+
+#[test]
+fn shutdown_under_load_drains_and_then_refuses() {
+    watchdog(180, || {
+        let server = Arc::new(Server::new(seq((threads("A", 2), process("B"))), 8));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let callers: Vec<_> = (0..4)
+            .map(|_| {
+                let server = server.clone();
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let (mut ok, mut refused) = (0u32, 0u32);
+                    for i in 0..2000u64 {
+                        match server.call(msg(i)) {
+                            Ok(m) => {
+                                assert_eq!(names(&m), ["A", "B"]);
+                                ok += 1;
+                            }
+                            Err(ServiceError::Shutdown) => refused += 1,
+                            Err(e) => panic!("{e:?}"),
+                        }
+                        if stop.load(std::sync::atomic::Ordering::Relaxed) && refused > 0 {
+                            break;
+                        }
+                    }
+                    (ok, refused)
+                })
+            })
+            .collect();
+        assert!(wait_until(60, || server.stats().stages[1].done >= 50));
+        let report = server.shutdown(Duration::from_secs(60));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(report.drained, "{report:?}");
+        let mut total = 0;
+        for c in callers {
+            let (ok, _) = c.join().unwrap();
+            total += ok;
+        }
+        assert_eq!(server.stats().stages[1].done, total as u64);
+        assert_eq!(server.call(msg(1)).unwrap_err(), ServiceError::Shutdown);
+        assert!(!server.healthy());
+    });
+}
