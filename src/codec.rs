@@ -9,12 +9,12 @@
 //! and a C host can send anything, so bytes from another process are checked before use. For the
 //! plain-data types typical of tasks this costs nanoseconds.
 
-use rkyv::util::AlignedVec;
 use rkyv::api::high::{HighDeserializer, HighSerializer, HighValidator};
 use rkyv::bytecheck::CheckBytes;
 use rkyv::rancor::{BoxedError, Source};
 use rkyv::ser::allocator::ArenaHandle;
 use rkyv::ser::{Positional, Writer};
+use rkyv::util::AlignedVec;
 use rkyv::{Archive, Deserialize, Serialize};
 
 /// The rkyv writer this crate serialises with: into a fixed shared-memory region, or counting

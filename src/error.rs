@@ -240,6 +240,10 @@ pub enum TaskError {
         worker: usize,
         /// The panic message.
         message: String,
+        /// The worker's backtrace at the panic, when backtraces are enabled the standard way
+        /// in the worker's environment (`RUST_BACKTRACE=1`, e.g. through
+        /// [`PoolBuilder::worker_env`](crate::PoolBuilder::worker_env)); `None` otherwise.
+        backtrace: Option<String>,
     },
     /// The task's result archive is larger than the worker's completion ring.
     #[error("worker {worker}: result of {len} bytes exceeds the maximum of {max} bytes")]
@@ -312,6 +316,25 @@ pub enum TaskError {
     /// unfinished task with this.
     #[error("the pool broke down before the task finished")]
     PoolBroken,
+}
+
+impl TaskError {
+    /// A panic outcome from a worker's message, which carries the worker's backtrace after
+    /// `worker::main_loop::BACKTRACE_MARK` when one was captured.
+    pub(crate) fn panicked(worker: usize, message: String) -> TaskError {
+        match message.split_once(crate::worker::main_loop::BACKTRACE_MARK) {
+            Some((m, bt)) => TaskError::Panicked {
+                worker,
+                message: m.to_string(),
+                backtrace: Some(bt.to_string()),
+            },
+            None => TaskError::Panicked {
+                worker,
+                message,
+                backtrace: None,
+            },
+        }
+    }
 }
 
 impl From<SubmitError> for TaskError {

@@ -102,9 +102,9 @@ mod gpu;
 mod pool;
 #[cfg(not(stateful_pool_loom))]
 mod process;
+pub(crate) mod ring;
 #[cfg(not(stateful_pool_loom))]
 pub mod service;
-pub(crate) mod ring;
 #[cfg(not(stateful_pool_loom))]
 mod shm;
 /// The task slot protocol: state word, transitions, outcomes.

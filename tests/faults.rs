@@ -153,7 +153,9 @@ fn a_panic_replaces_the_worker_by_default_and_a_poisoned_worker_too() {
         assert_eq!(pool.execute(&Cmd::Count).unwrap().value, 0);
         let pid = pid_of(&pool);
         match pool.execute(&Cmd::Panic("torn state".into())) {
-            Err(TaskError::Panicked { worker: 0, message }) => assert_eq!(message, "torn state"),
+            Err(TaskError::Panicked {
+                worker: 0, message, ..
+            }) => assert_eq!(message, "torn state"),
             other => panic!("expected Panicked, got {other:?}"),
         }
         // A fresh worker: new process, fresh state.

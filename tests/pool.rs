@@ -117,7 +117,9 @@ fn execute_errors_and_panics_reach_the_caller_and_the_worker_keeps_serving() {
             other => panic!("expected Failed, got {other:?}"),
         }
         match pool.execute(&Cmd::Panic("boom 9".into())) {
-            Err(TaskError::Panicked { worker: 0, message }) => assert_eq!(message, "boom 9"),
+            Err(TaskError::Panicked {
+                worker: 0, message, ..
+            }) => assert_eq!(message, "boom 9"),
             other => panic!("expected Panicked, got {other:?}"),
         }
         // Same process, state intact: it counted both failed tasks.

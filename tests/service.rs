@@ -9,8 +9,7 @@ use stateful_pool::service::{
     Process, Server, ServiceError, StageExt, Threads, ensemble, ensemble_vec, local, seq, switch,
 };
 use stateful_pool::{
-    BatchTask, BoxError, ErrorPolicy, Poisoned, Pool, TaskContext, TaskError, Worker,
-    WorkerContext,
+    BatchTask, BoxError, ErrorPolicy, Poisoned, Pool, TaskContext, TaskError, Worker, WorkerContext,
 };
 use std::path::Path;
 use std::sync::Arc;
@@ -165,9 +164,7 @@ fn a_typed_pipeline_of_thread_process_and_local_stages_runs_in_order() {
         ));
         let server = Server::new(graph, 8);
         assert_eq!(server.call(msg(0)).unwrap(), "A>B");
-        let outs: Vec<String> = (0..20)
-            .map(|i| server.call(msg(i)).unwrap())
-            .collect();
+        let outs: Vec<String> = (0..20).map(|i| server.call(msg(i)).unwrap()).collect();
         assert!(outs.iter().all(|o| o == "A>B"));
         let s = server.stats();
         let paths: Vec<&str> = s.stages.iter().map(|s| s.path.as_str()).collect();
@@ -255,7 +252,11 @@ fn fail_fast_cancels_members_that_have_not_started_and_collect_all_keeps_every_o
         assert_eq!(names(&g.unwrap()), ["G"]);
 
         // A vector ensemble: outputs in member order.
-        let members = vec![threads("X", 1).boxed(), process("Y").boxed(), threads("Z", 1).boxed()];
+        let members = vec![
+            threads("X", 1).boxed(),
+            process("Y").boxed(),
+            threads("Z", 1).boxed(),
+        ];
         let server = Server::new(ensemble_vec(members), 8);
         let outs = server.call(msg(5)).unwrap();
         let firsts: Vec<String> = outs.iter().map(|m| names(m)[0].clone()).collect();
@@ -270,7 +271,10 @@ fn switch_routes_each_item_by_its_input() {
             |m: &Msg| m.v as usize,
             vec![process("Even").boxed(), threads("Odd", 1).boxed()],
         );
-        let server = Server::new(seq((local("parity", |m: Msg| Ok(Msg { v: m.v % 2, ..m })), graph)), 8);
+        let server = Server::new(
+            seq((local("parity", |m: Msg| Ok(Msg { v: m.v % 2, ..m })), graph)),
+            8,
+        );
         for v in 0..10u64 {
             let out = server.call(msg(v)).unwrap();
             assert_eq!(names(&out), [if v % 2 == 0 { "Even" } else { "Odd" }]);
@@ -280,9 +284,16 @@ fn switch_routes_each_item_by_its_input() {
         assert_eq!(stats.stages[1].done, 5);
         assert_eq!(stats.stages[2].done, 5);
 
-        let bad = Server::new(switch(|m: &Msg| m.v as usize, vec![process("Only").boxed()]), 4);
+        let bad = Server::new(
+            switch(|m: &Msg| m.v as usize, vec![process("Only").boxed()]),
+            4,
+        );
         match bad.call(msg(3)).unwrap_err() {
-            ServiceError::Route { stage, index, members } => {
+            ServiceError::Route {
+                stage,
+                index,
+                members,
+            } => {
                 assert_eq!((stage.as_str(), index, members), ("switch", 3, 1));
             }
             e => panic!("{e:?}"),
@@ -307,14 +318,21 @@ fn a_deadline_expiring_in_a_middle_stage_frees_capacity_at_once_and_the_stage_sk
             "C",
             Cmd::Touch(mark_c.display().to_string()),
         );
-        match server.call_timeout(item, Duration::from_millis(300)).unwrap_err() {
+        match server
+            .call_timeout(item, Duration::from_millis(300))
+            .unwrap_err()
+        {
             ServiceError::Timeout { stage, after } => {
                 assert_eq!(stage.as_deref(), Some("seq[1]/B"));
                 assert_eq!(after, Duration::from_millis(300));
             }
             e => panic!("{e:?}"),
         }
-        assert_eq!(server.in_flight(), 0, "capacity is freed when the deadline passes");
+        assert_eq!(
+            server.in_flight(),
+            0,
+            "capacity is freed when the deadline passes"
+        );
         std::fs::write(&gate, b"").unwrap();
         holder.wait().unwrap();
         let b_pool = server.graph().members().1.pool().clone();
@@ -324,7 +342,11 @@ fn a_deadline_expiring_in_a_middle_stage_frees_capacity_at_once_and_the_stage_sk
         assert_eq!(server.stats().stages[1].expired, 1);
         // Within the deadline, the same graph answers.
         assert_eq!(
-            names(&server.call_timeout(msg(2), Duration::from_secs(60)).unwrap()),
+            names(
+                &server
+                    .call_timeout(msg(2), Duration::from_secs(60))
+                    .unwrap()
+            ),
             ["A", "B", "C"]
         );
         let _ = std::fs::remove_file(&gate);
@@ -349,7 +371,10 @@ fn capacity_counts_items_anywhere_and_try_call_refuses_when_full() {
             server.try_call(msg(5)).unwrap_err(),
             ServiceError::Full { capacity: 2 }
         );
-        match server.call_timeout(msg(5), Duration::from_millis(50)).unwrap_err() {
+        match server
+            .call_timeout(msg(5), Duration::from_millis(50))
+            .unwrap_err()
+        {
             ServiceError::Timeout { stage: None, .. } => {}
             e => panic!("{e:?}"),
         }
@@ -406,7 +431,11 @@ fn a_worker_killed_in_a_middle_stage_fails_only_its_item_naming_the_stage() {
             .map(|i| {
                 let server = server.clone();
                 std::thread::spawn(move || {
-                    let m = if i == 7 { with(msg(i), "B", Cmd::Kill) } else { msg(i) };
+                    let m = if i == 7 {
+                        with(msg(i), "B", Cmd::Kill)
+                    } else {
+                        msg(i)
+                    };
                     (i, server.call(m))
                 })
             })
@@ -505,17 +534,32 @@ fn streams_keep_order_or_not_carry_inputs_and_follow_the_error_policy() {
         un.sort();
         assert_eq!(un, (2..52).collect::<Vec<_>>());
 
-        let inputs = (0..10).map(|i| if i == 3 { with(msg(i), "B", Cmd::Fail("x".into())) } else { msg(i) });
-        let pairs: Vec<_> =
-            futures_executor::block_on_stream(server.stream(futures_util::stream::iter(inputs)).with_inputs())
-                .collect();
+        let inputs = (0..10).map(|i| {
+            if i == 3 {
+                with(msg(i), "B", Cmd::Fail("x".into()))
+            } else {
+                msg(i)
+            }
+        });
+        let pairs: Vec<_> = futures_executor::block_on_stream(
+            server
+                .stream(futures_util::stream::iter(inputs))
+                .with_inputs(),
+        )
+        .collect();
         assert_eq!(pairs.len(), 10);
         for (input, r) in &pairs {
             assert_eq!(r.is_err(), input.v == 3);
         }
 
         // Immediate: the error ends the stream.
-        let inputs = (0..1000).map(|i| if i == 3 { with(msg(i), "A", Cmd::Fail("x".into())) } else { msg(i) });
+        let inputs = (0..1000).map(|i| {
+            if i == 3 {
+                with(msg(i), "A", Cmd::Fail("x".into()))
+            } else {
+                msg(i)
+            }
+        });
         let got: Vec<_> = futures_executor::block_on_stream(
             server
                 .stream(futures_util::stream::iter(inputs))
@@ -552,7 +596,7 @@ fn a_panicking_worker_reports_its_backtrace() {
                 .unwrap_err(),
         );
         assert!(matches!(&e.error, TaskError::Panicked { message, .. } if message == "kaboom"));
-        let bt = e.backtrace.expect("a backtrace");
+        let bt = e.backtrace().expect("a backtrace");
         assert!(bt.contains("execute"), "{bt}");
     });
 }

@@ -89,6 +89,42 @@ impl<T: Message> TaskHandle<T> {
             .wait_done(self.slot, Some(Instant::now() + timeout))
     }
 
+    /// Resolves once the task has finished, without collecting its result (any executor).
+    pub(crate) async fn finished(&self) {
+        std::future::poll_fn(|cx| {
+            if self.wake_when_finished(cx.waker()) {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// The length of the finished task's output archive, or `None` if it ended in an error.
+    pub(crate) fn output_len(&self) -> Option<usize> {
+        self.shared.ok_len(self.slot)
+    }
+
+    /// Copies the finished task's output archive into `loan` (another pool's arena, where
+    /// that pool's worker validates it as its task) and frees the slot. Returns its length.
+    pub(crate) fn output_into(mut self, loan: &mut Loan) -> Result<usize, TaskError> {
+        self.taken = true;
+        let dst = loan.as_mut_slice();
+        // SAFETY: the loan's block is ours alone until it is submitted; `dst.len()` bytes of
+        // it are writable, and nothing reads them until this returns.
+        let r = unsafe {
+            self.shared
+                .copy_output_into(self.slot, dst.as_mut_ptr(), dst.len())
+        };
+        let worker = self.shared.slot(self.slot).outcome().worker as usize;
+        self.shared.retire(self.slot);
+        r.map_err(|m| TaskError::BadResult {
+            worker,
+            message: m.to_string(),
+        })
+    }
+
     /// Blocks until the task finishes, without collecting its result.
     pub(crate) fn block_until_done(&self) {
         self.shared.wait_done(self.slot, None);
@@ -404,7 +440,7 @@ fn unbatch<O: Message>(
         .into_iter()
         .map(|x| {
             x.map_err(|(kind, message)| match kind {
-                KIND_PANIC => TaskError::Panicked { worker, message },
+                KIND_PANIC => TaskError::panicked(worker, message),
                 KIND_POISONED => TaskError::Poisoned { worker, message },
                 KIND_CANCELLED => TaskError::Cancelled,
                 _ => TaskError::Failed { worker, message },

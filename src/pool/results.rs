@@ -58,6 +58,63 @@ thread_local! {
     static SCRATCH: std::cell::Cell<Option<AlignedVec<16>>> = const { std::cell::Cell::new(None) };
 }
 
+/// Where a result is copied: a private buffer, or memory the caller provides.
+enum Dest<'b> {
+    Buf(&'b mut AlignedVec<16>),
+    /// `cap` writable bytes at `ptr`, `len` of them written.
+    Raw {
+        ptr: *mut u8,
+        cap: usize,
+        len: usize,
+    },
+}
+
+impl Dest<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Dest::Buf(b) => b.len(),
+            Dest::Raw { len, .. } => *len,
+        }
+    }
+
+    /// Appends `len` bytes at `src` (shared memory a worker may be writing) with a raw copy.
+    ///
+    /// # Safety
+    /// `src..src + len` must lie inside the mapped segment; for `Raw`, `ptr..ptr + cap` must
+    /// be valid for writes (the contract of `copy_output_into`).
+    unsafe fn copy_from(&mut self, src: *const u8, n: usize) -> Result<(), &'static str> {
+        match self {
+            // SAFETY: passed on (this function's contract).
+            Dest::Buf(b) => unsafe { Shared::copy_out(b, src, n) },
+            Dest::Raw { ptr, cap, len } => {
+                if n > *cap - *len {
+                    return Err("the result is larger than its destination");
+                }
+                // SAFETY: `len + n <= cap` bytes of the destination are writable (checked
+                // above, and the caller's contract); the source lies in the segment, the
+                // destination in another pool's arena block or private memory: no overlap
+                // with a live ring record (the destination block is ours alone).
+                unsafe { std::ptr::copy_nonoverlapping(src, ptr.add(*len), n) };
+                *len += n;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the copy the reactor made (moved out of the ring under pressure).
+    fn take_spill(&mut self, spill: AlignedVec<16>) -> Result<(), &'static str> {
+        match self {
+            Dest::Buf(b) => {
+                **b = spill;
+                Ok(())
+            }
+            // SAFETY: `spill` is our private buffer, inside the address space; `copy_from`
+            // bounds the copy by the destination's capacity.
+            Dest::Raw { .. } => unsafe { self.copy_from(spill.as_ptr(), spill.len()) },
+        }
+    }
+}
+
 /// What the parent makes of a record it finds in a completion ring.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fate {
@@ -174,7 +231,7 @@ impl Shared {
                 seat,
                 off,
                 len,
-            } => match self.copy_record(slot, kind, seat, off, len, buf) {
+            } => match self.copy_record(slot, kind, seat, off, len, &mut Dest::Buf(buf)) {
                 // (A copy the reactor made may be of another length if a worker changed its
                 // outcome words meanwhile: only a copy of the published length is used.)
                 Ok(()) if buf.len() as u64 == len => kind,
@@ -219,10 +276,7 @@ impl Shared {
                 worker,
                 message: message(),
             },
-            KIND_PANIC => TaskError::Panicked {
-                worker,
-                message: message(),
-            },
+            KIND_PANIC => TaskError::panicked(worker, message()),
             KIND_BAD_TASK => TaskError::BadTask {
                 worker,
                 message: message(),
@@ -242,6 +296,61 @@ impl Shared {
             _ => bad("unknown result kind"),
         };
         f(Err(e))
+    }
+
+    /// The length of the task's output archive, if its outcome (which the caller observed
+    /// `DONE`) is an output rather than an error. Only a hint for sizing a destination:
+    /// [`copy_output_into`](Self::copy_output_into) reads the words again and checks.
+    pub(crate) fn ok_len(&self, slot: u32) -> Option<usize> {
+        match self.decode(self.slot(slot).outcome()) {
+            Published::Inline { len, .. } => Some(len),
+            Published::Record {
+                kind: KIND_OK, len, ..
+            } => Some(len as usize),
+            _ => None,
+        }
+    }
+
+    /// Copies the task's output archive into `cap` bytes at `dst` instead of a private
+    /// buffer (a hand-off into another pool's arena, which that pool's worker validates), and
+    /// lets the record go. Returns its length, or what was wrong: the outcome is not an
+    /// output, or it is larger than `cap` (a worker changed it since `ok_len`). On an error
+    /// the output is not consumed unless the message says so; the caller fails the task.
+    ///
+    /// # Safety
+    /// `dst..dst + cap` must be valid for writes and not read by anyone until this returns.
+    pub(crate) unsafe fn copy_output_into(
+        &self,
+        slot: u32,
+        dst: *mut u8,
+        cap: usize,
+    ) -> Result<usize, &'static str> {
+        let mut d = Dest::Raw {
+            ptr: dst,
+            cap,
+            len: 0,
+        };
+        match self.decode(self.slot(slot).outcome()) {
+            Published::Inline { at, len } => {
+                // SAFETY: `at + len <= slot_inline` (decode): the source lies in this slot's
+                // data area; `copy_from` checks `len` against `cap`.
+                unsafe { d.copy_from(self.inline_ptr(slot, at, len), len) }?;
+                self.inline_taken(slot);
+            }
+            Published::Record {
+                kind: KIND_OK,
+                seat,
+                off,
+                len,
+            } => {
+                self.copy_record(slot, KIND_OK, seat, off, len, &mut d)?;
+                if d.len() as u64 != len {
+                    return Err("the result changed after it was published");
+                }
+            }
+            _ => return Err("the outcome is not an output"),
+        }
+        Ok(d.len())
     }
 
     /// The largest result archive a worker can return (half a completion ring, less a header).
@@ -266,7 +375,7 @@ impl Shared {
         seat: u32,
         off: u64,
         len: u64,
-        buf: &mut AlignedVec<16>,
+        buf: &mut Dest<'_>,
     ) -> Result<(), &'static str> {
         let meta = self.meta(slot);
         let task = meta.task_id();
@@ -290,21 +399,22 @@ impl Shared {
                 let r = match ring.record_data(off, slot, task, kind, len) {
                     Some(p) => {
                         // SAFETY: `record_data` checked that `len` bytes at `p` lie in the ring.
-                        unsafe { Self::copy_out(buf, p, len as usize) };
+                        let copied = unsafe { buf.copy_from(p, len as usize) };
+                        // Released whether or not the copy fit: the record is consumed.
                         ring.release(off);
-                        Ok(ring.advance())
+                        Ok((ring.advance(), copied))
                     }
                     None => Err("the result record does not belong to this task"),
                 };
                 drop(g);
                 meta.res.store(tag | RES_TAKEN, Ordering::Release);
-                r.map(|moved| self.after_advance(seat, moved))
+                r.and_then(|(moved, copied)| {
+                    self.after_advance(seat, moved);
+                    copied
+                })
             }
             Err(_) => match self.await_evacuation(slot, tag) {
-                Some(spill) => {
-                    *buf = spill;
-                    Ok(())
-                }
+                Some(spill) => buf.take_spill(spill),
                 None => Err("the result was already collected"),
             },
         }

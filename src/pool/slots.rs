@@ -21,6 +21,15 @@ use std::task::Waker;
 use std::time::Instant;
 
 /// The error for an arena block whose memory could not be reserved.
+/// Where a submitted task's archive comes from.
+#[derive(Clone, Copy)]
+enum TaskSrc<'a, T> {
+    /// Serialise this value into the slot (or an arena block if it does not fit).
+    Encode(&'a T),
+    /// Already archived in this arena block: `(offset, len, block len)`.
+    Placed((u64, u64, u64)),
+}
+
 pub(crate) fn no_space(bytes: u64, e: &std::io::Error) -> SubmitError {
     SubmitError::NoSpace {
         bytes,
@@ -154,19 +163,33 @@ impl Shared {
         opts: TaskOptions,
     ) -> Result<(u32, u64), SubmitError> {
         self.active_submits.fetch_add(1, Ordering::SeqCst);
-        let r = self.submit_inner(task, payload, block, opts);
+        let r = self.submit_inner(TaskSrc::Encode(task), payload, block, opts);
+        self.active_submits.fetch_sub(1, Ordering::SeqCst);
+        r
+    }
+
+    /// Submits a task whose archive is already in an arena block (`(offset, len, block
+    /// len)`, from a loan): the block passes to the slot on success and stays the caller's on
+    /// an error. The worker validates the archive as it does every task.
+    pub(crate) fn submit_placed(
+        &self,
+        placed: (u64, u64, u64),
+        block: Block,
+        opts: TaskOptions,
+    ) -> Result<(u32, u64), SubmitError> {
+        self.active_submits.fetch_add(1, Ordering::SeqCst);
+        let r = self.submit_inner::<()>(TaskSrc::Placed(placed), None, block, opts);
         self.active_submits.fetch_sub(1, Ordering::SeqCst);
         r
     }
 
     fn submit_inner<T: crate::codec::Encode>(
         &self,
-        task: &T,
+        task: TaskSrc<'_, T>,
         payload: Option<(u64, u64, u64)>,
         block: Block,
         opts: TaskOptions,
     ) -> Result<(u32, u64), SubmitError> {
-        use crate::codec::{EncodeError, encode_into, encoded_len};
         if let Some(e) = self.refusal() {
             return Err(e);
         }
@@ -174,58 +197,14 @@ impl Shared {
         let inline_off = self.layout.slot_data_off(slot);
         let inline_cap = self.layout.params.slot_inline as usize;
         let meta = &self.meta[slot as usize];
-        let (task_off, task_len) =
-            // SAFETY: the slot came off the free list, so its inline area is ours alone until
-            // the push publishes it (no worker holds it, no caller reads it).
-            match unsafe { encode_into(task, self.seg.bytes_ptr(inline_off, inline_cap), inline_cap) } {
-                Ok(n) => (inline_off as u64, n as u64),
-                Err(EncodeError::Overflow) => {
-                    let len = match encoded_len(task) {
-                        Ok(n) => n,
-                        Err(e) => return Err(self.abort_submit(slot, encode_err(e))),
-                    };
-                    if len > self.max_task_bytes {
-                        return Err(self.abort_submit(
-                            slot,
-                            SubmitError::PayloadTooLarge {
-                                len,
-                                max: self.max_task_bytes,
-                            },
-                        ));
-                    }
-                    let Some((off, blk)) = self
-                        .arena
-                        .alloc(len as u64, block, || {
-                            self.closing.load(Ordering::SeqCst) || self.broken.load(Ordering::SeqCst)
-                        })
-                    else {
-                        let e = match block {
-                            _ if self.closing.load(Ordering::SeqCst) => SubmitError::Shutdown,
-                            Block::No => SubmitError::QueueFull,
-                            Block::Until(_) => SubmitError::Timeout,
-                        };
-                        return Err(self.abort_submit(slot, e));
-                    };
-                    if let Err(e) = self.reserve_arena(off + blk) {
-                        self.arena.free(off, blk);
-                        return Err(self.abort_submit(slot, no_space(blk, &e)));
-                    }
-                    // SAFETY: a fresh arena block of at least `len` bytes, ours alone until the
-                    // push publishes it.
-                    match unsafe { encode_into(task, self.seg.bytes_ptr(off as usize, len), len) } {
-                        Ok(n) => {
-                            meta.task_blk.0.store(off, Ordering::Relaxed);
-                            meta.task_blk.1.store(blk, Ordering::Relaxed);
-                            (off, n as u64)
-                        }
-                        Err(e) => {
-                            self.arena.free(off, blk);
-                            return Err(self.abort_submit(slot, encode_err(e)));
-                        }
-                    }
-                }
-                Err(e) => return Err(self.abort_submit(slot, encode_err(e))),
-            };
+        let (task_off, task_len) = match task {
+            TaskSrc::Placed((off, len, _)) => (off, len),
+            TaskSrc::Encode(task) => self.encode_task(slot, task, inline_off, inline_cap, block)?,
+        };
+        let placed = match task {
+            TaskSrc::Placed(p) => Some(p),
+            TaskSrc::Encode(_) => None,
+        };
         // Checked after the size checks (a task too large is that, whatever the workers), and
         // before anything is queued.
         if self.workerless() {
@@ -235,6 +214,10 @@ impl Shared {
                     .free(meta.task_blk.0.load(Ordering::Relaxed), len);
             }
             return Err(self.abort_submit(slot, SubmitError::NoWorkers));
+        }
+        if let Some((off, _, blk)) = placed {
+            meta.task_blk.0.store(off, Ordering::Relaxed);
+            meta.task_blk.1.store(blk, Ordering::Relaxed);
         }
         let task_id = self.next_task_id.fetch_add(1, Ordering::Relaxed);
         let (pay_off, pay_len) = match payload {
@@ -313,6 +296,9 @@ impl Shared {
             self.declare_broken(reason);
             // The loan's block stays with the caller's `Loan`, which frees it on this error.
             meta.pay_blk.1.store(0, Ordering::Relaxed);
+            if placed.is_some() {
+                meta.task_blk.1.store(0, Ordering::Relaxed);
+            }
             self.retire(slot);
             return Err(SubmitError::Broken {
                 reason: reason.into(),
@@ -327,6 +313,71 @@ impl Shared {
             self.wake_supervisor();
         }
         Ok((slot, task_id))
+    }
+
+    /// Writes `task`'s archive into `slot`'s inline area, or an arena block when it does not
+    /// fit (recorded in the slot's meta to be freed at retirement). On an error the slot is
+    /// given back.
+    fn encode_task<T: crate::codec::Encode>(
+        &self,
+        slot: u32,
+        task: &T,
+        inline_off: usize,
+        inline_cap: usize,
+        block: Block,
+    ) -> Result<(u64, u64), SubmitError> {
+        use crate::codec::{EncodeError, encode_into, encoded_len};
+        let meta = &self.meta[slot as usize];
+        // SAFETY: the slot came off the free list, so its inline area is ours alone until the
+        // push publishes it (no worker holds it, no caller reads it).
+        let first =
+            unsafe { encode_into(task, self.seg.bytes_ptr(inline_off, inline_cap), inline_cap) };
+        Ok(match first {
+            Ok(n) => (inline_off as u64, n as u64),
+            Err(EncodeError::Overflow) => {
+                let len = match encoded_len(task) {
+                    Ok(n) => n,
+                    Err(e) => return Err(self.abort_submit(slot, encode_err(e))),
+                };
+                if len > self.max_task_bytes {
+                    return Err(self.abort_submit(
+                        slot,
+                        SubmitError::PayloadTooLarge {
+                            len,
+                            max: self.max_task_bytes,
+                        },
+                    ));
+                }
+                let Some((off, blk)) = self.arena.alloc(len as u64, block, || {
+                    self.closing.load(Ordering::SeqCst) || self.broken.load(Ordering::SeqCst)
+                }) else {
+                    let e = match block {
+                        _ if self.closing.load(Ordering::SeqCst) => SubmitError::Shutdown,
+                        Block::No => SubmitError::QueueFull,
+                        Block::Until(_) => SubmitError::Timeout,
+                    };
+                    return Err(self.abort_submit(slot, e));
+                };
+                if let Err(e) = self.reserve_arena(off + blk) {
+                    self.arena.free(off, blk);
+                    return Err(self.abort_submit(slot, no_space(blk, &e)));
+                }
+                // SAFETY: a fresh arena block of at least `len` bytes, ours alone until the
+                // push publishes it.
+                match unsafe { encode_into(task, self.seg.bytes_ptr(off as usize, len), len) } {
+                    Ok(n) => {
+                        meta.task_blk.0.store(off, Ordering::Relaxed);
+                        meta.task_blk.1.store(blk, Ordering::Relaxed);
+                        (off, n as u64)
+                    }
+                    Err(e) => {
+                        self.arena.free(off, blk);
+                        return Err(self.abort_submit(slot, encode_err(e)));
+                    }
+                }
+            }
+            Err(e) => return Err(self.abort_submit(slot, encode_err(e))),
+        })
     }
 
     /// Supervisor thread only: takes every task still in the queue and completes it with

@@ -364,6 +364,38 @@ impl<W: Worker> Pool<W> {
         Ok(r)
     }
 
+    /// Queues a task whose archive the caller wrote into `loan` (its first `len` bytes), as
+    /// the task itself rather than a payload; waits for a free slot without blocking the
+    /// thread. The worker validates the archive as it does every task. On an error the loan
+    /// is dropped (its block freed).
+    pub(crate) async fn send_placed_async(
+        &self,
+        loan: Loan,
+        len: usize,
+        opts: TaskOptions,
+    ) -> Result<TaskHandle<W::Output>, SubmitError> {
+        if loan.shared.id != self.shared.id {
+            return Err(SubmitError::ForeignLoan);
+        }
+        let parts = (loan.off, (len as u64).min(loan.len), loan.blk);
+        let r = poll_fn(
+            |cx| match self.shared.submit_placed(parts, Block::No, opts) {
+                Err(SubmitError::QueueFull) => {
+                    self.shared.wait_slot_async(cx.waker());
+                    if self.shared.has_free_slot() || self.shared.closing.load(Ordering::SeqCst) {
+                        cx.waker().wake_by_ref();
+                    }
+                    Poll::Pending
+                }
+                other => Poll::Ready(other),
+            },
+        )
+        .await;
+        let (slot, id) = r?;
+        let _ = loan.into_parts();
+        Ok(TaskHandle::new(self.shared.clone(), slot, id))
+    }
+
     /// As [`send`](Self::send) without blocking the thread: while the queue is full, the
     /// future waits for a slot to free up.
     async fn send_async<E: Encode>(

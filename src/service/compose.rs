@@ -7,6 +7,7 @@
 //! composition's own prefix, so a leaf two levels down reads `seq[1]/ensemble[0]/Model`.
 
 use super::error::ServiceError;
+use super::handoff::Handoff;
 use super::stage::{Item, Stage, StageFuture, StageStats};
 use futures_util::future::{join_all, try_join_all};
 use std::marker::PhantomData;
@@ -37,6 +38,19 @@ impl<I: Send + 'static, O: Send + 'static> Stage for BoxStage<I, O> {
     fn close_now(&self) {
         (**self).close_now()
     }
+
+    fn __takes_archived(&self) -> bool {
+        (**self).__takes_archived()
+    }
+
+    fn __run_handoff<'a>(
+        &'a self,
+        input: Handoff<I>,
+        item: &'a Item,
+        archived_out: bool,
+    ) -> StageFuture<'a, Handoff<O>> {
+        (**self).__run_handoff(input, item, archived_out)
+    }
 }
 
 /// Chaining and boxing for any stage.
@@ -64,8 +78,22 @@ pub struct Seq<T>(T);
 /// one the previous one's output; the last one's output is the sequence's. An error anywhere
 /// ends the item there.
 ///
-/// ```ignore
-/// let graph = seq((decode, seq((resize, model)))); // nests freely
+/// ```
+/// use stateful_pool::service::{Server, local, seq};
+/// let parse = local("parse", |s: String| Ok(s.trim().parse::<u32>()?));
+/// let double = local("double", |x: u32| Ok(x * 2));
+/// let show = local("show", |x: u32| Ok(format!("={x}")));
+/// let server = Server::new(seq((parse, seq((double, show)))), 8); // nests freely
+/// assert_eq!(server.call(" 21 ".to_string()).unwrap(), "=42");
+/// ```
+///
+/// A stage whose input is not the previous stage's output does not compile:
+///
+/// ```compile_fail
+/// use stateful_pool::service::{Server, local, seq};
+/// let parse = local("parse", |s: String| Ok(s.trim().parse::<u32>()?));
+/// let shout = local("shout", |s: String| Ok(s.to_uppercase())); // takes a String, not a u32
+/// let server = Server::new(seq((parse, shout)), 8);
 /// ```
 pub fn seq<T>(stages: T) -> Seq<T>
 where
@@ -82,6 +110,9 @@ impl<T> Seq<T> {
 }
 
 macro_rules! seq_impl {
+    (@next $self:ident $i:tt) => {
+        $self.0.$i.__takes_archived()
+    };
     ([$($s:ident $i:tt),+], $f:ident, $l:ident, [$($n:ident: $p:ident),+]) => {
         impl<$($s: Stage),+> Stage for Seq<($($s,)+)>
         where
@@ -92,8 +123,32 @@ macro_rules! seq_impl {
 
             fn run<'a>(&'a self, input: Self::In, item: &'a Item) -> StageFuture<'a, Self::Out> {
                 Box::pin(async move {
+                    self.__run_handoff(Handoff::Value(input), item, false)
+                        .await?
+                        .into_value()
+                })
+            }
+
+            fn __takes_archived(&self) -> bool {
+                self.0.0.__takes_archived()
+            }
+
+            /// Each member hands its output to the next archived when both are process
+            /// stages (the zero-copy hand-off); the last member's as the caller asks.
+            fn __run_handoff<'a>(
+                &'a self,
+                input: Handoff<Self::In>,
+                item: &'a Item,
+                archived_out: bool,
+            ) -> StageFuture<'a, Handoff<Self::Out>> {
+                let wants = [$(seq_impl!(@next self $i)),+];
+                Box::pin(async move {
                     let x = input;
-                    $(let x = self.0.$i.run(x, item).await?;)+
+                    $(let x = self.0.$i.__run_handoff(
+                        x,
+                        item,
+                        wants.get($i + 1).copied().unwrap_or(archived_out),
+                    ).await?;)+
                     Ok(x)
                 })
             }

@@ -18,10 +18,19 @@ pub struct StageError {
     /// That worker's process id, when known (a thread stage's is the parent's).
     pub pid: Option<u32>,
     /// What happened: the task's outcome as the stage's pool or threads reported it (kind and
-    /// message; for a panic, the worker's backtrace is in [`backtrace`](Self::backtrace)).
+    /// message; for a panic, the worker's backtrace too: see [`backtrace`](Self::backtrace)).
     pub error: TaskError,
-    /// The worker's backtrace at the panic, when the task panicked and one was captured.
-    pub backtrace: Option<String>,
+}
+
+impl StageError {
+    /// The worker's backtrace, when the task panicked and backtraces are enabled in the
+    /// worker's environment (`RUST_BACKTRACE=1`).
+    pub fn backtrace(&self) -> Option<&str> {
+        match &self.error {
+            TaskError::Panicked { backtrace, .. } => backtrace.as_deref(),
+            _ => None,
+        }
+    }
 }
 
 impl std::fmt::Display for StageError {

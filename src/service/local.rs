@@ -55,7 +55,6 @@ where
                     worker: None,
                     pid: Some(std::process::id()),
                     error,
-                    backtrace: None,
                 }
                 .into()
             };
@@ -65,10 +64,10 @@ where
                     worker: 0,
                     message: e.to_string(),
                 })),
-                Err(p) => Err(fail(TaskError::Panicked {
-                    worker: 0,
-                    message: crate::worker::main_loop::panic_message(&*p),
-                })),
+                Err(p) => Err(fail(TaskError::panicked(
+                    0,
+                    crate::worker::main_loop::panic_message(&*p),
+                ))),
             }
         }))
     }

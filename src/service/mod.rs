@@ -57,6 +57,7 @@
 mod compose;
 mod error;
 mod gate;
+mod handoff;
 mod local;
 mod process;
 mod server;
@@ -69,31 +70,11 @@ pub use compose::{
     switch,
 };
 pub use error::{ServiceError, StageError};
+#[doc(hidden)]
+pub use handoff::{Handoff, Ready};
 pub use local::{Local, local};
 pub use process::Process;
 pub use server::{Server, ServerStats, ShutdownReport};
 pub use stage::{Item, Percentiles, Stage, StageFuture, StageStats};
 pub use stream::{Outputs, ServiceStream, StreamShape, WithInputs};
 pub use thread::Threads;
-
-use crate::TaskError;
-
-/// Splits a worker's backtrace off a panic's message (see
-/// `worker::main_loop::BACKTRACE_MARK`).
-pub(crate) fn split_backtrace(e: TaskError) -> (TaskError, Option<String>) {
-    match e {
-        TaskError::Panicked { worker, message } => {
-            match message.split_once(crate::worker::main_loop::BACKTRACE_MARK) {
-                Some((m, bt)) => (
-                    TaskError::Panicked {
-                        worker,
-                        message: m.to_string(),
-                    },
-                    Some(bt.to_string()),
-                ),
-                None => (TaskError::Panicked { worker, message }, None),
-            }
-        }
-        e => (e, None),
-    }
-}

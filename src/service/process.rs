@@ -1,8 +1,9 @@
 //! A stage of worker processes: a [`Pool`] in a service graph.
 
 use super::error::{ServiceError, StageError};
+use super::handoff::{Handoff, Ready};
 use super::stage::{Item, Meter, Stage, StageFuture, StageStats};
-use crate::{Pool, TaskError, TaskOptions, Worker, WorkerState};
+use crate::{Pool, TaskError, TaskHandle, TaskOptions, Worker, WorkerState};
 use std::sync::Arc;
 
 /// A stage whose items run as tasks on a [`Pool`]'s worker processes (each optionally pinned
@@ -62,6 +63,30 @@ impl<W: Worker> Process<W> {
         &self.pool
     }
 
+    fn task_opts(&self, item: &Item) -> TaskOptions {
+        match item.deadline {
+            Some(d) => self.opts.deadline(d),
+            None => self.opts,
+        }
+    }
+
+    /// Queues `input` on the pool (waiting for a free slot without blocking the thread).
+    async fn submit(
+        &self,
+        input: W::Task,
+        item: &Item,
+    ) -> Result<TaskHandle<W::Output>, ServiceError>
+    where
+        W::Task: Sync,
+    {
+        self.pool
+            .task(&input)
+            .options(self.task_opts(item))
+            .submit_async()
+            .await
+            .map_err(|e| self.stage_error(item, e.into()))
+    }
+
     /// A task's failure as this stage's: its path, worker and pid.
     fn stage_error(&self, item: &Item, e: TaskError) -> ServiceError {
         let (worker, pid) = match &e {
@@ -87,13 +112,11 @@ impl<W: Worker> Process<W> {
         if matches!(e, TaskError::Timeout { .. }) && item.expired() {
             return item.timeout(Some(&self.meter.path));
         }
-        let (error, backtrace) = super::split_backtrace(e);
         StageError {
             path: self.meter.path.clone(),
             worker,
             pid,
-            error,
-            backtrace,
+            error: e,
         }
         .into()
     }
@@ -108,16 +131,51 @@ where
 
     fn run<'a>(&'a self, input: W::Task, item: &'a Item) -> StageFuture<'a, W::Output> {
         Box::pin(self.meter.admit(item, true, async move {
-            let mut req = self.pool.task(&input).options(self.opts);
-            if let Some(d) = item.deadline {
-                req = req.deadline(d);
-            }
-            let handle = match req.submit_async().await {
-                Ok(h) => h,
-                Err(e) => return Err(self.stage_error(item, e.into())),
-            };
-            drop(input);
+            let handle = self.submit(input, item).await?;
             handle.await.map_err(|e| self.stage_error(item, e))
+        }))
+    }
+
+    fn __takes_archived(&self) -> bool {
+        true
+    }
+
+    fn __run_handoff<'a>(
+        &'a self,
+        input: Handoff<W::Task>,
+        item: &'a Item,
+        archived_out: bool,
+    ) -> StageFuture<'a, Handoff<W::Output>> {
+        Box::pin(self.meter.admit(item, true, async move {
+            let handle = match input {
+                Handoff::Value(x) => self.submit(x, item).await?,
+                Handoff::Archived(ready) => match self.pool.try_loan(ready.len()) {
+                    Ok(mut loan) => {
+                        let len = ready.into_loan(&mut loan)?;
+                        self.pool
+                            .send_placed_async(loan, len, self.task_opts(item))
+                            .await
+                            .map_err(|e| self.stage_error(item, e.into()))?
+                    }
+                    // No room in the arena right now: decode and queue it the usual way
+                    // (which waits for room without blocking the thread).
+                    Err(_) => self.submit(ready.decode()?, item).await?,
+                },
+            };
+            if !archived_out {
+                return handle
+                    .await
+                    .map(Handoff::Value)
+                    .map_err(|e| self.stage_error(item, e));
+            }
+            handle.finished().await;
+            match handle.output_len() {
+                Some(len) => Ok(Handoff::Archived(Ready::new(handle, len, &self.meter.path))),
+                None => {
+                    Err(self
+                        .stage_error(item, handle.wait().err().unwrap_or(TaskError::PoolBroken)))
+                }
+            }
         }))
     }
 

@@ -113,7 +113,12 @@ impl<S: Stage> Server<S> {
 
     /// Runs one item: admission (waiting for room until the deadline, or not at all), then
     /// the graph until the deadline.
-    pub(crate) async fn run(&self, input: S::In, item: Item, wait: bool) -> Result<S::Out, ServiceError> {
+    pub(crate) async fn run(
+        &self,
+        input: S::In,
+        item: Item,
+        wait: bool,
+    ) -> Result<S::Out, ServiceError> {
         if self.closing.load(Ordering::SeqCst) {
             return Err(ServiceError::Shutdown);
         }

@@ -108,6 +108,31 @@ pub trait Stage: Send + Sync + 'static {
 
     /// Stops the stage now: queued tasks are cancelled, workers are stopped.
     fn close_now(&self) {}
+
+    /// Whether the stage takes an archived output of a process stage as its input without
+    /// decoding it (process stages, and sequences that start with one). Plumbing for the
+    /// zero-copy hand-off; not for implementors.
+    #[doc(hidden)]
+    fn __takes_archived(&self) -> bool {
+        false
+    }
+
+    /// Runs one item that may arrive archived, and gives its output archived if
+    /// `archived_out` and the stage can (the next stage takes it so). Plumbing for the
+    /// zero-copy hand-off; not for implementors.
+    #[doc(hidden)]
+    fn __run_handoff<'a>(
+        &'a self,
+        input: super::handoff::Handoff<Self::In>,
+        item: &'a Item,
+        archived_out: bool,
+    ) -> StageFuture<'a, super::handoff::Handoff<Self::Out>> {
+        let _ = archived_out;
+        Box::pin(async move {
+            let x = input.into_value()?;
+            self.run(x, item).await.map(super::handoff::Handoff::Value)
+        })
+    }
 }
 
 /// Latency percentiles over a stage's items so far.

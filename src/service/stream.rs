@@ -20,7 +20,8 @@ pub struct Outputs;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct WithInputs;
 
-type ItemFuture<'s, I, O> = Pin<Box<dyn Future<Output = (Option<I>, Result<O, ServiceError>)> + Send + 's>>;
+type ItemFuture<'s, I, O> =
+    Pin<Box<dyn Future<Output = (Option<I>, Result<O, ServiceError>)> + Send + 's>>;
 
 enum Window<F: Future> {
     Ordered(FuturesOrdered<F>),
@@ -152,7 +153,9 @@ impl<S: Stage> Server<S> {
     pub fn stream_iter<I>(
         &self,
         inputs: I,
-    ) -> futures_executor::BlockingStream<ServiceStream<'_, S, futures_util::stream::Iter<I::IntoIter>>>
+    ) -> futures_executor::BlockingStream<
+        ServiceStream<'_, S, futures_util::stream::Iter<I::IntoIter>>,
+    >
     where
         I: IntoIterator<Item = S::In>,
     {
@@ -243,7 +246,9 @@ where
                 this.stopped = true;
             }
             while !this.stopped && this.window.len() < this.size {
-                let Some(inputs) = this.inputs.as_mut() else { break };
+                let Some(inputs) = this.inputs.as_mut() else {
+                    break;
+                };
                 match Pin::new(inputs).poll_next(cx) {
                     Poll::Ready(Some(x)) => this.launch(x),
                     Poll::Ready(None) => {

@@ -97,7 +97,9 @@ impl<W: Worker> Threads<W> {
     /// Up to `n` queued tasks (1..=64) per [`Worker::execute_batch`] step. A thread takes what
     /// is queued when it is free and never waits for more.
     pub fn max_batch(self, n: usize) -> Self {
-        self.inner.max_batch.store(n.clamp(1, 64), Ordering::Relaxed);
+        self.inner
+            .max_batch
+            .store(n.clamp(1, 64), Ordering::Relaxed);
         self
     }
 
@@ -213,7 +215,6 @@ impl<W: Worker> Threads<W> {
             worker,
             pid: Some(std::process::id()),
             error: e,
-            backtrace: None,
         }
         .into()
     }
@@ -407,20 +408,22 @@ fn run_jobs<W: Worker>(
                 }
             }
             if live.len() == 1 {
-                let r = catch_unwind(AssertUnwindSafe(|| state.execute(tasks[0], &ctx(wctx, &live[0]))));
+                let r = catch_unwind(AssertUnwindSafe(|| {
+                    state.execute(tasks[0], &ctx(wctx, &live[0]))
+                }));
                 vec![match r {
                     Ok(r) => outcome(r),
-                    Err(p) => Err(TaskError::Panicked {
-                        worker: index,
-                        message: panic_message(&*p),
-                    }),
+                    Err(p) => Err(TaskError::panicked(index, panic_message(&*p))),
                 }]
             } else {
                 let batch: Vec<BatchTask<'_, W::Task>> = tasks
                     .iter()
                     .copied()
                     .zip(&live)
-                    .map(|(t, j)| BatchTask { task: t, ctx: ctx(wctx, j) })
+                    .map(|(t, j)| BatchTask {
+                        task: t,
+                        ctx: ctx(wctx, j),
+                    })
                     .collect();
                 let whole = |e: TaskError| live.iter().map(|_| Err(e.clone())).collect();
                 match catch_unwind(AssertUnwindSafe(|| state.execute_batch(&batch))) {
@@ -437,10 +440,7 @@ fn run_jobs<W: Worker>(
                         Err(e) => whole(e),
                         Ok(_) => unreachable!("outcome of an Err is an Err"),
                     },
-                    Err(p) => whole(TaskError::Panicked {
-                        worker: index,
-                        message: panic_message(&*p),
-                    }),
+                    Err(p) => whole(TaskError::panicked(index, panic_message(&*p))),
                 }
             }
         }
