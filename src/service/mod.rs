@@ -56,6 +56,7 @@
 
 mod compose;
 mod error;
+mod exec;
 mod gate;
 mod handoff;
 mod local;

@@ -144,19 +144,19 @@ impl<S: Stage> Server<S> {
 
     /// Runs `input` through the graph and blocks for its output; waits for room first.
     pub fn call(&self, input: S::In) -> Result<S::Out, ServiceError> {
-        futures_executor::block_on(self.run(input, self.item(None), true))
+        super::exec::block_on(self.run(input, self.item(None), true))
     }
 
     /// As [`call`](Self::call), but fails at once with [`ServiceError::Full`] when the
     /// capacity is taken.
     pub fn try_call(&self, input: S::In) -> Result<S::Out, ServiceError> {
-        futures_executor::block_on(self.run(input, self.item(None), false))
+        super::exec::block_on(self.run(input, self.item(None), false))
     }
 
     /// As [`call`](Self::call), with a deadline `timeout` from now for the whole call
     /// (waiting for room included).
     pub fn call_timeout(&self, input: S::In, timeout: Duration) -> Result<S::Out, ServiceError> {
-        futures_executor::block_on(self.run(input, self.item(Some(timeout)), true))
+        super::exec::block_on(self.run(input, self.item(Some(timeout)), true))
     }
 
     /// Runs `input` through the graph without blocking the thread (any executor). Dropping

@@ -131,7 +131,7 @@ impl<W: Worker> Threads<W> {
 
     /// Runs a task on a worker thread and blocks for its result.
     pub fn execute(&self, task: &W::Task) -> Result<W::Output, TaskError> {
-        futures_executor::block_on(self.execute_async(task))
+        super::exec::block_on(self.execute_async(task))
     }
 
     /// Runs a task on a worker thread and resolves to its result (any executor). Dropping the

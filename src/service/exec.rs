@@ -1,0 +1,66 @@
+//! The blocking calls' executor: polls the item's future on the caller's thread, re-polling
+//! for a short while before parking (as a pool's own blocking wait spins before it sleeps),
+//! so a blocking call through a graph does not pay a reactor wake-up per stage.
+//!
+//! A task handle's poll first checks the slot's state word, so a re-poll finds a finished
+//! task at the cost of a load, without the reactor. Past the spin budget the thread parks
+//! until the future's waker (the pool's reactor, a timer, a gate) unparks it.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread::Thread;
+use std::time::{Duration, Instant};
+
+/// How long a blocking call re-polls before it parks.
+const SPIN: Duration = Duration::from_micros(50);
+
+struct Unpark {
+    thread: Thread,
+    woken: AtomicBool,
+}
+
+impl Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.thread.unpark();
+    }
+}
+
+/// Runs `f` to completion on this thread.
+pub(crate) fn block_on<F: Future>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    let unpark = Arc::new(Unpark {
+        thread: std::thread::current(),
+        woken: AtomicBool::new(false),
+    });
+    let waker = Waker::from(unpark.clone());
+    let mut cx = Context::from_waker(&waker);
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        let spin_until = Instant::now() + SPIN;
+        let mut polls = 0u32;
+        loop {
+            if unpark.woken.swap(false, Ordering::Acquire) {
+                break;
+            }
+            if Instant::now() < spin_until {
+                polls += 1;
+                if polls % 16 == 0 {
+                    // Re-poll now and then: a finished task is seen without its wake-up.
+                    break;
+                }
+                std::hint::spin_loop();
+                continue;
+            }
+            std::thread::park();
+        }
+    }
+}
