@@ -643,3 +643,31 @@ fn shutdown_under_load_drains_and_then_refuses() {
         assert!(!server.healthy());
     });
 }
+
+#[test]
+fn two_stages_on_one_small_pool_do_not_deadlock_on_the_hand_off() {
+    watchdog(180, || {
+        let p = Arc::new(Pool::<Step>::builder().queue_size(4).build().unwrap());
+        for r in p.spawn_n(&"P".to_string(), 2) {
+            r.unwrap();
+        }
+        let server = Arc::new(Server::new(
+            seq((Process::new("A", p.clone()), Process::new("B", p.clone()))),
+            64,
+        ));
+        let callers: Vec<_> = (0..16u64)
+            .map(|c| {
+                let server = server.clone();
+                std::thread::spawn(move || {
+                    for i in 0..50 {
+                        let out = server.call(msg(c * 1000 + i)).unwrap();
+                        assert_eq!(out.v, c * 1000 + i + 2);
+                    }
+                })
+            })
+            .collect();
+        for c in callers {
+            c.join().unwrap();
+        }
+    });
+}

@@ -405,6 +405,9 @@ impl Drop for Loan {
     fn drop(&mut self) {
         if !self.sent {
             self.shared.arena.free(self.off, self.blk);
+            // An async submit that found the arena full waits on the slot waiters: the
+            // space is back, let it try again.
+            self.shared.wake_submitters();
         }
     }
 }

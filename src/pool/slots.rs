@@ -149,6 +149,11 @@ impl Shared {
     /// Registers a waker to be woken when a slot is freed (async submit on a full queue).
     pub(crate) fn wait_slot_async(&self, waker: &Waker) {
         let mut w = self.slot_waiters.lock().unwrap_or_else(|e| e.into_inner());
+        // A future re-polled while it waits registers once (a spinning caller re-polls often);
+        // only the latest entries are compared, so many waiters cost no quadratic scan.
+        if w.iter().rev().take(16).any(|x| x.will_wake(waker)) {
+            return;
+        }
         w.push(waker.clone());
         self.slot_waiters_n.store(w.len(), Ordering::SeqCst);
     }

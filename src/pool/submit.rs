@@ -378,20 +378,9 @@ impl<W: Worker> Pool<W> {
             return Err(SubmitError::ForeignLoan);
         }
         let parts = (loan.off, (len as u64).min(loan.len), loan.blk);
-        let r = poll_fn(
-            |cx| match self.shared.submit_placed(parts, Block::No, opts) {
-                Err(SubmitError::QueueFull) => {
-                    self.shared.wait_slot_async(cx.waker());
-                    if self.shared.has_free_slot() || self.shared.closing.load(Ordering::SeqCst) {
-                        cx.waker().wake_by_ref();
-                    }
-                    Poll::Pending
-                }
-                other => Poll::Ready(other),
-            },
-        )
-        .await;
-        let (slot, id) = r?;
+        let (slot, id) = self
+            .until_slot(|| self.shared.submit_placed(parts, Block::No, opts))
+            .await?;
         let _ = loan.into_parts();
         Ok(TaskHandle::new(self.shared.clone(), slot, id))
     }
@@ -404,7 +393,17 @@ impl<W: Worker> Pool<W> {
         payload: &mut Option<Loan>,
         opts: TaskOptions,
     ) -> Result<(u32, u64), SubmitError> {
-        poll_fn(|cx| match self.send(task, payload, Block::No, opts) {
+        self.until_slot(|| self.send(task, payload, Block::No, opts))
+            .await
+    }
+
+    /// Repeats a non-blocking submit attempt while the queue is full, waiting (without
+    /// blocking the thread) for a slot to free up between attempts.
+    async fn until_slot(
+        &self,
+        mut attempt: impl FnMut() -> Result<(u32, u64), SubmitError>,
+    ) -> Result<(u32, u64), SubmitError> {
+        poll_fn(|cx| match attempt() {
             Err(SubmitError::QueueFull) => {
                 self.shared.wait_slot_async(cx.waker());
                 if self.shared.has_free_slot() || self.shared.closing.load(Ordering::SeqCst) {

@@ -315,11 +315,13 @@ ensemble_impl!(A 0, B 1 last);
 ensemble_impl!(A 0, B 1 more, C 2 last);
 ensemble_impl!(A 0, B 1 more, C 2 more, D 3 last);
 
-macro_rules! ensemble_vec_members {
-    () => {
+/// The `Stage` methods of a composition over a `Vec` of boxed members named `$kind[i]`.
+macro_rules! vec_members {
+    ($kind:literal) => {
         fn attach(&mut self, prefix: &str) {
+            self.attach_self(prefix);
             for (i, m) in self.members.iter_mut().enumerate() {
-                m.attach(&format!("{prefix}ensemble[{i}]/"));
+                m.attach(&format!("{prefix}{}[{i}]/", $kind));
             }
         }
 
@@ -354,7 +356,7 @@ where
         Box::pin(try_join_all(runs))
     }
 
-    ensemble_vec_members!();
+    vec_members!("ensemble");
 }
 
 impl<I, O> Stage for Ensemble<Vec<BoxStage<I, O>>, CollectAll>
@@ -374,7 +376,7 @@ where
         Box::pin(async move { Ok(join_all(runs).await) })
     }
 
-    ensemble_vec_members!();
+    vec_members!("ensemble");
 }
 
 // ---- switch ----
@@ -432,22 +434,16 @@ where
         }
     }
 
-    fn attach(&mut self, prefix: &str) {
+    vec_members!("switch");
+}
+
+impl<I, O, R> Switch<I, O, R> {
+    fn attach_self(&mut self, prefix: &str) {
         self.path = format!("{prefix}switch");
-        for (i, m) in self.members.iter_mut().enumerate() {
-            m.attach(&format!("{prefix}switch[{i}]/"));
-        }
     }
+}
 
-    fn report(&self, out: &mut Vec<StageStats>) {
-        self.members.iter().for_each(|m| m.report(out));
-    }
-
-    fn close(&self) {
-        self.members.iter().for_each(|m| m.close());
-    }
-
-    fn close_now(&self) {
-        self.members.iter().for_each(|m| m.close_now());
-    }
+impl<T, M> Ensemble<T, M> {
+    /// An ensemble has no path of its own (only its members do).
+    fn attach_self(&mut self, _prefix: &str) {}
 }

@@ -41,19 +41,22 @@ pub(crate) fn block_on<F: Future>(f: F) -> F::Output {
     });
     let waker = Waker::from(unpark.clone());
     let mut cx = Context::from_waker(&waker);
+    // The spin budget runs from the start of each wait (the call, or a real wake-up), not
+    // from each re-poll: past it the thread parks until the future's waker unparks it.
+    let mut spin_until = Instant::now() + SPIN;
     loop {
         if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
             return v;
         }
-        let spin_until = Instant::now() + SPIN;
-        let mut polls = 0u32;
+        let mut spins = 0u32;
         loop {
             if unpark.woken.swap(false, Ordering::Acquire) {
+                spin_until = Instant::now() + SPIN;
                 break;
             }
             if Instant::now() < spin_until {
-                polls += 1;
-                if polls % 16 == 0 {
+                spins += 1;
+                if spins % 64 == 0 {
                     // Re-poll now and then: a finished task is seen without its wake-up.
                     break;
                 }

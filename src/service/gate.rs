@@ -5,7 +5,7 @@
 //! `event_listener`'s: a listener is registered before the count is read again, so a place
 //! freed between the failed attempt and the registration is never missed.
 
-use event_listener::{Event, Listener};
+use event_listener::{Event, IntoNotification, Listener};
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -29,7 +29,9 @@ impl Drop for Permit<'_> {
         if self.0.used.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.0.idle.notify(usize::MAX);
         }
-        self.0.freed.notify(1);
+        // One *more* listener: a plain `notify(1)` is a no-op while an earlier notified
+        // listener has not run yet, and two places freed at once must wake two waiters.
+        self.0.freed.notify(1.additional());
     }
 }
 
@@ -94,7 +96,7 @@ impl Gate {
             let l = self.freed.listen();
             if let Some(p) = self.try_acquire() {
                 drop(l);
-                self.freed.notify(1);
+                self.freed.notify(1.additional());
                 return Some(p);
             }
             if until(deadline, l).await.is_none() {
@@ -154,5 +156,32 @@ mod tests {
         assert!(g.wait_idle(Instant::now() + Duration::from_secs(60)));
         let got = futures_executor::block_on(g.acquire(None));
         assert!(got.is_some());
+    }
+
+    #[test]
+    fn two_places_freed_at_once_wake_two_waiters() {
+        for _ in 0..200 {
+            let g = Gate::new(2);
+            let (a, b) = (g.try_acquire().unwrap(), g.try_acquire().unwrap());
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::scope(|s| {
+                for _ in 0..2 {
+                    let (g, tx) = (&g, tx.clone());
+                    s.spawn(move || {
+                        let p = futures_executor::block_on(g.acquire(None));
+                        tx.send(()).unwrap();
+                        // Hold the place a moment, so the other waiter needs its own.
+                        std::thread::park_timeout(Duration::from_millis(1));
+                        drop(p);
+                    });
+                }
+                drop(a);
+                drop(b);
+                for _ in 0..2 {
+                    rx.recv_timeout(Duration::from_secs(60))
+                        .expect("a waiter was left asleep with a place free");
+                }
+            });
+        }
     }
 }

@@ -146,7 +146,19 @@ where
         item: &'a Item,
         archived_out: bool,
     ) -> StageFuture<'a, Handoff<W::Output>> {
-        Box::pin(self.meter.admit(item, true, async move {
+        // An archived output holds a slot of the previous stage's pool: it may wait here only
+        // with a place taken, else (the stage is full) it is decoded first, freeing that slot
+        // (a full stage must never wait on slots its own waiters hold, e.g. when both stages
+        // share one pool).
+        let (input, place) = match input {
+            Handoff::Archived(ready) => match self.meter.gate.try_acquire() {
+                Some(p) => (Ok(Handoff::Archived(ready)), Some(p)),
+                None => (ready.decode().map(Handoff::Value), None),
+            },
+            v => (Ok(v), None),
+        };
+        Box::pin(self.meter.admit_with(place, item, true, async move {
+            let input = input?;
             let handle = match input {
                 Handoff::Value(x) => self.submit(x, item).await?,
                 Handoff::Archived(ready) => match self.pool.try_loan(ready.len()) {

@@ -291,8 +291,23 @@ impl Meter {
         count_wait: bool,
         body: impl Future<Output = Result<T, ServiceError>>,
     ) -> Result<T, ServiceError> {
+        self.admit_with(None, item, count_wait, body).await
+    }
+
+    /// As [`admit`](Self::admit), with a place already taken (`Some`) or to wait for.
+    pub(crate) async fn admit_with<T>(
+        &self,
+        place: Option<super::gate::Permit<'_>>,
+        item: &Item,
+        count_wait: bool,
+        body: impl Future<Output = Result<T, ServiceError>>,
+    ) -> Result<T, ServiceError> {
         let t0 = Instant::now();
-        let Some(_place) = self.gate.acquire(item.deadline).await else {
+        let place = match place {
+            Some(p) => Some(p),
+            None => self.gate.acquire(item.deadline).await,
+        };
+        let Some(_place) = place else {
             self.expired();
             return Err(item.timeout(Some(&self.path)));
         };

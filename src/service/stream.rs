@@ -65,8 +65,10 @@ impl<F: Future> Window<F> {
 /// an endless input uses bounded memory. Results come in input order, or as they finish with
 /// [`unordered`](Self::unordered). Errors follow the [`ErrorPolicy`]:
 /// [`Deferred`](ErrorPolicy::Deferred) (each input gets its result; the default),
-/// [`Immediate`](ErrorPolicy::Immediate) (the first error is yielded at once and the stream
-/// ends; the items in flight are dropped, which cancels them wherever they have not started),
+/// [`Immediate`](ErrorPolicy::Immediate) (the first error is yielded as soon as the stream
+/// reaches it, and the stream ends; the items in flight are dropped, which cancels them
+/// wherever they have not started; in an ordered stream an error is reached in input order,
+/// after the items before it),
 /// or [`WaitOthers`](ErrorPolicy::WaitOthers) (on the first error the stream stops taking
 /// input, lets the items in flight finish, discards their results, then yields the error and
 /// ends).

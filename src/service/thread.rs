@@ -148,9 +148,6 @@ impl<W: Worker> Threads<W> {
     ) -> Result<Call<W::Output>, TaskError> {
         let bytes = codec::encode_owned(task)
             .map_err(|e| TaskError::Submit(crate::SubmitError::Encode(e.message())))?;
-        if self.inner.live.load(Ordering::SeqCst) == 0 {
-            return Err(TaskError::NoWorkers);
-        }
         let (tx, rx) = oneshot::channel();
         let state = Arc::new(AtomicU32::new(0));
         let deadline_ns = deadline.map_or(0, |d| {
@@ -166,7 +163,12 @@ impl<W: Worker> Threads<W> {
             state: state.clone(),
             reply: tx,
         };
+        // Under the sender's lock, as the last thread's exit (`Live::drop`): a job is either
+        // queued while a thread lives, or refused here; never queued to no thread.
         let sender = self.inner.tx.lock().unwrap_or_else(|e| e.into_inner());
+        if self.inner.live.load(Ordering::SeqCst) == 0 {
+            return Err(TaskError::NoWorkers);
+        }
         match sender.as_ref().map(|s| s.send(job)) {
             Some(Ok(())) => Ok(Call { rx, state }),
             _ => Err(TaskError::Submit(crate::SubmitError::Shutdown)),
@@ -182,8 +184,9 @@ impl<W: Worker> Threads<W> {
             .take();
     }
 
-    /// Stops intake, cancels what is queued (answered `Cancelled`), and waits for the
-    /// threads to finish the tasks they are running and exit.
+    /// Stops intake, cancels what is queued (answered `Cancelled`), and waits up to 10 s for
+    /// the threads to finish the tasks they are running and exit (a thread still running a
+    /// task then is left to finish on its own: threads cannot be killed).
     pub fn shutdown(&self) {
         self.close();
         while let Ok(j) = self.inner.rx.try_recv() {
@@ -193,8 +196,17 @@ impl<W: Worker> Threads<W> {
             });
         }
         let hs = std::mem::take(&mut *self.inner.threads.lock().unwrap_or_else(|e| e.into_inner()));
-        for h in hs {
-            let _ = h.join();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut left = hs;
+        while !left.is_empty() && Instant::now() < deadline {
+            let (done, running): (Vec<_>, Vec<_>) = left.into_iter().partition(|h| h.is_finished());
+            for h in done {
+                let _ = h.join();
+            }
+            left = running;
+            if !left.is_empty() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
     }
 
@@ -298,6 +310,9 @@ fn serve<W: Worker>(
         }
     };
     drop(spawned);
+    // Counts this thread out however it leaves (a panic outside a task's `catch_unwind`
+    // included).
+    let _live = Live(&inner);
     let rx = inner.rx.clone();
     let mut jobs: Vec<Job<W::Output>> = Vec::new();
     while let Ok(first) = rx.recv() {
@@ -325,13 +340,25 @@ fn serve<W: Worker>(
             }
         }
     }
-    if inner.live.fetch_sub(1, Ordering::SeqCst) == 1 {
-        // The last thread: nobody will take what is still queued.
-        while let Ok(j) = rx.try_recv() {
-            let _ = j.reply.send(Reply {
-                result: Err(TaskError::NoWorkers),
-                queued: j.queued_at.elapsed(),
-            });
+}
+
+/// A serving thread, counted in `live` until it is dropped.
+struct Live<'a, W: Worker>(&'a Inner<W>);
+
+impl<W: Worker> Drop for Live<'_, W> {
+    fn drop(&mut self) {
+        let inner = self.0;
+        // Under the sender's lock (see `Threads::send`): no job can be queued between the
+        // count reaching 0 and the queue being emptied.
+        let _sender = inner.tx.lock().unwrap_or_else(|e| e.into_inner());
+        if inner.live.fetch_sub(1, Ordering::SeqCst) == 1 {
+            // The last thread: nobody will take what is still queued.
+            while let Ok(j) = inner.rx.try_recv() {
+                let _ = j.reply.send(Reply {
+                    result: Err(TaskError::NoWorkers),
+                    queued: j.queued_at.elapsed(),
+                });
+            }
         }
     }
 }
