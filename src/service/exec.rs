@@ -14,7 +14,7 @@ use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 /// How long a blocking call re-polls before it parks.
-const SPIN: Duration = Duration::from_micros(50);
+const SPIN: Duration = Duration::from_micros(100);
 
 struct Unpark {
     thread: Thread,
@@ -56,7 +56,7 @@ pub(crate) fn block_on<F: Future>(f: F) -> F::Output {
             }
             if Instant::now() < spin_until {
                 spins += 1;
-                if spins % 64 == 0 {
+                if spins % 16 == 0 {
                     // Re-poll now and then: a finished task is seen without its wake-up.
                     break;
                 }
