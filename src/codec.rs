@@ -348,12 +348,22 @@ pub(crate) fn encoded_len<T: Encode>(value: &T) -> Result<usize, EncodeError> {
 /// Serialises `value` into a fresh 16-aligned buffer of its own (for thread stages, where the
 /// archive never leaves the process).
 pub(crate) fn encode_owned<T: Encode>(value: &T) -> Result<AlignedVec<16>, EncodeError> {
-    let len = encoded_len(value)?;
-    let mut buf = AlignedVec::<16>::with_capacity(len.max(1));
-    // SAFETY: the buffer has `len` bytes of capacity, is ours alone, and `encode_into` writes
-    // at most `len` bytes there (it fails with `Overflow` rather than write past `cap`).
-    let n = unsafe { encode_into(value, buf.as_mut_ptr(), len)? };
-    // SAFETY: `encode_into` initialised the first `n <= len <= capacity` bytes.
+    // One pass for the common small task; a value that overflows is measured, then written.
+    const FIRST_TRY: usize = 256;
+    let mut buf = AlignedVec::<16>::with_capacity(FIRST_TRY);
+    // SAFETY: the buffer has `FIRST_TRY` bytes of capacity and is ours alone; `encode_into`
+    // writes at most `cap` bytes (it fails with `Overflow` rather than write past it).
+    let n = match unsafe { encode_into(value, buf.as_mut_ptr(), FIRST_TRY) } {
+        Ok(n) => n,
+        Err(EncodeError::Overflow) => {
+            let len = encoded_len(value)?;
+            buf.reserve(len);
+            // SAFETY: as above, with `len` bytes of capacity now.
+            unsafe { encode_into(value, buf.as_mut_ptr(), len)? }
+        }
+        Err(e) => return Err(e),
+    };
+    // SAFETY: `encode_into` initialised the first `n` bytes, at most the capacity it was given.
     unsafe { buf.set_len(n) };
     Ok(buf)
 }

@@ -320,19 +320,13 @@ pub enum TaskError {
 
 impl TaskError {
     /// A panic outcome from a worker's message, which carries the worker's backtrace after
-    /// `worker::main_loop::BACKTRACE_MARK` when one was captured.
+    /// the message when one was captured (`worker::main_loop::split_backtrace`).
     pub(crate) fn panicked(worker: usize, message: String) -> TaskError {
-        match message.split_once(crate::worker::main_loop::BACKTRACE_MARK) {
-            Some((m, bt)) => TaskError::Panicked {
-                worker,
-                message: m.to_string(),
-                backtrace: Some(bt.to_string()),
-            },
-            None => TaskError::Panicked {
-                worker,
-                message,
-                backtrace: None,
-            },
+        let (message, backtrace) = crate::worker::main_loop::split_backtrace(message);
+        TaskError::Panicked {
+            worker,
+            message,
+            backtrace,
         }
     }
 }

@@ -30,6 +30,9 @@ enum Cmd {
     Touch(String),
     /// Declares the worker poisoned.
     Poison,
+    /// Makes the output's `pad` this many bytes (byte i = i % 251), so it leaves the worker
+    /// as a ring record and, between process stages, is handed over archived.
+    Grow(u32),
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -38,6 +41,7 @@ struct Msg {
     trail: Vec<String>,
     /// Commands for the stage of this name.
     cmds: Vec<(String, Cmd)>,
+    pad: Vec<u8>,
 }
 
 fn msg(v: u64) -> Msg {
@@ -45,6 +49,7 @@ fn msg(v: u64) -> Msg {
         v,
         trail: Vec::new(),
         cmds: Vec::new(),
+        pad: Vec::new(),
     }
 }
 
@@ -78,22 +83,23 @@ impl Worker for Step {
 
     fn execute(&mut self, m: &ArchivedMsg, ctx: &TaskContext<'_>) -> Result<Msg, BoxError> {
         let mut out: Msg = rkyv::deserialize::<Msg, rkyv::rancor::Error>(m)?;
-        for (stage, c) in &out.cmds {
-            if *stage != self.name {
+        for (stage, c) in out.cmds.clone() {
+            if stage != self.name {
                 continue;
             }
             match c {
-                Cmd::Fail(s) => return Err(s.clone().into()),
+                Cmd::Fail(s) => return Err(s.into()),
                 Cmd::Panic(s) => panic!("{s}"),
                 Cmd::Kill => {
                     // SAFETY: signalling our own process.
                     unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
                 }
-                Cmd::Gate(p) => wait_file(p),
+                Cmd::Gate(p) => wait_file(&p),
                 Cmd::Touch(p) => {
                     std::fs::write(p, b"ran")?;
                 }
                 Cmd::Poison => return Err(Box::new(Poisoned::new("bad state"))),
+                Cmd::Grow(n) => out.pad = (0..n).map(|i| (i % 251) as u8).collect(),
             }
         }
         let _ = ctx;
@@ -669,5 +675,54 @@ fn two_stages_on_one_small_pool_do_not_deadlock_on_the_hand_off() {
         for c in callers {
             c.join().unwrap();
         }
+    });
+}
+
+/// Large items between process stages take the hand-off (ring record → the next pool's
+/// arena): a worker killed in the second stage fails only its item, and the same seats then
+/// serve many more large items, so no arena block or ring record is lost.
+#[test]
+fn a_large_handed_off_item_survives_a_death_in_the_next_stage_for_many_laps() {
+    watchdog(180, || {
+        const BIG: u32 = 1 << 20;
+        let big_pool = |name: &str| {
+            let p = Pool::<Step>::builder()
+                .queue_size(8)
+                .result_ring_bytes(8 << 20)
+                .task_arena_bytes(16 << 20)
+                .max_task_bytes(4 << 20)
+                .build()
+                .unwrap();
+            p.spawn(&name.to_string()).unwrap();
+            Arc::new(p)
+        };
+        let (a, b) = (big_pool("A"), big_pool("B"));
+        let server = Server::new(seq((Process::new("A", a), Process::new("B", b.clone()))), 8);
+        let expect_pad: Vec<u8> = (0..BIG).map(|i| (i % 251) as u8).collect();
+        for lap in 0..40u64 {
+            let mut m = with(msg(lap), "A", Cmd::Grow(BIG));
+            if lap == 5 || lap == 17 {
+                m = with(m, "B", Cmd::Kill);
+            }
+            match server.call(m) {
+                Ok(out) => {
+                    assert!(lap != 5 && lap != 17);
+                    assert_eq!(names(&out), ["A", "B"], "lap {lap}");
+                    assert!(
+                        out.pad == expect_pad,
+                        "lap {lap}: the item changed on its way"
+                    );
+                }
+                Err(e) => {
+                    assert!(lap == 5 || lap == 17, "lap {lap}: {e}");
+                    let e = stage_err(e);
+                    assert_eq!(e.path, "seq[1]/B");
+                    assert!(matches!(e.error, TaskError::WorkerDied { .. }), "{e:?}");
+                }
+            }
+        }
+        assert_eq!(b.stats().worker_deaths, 2);
+        let st = server.stats();
+        assert_eq!((st.stages[1].done, st.stages[1].failed), (38, 2));
     });
 }

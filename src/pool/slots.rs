@@ -22,7 +22,6 @@ use std::time::Instant;
 
 /// The error for an arena block whose memory could not be reserved.
 /// Where a submitted task's archive comes from.
-#[derive(Clone, Copy)]
 enum TaskSrc<'a, T> {
     /// Serialise this value into the slot (or an arena block if it does not fit).
     Encode(&'a T),
@@ -202,13 +201,12 @@ impl Shared {
         let inline_off = self.layout.slot_data_off(slot);
         let inline_cap = self.layout.params.slot_inline as usize;
         let meta = &self.meta[slot as usize];
-        let (task_off, task_len) = match task {
-            TaskSrc::Placed((off, len, _)) => (off, len),
-            TaskSrc::Encode(task) => self.encode_task(slot, task, inline_off, inline_cap, block)?,
-        };
-        let placed = match task {
-            TaskSrc::Placed(p) => Some(p),
-            TaskSrc::Encode(_) => None,
+        let (task_off, task_len, placed) = match task {
+            TaskSrc::Placed(p) => (p.0, p.1, Some(p)),
+            TaskSrc::Encode(task) => {
+                let (off, len) = self.encode_task(slot, task, inline_off, inline_cap, block)?;
+                (off, len, None)
+            }
         };
         // Checked after the size checks (a task too large is that, whatever the workers), and
         // before anything is queued.

@@ -1,6 +1,6 @@
 //! A stage of worker processes: a [`Pool`] in a service graph.
 
-use super::error::{ServiceError, StageError};
+use super::error::ServiceError;
 use super::handoff::{Handoff, Ready};
 use super::stage::{Item, Meter, Stage, StageFuture, StageStats};
 use crate::{Pool, TaskError, TaskHandle, TaskOptions, Worker, WorkerState};
@@ -87,38 +87,15 @@ impl<W: Worker> Process<W> {
             .map_err(|e| self.stage_error(item, e.into()))
     }
 
-    /// A task's failure as this stage's: its path, worker and pid.
+    /// A task's failure as this stage's (see `Meter::fail`).
     fn stage_error(&self, item: &Item, e: TaskError) -> ServiceError {
-        let (worker, pid) = match &e {
-            TaskError::WorkerDied { worker, pid, .. } => (Some(*worker), Some(*pid)),
-            TaskError::Failed { worker, .. }
-            | TaskError::Panicked { worker, .. }
-            | TaskError::ResultTooLarge { worker, .. }
-            | TaskError::BadTask { worker, .. }
-            | TaskError::BadResult { worker, .. }
-            | TaskError::Timeout { worker, .. }
-            | TaskError::Poisoned { worker, .. } => {
-                let pid = self
-                    .pool
-                    .worker_pids()
-                    .into_iter()
-                    .find(|(i, _)| i == worker)
-                    .map(|(_, p)| p);
-                (Some(*worker), pid)
-            }
-            _ => (None, None),
-        };
-        // A task answered `Timeout` after the item's deadline passed: the deadline's doing.
-        if matches!(e, TaskError::Timeout { .. }) && item.expired() {
-            return item.timeout(Some(&self.meter.path));
-        }
-        StageError {
-            path: self.meter.path.clone(),
-            worker,
-            pid,
-            error: e,
-        }
-        .into()
+        self.meter.fail(item, e, |worker| {
+            self.pool
+                .worker_pids()
+                .into_iter()
+                .find(|&(i, _)| i == worker)
+                .map(|(_, p)| p)
+        })
     }
 }
 

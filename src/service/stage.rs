@@ -280,6 +280,39 @@ impl Meter {
 }
 
 impl Meter {
+    /// A task's failure as this stage's: its path, the worker the outcome names and that
+    /// worker's pid (`pid_of`, unless the outcome carries it). A `Timeout` once the item's
+    /// deadline has passed is the deadline's doing: [`ServiceError::Timeout`] naming the stage.
+    pub(crate) fn fail(
+        &self,
+        item: &Item,
+        e: crate::TaskError,
+        pid_of: impl FnOnce(usize) -> Option<u32>,
+    ) -> ServiceError {
+        use crate::TaskError as E;
+        if matches!(e, E::Timeout { .. }) && item.expired() {
+            return item.timeout(Some(&self.path));
+        }
+        let (worker, pid) = match &e {
+            E::WorkerDied { worker, pid, .. } => (Some(*worker), Some(*pid)),
+            E::Failed { worker, .. }
+            | E::Panicked { worker, .. }
+            | E::ResultTooLarge { worker, .. }
+            | E::BadTask { worker, .. }
+            | E::BadResult { worker, .. }
+            | E::Timeout { worker, .. }
+            | E::Poisoned { worker, .. } => (Some(*worker), pid_of(*worker)),
+            _ => (None, None),
+        };
+        super::error::StageError {
+            path: self.path.clone(),
+            worker,
+            pid,
+            error: e,
+        }
+        .into()
+    }
+
     /// Runs a leaf stage's `body` for `item` under the stage's bound and the item's deadline:
     /// waits for a place (until the deadline), then runs the body until the deadline. Past
     /// the deadline the body is dropped (cancelling what it had not started) and the item

@@ -1,7 +1,7 @@
 //! A stage of worker threads: the same [`Worker`] type, run on threads of the parent, for
 //! IO-bound work or work that needs no isolation.
 
-use super::error::{ServiceError, StageError};
+use super::error::ServiceError;
 use super::stage::{Item, Meter, Stage, StageFuture, StageStats};
 use crate::codec;
 use crate::worker::main_loop::panic_message;
@@ -210,25 +210,9 @@ impl<W: Worker> Threads<W> {
         }
     }
 
+    /// A task's failure as this stage's (see `Meter::fail`); the pid is this process's.
     fn stage_error(&self, item: &Item, e: TaskError) -> ServiceError {
-        if matches!(e, TaskError::Timeout { .. }) && item.expired() {
-            return item.timeout(Some(&self.meter.path));
-        }
-        let worker = match &e {
-            TaskError::Failed { worker, .. }
-            | TaskError::Panicked { worker, .. }
-            | TaskError::Timeout { worker, .. }
-            | TaskError::Poisoned { worker, .. }
-            | TaskError::BadTask { worker, .. } => Some(*worker),
-            _ => None,
-        };
-        StageError {
-            path: self.meter.path.clone(),
-            worker,
-            pid: Some(std::process::id()),
-            error: e,
-        }
-        .into()
+        self.meter.fail(item, e, |_| Some(std::process::id()))
     }
 }
 

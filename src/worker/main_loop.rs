@@ -57,7 +57,15 @@ pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// Separates a panic's message from the worker's backtrace in the message a worker sends.
-pub(crate) const BACKTRACE_MARK: &str = "\n\nworker backtrace:\n";
+const BACKTRACE_MARK: &str = "\n\nworker backtrace:\n";
+
+/// Splits what [`panic_message`] made into the message and the backtrace, if one was sent.
+pub(crate) fn split_backtrace(message: String) -> (String, Option<String>) {
+    match message.split_once(BACKTRACE_MARK) {
+        Some((m, bt)) => (m.to_string(), Some(bt.to_string())),
+        None => (message, None),
+    }
+}
 
 thread_local! {
     static LAST_BACKTRACE: std::cell::Cell<Option<String>> = const { std::cell::Cell::new(None) };

@@ -216,12 +216,7 @@ impl Sup {
                         self.free_seat(seat, WorkerState::Empty);
                         r.complete(SpawnOutcome::Failed(if panicked {
                             // The worker's backtrace (if it sent one) stays in its stderr.
-                            let message = match message
-                                .split_once(crate::worker::main_loop::BACKTRACE_MARK)
-                            {
-                                Some((m, _)) => m.to_string(),
-                                None => message,
-                            };
+                            let (message, _) = crate::worker::main_loop::split_backtrace(message);
                             SpawnError::Panicked { worker, message }
                         } else {
                             SpawnError::Failed { worker, message }
