@@ -74,7 +74,7 @@ pub use error::{ServiceError, StageError};
 #[doc(hidden)]
 pub use handoff::{Handoff, Ready};
 pub use local::{Local, local};
-pub use process::Process;
+pub use process::{Process, ProcessWithPayload, WithPayload};
 pub use server::{Server, ServerStats, ShutdownReport};
 pub use stage::{Item, Percentiles, Stage, StageFuture, StageStats};
 pub use stream::{Outputs, ServiceStream, StreamShape, WithInputs};

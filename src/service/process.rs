@@ -3,7 +3,7 @@
 use super::error::ServiceError;
 use super::handoff::{Handoff, Ready};
 use super::stage::{Item, Meter, Stage, StageFuture, StageStats};
-use crate::{Pool, TaskError, TaskHandle, TaskOptions, Worker, WorkerState};
+use crate::{Loan, Pool, TaskError, TaskHandle, TaskOptions, Worker, WorkerState};
 use std::sync::Arc;
 
 /// A stage whose items run as tasks on a [`Pool`]'s worker processes (each optionally pinned
@@ -97,6 +97,38 @@ impl<W: Worker> Process<W> {
                 .map(|(_, p)| p)
         })
     }
+
+    /// Awaits a queued task's outcome: decoded, or left archived for the next stage when
+    /// `archived_out`.
+    async fn finish(
+        &self,
+        handle: TaskHandle<W::Output>,
+        item: &Item,
+        archived_out: bool,
+    ) -> Result<Handoff<W::Output>, ServiceError> {
+        if !archived_out {
+            return handle
+                .await
+                .map(Handoff::Value)
+                .map_err(|e| self.stage_error(item, e));
+        }
+        handle.finished().await;
+        match handle.output_len() {
+            Some(len) => Ok(Handoff::Archived(Ready::new(handle, len, &self.meter.path))),
+            None => {
+                Err(self.stage_error(item, handle.wait().err().unwrap_or(TaskError::PoolBroken)))
+            }
+        }
+    }
+
+    /// This stage taking each task with a payload written in place in the pool's shared
+    /// memory ([`WithPayload`]): the input of a service whose requests carry bulk bytes (an
+    /// uploaded image, a document), written once, straight from where they arrive into a
+    /// [`Loan`] of this stage's pool, and read in place by the worker
+    /// ([`TaskContext::payload`](crate::TaskContext::payload)).
+    pub fn with_payload(self) -> ProcessWithPayload<W> {
+        ProcessWithPayload(self)
+    }
 }
 
 impl<W: Worker> Stage for Process<W>
@@ -151,20 +183,7 @@ where
                     Err(_) => self.submit(ready.decode()?, item).await?,
                 },
             };
-            if !archived_out {
-                return handle
-                    .await
-                    .map(Handoff::Value)
-                    .map_err(|e| self.stage_error(item, e));
-            }
-            handle.finished().await;
-            match handle.output_len() {
-                Some(len) => Ok(Handoff::Archived(Ready::new(handle, len, &self.meter.path))),
-                None => {
-                    Err(self
-                        .stage_error(item, handle.wait().err().unwrap_or(TaskError::PoolBroken)))
-                }
-            }
+            self.finish(handle, item, archived_out).await
         }))
     }
 
@@ -195,5 +214,105 @@ where
 
     fn close_now(&self) {
         self.pool.close_now();
+    }
+}
+
+/// A task and its payload: the input of a [`ProcessWithPayload`] stage. The loan must come
+/// from that stage's pool ([`Pool::loan`] or [`Pool::try_loan`] on
+/// [`Process::pool`]); one from another pool fails the item with
+/// [`SubmitError::ForeignLoan`](crate::SubmitError::ForeignLoan).
+#[derive(Debug)]
+pub struct WithPayload<T> {
+    /// The task (archived into the task slot as usual).
+    pub task: T,
+    /// The bulk bytes, already written in place; the worker reads them as
+    /// [`TaskContext::payload`](crate::TaskContext::payload).
+    pub payload: Loan,
+}
+
+impl<T> WithPayload<T> {
+    /// `task` with `payload`.
+    pub fn new(task: T, payload: Loan) -> Self {
+        WithPayload { task, payload }
+    }
+}
+
+/// A [`Process`] stage whose items carry a payload in the pool's shared memory (see
+/// [`Process::with_payload`]). Everything else (bounds, deadlines, statistics, the zero-copy
+/// hand-off of its output to a next process stage) is the process stage's.
+pub struct ProcessWithPayload<W: Worker>(Process<W>);
+
+impl<W: Worker> std::fmt::Debug for ProcessWithPayload<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("ProcessWithPayload").field(&self.0).finish()
+    }
+}
+
+impl<W: Worker> ProcessWithPayload<W> {
+    /// The stage's pool (where the payloads must be loaned).
+    pub fn pool(&self) -> &Arc<Pool<W>> {
+        &self.0.pool
+    }
+
+    /// Queues the task with its payload (waiting for a free slot without blocking the thread).
+    async fn submit(
+        &self,
+        input: WithPayload<W::Task>,
+        item: &Item,
+    ) -> Result<TaskHandle<W::Output>, ServiceError>
+    where
+        W::Task: Sync,
+    {
+        let p = &self.0;
+        p.pool
+            .task(&input.task)
+            .options(p.task_opts(item))
+            .payload(input.payload)
+            .submit_async()
+            .await
+            .map_err(|e| p.stage_error(item, e.into()))
+    }
+}
+
+impl<W: Worker> Stage for ProcessWithPayload<W>
+where
+    W::Task: Sync,
+{
+    type In = WithPayload<W::Task>;
+    type Out = W::Output;
+
+    fn run<'a>(&'a self, input: Self::In, item: &'a Item) -> StageFuture<'a, W::Output> {
+        Box::pin(self.0.meter.admit(item, true, async move {
+            let handle = self.submit(input, item).await?;
+            handle.await.map_err(|e| self.0.stage_error(item, e))
+        }))
+    }
+
+    fn __run_handoff<'a>(
+        &'a self,
+        input: Handoff<Self::In>,
+        item: &'a Item,
+        archived_out: bool,
+    ) -> StageFuture<'a, Handoff<W::Output>> {
+        Box::pin(self.0.meter.admit(item, true, async move {
+            let handle = self.submit(input.into_value()?, item).await?;
+            self.0.finish(handle, item, archived_out).await
+        }))
+    }
+
+    fn attach(&mut self, prefix: &str) {
+        self.0.attach(prefix);
+    }
+
+    fn report(&self, out: &mut Vec<StageStats>) {
+        self.0.report(out);
+    }
+
+    fn close(&self) {
+        self.0.close();
+    }
+
+    fn close_now(&self) {
+        self.0.close_now();
     }
 }

@@ -1,0 +1,219 @@
+//! Where a request's inference runs: through the pool (a preprocessing stage, then a batching
+//! model stage, behind a `Server`), or directly in the handler (the load test's baseline).
+
+use crate::config::{Config, Mode};
+use crate::model::{Mlp, Shape};
+use crate::preprocess::{self, Preprocess};
+use crate::reply::Failure;
+use axum::body::Body;
+use http_body_util::BodyExt;
+use ndarray::ArrayView1;
+use stateful_pool::service::{Process, ProcessWithPayload, Seq, Server, WithPayload, seq};
+use stateful_pool::{BatchPolicy, Pool, SpawnOptions, SubmitError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The service graph: preprocessing, then the model; the features pass from one stage's
+/// worker to the next one's through shared memory, never decoded in this process.
+pub type Graph = Seq<(ProcessWithPayload<Preprocess>, Process<Mlp>)>;
+
+/// The path of the preprocessing stage in [`Graph`].
+pub const PREPROCESS_STAGE: &str = "seq[0]/preprocess";
+
+/// One request, as the HTTP front hands it over.
+#[derive(Debug)]
+pub struct Request {
+    /// The body, still arriving.
+    pub body: Body,
+    /// Its length (from `Content-Length`, checked against the limit).
+    pub len: usize,
+    /// When the request arrived.
+    pub arrived: Instant,
+    /// Its deadline, counted from `arrived`.
+    pub timeout: Duration,
+    /// Longest time the body may take to arrive.
+    pub body_timeout: Duration,
+    /// A fault directive (tests; empty otherwise).
+    pub fault: String,
+}
+
+/// Where inference runs.
+pub enum Backend {
+    /// Through the pool's stages.
+    Pool {
+        /// The server over [`Graph`].
+        server: Server<Graph>,
+        /// The preprocessing stage's pool (request bodies are loaned from its arena).
+        preprocess: Arc<Pool<Preprocess>>,
+    },
+    /// In the handler.
+    Direct {
+        /// The model.
+        model: Mlp,
+        /// The input images' side.
+        side: u32,
+    },
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backend::Pool { .. } => f.write_str("Backend::Pool"),
+            Backend::Direct { .. } => f.write_str("Backend::Direct"),
+        }
+    }
+}
+
+impl Backend {
+    /// Builds the backend `cfg` asks for: in pool mode, starts the worker processes (blocks
+    /// until each has loaded its model).
+    pub fn start(cfg: &Config) -> Result<Backend, Box<dyn std::error::Error + Send + Sync>> {
+        let shape = Shape {
+            inputs: 3 * (cfg.image_size as usize).pow(2),
+            hidden: cfg.hidden,
+            classes: cfg.classes,
+        };
+        if cfg.mode == Mode::Direct {
+            return Ok(Backend::Direct {
+                model: Mlp::new(shape, cfg.seed),
+                side: cfg.image_size,
+            });
+        }
+        let mut opts = SpawnOptions::new();
+        if !cfg.worker_cpus.is_empty() {
+            opts = opts
+                .cpus(cfg.worker_cpus.iter().copied())
+                .thread_env_from_cpus(true);
+        }
+        // The arena holds the bodies of requests in flight: 64 MiB (reserved as it is first
+        // used), or room for four of the largest.
+        let arena = (64usize << 20)
+            .max(4 * cfg.max_body_bytes)
+            .next_power_of_two();
+        let preprocess = Pool::<Preprocess>::builder()
+            .queue_size(cfg.capacity)
+            .task_arena_bytes(arena)
+            .max_task_bytes(cfg.max_body_bytes)
+            .build()?;
+        let faults = cfg
+            .fault_injection
+            .as_ref()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default();
+        for r in (0..cfg.preprocess_workers)
+            .map(|_| preprocess.spawn_with(&(cfg.image_size, faults.clone()), &opts))
+        {
+            r?;
+        }
+        let policy = if cfg.max_batch > 1 {
+            BatchPolicy::new(cfg.max_batch).max_delay(Duration::from_micros(cfg.batch_delay_us))
+        } else {
+            BatchPolicy::none()
+        };
+        let model = Pool::<Mlp>::builder()
+            .queue_size(cfg.capacity)
+            .batch_policy(policy)
+            .build()?;
+        let args = (
+            cfg.seed,
+            shape.inputs as u32,
+            shape.hidden as u32,
+            shape.classes as u32,
+        );
+        for r in (0..cfg.model_workers).map(|_| model.spawn_with(&args, &opts)) {
+            r?;
+        }
+        let preprocess = Arc::new(preprocess);
+        let graph = seq((
+            Process::new("preprocess", preprocess.clone()).with_payload(),
+            Process::new("model", model),
+        ));
+        Ok(Backend::Pool {
+            server: Server::new(graph, cfg.capacity).timeout(cfg.timeout()),
+            preprocess,
+        })
+    }
+
+    /// The class probabilities for the image in `req`'s body.
+    pub async fn infer(&self, req: Request) -> Result<Vec<f32>, Failure> {
+        match self {
+            Backend::Pool { server, preprocess } => {
+                let mut loan = match preprocess.try_loan(req.len) {
+                    Ok(l) => l,
+                    Err(SubmitError::PayloadTooLarge { len, max }) => {
+                        return Err(Failure::too_large(len, max));
+                    }
+                    Err(SubmitError::Shutdown) => return Err(Failure::draining()),
+                    Err(_) => return Err(Failure::full()),
+                };
+                read_body_into(req.body, loan.as_mut_slice(), req.body_timeout).await?;
+                let left = req
+                    .timeout
+                    .checked_sub(req.arrived.elapsed())
+                    .ok_or_else(|| Failure::deadline(None))?;
+                let input = WithPayload::new(req.fault, loan);
+                server
+                    .try_call_async_timeout(input, left)
+                    .await
+                    .map_err(Failure::from_service)
+            }
+            Backend::Direct { model, side } => {
+                let mut body = vec![0u8; req.len];
+                read_body_into(req.body, &mut body, req.body_timeout).await?;
+                let x = preprocess::features(&body, *side).map_err(Failure::bad_request)?;
+                model
+                    .predict(ArrayView1::from(&x))
+                    .map_err(|e| Failure::internal(e, None))
+            }
+        }
+    }
+
+    /// Whether every stage has a live worker (always, directly).
+    pub fn healthy(&self) -> bool {
+        match self {
+            Backend::Pool { server, .. } => server.healthy() && !server.is_closing(),
+            Backend::Direct { .. } => true,
+        }
+    }
+
+    /// Stops taking requests, waits up to `drain` for those in flight, and stops the workers.
+    pub fn shutdown(&self, drain: Duration) -> String {
+        match self {
+            Backend::Pool { server, .. } => format!("{:?}", server.shutdown(drain)),
+            Backend::Direct { .. } => "direct mode: nothing to stop".into(),
+        }
+    }
+}
+
+/// Reads the body into `dst`, which is exactly as long as its `Content-Length` says (hyper
+/// enforces that length on the connection); a body that takes longer than `limit` is a 408.
+async fn read_body_into(body: Body, dst: &mut [u8], limit: Duration) -> Result<(), Failure> {
+    let fill = async {
+        let mut body = body;
+        let mut at = 0usize;
+        while let Some(frame) = body.frame().await {
+            let frame =
+                frame.map_err(|e| Failure::bad_request(format!("reading the body: {e}")))?;
+            if let Ok(data) = frame.into_data() {
+                let end = at
+                    .checked_add(data.len())
+                    .filter(|&e| e <= dst.len())
+                    .ok_or_else(|| {
+                        Failure::bad_request("the body is longer than its Content-Length")
+                    })?;
+                dst[at..end].copy_from_slice(&data);
+                at = end;
+            }
+        }
+        if at != dst.len() {
+            return Err(Failure::bad_request(format!(
+                "the body ended after {at} of its {} bytes",
+                dst.len()
+            )));
+        }
+        Ok(())
+    };
+    tokio::time::timeout(limit, fill)
+        .await
+        .map_err(|_| Failure::slow_client(limit))?
+}

@@ -1,0 +1,162 @@
+//! The service's configuration: flags, each also read from an environment variable.
+
+use clap::{Parser, ValueEnum};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where a request's inference runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// Through the pool: a preprocessing stage of worker processes, then a batching model
+    /// stage of worker processes, behind a `stateful_pool::service::Server`.
+    Pool,
+    /// The same preprocessing and model code called in the HTTP handler, in this process (no
+    /// pool, no batching): the baseline the load test measures the pool's cost against.
+    Direct,
+}
+
+/// An HTTP inference service on stateful-pool: `POST /predict` with an image body (PNG or
+/// JPEG) answers the model's class probabilities as JSON.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "stateful-pool-http", version, about, long_about = None)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "SPH_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Where inference runs: `pool` (worker processes) or `direct` (in the handler; the
+    /// load test's baseline).
+    #[arg(long, env = "SPH_MODE", value_enum, default_value_t = Mode::Pool)]
+    pub mode: Mode,
+
+    /// A name for this instance, sent back in each response's `x-instance` header (to tell
+    /// instances apart behind a load balancer).
+    #[arg(long, env = "SPH_INSTANCE", default_value = "sph")]
+    pub instance: String,
+
+    /// Worker processes of the preprocessing stage (decode, resize).
+    #[arg(long, env = "SPH_PREPROCESS_WORKERS", default_value_t = 1)]
+    pub preprocess_workers: usize,
+
+    /// Worker processes of the model stage.
+    #[arg(long, env = "SPH_MODEL_WORKERS", default_value_t = 1)]
+    pub model_workers: usize,
+
+    /// The model stage's largest batch (1 turns batching off).
+    #[arg(long, env = "SPH_MAX_BATCH", default_value_t = 32)]
+    pub max_batch: usize,
+
+    /// How long a model worker holding fewer than `max-batch` requests waits for more, in
+    /// microseconds (it never waits while nothing else is queued).
+    #[arg(long, env = "SPH_BATCH_DELAY_US", default_value_t = 200)]
+    pub batch_delay_us: u64,
+
+    /// Requests in the service at once (anywhere in its stages); one more is answered 503
+    /// with `Retry-After`. Set a load balancer's per-server `maxconn` to this.
+    #[arg(long, env = "SPH_CAPACITY", default_value_t = 64)]
+    pub capacity: usize,
+
+    /// Longest time a request may take, in milliseconds; past it the answer is 504. A client
+    /// may ask for less with the `x-timeout-ms` header.
+    #[arg(long, env = "SPH_TIMEOUT_MS", default_value_t = 10_000)]
+    pub timeout_ms: u64,
+
+    /// Largest request body, in bytes; larger ones are answered 413.
+    #[arg(long, env = "SPH_MAX_BODY_BYTES", default_value_t = 8 << 20)]
+    pub max_body_bytes: usize,
+
+    /// Longest time a client may take to send its body, in milliseconds; a slower one is
+    /// answered 408.
+    #[arg(long, env = "SPH_BODY_TIMEOUT_MS", default_value_t = 10_000)]
+    pub body_timeout_ms: u64,
+
+    /// The model's input images are resized to `image-size × image-size` RGB.
+    #[arg(long, env = "SPH_IMAGE_SIZE", default_value_t = 32)]
+    pub image_size: u32,
+
+    /// Width of the model's hidden layer.
+    #[arg(long, env = "SPH_HIDDEN", default_value_t = 256)]
+    pub hidden: usize,
+
+    /// Classes the model scores.
+    #[arg(long, env = "SPH_CLASSES", default_value_t = 10)]
+    pub classes: usize,
+
+    /// Seed of the model's weights (every worker loads the same model).
+    #[arg(long, env = "SPH_SEED", default_value_t = 42)]
+    pub seed: u64,
+
+    /// Threads of the HTTP runtime (tokio).
+    #[arg(long, env = "SPH_HTTP_THREADS", default_value_t = 2)]
+    pub http_threads: usize,
+
+    /// CPUs to pin the HTTP runtime's threads to (comma-separated, e.g. `0`); default: any.
+    #[arg(long, env = "SPH_HTTP_CPUS", value_delimiter = ',')]
+    pub http_cpus: Vec<usize>,
+
+    /// CPUs to pin the worker processes to (comma-separated, e.g. `1`); default: any. A CPU
+    /// this process may not use is an error at start-up.
+    #[arg(long, env = "SPH_WORKER_CPUS", value_delimiter = ',')]
+    pub worker_cpus: Vec<usize>,
+
+    /// Longest time SIGTERM or Ctrl-C waits for requests in flight to finish, in
+    /// milliseconds.
+    #[arg(long, env = "SPH_DRAIN_MS", default_value_t = 10_000)]
+    pub drain_ms: u64,
+
+    /// Seconds a client is told to wait (`Retry-After`) when the service is full.
+    #[arg(long, env = "SPH_RETRY_AFTER_S", default_value_t = 1)]
+    pub retry_after_s: u64,
+
+    /// Writes the generated sample images as PNG files into this folder, then exits.
+    #[arg(long)]
+    pub write_samples: Option<PathBuf>,
+
+    /// Tests only: honour the `x-fault` request header (`sleep=MS`, `panic`, `exit`, `fail`,
+    /// `mark=NAME`, which creates the file NAME in this folder when the preprocessing worker
+    /// starts the request).
+    #[arg(long, hide = true)]
+    pub fault_injection: Option<PathBuf>,
+}
+
+impl Config {
+    /// The default deadline of a request.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    /// The longest time a client may take to send its body.
+    pub fn body_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_timeout_ms)
+    }
+
+    /// The longest time a shutdown waits for requests in flight.
+    pub fn drain(&self) -> Duration {
+        Duration::from_millis(self.drain_ms)
+    }
+
+    /// Checks values clap cannot: the ones that must not be zero.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("--preprocess-workers", self.preprocess_workers),
+            ("--model-workers", self.model_workers),
+            ("--max-batch", self.max_batch),
+            ("--capacity", self.capacity),
+            ("--image-size", self.image_size as usize),
+            ("--hidden", self.hidden),
+            ("--classes", self.classes),
+            ("--http-threads", self.http_threads),
+            ("--max-body-bytes", self.max_body_bytes),
+        ];
+        for (flag, v) in positive {
+            if v == 0 {
+                return Err(format!("{flag} must be at least 1"));
+            }
+        }
+        if self.image_size > 256 {
+            return Err("--image-size must be at most 256".into());
+        }
+        Ok(())
+    }
+}

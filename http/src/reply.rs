@@ -1,0 +1,161 @@
+//! What the service answers: a prediction as JSON, or a failure with its HTTP status, a JSON
+//! body naming the stage where it happened, and `Retry-After` when the client should retry.
+
+use crate::backend::PREPROCESS_STAGE;
+use crate::preprocess::BAD_IMAGE;
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use stateful_pool::TaskError;
+use stateful_pool::service::ServiceError;
+use std::time::Duration;
+
+/// The answer to `POST /predict`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Prediction {
+    /// The most likely class.
+    pub class: usize,
+    /// Each class's probability.
+    pub probabilities: Vec<f32>,
+}
+
+impl Prediction {
+    /// The prediction from the model's class probabilities.
+    pub fn from_probabilities(probabilities: Vec<f32>) -> Prediction {
+        let class = probabilities
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or(0, |(i, _)| i);
+        Prediction {
+            class,
+            probabilities,
+        }
+    }
+}
+
+/// The body of every error answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: String,
+    /// The stage where it happened (its path in the service graph), when it happened in one.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub stage: Option<String>,
+}
+
+/// A request that did not get a prediction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// The body.
+    pub body: ErrorBody,
+    /// Whether to tell the client when to retry (`Retry-After`).
+    pub retry: bool,
+}
+
+impl Failure {
+    fn new(status: StatusCode, error: impl Into<String>, stage: Option<String>) -> Failure {
+        Failure {
+            status,
+            body: ErrorBody {
+                error: error.into(),
+                stage,
+            },
+            retry: false,
+        }
+    }
+
+    /// 503: the service is at capacity.
+    pub fn full() -> Failure {
+        Failure {
+            retry: true,
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the service is at capacity",
+                None,
+            )
+        }
+    }
+
+    /// 503: the service is shutting down.
+    pub fn draining() -> Failure {
+        Failure {
+            retry: true,
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the service is shutting down",
+                None,
+            )
+        }
+    }
+
+    /// 413: the body is larger than the limit.
+    pub fn too_large(len: usize, max: usize) -> Failure {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body has {len} bytes; the limit is {max}"),
+            None,
+        )
+    }
+
+    /// 411: the request has no `Content-Length`.
+    pub fn length_required() -> Failure {
+        Self::new(
+            StatusCode::LENGTH_REQUIRED,
+            "a request needs a Content-Length (the body is written in place into shared memory)",
+            None,
+        )
+    }
+
+    /// 400: the request is malformed.
+    pub fn bad_request(msg: impl Into<String>) -> Failure {
+        Self::new(StatusCode::BAD_REQUEST, msg, None)
+    }
+
+    /// 408: the client took too long to send its body.
+    pub fn slow_client(limit: Duration) -> Failure {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the body did not arrive within {limit:?}"),
+            None,
+        )
+    }
+
+    /// 504: the request's deadline passed (in `stage`, or before it reached one).
+    pub fn deadline(stage: Option<String>) -> Failure {
+        Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "the request's deadline passed",
+            stage,
+        )
+    }
+
+    /// 500: the service failed the request.
+    pub fn internal(msg: impl Into<String>, stage: Option<String>) -> Failure {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, msg, stage)
+    }
+
+    /// The answer for a call into the pool's server that failed.
+    pub fn from_service(e: ServiceError) -> Failure {
+        match e {
+            ServiceError::Full { .. } => Failure::full(),
+            ServiceError::Shutdown => Failure::draining(),
+            ServiceError::Timeout { stage, .. } => Failure::deadline(stage),
+            ServiceError::Stage(se) => {
+                // An input the preprocessing worker could not use is the client's fault.
+                if let TaskError::Failed { message, .. } = &se.error {
+                    if se.path == PREPROCESS_STAGE && message.starts_with(BAD_IMAGE) {
+                        return Failure::bad_request(message.clone());
+                    }
+                }
+                let path = se.path.clone();
+                Failure::internal(se.to_string(), Some(path))
+            }
+            other => {
+                let stage = other.stage().map(str::to_string);
+                Failure::internal(other.to_string(), stage)
+            }
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! The HTTP routes (axum): `POST /predict`, `GET /healthz`, `GET /metrics` and
+//! `GET /samples/{i}`.
+
+use crate::backend::{Backend, Request};
+use crate::config::Config;
+use crate::metrics::{self, HttpMetrics};
+use crate::reply::{Failure, Prediction};
+use crate::samples;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// The status counted for a request whose client went away before its answer (nginx's
+/// convention); its item was cancelled in every stage that had not started it.
+pub const CLIENT_CLOSED: u16 = 499;
+
+/// The service's state, shared by the handlers.
+#[derive(Debug)]
+pub struct App {
+    /// The configuration.
+    pub cfg: Config,
+    /// Where inference runs.
+    pub backend: Backend,
+    /// The HTTP front's counters.
+    pub metrics: HttpMetrics,
+    /// Set once a shutdown began: `/healthz` fails and new requests are refused.
+    pub draining: AtomicBool,
+}
+
+impl App {
+    /// The state for `backend` under `cfg`.
+    pub fn new(cfg: Config, backend: Backend) -> Arc<App> {
+        Arc::new(App {
+            cfg,
+            backend,
+            metrics: HttpMetrics::default(),
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    fn answer(&self, r: Result<Response, Failure>) -> Response {
+        let mut resp = match r {
+            Ok(r) => r,
+            Err(f) => {
+                let retry = f.retry;
+                let mut resp = (f.status, Json(f.body)).into_response();
+                if retry {
+                    resp.headers_mut().insert(
+                        header::RETRY_AFTER,
+                        HeaderValue::from(self.cfg.retry_after_s),
+                    );
+                }
+                resp
+            }
+        };
+        if let Ok(v) = HeaderValue::from_str(&self.cfg.instance) {
+            resp.headers_mut().insert("x-instance", v);
+        }
+        resp
+    }
+}
+
+/// The service's routes over `app`.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/predict", post(predict))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/samples/{i}", get(sample))
+        .with_state(app)
+}
+
+/// Counts a request when it is answered, or as [`CLIENT_CLOSED`] when its client went away
+/// first (the handler's future is dropped then).
+struct Counted<'a> {
+    app: &'a App,
+    route: &'static str,
+    since: Instant,
+    code: Option<u16>,
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        let code = self.code.unwrap_or(CLIENT_CLOSED);
+        self.app
+            .metrics
+            .record(self.route, code, self.since.elapsed());
+    }
+}
+
+async fn predict(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    let mut counted = Counted {
+        app: &app,
+        route: "/predict",
+        since: Instant::now(),
+        code: None,
+    };
+    let r = run_predict(&app, &headers, body, counted.since).await;
+    let resp = app.answer(r);
+    counted.code = Some(resp.status().as_u16());
+    resp
+}
+
+async fn run_predict(
+    app: &App,
+    headers: &HeaderMap,
+    body: Body,
+    arrived: Instant,
+) -> Result<Response, Failure> {
+    if app.draining.load(Ordering::SeqCst) {
+        return Err(Failure::draining());
+    }
+    let cfg = &app.cfg;
+    let len = content_length(headers)?;
+    if len > cfg.max_body_bytes {
+        return Err(Failure::too_large(len, cfg.max_body_bytes));
+    }
+    if len == 0 {
+        return Err(Failure::bad_request("the body is empty: send an image"));
+    }
+    let timeout = match headers.get("x-timeout-ms") {
+        None => cfg.timeout(),
+        Some(v) => {
+            let ms: u64 = v
+                .to_str()
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .ok_or_else(|| {
+                    Failure::bad_request("x-timeout-ms takes a number of milliseconds")
+                })?;
+            Duration::from_millis(ms).min(cfg.timeout())
+        }
+    };
+    let fault = match (&cfg.fault_injection, headers.get("x-fault")) {
+        (Some(_), Some(v)) => v.to_str().unwrap_or_default().to_string(),
+        _ => String::new(),
+    };
+    let probabilities = app
+        .backend
+        .infer(Request {
+            body,
+            len,
+            arrived,
+            timeout,
+            body_timeout: cfg.body_timeout(),
+            fault,
+        })
+        .await?;
+    Ok(Json(Prediction::from_probabilities(probabilities)).into_response())
+}
+
+/// The body's declared length: the body goes straight into a buffer of that size in shared
+/// memory, so a request without one (chunked) is refused.
+fn content_length(headers: &HeaderMap) -> Result<usize, Failure> {
+    match headers.get(header::CONTENT_LENGTH) {
+        None => Err(Failure::length_required()),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| Failure::bad_request("Content-Length is not a number")),
+    }
+}
+
+async fn healthz(State(app): State<Arc<App>>) -> Response {
+    let (code, text) = if app.draining.load(Ordering::SeqCst) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+    } else if app.backend.healthy() {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "a stage has no live worker\n",
+        )
+    };
+    app.answer(Ok((code, text).into_response()))
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let stats = match &app.backend {
+        Backend::Pool { server, .. } => Some(server.stats()),
+        Backend::Direct { .. } => None,
+    };
+    let text = app.metrics.render(stats.as_ref());
+    app.answer(Ok(
+        ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
+    ))
+}
+
+/// `?size=N`: the sample's side in pixels.
+#[derive(Debug, Deserialize)]
+struct SampleQuery {
+    size: Option<u32>,
+}
+
+async fn sample(
+    State(app): State<Arc<App>>,
+    Path(i): Path<String>,
+    Query(q): Query<SampleQuery>,
+) -> Response {
+    let r = (|| {
+        let i: usize = i
+            .trim_end_matches(".png")
+            .parse()
+            .ok()
+            .filter(|&i| i < samples::COUNT)
+            .ok_or_else(|| {
+                Failure::bad_request(format!("samples are numbered 0 to {}", samples::COUNT - 1))
+            })?;
+        let side = q.size.unwrap_or(samples::DEFAULT_SIDE);
+        if side == 0 || side > samples::MAX_SIDE {
+            return Err(Failure::bad_request(format!(
+                "size must be 1 to {}",
+                samples::MAX_SIDE
+            )));
+        }
+        Ok(([(header::CONTENT_TYPE, "image/png")], samples::png(i, side)).into_response())
+    })();
+    app.answer(r)
+}
