@@ -144,7 +144,8 @@ impl Backend {
                         return Err(Failure::too_large(len, max));
                     }
                     Err(SubmitError::Shutdown) => return Err(Failure::draining()),
-                    Err(_) => return Err(Failure::full()),
+                    Err(SubmitError::QueueFull) => return Err(Failure::no_room()),
+                    Err(e) => return Err(Failure::internal(e.to_string(), None)),
                 };
                 read_body_into(req.body, loan.as_mut_slice(), req.body_timeout).await?;
                 let left = req

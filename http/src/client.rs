@@ -132,6 +132,9 @@ pub struct Report {
     pub ok_by_server: BTreeMap<String, u64>,
     /// Failed answers and errors by the same headers (`-` when there was no answer).
     pub failed_by_server: BTreeMap<String, u64>,
+    /// The first failure of each kind, as the client saw it (status and the start of the
+    /// body, or the transport error).
+    pub failure_samples: BTreeMap<String, String>,
 }
 
 impl Report {
@@ -149,7 +152,11 @@ struct Agg {
 impl Agg {
     fn record(&mut self, outcome: Outcome, latency: Duration, live: &Live) {
         match outcome {
-            Outcome::Answered { status, server } => {
+            Outcome::Answered {
+                status,
+                server,
+                body,
+            } => {
                 *self.report.by_status.entry(status).or_default() += 1;
                 if (200..300).contains(&status) {
                     self.report.ok += 1;
@@ -158,10 +165,20 @@ impl Agg {
                     *self.report.ok_by_server.entry(server).or_default() += 1;
                 } else {
                     live.failed.fetch_add(1, Ordering::Relaxed);
+                    self.report
+                        .failure_samples
+                        .entry(format!("{status} from {server}"))
+                        .or_insert_with(|| {
+                            String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned()
+                        });
                     *self.report.failed_by_server.entry(server).or_default() += 1;
                 }
             }
-            Outcome::Transport => {
+            Outcome::Transport(e) => {
+                self.report
+                    .failure_samples
+                    .entry("transport".into())
+                    .or_insert(e);
                 self.report.transport_errors += 1;
                 live.failed.fetch_add(1, Ordering::Relaxed);
                 *self.report.failed_by_server.entry("-".into()).or_default() += 1;
@@ -176,8 +193,12 @@ impl Agg {
 }
 
 enum Outcome {
-    Answered { status: u16, server: String },
-    Transport,
+    Answered {
+        status: u16,
+        server: String,
+        body: Bytes,
+    },
+    Transport(String),
     Timeout,
 }
 
@@ -190,26 +211,36 @@ async fn one(client: &HttpClient, spec: &LoadSpec, uri: &hyper::Uri) -> Outcome 
     for (k, v) in &spec.headers {
         req = req.header(k, v);
     }
-    let Ok(req) = req.body(Full::new(spec.body.clone())) else {
-        return Outcome::Transport;
+    let req = match req.body(Full::new(spec.body.clone())) {
+        Ok(r) => r,
+        Err(e) => return Outcome::Transport(e.to_string()),
     };
     let exchange = async {
-        let resp = client.request(req).await.map_err(|_| ())?;
+        let resp = client.request(req).await.map_err(|e| format!("{e:?}"))?;
         let status = resp.status().as_u16();
         let h = resp.headers();
-        let server = h
-            .get("x-server")
-            .or_else(|| h.get("x-instance"))
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("-")
-            .to_string();
+        let header = |name: &str| h.get(name).and_then(|v| v.to_str().ok());
+        let server = match (header("x-server"), header("x-instance")) {
+            (Some(lb), Some(inst)) if lb != inst => format!("{lb} (answered by {inst})"),
+            (Some(name), _) | (None, Some(name)) => name.to_string(),
+            (None, None) => "-".to_string(),
+        };
         // Read the whole answer: the request is done when its last byte arrived.
-        resp.into_body().collect().await.map_err(|_| ())?;
-        Ok::<_, ()>(Outcome::Answered { status, server })
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("{e:?}"))?
+            .to_bytes();
+        Ok::<_, String>(Outcome::Answered {
+            status,
+            server,
+            body,
+        })
     };
     match tokio::time::timeout(spec.request_timeout, exchange).await {
         Ok(Ok(o)) => o,
-        Ok(Err(())) => Outcome::Transport,
+        Ok(Err(e)) => Outcome::Transport(e),
         Err(_) => Outcome::Timeout,
     }
 }

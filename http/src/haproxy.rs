@@ -38,10 +38,12 @@ defaults
     timeout server 30s
     # A request waits this long in HAProxy's queue for a server slot, then gets a 503.
     timeout queue 10s
-    # A connection refused (a dead instance not yet marked down) is retried, the last try on
-    # another server.
+    # Retried on another server: a connection refused (a dead instance not yet marked down)
+    # and an instance's 503 (it did not take the request: at capacity, or draining). Not
+    # retried: a request an instance took and then failed to answer (it may have run).
     retries 3
     option redispatch 1
+    retry-on conn-failure 503
 
 frontend inference
     bind {front}
@@ -53,7 +55,10 @@ backend instances
     http-check expect status 200
     # Which instance answered (HAProxy's own answers too, e.g. a 502 from a dead one).
     http-after-response set-header x-server %s
-    default-server check inter 200ms fall 2 rise 2 maxconn {maxconn}
+    # A connection error marks the server down at once (least-connections would otherwise
+    # send every new request to a dead server: it holds the fewest), until the health check
+    # sees it healthy again.
+    default-server check inter 200ms fall 2 rise 2 maxconn {maxconn} observe layer4 error-limit 1 on-error fail-check
 "
     );
     for (name, addr) in servers {

@@ -78,6 +78,18 @@ impl Failure {
         }
     }
 
+    /// 503: the shared memory for request bodies is full (requests in flight hold it all).
+    pub fn no_room() -> Failure {
+        Failure {
+            retry: true,
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no room for the body in shared memory: the service is at capacity",
+                None,
+            )
+        }
+    }
+
     /// 503: the service is shutting down.
     pub fn draining() -> Failure {
         Failure {

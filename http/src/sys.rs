@@ -32,3 +32,11 @@ pub fn terminate(child: &std::process::Child) {
     // `try_wait` first), so the pid cannot have been reused by another process.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
 }
+
+/// Sends SIGTERM to process `pid` (for a caller that owns the process and has not reaped it:
+/// tests that stop a service they started).
+pub fn terminate_pid(pid: u32) {
+    // SAFETY: as in `terminate`: no memory-safety preconditions; the caller owns the
+    // unreaped process, so the pid names it.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+}

@@ -1,0 +1,393 @@
+//! The HTTP service end to end: each test starts the real program on a loopback port and
+//! talks HTTP to it (hyper, or raw bytes for malformed requests). Waits are on events (an
+//! answer, a counter in /metrics), each bounded.
+
+use bytes::Bytes;
+use stateful_pool_http::client::request;
+use stateful_pool_http::instance::Instance;
+use stateful_pool_http::reply::{ErrorBody, Prediction};
+use stateful_pool_http::samples;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+const PROGRAM: &str = env!("CARGO_BIN_EXE_stateful-pool-http");
+const T: Duration = Duration::from_secs(60);
+
+struct Svc {
+    inst: Instance,
+    faults: PathBuf,
+}
+
+impl Svc {
+    fn start(extra: &[&str]) -> Svc {
+        let faults = std::env::temp_dir().join(format!(
+            "sph-test-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&faults).unwrap();
+        let mut args: Vec<String> = [
+            "--listen",
+            "127.0.0.1:0",
+            "--image-size",
+            "8",
+            "--hidden",
+            "16",
+            "--classes",
+            "5",
+            "--fault-injection",
+            faults.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let inst = Instance::start(PROGRAM.as_ref(), &args, T).expect("the service starts");
+        Svc { inst, faults }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.inst.addr
+    }
+
+    async fn post(
+        &self,
+        body: Vec<u8>,
+        headers: &[(&str, &str)],
+    ) -> (u16, hyper::HeaderMap, Bytes) {
+        request(self.addr(), "/predict", Bytes::from(body), headers, T)
+            .await
+            .expect("an answer")
+    }
+
+    async fn get(&self, path: &str) -> (u16, hyper::HeaderMap, Bytes) {
+        request(self.addr(), path, Bytes::new(), &[], T)
+            .await
+            .expect("an answer")
+    }
+
+    async fn metrics(&self) -> String {
+        let (code, _, body) = self.get("/metrics").await;
+        assert_eq!(code, 200);
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    /// Waits (bounded) until the /metrics line starting with `prefix` has value `v`.
+    async fn wait_metric(&self, prefix: &str, v: f64) {
+        let deadline = Instant::now() + T;
+        loop {
+            let m = self.metrics().await;
+            let now = m
+                .lines()
+                .find(|l| l.starts_with(prefix))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|x| x.parse::<f64>().ok());
+            if now == Some(v) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{prefix} never reached {v}; last:\n{m}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Svc {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.faults);
+    }
+}
+
+fn error(body: &Bytes) -> ErrorBody {
+    serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(body)))
+}
+
+/// Sends raw bytes, then reads the answer until the server closes or `limit` passes.
+fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Read the head and as much body as the server sends (it closes after an error).
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&out);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head.lines().find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+            });
+            if len.is_some_and(|n| body.len() >= n) {
+                break;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prediction_through_the_pool_equals_the_direct_one() {
+    let pool = Svc::start(&[]);
+    let direct = Svc::start(&["--mode", "direct"]);
+    for i in [0, 5, 11] {
+        let (code, headers, png) = pool.get(&format!("/samples/{i}?size=40")).await;
+        assert_eq!(code, 200);
+        assert_eq!(headers["content-type"], "image/png");
+        assert_eq!(png.to_vec(), samples::png(i, 40));
+        let (code, headers, body) = pool.post(png.to_vec(), &[]).await;
+        assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+        assert_eq!(headers["x-instance"], "sph");
+        let p: Prediction = serde_json::from_slice(&body).unwrap();
+        assert_eq!(p.probabilities.len(), 5);
+        assert!((p.probabilities.iter().sum::<f32>() - 1.0).abs() < 1e-4);
+        assert!(
+            p.probabilities
+                .iter()
+                .all(|&x| x <= p.probabilities[p.class])
+        );
+        let (code, _, body) = direct.post(png.to_vec(), &[]).await;
+        assert_eq!(code, 200);
+        let d: Prediction = serde_json::from_slice(&body).unwrap();
+        assert_eq!(d.class, p.class);
+        for (a, b) in d.probabilities.iter().zip(&p.probabilities) {
+            assert!((a - b).abs() < 1e-5, "{d:?} vs {p:?}");
+        }
+    }
+    // A large image (a 1.3 MB body, in shared memory) is answered too.
+    let big = samples::png(1, 1500);
+    assert!(big.len() > 1_000_000);
+    let (code, _, _) = pool.post(big, &[]).await;
+    assert_eq!(code, 200);
+
+    let (code, _, body) = pool.get("/healthz").await;
+    assert_eq!((code, &body[..]), (200, &b"ok\n"[..]));
+    let (code, headers, _) = pool.get("/metrics").await;
+    assert_eq!(code, 200);
+    assert!(
+        headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    let m = pool.metrics().await;
+    for line in [
+        "http_requests_total{route=\"/predict\",code=\"200\"} 4",
+        "stateful_pool_server_capacity 64",
+        "stateful_pool_stage_items_total{stage=\"seq[0]/preprocess\",outcome=\"done\"} 4",
+        "stateful_pool_stage_items_total{stage=\"seq[1]/model\",outcome=\"done\"} 4",
+        "stateful_pool_stage_live_workers{stage=\"seq[1]/model\",kind=\"process\"} 1",
+        "# EOF",
+    ] {
+        assert!(m.contains(line), "missing {line:?} in\n{m}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_a_4xx_with_a_reason() {
+    let svc = Svc::start(&["--max-body-bytes", "100000", "--body-timeout-ms", "300"]);
+    let (code, _, body) = svc.post(b"not an image at all".to_vec(), &[]).await;
+    assert_eq!(code, 400);
+    assert!(error(&body).error.starts_with("bad image"), "{body:?}");
+    // A truncated PNG gets past the format sniffing: the preprocessing worker refuses it.
+    let mut png = samples::png(1, 64);
+    png.truncate(png.len() / 2);
+    let (code, _, body) = svc.post(png, &[]).await;
+    assert_eq!(code, 400, "{body:?}");
+    assert!(error(&body).error.starts_with("bad image"));
+    let (code, _, _) = svc
+        .post(samples::png(1, 64), &[("x-timeout-ms", "soon")])
+        .await;
+    assert_eq!(code, 400);
+    let (code, _, _) = svc.get("/predict").await;
+    assert_eq!(code, 405);
+    let (code, _, _) = svc.get("/nowhere").await;
+    assert_eq!(code, 404);
+    let (code, _, _) = svc.get("/samples/99").await;
+    assert_eq!(code, 400);
+
+    let a = svc.addr();
+    let empty = raw(
+        a,
+        b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n",
+    );
+    assert!(empty.starts_with("HTTP/1.1 400"), "{empty}");
+    let too_large = raw(
+        a,
+        b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: 100001\r\n\r\n",
+    );
+    assert!(too_large.starts_with("HTTP/1.1 413"), "{too_large}");
+    let chunked = raw(
+        a,
+        b"POST /predict HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    );
+    assert!(chunked.starts_with("HTTP/1.1 411"), "{chunked}");
+    // A slow client: the head, then 10 of the 1000 bytes it announced, then nothing.
+    let slow = raw(
+        a,
+        b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n0123456789",
+    );
+    assert!(slow.starts_with("HTTP/1.1 408"), "{slow}");
+    // The service still serves.
+    let (code, _, _) = svc.post(samples::png(2, 64), &[]).await;
+    assert_eq!(code, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_service_answers_503_with_retry_after() {
+    let svc = Svc::start(&["--capacity", "2", "--retry-after-s", "3"]);
+    let slow = || svc.post(samples::png(0, 64), &[("x-fault", "sleep=1500")]);
+    let (a, b, third) = tokio::join!(slow(), slow(), async {
+        svc.wait_metric("stateful_pool_server_in_flight ", 2.0)
+            .await;
+        svc.post(samples::png(0, 64), &[]).await
+    });
+    assert_eq!((a.0, b.0), (200, 200));
+    let (code, headers, body) = third;
+    assert_eq!(code, 503, "{body:?}");
+    assert_eq!(headers["retry-after"], "3");
+    assert!(error(&body).error.contains("capacity"));
+    let (code, _, _) = svc.post(samples::png(0, 64), &[]).await;
+    assert_eq!(code, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passed_deadline_is_504_and_worker_faults_are_500_naming_the_stage() {
+    let svc = Svc::start(&[]);
+    let (code, _, body) = svc
+        .post(
+            samples::png(0, 64),
+            &[("x-fault", "sleep=3000"), ("x-timeout-ms", "200")],
+        )
+        .await;
+    assert_eq!(code, 504);
+    assert_eq!(error(&body).stage.as_deref(), Some("seq[0]/preprocess"));
+
+    // Faults, each followed by laps of small and large requests on the same workers.
+    for fault in ["panic", "exit", "fail"] {
+        let (code, _, body) = svc.post(samples::png(0, 64), &[("x-fault", fault)]).await;
+        assert_eq!(code, 500, "{fault}: {body:?}");
+        let e = error(&body);
+        assert_eq!(e.stage.as_deref(), Some("seq[0]/preprocess"), "{fault}");
+        assert!(
+            e.error.contains("seq[0]/preprocess"),
+            "{fault}: {}",
+            e.error
+        );
+        for lap in 0..6 {
+            let side = if lap % 3 == 2 { 900 } else { 64 };
+            let (code, _, body) = svc.post(samples::png(lap, side), &[]).await;
+            assert_eq!(code, 200, "{fault}, lap {lap}: {body:?}");
+        }
+    }
+    let m = svc.metrics().await;
+    assert!(
+        m.contains("http_requests_total{route=\"/predict\",code=\"500\"} 3"),
+        "{m}"
+    );
+    assert!(
+        m.contains("http_requests_total{route=\"/predict\",code=\"504\"} 1"),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_cancels_its_queued_request() {
+    let svc = Svc::start(&[]);
+    let a = svc.addr();
+    // A occupies the only preprocessing worker.
+    let first = tokio::spawn({
+        let png = samples::png(0, 64);
+        async move {
+            request(
+                a,
+                "/predict",
+                Bytes::from(png),
+                &[("x-fault", "sleep=1500")],
+                T,
+            )
+            .await
+        }
+    });
+    svc.wait_metric(
+        "stateful_pool_stage_in_flight{stage=\"seq[0]/preprocess\"",
+        1.0,
+    )
+    .await;
+    // B queues behind it, then its client goes away.
+    let png = samples::png(1, 64);
+    let mut b = TcpStream::connect(a).unwrap();
+    write!(
+        b,
+        "POST /predict HTTP/1.1\r\nhost: x\r\nx-fault: mark=queuedB\r\ncontent-length: {}\r\n\r\n",
+        png.len()
+    )
+    .unwrap();
+    b.write_all(&png).unwrap();
+    svc.wait_metric(
+        "stateful_pool_stage_in_flight{stage=\"seq[0]/preprocess\"",
+        2.0,
+    )
+    .await;
+    drop(b);
+    svc.wait_metric("http_requests_total{route=\"/predict\",code=\"499\"}", 1.0)
+        .await;
+    let (code, _, _) = first.await.unwrap().unwrap();
+    assert_eq!(code, 200);
+    // C comes after B in the same queue: once C is answered, B would have run.
+    let (code, _, _) = svc
+        .post(samples::png(2, 64), &[("x-fault", "mark=afterC")])
+        .await;
+    assert_eq!(code, 200);
+    assert!(svc.faults.join("afterC").exists());
+    assert!(
+        !svc.faults.join("queuedB").exists(),
+        "the cancelled request ran"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_requests_in_flight_then_exits() {
+    let mut svc = Svc::start(&["--drain-ms", "20000"]);
+    let a = svc.addr();
+    let inflight = tokio::spawn({
+        let png = samples::png(0, 64);
+        async move {
+            request(
+                a,
+                "/predict",
+                Bytes::from(png),
+                &[("x-fault", "sleep=1000")],
+                T,
+            )
+            .await
+        }
+    });
+    svc.wait_metric("stateful_pool_server_in_flight ", 1.0)
+        .await;
+    stateful_pool_http::sys::terminate_pid(svc.inst.pid());
+    let (code, _, body) = inflight.await.unwrap().unwrap();
+    assert_eq!(code, 200, "{body:?}");
+    let status = tokio::task::spawn_blocking(move || {
+        let st = svc.inst.wait(T);
+        (st, svc.inst.output())
+    })
+    .await
+    .unwrap();
+    let (st, out) = status;
+    assert!(st.unwrap().success(), "{out}");
+    assert!(out.contains("SIGTERM: draining"), "{out}");
+    assert!(out.contains("connections drained"), "{out}");
+    assert!(TcpStream::connect(a).is_err(), "still listening after exit");
+}
