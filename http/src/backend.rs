@@ -9,7 +9,7 @@ use axum::body::Body;
 use http_body_util::BodyExt;
 use ndarray::ArrayView1;
 use stateful_pool::service::{Process, ProcessWithPayload, Seq, Server, WithPayload, seq};
-use stateful_pool::{BatchPolicy, Pool, SpawnOptions, SubmitError};
+use stateful_pool::{BatchPolicy, Pool, SpawnOptions, SubmitError, WaitStrategy};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -90,8 +90,15 @@ impl Backend {
         let arena = (64usize << 20)
             .max(4 * cfg.max_body_bytes)
             .next_power_of_two();
+        let wait = match cfg.worker_spin_us {
+            0 => WaitStrategy::Park,
+            us => WaitStrategy::SpinThenPark {
+                spin: Duration::from_micros(us),
+            },
+        };
         let preprocess = Pool::<Preprocess>::builder()
             .queue_size(cfg.capacity)
+            .worker_wait(wait)
             .task_arena_bytes(arena)
             .max_task_bytes(cfg.max_body_bytes)
             .build()?;
@@ -106,12 +113,16 @@ impl Backend {
             r?;
         }
         let policy = if cfg.max_batch > 1 {
-            BatchPolicy::new(cfg.max_batch).max_delay(Duration::from_micros(cfg.batch_delay_us))
+            // Work-conserving: a worker waits for company only while its batches come full.
+            BatchPolicy::new(cfg.max_batch)
+                .max_delay(Duration::from_micros(cfg.batch_delay_us))
+                .only_when_saturated(true)
         } else {
             BatchPolicy::none()
         };
         let model = Pool::<Mlp>::builder()
             .queue_size(cfg.capacity)
+            .worker_wait(wait)
             .batch_policy(policy)
             .build()?;
         let args = (

@@ -19,7 +19,7 @@ pub enum Mode {
 /// An HTTP inference service on stateful-pool: `POST /predict` with an image body (PNG or
 /// JPEG) answers the model's class probabilities as JSON.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "stateful-pool-http", version, about, long_about = None)]
+#[command(name = "stateful-pool-http", version, about, long_about = None, args_override_self = true)]
 pub struct Config {
     /// Address to listen on.
     #[arg(long, env = "SPH_LISTEN", default_value = "127.0.0.1:8080")]
@@ -48,9 +48,14 @@ pub struct Config {
     pub max_batch: usize,
 
     /// How long a model worker holding fewer than `max-batch` requests waits for more, in
-    /// microseconds (it never waits while nothing else is queued).
+    /// microseconds; only while its batches come full (under light load nobody waits).
     #[arg(long, env = "SPH_BATCH_DELAY_US", default_value_t = 200)]
     pub batch_delay_us: u64,
+
+    /// How long a worker spins for its next task before it sleeps, in microseconds (longer:
+    /// less latency at light load, more CPU burnt while idle-ish; 0 sleeps at once).
+    #[arg(long, env = "SPH_WORKER_SPIN_US", default_value_t = 20)]
+    pub worker_spin_us: u64,
 
     /// Requests in the service at once (anywhere in its stages); one more is answered 503
     /// with `Retry-After`. Set a load balancer's per-server `maxconn` to this.
