@@ -41,15 +41,15 @@ pub struct Request {
 pub enum Backend {
     /// Through the pool's stages.
     Pool {
-        /// The server over [`Graph`].
-        server: Server<Graph>,
+        /// The server over [`Graph`] (boxed, as the model below: the variants differ in size).
+        server: Box<Server<Graph>>,
         /// The preprocessing stage's pool (request bodies are loaned from its arena).
         preprocess: Arc<Pool<Preprocess>>,
     },
     /// In the handler.
     Direct {
-        /// The model.
-        model: Mlp,
+        /// The model (boxed: its four arrays make it the larger variant).
+        model: Box<Mlp>,
         /// The input images' side.
         side: u32,
     },
@@ -75,7 +75,7 @@ impl Backend {
         };
         if cfg.mode == Mode::Direct {
             return Ok(Backend::Direct {
-                model: Mlp::new(shape, cfg.seed),
+                model: Box::new(Mlp::new(shape, cfg.seed)),
                 side: cfg.image_size,
             });
         }
@@ -140,7 +140,7 @@ impl Backend {
             Process::new("model", model),
         ));
         Ok(Backend::Pool {
-            server: Server::new(graph, cfg.capacity).timeout(cfg.timeout()),
+            server: Box::new(Server::new(graph, cfg.capacity).timeout(cfg.timeout())),
             preprocess,
         })
     }

@@ -10,7 +10,7 @@
 use bytes::Bytes;
 use clap::Parser;
 use plotters::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use stateful_pool_http::client::{self, Live, LoadSpec, Shape};
 use stateful_pool_http::instance::{Instance, service_program};
 use stateful_pool_http::samples;
@@ -43,18 +43,21 @@ struct Args {
     /// Folder for the JSON results and the SVG plot.
     #[arg(long, default_value = "benches/results/http")]
     out: PathBuf,
+    /// Only redraw the plot from this JSON file of an earlier run (written beside it).
+    #[arg(long)]
+    replot: Option<PathBuf>,
     /// Extra flags for both service instances (e.g. `--worker-cpus=1`).
     #[arg(long, allow_hyphen_values = true)]
     service_flag: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Point {
-    mode: &'static str,
+    mode: String,
     load: String,
     connections: Option<usize>,
     rate: Option<f64>,
-    generator: &'static str,
+    generator: String,
     ok_per_s: f64,
     p50_us: f64,
     p99_us: f64,
@@ -66,6 +69,19 @@ fn main() -> ExitCode {
     if !(a.duration_s > 0.0 && a.duration_s <= 300.0) {
         eprintln!("error: --duration-s must be in (0, 300]");
         return ExitCode::from(2);
+    }
+    if let Some(json) = &a.replot {
+        let r = std::fs::read(json)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice::<Vec<Point>>(&b).map_err(|e| e.to_string()))
+            .and_then(|pts| plot(&pts, &json.with_extension("svg")).map_err(|e| e.to_string()));
+        return match r {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     match run(&a) {
         Ok(()) => ExitCode::SUCCESS,
@@ -157,11 +173,11 @@ fn run(a: &Args) -> Result<(), String> {
             }
         };
         let p = Point {
-            mode,
+            mode: mode.to_string(),
             load,
             connections,
             rate,
-            generator,
+            generator: generator.to_string(),
             ok_per_s,
             p50_us,
             p99_us,
@@ -334,7 +350,7 @@ fn plot(points: &[Point], file: &Path) -> Result<(), Box<dyn std::error::Error>>
             })
             .collect()
     };
-    let ymax = points.iter().map(|p| p.p99_us / 1000.0).fold(0.1, f64::max) * 1.1;
+    let ymax = points.iter().map(|p| p.p99_us / 1000.0).fold(1.0, f64::max) * 1.5;
     for (area, closed, title, xlabel) in [
         (
             &left,
@@ -398,9 +414,12 @@ fn plot(points: &[Point], file: &Path) -> Result<(), Box<dyn std::error::Error>>
             }};
         }
         if closed {
-            draw!(chart.build_cartesian_2d((x0.max(1.0)..x1.max(2.0)).log_scale(), 0.0..ymax)?);
+            draw!(chart.build_cartesian_2d(
+                (x0.max(1.0)..x1.max(2.0)).log_scale(),
+                (0.1..ymax).log_scale()
+            )?);
         } else {
-            draw!(chart.build_cartesian_2d(x0 * 0.9..x1 * 1.1, 0.0..ymax)?);
+            draw!(chart.build_cartesian_2d(x0 * 0.9..x1 * 1.1, (0.1..ymax).log_scale())?);
         }
     }
     root.present()?;
