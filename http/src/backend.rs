@@ -155,10 +155,13 @@ impl Backend {
                         return Err(Failure::too_large(len, max));
                     }
                     Err(SubmitError::Shutdown) => return Err(Failure::draining()),
-                    Err(SubmitError::QueueFull) => return Err(Failure::no_room()),
+                    Err(SubmitError::QueueFull | SubmitError::NoSpace { .. }) => {
+                        return Err(Failure::no_room());
+                    }
                     Err(e) => return Err(Failure::internal(e.to_string(), None)),
                 };
-                read_body_into(req.body, loan.as_mut_slice(), req.body_timeout).await?;
+                let limit = BodyLimit::of(&req);
+                read_body_into(req.body, loan.as_mut_slice(), limit).await?;
                 let left = req
                     .timeout
                     .checked_sub(req.arrived.elapsed())
@@ -171,7 +174,8 @@ impl Backend {
             }
             Backend::Direct { model, side } => {
                 let mut body = vec![0u8; req.len];
-                read_body_into(req.body, &mut body, req.body_timeout).await?;
+                let limit = BodyLimit::of(&req);
+                read_body_into(req.body, &mut body, limit).await?;
                 let x = preprocess::features(&body, *side).map_err(Failure::bad_request)?;
                 model
                     .predict(ArrayView1::from(&x))
@@ -197,15 +201,34 @@ impl Backend {
     }
 }
 
+/// How long a body may take: the body timeout, or what is left of the request's deadline if
+/// that comes first (then running out is a 504, not a 408).
+#[derive(Debug, Clone, Copy)]
+struct BodyLimit {
+    limit: Duration,
+    deadline_first: bool,
+}
+
+impl BodyLimit {
+    fn of(req: &Request) -> BodyLimit {
+        let left = req.timeout.saturating_sub(req.arrived.elapsed());
+        BodyLimit {
+            limit: left.min(req.body_timeout),
+            deadline_first: left < req.body_timeout,
+        }
+    }
+}
+
 /// Reads the body into `dst`, which is exactly as long as its `Content-Length` says (hyper
-/// enforces that length on the connection); a body that takes longer than `limit` is a 408.
-async fn read_body_into(body: Body, dst: &mut [u8], limit: Duration) -> Result<(), Failure> {
+/// enforces that length on the connection).
+async fn read_body_into(body: Body, dst: &mut [u8], limit: BodyLimit) -> Result<(), Failure> {
     let fill = async {
         let mut body = body;
         let mut at = 0usize;
         while let Some(frame) = body.frame().await {
+            // The connection failed or closed mid-body: the client went away.
             let frame =
-                frame.map_err(|e| Failure::bad_request(format!("reading the body: {e}")))?;
+                frame.map_err(|e| Failure::client_closed(format!("reading the body: {e}")))?;
             if let Ok(data) = frame.into_data() {
                 let end = at
                     .checked_add(data.len())
@@ -225,7 +248,9 @@ async fn read_body_into(body: Body, dst: &mut [u8], limit: Duration) -> Result<(
         }
         Ok(())
     };
-    tokio::time::timeout(limit, fill)
-        .await
-        .map_err(|_| Failure::slow_client(limit))?
+    match tokio::time::timeout(limit.limit, fill).await {
+        Ok(r) => r,
+        Err(_) if limit.deadline_first => Err(Failure::deadline(None)),
+        Err(_) => Err(Failure::slow_client(limit.limit)),
+    }
 }

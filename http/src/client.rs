@@ -311,10 +311,23 @@ pub async fn run(spec: LoadSpec, live: Arc<Live>) -> Result<Report, String> {
             let outstanding = Arc::new(AtomicU64::new(0));
             let mut tasks = tokio::task::JoinSet::new();
             let mut k = 0u64;
-            while take(&budget, &live) {
+            'sending: while take(&budget, &live) {
                 let at = start + Duration::from_secs_f64(k as f64 / rate);
                 k += 1;
-                tokio::time::sleep_until(at.into()).await;
+                if at >= end {
+                    break;
+                }
+                // Sleep to the send time in short steps, so a stop is seen within 50 ms.
+                loop {
+                    let now = Instant::now();
+                    if now >= at {
+                        break;
+                    }
+                    if live.stop.load(Ordering::Relaxed) {
+                        break 'sending;
+                    }
+                    tokio::time::sleep_until(at.min(now + Duration::from_millis(50)).into()).await;
+                }
                 if outstanding.load(Ordering::Relaxed) >= max_outstanding as u64 {
                     lock(&agg).report.dropped += 1;
                     continue;

@@ -71,8 +71,13 @@ pub struct Config {
     #[arg(long, env = "SPH_MAX_BODY_BYTES", default_value_t = 8 << 20)]
     pub max_body_bytes: usize,
 
+    /// Longest time a client may take to send a request's head, in milliseconds, and longest
+    /// an idle keep-alive connection stays open; past it the connection is closed.
+    #[arg(long, env = "SPH_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    pub header_timeout_ms: u64,
+
     /// Longest time a client may take to send its body, in milliseconds; a slower one is
-    /// answered 408.
+    /// answered 408 (or 504 if the request's deadline comes first).
     #[arg(long, env = "SPH_BODY_TIMEOUT_MS", default_value_t = 10_000)]
     pub body_timeout_ms: u64,
 
@@ -105,6 +110,12 @@ pub struct Config {
     #[arg(long, env = "SPH_WORKER_CPUS", value_delimiter = ',')]
     pub worker_cpus: Vec<usize>,
 
+    /// After SIGTERM or Ctrl-C, how long to keep serving while `/healthz` already answers 503,
+    /// in milliseconds: time for a load balancer or a Kubernetes readiness probe to take the
+    /// instance out before it stops accepting. A second signal ends the delay.
+    #[arg(long, env = "SPH_DRAIN_DELAY_MS", default_value_t = 0)]
+    pub drain_delay_ms: u64,
+
     /// Longest time SIGTERM or Ctrl-C waits for requests in flight to finish, in
     /// milliseconds.
     #[arg(long, env = "SPH_DRAIN_MS", default_value_t = 10_000)]
@@ -120,7 +131,8 @@ pub struct Config {
 
     /// Tests only: honour the `x-fault` request header (`sleep=MS`, `panic`, `exit`, `fail`,
     /// `mark=NAME`, which creates the file NAME in this folder when the preprocessing worker
-    /// starts the request).
+    /// starts the request, `hold=NAME`, which waits until the file NAME exists there, at most
+    /// 60 s). Refused unless the service listens on a loopback address.
     #[arg(long, hide = true)]
     pub fault_injection: Option<PathBuf>,
 }
@@ -134,6 +146,16 @@ impl Config {
     /// The longest time a client may take to send its body.
     pub fn body_timeout(&self) -> Duration {
         Duration::from_millis(self.body_timeout_ms)
+    }
+
+    /// The longest time a client may take to send a request's head.
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_timeout_ms)
+    }
+
+    /// How long a shutdown keeps serving with `/healthz` failing.
+    pub fn drain_delay(&self) -> Duration {
+        Duration::from_millis(self.drain_delay_ms)
     }
 
     /// The longest time a shutdown waits for requests in flight.
@@ -158,6 +180,17 @@ impl Config {
             if v == 0 {
                 return Err(format!("{flag} must be at least 1"));
             }
+        }
+        if self.max_body_bytes > 1 << 30 {
+            return Err("--max-body-bytes must be at most 1 GiB".into());
+        }
+        if self.header_timeout_ms == 0 || self.body_timeout_ms == 0 {
+            return Err("--header-timeout-ms and --body-timeout-ms must be at least 1".into());
+        }
+        if self.fault_injection.is_some() && !self.listen.ip().is_loopback() {
+            return Err(
+                "fault injection (a test setting) is only allowed on a loopback address".into(),
+            );
         }
         if self.image_size > 256 {
             return Err("--image-size must be at most 256".into());

@@ -84,7 +84,8 @@ pub struct HaProxy {
 }
 
 impl HaProxy {
-    /// Checks `config`, writes it into `dir` and starts `program` on it in the foreground.
+    /// Checks `config`, writes it into `dir` and starts `program` on it in the foreground
+    /// (its output goes to `dir/haproxy.log`).
     pub fn start(
         program: &Path,
         dir: &Path,
@@ -106,13 +107,18 @@ impl HaProxy {
                 String::from_utf8_lossy(&check.stderr)
             ));
         }
+        // Its messages (a port it cannot bind, a server going down) go to haproxy.log beside
+        // the configuration.
+        let log = std::fs::File::create(dir.join("haproxy.log"))
+            .map_err(|e| format!("creating haproxy.log: {e}"))?;
+        let log2 = log.try_clone().map_err(|e| e.to_string())?;
         let child = Command::new(program)
             .arg("-db")
             .arg("-f")
             .arg(&file)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", program.display()))?;
         Ok(HaProxy { child, stats })

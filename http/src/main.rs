@@ -1,6 +1,10 @@
 //! `stateful-pool-http`: the HTTP inference service. `--help` lists the settings.
 
 use clap::Parser;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use stateful_pool_http::backend::Backend;
 use stateful_pool_http::config::Config;
 use stateful_pool_http::routes::{App, router};
@@ -10,7 +14,7 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 fn main() -> ExitCode {
     // Worker processes re-execute this program and branch off here: keep it first.
@@ -77,9 +81,19 @@ fn write_samples(dir: &std::path::Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Serves until SIGTERM or Ctrl-C, then drains: `/healthz` fails, the listener closes,
-/// requests in flight finish (bounded by `--drain-ms`), and the workers stop.
+/// Serves until SIGTERM or Ctrl-C, then drains: `/healthz` fails at once, requests are still
+/// served for `--drain-delay-ms` (a balancer takes the instance out; a second signal ends
+/// the delay), then the listener
+/// closes, requests in flight finish (bounded by `--drain-ms`), and the workers stop.
 async fn serve(app: Arc<App>) -> ExitCode {
+    // Signal handlers first: a SIGTERM from the moment the service says it listens drains.
+    let mut signals = match Signals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot install the signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let listener = match tokio::net::TcpListener::bind(app.cfg.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -88,6 +102,9 @@ async fn serve(app: Arc<App>) -> ExitCode {
         }
     };
     let addr = listener.local_addr().map_or(app.cfg.listen, |a| a);
+    if app.cfg.fault_injection.is_some() {
+        eprintln!("warning: fault injection is on (a test setting): clients can crash workers");
+    }
     println!(
         "listening on http://{addr} ({:?} mode, capacity {}, pid {})",
         app.cfg.mode,
@@ -97,24 +114,29 @@ async fn serve(app: Arc<App>) -> ExitCode {
     let _ = std::io::stdout().flush();
 
     let stop = Arc::new(tokio::sync::Notify::new());
-    let server = {
-        let stop = stop.clone();
-        axum::serve(listener, router(app.clone()))
-            .with_graceful_shutdown(async move { stop.notified().await })
-    };
-    let mut serving = tokio::spawn(async move { server.await });
-    let signal = shutdown_signal();
+    let mut serving = tokio::spawn(accept_loop(listener, app.clone(), stop.clone()));
     tokio::select! {
         r = &mut serving => {
             eprintln!("error: the HTTP server stopped: {r:?}");
             return ExitCode::FAILURE;
         }
-        name = signal => println!("{name}: draining (up to {:?})", app.cfg.drain()),
+        name = signals.next() => println!(
+            "{name}: draining (health check failing now; closing in {:?}, then up to {:?} for requests in flight)",
+            app.cfg.drain_delay(),
+            app.cfg.drain()
+        ),
     }
     let began = Instant::now();
     app.draining.store(true, Ordering::SeqCst);
+    tokio::select! {
+        _ = tokio::time::sleep(app.cfg.drain_delay()) => {}
+        name = signals.next() => println!("{name}: ending the drain delay now"),
+    }
     stop.notify_one();
-    let drained = tokio::time::timeout(app.cfg.drain(), serving).await.is_ok();
+    let drained = matches!(
+        tokio::time::timeout(app.cfg.drain(), serving).await,
+        Ok(Ok(true))
+    );
     let left = app.cfg.drain().saturating_sub(began.elapsed());
     let app2 = app.clone();
     let report = tokio::task::spawn_blocking(move || app2.backend.shutdown(left))
@@ -133,18 +155,67 @@ async fn serve(app: Arc<App>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Resolves with the signal's name at SIGTERM or SIGINT.
-async fn shutdown_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the service runs until killed.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+/// Accepts connections and serves each with hyper (HTTP/1.1, keep-alive, a timeout on reading
+/// each request's head, which also closes idle connections) until `stop`; then stops
+/// accepting and waits for the open connections to finish their requests. Resolves `true`
+/// once they all have.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    app: Arc<App>,
+    stop: Arc<tokio::sync::Notify>,
+) -> bool {
+    let service = router(app.clone());
+    let graceful = GracefulShutdown::new();
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(app.cfg.header_timeout());
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: the connection is lost, the
+                    // service is not; try again shortly.
+                    eprintln!("warning: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            _ = stop.notified() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let svc = TowerToHyperService::new(service.clone());
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), svc));
+        tokio::spawn(async move {
+            // A client that goes away mid-request is not the service's error.
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    true
+}
+
+/// SIGTERM and SIGINT, caught from the moment this exists.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// The next signal's name.
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
     }
 }

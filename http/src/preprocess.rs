@@ -10,10 +10,26 @@ use std::time::Duration;
 /// with this; the HTTP front answers them 400 (the client's fault), anything else 500.
 pub const BAD_IMAGE: &str = "bad image";
 
+/// The largest width or height of an image the service decodes.
+pub const MAX_SIDE: u32 = 8192;
+
+/// The most memory decoding one image may take.
+pub const MAX_DECODED_BYTES: u64 = 256 << 20;
+
 /// The features of an encoded image (PNG or JPEG): resized to `side × side`, RGB, each
 /// channel scaled to `[-1, 1]`, in row-major order (`3 · side²` values).
 pub fn features(bytes: &[u8], side: u32) -> Result<Vec<f32>, String> {
-    let img = image::load_from_memory(bytes).map_err(|e| format!("{BAD_IMAGE}: {e}"))?;
+    let bad = |e: image::ImageError| format!("{BAD_IMAGE}: {e}");
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| format!("{BAD_IMAGE}: {e}"))?;
+    // A small file can claim a huge image: bound what decoding it may cost.
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    limits.max_alloc = Some(MAX_DECODED_BYTES);
+    reader.limits(limits);
+    let img = reader.decode().map_err(bad)?;
     if img.width() == 0 || img.height() == 0 {
         return Err(format!("{BAD_IMAGE}: it has no pixels"));
     }
@@ -50,11 +66,14 @@ impl Preprocess {
                     let ms: u64 = ms.parse().map_err(|_| "sleep=MS takes a number")?;
                     std::thread::sleep(Duration::from_millis(ms.min(60_000)));
                 }
-                Some(("mark", name)) => {
-                    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric()) {
-                        return Err("mark=NAME takes letters and digits".into());
+                Some(("mark", name)) => std::fs::write(dir.join(file_name(name)?), b"ran")?,
+                Some(("hold", name)) => {
+                    // Until the test creates the file (bounded).
+                    let file = dir.join(file_name(name)?);
+                    let until = std::time::Instant::now() + Duration::from_secs(60);
+                    while !file.exists() && std::time::Instant::now() < until {
+                        std::thread::sleep(Duration::from_millis(5));
                     }
-                    std::fs::write(dir.join(name), b"ran")?;
                 }
                 None if part == "panic" => panic!("injected panic"),
                 None if part == "exit" => std::process::exit(3),
@@ -64,6 +83,14 @@ impl Preprocess {
         }
         Ok(())
     }
+}
+
+/// A fault's file name: letters and digits only (no paths).
+fn file_name(name: &str) -> Result<&str, BoxError> {
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return Err("a fault's file name takes letters and digits".into());
+    }
+    Ok(name)
 }
 
 impl Worker for Preprocess {
@@ -107,6 +134,19 @@ mod tests {
     fn not_an_image_is_a_bad_image() {
         let e = features(b"definitely not a png", 8).unwrap_err();
         assert!(e.starts_with(BAD_IMAGE), "{e}");
+        // A valid PNG header that claims 100,000 × 100,000 pixels.
+        let mut huge = crate::samples::png(0, 8);
+        huge[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+        huge[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+        let e = features(&huge, 8).unwrap_err();
+        assert!(e.starts_with(BAD_IMAGE), "{e}");
+        // A real PNG wider than the limit.
+        let mut wide = std::io::Cursor::new(Vec::new());
+        image::RgbImage::new(MAX_SIDE + 1, 1)
+            .write_to(&mut wide, image::ImageFormat::Png)
+            .unwrap();
+        let e = features(wide.get_ref(), 8).unwrap_err();
+        assert!(e.starts_with(BAD_IMAGE) && e.contains("limit"), "{e}");
         let mut truncated = crate::samples::png(0, 64);
         truncated.truncate(truncated.len() / 2);
         assert!(features(&truncated, 8).unwrap_err().starts_with(BAD_IMAGE));

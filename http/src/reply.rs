@@ -125,6 +125,16 @@ impl Failure {
         Self::new(StatusCode::BAD_REQUEST, msg, None)
     }
 
+    /// 499 (nginx's "client closed request"): the client went away mid-request; nobody reads
+    /// the answer, the status is for the metrics.
+    pub fn client_closed(msg: impl Into<String>) -> Failure {
+        Self::new(
+            StatusCode::from_u16(crate::routes::CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST),
+            msg,
+            None,
+        )
+    }
+
     /// 408: the client took too long to send its body.
     pub fn slow_client(limit: Duration) -> Failure {
         Self::new(

@@ -30,18 +30,25 @@ pub struct App {
     pub backend: Backend,
     /// The HTTP front's counters.
     pub metrics: HttpMetrics,
-    /// Set once a shutdown began: `/healthz` fails and new requests are refused.
+    /// Set once a shutdown began: `/healthz` fails (requests are still served until the
+    /// listener closes).
     pub draining: AtomicBool,
+    /// Requests admitted (reading their body, or in the graph): one permit each, `capacity`
+    /// in all, taken before a request's body is loaned shared memory, so slow clients cannot
+    /// hold more of it than the capacity allows.
+    pub admitted: Arc<tokio::sync::Semaphore>,
 }
 
 impl App {
     /// The state for `backend` under `cfg`.
     pub fn new(cfg: Config, backend: Backend) -> Arc<App> {
+        let admitted = Arc::new(tokio::sync::Semaphore::new(cfg.capacity));
         Arc::new(App {
             cfg,
             backend,
             metrics: HttpMetrics::default(),
             draining: AtomicBool::new(false),
+            admitted,
         })
     }
 
@@ -114,9 +121,6 @@ async fn run_predict(
     body: Body,
     arrived: Instant,
 ) -> Result<Response, Failure> {
-    if app.draining.load(Ordering::SeqCst) {
-        return Err(Failure::draining());
-    }
     let cfg = &app.cfg;
     let len = content_length(headers)?;
     if len > cfg.max_body_bytes {
@@ -138,6 +142,12 @@ async fn run_predict(
             Duration::from_millis(ms).min(cfg.timeout())
         }
     };
+    // Admission before the body is read into shared memory.
+    let _permit = app
+        .admitted
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| Failure::full())?;
     let fault = match (&cfg.fault_injection, headers.get("x-fault")) {
         (Some(_), Some(v)) => v.to_str().unwrap_or_default().to_string(),
         _ => String::new(),
@@ -205,23 +215,26 @@ async fn sample(
     Path(i): Path<String>,
     Query(q): Query<SampleQuery>,
 ) -> Response {
-    let r = (|| {
-        let i: usize = i
-            .trim_end_matches(".png")
-            .parse()
-            .ok()
-            .filter(|&i| i < samples::COUNT)
-            .ok_or_else(|| {
-                Failure::bad_request(format!("samples are numbered 0 to {}", samples::COUNT - 1))
-            })?;
-        let side = q.size.unwrap_or(samples::DEFAULT_SIDE);
-        if side == 0 || side > samples::MAX_SIDE {
-            return Err(Failure::bad_request(format!(
-                "size must be 1 to {}",
-                samples::MAX_SIDE
-            )));
-        }
-        Ok(([(header::CONTENT_TYPE, "image/png")], samples::png(i, side)).into_response())
-    })();
+    let i = i
+        .trim_end_matches(".png")
+        .parse::<usize>()
+        .ok()
+        .filter(|&i| i < samples::COUNT)
+        .ok_or_else(|| {
+            Failure::bad_request(format!("samples are numbered 0 to {}", samples::COUNT - 1))
+        });
+    let side = q.size.unwrap_or(samples::DEFAULT_SIDE);
+    let r = match i {
+        Err(f) => Err(f),
+        Ok(_) if side == 0 || side > samples::MAX_SIDE => Err(Failure::bad_request(format!(
+            "size must be 1 to {}",
+            samples::MAX_SIDE
+        ))),
+        // Encoding a large PNG takes a while: off the HTTP threads.
+        Ok(i) => match tokio::task::spawn_blocking(move || samples::png(i, side)).await {
+            Ok(png) => Ok(([(header::CONTENT_TYPE, "image/png")], png).into_response()),
+            Err(e) => Err(Failure::internal(e.to_string(), None)),
+        },
+    };
     app.answer(r)
 }

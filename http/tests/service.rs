@@ -98,6 +98,13 @@ impl Svc {
     }
 }
 
+impl Svc {
+    /// Lets requests held with `x-fault: hold=NAME` go on.
+    fn release(&self, name: &str) {
+        std::fs::write(self.faults.join(name), b"go").unwrap();
+    }
+}
+
 impl Drop for Svc {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.faults);
@@ -247,11 +254,14 @@ async fn malformed_requests_get_a_4xx_with_a_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_service_answers_503_with_retry_after() {
     let svc = Svc::start(&["--capacity", "2", "--retry-after-s", "3"]);
-    let slow = || svc.post(samples::png(0, 64), &[("x-fault", "sleep=1500")]);
-    let (a, b, third) = tokio::join!(slow(), slow(), async {
+    // Two requests held in the worker until the file `go` exists.
+    let held = || svc.post(samples::png(0, 64), &[("x-fault", "hold=go")]);
+    let (a, b, third) = tokio::join!(held(), held(), async {
         svc.wait_metric("stateful_pool_server_in_flight ", 2.0)
             .await;
-        svc.post(samples::png(0, 64), &[]).await
+        let r = svc.post(samples::png(0, 64), &[]).await;
+        svc.release("go");
+        r
     });
     assert_eq!((a.0, b.0), (200, 200));
     let (code, headers, body) = third;
@@ -306,7 +316,7 @@ async fn a_passed_deadline_is_504_and_worker_faults_are_500_naming_the_stage() {
 async fn a_client_that_disconnects_cancels_its_queued_request() {
     let svc = Svc::start(&[]);
     let a = svc.addr();
-    // A occupies the only preprocessing worker.
+    // A occupies the only preprocessing worker until the file `goA` exists.
     let first = tokio::spawn({
         let png = samples::png(0, 64);
         async move {
@@ -314,7 +324,7 @@ async fn a_client_that_disconnects_cancels_its_queued_request() {
                 a,
                 "/predict",
                 Bytes::from(png),
-                &[("x-fault", "sleep=1500")],
+                &[("x-fault", "hold=goA")],
                 T,
             )
             .await
@@ -343,6 +353,7 @@ async fn a_client_that_disconnects_cancels_its_queued_request() {
     drop(b);
     svc.wait_metric("http_requests_total{route=\"/predict\",code=\"499\"}", 1.0)
         .await;
+    svc.release("goA");
     let (code, _, _) = first.await.unwrap().unwrap();
     assert_eq!(code, 200);
     // C comes after B in the same queue: once C is answered, B would have run.
@@ -358,8 +369,36 @@ async fn a_client_that_disconnects_cancels_its_queued_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_slow_connections_are_closed() {
+    let svc = Svc::start(&["--header-timeout-ms", "300"]);
+    // A connection that sends nothing, and one that sends half a request head: both are
+    // closed by the service (read returns 0), not kept forever.
+    for bytes in [&b""[..], &b"POST /predict HTTP/1.1\r\nhost: x\r\n"[..]] {
+        let mut s = TcpStream::connect(svc.addr()).unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        s.write_all(bytes).unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        let text = String::from_utf8_lossy(&buf);
+        assert!(
+            text.is_empty() || text.starts_with("HTTP/1.1 408"),
+            "{text}"
+        );
+    }
+    let (code, _, _) = svc.post(samples::png(2, 64), &[]).await;
+    assert_eq!(code, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_requests_in_flight_then_exits() {
-    let mut svc = Svc::start(&["--drain-ms", "20000"]);
+    let mut svc = Svc::start(&[
+        "--drain-ms",
+        "20000",
+        "--drain-delay-ms",
+        "60000",
+        "--preprocess-workers",
+        "2",
+    ]);
     let a = svc.addr();
     let inflight = tokio::spawn({
         let png = samples::png(0, 64);
@@ -368,7 +407,7 @@ async fn sigterm_drains_requests_in_flight_then_exits() {
                 a,
                 "/predict",
                 Bytes::from(png),
-                &[("x-fault", "sleep=1000")],
+                &[("x-fault", "hold=go")],
                 T,
             )
             .await
@@ -377,10 +416,23 @@ async fn sigterm_drains_requests_in_flight_then_exits() {
     svc.wait_metric("stateful_pool_server_in_flight ", 1.0)
         .await;
     stateful_pool_http::sys::terminate_pid(svc.inst.pid());
+    // Draining: the health check fails at once, requests are still served during the delay.
+    let deadline = Instant::now() + T;
+    while svc.get("/healthz").await.0 != 503 {
+        assert!(Instant::now() < deadline, "/healthz never failed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (code, _, body) = svc.get("/healthz").await;
+    assert_eq!((code, &body[..]), (503, &b"draining\n"[..]));
+    let (code, _, _) = svc.post(samples::png(1, 64), &[]).await;
+    assert_eq!(code, 200, "a request during the drain delay");
+    // A second SIGTERM ends the delay: the listener closes, the held request is let go.
+    stateful_pool_http::sys::terminate_pid(svc.inst.pid());
+    svc.release("go");
     let (code, _, body) = inflight.await.unwrap().unwrap();
     assert_eq!(code, 200, "{body:?}");
     let status = tokio::task::spawn_blocking(move || {
-        let st = svc.inst.wait(T);
+        let st = svc.inst.wait(Duration::from_secs(120));
         (st, svc.inst.output())
     })
     .await

@@ -78,9 +78,54 @@ struct Outcome {
     checks: Vec<(String, bool)>,
 }
 
+/// The lowest port the kernel hands out as a connection's source port.
+fn ephemeral_low() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()))
+        .unwrap_or(32768)
+}
+
+/// A free loopback port below the ephemeral range, so that no outgoing connection (health
+/// checks, the load) takes it as its source port while an instance is down: a killed
+/// instance restarts on its own port.
 fn free_port() -> Result<SocketAddr, String> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    l.local_addr().map_err(|e| e.to_string())
+    let high = ephemeral_low().max(12_000);
+    let span = (high - 10_000) as u32;
+    // Each call starts further along (and a port once given is never given again).
+    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let seed = std::process::id()
+        .wrapping_mul(2_654_435_761)
+        .wrapping_add(CALLS.fetch_add(1, Ordering::Relaxed).wrapping_mul(104_729));
+    for k in 0..span.min(2_000) {
+        let port = 10_000 + ((seed.wrapping_add(k * 7_919)) % span) as u16;
+        static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if given.contains(&port) {
+            continue;
+        }
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+            given.push(port);
+            return l.local_addr().map_err(|e| e.to_string());
+        }
+    }
+    Err("no free port below the ephemeral range".into())
+}
+
+/// Starts an instance on a port of its own (another one if that one was taken meanwhile).
+fn start_instance(
+    program: &std::path::Path,
+    args: impl Fn(SocketAddr) -> Vec<String>,
+) -> Result<Instance, String> {
+    let mut last = String::new();
+    for _ in 0..5 {
+        match Instance::start(program, &args(free_port()?), Duration::from_secs(60)) {
+            Ok(i) => return Ok(i),
+            Err(e) if e.contains("cannot listen") => last = e,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last)
 }
 
 /// Polls HAProxy's statistics until `cond` holds for server `name`, for at most `within`.
@@ -172,11 +217,7 @@ async fn scenario(a: &Args, hap: &std::path::Path) -> Result<Outcome, String> {
     let mut instances = Vec::new();
     for i in 0..a.instances {
         let name = format!("s{i}");
-        let inst = Instance::start(
-            &program,
-            &args(&name, "127.0.0.1:0".parse().unwrap()),
-            ready,
-        )?;
+        let inst = start_instance(&program, |addr| args(&name, addr))?;
         println!("started {name} on {} (pid {})", inst.addr, inst.pid());
         instances.push((name, inst));
     }
@@ -187,12 +228,16 @@ async fn scenario(a: &Args, hap: &std::path::Path) -> Result<Outcome, String> {
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let cfg = haproxy::config(front, stats, &servers, a.capacity);
     let mut lb = HaProxy::start(hap, &dir, &cfg, stats)?;
+    let lb_log = dir.join("haproxy.log");
     println!(
         "haproxy on {front} (statistics on http://{stats}/stats), leastconn, maxconn {}",
         a.capacity
     );
     for (name, _) in &servers {
-        wait_for(stats, name, Duration::from_secs(20), ServerStat::is_up).await?;
+        if let Err(e) = wait_for(stats, name, Duration::from_secs(20), ServerStat::is_up).await {
+            let log = std::fs::read_to_string(&lb_log).unwrap_or_default();
+            return Err(format!("{e}\nhaproxy's output:\n{log}"));
+        }
     }
 
     // The load: bounded by a cap; stopped once the scenario has played out.
