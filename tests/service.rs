@@ -6,7 +6,8 @@ mod common;
 use common::{gate_path, wait_until, watchdog};
 use rkyv::{Archive, Deserialize, Serialize};
 use stateful_pool::service::{
-    Process, Server, ServiceError, StageExt, Threads, ensemble, ensemble_vec, local, seq, switch,
+    Process, Server, ServiceError, StageExt, Threads, WithPayload, ensemble, ensemble_vec, local,
+    seq, switch,
 };
 use stateful_pool::{
     BatchTask, BoxError, ErrorPolicy, Poisoned, Pool, TaskContext, TaskError, Worker, WorkerContext,
@@ -102,7 +103,10 @@ impl Worker for Step {
                 Cmd::Grow(n) => out.pad = (0..n).map(|i| (i % 251) as u8).collect(),
             }
         }
-        let _ = ctx;
+        // A payload (a `with_payload` stage) becomes the output's pad.
+        if !ctx.payload().is_empty() {
+            out.pad = ctx.payload().to_vec();
+        }
         out.v += 1;
         out.trail
             .push(format!("{}@{}#{}", self.name, self.spawns, out.trail.len()));
@@ -724,5 +728,57 @@ fn a_large_handed_off_item_survives_a_death_in_the_next_stage_for_many_laps() {
         assert_eq!(b.stats().worker_deaths, 2);
         let st = server.stats();
         assert_eq!((st.stages[1].done, st.stages[1].failed), (38, 2));
+    });
+}
+
+#[test]
+fn a_payload_stage_reads_the_callers_loan_in_place_and_hands_its_output_on() {
+    watchdog(120, || {
+        let a = pool("A", 1);
+        let server = Server::new(
+            seq((Process::new("A", a.clone()).with_payload(), process("B"))),
+            8,
+        );
+        for lap in 0..6u64 {
+            // 1 MiB: the payload is loaned, the output leaves A as a ring record and reaches B
+            // archived.
+            let len = 1 << 20;
+            let mut loan = a.loan(len).unwrap();
+            for (i, b) in loan.as_mut_slice().iter_mut().enumerate() {
+                *b = (i as u64 * 31 + lap) as u8;
+            }
+            let out = server.call(WithPayload::new(msg(lap), loan)).unwrap();
+            assert_eq!(out.v, lap + 2);
+            assert_eq!(names(&out), ["A", "B"]);
+            assert_eq!(out.pad.len(), len);
+            assert!(
+                out.pad
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &b)| b == (i as u64 * 31 + lap) as u8)
+            );
+        }
+        // A loan from another pool is refused, naming the stage; the stage serves on.
+        let other = pool("other", 1);
+        let e = stage_err(
+            server
+                .call(WithPayload::new(msg(0), other.loan(64).unwrap()))
+                .unwrap_err(),
+        );
+        assert_eq!(e.path, "seq[0]/A");
+        assert!(
+            e.to_string().contains("another pool")
+                || e.to_string().to_lowercase().contains("foreign"),
+            "{e}"
+        );
+        let small = a.loan(3).unwrap();
+        assert_eq!(
+            server
+                .call(WithPayload::new(msg(7), small))
+                .unwrap()
+                .pad
+                .len(),
+            3
+        );
     });
 }
