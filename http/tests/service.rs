@@ -99,6 +99,19 @@ impl Svc {
 }
 
 impl Svc {
+    /// Sends a request held in the worker until [`release`](Self::release)`(name)`, on a
+    /// task of its own.
+    fn spawn_held(
+        &self,
+        name: &str,
+    ) -> tokio::task::JoinHandle<Result<(u16, hyper::HeaderMap, Bytes), String>> {
+        let (a, fault) = (self.addr(), format!("hold={name}"));
+        tokio::spawn(async move {
+            let png = Bytes::from(samples::png(0, 64));
+            request(a, "/predict", png, &[("x-fault", &fault)], T).await
+        })
+    }
+
     /// Lets requests held with `x-fault: hold=NAME` go on.
     fn release(&self, name: &str) {
         std::fs::write(self.faults.join(name), b"go").unwrap();
@@ -317,19 +330,7 @@ async fn a_client_that_disconnects_cancels_its_queued_request() {
     let svc = Svc::start(&[]);
     let a = svc.addr();
     // A occupies the only preprocessing worker until the file `goA` exists.
-    let first = tokio::spawn({
-        let png = samples::png(0, 64);
-        async move {
-            request(
-                a,
-                "/predict",
-                Bytes::from(png),
-                &[("x-fault", "hold=goA")],
-                T,
-            )
-            .await
-        }
-    });
+    let first = svc.spawn_held("goA");
     svc.wait_metric(
         "stateful_pool_stage_in_flight{stage=\"seq[0]/preprocess\"",
         1.0,
@@ -400,19 +401,7 @@ async fn sigterm_drains_requests_in_flight_then_exits() {
         "2",
     ]);
     let a = svc.addr();
-    let inflight = tokio::spawn({
-        let png = samples::png(0, 64);
-        async move {
-            request(
-                a,
-                "/predict",
-                Bytes::from(png),
-                &[("x-fault", "hold=go")],
-                T,
-            )
-            .await
-        }
-    });
+    let inflight = svc.spawn_held("go");
     svc.wait_metric("stateful_pool_server_in_flight ", 1.0)
         .await;
     stateful_pool_http::sys::terminate_pid(svc.inst.pid());
