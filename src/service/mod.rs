@@ -7,6 +7,9 @@
 //!   batching under the pool's [`BatchPolicy`](crate::BatchPolicy)); [`Threads`] runs the same
 //!   [`Worker`](crate::Worker) type on threads of this process; [`local`] applies a function
 //!   in the parent (glue, or an ensemble's combine step). Each has a bound on items in flight.
+//!   [`Process::with_payload`] makes a process stage whose items carry bulk bytes written in
+//!   place into the pool's shared memory ([`WithPayload`]: an uploaded file, read by the
+//!   worker as its task's payload).
 //! - **Composition** ([`seq`], [`ensemble`], [`ensemble_vec`], [`switch`]): typed, so a
 //!   stage's output must be the next stage's input or the program does not compile.
 //! - **The [`Server`]**: `call` (blocking), `try_call` (fails at once when full),
