@@ -117,7 +117,7 @@ pub(crate) async fn until<F: Future>(deadline: Option<Instant>, f: F) -> Option<
         return None;
     }
     let f = std::pin::pin!(f);
-    match select(f, async_io::Timer::at(d)).await {
+    match select(f, super::timer::Sleep::until(d)).await {
         Either::Left((v, _)) => Some(v),
         Either::Right(_) => None,
     }

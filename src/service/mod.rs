@@ -68,6 +68,7 @@ mod server;
 mod stage;
 mod stream;
 mod thread;
+mod timer;
 
 pub use compose::{
     BoxStage, CollectAll, Ensemble, FailFast, Seq, StageExt, Switch, ensemble, ensemble_vec, seq,
