@@ -70,6 +70,12 @@ fn a_worker_killed_mid_task_fails_that_task_only_and_is_restarted_with_the_same_
         }
         let new_pid = pid_of(&pool);
         assert_ne!(new_pid, pid);
+        // The new worker serves as soon as its spawn step is done; the supervisor records it
+        // (state, restart count) when it next looks, which may be a moment later.
+        assert!(wait_until(60, || {
+            let w = &pool.workers()[0];
+            w.state == WorkerState::Ready && w.restarts == 1
+        }));
         let w = &pool.workers()[0];
         assert_eq!(
             (w.state, w.generation, w.restarts, w.pid),
