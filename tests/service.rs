@@ -734,20 +734,40 @@ fn a_large_handed_off_item_survives_a_death_in_the_next_stage_for_many_laps() {
 #[test]
 fn a_payload_stage_reads_the_callers_loan_in_place_and_hands_its_output_on() {
     watchdog(120, || {
-        let a = pool("A", 1);
+        // An arena of four 1 MiB payloads: a payload not given back (after a death, say)
+        // would make a later `try_loan` fail within a few laps.
+        let a = Pool::<Step>::builder()
+            .queue_size(8)
+            .task_arena_bytes(4 << 20)
+            .build()
+            .unwrap();
+        a.spawn(&"A".to_string()).unwrap();
+        let a = Arc::new(a);
         let server = Server::new(
             seq((Process::new("A", a.clone()).with_payload(), process("B"))),
             8,
         );
-        for lap in 0..6u64 {
+        for lap in 0..24u64 {
             // 1 MiB: the payload is loaned, the output leaves A as a ring record and reaches B
             // archived.
             let len = 1 << 20;
-            let mut loan = a.loan(len).unwrap();
+            let mut loan = a
+                .try_loan(len)
+                .expect("the arena has room: no payload leaked");
             for (i, b) in loan.as_mut_slice().iter_mut().enumerate() {
                 *b = (i as u64 * 31 + lap) as u8;
             }
-            let out = server.call(WithPayload::new(msg(lap), loan)).unwrap();
+            let mut m = msg(lap);
+            if lap % 6 == 5 {
+                // The worker dies holding the payload: only this item fails, naming the
+                // stage, and the payload's space comes back.
+                m = with(m, "A", Cmd::Kill);
+                let e = stage_err(server.call(WithPayload::new(m, loan)).unwrap_err());
+                assert_eq!(e.path, "seq[0]/A");
+                assert!(matches!(e.error, TaskError::WorkerDied { .. }), "{e}");
+                continue;
+            }
+            let out = server.call(WithPayload::new(m, loan)).unwrap();
             assert_eq!(out.v, lap + 2);
             assert_eq!(names(&out), ["A", "B"]);
             assert_eq!(out.pad.len(), len);
@@ -771,7 +791,7 @@ fn a_payload_stage_reads_the_callers_loan_in_place_and_hands_its_output_on() {
                 || e.to_string().to_lowercase().contains("foreign"),
             "{e}"
         );
-        let small = a.loan(3).unwrap();
+        let small = a.try_loan(3).unwrap();
         assert_eq!(
             server
                 .call(WithPayload::new(msg(7), small))

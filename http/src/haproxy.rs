@@ -7,15 +7,14 @@ use bytes::Bytes;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The `haproxy` program, if installed (on `PATH` or in `/usr/sbin`).
 pub fn find() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
-        .map(|d| d.join("haproxy"))
-        .find(|p| p.is_file())
+    crate::instance::find_program(
+        "haproxy",
+        &[PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")],
+    )
 }
 
 /// The configuration for a frontend at `front`, a statistics page at `stats`, and `servers`
@@ -128,15 +127,7 @@ impl HaProxy {
     pub fn stop(&mut self, within: Duration) {
         if let Ok(None) = self.child.try_wait() {
             crate::sys::terminate(&self.child);
-            let deadline = Instant::now() + within;
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+            let _ = crate::instance::wait_or_kill(&mut self.child, within);
         }
     }
 }

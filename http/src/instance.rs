@@ -146,17 +146,32 @@ impl Instance {
 
     /// Waits up to `within` for the process to exit; kills it if it takes longer.
     pub fn wait(&mut self, within: Duration) -> Result<ExitStatus, String> {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            match self.child.try_wait() {
-                Ok(Some(st)) => return Ok(st),
-                Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-        self.kill();
-        Err(format!("it did not exit within {within:?}; killed"))
+        wait_or_kill(&mut self.child, within)
     }
+}
+
+/// Waits up to `within` for `child` to exit; kills (and reaps) it if it takes longer.
+pub fn wait_or_kill(child: &mut Child, within: Duration) -> Result<ExitStatus, String> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        match child.try_wait() {
+            Ok(Some(st)) => return Ok(st),
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Err(format!("it did not exit within {within:?}; killed"))
+}
+
+/// The program `name` on `PATH`, or else in one of `also`.
+pub fn find_program(name: &str, also: &[PathBuf]) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(also.iter().cloned())
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }
 
 impl Drop for Instance {

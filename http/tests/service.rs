@@ -237,28 +237,24 @@ async fn malformed_requests_get_a_4xx_with_a_reason() {
     let (code, _, _) = svc.get("/samples/99").await;
     assert_eq!(code, 400);
 
-    let a = svc.addr();
-    let empty = raw(
-        a,
-        b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n",
-    );
-    assert!(empty.starts_with("HTTP/1.1 400"), "{empty}");
-    let too_large = raw(
-        a,
-        b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: 100001\r\n\r\n",
-    );
-    assert!(too_large.starts_with("HTTP/1.1 413"), "{too_large}");
-    let chunked = raw(
-        a,
-        b"POST /predict HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
-    );
-    assert!(chunked.starts_with("HTTP/1.1 411"), "{chunked}");
-    // A slow client: the head, then 10 of the 1000 bytes it announced, then nothing.
-    let slow = raw(
-        a,
-        b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n0123456789",
-    );
-    assert!(slow.starts_with("HTTP/1.1 408"), "{slow}");
+    // Malformed at the HTTP level, sent as raw bytes: each request and the status it gets.
+    let cases: [(&[u8], &str); 4] = [
+        (b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n", "400"),
+        (b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: 100001\r\n\r\n", "413"),
+        (
+            b"POST /predict HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            "411",
+        ),
+        // A slow client: the head, then 10 of the 1000 bytes it announced, then nothing.
+        (b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n0123456789", "408"),
+    ];
+    for (request, status) in cases {
+        let answer = raw(svc.addr(), request);
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{answer}"
+        );
+    }
     // The service still serves.
     let (code, _, _) = svc.post(samples::png(2, 64), &[]).await;
     assert_eq!(code, 200);

@@ -12,7 +12,7 @@ use clap::Parser;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 use stateful_pool_http::client::{self, Live, LoadSpec, Shape};
-use stateful_pool_http::instance::{Instance, service_program};
+use stateful_pool_http::instance::{Instance, find_program, service_program};
 use stateful_pool_http::samples;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -92,13 +92,13 @@ fn main() -> ExitCode {
     }
 }
 
+/// oha on `PATH`, or where `cargo install` puts it.
 fn oha() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let home = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin"));
-    std::env::split_paths(&path)
-        .chain(home)
-        .map(|d| d.join("oha"))
-        .find(|p| p.is_file())
+    let cargo_bin: Vec<PathBuf> = std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".cargo/bin"))
+        .into_iter()
+        .collect();
+    find_program("oha", &cargo_bin)
 }
 
 fn run(a: &Args) -> Result<(), String> {
