@@ -548,14 +548,49 @@ fn memory_reserved_as_it_is_needed_fails_clearly_and_the_pool_serves_on() {
             .__fail_reservations(1)
             .build()
             .unwrap();
-        match pool.spawn(&Spawn::ok("no-ring")) {
-            Err(e @ SpawnError::NoSpace { .. }) => {
-                assert!(e.to_string().contains("cannot reserve"), "{e}")
+        for _ in 0..2 {
+            match pool.spawn(&Spawn::ok("no-ring")) {
+                Err(e @ SpawnError::NoSpace { .. }) => {
+                    assert!(e.to_string().contains("cannot reserve"), "{e}");
+                    let os = std::error::Error::source(&e)
+                        .and_then(|s| s.downcast_ref::<std::io::Error>())
+                        .and_then(|s| s.raw_os_error());
+                    assert_eq!(os, Some(libc::ENOSPC), "{e}");
+                }
+                other => panic!("expected SpawnError::NoSpace, got {other:?}"),
             }
-            other => panic!("expected SpawnError::NoSpace, got {other:?}"),
+            assert_eq!(pool.num_workers(), 0);
+            assert!(pool.workers().iter().all(|w| w.state == WorkerState::Empty));
         }
-        assert_eq!(pool.num_workers(), 0);
-        assert!(pool.workers().iter().all(|w| w.state == WorkerState::Empty));
+        drop(pool);
+        // The worker reserves its seat's ring while its spawn step runs: once it is ready the
+        // segment holds the ring's memory; a restarted worker in the same seat serves large
+        // results at once. Without the reservation, nothing is held for the ring.
+        let pool = Pool::<TestWorker>::builder().build().unwrap();
+        let (before, ring) = pool.__segment_memory();
+        pool.spawn(&Spawn::ok("ring")).unwrap();
+        let (after, _) = pool.__segment_memory();
+        // (Its first page may be shared with a region `build` reserved.)
+        assert!(
+            after + 4096 >= before + ring,
+            "{before} + ring {ring} > {after}"
+        );
+        sigkill(pool.workers()[0].pid);
+        assert!(wait_until(60, || {
+            let w = &pool.workers()[0];
+            w.restarts == 1 && w.state == WorkerState::Ready
+        }));
+        let big = pool.execute(&Cmd::MakeBytes(ring as u32 / 3)).unwrap();
+        assert_eq!(big.bytes.len() as u64, ring / 3);
+        assert_eq!(pool.__segment_memory().0, after, "reserved once per seat");
+        drop(pool);
+        let pool = Pool::<TestWorker>::builder()
+            .reserve_memory(false)
+            .build()
+            .unwrap();
+        let (before, _) = pool.__segment_memory();
+        pool.spawn(&Spawn::ok("lazy")).unwrap();
+        assert!(pool.__segment_memory().0 < before + ring / 2);
         drop(pool);
         // The arena cannot grow: large tasks and loans fail with NoSpace; small tasks (in
         // their slot) are served.

@@ -351,7 +351,8 @@ impl<W: Worker> PoolBuilder<W> {
     /// so a shortage of memory is always an error, never a crash (SIGBUS) when a page is
     /// first touched: the queue, slots and control blocks at `build()`
     /// ([`BuildError::NoSpace`]), each seat's completion ring when the seat is first spawned
-    /// ([`SpawnError::NoSpace`](crate::SpawnError::NoSpace)), and the task arena in 4 MiB
+    /// (by its worker, while its spawn step runs, before it reports ready:
+    /// [`SpawnError::NoSpace`](crate::SpawnError::NoSpace)), and the task arena in 4 MiB
     /// steps as large tasks and loans first reach it
     /// ([`SubmitError::NoSpace`](crate::SubmitError::NoSpace)). So a pool costs memory for
     /// the workers it has and the arena it has used, not for `max_workers`. With `false`

@@ -299,13 +299,6 @@ impl<W: Worker> Pool<W> {
             let Some(i) = seats.iter().position(|s| !s.in_use) else {
                 return Err(SpawnError::NoCapacity { max: seats.len() });
             };
-            // The seat's completion ring, reserved before its first worker can write there.
-            if let Err(e) = shared.reserve_seat(i as u32) {
-                return Err(SpawnError::NoSpace {
-                    bytes: shared.layout.result_ring_stride as u64,
-                    source: e,
-                });
-            }
             shared.set_seat_in_use(&mut seats, i, true);
             seats[i].spawned_with = Some((buf.clone(), env.clone()));
             i as u32
@@ -316,6 +309,8 @@ impl<W: Worker> Pool<W> {
             parent_pid: std::process::id(),
             entry: entry_offset::<W>(),
             fingerprint: fingerprint(),
+            // The seat's completion ring: the worker reserves it before it reports ready.
+            reserve_ring: shared.ring_reserve(seat),
         }
         .encode();
         let sent = self.sup_tx.send(SupMsg::Launch {
@@ -526,6 +521,27 @@ impl<W: Worker> Pool<W> {
     pub fn __sleepers(&self) -> (u32, u32) {
         let h = self.shared.header();
         (h.task_ready.sleepers(), h.space.sleepers())
+    }
+
+    /// Test hook (feature `failpoints`, not an API): bytes of memory the segment holds now,
+    /// and the size of one seat's completion ring.
+    #[cfg(feature = "failpoints")]
+    #[doc(hidden)]
+    pub fn __segment_memory(&self) -> (u64, u64) {
+        let meta = std::fs::File::from(
+            self.shared
+                .seg
+                .fd()
+                .try_clone_to_owned()
+                .expect("duplicate the segment fd"),
+        )
+        .metadata()
+        .expect("stat the segment");
+        use std::os::unix::fs::MetadataExt;
+        (
+            meta.blocks() * 512,
+            self.shared.layout.result_ring_stride as u64,
+        )
     }
 
     // ---- tasks ----

@@ -14,6 +14,7 @@ use crate::ring::wait::EventCount;
 use crate::shm::layout::{BatchCtl, Layout, RING_HDR, SegmentHeader, SlotTimes, WorkerCtl};
 use crate::shm::segment::Segment;
 use crate::slot::SlotHeader;
+use crate::worker::boot::RingReserve;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -94,7 +95,7 @@ pub(crate) struct Shared {
     reserved: Mutex<Reserved>,
 }
 
-/// See [`Shared::reserve_seat`] and [`Shared::reserve_arena`].
+/// See [`Shared::ring_reserve`] and [`Shared::reserve_arena`].
 #[derive(Debug, Default)]
 struct Reserved {
     seats: Vec<bool>,
@@ -168,26 +169,34 @@ impl Shared {
             .get(self.layout.slots + slot as usize * size_of::<SlotHeader>())
     }
 
-    /// Reserves the memory of seat `seat`'s completion ring, once, before its first worker
-    /// starts (with `reserve_memory`; a no-op otherwise): a shortage is this error, at spawn,
-    /// never a SIGBUS when the worker writes a result.
-    pub(crate) fn reserve_seat(&self, seat: u32) -> std::io::Result<()> {
+    /// What a worker starting in seat `seat` must do about its completion ring's memory: with
+    /// `reserve_memory`, reserve it the first time the seat is spawned ([`RingReserve::Yes`]),
+    /// so that a shortage fails that spawn (`SpawnError::NoSpace`), never a worker writing a
+    /// result later. The worker reserves it on a thread of its own while its spawn step runs,
+    /// off the start-up path; [`seat_reserved`](Self::seat_reserved) records that it did.
+    pub(crate) fn ring_reserve(&self, seat: u32) -> RingReserve {
         if !self.cfg.reserve_memory {
-            return Ok(());
+            return RingReserve::No;
         }
-        let mut r = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
+        let r = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
         if r.seats[seat as usize] {
-            return Ok(());
+            RingReserve::No
+        } else if self.cfg.fail_reserve & 1 != 0 {
+            RingReserve::FailForTest
+        } else {
+            RingReserve::Yes
         }
-        if self.cfg.fail_reserve & 1 != 0 {
-            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+    }
+
+    /// A worker of seat `seat` reported ready: its ring's memory is reserved (it was asked to,
+    /// or an earlier worker was).
+    pub(crate) fn seat_reserved(&self, seat: u32) {
+        if self.cfg.reserve_memory {
+            self.reserved
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .seats[seat as usize] = true;
         }
-        self.seg.reserve(
-            self.layout.result_ring_off(seat),
-            self.layout.result_ring_stride,
-        )?;
-        r.seats[seat as usize] = true;
-        Ok(())
     }
 
     /// Reserves the arena's memory up to segment offset `end` (rounded up to a step), before

@@ -42,6 +42,9 @@ pub(crate) const KIND_POISONED: u32 = 11;
 pub(crate) const KIND_BROKEN: u32 = 12;
 /// The task's deadline passed before a worker started it; not run (no record).
 pub(crate) const KIND_EXPIRED: u32 = 13;
+/// Spawn reports only (`WorkerCtl::spawn_kind`): the worker could not reserve the memory of its
+/// seat's completion ring; the data is the OS error number, in decimal.
+pub(crate) const KIND_NO_SPACE: u32 = 14;
 
 /// Bit of `rec` meaning "no ring record: the output archive is inline in the slot's own data
 /// area, at the offset in the low bits" (small results). The offset is past the task's own

@@ -16,6 +16,7 @@
 
 use crate::shm::layout::{Layout, SegmentHeader, VERSION};
 use crate::shm::segment::Segment;
+use std::io;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::sync::OnceLock;
@@ -35,7 +36,7 @@ pub(crate) const SEGMENT_FD: i32 = 3;
 pub(crate) const NOTIFY_FD: i32 = 4;
 
 /// The boot string's format, after the protocol version (`v{VERSION}.{BOOT_FORMAT}:…`).
-const BOOT_FORMAT: u32 = 2;
+const BOOT_FORMAT: u32 = 3;
 
 /// What the parent tells a worker process. Its encoding also carries the parent's executable
 /// identity ([`ExeId::current`]).
@@ -45,6 +46,41 @@ pub(crate) struct Boot {
     pub(crate) parent_pid: u32,
     pub(crate) entry: usize,
     pub(crate) fingerprint: usize,
+    /// Whether the worker reserves the memory of its seat's completion ring while its spawn
+    /// step runs ([`RingReserve`]).
+    pub(crate) reserve_ring: RingReserve,
+}
+
+/// What a starting worker does about the memory of its seat's completion ring (see
+/// ARCHITECTURE.md, *Memory reservation*).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RingReserve {
+    /// Nothing: the pool does not reserve memory, or this seat's ring is already reserved.
+    No,
+    /// Reserve it (`fallocate`) on a thread of its own while the spawn step runs; report the
+    /// spawn ready only once it is done, failed with `KIND_NO_SPACE` if it failed.
+    Yes,
+    /// As if the reservation failed with `ENOSPC` (the pool's test hook).
+    FailForTest,
+}
+
+impl RingReserve {
+    fn code(self) -> u8 {
+        match self {
+            RingReserve::No => 0,
+            RingReserve::Yes => 1,
+            RingReserve::FailForTest => 2,
+        }
+    }
+
+    fn from_code(c: &str) -> Option<RingReserve> {
+        Some(match c {
+            "0" => RingReserve::No,
+            "1" => RingReserve::Yes,
+            "2" => RingReserve::FailForTest,
+            _ => return None,
+        })
+    }
 }
 
 impl Boot {
@@ -56,8 +92,12 @@ impl Boot {
     fn encode_with(&self, exe: Option<ExeId>) -> String {
         let exe = exe.map_or_else(|| "-".to_string(), |e| e.encode());
         format!(
-            "v{VERSION}.{BOOT_FORMAT}:{}:{}:{:x}:{:x}:{exe}",
-            self.seat, self.parent_pid, self.entry, self.fingerprint
+            "v{VERSION}.{BOOT_FORMAT}:{}:{}:{:x}:{:x}:{}:{exe}",
+            self.seat,
+            self.parent_pid,
+            self.entry,
+            self.fingerprint,
+            self.reserve_ring.code()
         )
     }
 
@@ -72,6 +112,7 @@ impl Boot {
         let parent_pid = it.next()?.parse().ok()?;
         let entry = usize::from_str_radix(it.next()?, 16).ok()?;
         let fingerprint = usize::from_str_radix(it.next()?, 16).ok()?;
+        let reserve_ring = RingReserve::from_code(it.next()?)?;
         let exe = match it.next()? {
             "-" => None,
             e => Some(ExeId::decode(e)?),
@@ -84,6 +125,7 @@ impl Boot {
             parent_pid,
             entry,
             fingerprint,
+            reserve_ring,
         };
         Some((boot, exe))
     }
@@ -188,6 +230,37 @@ pub(crate) struct WorkerProcess {
     pub(crate) notify: Option<OwnedFd>,
     /// The GPUs the worker was spawned with, and whether its CUDA view is restricted to them.
     pub(crate) gpus: (Vec<u32>, bool),
+    /// The reservation of the seat's completion ring, running beside the spawn step (see
+    /// [`RingReserve::Yes`]); joined before the worker reports ready.
+    pub(crate) ring_reservation: Option<RingReservation>,
+}
+
+/// A completion ring's reservation in progress on its own thread.
+#[derive(Debug)]
+pub(crate) struct RingReservation(std::thread::JoinHandle<io::Result<()>>);
+
+impl RingReservation {
+    /// Starts reserving `len` bytes at `off` of the segment behind `fd` (a close-on-exec
+    /// duplicate this reservation owns and closes when done).
+    fn start(fd: OwnedFd, off: u64, len: u64, how: RingReserve) -> io::Result<RingReservation> {
+        let job = move || {
+            if how == RingReserve::FailForTest {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            crate::sys::reserve_range(fd.as_fd(), off, len)
+        };
+        std::thread::Builder::new()
+            .name("sp-reserve".into())
+            .spawn(job)
+            .map(RingReservation)
+    }
+
+    /// Waits for the reservation; its outcome.
+    pub(crate) fn finish(self) -> io::Result<()> {
+        self.0
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the reservation thread panicked")))
+    }
 }
 
 /// Parses [`GPUS_ENV`].
@@ -333,6 +406,18 @@ pub(crate) fn enter(boot_str: &str, which: Entry) -> ! {
     // SAFETY: fd 3 was placed by the parent's launcher for us and nothing else in this process
     // owns it (init() runs before the program opens files).
     let fd = unsafe { OwnedFd::from_raw_fd(SEGMENT_FD) };
+    // The reservation needs the file; everything else the mapping. A close-on-exec copy, so
+    // that no program the worker starts inherits it while the reservation runs.
+    let reserve_fd = match boot.reserve_ring {
+        RingReserve::No => None,
+        _ => match fd.try_clone() {
+            Ok(f) => Some(f),
+            Err(e) => die(
+                exit_code::NO_SEGMENT,
+                &format!("cannot duplicate the pool segment's fd {SEGMENT_FD}: {e}"),
+            ),
+        },
+    };
     // Maps the segment and closes fd 3: programs the worker's code starts never inherit it.
     let seg = match Segment::open(fd) {
         Ok(s) => s,
@@ -388,12 +473,28 @@ pub(crate) fn enter(boot_str: &str, which: Entry) -> ! {
     // caller guarantees has a single thread. Removed so that pools this worker builds do not
     // hand it on.
     unsafe { std::env::remove_var(GPUS_ENV) };
+    // From here on the process may have threads. The seat's ring is reserved beside the spawn
+    // step (which may take seconds loading a model), not before it: off the start-up path.
+    let ring_reservation = reserve_fd.map(|fd| {
+        let (off, len) = (
+            layout.result_ring_off(boot.seat) as u64,
+            layout.result_ring_stride as u64,
+        );
+        match RingReservation::start(fd, off, len, boot.reserve_ring) {
+            Ok(r) => r,
+            Err(e) => die(
+                exit_code::NO_SEGMENT,
+                &format!("cannot start the ring reservation thread: {e}"),
+            ),
+        }
+    });
     entry(WorkerProcess {
         seg,
         layout,
         seat: boot.seat,
         notify,
         gpus,
+        ring_reservation,
     })
 }
 
@@ -408,6 +509,7 @@ mod tests {
             parent_pid: 1234,
             entry: 0xdead_beef,
             fingerprint: usize::MAX - 5,
+            reserve_ring: RingReserve::Yes,
         };
         let exe = ExeId {
             dev: 0x803,
@@ -428,14 +530,20 @@ mod tests {
         );
         let v = format!("v{VERSION}.{BOOT_FORMAT}");
         assert_eq!(
-            Boot::decode(&format!("{v}:1:2:3:4:-")).map(|d| d.0.seat),
+            Boot::decode(&format!("{v}:1:2:3:4:0:-")).map(|d| d.0.seat),
             Some(1)
         );
+        assert_eq!(
+            Boot::decode(&format!("{v}:1:2:3:4:2:-")).map(|d| d.0.reserve_ring),
+            Some(RingReserve::FailForTest)
+        );
         assert_eq!(Boot::decode(&format!("v{VERSION}:1:2:3:4")), None); // the old format
-        assert_eq!(Boot::decode(&format!("{v}:1:2:3:4")), None);
-        assert_eq!(Boot::decode(&format!("{v}:1:2:3:4:-:5")), None);
-        assert_eq!(Boot::decode(&format!("{v}:1:2:3:4:1.2.3.4")), None);
-        assert_eq!(Boot::decode(&format!("{v}:x:2:3:4:-")), None);
+        assert_eq!(Boot::decode(&format!("v{VERSION}.2:1:2:3:4:-")), None); // no reserve field
+        assert_eq!(Boot::decode(&format!("{v}:1:2:3:4:0")), None);
+        assert_eq!(Boot::decode(&format!("{v}:1:2:3:4:0:-:5")), None);
+        assert_eq!(Boot::decode(&format!("{v}:1:2:3:4:3:-")), None);
+        assert_eq!(Boot::decode(&format!("{v}:1:2:3:4:0:1.2.3.4")), None);
+        assert_eq!(Boot::decode(&format!("{v}:x:2:3:4:0:-")), None);
         assert_eq!(Boot::decode(""), None);
     }
 

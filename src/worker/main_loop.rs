@@ -16,8 +16,8 @@ use crate::shm::layout::{
     FLAG_RESTART_ON_PANIC, RING_HDR, SlotTimes, WorkerCtl, ctl_state, hold, parked,
 };
 use crate::slot::outcome::{
-    KIND_BAD_TASK, KIND_CANCELLED, KIND_ERR, KIND_EXPIRED, KIND_OK, KIND_PANIC, KIND_POISONED,
-    KIND_TOO_LARGE, REC_INLINE,
+    KIND_BAD_TASK, KIND_CANCELLED, KIND_ERR, KIND_EXPIRED, KIND_NO_SPACE, KIND_OK, KIND_PANIC,
+    KIND_POISONED, KIND_TOO_LARGE, REC_INLINE,
 };
 use crate::slot::{RawOutcome, SlotHeader, bits};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -86,7 +86,8 @@ pub(crate) fn capture_backtraces() {
 }
 
 /// Entry point of a worker process serving worker type `W`. Never returns.
-pub(crate) fn run<W: Worker>(wp: WorkerProcess) -> ! {
+pub(crate) fn run<W: Worker>(mut wp: WorkerProcess) -> ! {
+    let ring_reservation = wp.ring_reservation.take();
     let hdr = wp.header();
     let layout = wp.layout;
     let ctl = wp.seg.get::<WorkerCtl>(layout.ctl_off(wp.seat));
@@ -197,6 +198,14 @@ pub(crate) fn run<W: Worker>(wp: WorkerProcess) -> ! {
             fail(KIND_ERR, &format!("cannot serialise spawn output: {m}"))
         }
         Err(p) => fail(KIND_PANIC, &panic_message(&*p)),
+    }
+    // The completion ring's memory, reserved beside the spawn step: nothing is written there
+    // before this succeeds (tasks come only after READY).
+    if let Some(r) = ring_reservation {
+        if let Err(e) = r.finish() {
+            let errno = e.raw_os_error().unwrap_or(libc::EIO);
+            fail(KIND_NO_SPACE, &errno.to_string())
+        }
     }
     ctl.spawn_kind.store(KIND_OK, Ordering::Relaxed);
     // SYNC POINT: spawn output visible to the supervisor's Acquire load of the state.

@@ -187,6 +187,7 @@ impl Sup {
                     seats[worker].pid = pid;
                 }
                 crate::telemetry::ready(seat, pid);
+                shared.seat_reserved(seat);
                 shared.no_workers.store(false, Ordering::SeqCst);
                 match reply {
                     Some(r) => r.complete(SpawnOutcome::Ready(spawn_report(&shared, seat))),
@@ -203,7 +204,16 @@ impl Sup {
             }
             ctl_state::FAILED => {
                 let message = String::from_utf8_lossy(&spawn_report(&shared, seat)).into_owned();
-                let panicked = ctl.spawn_kind.load(Ordering::Relaxed) == KIND_PANIC;
+                let kind = ctl.spawn_kind.load(Ordering::Relaxed);
+                let panicked = kind == KIND_PANIC;
+                // The worker could not reserve its ring: the OS error it sent (checked: any
+                // other text is an I/O error of unknown kind).
+                let no_space = (kind == KIND_NO_SPACE).then(|| match message.parse::<i32>() {
+                    Ok(errno) if errno > 0 && errno < 4096 => {
+                        std::io::Error::from_raw_os_error(errno)
+                    }
+                    _ => std::io::Error::other(format!("unreadable OS error {message:?}")),
+                });
                 // The worker exits right after reporting: reap it now.
                 self.reap_now(seat);
                 let s = &mut self.seats[seat as usize];
@@ -214,7 +224,12 @@ impl Sup {
                 match reply {
                     Some(r) => {
                         self.free_seat(seat, WorkerState::Empty);
-                        r.complete(SpawnOutcome::Failed(if panicked {
+                        r.complete(SpawnOutcome::Failed(if let Some(source) = no_space {
+                            SpawnError::NoSpace {
+                                bytes: shared.layout.result_ring_stride as u64,
+                                source,
+                            }
+                        } else if panicked {
                             // The worker's backtrace (if it sent one) stays in its stderr.
                             let (message, _) = crate::worker::main_loop::split_backtrace(message);
                             SpawnError::Panicked { worker, message }
@@ -223,8 +238,12 @@ impl Sup {
                         }));
                     }
                     None => {
-                        let what = if panicked { "panicked" } else { "failed" };
-                        self.restart_failed(seat, format!("spawn step {what}: {message}"));
+                        let why = match no_space {
+                            Some(e) => format!("cannot reserve the completion ring: {e}"),
+                            None if panicked => format!("spawn step panicked: {message}"),
+                            None => format!("spawn step failed: {message}"),
+                        };
+                        self.restart_failed(seat, why);
                     }
                 }
             }

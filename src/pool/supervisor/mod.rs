@@ -24,7 +24,8 @@ use crate::process::launch;
 use crate::ring::mpmc::Repair;
 use crate::shm::layout::{ctl_state, hold, parked};
 use crate::slot::outcome::{
-    KIND_CANCELLED, KIND_DIED, KIND_NO_WORKERS, KIND_PANIC, KIND_POISONED, KIND_TIMEOUT,
+    KIND_CANCELLED, KIND_DIED, KIND_NO_SPACE, KIND_NO_WORKERS, KIND_PANIC, KIND_POISONED,
+    KIND_TIMEOUT,
 };
 use crate::slot::{RawOutcome, bits, held_by_dead_worker};
 use std::collections::VecDeque;
