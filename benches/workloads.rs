@@ -363,7 +363,17 @@ fn w3(c: &mut Criterion) {
         .task_arena_bytes(200 << 20)
         .build()
         .unwrap();
-    for r in pool.spawn_many([&(), &()]) {
+    for r in pool.spawn_many([&true, &true]) {
+        r.unwrap();
+    }
+    // Diagnostic: the same copying submit to workers that do not read the payload (W3's
+    // workers each read one byte per page, a cross-core miss each, on the same 2 CPUs the
+    // submitter copies on).
+    let unread = Pool::<PayloadSum>::builder()
+        .task_arena_bytes(200 << 20)
+        .build()
+        .unwrap();
+    for r in unread.spawn_many([&false, &false]) {
         r.unwrap();
     }
     for (label, size, count) in [("1MiB", 1usize << 20, 200u64), ("16MiB", 16 << 20, 50)] {
@@ -402,28 +412,33 @@ fn w3(c: &mut Criterion) {
         });
         drop(dsts);
         // Copying submit: the task is the payload (one copy, into shared memory); up to 4 in
-        // flight.
-        g.bench_function(BenchmarkId::new("pool_copy", label), |b| {
-            b.iter_custom(|n| {
-                let start = Instant::now();
-                for _ in 0..n {
-                    let mut inflight = std::collections::VecDeque::new();
-                    for _ in 0..count {
-                        if inflight.len() == 4 {
-                            let h: TaskHandle<u64> = inflight.pop_front().unwrap();
-                            assert_eq!(h.wait().unwrap(), expect);
+        // flight. Also to the workers that do not read it (diagnostic).
+        for (name, p, want) in [
+            ("pool_copy", &pool, expect),
+            ("pool_copy_unread", &unread, size as u64),
+        ] {
+            g.bench_function(BenchmarkId::new(name, label), |b| {
+                b.iter_custom(|n| {
+                    let start = Instant::now();
+                    for _ in 0..n {
+                        let mut inflight = std::collections::VecDeque::new();
+                        for _ in 0..count {
+                            if inflight.len() == 4 {
+                                let h: TaskHandle<u64> = inflight.pop_front().unwrap();
+                                assert_eq!(h.wait().unwrap(), want);
+                            }
+                            inflight.push_back(p.submit(&data).unwrap());
                         }
-                        inflight.push_back(pool.submit(&data).unwrap());
+                        for h in inflight {
+                            assert_eq!(h.wait().unwrap(), want);
+                        }
                     }
-                    for h in inflight {
-                        assert_eq!(h.wait().unwrap(), expect);
-                    }
-                }
-                let t = start.elapsed();
-                record_iter(&format!("W3/pool_copy/{label}"), t, n);
-                t
-            })
-        });
+                    let t = start.elapsed();
+                    record_iter(&format!("W3/{name}/{label}"), t, n);
+                    t
+                })
+            });
+        }
         // Loaned payload: the caller writes the payload in place (not timed: that is the
         // caller's own work, not transport); timed is loan + submit + the worker's read + the
         // result: the transport itself, with no copy.
@@ -662,22 +677,24 @@ fn summary(_: &mut Criterion) {
     r.line("");
 
     r.line("### W3: payloads (2 workers)\n");
-    r.line("| payload | memcpy floor | memcpy, 5 rotating destinations | pool, copying submit | / floor | / rotating | loan: transport time per task | single task p50 (copying) |");
-    r.line("|---|---|---|---|---|---|---|---|");
+    r.line("| payload | memcpy floor | memcpy, 5 rotating destinations | pool, copying submit | / floor | / rotating | to workers that do not read it / floor | loan: transport time per task | single task p50 (copying) |");
+    r.line("|---|---|---|---|---|---|---|---|---|");
     for (label, size, count) in [("1MiB", 1u64 << 20, 200u64), ("16MiB", 16 << 20, 50)] {
         let bytes = (size * count) as f64;
         let floor = bytes / it(&format!("W3/memcpy/{label}"));
         let copy = bytes / it(&format!("W3/pool_copy/{label}"));
         let rot = bytes / it(&format!("W3/memcpy_rotating/{label}"));
+        let unread = bytes / it(&format!("W3/pool_copy_unread/{label}"));
         let loan = it(&format!("W3/pool_loan_transport/{label}")) / count as f64;
         let single = p(&format!("W3/single/{label}")).map_or(f64::NAN, |x| x.0);
         r.line(format!(
-            "| {label} | {:.2} GB/s | {:.2} GB/s | {:.2} GB/s | {:.2}× | {:.2}× | {} | {} |",
+            "| {label} | {:.2} GB/s | {:.2} GB/s | {:.2} GB/s | {:.2}× | {:.2}× | {:.2}× | {} | {} |",
             floor / 1e9,
             rot / 1e9,
             copy / 1e9,
             copy / floor,
             copy / rot,
+            unread / floor,
             fmt_ns(loan * 1e9),
             fmt_ns(single)
         ));
@@ -741,6 +758,21 @@ fn summary(_: &mut Criterion) {
         "| W1 parked ≤ 1.25× futex floor | {parked:.2}× | {} |",
         verdict(parked <= 1.25)
     ));
+    // Issue 17's tighter targets for the same numbers.
+    r.line(format!(
+        "| W1 p50 ≤ 2× spin floor (issue 17) | {:.2}× | {} |",
+        d50 / spin,
+        verdict(d50 / spin <= 2.0)
+    ));
+    r.line(format!(
+        "| W1 p99 ≤ 3× spin floor (issue 17) | {:.2}× | {} |",
+        d99 / spin,
+        verdict(d99 / spin <= 3.0)
+    ));
+    r.line(format!(
+        "| W1 parked ≤ 1.1× futex floor (issue 17) | {parked:.2}× | {} |",
+        verdict(parked <= 1.1)
+    ));
     let w6 = w1("pool_default/W6").0 / w1("floor_futex/W6").0;
     r.line(format!(
         "| W6 p50 ≤ 2× futex floor, in µs | {w6:.2}× ({}) | {} |",
@@ -758,6 +790,11 @@ fn summary(_: &mut Criterion) {
         "| W2 ≥ 2 M/s through handles | {:.2} M/s | {} |",
         handles / 1e6,
         verdict(handles >= 2e6)
+    ));
+    r.line(format!(
+        "| W2 ≥ 5 M/s through handles (issue 17) | {:.2} M/s | {} |",
+        handles / 1e6,
+        verdict(handles >= 5e6)
     ));
     r.line(format!(
         "| W2 ≥ 10× pipe pool (each write) | {:.2}× | {} |",

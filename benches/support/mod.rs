@@ -41,15 +41,18 @@ pub fn sparse_sum(b: &[u8]) -> u64 {
 }
 
 /// W3: sums every 4096th byte of the task's bytes, or of its loaned payload if it has one.
-pub struct PayloadSum;
+/// Spawned with `false` (a diagnostic), it returns the length instead, reading nothing.
+pub struct PayloadSum {
+    read: bool,
+}
 
 impl Worker for PayloadSum {
-    type SpawnArgs = ();
+    type SpawnArgs = bool;
     type SpawnOutput = ();
     type Task = Vec<u8>;
     type Output = u64;
-    fn spawn(_: (), _: &WorkerContext) -> Result<(Self, ()), BoxError> {
-        Ok((PayloadSum, ()))
+    fn spawn(read: bool, _: &WorkerContext) -> Result<(Self, ()), BoxError> {
+        Ok((PayloadSum { read }, ()))
     }
     fn execute(
         &mut self,
@@ -57,10 +60,11 @@ impl Worker for PayloadSum {
         ctx: &TaskContext<'_>,
     ) -> Result<u64, BoxError> {
         let p = ctx.payload();
-        Ok(if p.is_empty() {
-            sparse_sum(t.as_slice())
+        let bytes = if p.is_empty() { t.as_slice() } else { p };
+        Ok(if self.read {
+            sparse_sum(bytes)
         } else {
-            sparse_sum(p)
+            bytes.len() as u64
         })
     }
 }
