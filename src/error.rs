@@ -22,8 +22,8 @@ pub enum BuildError {
     )]
     InsideWorker,
     /// The machine does not have the memory for the segment: the whole segment is compared
-    /// with the memory available, and its fixed regions are reserved at creation, so a
-    /// shortage shows up here rather than as a crash later.
+    /// with the memory available, and its fixed regions (queue, slots, control blocks) are
+    /// reserved at creation, so a shortage shows up here rather than as a crash later.
     #[error(
         "cannot reserve {bytes} bytes of shared memory ({}); shrink the pool's queue_size, \
          task_arena_bytes or result_ring_bytes, or free memory",
@@ -124,9 +124,12 @@ pub enum SpawnError {
     /// The pool is shutting down.
     #[error("the pool is shut down")]
     Shutdown,
-    /// The memory of the worker's completion ring could not be reserved (with
-    /// [`reserve_memory`](crate::PoolBuilder::reserve_memory), each seat's ring is reserved
-    /// when the seat is first spawned, so a shortage is this error, never a crash later).
+    /// Memory the worker needs could not be reserved (with
+    /// [`reserve_memory`](crate::PoolBuilder::reserve_memory)): its seat's completion ring,
+    /// which the worker reserves while its spawn step runs until one of the seat's workers has
+    /// reported ready, or, for a worker given GPUs, the whole task arena (it pins it), reserved
+    /// before the process starts. A shortage is this error, never a crash later. For the ring,
+    /// the spawn step had already run and its state is dropped with the process.
     #[error("cannot reserve {bytes} bytes of shared memory for the worker's results: {source}")]
     NoSpace {
         /// Bytes asked for.

@@ -151,14 +151,57 @@ pub(crate) fn memfd_sealed(len: u64, reserve: u64) -> io::Result<OwnedFd> {
 }
 
 /// Reserves (allocates) the memory of bytes `off..off + len` of a memfd, so that touching them
-/// later can never fail (a shortage is this error now, not a SIGBUS then).
+/// later can never fail (a shortage is this error now, not a SIGBUS then). A signal that
+/// interrupts it (EINTR) is not a shortage: it is retried (what was allocated stays allocated,
+/// so each retry has less to do).
 pub(crate) fn reserve_range(fd: BorrowedFd<'_>, off: u64, len: u64) -> io::Result<()> {
-    // SAFETY: fallocate takes integers only; mode 0 allocates within the file's size.
-    let r = unsafe { libc::fallocate(fd.as_raw_fd(), 0, off as libc::off_t, len as libc::off_t) };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
+    loop {
+        // SAFETY: fallocate takes integers only; mode 0 allocates within the file's size.
+        let r =
+            unsafe { libc::fallocate(fd.as_raw_fd(), 0, off as libc::off_t, len as libc::off_t) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
     }
-    Ok(())
+}
+
+/// A close-on-exec duplicate of `fd` numbered `min` or above (so that it cannot take a number
+/// the caller still expects to find free or inherited, such as a worker's fd 4).
+pub(crate) fn dup_cloexec_from(fd: BorrowedFd<'_>, min: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC takes an integer and returns a new fd or -1.
+    let raw = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) })?;
+    // SAFETY: `raw` is a freshly created fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Starts a thread with every blockable signal blocked: a helper thread that must not take the
+/// process's signals (its handlers run on the threads that expect them) and whose system
+/// calls are not interrupted by them. The calling thread's mask is unchanged afterwards.
+pub(crate) fn spawn_signals_blocked<T: Send + 'static>(
+    builder: std::thread::Builder,
+    job: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<std::thread::JoinHandle<T>> {
+    // SAFETY: an all-zero sigset_t is valid storage; sigfillset initialises it.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `all` is a live sigset_t.
+    unsafe { libc::sigfillset(&mut all) };
+    // SAFETY: as above; pthread_sigmask writes the old mask here.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are live sigset_t values; this changes only this thread's mask
+    // (SIGKILL and SIGSTOP cannot be blocked and are left alone by the kernel).
+    let r = unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old) };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    // A new thread inherits the mask of the thread that creates it.
+    let spawned = builder.spawn(job);
+    // SAFETY: `old` is the mask read above; restores this thread's mask.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    spawned
 }
 
 /// Creates a non-blocking, close-on-exec eventfd (the supervisor's wake-up line).
@@ -283,4 +326,76 @@ pub(crate) fn child_exits_unwatched() -> bool {
         return false;
     }
     old.sa_sigaction == libc::SIG_IGN || old.sa_flags & libc::SA_NOCLDWAIT != 0
+}
+
+#[cfg(all(test, not(stateful_pool_loom), not(miri)))]
+mod tests {
+    use super::*;
+
+    /// The signal mask of the calling thread.
+    fn mask() -> libc::sigset_t {
+        // SAFETY: zeroed storage for a sigset_t, filled by pthread_sigmask (a null new set
+        // only reads the mask).
+        let mut m: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, std::ptr::null(), &mut m) };
+        m
+    }
+
+    fn blocked(m: &libc::sigset_t, sig: libc::c_int) -> bool {
+        // SAFETY: `m` is an initialised sigset_t.
+        unsafe { libc::sigismember(m, sig) == 1 }
+    }
+
+    #[test]
+    fn helper_thread_blocks_signals_and_leaves_the_caller_alone() {
+        let before = mask();
+        let h = spawn_signals_blocked(std::thread::Builder::new(), || {
+            let m = mask();
+            [
+                libc::SIGINT,
+                libc::SIGTERM,
+                libc::SIGUSR1,
+                libc::SIGCHLD,
+                libc::SIGALRM,
+            ]
+            .iter()
+            .all(|&s| blocked(&m, s))
+        })
+        .unwrap();
+        assert!(h.join().unwrap(), "the helper thread takes signals");
+        let after = mask();
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGUSR1, libc::SIGALRM] {
+            assert_eq!(blocked(&before, s), blocked(&after, s), "signal {s}");
+        }
+    }
+
+    #[test]
+    fn duplicate_lands_above_the_floor_and_closes_on_exec() {
+        let fd = eventfd().unwrap();
+        let dup = dup_cloexec_from(fd.as_fd(), 50).unwrap();
+        assert!(dup.as_raw_fd() >= 50);
+        // SAFETY: F_GETFD on an fd we own.
+        let flags = unsafe { libc::fcntl(dup.as_raw_fd(), libc::F_GETFD) };
+        assert!(flags & libc::FD_CLOEXEC != 0);
+        // Both name the same file: a signal on one is seen on the other.
+        eventfd_signal(dup.as_fd());
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a live u64; the fd is non-blocking.
+        let n = unsafe { libc::read(fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        assert_eq!((n, v), (8, 1));
+    }
+
+    #[test]
+    fn reserve_range_allocates_within_the_file() {
+        let fd = memfd_sealed(1 << 20, 0).unwrap();
+        reserve_range(fd.as_fd(), 4096, 64 << 10).unwrap();
+        // SAFETY: a zeroed stat filled by fstat on an fd we own.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) }, 0);
+        assert!(st.st_blocks * 512 >= 64 << 10, "{} blocks", st.st_blocks);
+        // Beyond the (sealed) size: an error, not a crash.
+        assert!(reserve_range(fd.as_fd(), 1 << 20, 4096).is_err());
+    }
 }

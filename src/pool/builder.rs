@@ -229,8 +229,8 @@ impl<W: Worker> PoolBuilder<W> {
     /// a 32-byte record header, whatever the ring holds at the time (larger ones fail with
     /// `TaskError::ResultTooLarge`). Results that fit a task slot travel inline in the slot
     /// instead. Results nobody has collected yet never block a worker: the pool moves them out
-    /// of the ring when the worker needs the room. Default 4 MiB, reserved when the seat is
-    /// first spawned (see [`reserve_memory`](Self::reserve_memory)).
+    /// of the ring when the worker needs the room. Default 4 MiB, reserved by the seat's worker
+    /// as it starts (see [`reserve_memory`](Self::reserve_memory)).
     pub fn result_ring_bytes(mut self, n: usize) -> Self {
         self.cfg.result_ring_bytes = n;
         self
@@ -350,8 +350,8 @@ impl<W: Worker> PoolBuilder<W> {
     /// Whether the segment's memory is reserved before anyone can touch it (default `true`),
     /// so a shortage of memory is always an error, never a crash (SIGBUS) when a page is
     /// first touched: the queue, slots and control blocks at `build()`
-    /// ([`BuildError::NoSpace`]), each seat's completion ring when the seat is first spawned
-    /// (by its worker, while its spawn step runs, before it reports ready:
+    /// ([`BuildError::NoSpace`]), each seat's completion ring until one of the seat's workers
+    /// has reported ready (by the worker, while its spawn step runs, before it reports ready:
     /// [`SpawnError::NoSpace`](crate::SpawnError::NoSpace)), and the task arena in 4 MiB
     /// steps as large tasks and loans first reach it
     /// ([`SubmitError::NoSpace`](crate::SubmitError::NoSpace)). So a pool costs memory for

@@ -28,7 +28,7 @@ use crate::codec::{self, ArchivesAs};
 use crate::error::{BuildError, SpawnError, SubmitError, TaskError, WorkerError};
 use crate::shm::layout::{FLAG_RESTART_ON_PANIC, Layout, Params};
 use crate::worker::Worker;
-use crate::worker::boot::{BOOT_ENV, Boot, entry_offset, fingerprint, protocol_hash};
+use crate::worker::boot::{BOOT_ENV, Boot, RingReserve, entry_offset, fingerprint, protocol_hash};
 use std::borrow::Borrow;
 use std::marker::PhantomData;
 use std::sync::atomic::Ordering;
@@ -309,10 +309,9 @@ impl<W: Worker> Pool<W> {
             parent_pid: std::process::id(),
             entry: entry_offset::<W>(),
             fingerprint: fingerprint(),
-            // The seat's completion ring: the worker reserves it before it reports ready.
-            reserve_ring: shared.ring_reserve(seat),
-        }
-        .encode();
+            // Decided by the supervisor at each launch (`Shared::ring_reserve`).
+            reserve_ring: RingReserve::No,
+        };
         let sent = self.sup_tx.send(SupMsg::Launch {
             seat,
             args: buf,

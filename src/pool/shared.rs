@@ -90,17 +90,13 @@ pub(crate) struct Shared {
     /// only while this is non-zero).
     pub(crate) timed_in_flight: AtomicUsize,
     pub(crate) stats: StatCounters,
-    /// What of the segment's memory is reserved beyond what `build` reserved (with
-    /// `reserve_memory`): each seat's completion ring, and the arena up to a mark.
-    reserved: Mutex<Reserved>,
-}
-
-/// See [`Shared::ring_reserve`] and [`Shared::reserve_arena`].
-#[derive(Debug, Default)]
-struct Reserved {
-    seats: Vec<bool>,
-    /// The arena is reserved from its start up to this segment offset.
-    arena_end: u64,
+    /// Which seats' completion rings are reserved (with `reserve_memory`; see
+    /// [`Shared::ring_reserve`]). Flags of their own, not under `arena_reserved`'s lock: the
+    /// supervisor sets them and must never wait behind an arena `fallocate`.
+    rings_reserved: Box<[AtomicBool]>,
+    /// The arena is reserved from its start up to this segment offset (with `reserve_memory`;
+    /// see [`Shared::reserve_arena`]).
+    arena_reserved: Mutex<u64>,
 }
 
 /// The arena is reserved in steps of this much (or to its end): one `fallocate` per step.
@@ -148,10 +144,8 @@ impl Shared {
             broken_reason: Mutex::new(None),
             timed_in_flight: AtomicUsize::new(0),
             stats: StatCounters::default(),
-            reserved: Mutex::new(Reserved {
-                seats: vec![false; seats],
-                arena_end: layout.arena as u64,
-            }),
+            rings_reserved: (0..seats).map(|_| AtomicBool::new(false)).collect(),
+            arena_reserved: Mutex::new(layout.arena as u64),
             seg,
             layout,
             cfg,
@@ -170,16 +164,16 @@ impl Shared {
     }
 
     /// What a worker starting in seat `seat` must do about its completion ring's memory: with
-    /// `reserve_memory`, reserve it the first time the seat is spawned ([`RingReserve::Yes`]),
-    /// so that a shortage fails that spawn (`SpawnError::NoSpace`), never a worker writing a
-    /// result later. The worker reserves it on a thread of its own while its spawn step runs,
-    /// off the start-up path; [`seat_reserved`](Self::seat_reserved) records that it did.
+    /// `reserve_memory`, reserve it until one of the seat's workers has reported ready
+    /// ([`RingReserve::Yes`]), so that a shortage fails that spawn (`SpawnError::NoSpace`),
+    /// never a worker writing a result later. The worker reserves it on a thread of its own
+    /// while its spawn step runs, off the start-up path; [`seat_reserved`](Self::seat_reserved)
+    /// records that it did.
     pub(crate) fn ring_reserve(&self, seat: u32) -> RingReserve {
         if !self.cfg.reserve_memory {
             return RingReserve::No;
         }
-        let r = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
-        if r.seats[seat as usize] {
+        if self.rings_reserved[seat as usize].load(Ordering::Acquire) {
             RingReserve::No
         } else if self.cfg.fail_reserve & 1 != 0 {
             RingReserve::FailForTest
@@ -192,10 +186,7 @@ impl Shared {
     /// or an earlier worker was).
     pub(crate) fn seat_reserved(&self, seat: u32) {
         if self.cfg.reserve_memory {
-            self.reserved
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .seats[seat as usize] = true;
+            self.rings_reserved[seat as usize].store(true, Ordering::Release);
         }
     }
 
@@ -206,8 +197,11 @@ impl Shared {
         if !self.cfg.reserve_memory {
             return Ok(());
         }
-        let mut r = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
-        if end <= r.arena_end {
+        let mut arena_end = self
+            .arena_reserved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if end <= *arena_end {
             return Ok(());
         }
         if self.cfg.fail_reserve & 2 != 0 {
@@ -216,8 +210,8 @@ impl Shared {
         let limit = self.layout.arena as u64 + self.layout.params.arena;
         let to = (end.div_ceil(ARENA_RESERVE_STEP) * ARENA_RESERVE_STEP).min(limit);
         self.seg
-            .reserve(r.arena_end as usize, (to - r.arena_end) as usize)?;
-        r.arena_end = to;
+            .reserve(*arena_end as usize, (to - *arena_end) as usize)?;
+        *arena_end = to;
         Ok(())
     }
 

@@ -21,7 +21,7 @@ pub(crate) struct HeaderInit {
 
 /// Creates and initialises a segment for `layout`. With `reserve`, the memory of every region
 /// before the completion rings (header, queue, slots, controls, spawn areas) is reserved now;
-/// each seat's ring is reserved when the seat is first spawned, and the task arena as it is
+/// each seat's ring by its worker as it starts, and the task arena as it is
 /// first allocated from (`Shared::ring_reserve`, then the worker; `Shared::reserve_arena`).
 pub(crate) fn create(layout: &Layout, init: HeaderInit, reserve: bool) -> io::Result<Segment> {
     let seg = Segment::create(layout.total, if reserve { layout.result_rings } else { 0 })?;

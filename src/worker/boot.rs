@@ -40,7 +40,7 @@ const BOOT_FORMAT: u32 = 3;
 
 /// What the parent tells a worker process. Its encoding also carries the parent's executable
 /// identity ([`ExeId::current`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Boot {
     pub(crate) seat: u32,
     pub(crate) parent_pid: u32,
@@ -53,9 +53,10 @@ pub(crate) struct Boot {
 
 /// What a starting worker does about the memory of its seat's completion ring (see
 /// ARCHITECTURE.md, *Memory reservation*).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) enum RingReserve {
     /// Nothing: the pool does not reserve memory, or this seat's ring is already reserved.
+    #[default]
     No,
     /// Reserve it (`fallocate`) on a thread of its own while the spawn step runs; report the
     /// spawn ready only once it is done, failed with `KIND_NO_SPACE` if it failed.
@@ -235,31 +236,50 @@ pub(crate) struct WorkerProcess {
     pub(crate) ring_reservation: Option<RingReservation>,
 }
 
-/// A completion ring's reservation in progress on its own thread.
+/// A completion ring's reservation: in progress on its own thread, or (when no thread could
+/// be started) already done on the worker's main thread.
 #[derive(Debug)]
-pub(crate) struct RingReservation(std::thread::JoinHandle<io::Result<()>>);
+pub(crate) enum RingReservation {
+    /// Running beside the spawn step.
+    Thread(std::thread::JoinHandle<io::Result<()>>),
+    /// Done before the spawn step, with this outcome.
+    Done(io::Result<()>),
+}
 
 impl RingReservation {
     /// Starts reserving `len` bytes at `off` of the segment behind `fd` (a close-on-exec
-    /// duplicate this reservation owns and closes when done).
-    fn start(fd: OwnedFd, off: u64, len: u64, how: RingReserve) -> io::Result<RingReservation> {
-        let job = move || {
+    /// duplicate this reservation owns and closes when done). The thread blocks every signal:
+    /// the worker's handlers stay on its own threads, and `fallocate` is not interrupted. If
+    /// the thread cannot be started, the reservation is made here and now instead.
+    fn start(fd: OwnedFd, off: u64, len: u64, how: RingReserve) -> RingReservation {
+        let reserve = move |fd: &OwnedFd| {
             if how == RingReserve::FailForTest {
                 return Err(io::Error::from_raw_os_error(libc::ENOSPC));
             }
             crate::sys::reserve_range(fd.as_fd(), off, len)
         };
-        std::thread::Builder::new()
+        // Shared, so that the reservation can still be made here if no thread starts.
+        let fd = std::sync::Arc::new(fd);
+        let theirs = fd.clone();
+        let builder = std::thread::Builder::new()
             .name("sp-reserve".into())
-            .spawn(job)
-            .map(RingReservation)
+            .stack_size(64 << 10);
+        match crate::sys::spawn_signals_blocked(builder, move || reserve(&theirs)) {
+            Ok(h) => RingReservation::Thread(h),
+            Err(_) => RingReservation::Done(reserve(&fd)),
+        }
     }
 
     /// Waits for the reservation; its outcome.
     pub(crate) fn finish(self) -> io::Result<()> {
-        self.0
-            .join()
-            .unwrap_or_else(|_| Err(io::Error::other("the reservation thread panicked")))
+        match self {
+            RingReservation::Thread(h) => h.join().unwrap_or_else(|_| {
+                Err(io::Error::other(
+                    "the ring reservation thread panicked (see the worker's stderr)",
+                ))
+            }),
+            RingReservation::Done(r) => r,
+        }
     }
 }
 
@@ -407,10 +427,11 @@ pub(crate) fn enter(boot_str: &str, which: Entry) -> ! {
     // owns it (init() runs before the program opens files).
     let fd = unsafe { OwnedFd::from_raw_fd(SEGMENT_FD) };
     // The reservation needs the file; everything else the mapping. A close-on-exec copy, so
-    // that no program the worker starts inherits it while the reservation runs.
+    // that no program the worker starts inherits it while the reservation runs, numbered above
+    // the notify line's fd 4 (which may be absent here and is looked for below).
     let reserve_fd = match boot.reserve_ring {
         RingReserve::No => None,
-        _ => match fd.try_clone() {
+        _ => match crate::sys::dup_cloexec_from(fd.as_fd(), NOTIFY_FD + 1) {
             Ok(f) => Some(f),
             Err(e) => die(
                 exit_code::NO_SEGMENT,
@@ -480,13 +501,7 @@ pub(crate) fn enter(boot_str: &str, which: Entry) -> ! {
             layout.result_ring_off(boot.seat) as u64,
             layout.result_ring_stride as u64,
         );
-        match RingReservation::start(fd, off, len, boot.reserve_ring) {
-            Ok(r) => r,
-            Err(e) => die(
-                exit_code::NO_SEGMENT,
-                &format!("cannot start the ring reservation thread: {e}"),
-            ),
-        }
+        RingReservation::start(fd, off, len, boot.reserve_ring)
     });
     entry(WorkerProcess {
         seg,

@@ -57,6 +57,14 @@ pub trait Worker: Sized + 'static {
     /// Runs once, inside the new worker process, with this worker's own arguments; builds the
     /// worker's state (load a model, open an index, …). An `Err` or a panic fails the
     /// corresponding `Pool::spawn` call and the process exits.
+    ///
+    /// The process may already have a second thread while this runs: with
+    /// [`reserve_memory`](crate::PoolBuilder::reserve_memory) (the default), the first worker
+    /// of a seat reserves its completion ring's memory on a short-lived thread (named
+    /// `sp-reserve`, every signal blocked) beside this step, joined before the worker reports
+    /// ready. So do not rely on being single-threaded here (`std::env::set_var`, `fork`
+    /// without `exec`); do such things before `stateful_pool::init()` hands over, or in a
+    /// program of your own.
     fn spawn(
         args: Self::SpawnArgs,
         ctx: &WorkerContext,

@@ -108,11 +108,14 @@ impl Sup {
         ctl.state.store(ctl_state::STARTING, Ordering::Release);
         s.kill = None;
         let restart = reply.is_none();
+        // The seat's completion ring: reserved by the worker until one has reported ready.
+        s.boot.reserve_ring = shared.ring_reserve(seat);
+        let boot = s.boot.encode();
         match launch(
             &self.program,
             shared.seg.fd(),
             shared.wake.as_fd(),
-            &s.boot,
+            &boot,
             &s.env,
         ) {
             Ok(child) => {
@@ -212,7 +215,10 @@ impl Sup {
                     Ok(errno) if errno > 0 && errno < 4096 => {
                         std::io::Error::from_raw_os_error(errno)
                     }
-                    _ => std::io::Error::other(format!("unreadable OS error {message:?}")),
+                    _ => {
+                        let shown: String = message.chars().take(40).collect();
+                        std::io::Error::other(format!("unreadable OS error {shown:?}"))
+                    }
                 });
                 // The worker exits right after reporting: reap it now.
                 self.reap_now(seat);

@@ -28,6 +28,7 @@ use crate::slot::outcome::{
     KIND_TIMEOUT,
 };
 use crate::slot::{RawOutcome, bits, held_by_dead_worker};
+use crate::worker::boot::Boot;
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
@@ -73,7 +74,8 @@ pub(crate) enum SupMsg {
     Launch {
         seat: u32,
         args: Vec<u8>,
-        boot: String,
+        /// The boot record; its `reserve_ring` is decided at each launch.
+        boot: Boot,
         /// Per-worker environment (GPUs, `SpawnOptions::env`).
         env: Vec<(String, String)>,
         reply: ReplyGuard,
@@ -133,7 +135,8 @@ struct SupSeat {
     phase: Phase,
     /// The spawn arguments' archive, kept for restarts.
     args: Vec<u8>,
-    boot: String,
+    /// The boot record, kept for restarts (its `reserve_ring` is decided at each launch).
+    boot: Boot,
     /// The pool's worker environment, then this worker's own; kept for restarts.
     env: Vec<(String, String)>,
     /// When recent restarts happened (pruned to the policy's window).
@@ -167,7 +170,7 @@ pub(crate) fn supervisor_loop(shared: Arc<Shared>, rx: Receiver<SupMsg>, program
                 pid: 0,
                 phase: Phase::Idle,
                 args: Vec::new(),
-                boot: String::new(),
+                boot: Boot::default(),
                 env: Vec::new(),
                 recent: VecDeque::new(),
                 watch: (0, now),
