@@ -135,6 +135,9 @@ pub struct Report {
     /// The first failure of each kind, as the client saw it (status and the start of the
     /// body, or the transport error).
     pub failure_samples: BTreeMap<String, String>,
+    /// When failures completed, in seconds from the start of the load (the first 100): where
+    /// in a scenario they happened.
+    pub failure_times_s: Vec<f64>,
 }
 
 impl Report {
@@ -146,11 +149,21 @@ impl Report {
 
 struct Agg {
     report: Report,
+    /// The load's start (for `failure_times_s`).
+    start: Instant,
     hist: hdrhistogram::Histogram<u64>,
 }
 
 impl Agg {
     fn record(&mut self, outcome: Outcome, latency: Duration, live: &Live) {
+        let failed = match &outcome {
+            Outcome::Answered { status, .. } => !(200..300).contains(status),
+            Outcome::Transport(_) | Outcome::Timeout => true,
+        };
+        if failed && self.report.failure_times_s.len() < 100 {
+            let at = self.start.elapsed().as_secs_f64();
+            self.report.failure_times_s.push(at);
+        }
         match outcome {
             Outcome::Answered {
                 status,
@@ -262,13 +275,14 @@ pub async fn run(spec: LoadSpec, live: Arc<Live>) -> Result<Report, String> {
     let client: HttpClient = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(usize::MAX)
         .build(connector);
+    let start = Instant::now();
     let agg = Arc::new(Mutex::new(Agg {
         report: Report::default(),
+        start,
         hist: hdrhistogram::Histogram::new_with_bounds(1, 600_000_000, 3)
             .map_err(|e| e.to_string())?,
     }));
     let spec = Arc::new(spec);
-    let start = Instant::now();
     let end = start + spec.duration;
     let budget = Arc::new(AtomicU64::new(spec.max_requests));
     let take = move |budget: &AtomicU64, live: &Live| {
