@@ -155,6 +155,117 @@ fn a_worker_killed_at_any_step_with_any_result_shape_costs_only_its_task_and_its
     });
 }
 
+/// The outcome shapes of a task that travels in its slot header's word ([`TinyWorker`]).
+#[derive(Debug, Clone, Copy)]
+enum TinyShape {
+    /// An empty output: the result travels in the header word too.
+    Word,
+    /// A small output, inline in the slot's data area.
+    Inline,
+    /// A large output: a ring record.
+    Record,
+    /// An error message.
+    Error,
+    /// A panic message.
+    Panic,
+    /// An output larger than half the ring.
+    TooLarge,
+}
+
+const TINY_SHAPES: [TinyShape; 6] = [
+    TinyShape::Word,
+    TinyShape::Inline,
+    TinyShape::Record,
+    TinyShape::Error,
+    TinyShape::Panic,
+    TinyShape::TooLarge,
+];
+
+fn tiny_task(shape: TinyShape, i: u64) -> u64 {
+    match shape {
+        TinyShape::Word => i << 32,
+        TinyShape::Inline => i << 32 | 40,
+        TinyShape::Record => i << 32 | (BIG as u64 + i),
+        TinyShape::Error => TINY_FAIL,
+        TinyShape::Panic => TINY_PANIC,
+        TinyShape::TooLarge => i << 32 | RING as u64,
+    }
+}
+
+/// Checks a tiny task's answer; `Err(())` for a `WorkerDied`.
+fn tiny_check(
+    shape: TinyShape,
+    i: u64,
+    r: Result<Vec<u8>, TaskError>,
+    ctx: &str,
+) -> Result<(), ()> {
+    match (shape, r) {
+        (_, Err(TaskError::WorkerDied { .. })) => return Err(()),
+        (TinyShape::Word | TinyShape::Inline | TinyShape::Record, Ok(o)) => {
+            assert!(
+                o == tiny_output(tiny_task(shape, i)),
+                "{ctx}: task {i}: wrong output"
+            )
+        }
+        (TinyShape::Error, Err(TaskError::Failed { message, .. })) => {
+            assert_eq!(message.len(), "tiny error ".len() + 3000, "{ctx}")
+        }
+        (TinyShape::Panic, Err(TaskError::Panicked { message, .. })) => {
+            assert!(message.starts_with("tiny panic "), "{ctx}: {message:.40}")
+        }
+        (TinyShape::TooLarge, Err(TaskError::ResultTooLarge { len, max, .. })) => {
+            assert!(len > max, "{ctx}")
+        }
+        (_, other) => panic!("{ctx}: task {i} got {other:?}"),
+    }
+    Ok(())
+}
+
+/// The matrix for tasks that travel in the slot header's word (8 archived bytes or fewer):
+/// a worker killed at every step with every shape of outcome (an output in the header word
+/// too) costs only its task, and its seat then serves laps of the ring in which header-word,
+/// inline and ring-record outcomes follow one another in the same slots.
+#[test]
+fn a_tiny_task_worker_killed_at_any_step_costs_only_its_task_and_its_seat_serves_on() {
+    watchdog(600, || {
+        for point in POINTS {
+            for shape in TINY_SHAPES {
+                let ctx = format!("tiny: {point} × {shape:?}");
+                let pool = Pool::<TinyWorker>::builder()
+                    .queue_size(16)
+                    .max_workers(1)
+                    .result_ring_bytes(RING)
+                    .restart_on_panic(false)
+                    .worker_env("STATEFUL_POOL_FAILPOINTS", format!("{point}@3/1"))
+                    .build()
+                    .unwrap();
+                pool.spawn(&()).unwrap();
+                let handles: Vec<TaskHandle<Vec<u8>>> = (0..8u64)
+                    .map(|i| pool.submit(&tiny_task(shape, i)))
+                    .collect::<Result<_, _>>()
+                    .unwrap_or_else(|e| panic!("{ctx}: submit failed: {e}"));
+                let mut died = 0;
+                for (i, h) in handles.into_iter().enumerate() {
+                    if tiny_check(shape, i as u64, h.wait(), &ctx).is_err() {
+                        died += 1;
+                    }
+                }
+                let lost = if point == "after_publish" { 0 } else { 1 };
+                assert_eq!(died, lost, "{ctx}: tasks lost to the death");
+                assert_eq!(pool.stats().worker_deaths, 1, "{ctx}");
+                let per_lap = RING / (BIG as usize + 64);
+                for i in 0..(4 * per_lap as u64 + 4) {
+                    let s = TINY_SHAPES[(i % 4) as usize];
+                    let r = pool.execute(&tiny_task(s, i));
+                    tiny_check(s, i, r, &format!("{ctx}, lap task {i}"))
+                        .expect("no death expected");
+                }
+                assert_eq!(pool.stats().worker_deaths, 1, "{ctx}: no further deaths");
+            }
+        }
+    });
+}
+
 /// The same matrix with dynamic batching on: the worker takes several queued tasks at once,
 /// so a death costs its whole batch (at least one task, never a task of another batch), and
 /// the seat then serves batches of large results and messages, lap after lap.

@@ -27,6 +27,7 @@ use crate::error::{ExitCause, TaskError};
 use crate::ring::bytes::{ByteRing, RecordHeader};
 use crate::slot::outcome::{
     KIND_BAD_TASK, KIND_ERR, KIND_OK, KIND_PANIC, KIND_POISONED, KIND_TOO_LARGE, Published,
+    WORD_BYTES,
 };
 use rkyv::util::AlignedVec;
 use std::sync::atomic::Ordering;
@@ -136,9 +137,19 @@ impl Shared {
         slot: u32,
         f: impl FnOnce(Result<&[u8], TaskError>) -> R,
     ) -> R {
-        // Small inline results (the common case for tiny tasks) are copied to the stack.
+        // Small inline results (the common case for tiny tasks) are copied to the stack; a
+        // tiny one came in the header words already read.
         let raw = self.slot(slot).outcome();
-        if let Published::Inline { at, len } = self.decode(raw) {
+        let published = self.decode(raw);
+        if let Published::Word { bytes, len } = published {
+            /// The word, aligned as archives need.
+            #[repr(C, align(16))]
+            struct Word([u8; WORD_BYTES]);
+            let word = Word(bytes);
+            self.inline_taken(slot);
+            return f(Ok(&word.0[..len]));
+        }
+        if let Published::Inline { at, len } = published {
             if len <= SMALL {
                 let mut small = std::mem::MaybeUninit::<Small>::uninit();
                 let dst = small.as_mut_ptr().cast::<u8>();
@@ -226,6 +237,11 @@ impl Shared {
                 self.inline_taken(slot);
                 KIND_OK
             }
+            Published::Word { bytes, len } => {
+                buf.extend_from_slice(&bytes[..len]);
+                self.inline_taken(slot);
+                KIND_OK
+            }
             Published::Record {
                 kind,
                 seat,
@@ -303,7 +319,7 @@ impl Shared {
     /// [`copy_output_into`](Self::copy_output_into) reads the words again and checks.
     pub(crate) fn ok_len(&self, slot: u32) -> Option<usize> {
         match self.decode(self.slot(slot).outcome()) {
-            Published::Inline { len, .. } => Some(len),
+            Published::Inline { len, .. } | Published::Word { len, .. } => Some(len),
             Published::Record {
                 kind: KIND_OK, len, ..
             } => Some(len as usize),
@@ -335,6 +351,12 @@ impl Shared {
                 // SAFETY: `at + len <= slot_inline` (decode): the source lies in this slot's
                 // data area; `copy_from` checks `len` against `cap`.
                 unsafe { d.copy_from(self.inline_ptr(slot, at, len), len) }?;
+                self.inline_taken(slot);
+            }
+            Published::Word { bytes, len } => {
+                // SAFETY: `bytes` is our own copy, `len <= WORD_BYTES` of it; `copy_from`
+                // checks `len` against `cap`.
+                unsafe { d.copy_from(bytes.as_ptr(), len) }?;
                 self.inline_taken(slot);
             }
             Published::Record {

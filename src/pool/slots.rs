@@ -13,7 +13,7 @@ use super::shared::Shared;
 use crate::error::SubmitError;
 use crate::ring::wait::{spin_until, wait_on};
 use crate::slot::outcome::KIND_CANCELLED;
-use crate::slot::{Arbiter, RawOutcome, bits};
+use crate::slot::{Arbiter, RawOutcome, TASK_IN_HEADER, bits};
 use crate::sys::futex_wait;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -203,10 +203,16 @@ impl Shared {
         let meta = &self.meta[slot as usize];
         let (task_off, task_len, placed) = match task {
             TaskSrc::Placed(p) => (p.0, p.1, Some(p)),
-            TaskSrc::Encode(task) => {
-                let (off, len) = self.encode_task(slot, task, inline_off, inline_cap, block)?;
-                (off, len, None)
-            }
+            // A tiny task travels in its slot header's own line (written below by `prepare`):
+            // the slot's data area is left alone, so its lines stay with whoever last wrote
+            // them (a worker's inline result) and cross nothing.
+            TaskSrc::Encode(task) => match crate::codec::encode_word(task) {
+                Some((word, len)) => (word, (len as u32 | TASK_IN_HEADER) as u64, None),
+                None => {
+                    let (off, len) = self.encode_task(slot, task, inline_off, inline_cap, block)?;
+                    (off, len, None)
+                }
+            },
         };
         // Checked after the size checks (a task too large is that, whatever the workers), and
         // before anything is queued.

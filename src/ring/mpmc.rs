@@ -253,6 +253,18 @@ impl<'a> MpmcRing<'a> {
         tail <= head
     }
 
+    /// Whether a consumer should try to pop: the cell at `head` is not the empty cell of this
+    /// lap (it is full, or `head` has moved on since it was read). Reads the consumers' `head`
+    /// and one cell, never the producers' `tail`: an idle consumer polling this does not pull
+    /// the line every push writes, only the cell the next push fills (which the pop reads
+    /// anyway). `false` only while the cell at `head` waits for its producer; a producer that
+    /// fills it notifies after its Release store of the stamp (the eventcount's Dekker pair
+    /// with a waiter's re-check holds for this load as for any condition).
+    pub(crate) fn has_ready(&self) -> bool {
+        let head = self.hdr.head.load(Ordering::SeqCst);
+        self.cell(head).seq.load(Ordering::SeqCst) != head
+    }
+
     /// Number of values in the ring right now (a snapshot).
     pub(crate) fn len(&self) -> usize {
         let head = self.hdr.head.load(Ordering::SeqCst);

@@ -536,6 +536,46 @@ pub(crate) mod loom_tests {
     }
 
     #[test]
+    fn loom_idle_consumer_polling_cells_misses_no_push() {
+        // The worker's idle wait: it parks on the eventcount with `has_ready` (one cell, never
+        // `tail`) as its condition; two producers push and notify. A lost wake-up is a loom
+        // deadlock; every value must be popped.
+        model(|| {
+            let q = Arc::new(HeapMpmc::with_capacity(2));
+            let ec = Arc::new(EventCount::new());
+            let producers: Vec<_> = [7u32, 8]
+                .into_iter()
+                .map(|v| {
+                    let (q, ec) = (q.clone(), ec.clone());
+                    loom::thread::spawn(move || {
+                        q.ring().push(v).unwrap();
+                        ec.notify_one();
+                    })
+                })
+                .collect();
+            let mut got = Vec::new();
+            while got.len() < 2 {
+                match q.ring().pop(None) {
+                    Some(v) => got.push(v),
+                    None => loop {
+                        let key = ec.prepare();
+                        if q.ring().has_ready() {
+                            ec.cancel(key);
+                            break;
+                        }
+                        ec.wait(key, None);
+                    },
+                }
+            }
+            for p in producers {
+                p.join().unwrap();
+            }
+            got.sort();
+            assert_eq!(got, [7, 8]);
+        });
+    }
+
+    #[test]
     fn loom_byte_ring_release_and_reuse() {
         model(|| {
             // 128 bytes: two 64-byte records fit, the third must wait for a release.

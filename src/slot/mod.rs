@@ -44,6 +44,10 @@ pub(crate) mod bits {
     pub(crate) const DEADLINE: u32 = 64;
 }
 
+/// Bit of `task_len` meaning "the task archive is the `task_off` word itself" (see
+/// [`SlotHeader::task_off`]); the low bits are its length.
+pub(crate) const TASK_IN_HEADER: u32 = 1 << 31;
+
 /// One task slot's header in shared memory.
 #[repr(C)]
 #[derive(Debug)]
@@ -55,7 +59,9 @@ pub(crate) struct SlotHeader {
     pub(crate) owner: AtomicU32,
     /// Unique id of the task (parent-assigned, never reused).
     pub(crate) task_id: AtomicU64,
-    /// Segment offset and length of the task archive.
+    /// Segment offset and length of the task archive; or, with [`TASK_IN_HEADER`] in
+    /// `task_len`, the archive itself (at most [`outcome::WORD_BYTES`] bytes, in memory order)
+    /// in `task_off`, so that a tiny task crosses in this header's cache line.
     pub(crate) task_off: AtomicU64,
     pub(crate) task_len: AtomicU32,
     pub(crate) result_len: AtomicU32,

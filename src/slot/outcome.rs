@@ -3,6 +3,7 @@
 //!
 //! | kind | who publishes | `rec` | `len` | bytes |
 //! |---|---|---|---|---|
+//! | `OK` | worker | the archive's bytes themselves (at most 8) | `LEN_IN_HEADER \| length` | the output's rkyv archive, in `rec` |
 //! | `OK` | worker | `REC_INLINE \| offset` in the slot's data area, or a ring record offset | data length | the output's rkyv archive |
 //! | `ERR`, `PANIC`, `BAD_TASK`, `POISONED` | worker | ring record offset | message length | UTF-8 message |
 //! | `TOO_LARGE` | worker | ring record offset | 8 | the output's archive length, u64 LE |
@@ -51,6 +52,15 @@ pub(crate) const KIND_NO_SPACE: u32 = 14;
 /// archive, which stays intact so a task whose worker died can be re-run.
 pub(crate) const REC_INLINE: u64 = 1 << 63;
 
+/// Bit of `len` meaning "the output archive is `rec` itself": its first `len & !LEN_IN_HEADER`
+/// bytes (at most [`WORD_BYTES`]), in memory order. A tiny result then travels in the slot
+/// header's own cache line, which the parent reads anyway to see `DONE`.
+pub(crate) const LEN_IN_HEADER: u32 = 1 << 31;
+
+/// The most bytes of archive that travel inside a slot header word (a task in `task_off`,
+/// a result in `result_rec`).
+pub(crate) const WORD_BYTES: usize = 8;
+
 /// The four outcome words of a slot, as read (one load each) from shared memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct RawOutcome {
@@ -66,6 +76,9 @@ pub(crate) struct RawOutcome {
 pub(crate) enum Published {
     /// `len` bytes of output archive at `at` in the slot's data area.
     Inline { at: usize, len: usize },
+    /// The first `len` (at most [`WORD_BYTES`]) of `bytes` are the output archive (it was in
+    /// the header word, copied out with the other words).
+    Word { bytes: [u8; WORD_BYTES], len: usize },
     /// A record of `kind` (a worker kind) in seat `seat`'s completion ring at `off`, with
     /// `len` data bytes.
     Record {
@@ -129,6 +142,19 @@ impl RawOutcome {
             }
             KIND_OK | KIND_ERR | KIND_PANIC | KIND_BAD_TASK | KIND_TOO_LARGE | KIND_POISONED => {}
             _ => return Published::Invalid("unknown result kind"),
+        }
+        if self.len & LEN_IN_HEADER != 0 {
+            let len = (self.len & !LEN_IN_HEADER) as usize;
+            if self.kind != KIND_OK {
+                return Published::Invalid("only an output can be in the header");
+            }
+            if len > WORD_BYTES {
+                return Published::Invalid("header result longer than its word");
+            }
+            return Published::Word {
+                bytes: self.rec.to_ne_bytes(),
+                len,
+            };
         }
         let len = self.len as u64;
         if self.rec & REC_INLINE != 0 {
@@ -200,6 +226,22 @@ mod tests {
         assert!(matches!(d(KIND_ERR, 1, 1024, 1), Published::Invalid(_)));
         assert!(matches!(d(KIND_ERR, 1, 0, u32::MAX), Published::Invalid(_)));
         assert!(matches!(d(KIND_TOO_LARGE, 1, 0, 9), Published::Invalid(_)));
+        let word = u64::from_ne_bytes([1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(
+            d(KIND_OK, 7, word, LEN_IN_HEADER | 3),
+            Published::Word {
+                bytes: [1, 2, 3, 4, 5, 6, 7, 8],
+                len: 3
+            }
+        );
+        assert!(matches!(
+            d(KIND_OK, 0, word, LEN_IN_HEADER | 9),
+            Published::Invalid(_)
+        ));
+        assert!(matches!(
+            d(KIND_ERR, 0, word, LEN_IN_HEADER | 8),
+            Published::Invalid(_)
+        ));
         assert!(matches!(d(0, 0, 0, 0), Published::Invalid(_)));
         assert!(matches!(d(u32::MAX, 0, 0, 0), Published::Invalid(_)));
         assert_eq!(d(KIND_CANCELLED, 0, 0, 0), Published::Cancelled);
@@ -216,10 +258,15 @@ mod tests {
                 (x % 15) as u32,
                 (x >> 8) as u32 % 4,
                 x.rotate_left(7),
-                (x >> 40) as u32,
+                if x % 3 == 0 {
+                    LEN_IN_HEADER | (x >> 60) as u32
+                } else {
+                    (x >> 40) as u32
+                },
             );
             match o.decode(1024, 3, 4096) {
                 Published::Inline { at, len } => assert!(at + len <= 1024),
+                Published::Word { len, .. } => assert!(len <= WORD_BYTES),
                 Published::Record { seat, off, len, .. } => {
                     assert!(seat < 3 && off < 4096 && off % 16 == 0 && len <= 4096)
                 }

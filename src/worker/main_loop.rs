@@ -17,9 +17,9 @@ use crate::shm::layout::{
 };
 use crate::slot::outcome::{
     KIND_BAD_TASK, KIND_CANCELLED, KIND_ERR, KIND_EXPIRED, KIND_NO_SPACE, KIND_OK, KIND_PANIC,
-    KIND_POISONED, KIND_TOO_LARGE, REC_INLINE,
+    KIND_POISONED, KIND_TOO_LARGE, LEN_IN_HEADER, REC_INLINE, WORD_BYTES,
 };
-use crate::slot::{RawOutcome, SlotHeader, bits};
+use crate::slot::{RawOutcome, SlotHeader, TASK_IN_HEADER, bits};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -277,7 +277,7 @@ pub(crate) fn run<W: Worker>(mut wp: WorkerProcess) -> ! {
             ctl.idle.store(1, Ordering::Relaxed);
             let mark = Some((&ctl.parked, parked::TASK_READY));
             wait_on_marked(&hdr.task_ready, spin, None, mark, || {
-                !ring.is_empty()
+                ring.has_ready()
                     || hdr.shutdown.load(Ordering::Acquire) != 0
                     || ctl.hold.load(Ordering::SeqCst) & hold::RETIRE != 0
                     || ctl.direct.load(Ordering::Acquire) != 0
@@ -521,26 +521,39 @@ impl Server<'_> {
         let seg = &self.wp.seg;
         let sh = t.sh;
         let task_off = sh.task_off.load(Ordering::Relaxed) as usize;
-        let task_len = sh.task_len.load(Ordering::Relaxed) as usize;
+        let task_len = sh.task_len.load(Ordering::Relaxed);
+        let in_header = task_len & TASK_IN_HEADER != 0;
+        let task_len = (task_len & !TASK_IN_HEADER) as usize;
         let pay_off = sh.payload_off.load(Ordering::Relaxed) as usize;
         let pay_len = sh.payload_len.load(Ordering::Relaxed) as usize;
         let in_range =
             |off: usize, len: usize| off.checked_add(len).is_some_and(|e| e <= seg.len());
-        if !in_range(task_off, task_len) || !in_range(pay_off, pay_len) {
+        let task_ok = if in_header {
+            task_len <= WORD_BYTES
+        } else {
+            in_range(task_off, task_len)
+        };
+        if !task_ok || !in_range(pay_off, pay_len) {
             self.write_message(t, KIND_BAD_TASK, "task location out of range");
             return None;
         }
-        // SAFETY: the slot's task bytes (and payload) were written by the parent before it
-        // pushed the slot index (Release) that our pop Acquired; the parent does not touch them
-        // until we publish DONE, after our last use of these slices.
-        let task_bytes =
-            unsafe { std::slice::from_raw_parts(seg.bytes_ptr(task_off, task_len), task_len) };
+        let task_ptr = if in_header {
+            // A tiny task is the `task_off` word itself (8 bytes, 16-aligned in the header).
+            sh.task_off.as_ptr().cast_const().cast::<u8>()
+        } else {
+            seg.bytes_ptr(task_off, task_len).cast_const()
+        };
+        // SAFETY: `task_len` bytes at `task_ptr` lie in the segment (checked above, or within
+        // the header word). The slot's task bytes (and payload) were written by the parent
+        // before it pushed the slot index (Release) that our pop Acquired; the parent does not
+        // touch them until we publish DONE, after our last use of these slices.
+        let task_bytes = unsafe { std::slice::from_raw_parts(task_ptr, task_len) };
         // SAFETY: as above, for the loaned payload.
         let payload =
             unsafe { std::slice::from_raw_parts(seg.bytes_ptr(pay_off, pay_len), pay_len) };
         // An inline result goes after the task's own archive (if that is inline too), which
         // must stay intact: a task whose worker dies may be re-run from it.
-        let inline_from = if task_off == self.wp.layout.slot_data_off(t.slot) {
+        let inline_from = if !in_header && task_off == self.wp.layout.slot_data_off(t.slot) {
             task_len.next_multiple_of(16)
         } else {
             0
@@ -630,6 +643,20 @@ impl Server<'_> {
             .seg
             .bytes_ptr(layout.slot_data_off(t.slot) + inline_from, cap);
         match self.encode_or_report(t, out, ptr, cap) {
+            Encoded::Written(n) if n <= WORD_BYTES => {
+                // A tiny output travels in the slot header's own line, which the parent reads
+                // anyway to see DONE (`LEN_IN_HEADER`): its archive is the `rec` word.
+                let mut word = [0u8; WORD_BYTES];
+                // SAFETY: `n <= WORD_BYTES` bytes just written at `ptr`, in this worker's
+                // inline area; `word` is ours.
+                unsafe { std::ptr::copy_nonoverlapping(ptr, word.as_mut_ptr(), n) };
+                let rec = u64::from_ne_bytes(word);
+                self.publish(
+                    t,
+                    RawOutcome::new(KIND_OK, seat, rec, n as u32 | LEN_IN_HEADER),
+                );
+                return;
+            }
             Encoded::Written(n) => {
                 let rec = REC_INLINE | inline_from as u64;
                 self.publish(t, RawOutcome::new(KIND_OK, seat, rec, n as u32));
@@ -742,10 +769,11 @@ impl Server<'_> {
                 6..=9 => REC_INLINE | (rng.next() % 2048),
                 _ => rng.next(),
             },
-            if r & 0x200 != 0 {
-                (rng.next() % 4096) as u32
-            } else {
-                rng.next() as u32
+            match (r >> 9) & 3 {
+                0 | 1 => (rng.next() % 4096) as u32,
+                // A result "in the header", of any claimed length.
+                2 => LEN_IN_HEADER | (rng.next() % 16) as u32,
+                _ => rng.next() as u32,
             },
         )
     }

@@ -439,3 +439,47 @@ pub fn watchdog<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'st
         Err(_) => panic!("watchdog: test did not finish within {secs} s"),
     }
 }
+
+/// A worker whose task is one `u64`, so every task travels in its slot header's word (tasks of
+/// at most 8 archived bytes), and whose output is a byte vector of a length the task picks: an
+/// empty one also travels in the header word; longer ones inline in the slot or as ring
+/// records. What it does with task `v`:
+/// - `TINY_FAIL`: an error message of 3,000+ bytes; `TINY_PANIC`: a panic, as long;
+/// - otherwise: `v as u32` bytes, byte `k` = `(k + (v >> 32)) % 251`.
+pub struct TinyWorker;
+
+/// [`TinyWorker`]'s task that fails.
+pub const TINY_FAIL: u64 = u64::MAX;
+/// [`TinyWorker`]'s task that panics.
+pub const TINY_PANIC: u64 = u64::MAX - 1;
+
+/// What [`TinyWorker`] answers task `v` with (not for `TINY_FAIL` / `TINY_PANIC`).
+pub fn tiny_output(v: u64) -> Vec<u8> {
+    let salt = (v >> 32) as usize;
+    (0..v as u32 as usize)
+        .map(|k| ((k + salt) % 251) as u8)
+        .collect()
+}
+
+impl Worker for TinyWorker {
+    type SpawnArgs = ();
+    type SpawnOutput = ();
+    type Task = u64;
+    type Output = Vec<u8>;
+
+    fn spawn(_: (), _: &WorkerContext) -> Result<(Self, ()), BoxError> {
+        Ok((TinyWorker, ()))
+    }
+
+    fn execute(
+        &mut self,
+        v: &rkyv::Archived<u64>,
+        _: &TaskContext<'_>,
+    ) -> Result<Vec<u8>, BoxError> {
+        match v.to_native() {
+            TINY_FAIL => Err(format!("tiny error {}", "x".repeat(3000)).into()),
+            TINY_PANIC => panic!("tiny panic {}", "y".repeat(3000)),
+            v => Ok(tiny_output(v)),
+        }
+    }
+}
