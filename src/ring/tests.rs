@@ -59,6 +59,22 @@ mod std_tests {
     const COUNT: u32 = if cfg!(miri) { 200 } else { 50_000 };
 
     #[test]
+    fn has_ready_follows_the_cell_at_head_lap_after_lap() {
+        let q = HeapMpmc::with_capacity(2);
+        let r = q.ring();
+        assert!(!r.has_ready());
+        for v in 0..10 {
+            r.push(v).unwrap();
+            assert!(r.has_ready(), "lap {v}: a pushed value is ready");
+            r.push(v + 100).unwrap();
+            assert_eq!(r.pop(None), Some(v));
+            assert!(r.has_ready(), "lap {v}: the second value is ready");
+            assert_eq!(r.pop(None), Some(v + 100));
+            assert!(!r.has_ready(), "lap {v}: empty again");
+        }
+    }
+
+    #[test]
     fn mpmc_smoke_full_and_empty() {
         let q = HeapMpmc::with_capacity(3);
         let r = q.ring();

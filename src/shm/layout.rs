@@ -25,8 +25,9 @@ use crate::sync::{AtomicU32, AtomicU64, CachePadded};
 
 /// "SPOOLSHM" as a little-endian u64: the first word of every segment.
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"SPOOLSHM");
-/// Protocol version; bump on any layout or protocol change.
-pub(crate) const VERSION: u32 = 4;
+/// Protocol version; bump on any layout or protocol change (5: tiny tasks and results in the
+/// slot header words, `TASK_IN_HEADER` / `LEN_IN_HEADER`).
+pub(crate) const VERSION: u32 = 5;
 
 /// Sizes that define a segment's layout.
 #[repr(C)]
