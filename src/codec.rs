@@ -337,29 +337,6 @@ pub(crate) unsafe fn encode_into<T: Encode>(
     }
 }
 
-/// `value`'s archive as the bytes of one word (in memory order) and its length, if it is at
-/// most [`WORD_BYTES`](crate::slot::outcome::WORD_BYTES) long: a tiny task then travels inside
-/// its slot header. `None` for anything longer, or that fails to serialise (the general path
-/// reports that). Free for types whose archived root alone is longer than a word (decided at
-/// compile time), and at most one short attempt for the others.
-pub(crate) fn encode_word<T: Encode>(value: &T) -> Option<(u64, usize)> {
-    use crate::slot::outcome::WORD_BYTES;
-    if size_of::<T::Archived>() > WORD_BYTES {
-        return None;
-    }
-    #[repr(C, align(16))]
-    struct Word([u8; 16]);
-    let mut buf = Word([0; 16]);
-    // SAFETY: `buf` is ours, 16 bytes long; the writer is given the first `WORD_BYTES`.
-    let writer = unsafe { ShmWriter::new(buf.0.as_mut_ptr(), WORD_BYTES) };
-    let n = rkyv::api::high::to_bytes_in::<_, BoxedError>(value, writer)
-        .ok()?
-        .pos;
-    let mut word = [0u8; 8];
-    word.copy_from_slice(&buf.0[..8]);
-    Some((u64::from_ne_bytes(word), n))
-}
-
 /// The length of `value`'s archive.
 pub(crate) fn encoded_len<T: Encode>(value: &T) -> Result<usize, EncodeError> {
     match rkyv::api::high::to_bytes_in::<_, BoxedError>(value, ShmWriter::counting()) {

@@ -458,6 +458,41 @@ fn a_map_stream_runs_on_tokio_unordered_and_ordered() {
     });
 }
 
+/// An error ends an ordered map under `Immediate` and `WaitOthers` whenever the failing task
+/// finishes, even between the map's scan of its tasks and its taking the front one (a race
+/// once seen in CI: the error came out as a plain item and the map ran on). Many short maps,
+/// so that the failing task finishes at every point of the map's loop.
+#[test]
+fn an_error_always_ends_an_ordered_map_under_a_stopping_policy() {
+    watchdog(300, || {
+        let pool = plain_pool(2, 16);
+        for round in 0..150u64 {
+            let policy = if round % 2 == 0 {
+                ErrorPolicy::Immediate
+            } else {
+                ErrorPolicy::WaitOthers
+            };
+            let fail_at = 3 + round % 13;
+            let inputs = (0..24u64).map(|i| {
+                if i == fail_at {
+                    Cmd::Fail("boom".into())
+                } else {
+                    Cmd::Echo(i)
+                }
+            });
+            let got: Vec<_> = pool.map(inputs).on_error(policy).collect();
+            let (last, before) = got.split_last().unwrap();
+            let e = last.as_ref().expect_err(&format!(
+                "round {round} ({policy:?}): the error is not last"
+            ));
+            assert_eq!(e.index, fail_at as usize, "round {round}");
+            for (i, r) in before.iter().enumerate() {
+                assert_eq!(r.as_ref().unwrap().value, i as u64, "round {round}");
+            }
+        }
+    });
+}
+
 #[test]
 fn a_map_stream_runs_on_futures_executor_with_an_error_policy() {
     watchdog(60, || {

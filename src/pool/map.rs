@@ -648,6 +648,17 @@ impl<W: Worker, In: Borrow<W::Task>> Engine<W, In> {
             }
         }
         if self.ordered {
+            // The front may have finished since the scan above looked at it: an error there
+            // is still the policy's (yielded as the map's last item), never a plain item.
+            if self.policy != ErrorPolicy::Deferred
+                && self
+                    .entries
+                    .front_mut()
+                    .is_some_and(|e| e.resolve() && e.has_error())
+            {
+                let e = self.entries.pop_front().expect("checked above");
+                return self.fail(e);
+            }
             return self.pop_front_item();
         }
         let item = self.ready.pop_front()?;

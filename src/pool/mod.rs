@@ -134,7 +134,8 @@ impl<W: Worker> Pool<W> {
             .max_task_bytes
             .unwrap_or(params.arena as usize)
             .min(params.arena as usize)
-            .min(u32::MAX as usize);
+            // Below bit 31 of the slot's `task_len`, which marks a task in the header word.
+            .min(crate::slot::TASK_IN_HEADER as usize - 1);
         let Some(layout) = Layout::new(params) else {
             return bad("sizes overflow");
         };

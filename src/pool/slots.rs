@@ -12,7 +12,7 @@ use super::options::TaskOptions;
 use super::shared::Shared;
 use crate::error::SubmitError;
 use crate::ring::wait::{spin_until, wait_on};
-use crate::slot::outcome::KIND_CANCELLED;
+use crate::slot::outcome::{KIND_CANCELLED, WORD_BYTES};
 use crate::slot::{Arbiter, RawOutcome, TASK_IN_HEADER, bits};
 use crate::sys::futex_wait;
 use std::sync::Mutex;
@@ -203,16 +203,27 @@ impl Shared {
         let meta = &self.meta[slot as usize];
         let (task_off, task_len, placed) = match task {
             TaskSrc::Placed(p) => (p.0, p.1, Some(p)),
-            // A tiny task travels in its slot header's own line (written below by `prepare`):
-            // the slot's data area is left alone, so its lines stay with whoever last wrote
-            // them (a worker's inline result) and cross nothing.
-            TaskSrc::Encode(task) => match crate::codec::encode_word(task) {
-                Some((word, len)) => (word, (len as u32 | TASK_IN_HEADER) as u64, None),
-                None => {
-                    let (off, len) = self.encode_task(slot, task, inline_off, inline_cap, block)?;
+            TaskSrc::Encode(task) => {
+                let (off, len) = self.encode_task(slot, task, inline_off, inline_cap, block)?;
+                if off == inline_off as u64 && len <= WORD_BYTES as u64 {
+                    // A tiny task travels in its slot header's own line (written below by
+                    // `prepare`): the worker never reads the data area for it, so that line
+                    // stays in this thread's cache.
+                    let mut word = [0u8; WORD_BYTES];
+                    // SAFETY: the slot's inline area (at least 64 bytes) is ours alone until
+                    // the push; its first `len <= 8` bytes were just written.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            self.seg.bytes_ptr(inline_off, WORD_BYTES),
+                            word.as_mut_ptr(),
+                            WORD_BYTES,
+                        )
+                    };
+                    (u64::from_ne_bytes(word), len | TASK_IN_HEADER as u64, None)
+                } else {
                     (off, len, None)
                 }
-            },
+            }
         };
         // Checked after the size checks (a task too large is that, whatever the workers), and
         // before anything is queued.

@@ -255,11 +255,12 @@ impl<'a> MpmcRing<'a> {
 
     /// Whether a consumer should try to pop: the cell at `head` is not the empty cell of this
     /// lap (it is full, or `head` has moved on since it was read). Reads the consumers' `head`
-    /// and one cell, never the producers' `tail`: an idle consumer polling this does not pull
-    /// the line every push writes, only the cell the next push fills (which the pop reads
-    /// anyway). `false` only while the cell at `head` waits for its producer; a producer that
-    /// fills it notifies after its Release store of the stamp (the eventcount's Dekker pair
-    /// with a waiter's re-check holds for this load as for any condition).
+    /// and one cell, never the producers' `tail`: a spinning consumer polling this does not
+    /// pull the line every push writes, only the cell the next push fills (which the pop
+    /// reads anyway). `false` while the cell at `head` waits for its producer, even if later
+    /// positions are already filled: so it is for spinning only. A consumer about to sleep
+    /// must ask [`is_empty`](Self::is_empty), because the wake-up for a later position may
+    /// have been spent on a consumer that saw this cell still empty.
     pub(crate) fn has_ready(&self) -> bool {
         let head = self.hdr.head.load(Ordering::SeqCst);
         self.cell(head).seq.load(Ordering::SeqCst) != head

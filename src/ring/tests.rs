@@ -295,7 +295,7 @@ mod std_tests {
 pub(crate) mod loom_tests {
     use super::*;
     use crate::ring::mpmc::Repair;
-    use crate::ring::wait::EventCount;
+    use crate::ring::wait::{EventCount, spin_until, wait_on};
     use crate::sync::{AtomicU32, AtomicU64, Ordering};
     use loom::sync::Arc;
     use loom::sync::atomic::AtomicBool;
@@ -552,40 +552,55 @@ pub(crate) mod loom_tests {
     }
 
     #[test]
-    fn loom_idle_consumer_polling_cells_misses_no_push() {
-        // The worker's idle wait: it parks on the eventcount with `has_ready` (one cell, never
-        // `tail`) as its condition; two producers push and notify. A lost wake-up is a loom
-        // deadlock; every value must be popped.
-        model(|| {
+    fn loom_idle_consumers_polling_cells_miss_no_push() {
+        // The worker's idle wait: spin on `has_ready` (one cell, never `tail`), then park on
+        // the eventcount asking `is_empty`. Two producers (one of them this thread) push and
+        // `notify_one`, two consumers take one value each. The futex model wakes exactly one
+        // sleeper per `notify_one`, so a wake-up spent on a consumer that went back to sleep
+        // (the second push completing before the first) is a loom deadlock. One preemption is
+        // enough for that interleaving (a producer stopped between its `tail` CAS and its
+        // stamp); four threads with two would take loom many minutes.
+        let mut b = loom::model::Builder::new();
+        b.max_branches = 100_000;
+        b.preemption_bound = Some(1);
+        b.check(|| {
             let q = Arc::new(HeapMpmc::with_capacity(2));
             let ec = Arc::new(EventCount::new());
-            let producers: Vec<_> = [7u32, 8]
-                .into_iter()
-                .map(|v| {
+            let consumers: Vec<_> = (0..2)
+                .map(|_| {
                     let (q, ec) = (q.clone(), ec.clone());
                     loom::thread::spawn(move || {
-                        q.ring().push(v).unwrap();
-                        ec.notify_one();
+                        let r = q.ring();
+                        loop {
+                            if let Some(v) = r.pop(None) {
+                                return v;
+                            }
+                            // (The real worker's spin and pop are bounded in time; in the
+                            // model, let the producers run.)
+                            loom::thread::yield_now();
+                            if !spin_until(std::time::Duration::ZERO, || r.has_ready()) {
+                                wait_on(&ec, std::time::Duration::ZERO, None, || !r.is_empty());
+                            }
+                        }
                     })
                 })
                 .collect();
-            let mut got = Vec::new();
-            while got.len() < 2 {
-                match q.ring().pop(None) {
-                    Some(v) => got.push(v),
-                    None => loop {
-                        let key = ec.prepare();
-                        if q.ring().has_ready() {
-                            ec.cancel(key);
-                            break;
-                        }
-                        ec.wait(key, None);
-                    },
-                }
+            // Both consumers idle first (a yield is not a preemption), so the one preemption
+            // the model allows can stop a producer mid-push.
+            while ec.sleepers() < 2 {
+                loom::thread::yield_now();
             }
-            for p in producers {
-                p.join().unwrap();
-            }
+            let producer = {
+                let (q, ec) = (q.clone(), ec.clone());
+                loom::thread::spawn(move || {
+                    q.ring().push(8).unwrap();
+                    ec.notify_one();
+                })
+            };
+            q.ring().push(7).unwrap();
+            ec.notify_one();
+            producer.join().unwrap();
+            let mut got: Vec<u32> = consumers.into_iter().map(|c| c.join().unwrap()).collect();
             got.sort();
             assert_eq!(got, [7, 8]);
         });

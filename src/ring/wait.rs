@@ -145,9 +145,15 @@ impl EventCount {
     }
 
     #[cfg(stateful_pool_loom)]
-    fn futex_wake(&self, _n: i32) {
+    fn futex_wake(&self, n: i32) {
+        // As the kernel does: `FUTEX_WAKE(1)` wakes one sleeper, so a wake-up spent on a
+        // waiter that goes back to sleep shows up as a loom deadlock.
         let _guard = self.model.lock.lock().unwrap();
-        self.model.cv.notify_all();
+        if n == 1 {
+            self.model.cv.notify_one();
+        } else {
+            self.model.cv.notify_all();
+        }
     }
 }
 

@@ -9,7 +9,7 @@
 //!               worker controls    max_workers × WorkerCtl (128 B)   one per worker seat
 //!               slot times         n_slots × SlotTimes (16 B)        submit time, deadline
 //!               batch controls     max_workers × BatchCtl (896 B)    a worker's batch
-//!               slot inline data   n_slots × slot_inline             small task archives
+//!               slot inline data   n_slots × slot_inline             small task archives, small outputs
 //!               spawn areas        max_workers × spawn_area          spawn args, then output
 //!               result rings       max_workers × (128 B + result_ring) completion rings
 //!               task arena         arena                              large tasks and loans

@@ -11,7 +11,7 @@ use crate::codec::{self, EncodeError};
 use crate::failpoint;
 use crate::ring::bytes::{ByteRing, Reservation};
 use crate::ring::mpmc::{MpmcCell, MpmcRing};
-use crate::ring::wait::wait_on_marked;
+use crate::ring::wait::{spin_until, wait_on_marked};
 use crate::shm::layout::{
     FLAG_RESTART_ON_PANIC, RING_HDR, SlotTimes, WorkerCtl, ctl_state, hold, parked,
 };
@@ -240,6 +240,9 @@ pub(crate) fn run<W: Worker>(mut wp: WorkerProcess) -> ! {
         spin,
         restart_on_panic: hdr.flags & FLAG_RESTART_ON_PANIC != 0,
         last_batch_full: std::cell::Cell::new(false),
+        scratch: std::cell::RefCell::new(rkyv::util::AlignedVec::with_capacity(
+            layout.params.slot_inline as usize,
+        )),
         #[cfg(feature = "failpoints")]
         hostile: (
             failpoint::hostile::mask(),
@@ -276,12 +279,21 @@ pub(crate) fn run<W: Worker>(mut wp: WorkerProcess) -> ! {
             // Idle: a worker filling a batch stops waiting for company while we are.
             ctl.idle.store(1, Ordering::Relaxed);
             let mark = Some((&ctl.parked, parked::TASK_READY));
-            wait_on_marked(&hdr.task_ready, spin, None, mark, || {
-                ring.has_ready()
-                    || hdr.shutdown.load(Ordering::Acquire) != 0
+            let other = || {
+                hdr.shutdown.load(Ordering::Acquire) != 0
                     || ctl.hold.load(Ordering::SeqCst) & hold::RETIRE != 0
                     || ctl.direct.load(Ordering::Acquire) != 0
-            });
+            };
+            // Spinning, poll the cell the next pop takes (`has_ready`: never the line every
+            // push writes). Before sleeping, and after each wake, ask whether anything is
+            // queued at all (`tail`): a value pushed behind a cell whose producer has not
+            // finished must not leave this worker asleep, since its wake-up may have been
+            // spent on a worker that found that cell still empty.
+            if !spin_until(spin, || ring.has_ready() || other()) {
+                wait_on_marked(&hdr.task_ready, Duration::ZERO, None, mark, || {
+                    !ring.is_empty() || other()
+                });
+            }
             ctl.idle.store(0, Ordering::Relaxed);
             if hdr.shutdown.load(Ordering::Acquire) != 0
                 && ring.is_empty()
@@ -365,6 +377,10 @@ pub(super) struct Server<'a> {
     pub(super) restart_on_panic: bool,
     /// Whether this worker's previous dynamic batch was full (see `batch_flags::WHEN_SATURATED`).
     pub(super) last_batch_full: std::cell::Cell<bool>,
+    /// Where a small output is serialised first (a slot's inline size, allocated once): one of
+    /// at most 8 bytes then goes into the slot header's word, a larger one is copied into the
+    /// slot. So the worker writes a slot's data area only for an output that goes there.
+    pub(super) scratch: std::cell::RefCell<rkyv::util::AlignedVec<16>>,
     /// Test builds: the hostile mask and its random numbers.
     #[cfg(feature = "failpoints")]
     pub(super) hostile: (u32, failpoint::hostile::Rng),
@@ -609,8 +625,8 @@ impl Server<'_> {
         ptr: *mut u8,
         cap: usize,
     ) -> Encoded {
-        // SAFETY: the callers pass a region this worker owns right now: its task's slot data
-        // area past the task archive, or a reservation in its own completion ring.
+        // SAFETY: the callers pass a region this worker owns right now: its private scratch
+        // buffer, or a reservation in its own completion ring.
         match catch_unwind(AssertUnwindSafe(|| unsafe {
             codec::encode_into(out, ptr, cap)
         })) {
@@ -634,22 +650,20 @@ impl Server<'_> {
         out: &T,
     ) {
         let seat = self.wp.seat;
-        // Fastest path: a small output goes inline into the task's own slot, whose cache lines
-        // this worker already holds, after the task archive.
+        // Fastest path: a small output, serialised in the scratch buffer, then either the
+        // slot header's `rec` word (at most 8 bytes: it travels in the header's own line, which
+        // the parent reads anyway to see DONE) or the task's own slot, after the task archive.
         let layout = &self.wp.layout;
         let cap = (layout.params.slot_inline as usize).saturating_sub(inline_from);
-        let ptr = self
-            .wp
-            .seg
-            .bytes_ptr(layout.slot_data_off(t.slot) + inline_from, cap);
-        match self.encode_or_report(t, out, ptr, cap) {
+        let mut scratch = self.scratch.borrow_mut();
+        scratch.reserve(cap);
+        let src = scratch.as_mut_ptr();
+        match self.encode_or_report(t, out, src, cap) {
             Encoded::Written(n) if n <= WORD_BYTES => {
-                // A tiny output travels in the slot header's own line, which the parent reads
-                // anyway to see DONE (`LEN_IN_HEADER`): its archive is the `rec` word.
                 let mut word = [0u8; WORD_BYTES];
-                // SAFETY: `n <= WORD_BYTES` bytes just written at `ptr`, in this worker's
-                // inline area; `word` is ours.
-                unsafe { std::ptr::copy_nonoverlapping(ptr, word.as_mut_ptr(), n) };
+                // SAFETY: `n <= WORD_BYTES` bytes were just written at `src` (our scratch);
+                // `word` is ours.
+                unsafe { std::ptr::copy_nonoverlapping(src, word.as_mut_ptr(), n) };
                 let rec = u64::from_ne_bytes(word);
                 self.publish(
                     t,
@@ -658,6 +672,14 @@ impl Server<'_> {
                 return;
             }
             Encoded::Written(n) => {
+                let dst = self
+                    .wp
+                    .seg
+                    .bytes_ptr(layout.slot_data_off(t.slot) + inline_from, cap);
+                // SAFETY: `n <= cap` bytes written at `src` (our scratch); `dst` is this task's
+                // slot data area past the task archive, `cap` bytes inside the segment, which
+                // this worker owns until it publishes. The two never overlap.
+                unsafe { std::ptr::copy_nonoverlapping(src, dst, n) };
                 let rec = REC_INLINE | inline_from as u64;
                 self.publish(t, RawOutcome::new(KIND_OK, seat, rec, n as u32));
                 return;
@@ -665,6 +687,7 @@ impl Server<'_> {
             Encoded::Reported => return,
             Encoded::Overflow => {}
         }
+        drop(scratch);
         // Fast path: serialise straight into whatever contiguous room the ring has now (never
         // more than the bound every path enforces, `max_record_len`).
         if let Ok(Some(r)) = self.results.try_reserve(0) {
