@@ -128,6 +128,30 @@ fn laps(pool: &Pool<TestWorker>, ctx: &str) {
     }
 }
 
+/// Eight tasks submitted to a one-worker pool whose worker dies at the third hit of `point`:
+/// exactly the task it held is lost (none for `after_publish`), every other is answered as
+/// `check` expects, and the pool counts one death.
+fn the_death_costs_one_task<W: stateful_pool::Worker>(
+    pool: &Pool<W>,
+    point: &str,
+    ctx: &str,
+    submit: impl Fn(u64) -> Result<TaskHandle<W::Output>, stateful_pool::SubmitError>,
+    check: impl Fn(u64, Result<W::Output, TaskError>) -> Result<(), ()>,
+) {
+    let handles: Vec<_> = (0..8u64)
+        .map(&submit)
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|e| panic!("{ctx}: submit failed: {e}"));
+    let died = (0u64..)
+        .zip(handles)
+        .map(|(i, h)| check(i, h.wait()))
+        .filter(Result::is_err)
+        .count();
+    let lost = if point == "after_publish" { 0 } else { 1 };
+    assert_eq!(died, lost, "{ctx}: tasks lost to the death");
+    assert_eq!(pool.stats().worker_deaths, 1, "{ctx}");
+}
+
 #[test]
 fn a_worker_killed_at_any_step_with_any_result_shape_costs_only_its_task_and_its_seat_serves_on() {
     watchdog(600, || {
@@ -135,19 +159,13 @@ fn a_worker_killed_at_any_step_with_any_result_shape_costs_only_its_task_and_its
             for shape in SHAPES {
                 let ctx = format!("{point} × {shape:?}");
                 let pool = matrix_pool(point, BatchPolicy::none());
-                let handles: Vec<TaskHandle<Out>> = (0..8u64)
-                    .map(|i| pool.submit(&task(shape, i)))
-                    .collect::<Result<_, _>>()
-                    .unwrap_or_else(|e| panic!("{ctx}: submit failed: {e}"));
-                let mut died = 0;
-                for (i, h) in handles.into_iter().enumerate() {
-                    if check(shape, i as u64, h.wait(), &ctx).is_err() {
-                        died += 1;
-                    }
-                }
-                let lost = if point == "after_publish" { 0 } else { 1 };
-                assert_eq!(died, lost, "{ctx}: tasks lost to the death");
-                assert_eq!(pool.stats().worker_deaths, 1, "{ctx}");
+                the_death_costs_one_task(
+                    &pool,
+                    point,
+                    &ctx,
+                    |i| pool.submit(&task(shape, i)),
+                    |i, r| check(shape, i, r, &ctx),
+                );
                 laps(&pool, &ctx);
                 assert_eq!(pool.stats().worker_deaths, 1, "{ctx}: no further deaths");
             }
@@ -240,19 +258,13 @@ fn a_tiny_task_worker_killed_at_any_step_costs_only_its_task_and_its_seat_serves
                     .build()
                     .unwrap();
                 pool.spawn(&()).unwrap();
-                let handles: Vec<TaskHandle<Vec<u8>>> = (0..8u64)
-                    .map(|i| pool.submit(&tiny_task(shape, i)))
-                    .collect::<Result<_, _>>()
-                    .unwrap_or_else(|e| panic!("{ctx}: submit failed: {e}"));
-                let mut died = 0;
-                for (i, h) in handles.into_iter().enumerate() {
-                    if tiny_check(shape, i as u64, h.wait(), &ctx).is_err() {
-                        died += 1;
-                    }
-                }
-                let lost = if point == "after_publish" { 0 } else { 1 };
-                assert_eq!(died, lost, "{ctx}: tasks lost to the death");
-                assert_eq!(pool.stats().worker_deaths, 1, "{ctx}");
+                the_death_costs_one_task(
+                    &pool,
+                    point,
+                    &ctx,
+                    |i| pool.submit(&tiny_task(shape, i)),
+                    |i, r| tiny_check(shape, i, r, &ctx),
+                );
                 let per_lap = RING / (BIG as usize + 64);
                 for i in 0..(4 * per_lap as u64 + 4) {
                     let s = TINY_SHAPES[(i % 4) as usize];
