@@ -4,8 +4,8 @@
 mod common;
 use common::*;
 use stateful_pool::{
-    Pool, SpawnError, SpawnOptions, SubmitError, TaskError, WaitStrategy, WaitTimeoutError,
-    WorkerError,
+    Pool, RestartPolicy, SpawnError, SpawnOptions, SubmitError, TaskError, WaitStrategy,
+    WaitTimeoutError, WorkerError, WorkerState,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -652,6 +652,41 @@ fn a_stateless_function_serves_as_a_worker() {
             .map(|r| r.unwrap())
             .sum();
         assert_eq!(total, (1..50).sum::<usize>() as u64);
+    });
+}
+
+/// The pool stops counting a dead worker as serving before it answers any of its tasks: a
+/// caller that got `WorkerDied` (or a broadcast that killed every worker) never sees the dead
+/// worker in `num_workers` or `workers` as ready, and a broadcast right after does not offer
+/// to it. (Found in a full local test run: a broadcast sent right after one that killed all
+/// three workers was offered to a seat whose death was still being handled, and came back
+/// `Cancelled`.) The event hook holds the supervisor right after the answers, on the
+/// `WorkerDied` event, to keep that moment open for as long as the test looks.
+#[test]
+fn a_dead_worker_stops_counting_before_its_task_is_answered() {
+    watchdog(120, || {
+        let held = Arc::new(std::sync::Mutex::new(()));
+        let hook_lock = held.clone();
+        let pool = Pool::<TestWorker>::builder()
+            .restart_policy(RestartPolicy::never())
+            .on_event(move |e| {
+                if matches!(e, stateful_pool::PoolEvent::WorkerDied { .. }) {
+                    drop(hook_lock.lock().unwrap_or_else(|e| e.into_inner()));
+                }
+            })
+            .build()
+            .unwrap();
+        pool.spawn(&Spawn::ok("w")).unwrap();
+        let guard = held.lock().unwrap();
+        assert!(matches!(
+            pool.execute(&Cmd::KillSelf),
+            Err(TaskError::WorkerDied { .. })
+        ));
+        assert_eq!(pool.num_workers(), 0);
+        assert_ne!(pool.workers()[0].state, WorkerState::Ready);
+        drop(guard);
+        assert!(wait_until(30, || pool.workers()[0].state == WorkerState::Failed));
+        assert!(pool.broadcast(&Cmd::Echo(1)).is_empty());
     });
 }
 

@@ -65,6 +65,18 @@ impl Sup {
             (None, ctl_state::EXITED) => DeathReason::Exit,
             _ => DeathReason::Crash,
         };
+        // No longer serving, before any of its tasks is answered: whoever sees such an answer
+        // (a broadcast that killed every worker, say) must not count this worker as serving
+        // (`num_workers`, and the seats a broadcast offers to). The state set here is
+        // provisional: freeing the seat or scheduling its restart below sets the final one.
+        let leaving = self.seats[worker].retiring.is_some()
+            || self.shutdown.is_some()
+            || shared.closing.load(Ordering::SeqCst);
+        shared.lock_seats()[worker].state = if leaving {
+            WorkerState::Stopped
+        } else {
+            WorkerState::Restarting
+        };
         let (failed, retried) = self.recover_tasks(seat, pid, cause, kill);
         ctl.state.store(ctl_state::EXITED, Ordering::Release);
         if let Some((_, waiters)) = self.seats[worker].retiring.take() {
