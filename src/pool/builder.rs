@@ -86,7 +86,8 @@ impl std::fmt::Debug for EventHook {
 ///
 /// Spinning answers fastest when the other side is about to deliver, but on a machine where
 /// processes outnumber cores a spinner steals the core its peer needs. So the spin is always
-/// bounded (yielding in its second half), then the waiter parks on a futex and burns no CPU.
+/// bounded (polling purely for its first microsecond, then yielding the CPU between polls), then
+/// the waiter parks on a futex and burns no CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WaitStrategy {
     /// Spin for up to `spin`, then park. The default is 20 µs.

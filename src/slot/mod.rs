@@ -113,10 +113,13 @@ impl SlotHeader {
     }
 
     /// Worker, right after its pop: takes the task. Returns the previous state (check
-    /// `CANCELLED` and `BATCH`).
+    /// `CANCELLED` and `BATCH`). The first touch of the header's line is this RMW (expecting
+    /// a plain task that nobody waits on yet), so the line comes over once, for writing; read
+    /// the task fields after it.
     pub(crate) fn claim(&self, owner: u32) -> u32 {
+        let prev = fetch_or_from(&self.state, 0, bits::CLAIMED);
         self.owner.store(owner, Ordering::Relaxed);
-        self.state.fetch_or(bits::CLAIMED, Ordering::AcqRel)
+        prev
     }
 
     /// Parent, putting a dead worker's task back in the queue (retry): undoes the claim and
@@ -146,7 +149,8 @@ impl SlotHeader {
         // SYNC POINT: the result (ring record and the fields above) is visible to whoever
         // Acquires DONE. One RMW, so waiter flags and DONE are totally ordered: either we see a
         // waiter's flag and wake it, or the waiter sees DONE and does not sleep.
-        Wake::after(self.state.fetch_or(bits::DONE, Ordering::AcqRel))
+        // Expecting the common state (claimed, nobody waiting yet): see `fetch_or_from`.
+        Wake::after(fetch_or_from(&self.state, bits::CLAIMED, bits::DONE))
     }
 
     /// A blocking caller about to sleep: sets `WAIT_THREAD`. Returns the state it must sleep on
@@ -165,6 +169,22 @@ impl SlotHeader {
             worker: self.result_worker.load(Ordering::Relaxed),
             rec: self.result_rec.load(Ordering::Relaxed),
             len: self.result_len.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// `word.fetch_or(bits, AcqRel)`, written as a compare-and-swap loop that starts from `guess`
+/// instead of from a load. x86 has no fetch-or that returns the old value, so `fetch_or`
+/// compiles to a load and then a CAS loop: two transfers of a line that the other side is
+/// polling (the caller spins on the state word while the worker claims and publishes). Starting
+/// from the likely value makes the first access the locked CAS, which takes the line for
+/// writing at once; a wrong guess costs one failed CAS, which returns the actual value.
+fn fetch_or_from(word: &AtomicU32, guess: u32, bits: u32) -> u32 {
+    let mut cur = guess;
+    loop {
+        match word.compare_exchange_weak(cur, cur | bits, Ordering::AcqRel, Ordering::Relaxed) {
+            Ok(prev) => return prev,
+            Err(now) => cur = now,
         }
     }
 }
@@ -288,9 +308,9 @@ impl Arbiter {
 /// Which slot a dead worker held, from its control block's `current_slot` and `current_task`
 /// (read after the death; see ARCHITECTURE.md, *Recovering a dead worker's task*).
 ///
-/// - `current_task == 0`: it died between the pop and recording the task id. Only its worker
-///   answers a task, so the slot still holds that task, unless the slot is `DONE` (then the
-///   words are the leftovers of a finished task; harmless hardening).
+/// - `current_task == 0`: it died between the pop and recording the task id (which follows its
+///   claim). Only its worker answers a task, so the slot still holds that task, unless the
+///   slot is `DONE` (then the words are the leftovers of a finished task; harmless hardening).
 /// - otherwise the slot is held iff it is not `DONE` *and* its task id is `current_task`: the
 ///   worker clears its words only after publishing, and in between the caller may have retired
 ///   the slot and a new task reused it. The id (read after an Acquire of the state, which

@@ -154,8 +154,8 @@ mod models {
         });
     }
 
-    /// A worker serves task 1 and dies after step `k` of its protocol (1: popped, ..., 5:
-    /// all done); meanwhile its caller collects as soon as the task is done and reuses the slot
+    /// A worker serves task 1 and dies after step `k` of its protocol (1: popped, 2: claimed,
+    /// 3: task id recorded, 4: published, 5: all done); meanwhile its caller collects as soon as the task is done and reuses the slot
     /// for task 2. The supervisor, after the death, applies the recovery rule: task 1 is
     /// answered exactly once (by the worker or by the supervisor), and task 2 is never touched.
     #[test]
@@ -172,10 +172,11 @@ mod models {
                     loom::thread::spawn(move || {
                         let steps: [&dyn Fn(); 5] = [
                             &|| cs.store(0, Ordering::Relaxed),
-                            &|| ct.store(sh.task_id.load(Ordering::Relaxed), Ordering::Relaxed),
+                            // The worker's order: the claim, then the task id it read after it.
                             &|| {
                                 sh.claim(1);
                             },
+                            &|| ct.store(sh.task_id.load(Ordering::Relaxed), Ordering::Relaxed),
                             &|| {
                                 let _ = sh.publish(RawOutcome::new(KIND_OK, 0, 0, 0));
                             },

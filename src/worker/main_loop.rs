@@ -308,11 +308,15 @@ pub(crate) fn run<W: Worker>(mut wp: WorkerProcess) -> ! {
             ctl.current_slot.store(u32::MAX, Ordering::Relaxed);
             continue;
         };
+        // The claim first: it brings the header's line over for writing in one transfer, and
+        // the task fields are then read from our own cache.
+        let prev = sh.claim(owner_tag);
         // Which task this is: the supervisor compares it with the slot's task id to tell our
-        // task from a later one that reused the slot after we published.
+        // task from a later one that reused the slot after we published (until it is stored,
+        // `current_task == 0` and `current_slot` alone names the slot: see
+        // `slot::held_by_dead_worker`).
         let task_id = sh.task_id.load(Ordering::Relaxed);
         ctl.current_task.store(task_id, Ordering::Relaxed);
-        let prev = sh.claim(owner_tag);
         failpoint::hit("after_claim");
         let task = Task {
             slot,
