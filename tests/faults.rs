@@ -197,6 +197,89 @@ fn a_panic_replaces_the_worker_by_default_and_a_poisoned_worker_too() {
     });
 }
 
+/// A worker can report ready, serve, retire and exit before the supervisor looks at it (a busy
+/// or descheduled supervisor on a small machine): that is a worker that started and then died
+/// serving, not a failed start-up. Made deterministic by holding the supervisor in the event
+/// hook of another seat's death while the new worker does all of that.
+#[test]
+fn a_worker_that_retires_before_its_start_was_seen_started_and_then_died() {
+    watchdog(120, || {
+        let events = Events::default();
+        let held = Arc::new(Mutex::new(()));
+        let entered = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ev, hook_lock, hook_entered) = (events.clone(), held.clone(), entered.clone());
+        let pool = Arc::new(
+            Pool::<TestWorker>::builder()
+                .queue_size(64)
+                .on_event(move |e| {
+                    if matches!(e, PoolEvent::WorkerDied { worker: 0, .. }) {
+                        hook_entered.store(true, std::sync::atomic::Ordering::SeqCst);
+                        drop(hook_lock.lock().unwrap_or_else(|e| e.into_inner()));
+                    }
+                    ev.lock().unwrap().push(e.clone());
+                })
+                .build()
+                .unwrap(),
+        );
+        pool.spawn(&Spawn::ok("first")).unwrap();
+        let first = pool.workers()[0].pid;
+        // The second worker's start-up waits on a gate the test opens.
+        let gate = gate_path("retire-before-seen");
+        let spawner = {
+            let pool = pool.clone();
+            let args = Spawn {
+                gate: gate.to_string_lossy().into(),
+                ..Spawn::ok("second")
+            };
+            std::thread::spawn(move || pool.spawn(&args).map(|_| ()))
+        };
+        assert!(wait_until(60, || {
+            let w = pool.workers();
+            w.len() == 2 && w[1].state == WorkerState::Starting && w[1].pid != 0
+        }));
+        let second = pool.workers()[1].pid;
+        // Hold the supervisor in the first worker's death.
+        let guard = held.lock().unwrap();
+        sigkill(first);
+        assert!(wait_until(60, || entered.load(std::sync::atomic::Ordering::SeqCst)));
+        // Unseen by the supervisor: the second worker reports ready, serves, retires, exits.
+        std::fs::write(&gate, b"").unwrap();
+        match pool.execute(&Cmd::Poison("gone before seen".into())) {
+            Err(TaskError::Poisoned { worker: 1, message }) => {
+                assert_eq!(message, "gone before seen")
+            }
+            other => panic!("expected Poisoned by worker 1, got {other:?}"),
+        }
+        assert!(wait_until(60, || process_gone(second)));
+        drop(guard);
+        // Its start succeeded; its death is a poisoned worker's, nothing failed with it.
+        spawner.join().unwrap().unwrap();
+        assert!(wait_until(60, || pool.num_workers() == 2));
+        assert_eq!(pool.execute(&Cmd::Echo(3)).unwrap().value, 3);
+        let events = events.lock().unwrap();
+        let died: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                PoolEvent::WorkerDied {
+                    worker,
+                    reason,
+                    tasks_failed,
+                    ..
+                } => Some((*worker, *reason, *tasks_failed)),
+                _ => None,
+            })
+            .collect();
+        assert!(died.contains(&(1, DeathReason::Poisoned, 0)), "{died:?}");
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(e, PoolEvent::RestartFailed { .. })),
+            "{events:?}"
+        );
+        let _ = std::fs::remove_file(gate);
+    });
+}
+
 #[test]
 fn an_idle_worker_that_dies_fails_nothing_and_is_restarted() {
     watchdog(60, || {

@@ -167,6 +167,13 @@ pub(crate) mod ctl_state {
     /// The worker published its last task's outcome and exits to be replaced (it declared
     /// itself poisoned, or a task panicked under the restart-on-panic policy).
     pub(crate) const RETIRING: u32 = 5;
+
+    /// Whether a starting worker has sent its start-up report: READY or FAILED, or a state
+    /// only reachable after READY (it served, then retired or exited before the supervisor
+    /// looked). STARTING, EMPTY or a value no worker writes: not reported.
+    pub(crate) fn reported(state: u32) -> bool {
+        matches!(state, READY | FAILED | EXITED | RETIRING)
+    }
 }
 
 /// Header flag: a worker whose task panicked retires and is restarted fresh.

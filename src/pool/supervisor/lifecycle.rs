@@ -177,7 +177,9 @@ impl Sup {
         let ctl = shared.ctl(seat);
         let worker = seat as usize;
         match ctl.state.load(Ordering::Acquire) {
-            ctl_state::READY => {
+            // A worker that reported ready may serve, retire and exit before this look:
+            // RETIRING and EXITED imply READY came first.
+            ctl_state::READY | ctl_state::RETIRING | ctl_state::EXITED => {
                 let s = &mut self.seats[seat as usize];
                 let Phase::Starting { reply, .. } = std::mem::replace(&mut s.phase, Phase::Ready)
                 else {

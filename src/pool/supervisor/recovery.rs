@@ -21,8 +21,9 @@ impl Sup {
         let ctl_state_now = ctl.state.load(Ordering::Acquire);
         match phase {
             Phase::Starting { reply, .. } => {
-                if ctl_state_now == ctl_state::READY || ctl_state_now == ctl_state::FAILED {
-                    // It reported, then died: handle the report first, as if seen before.
+                if ctl_state::reported(ctl_state_now) {
+                    // It reported (and may have served and retired since), then died: handle
+                    // the report first, as if seen before.
                     self.seats[worker].phase = Phase::Starting {
                         reply,
                         since: Instant::now(),
