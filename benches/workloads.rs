@@ -124,6 +124,18 @@ fn round_trip_group(c: &mut Criterion, group: &str, suffix: &str) {
             })
         });
     }
+    if suffix.is_empty() {
+        // The pool's own line traffic with no code around it (support::protocol_skeleton).
+        let key = "floor_protocol".to_string();
+        g.bench_function("floor_protocol", |b| {
+            b.iter_custom(|n| {
+                let mut h = histogram();
+                let t = protocol_skeleton(n, Some(&mut h));
+                record_hist(&key, &h);
+                t
+            })
+        });
+    }
     let strategies: &[(&str, WaitStrategy)] = if suffix.is_empty() {
         &[
             ("pool_default", WaitStrategy::default()),
@@ -613,6 +625,7 @@ fn summary(_: &mut Criterion) {
         for name in [
             "floor_spin",
             "floor_futex",
+            "floor_protocol",
             "pool_default",
             "pool_parked",
             "pool_spin_1ms",
@@ -752,6 +765,12 @@ fn summary(_: &mut Criterion) {
         "| W1 p99 ≤ 5× spin floor (p99 vs floor p50) | {:.2}× | {} |",
         d99 / spin,
         verdict(d99 / spin <= 5.0)
+    ));
+    let protocol = w1("floor_protocol").0;
+    r.line(format!(
+        "| (W1 where the time goes: protocol floor / spin floor, pool / protocol floor) | {:.2}×, {:.2}× | — |",
+        protocol / spin,
+        d50 / protocol
     ));
     let parked = w1("pool_parked").0 / w1("floor_futex").0;
     r.line(format!(

@@ -7,7 +7,7 @@ use hdrhistogram::Histogram;
 use stateful_pool::{BoxError, TaskContext, Worker, WorkerContext};
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -409,6 +409,119 @@ pub fn ping_pong(iters: u64, park: bool, mut hist: Option<&mut Histogram<u64>>) 
     let t = start.elapsed();
     word.store(STOP, Ordering::Release);
     futex(word, libc::FUTEX_WAKE, 1);
+    // SAFETY: reap our child; then unmap the page nobody uses any more.
+    unsafe {
+        libc::waitpid(pid, std::ptr::null_mut(), 0);
+        libc::munmap(p, 4096);
+    }
+    t
+}
+
+/// The pool's task path with no code around it: the same cache lines, atomic operations and
+/// order as one round trip of a tiny task (`u64` in, `u64` out), between this process and a
+/// forked child, in a page of shared memory. A floor for the protocol's design, beside the
+/// spin floor (one line there and back): the pool's p50 over this one is what its code costs
+/// (encoding, checks, bookkeeping), this one over the spin floor what the protocol's line
+/// traffic costs.
+///
+/// Per round trip, as in the pool: the caller writes the task word and resets the state in the
+/// slot header's line (`prepare`), reads the queue cell's stamp, moves the queue's tail by CAS
+/// and fills the cell (`push`), then polls the header for `DONE`; the child polls the cell it
+/// will pop (`has_ready`), takes it (CAS on the head, cell released), claims the slot (CAS on
+/// the state), reads the task word, writes the result word and publishes (CAS); the caller
+/// reads the result. 64 cells of 16 bytes, as the W1 pool's queue.
+pub fn protocol_skeleton(iters: u64, mut hist: Option<&mut Histogram<u64>>) -> Duration {
+    #[repr(C, align(64))]
+    struct Line([AtomicU64; 8]);
+    // Layout (64-byte lines): 0 the slot header (state, task word, result word), 1 the tail,
+    // 2 the head, 3.. the 64 cells (stamp, value), 4 to a line.
+    const CELLS: u64 = 64;
+    const STOP: u64 = u64::MAX;
+    const CLAIMED: u64 = 1;
+    const DONE: u64 = 2;
+    // SAFETY: anonymous shared mapping of one page; checked for failure below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    // SAFETY: page-aligned, zero-filled, 19 lines of 64 bytes fit in the page; lives until the
+    // munmap below.
+    let lines = unsafe { std::slice::from_raw_parts(p as *const Line, 19) };
+    let (hdr, tail, head) = (&lines[0].0, &lines[1].0[0], &lines[2].0[0]);
+    let cell = |pos: u64| {
+        let i = (pos % CELLS) as usize;
+        let line = &lines[3 + i / 4].0;
+        (&line[(i % 4) * 2], &line[(i % 4) * 2 + 1])
+    };
+    for pos in 0..CELLS {
+        cell(pos).0.store(pos, Ordering::Relaxed);
+    }
+    // SAFETY: the child only uses atomics and _exit (async-signal-safe).
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        loop {
+            let h = head.load(Ordering::Relaxed);
+            let (seq, value) = cell(h);
+            while seq.load(Ordering::Acquire) != h + 1 {
+                std::hint::spin_loop();
+            }
+            if head
+                .compare_exchange(h, h + 1, Ordering::SeqCst, Ordering::Relaxed)
+                .is_err()
+            {
+                continue;
+            }
+            let v = value.load(Ordering::Relaxed);
+            seq.store(h + CELLS, Ordering::Release);
+            if v == STOP {
+                // SAFETY: _exit is async-signal-safe.
+                unsafe { libc::_exit(0) };
+            }
+            let _ = hdr[0].compare_exchange(0, CLAIMED, Ordering::AcqRel, Ordering::Relaxed);
+            let task = hdr[1].load(Ordering::Relaxed);
+            hdr[2].store(task, Ordering::Relaxed);
+            let _ = hdr[0].compare_exchange(
+                CLAIMED,
+                CLAIMED | DONE,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+        }
+    }
+    let push = |v: u64| {
+        let t = tail.load(Ordering::Relaxed);
+        let (seq, value) = cell(t);
+        while seq.load(Ordering::Acquire) != t {
+            std::hint::spin_loop();
+        }
+        tail.compare_exchange(t, t + 1, Ordering::SeqCst, Ordering::Relaxed)
+            .expect("one producer");
+        value.store(v, Ordering::Relaxed);
+        seq.store(t + 1, Ordering::Release);
+    };
+    let start = Instant::now();
+    for i in 0..iters {
+        let t0 = hist.is_some().then(Instant::now);
+        hdr[1].store(i, Ordering::Relaxed);
+        hdr[0].store(0, Ordering::Release);
+        push(0);
+        while hdr[0].load(Ordering::Acquire) & DONE == 0 {
+            std::hint::spin_loop();
+        }
+        assert_eq!(hdr[2].load(Ordering::Relaxed), i);
+        if let (Some(h), Some(t0)) = (hist.as_deref_mut(), t0) {
+            h.saturating_record(t0.elapsed().as_nanos() as u64);
+        }
+    }
+    let t = start.elapsed();
+    push(STOP);
     // SAFETY: reap our child; then unmap the page nobody uses any more.
     unsafe {
         libc::waitpid(pid, std::ptr::null_mut(), 0);

@@ -86,7 +86,7 @@ impl std::fmt::Debug for EventHook {
 ///
 /// Spinning answers fastest when the other side is about to deliver, but on a machine where
 /// processes outnumber cores a spinner steals the core its peer needs. So the spin is always
-/// bounded (polling purely for its first microsecond, then yielding the CPU between polls), then
+/// bounded (polling purely for its first 3 µs, then yielding the CPU between polls), then
 /// the waiter parks on a futex and burns no CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WaitStrategy {

@@ -20,7 +20,7 @@
 //!
 //! On a 2-core machine a parent and two workers outnumber the cores; two pure spinners sharing a
 //! core cost a scheduler tick (~ms) per hand-off. So every spin here is bounded by a time budget
-//! (20 µs by default) and, past its first microsecond, yields the CPU between polls; then it
+//! (20 µs by default) and, past its first 3 µs, yields the CPU between polls; then it
 //! parks.
 
 use crate::sync::{AtomicU32, Ordering, fence};
@@ -165,14 +165,16 @@ struct FutexModel {
     cv: loom::sync::Condvar,
 }
 
-/// How long a spin polls without yielding (at most half its budget): about six `sched_yield`
-/// round trips on the benchmark VM (≈ 165 ns each when no other thread wants the core). Past
-/// it, the spin yields between polls, so a thread that shares our core (the one we wait for,
-/// on a machine where threads outnumber cores) runs, at the price of noticing the event up to
-/// one yield later. W2 through handles (a caller and two workers on 2 vCPUs) gained ≈ 10 %
-/// over yielding only in the second half of the 20 µs budget; W1 is unchanged (its waits are
-/// shorter than this).
-pub(crate) const PURE_SPIN: Duration = Duration::from_micros(1);
+/// How long a spin polls without yielding (at most half its budget): about four W1 round trips
+/// on the benchmark VM, or eighteen `sched_yield`s (≈ 165 ns each when no other thread wants
+/// the core). Past it, the spin yields between polls, so a thread that shares our core (the
+/// one we wait for, on a machine where threads outnumber cores) runs, at the price of noticing
+/// the event up to one yield later. A trade-off, measured (BENCHMARKS.md, 2026-12-05, against
+/// yielding only in the second half of the 20 µs budget): 1 µs gave W2 +8 % through handles
+/// and +15 % through an unordered map but cost W1 +6 % at p50 and p99 (a worker's wait for
+/// the next task is often just over 1 µs); 3 µs keeps W1 within noise (+3 %) and W2 +2 % /
+/// +8 %.
+pub(crate) const PURE_SPIN: Duration = Duration::from_micros(3);
 
 /// Spins on `cond` for at most `budget`: pure spin hints for the first [`PURE_SPIN`] (or half
 /// the budget if that is shorter), then yielding the CPU between polls (so a peer that shares
