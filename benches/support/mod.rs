@@ -345,12 +345,10 @@ fn futex(word: &AtomicU32, op: i32, val: u32) {
     }
 }
 
-/// Runs `iters` round trips between this process and a forked child over one shared word: the
-/// parent writes an odd value, the child answers with the next even one. `park`: each side
-/// sleeps on the futex (and wakes the other) instead of spinning. Each round trip's time goes
-/// into `hist` if given.
-pub fn ping_pong(iters: u64, park: bool, mut hist: Option<&mut Histogram<u64>>) -> Duration {
-    // SAFETY: anonymous shared mapping of one page; checked for failure below.
+/// One zero-filled page of anonymous memory shared with the children this process forks
+/// (the caller unmaps it).
+fn shared_page() -> *mut libc::c_void {
+    // SAFETY: anonymous shared mapping of one page, no address hint; checked for failure.
     let p = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
@@ -362,6 +360,15 @@ pub fn ping_pong(iters: u64, park: bool, mut hist: Option<&mut Histogram<u64>>) 
         )
     };
     assert_ne!(p, libc::MAP_FAILED);
+    p
+}
+
+/// Runs `iters` round trips between this process and a forked child over one shared word: the
+/// parent writes an odd value, the child answers with the next even one. `park`: each side
+/// sleeps on the futex (and wakes the other) instead of spinning. Each round trip's time goes
+/// into `hist` if given.
+pub fn ping_pong(iters: u64, park: bool, mut hist: Option<&mut Histogram<u64>>) -> Duration {
+    let p = shared_page();
     // SAFETY: page-aligned, zero-filled, lives until munmap below.
     let word = unsafe { &*(p as *const AtomicU32) };
     const STOP: u32 = u32::MAX;
@@ -439,18 +446,7 @@ pub fn protocol_skeleton(iters: u64, mut hist: Option<&mut Histogram<u64>>) -> D
     const STOP: u64 = u64::MAX;
     const CLAIMED: u64 = 1;
     const DONE: u64 = 2;
-    // SAFETY: anonymous shared mapping of one page; checked for failure below.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            4096,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
+    let p = shared_page();
     // SAFETY: page-aligned, zero-filled, 19 lines of 64 bytes fit in the page; lives until the
     // munmap below.
     let lines = unsafe { std::slice::from_raw_parts(p as *const Line, 19) };
