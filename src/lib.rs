@@ -92,6 +92,8 @@ pub(crate) mod sync;
 
 #[cfg(not(stateful_pool_loom))]
 mod codec;
+/// Deadlines from user-given durations, without overflow.
+mod deadline;
 #[cfg(not(stateful_pool_loom))]
 mod error;
 #[cfg(not(stateful_pool_loom))]

@@ -532,3 +532,51 @@ fn a_hung_batch_is_killed_by_its_smallest_limit_and_waiting_for_company_is_not_r
         assert_eq!(pool.stats().worker_deaths, 0);
     });
 }
+
+#[test]
+fn a_hung_batch_kill_times_out_only_tasks_past_their_own_limit_and_spares_a_packed_task() {
+    watchdog(180, || {
+        let pool = pool(1, BatchPolicy::new(8));
+        let held = Held::new(&pool, "hung-key");
+        let never = gate_path("never-opens-key");
+        // The batch's key (its first task) has no limit of its own; the kill comes at the
+        // second task's.
+        let unlimited = pool.submit(&Job::Echo(1)).unwrap();
+        let limited = pool
+            .task(&Job::Echo(2))
+            .timeout(Duration::from_millis(300))
+            .submit()
+            .unwrap();
+        let hang = pool
+            .submit(&Job::Gate(
+                gate_path("never-started-key").to_string_lossy().into(),
+                never.to_string_lossy().into(),
+            ))
+            .unwrap();
+        // A caller's packed batch behind them: popped while the batch forms, it waits in the
+        // pop window to run after it, so it has not started when the kill lands.
+        let packed = pool.batch(&[Job::Echo(3), Job::Echo(4)]).submit().unwrap();
+        held.open();
+        assert!(
+            matches!(limited.wait(), Err(TaskError::Timeout { .. })),
+            "the task whose limit passed"
+        );
+        let key = unlimited.wait();
+        assert!(
+            matches!(key, Err(TaskError::WorkerDied { .. })),
+            "the key task had no limit: it died with the batch, it did not time out: {key:?}"
+        );
+        assert!(matches!(hang.wait(), Err(TaskError::WorkerDied { .. })));
+        // Never started: it runs on the restarted worker, without a retry budget.
+        let p: Vec<u64> = packed
+            .wait()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.unwrap().value)
+            .collect();
+        assert_eq!(p, [3, 4]);
+        let stats = pool.stats();
+        assert_eq!(stats.tasks_timed_out, 1);
+        assert_eq!(stats.worker_deaths, 1);
+    });
+}

@@ -831,3 +831,73 @@ fn cpu_sets_pin_workers_before_they_start_and_a_disallowed_cpu_is_refused() {
         assert_eq!(cpus.len(), allowed.len().min(256));
     });
 }
+
+/// A broadcast offered to a worker that is leaving (retired: it has left its loop and is
+/// running its state's destructor) is answered `Cancelled`, as the docs say ("one that leaves
+/// without taking it"), not `WorkerDied`: the worker never took it, and a retirement is not a
+/// death.
+#[test]
+fn a_broadcast_offered_to_a_retiring_worker_is_cancelled_not_a_death() {
+    watchdog(120, || {
+        let gate = gate_path("bcast-drop");
+        let counters = Counters::new("bcast-retire", 4);
+        let pool = Pool::<TestWorker>::builder()
+            .worker_env(DROP_GATE_ENV, gate.to_string_lossy().as_ref())
+            .build()
+            .unwrap();
+        let args = Spawn {
+            counters: counters.path.to_string_lossy().into(),
+            ..Spawn::ok("w")
+        };
+        for r in pool.spawn_many([&args, &args]) {
+            r.unwrap();
+        }
+        let pool = Arc::new(pool);
+        let retiring = {
+            let pool = pool.clone();
+            std::thread::spawn(move || pool.retire_worker(0))
+        };
+        // Worker 0 has left its loop (its seat still counts as serving until it exits).
+        let dropping = format!("{}.dropping-0", gate.to_string_lossy());
+        assert!(wait_until(60, || std::path::Path::new(&dropping).exists()));
+        let ran = gate_path("bcast-ran");
+        let broadcast = {
+            let pool = pool.clone();
+            let ran = ran.to_string_lossy().into_owned();
+            std::thread::spawn(move || {
+                pool.broadcast(&Cmd::Step {
+                    id: 1,
+                    started: ran,
+                    gate: String::new(),
+                    fail: false,
+                })
+            })
+        };
+        // Worker 1 ran it: offers go out in seat order, so worker 0's was made before.
+        assert!(wait_until(60, || ran.exists()));
+        let release = format!("{}.release", gate.to_string_lossy());
+        std::fs::write(&release, b"").unwrap();
+        let results = broadcast.join().unwrap();
+        retiring.join().unwrap().unwrap();
+        assert_eq!(results.len(), 2, "{results:?}");
+        for (i, r) in results {
+            match i {
+                0 => assert!(matches!(r, Err(TaskError::Cancelled)), "{r:?}"),
+                _ => assert_eq!(r.unwrap().value, 3),
+            }
+        }
+        let stats = pool.stats();
+        assert_eq!(stats.worker_deaths, 0, "a retirement is not a death");
+        assert_eq!(stats.tasks_died, 0);
+        // The pool's own shutdown drops worker 1's state too: let it through.
+        drop(pool);
+        for p in [
+            dropping,
+            release,
+            format!("{}.dropping-1", gate.to_string_lossy()),
+        ] {
+            let _ = std::fs::remove_file(p);
+        }
+        let _ = std::fs::remove_file(ran);
+    });
+}

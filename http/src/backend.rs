@@ -201,20 +201,31 @@ impl Backend {
     }
 }
 
-/// How long a body may take: the body timeout, or what is left of the request's deadline if
-/// that comes first (then running out is a 504, not a 408).
+/// How long a body may take: until the body timeout, or until the request's deadline if that
+/// comes first (then running out is a 504, not a 408). Both count from the request's arrival,
+/// so the comparison is between the two settings, and a tie (the defaults) is the body's: a
+/// slow body is a 408.
 #[derive(Debug, Clone, Copy)]
 struct BodyLimit {
+    /// What is left of the earlier of the two.
     limit: Duration,
+    /// The request's deadline comes before the body timeout.
     deadline_first: bool,
+    /// The body timeout as set (for the 408's message).
+    body_timeout: Duration,
 }
 
 impl BodyLimit {
     fn of(req: &Request) -> BodyLimit {
-        let left = req.timeout.saturating_sub(req.arrived.elapsed());
+        BodyLimit::at(req.timeout, req.body_timeout, req.arrived.elapsed())
+    }
+
+    fn at(timeout: Duration, body_timeout: Duration, elapsed: Duration) -> BodyLimit {
+        let deadline_first = timeout < body_timeout;
         BodyLimit {
-            limit: left.min(req.body_timeout),
-            deadline_first: left < req.body_timeout,
+            limit: timeout.min(body_timeout).saturating_sub(elapsed),
+            deadline_first,
+            body_timeout,
         }
     }
 }
@@ -251,6 +262,34 @@ async fn read_body_into(body: Body, dst: &mut [u8], limit: BodyLimit) -> Result<
     match tokio::time::timeout(limit.limit, fill).await {
         Ok(r) => r,
         Err(_) if limit.deadline_first => Err(Failure::deadline(None)),
-        Err(_) => Err(Failure::slow_client(limit.limit)),
+        Err(_) => Err(Failure::slow_client(limit.body_timeout)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BodyLimit;
+    use std::time::Duration;
+
+    const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn a_slow_body_is_a_408_when_the_two_limits_are_equal_as_by_default() {
+        let l = BodyLimit::at(10 * S, 10 * S, Duration::from_micros(40));
+        assert!(!l.deadline_first);
+        assert_eq!(l.limit, 10 * S - Duration::from_micros(40));
+    }
+
+    #[test]
+    fn the_earlier_limit_decides_and_both_count_from_arrival() {
+        let deadline = BodyLimit::at(2 * S, 10 * S, S / 2);
+        assert!(deadline.deadline_first);
+        assert_eq!(deadline.limit, S * 3 / 2);
+        let body = BodyLimit::at(10 * S, 3 * S, S);
+        assert!(!body.deadline_first);
+        assert_eq!(body.limit, 2 * S);
+        assert_eq!(body.body_timeout, 3 * S);
+        // Past both: nothing left, not an underflow.
+        assert_eq!(BodyLimit::at(S, S, 5 * S).limit, Duration::ZERO);
     }
 }

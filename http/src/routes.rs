@@ -174,9 +174,27 @@ fn content_length(headers: &HeaderMap) -> Result<usize, Failure> {
         Some(v) => v
             .to_str()
             .ok()
-            .and_then(|s| s.trim().parse().ok())
+            .and_then(declared_length)
             .ok_or_else(|| Failure::bad_request("Content-Length is not a number")),
     }
+}
+
+/// A `Content-Length` value: one number, or a list of the same number repeated (RFC 9110,
+/// 8.6, which hyper accepts as such); anything else is `None`.
+fn declared_length(v: &str) -> Option<usize> {
+    let mut n = None;
+    for part in v.split(',') {
+        let part = part.trim();
+        if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let this: usize = part.parse().ok()?;
+        if n.is_some_and(|n| n != this) {
+            return None;
+        }
+        n = Some(this);
+    }
+    n
 }
 
 async fn healthz(State(app): State<Arc<App>>) -> Response {
@@ -237,4 +255,28 @@ async fn sample(
         },
     };
     app.answer(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::declared_length;
+
+    #[test]
+    fn a_content_length_is_one_number_or_the_same_number_repeated() {
+        assert_eq!(declared_length("42"), Some(42));
+        assert_eq!(declared_length(" 42 "), Some(42));
+        assert_eq!(declared_length("5, 5"), Some(5));
+        assert_eq!(declared_length("5,5,5"), Some(5));
+        for bad in [
+            "",
+            "5, 6",
+            "-1",
+            "+5",
+            "5,",
+            "abc",
+            "99999999999999999999999",
+        ] {
+            assert_eq!(declared_length(bad), None, "{bad:?}");
+        }
+    }
 }

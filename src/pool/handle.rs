@@ -12,7 +12,7 @@ use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A submitted task. Collect its result with [`wait`](Self::wait),
 /// [`wait_timeout`](Self::wait_timeout) (and [`try_wait`](Self::try_wait), its zero-timeout
@@ -86,7 +86,7 @@ impl<T: Message> TaskHandle<T> {
     #[doc(hidden)]
     pub fn __finished_within(&self, timeout: Duration) -> bool {
         self.shared
-            .wait_done(self.slot, Some(Instant::now() + timeout))
+            .wait_done(self.slot, crate::deadline::after(timeout))
     }
 
     /// Resolves once the task has finished, without collecting its result (any executor).
@@ -142,7 +142,7 @@ impl<T: Message> TaskHandle<T> {
     pub fn wait_timeout(mut self, timeout: Duration) -> Result<T, WaitTimeoutError<Self>> {
         if self
             .shared
-            .wait_done(self.slot, Some(Instant::now() + timeout))
+            .wait_done(self.slot, crate::deadline::after(timeout))
         {
             Ok(self.take()?)
         } else {

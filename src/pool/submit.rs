@@ -72,9 +72,10 @@ macro_rules! request_verbs {
         }
 
         #[doc = concat!("Queues the ", $what, ", waiting at most `wait` for room")]
-        /// ([`SubmitError::Timeout`]).
+        /// ([`SubmitError::Timeout`]); a `wait` too long for an `Instant` (`Duration::MAX`)
+        /// waits as long as it takes.
         pub fn submit_timeout(self, wait: Duration) -> Result<$handle, P::Error> {
-            self.send(Block::Until(Some(Instant::now() + wait)))
+            self.send(Block::Until(crate::deadline::after(wait)))
         }
     };
 }

@@ -223,7 +223,7 @@ impl<S: Stage> Server<S> {
     /// fail. Bounded: returns within about `timeout` plus the stages' own shutdown timeouts.
     pub fn shutdown(&self, timeout: Duration) -> ShutdownReport {
         self.closing.store(true, Ordering::SeqCst);
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::deadline::at_or_never(Instant::now(), timeout);
         let drained = self.capacity.wait_idle(deadline);
         let abandoned = if drained { 0 } else { self.capacity.in_use() };
         if drained {

@@ -47,11 +47,12 @@ impl Item {
         }
     }
 
-    /// An item that must be done `d` from now.
+    /// An item that must be done `d` from now (no deadline if `d` is too long for an
+    /// [`Instant`], such as `Duration::MAX`).
     pub fn with_timeout(d: Duration) -> Item {
         let now = Instant::now();
         Item {
-            deadline: Some(now + d),
+            deadline: now.checked_add(d),
             since: now,
         }
     }

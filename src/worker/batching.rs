@@ -196,7 +196,14 @@ impl Server<'_> {
                     self.publish(&t, RawOutcome::new(KIND_EXPIRED, seat, 0, 0));
                     None
                 }
-                None => self.serve_batch(state, wctx, &t),
+                None => {
+                    // A timeout kill may be on its way for the batch just run (the supervisor
+                    // saw it started before it ended): start nothing under it. The kill lands
+                    // while this task waits, never started (recovery queues it again as such),
+                    // or the supervisor withdraws it.
+                    self.wait_out_kill();
+                    self.serve_batch(state, wctx, &t)
+                }
             };
         }
         retire

@@ -439,6 +439,18 @@ impl Server<'_> {
         }
     }
 
+    /// Waits while a timeout kill is held over this worker (`hold::KILL`): until it lands, or
+    /// the supervisor withdraws it. Nothing may start meanwhile: the kill would land on it.
+    pub(super) fn wait_out_kill(&self) {
+        loop {
+            let h = self.ctl.hold.load(Ordering::SeqCst);
+            if h & hold::KILL == 0 {
+                return;
+            }
+            crate::sys::futex_wait(&self.ctl.hold, h, Some(Duration::from_millis(10)));
+        }
+    }
+
     /// Whether the task has a deadline that has passed (checked just before it would start).
     pub(super) fn expired(&self, t: &Task<'_>, state: u32) -> bool {
         state & bits::DEADLINE != 0 && {

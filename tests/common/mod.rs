@@ -131,6 +131,7 @@ pub struct Out {
 
 pub struct TestWorker {
     pub tag: String,
+    pub index: usize,
     pub gpus: Vec<u32>,
     pub pinned: bool,
     pub executed: u64,
@@ -171,6 +172,7 @@ impl Worker for TestWorker {
         Ok((
             TestWorker {
                 tag: args.tag,
+                index: ctx.index(),
                 gpus: ctx.gpu_ids().to_vec(),
                 pinned: ctx.payload_pinned(),
                 executed: 0,
@@ -299,6 +301,20 @@ impl Worker for TestWorker {
                 out(self.tick(id.to_native()))
             }
         })
+    }
+}
+
+/// Set in the workers' environment to a path `P`: a worker's state, when dropped (it leaves
+/// its loop: retired, or at shutdown), creates `P.dropping-{index}` and waits until `P.release`
+/// exists (at most 60 s).
+pub const DROP_GATE_ENV: &str = "STATEFUL_POOL_TEST_DROP_GATE";
+
+impl Drop for TestWorker {
+    fn drop(&mut self) {
+        if let Ok(p) = std::env::var(DROP_GATE_ENV) {
+            let _ = std::fs::write(format!("{p}.dropping-{}", self.index), b"");
+            let _ = wait_for_file(&format!("{p}.release"));
+        }
     }
 }
 

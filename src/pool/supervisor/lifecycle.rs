@@ -47,8 +47,13 @@ impl Sup {
                 match &mut s.retiring {
                     Some((_, waiters)) => waiters.push(done),
                     None => {
-                        s.retiring =
-                            Some((Instant::now() + shared.cfg.shutdown_timeout, vec![done]))
+                        s.retiring = Some((
+                            crate::deadline::at_or_never(
+                                Instant::now(),
+                                shared.cfg.shutdown_timeout,
+                            ),
+                            vec![done],
+                        ))
                     }
                 }
             }
@@ -222,8 +227,14 @@ impl Sup {
                         std::io::Error::other(format!("unreadable OS error {shown:?}"))
                     }
                 });
-                // The worker exits right after reporting: reap it now.
-                self.reap_now(seat);
+                // The worker exits right after reporting: reap it now. It never reported
+                // ready, so it holds no task, unless it broke the protocol: answer what it
+                // claimed, if anything.
+                let cause = self
+                    .reap_now(seat)
+                    .unwrap_or(ExitCause::Signal(libc::SIGKILL));
+                let pid = self.seats[seat as usize].pid;
+                self.recover_tasks(seat, pid, cause, None);
                 let s = &mut self.seats[seat as usize];
                 let Phase::Starting { reply, .. } = std::mem::replace(&mut s.phase, Phase::Idle)
                 else {
@@ -260,7 +271,23 @@ impl Sup {
                     return;
                 };
                 if since.elapsed() > shared.cfg.spawn_timeout {
-                    self.reap_now(seat);
+                    // Looked at once more, just before the kill: a report that came in since
+                    // is taken.
+                    if ctl_state::reported(ctl.state.load(Ordering::Acquire)) {
+                        return self.check_start(seat);
+                    }
+                    let cause = self
+                        .reap_now(seat)
+                        .unwrap_or(ExitCause::Signal(libc::SIGKILL));
+                    // The kill is final. A worker that reported ready between that look and
+                    // the kill may have taken a task: it is a started worker that died, and
+                    // `on_exit` answers what it held. One that never reported holds nothing,
+                    // unless it broke the protocol: whatever it claimed is answered too.
+                    if ctl_state::reported(ctl.state.load(Ordering::Acquire)) {
+                        return self.on_exit(seat, cause);
+                    }
+                    let pid = self.seats[seat as usize].pid;
+                    self.recover_tasks(seat, pid, cause, None);
                     let s = &mut self.seats[seat as usize];
                     let Phase::Starting { reply, .. } =
                         std::mem::replace(&mut s.phase, Phase::Idle)
@@ -283,19 +310,23 @@ impl Sup {
         }
     }
 
-    /// Kills the seat's process (if still running) and reaps it.
-    pub(super) fn reap_now(&mut self, seat: u32) {
+    /// Kills the seat's process (if still running) and reaps it; how it ended, if there was a
+    /// process to reap.
+    pub(super) fn reap_now(&mut self, seat: u32) -> Option<ExitCause> {
         let s = &mut self.seats[seat as usize];
+        let mut status = None;
         if let Some(child) = s.child.as_mut() {
-            if !matches!(child.try_wait(), Ok(Some(_))) {
-                kill_process(s);
-                if let Some(child) = s.child.as_mut() {
-                    let _ = child.wait();
+            status = match child.try_wait() {
+                Ok(Some(st)) => Some(st),
+                _ => {
+                    kill_process(s);
+                    s.child.as_mut().and_then(|c| c.wait().ok())
                 }
-            }
+            };
         }
         s.child = None;
         s.pidfd = None;
+        status.map(ExitCause::from_status)
     }
 
     /// Starts the seat again after its back-off, or marks it failed if it is out of restarts.
@@ -321,7 +352,7 @@ impl Sup {
             self.check_no_workers();
             return;
         }
-        let at = now + policy.delay(recent);
+        let at = crate::deadline::at_or_never(now, policy.delay(recent));
         s.recent.push_back(at);
         s.phase = Phase::Backoff { at };
         self.shared.lock_seats()[seat as usize].state = WorkerState::Restarting;

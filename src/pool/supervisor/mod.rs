@@ -382,7 +382,10 @@ impl Sup {
             match &s.phase {
                 Phase::Backoff { at: t } => at(*t),
                 Phase::Starting { since, .. } => {
-                    at(*since + self.shared.cfg.spawn_timeout);
+                    at(crate::deadline::at_or_never(
+                        *since,
+                        self.shared.cfg.spawn_timeout,
+                    ));
                     // A process that has no pidfd (pidfd_open failed) is checked now and then.
                     if s.pidfd.is_none() {
                         at(now + Duration::from_millis(10));

@@ -34,6 +34,9 @@ impl Sup {
                     }
                     // Ready, and already dead: fall through to the death below.
                 } else {
+                    // It never reported ready, so it holds no task, unless it broke the
+                    // protocol: answer what it claimed, if anything.
+                    self.recover_tasks(seat, pid, cause, None);
                     match reply {
                         Some(r) => {
                             self.free_seat(seat, WorkerState::Empty);
@@ -156,9 +159,14 @@ impl Sup {
             }
         }
         bc.clear_held();
-        // A task offered to this worker alone that it had not taken yet.
+        // A task offered to this worker alone that it had not taken yet (so it never ran).
+        // A worker that left on purpose (retired, or ended at shutdown: it reported EXITED)
+        // leaves it `Cancelled`, as a freed seat does; one that died answers it with its death
+        // (a broadcast is never retried).
         if let Some(v) = self.take_offer(seat) {
-            if !held.contains(&v) {
+            if ctl.state.load(Ordering::Acquire) == ctl_state::EXITED {
+                shared.complete_from_parent(v, RawOutcome::new(self.left_over(), seat, 0, 0));
+            } else if !held.contains(&v) {
                 held.push(v);
             }
         }
@@ -257,15 +265,30 @@ impl Sup {
         let parent = |kind, rec, len| RawOutcome::new(kind, seat, rec, len);
         let own_limit = meta.timeout_ns.load(Ordering::Relaxed);
         match kill {
-            // The task it was killed for, or a task of the same batch whose own limit had
-            // passed too.
+            // The single task it was killed for, or a task of the started batch it was killed
+            // for whose own limit had passed (the kill's limit is the smallest of the batch's:
+            // the batch's key task may have none).
             Some(KillReason::Timeout { task_id, after_ns })
-                if task_id == this_task
+                if (task_id == this_task && !in_batch)
                     || (in_batch && own_limit != 0 && own_limit <= after_ns) =>
             {
                 StatCounters::add(&shared.stats.tasks_timed_out, 1);
                 shared.complete_from_parent(slot, parent(KIND_TIMEOUT, after_ns, 0));
                 return false;
+            }
+            // Held, but neither that task nor in that batch: never started (a worker under a
+            // kill hold starts nothing; a packed task parked in the pop window waits for the
+            // hold to go). It goes back to the queue as it was, its retry budget untouched
+            // (if the queue refuses it, it is answered below).
+            Some(KillReason::Timeout { task_id, .. })
+                if task_id != this_task
+                    && !in_batch
+                    && !cancelled
+                    && self.shutdown.is_none()
+                    && shared.requeue(slot) =>
+            {
+                StatCounters::add(&shared.stats.tasks_retried, 1);
+                return true;
             }
             Some(KillReason::Shutdown) => {
                 shared.complete_from_parent(slot, parent(self.left_over(), 0, 0));

@@ -6,7 +6,7 @@ use super::*;
 impl Sup {
     pub(super) fn begin_shutdown(&mut self, immediate: bool, done: Sender<()>) {
         let shared = self.shared.clone();
-        let deadline = Instant::now() + shared.cfg.shutdown_timeout;
+        let deadline = crate::deadline::at_or_never(Instant::now(), shared.cfg.shutdown_timeout);
         self.shutdown = Some((deadline, done));
         if immediate {
             shared.fail_queued(self.left_over());
