@@ -802,3 +802,59 @@ fn a_payload_stage_reads_the_callers_loan_in_place_and_hands_its_output_on() {
         );
     });
 }
+
+/// `Duration::MAX` is the natural way to say "no limit": it means no deadline everywhere a
+/// timeout is taken, never an `Instant` overflow panic.
+#[test]
+fn a_timeout_of_duration_max_means_no_deadline() {
+    watchdog(120, || {
+        let server = Server::new(seq((threads("A", 1), process("B"))), 8).timeout(Duration::MAX);
+        assert_eq!(names(&server.call(msg(1)).unwrap()), ["A", "B"]);
+        assert_eq!(
+            names(&server.call_timeout(msg(2), Duration::MAX).unwrap()),
+            ["A", "B"]
+        );
+        let outs: Vec<Msg> = futures_executor::block_on_stream(
+            server
+                .stream(futures_util::stream::iter((0..3).map(msg)))
+                .timeout(Duration::MAX),
+        )
+        .map(Result::unwrap)
+        .collect();
+        assert_eq!(outs.len(), 3);
+        let p = pool("P", 1);
+        let h = p.task(&msg(3)).submit_timeout(Duration::MAX).unwrap();
+        assert_eq!(names(&h.wait_timeout(Duration::MAX).unwrap()), ["P"]);
+        server.shutdown(Duration::MAX);
+    });
+}
+
+/// A stage error names the process that ran the item, even when that worker is replaced right
+/// after (poisoned): never its successor, never `None`.
+#[test]
+fn a_poisoned_worker_is_named_by_its_own_pid_not_its_successors() {
+    watchdog(120, || {
+        let pool = pool("P", 1);
+        let server = Server::new(Process::new("P", pool.clone()), 4);
+        let mut last = 0;
+        for round in 0..4 {
+            // The poisoned worker is listed until the supervisor has seen it go: wait for its
+            // successor.
+            assert!(wait_until(60, || {
+                let pids = pool.worker_pids();
+                pids.len() == 1 && pids[0].1 != last
+            }));
+            let ran = pool.worker_pids()[0].1;
+            last = ran;
+            let e = stage_err(server.call(with(msg(round), "P", Cmd::Poison)).unwrap_err());
+            assert!(
+                matches!(e.error, TaskError::Poisoned { .. }),
+                "{:?}",
+                e.error
+            );
+            assert_eq!(e.pid, Some(ran), "round {round}");
+        }
+        assert!(wait_until(60, || pool.worker_pids().len() == 1));
+        assert_eq!(names(&server.call(msg(9)).unwrap()), ["P"]);
+    });
+}

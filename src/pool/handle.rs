@@ -89,6 +89,11 @@ impl<T: Message> TaskHandle<T> {
             .wait_done(self.slot, crate::deadline::after(timeout))
     }
 
+    /// The process that ran the finished task (see `Shared::ran_by`); `None` if unknown.
+    pub(crate) fn ran_by(&self) -> Option<u32> {
+        self.shared.ran_by(self.slot)
+    }
+
     /// Resolves once the task has finished, without collecting its result (any executor).
     pub(crate) async fn finished(&self) {
         std::future::poll_fn(|cx| {

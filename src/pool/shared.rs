@@ -35,6 +35,23 @@ pub(crate) struct Seat {
     /// The archived spawn arguments and per-worker environment of its last spawn (for
     /// `Pool::replace_worker`).
     pub(crate) spawned_with: Option<SpawnRecipe>,
+    /// `(generation, pid)` of its last few launches, newest last: which process ran a task
+    /// whose worker has since been replaced (`Shared::ran_by`).
+    pub(crate) launches: std::collections::VecDeque<(u32, u32)>,
+}
+
+impl Seat {
+    /// Launches remembered per seat: a task's outcome is collected long before its seat has
+    /// been relaunched this many times.
+    const LAUNCHES_KEPT: usize = 4;
+
+    /// Records a launch of generation `generation` as process `pid`.
+    pub(crate) fn launched(&mut self, generation: u32, pid: u32) {
+        if self.launches.len() == Self::LAUNCHES_KEPT {
+            self.launches.pop_front();
+        }
+        self.launches.push_back((generation, pid));
+    }
 }
 
 impl Default for Seat {
@@ -45,6 +62,7 @@ impl Default for Seat {
             pid: 0,
             restarts: 0,
             spawned_with: None,
+            launches: Default::default(),
         }
     }
 }
@@ -262,6 +280,23 @@ impl Shared {
                 cap,
             )
         })
+    }
+
+    /// The process that claimed the task now in `slot` (finished, not yet collected), from the
+    /// slot's `owner` word. That word is a worker's, so it is only a key into the parent's own
+    /// record of the seat's recent launches: a wrong word gives `None`, never a pid the parent
+    /// did not launch into that seat.
+    pub(crate) fn ran_by(&self, slot: u32) -> Option<u32> {
+        let owner = self.slot(slot).owner.load(Ordering::Relaxed);
+        let seat = (owner & 0xffff).checked_sub(1)? as usize;
+        let generation = owner >> 16;
+        self.lock_seats()
+            .get(seat)?
+            .launches
+            .iter()
+            .rev()
+            .find(|&&(g, _)| g & 0xffff == generation)
+            .map(|&(_, pid)| pid)
     }
 
     pub(crate) fn lock_seats(&self) -> MutexGuard<'_, Vec<Seat>> {

@@ -84,18 +84,34 @@ impl<W: Worker> Process<W> {
             .options(self.task_opts(item))
             .submit_async()
             .await
-            .map_err(|e| self.stage_error(item, e.into()))
+            .map_err(|e| self.stage_error(item, e.into(), None))
     }
 
-    /// A task's failure as this stage's (see `Meter::fail`).
-    fn stage_error(&self, item: &Item, e: TaskError) -> ServiceError {
+    /// A task's failure as this stage's (see `Meter::fail`). `ran_by` is the process that ran
+    /// the task, when known: a worker replaced since (poisoned, panicked under the restart
+    /// policy, killed at its timeout) is named, not its successor. Otherwise the seat's
+    /// current process.
+    fn stage_error(&self, item: &Item, e: TaskError, ran_by: Option<u32>) -> ServiceError {
         self.meter.fail(item, e, |worker| {
-            self.pool
-                .worker_pids()
-                .into_iter()
-                .find(|&(i, _)| i == worker)
-                .map(|(_, p)| p)
+            ran_by.or_else(|| {
+                self.pool
+                    .worker_pids()
+                    .into_iter()
+                    .find(|&(i, _)| i == worker)
+                    .map(|(_, p)| p)
+            })
         })
+    }
+
+    /// Awaits a queued task's decoded outcome.
+    async fn outcome(
+        &self,
+        handle: TaskHandle<W::Output>,
+        item: &Item,
+    ) -> Result<W::Output, ServiceError> {
+        handle.finished().await;
+        let ran_by = handle.ran_by();
+        handle.wait().map_err(|e| self.stage_error(item, e, ran_by))
     }
 
     /// Awaits a queued task's outcome: decoded, or left archived for the next stage when
@@ -107,16 +123,15 @@ impl<W: Worker> Process<W> {
         archived_out: bool,
     ) -> Result<Handoff<W::Output>, ServiceError> {
         if !archived_out {
-            return handle
-                .await
-                .map(Handoff::Value)
-                .map_err(|e| self.stage_error(item, e));
+            return self.outcome(handle, item).await.map(Handoff::Value);
         }
         handle.finished().await;
         match handle.output_len() {
             Some(len) => Ok(Handoff::Archived(Ready::new(handle, len, &self.meter.path))),
             None => {
-                Err(self.stage_error(item, handle.wait().err().unwrap_or(TaskError::PoolBroken)))
+                let ran_by = handle.ran_by();
+                let e = handle.wait().err().unwrap_or(TaskError::PoolBroken);
+                Err(self.stage_error(item, e, ran_by))
             }
         }
     }
@@ -141,7 +156,7 @@ where
     fn run<'a>(&'a self, input: W::Task, item: &'a Item) -> StageFuture<'a, W::Output> {
         Box::pin(self.meter.admit(item, true, async move {
             let handle = self.submit(input, item).await?;
-            handle.await.map_err(|e| self.stage_error(item, e))
+            self.outcome(handle, item).await
         }))
     }
 
@@ -176,7 +191,7 @@ where
                         self.pool
                             .send_placed_async(loan, len, self.task_opts(item))
                             .await
-                            .map_err(|e| self.stage_error(item, e.into()))?
+                            .map_err(|e| self.stage_error(item, e.into(), None))?
                     }
                     // No room in the arena right now: decode and queue it the usual way
                     // (which waits for room without blocking the thread).
@@ -270,7 +285,7 @@ impl<W: Worker> ProcessWithPayload<W> {
             .payload(input.payload)
             .submit_async()
             .await
-            .map_err(|e| p.stage_error(item, e.into()))
+            .map_err(|e| p.stage_error(item, e.into(), None))
     }
 }
 
@@ -284,7 +299,7 @@ where
     fn run<'a>(&'a self, input: Self::In, item: &'a Item) -> StageFuture<'a, W::Output> {
         Box::pin(self.0.meter.admit(item, true, async move {
             let handle = self.submit(input, item).await?;
-            handle.await.map_err(|e| self.0.stage_error(item, e))
+            self.0.outcome(handle, item).await
         }))
     }
 

@@ -108,7 +108,10 @@ impl Sup {
         ctl.hold.store(0, Ordering::Relaxed);
         ctl.idle.store(0, Ordering::Relaxed);
         shared.batch_ctl(seat).clear_held();
-        ctl.generation.fetch_add(1, Ordering::Relaxed);
+        let generation = ctl
+            .generation
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_add(1);
         // SYNC POINT: the launch (fork/exec) orders these stores before anything the worker does.
         ctl.state.store(ctl_state::STARTING, Ordering::Release);
         s.kill = None;
@@ -137,6 +140,7 @@ impl Sup {
                 let mut seats = shared.lock_seats();
                 seats[seat as usize].state = WorkerState::Starting;
                 seats[seat as usize].pid = pid;
+                seats[seat as usize].launched(generation, pid);
             }
             Err(source) => {
                 ctl.state.store(ctl_state::EMPTY, Ordering::Release);
