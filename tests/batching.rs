@@ -6,8 +6,8 @@ mod common;
 use common::{gate_path, process_gone, wait_until, watchdog};
 use rkyv::{Archive, Deserialize, Serialize};
 use stateful_pool::{
-    BatchPolicy, BatchTask, BoxError, BuildError, Pool, TaskContext, TaskError, TaskHandle, Worker,
-    WorkerContext,
+    BatchHandle, BatchPolicy, BatchTask, BoxError, BuildError, Pool, TaskContext, TaskError,
+    TaskHandle, Worker, WorkerContext,
 };
 use std::time::{Duration, Instant};
 
@@ -169,6 +169,12 @@ fn queued_behind_a_gate(
     let handles: Vec<_> = jobs.iter().map(|j| pool.submit(j).unwrap()).collect();
     assert_eq!(held.open().batch, 1, "the gate task ran alone");
     handles.into_iter().map(|h| h.wait()).collect()
+}
+
+/// The values of a packed batch whose tasks all succeeded, in order.
+fn packed_values(packed: BatchHandle<Done>) -> Vec<u64> {
+    let outcomes = packed.wait().unwrap();
+    outcomes.into_iter().map(|r| r.unwrap().value).collect()
 }
 
 #[test]
@@ -477,12 +483,7 @@ fn callers_packed_batches_and_dynamic_batches_mix() {
         let after = pool.submit(&Job::Echo(4)).unwrap();
         held.open();
         assert_eq!(single.wait().unwrap().value, 1);
-        let p: Vec<u64> = packed
-            .wait()
-            .unwrap()
-            .into_iter()
-            .map(|r| r.unwrap().value)
-            .collect();
+        let p = packed_values(packed);
         assert_eq!(p, [2, 3]);
         assert_eq!(after.wait().unwrap().value, 4);
     });
@@ -568,12 +569,7 @@ fn a_hung_batch_kill_times_out_only_tasks_past_their_own_limit_and_spares_a_pack
         );
         assert!(matches!(hang.wait(), Err(TaskError::WorkerDied { .. })));
         // Never started: it runs on the restarted worker, without a retry budget.
-        let p: Vec<u64> = packed
-            .wait()
-            .unwrap()
-            .into_iter()
-            .map(|r| r.unwrap().value)
-            .collect();
+        let p = packed_values(packed);
         assert_eq!(p, [3, 4]);
         let stats = pool.stats();
         assert_eq!(stats.tasks_timed_out, 1);

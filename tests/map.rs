@@ -769,3 +769,178 @@ fn only_a_map_that_yields_every_input_has_an_exact_length() {
         .on_error(ErrorPolicy::Immediate);
     assert_eq!(hinted.size_hint(), (1, Some(1)));
 }
+
+/// A pool of `workers` test workers whose tasks may be at most `max_task` bytes.
+fn small_task_pool(workers: usize, max_task: usize) -> Pool<TestWorker> {
+    let pool = Pool::<TestWorker>::builder()
+        .queue_size(16)
+        .max_task_bytes(max_task)
+        .build()
+        .unwrap();
+    for r in pool.spawn_n(&Spawn::ok("map"), workers) {
+        r.unwrap();
+    }
+    pool
+}
+
+/// A pool shut down mid-way does not cut a `Deferred` map short: every input still gets its
+/// item (the later ones `Shutdown`), so `len()` held.
+#[test]
+fn a_deferred_map_gives_every_input_an_item_when_the_pool_shuts_down() {
+    watchdog(120, || {
+        let pool = plain_pool(1, 4);
+        let mut m = pool.map((0..20u32).map(|i| Cmd::Echo(i.into()))).window(2);
+        assert_eq!(m.next().unwrap().unwrap().value, 0);
+        let promised = m.len();
+        assert_eq!(promised, 19);
+        pool.close();
+        let rest: Vec<_> = m.by_ref().collect();
+        assert_eq!(rest.len(), promised, "len() promised {promised} items");
+        let mut refused = 0;
+        for (k, r) in rest.into_iter().enumerate() {
+            match r {
+                Ok(o) => assert_eq!(o.value, k as u64 + 1),
+                Err(e) => {
+                    assert_eq!(e.index, k + 1);
+                    refused += 1;
+                }
+            }
+        }
+        assert!(refused >= 17, "{refused} inputs refused");
+        assert!(m.next().is_none());
+    });
+}
+
+/// Under a policy that may stop at the first error, the lower bound of `size_hint` promises
+/// no more than that one item.
+#[test]
+fn a_stopping_map_never_promises_more_items_than_it_may_yield() {
+    watchdog(60, || {
+        let pool = plain_pool(1, 8);
+        let inputs = || std::iter::once(Cmd::Fail("first".into())).chain((1..10u64).map(Cmd::Echo));
+        for policy in [ErrorPolicy::Immediate, ErrorPolicy::WaitOthers] {
+            let mut m = pool.map(inputs()).window(1).on_error(policy);
+            let (lower, upper) = m.size_hint();
+            assert!(lower <= 1, "{policy:?}: lower bound {lower}");
+            assert_eq!(upper, Some(10));
+            let got: Vec<_> = m.by_ref().collect();
+            assert!(got.len() >= lower);
+            assert_eq!(got.len(), 1);
+        }
+        let m = pool.map(inputs()).window(1).on_error(ErrorPolicy::Deferred);
+        assert_eq!(m.size_hint(), (10, Some(10)));
+        assert_eq!(m.count(), 10);
+    });
+}
+
+/// A batch of inputs too large for one task goes in smaller pieces: each input that fits alone
+/// succeeds, one too large alone gets that error; order and count hold.
+#[test]
+fn a_batch_too_large_for_a_task_is_sent_in_pieces() {
+    watchdog(120, || {
+        let pool = small_task_pool(1, 4096);
+        let input = |i: usize| {
+            let n = if i == 5 { 8000 } else { 1000 };
+            Cmd::SumVec(vec![1; n])
+        };
+        let m = pool.map((0..12).map(input)).batch(8);
+        assert_eq!(m.len(), 12);
+        for (i, r) in m.enumerate() {
+            if i == 5 {
+                let e = r.unwrap_err();
+                assert_eq!(e.index, 5);
+                assert!(
+                    matches!(
+                        e.error,
+                        TaskError::Submit(SubmitError::PayloadTooLarge { .. })
+                    ),
+                    "{e:?}"
+                );
+            } else {
+                assert_eq!(r.unwrap().value, 1000, "input {i}");
+            }
+        }
+        // Unordered and as a stream too.
+        let mut got: Vec<u64> = futures_executor::block_on_stream(
+            pool.map_stream(futures_util::stream::iter(
+                (0..12).filter(|&i| i != 5).map(input),
+            ))
+            .batch(8)
+            .unordered(),
+        )
+        .map(|r| r.unwrap().value)
+        .collect();
+        got.sort();
+        assert_eq!(got, vec![1000; 11]);
+    });
+}
+
+/// A panic inside a batch retires its worker; the inputs after it, which that worker did not
+/// run, are sent again and get their own results (a `Deferred` map gives every input its
+/// result, batched or not).
+#[test]
+fn a_batched_map_reruns_the_inputs_a_panic_left_unrun() {
+    watchdog(120, || {
+        // (Twelve panics: past the default restart budget.)
+        let pool = Pool::<TestWorker>::builder()
+            .queue_size(8)
+            .restart_policy(stateful_pool::RestartPolicy::unlimited())
+            .build()
+            .unwrap();
+        pool.spawn(&Spawn::ok("map")).unwrap();
+        let input = |i: u64| {
+            if i % 10 == 3 {
+                Cmd::Panic(format!("boom {i}"))
+            } else {
+                Cmd::Echo(i)
+            }
+        };
+        let check = |i: usize, r: Result<common::Out, MapError>| {
+            if i % 10 == 3 {
+                let e = r.unwrap_err();
+                assert_eq!(e.index, i);
+                assert!(matches!(e.error, TaskError::Panicked { .. }), "{e:?}");
+            } else {
+                assert_eq!(r.unwrap().value, i as u64, "input {i}");
+            }
+        };
+        for (i, r) in pool.map((0..40).map(input)).batch(8).enumerate() {
+            check(i, r);
+        }
+        let mut n = 0;
+        for (i, r) in pool.map((0..40).map(input)).batch(8).unordered().indexed() {
+            check(i, r);
+            n += 1;
+        }
+        assert_eq!(n, 40);
+        let got: Vec<_> = futures_executor::block_on_stream(
+            pool.map_stream(futures_util::stream::iter((0..40).map(input)))
+                .batch(8)
+                .indexed(),
+        )
+        .collect();
+        assert_eq!(got.len(), 40);
+        for (k, (i, r)) in got.into_iter().enumerate() {
+            assert_eq!(i, k);
+            check(i, r);
+        }
+    });
+}
+
+/// A map's per-task timeout applies per input: a batch of `k` inputs gets `k` times it.
+#[test]
+fn a_batched_maps_timeout_is_per_input() {
+    watchdog(120, || {
+        let pool = plain_pool(1, 8);
+        let opts = stateful_pool::TaskOptions::new().timeout(std::time::Duration::from_millis(400));
+        let got: Vec<_> = pool
+            .map((0..6).map(|_| Cmd::SleepMs(100)))
+            .batch(6)
+            .task_options(opts)
+            .collect();
+        assert_eq!(got.len(), 6);
+        for r in got {
+            assert_eq!(r.unwrap().value, 0);
+        }
+    });
+}

@@ -858,3 +858,62 @@ fn a_poisoned_worker_is_named_by_its_own_pid_not_its_successors() {
         assert_eq!(names(&server.call(msg(9)).unwrap()), ["P"]);
     });
 }
+
+/// `unordered()` on a stream already under way keeps every item in flight: the outcomes held
+/// back for order come out, and the item that held them back comes last.
+#[test]
+fn switching_a_running_stream_to_unordered_loses_nothing() {
+    use futures_util::StreamExt;
+    watchdog(120, || {
+        let server = Server::new(threads("B", 4), 8);
+        let gate = gate_path("unordered-midway");
+        let g = gate.display().to_string();
+        let inputs = (0..10).map(move |i| {
+            if i == 1 {
+                with(msg(i), "B", Cmd::Gate(g.clone()))
+            } else {
+                msg(i)
+            }
+        });
+        let mut s = server.stream(futures_util::stream::iter(inputs)).window(4);
+        let first = futures_executor::block_on(s.next()).unwrap().unwrap();
+        assert_eq!(first.v, 1, "input 0 (each stage adds 1)");
+        let mut s = s.unordered();
+        let mut got = Vec::new();
+        while got.len() < 8 {
+            got.push(futures_executor::block_on(s.next()).unwrap().unwrap().v);
+        }
+        std::fs::write(&gate, b"").unwrap();
+        got.push(futures_executor::block_on(s.next()).unwrap().unwrap().v);
+        assert!(futures_executor::block_on(s.next()).is_none());
+        assert_eq!(got.last(), Some(&2), "the gated input 1 comes last");
+        got.sort();
+        assert_eq!(got, (2..11).collect::<Vec<_>>());
+        let _ = std::fs::remove_file(&gate);
+    });
+}
+
+/// `with_inputs()` once a stream has taken input is refused with a clear panic (those inputs
+/// were not kept), never a wrong item.
+#[test]
+fn with_inputs_after_a_stream_took_input_is_refused() {
+    use futures_util::StreamExt;
+    watchdog(60, || {
+        let server = Server::new(threads("B", 2), 8);
+        let mut s = server.stream(futures_util::stream::iter((0..4).map(msg)));
+        assert_eq!(futures_executor::block_on(s.next()).unwrap().unwrap().v, 1);
+        let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = s.with_inputs();
+        }));
+        let message = refused.unwrap_err();
+        let message = message
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| message.downcast_ref::<String>().cloned())
+            .unwrap();
+        assert!(
+            message.contains("before the stream is first polled"),
+            "{message}"
+        );
+    });
+}

@@ -637,7 +637,7 @@ enum sp_status sp_batch_free(struct sp_batch batch);
  * change a setting) and blocks until each has answered; `*out` receives a result set with one
  * outcome per worker (`sp_outcome.worker` says which; empty if no worker serves). A worker
  * runs it before the next queued task it would take. Concurrent broadcasts run one after the
- * other. Thread-safe.
+ * other. `SP_SHUTDOWN` once the pool is shutting down. Thread-safe.
  *
  * # Safety
  *
@@ -1003,7 +1003,8 @@ enum sp_status sp_task_free(struct sp_task task);
 enum sp_status sp_result_bytes(struct sp_result result, const uint8_t **data, size_t *len);
 
 /**
- * Releases a result (its space in shared memory goes back to the worker). The handle is dead
+ * Releases a result (its bytes, a private copy: the task's slot in shared memory was freed when
+ * the result was collected). The handle is dead
  * afterwards; freeing it again gives `SP_INVALID_HANDLE`. A zero handle is a no-op (`SP_OK`).
  */
 enum sp_status sp_result_free(struct sp_result result);
@@ -1060,8 +1061,8 @@ enum sp_status sp_reply_write(struct sp_reply *reply, const uint8_t *data, size_
  * `sp_reply_write`). The bytes start zeroed. `*out` stays valid until the next
  * `sp_reply_alloc` or `sp_reply_write` on this reply, or the callback's return. May be mixed
  * with `sp_reply_write` (each appends). `len` 0 gives NULL. The reply's buffer is sized from
- * the worker's previous output, so a worker whose outputs have similar sizes makes one
- * allocation per task. `SP_TOO_LARGE` if the memory cannot be had.
+ * the worker's previous output and recycled, so a worker whose outputs have similar sizes
+ * allocates nothing per task. `SP_TOO_LARGE` if the memory cannot be had.
  *
  * # Safety
  *

@@ -5,7 +5,7 @@
 //   stateful_pool::Pool pool;                      // or Pool(options)
 //   stateful_pool::Result hello = pool.spawn("args");
 //   stateful_pool::Result r = pool.execute("task");
-//   std::string_view bytes = r.view();             // in place in shared memory, until r dies
+//   std::string_view bytes = r.view();             // no copy, valid until r dies
 //
 // Errors throw stateful_pool::Error, which carries the sp_status and the library's message.
 // C++ workers: worker_callbacks<W>() makes C callbacks from a class; an exception thrown inside
@@ -145,7 +145,8 @@ sp_worker_callbacks worker_callbacks() noexcept {
                                nullptr};
 }
 
-/// Bytes of a task result or a spawn output, read in place; released by the destructor.
+/// Bytes of a task result or a spawn output (the pool's private copy, read without another
+/// copy); released by the destructor.
 class Result {
   public:
     Result() noexcept = default;
@@ -259,7 +260,10 @@ class Task {
     /// Blocks for the result; throws Error if the task failed. The Task is used up.
     Result wait() {
         sp_result r{0};
-        sp_status s = sp_task_wait(std::exchange(h_, sp_task{0}), &r);
+        sp_status s = sp_task_wait(h_, &r);
+        if (s != SP_BUSY && s != SP_PANIC) {
+            h_ = sp_task{0}; // consumed (a result, or the task's failure)
+        }
         check(s);
         return Result(r);
     }
@@ -369,7 +373,11 @@ class Batch {
     /// Blocks for every task's outcome; throws Error if the batch failed as a whole.
     ResultSet wait() {
         sp_result_set r{0};
-        check(sp_batch_wait(std::exchange(h_, sp_batch{0}), &r));
+        sp_status s = sp_batch_wait(h_, &r);
+        if (s != SP_BUSY && s != SP_PANIC) {
+            h_ = sp_batch{0}; // consumed (the outcomes, or the batch's failure)
+        }
+        check(s);
         return ResultSet(r);
     }
     /// Waits at most `timeout`: nullopt if the batch has not finished.

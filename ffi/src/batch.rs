@@ -326,7 +326,7 @@ pub extern "C" fn sp_batch_free(batch: sp_batch) -> sp_status {
 /// change a setting) and blocks until each has answered; `*out` receives a result set with one
 /// outcome per worker (`sp_outcome.worker` says which; empty if no worker serves). A worker
 /// runs it before the next queued task it would take. Concurrent broadcasts run one after the
-/// other. Thread-safe.
+/// other. `SP_SHUTDOWN` once the pool is shutting down. Thread-safe.
 ///
 /// # Safety
 ///
@@ -343,6 +343,9 @@ pub unsafe extern "C" fn sp_pool_broadcast(
             return Err(Fail::null("out"));
         }
         let p = pool(pool_h)?;
+        if p.is_closing() {
+            return Err(Fail::new(sp_status::SP_SHUTDOWN, "the pool is shut down"));
+        }
         // SAFETY: the caller promises `len` readable bytes.
         let bytes = unsafe { input_bytes(task, len, "task") }?.to_vec();
         let set = p

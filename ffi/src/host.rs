@@ -112,7 +112,8 @@ pub struct sp_pool_options {
 
 pub(crate) type CPool = Pool<CWorker>;
 
-/// What a result handle holds: a task's result in place in shared memory, or a spawn output.
+/// What a result handle holds: a task's result (a private, aligned copy made when it was
+/// collected, its slot then freed), or a spawn output.
 pub(crate) enum Bytes {
     InPlace(ResultRef<Vec<u8>>),
     Owned(Vec<u8>),
@@ -393,6 +394,8 @@ pub unsafe extern "C" fn sp_pool_spawn_many(
     statuses: *mut sp_status,
 ) -> sp_status {
     guard(|| {
+        // The handle is checked even when there is nothing to spawn.
+        let _ = pool(pool_h)?;
         if n == 0 {
             return Ok(());
         }
@@ -1006,7 +1009,8 @@ pub unsafe extern "C" fn sp_result_bytes(
     })
 }
 
-/// Releases a result (its space in shared memory goes back to the worker). The handle is dead
+/// Releases a result (its bytes, a private copy: the task's slot in shared memory was freed when
+/// the result was collected). The handle is dead
 /// afterwards; freeing it again gives `SP_INVALID_HANDLE`. A zero handle is a no-op (`SP_OK`).
 #[unsafe(no_mangle)]
 pub extern "C" fn sp_result_free(result: sp_result) -> sp_status {

@@ -409,8 +409,8 @@ pub unsafe extern "C" fn sp_reply_write(
 /// `sp_reply_write`). The bytes start zeroed. `*out` stays valid until the next
 /// `sp_reply_alloc` or `sp_reply_write` on this reply, or the callback's return. May be mixed
 /// with `sp_reply_write` (each appends). `len` 0 gives NULL. The reply's buffer is sized from
-/// the worker's previous output, so a worker whose outputs have similar sizes makes one
-/// allocation per task. `SP_TOO_LARGE` if the memory cannot be had.
+/// the worker's previous output and recycled, so a worker whose outputs have similar sizes
+/// allocates nothing per task. `SP_TOO_LARGE` if the memory cannot be had.
 ///
 /// # Safety
 ///

@@ -1607,8 +1607,21 @@ fn broadcast_retire_and_replace_workers() {
             // Shut down: every worker verb says so.
             assert_eq!(sp_pool_shutdown(p, 0), SP_OK);
             assert_eq!(sp_pool_retire_worker(p, 0), SP_SHUTDOWN);
-            assert_eq!(sp_pool_broadcast(p, null(), 0, &mut set), SP_OK);
-            assert!(read_set(set).is_empty());
+            assert_eq!(sp_pool_replace_worker(p, 0, &mut r), SP_SHUTDOWN);
+            assert_eq!(r.id, 0);
+            set = sp_result_set { id: 0 };
+            assert_eq!(sp_pool_broadcast(p, null(), 0, &mut set), SP_SHUTDOWN);
+            assert_eq!(set.id, 0, "no set on an error");
+            // Nothing to spawn still checks the handle.
+            let no_outs = null_mut();
+            assert_eq!(
+                sp_pool_spawn_many(forged, null(), 0, no_outs, null_mut()),
+                SP_INVALID_HANDLE
+            );
+            assert_eq!(
+                sp_pool_spawn_many(sp_pool { id: 0 }, null(), 0, no_outs, null_mut()),
+                SP_NULL_ARGUMENT
+            );
         }
         assert_eq!(sp_pool_free(p), SP_OK);
     });

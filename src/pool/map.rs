@@ -117,8 +117,9 @@ pub struct WithInputs;
 pub struct Exact;
 
 /// The map's length is only a hint: an error policy set with `on_error` may end it early, so
-/// [`Map`] is not an [`ExactSizeIterator`] (its `size_hint` is still an upper bound, exact
-/// until an error).
+/// [`Map`] is not an [`ExactSizeIterator`]. Its `size_hint` keeps the exact upper bound,
+/// but under [`Immediate`](ErrorPolicy::Immediate) or [`WaitOthers`](ErrorPolicy::WaitOthers)
+/// its lower bound is at most 1 (the next item may be the error that ends the map).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Hint;
 
@@ -255,45 +256,99 @@ struct Entry<T: crate::Message, In> {
     pending: Option<Pending<T>>,
     /// Whether the map's waker is registered on `pending`.
     registered: bool,
+    /// The first item `pending` answers: the earlier ones were answered by an earlier run.
+    from: usize,
+    /// Whether the items from `from` on were not run (their worker retired after a panic or
+    /// a poisoning earlier in the batch) and wait to be sent again (`pending` is `None`).
+    rerun: bool,
+    /// Whether not-run items may be sent again: a batch of a `Deferred` map, whose inputs it
+    /// keeps.
+    may_rerun: bool,
 }
 
 impl<T: crate::Message, In> Entry<T, In> {
+    fn new(items: VecDeque<Item<T, In>>, pending: Option<Pending<T>>, may_rerun: bool) -> Self {
+        Entry {
+            items,
+            pending,
+            registered: false,
+            from: 0,
+            rerun: false,
+            may_rerun,
+        }
+    }
+
     /// Collects the outcome if the submission has finished; whether the entry is resolved.
     fn resolve(&mut self) -> bool {
         match &self.pending {
-            None => return true,
+            None => return !self.rerun,
             Some(p) if !p.is_finished() => return false,
             Some(_) => {}
         }
+        let from = self.from;
         match self.pending.take().expect("checked above") {
             Pending::One(h) => {
-                if let Some(item) = self.items.front_mut() {
+                if let Some(item) = self.items.get_mut(from) {
                     item.result = Some(h.wait());
                 }
             }
             Pending::Batch(h) => match h.wait() {
-                Ok(outs) if outs.len() == self.items.len() => {
-                    for (item, r) in self.items.iter_mut().zip(outs) {
+                Ok(outs) if outs.len() == self.items.len() - from => {
+                    for (item, r) in self.items.iter_mut().skip(from).zip(outs) {
                         item.result = Some(r);
+                    }
+                    if let Some(k) = self.not_run_from() {
+                        for item in self.items.iter_mut().skip(k) {
+                            item.result = None;
+                        }
+                        self.from = k;
+                        self.rerun = true;
+                        self.registered = false;
+                        return false;
                     }
                 }
                 other => {
                     // The batch failed as a whole (or, never from our workers, answered the
-                    // wrong number of tasks): every input gets that outcome.
+                    // wrong number of tasks): every input it carried gets that outcome.
                     let e = other.err().unwrap_or_else(|| TaskError::BadResult {
                         worker: usize::MAX,
                         message: format!(
                             "a batch of {} tasks was answered with another count",
-                            self.items.len()
+                            self.items.len() - from
                         ),
                     });
-                    for item in self.items.iter_mut() {
+                    for item in self.items.iter_mut().skip(from) {
                         item.result = Some(Err(e.clone()));
                     }
                 }
             },
         }
         true
+    }
+
+    /// Where the items that the batch's worker did not run begin, if they are to be sent
+    /// again: a run of `Cancelled` to the end, right after a panic or a poisoning (the worker
+    /// retired there). Each rerun answers at least that item, so reruns end.
+    fn not_run_from(&self) -> Option<usize> {
+        if !self.may_rerun {
+            return None;
+        }
+        let first_cancelled = self
+            .items
+            .iter()
+            .rposition(|i| !matches!(i.result, Some(Err(TaskError::Cancelled))))?
+            + 1;
+        let retired = matches!(
+            self.items[first_cancelled - 1].result,
+            Some(Err(TaskError::Panicked { .. } | TaskError::Poisoned { .. }))
+        );
+        let kept = self
+            .items
+            .iter()
+            .skip(first_cancelled)
+            .all(|i| i.input.is_some());
+        (retired && kept && first_cancelled > self.from && first_cancelled < self.items.len())
+            .then_some(first_cancelled)
     }
 
     /// Whether a resolved entry holds a failed input.
@@ -397,11 +452,8 @@ impl<W: Worker, In: Borrow<W::Task>> Engine<W, In> {
             // (Unordered collecting also swap-removes entries: sort even if `ready` is empty.)
             let ready: Vec<_> = self.ready.drain(..).collect();
             for item in ready {
-                self.entries.push_back(Entry {
-                    items: VecDeque::from([item]),
-                    pending: None,
-                    registered: false,
-                });
+                self.entries
+                    .push_back(Entry::new(VecDeque::from([item]), None, false));
             }
             let mut all: Vec<_> = self.entries.drain(..).collect();
             all.sort_by_key(|e| e.items.front().map_or(0, |i| i.index));
@@ -418,28 +470,50 @@ impl<W: Worker, In: Borrow<W::Task>> Engine<W, In> {
         self.keep_inputs = keep;
     }
 
-    /// Submits the stashed inputs as one task (one input) or one batch. `false` if the queue
-    /// was full (with `Block::No`): they stay stashed.
+    /// Sends `tasks` as one task (one input) or one batch.
+    fn send<T: Borrow<W::Task>>(
+        &self,
+        tasks: &[T],
+        block: Block,
+    ) -> Result<Pending<W::Output>, SubmitError> {
+        if let [task] = tasks {
+            return self
+                .shared
+                .submit_with(task.borrow(), None, block, self.opts)
+                .map(|(slot, id)| Pending::One(TaskHandle::new(self.shared.clone(), slot, id)));
+        }
+        let mut opts = self.opts;
+        opts.batch = true;
+        // The batch runs as one task: it gets each input's time limit, once per input.
+        opts.timeout = opts
+            .timeout
+            .or(self.shared.cfg.task_timeout)
+            .map(|d| d.saturating_mul(tasks.len().min(u32::MAX as usize) as u32));
+        let batch = crate::codec::BatchRef::<T, W::Task>(tasks, PhantomData);
+        self.shared
+            .submit_with(&batch, None, block, opts)
+            .map(|(slot, id)| {
+                Pending::Batch(BatchHandle {
+                    inner: TaskHandle::new(self.shared.clone(), slot, id),
+                    len: tasks.len(),
+                })
+            })
+    }
+
+    /// Submits the stashed inputs as one task (one input) or one batch. A batch too large for
+    /// a task goes in smaller pieces (each input still gets its own result; an input too
+    /// large alone gets that error): the inputs not sent stay stashed. `false` if the queue
+    /// was full (with `Block::No`): they all stay stashed.
     fn submit_stash(&mut self, block: Block) -> bool {
         let Some((first, mut inputs)) = self.stash.take() else {
             return true;
         };
-        let r = if inputs.len() == 1 {
-            self.shared
-                .submit_with(inputs[0].borrow(), None, block, self.opts)
-                .map(|(slot, id)| Pending::One(TaskHandle::new(self.shared.clone(), slot, id)))
-        } else {
-            let mut opts = self.opts;
-            opts.batch = true;
-            let batch = crate::codec::BatchRef::<In, W::Task>(&inputs, PhantomData);
-            self.shared
-                .submit_with(&batch, None, block, opts)
-                .map(|(slot, id)| {
-                    Pending::Batch(BatchHandle {
-                        inner: TaskHandle::new(self.shared.clone(), slot, id),
-                        len: inputs.len(),
-                    })
-                })
+        let mut n = inputs.len();
+        let r = loop {
+            match self.send(&inputs[..n], block) {
+                Err(SubmitError::PayloadTooLarge { .. }) if n > 1 => n = n.div_ceil(2),
+                r => break r,
+            }
         };
         let (pending, error) = match r {
             Ok(p) => (Some(p), None),
@@ -447,16 +521,15 @@ impl<W: Worker, In: Borrow<W::Task>> Engine<W, In> {
                 self.stash = Some((first, inputs));
                 return false;
             }
-            Err(e) => {
-                if e == SubmitError::Shutdown {
-                    // No later input can run either: end the map after these.
-                    self.input_done = true;
-                }
-                (None, Some(TaskError::from(e)))
-            }
+            // A refused submit is these inputs' result. The map goes on: under `Deferred`
+            // every input gets its item (`len()` holds), and later inputs of a pool that shut
+            // down are refused at once (no slot is taken, nothing waits).
+            Err(e) => (None, Some(TaskError::from(e))),
         };
-        let keep = self.keep_inputs;
-        let n = inputs.len();
+        let rest = (n < inputs.len()).then(|| inputs.split_off(n));
+        // A batch's inputs are kept (whatever the shape) so that those its worker did not run
+        // can be sent again.
+        let keep = self.keep_inputs || n > 1;
         let mut items = self.spare_items.pop().unwrap_or_default();
         items.extend(inputs.drain(..).enumerate().map(|(k, input)| Item {
             index: first + k,
@@ -464,13 +537,70 @@ impl<W: Worker, In: Borrow<W::Task>> Engine<W, In> {
             result: error.clone().map(Err),
         }));
         self.spare_inputs = inputs;
-        self.entries.push_back(Entry {
-            items,
-            pending,
-            registered: false,
-        });
+        let may_rerun = n > 1 && self.policy == ErrorPolicy::Deferred;
+        self.entries
+            .push_back(Entry::new(items, pending, may_rerun));
         self.held += n;
+        if let Some(rest) = rest {
+            self.stash = Some((first + n, rest));
+        }
         true
+    }
+
+    /// Sends again the inputs of batches whose worker did not run them (see
+    /// `Entry::not_run_from`), in input order. `false` if the queue was full (with
+    /// `Block::No`): the rest wait for the next call.
+    fn send_reruns(&mut self, block: Block) -> bool {
+        for i in 0..self.entries.len() {
+            if !self.entries[i].rerun {
+                continue;
+            }
+            let e = &self.entries[i];
+            let tasks: Vec<&W::Task> = e
+                .items
+                .iter()
+                .skip(e.from)
+                .filter_map(|i| i.input.as_ref().map(Borrow::borrow))
+                .collect();
+            let r = self.send(&tasks, block);
+            let e = &mut self.entries[i];
+            match r {
+                Ok(p) => e.pending = Some(p),
+                Err(SubmitError::QueueFull) if matches!(block, Block::No) => return false,
+                Err(err) => {
+                    let err = TaskError::from(err);
+                    for item in e.items.iter_mut().skip(e.from) {
+                        item.result = Some(Err(err.clone()));
+                    }
+                }
+            }
+            e.rerun = false;
+            e.registered = false;
+        }
+        true
+    }
+
+    /// Sends the inputs that collecting just found not run (without waiting for a slot);
+    /// whether any were sent (go round again). Otherwise, with nothing in flight whose
+    /// completion would wake a stream, it waits for a freed slot (`cx`).
+    fn send_found_reruns(&mut self, cx: Option<&mut Context<'_>>) -> bool {
+        if self.batch == 1 || !self.entries.iter().any(|e| e.rerun) {
+            return false;
+        }
+        if self.send_reruns(Block::No) {
+            return true;
+        }
+        if let Some(cx) = cx {
+            if !self.in_flight() {
+                self.wait_slot(cx);
+            }
+        }
+        false
+    }
+
+    /// Whether any of the map's submissions is in flight (holds a slot).
+    fn in_flight(&self) -> bool {
+        self.entries.iter().any(|e| e.pending.is_some())
     }
 
     /// Inputs per submission: the batch size, capped by the window.
@@ -480,7 +610,8 @@ impl<W: Worker, In: Borrow<W::Task>> Engine<W, In> {
 
     /// Whether the stash is a full batch.
     fn stash_full(&self) -> bool {
-        self.stashed() >= self.batch_cap()
+        // (The window bound matters only for the rest of a batch sent in pieces.)
+        self.stashed() >= self.batch_cap() || self.held + self.stashed() >= self.window
     }
 
     /// Whether to pull another input: the stash is a batch being gathered, or there is room in
@@ -509,6 +640,17 @@ impl<W: Worker, In: Borrow<W::Task>> Engine<W, In> {
 
     /// Fills the window from a blocking iterator.
     fn fill_sync(&mut self, inputs: &mut impl Iterator<Item = In>) {
+        // (Only batches have reruns.) Waits for a slot only with nothing of its own in flight.
+        if self.batch > 1 {
+            let block = if self.in_flight() {
+                Block::No
+            } else {
+                Block::Until(None)
+            };
+            if !self.send_reruns(block) {
+                return;
+            }
+        }
         loop {
             if self.stash.is_some() && (self.stash_full() || !self.taking_input()) {
                 // The queue-full rule: with nothing of its own in flight the map may wait for a
@@ -547,6 +689,12 @@ impl<W: Worker, In: Borrow<W::Task>> Engine<W, In> {
         mut inputs: Pin<&mut S>,
         cx: &mut Context<'_>,
     ) {
+        if self.batch > 1 && !self.send_reruns(Block::No) {
+            if !self.in_flight() {
+                self.wait_slot(cx);
+            }
+            return;
+        }
         loop {
             let mut input_pending = false;
             while self.taking_input() && self.room_to_pull() {
@@ -570,23 +718,33 @@ impl<W: Worker, In: Borrow<W::Task>> Engine<W, In> {
                 }
                 continue;
             }
-            if self.held == 0 {
-                self.shared.wait_slot_async(cx.waker());
-                if self.shared.has_free_slot() || self.shared.closing.load(Ordering::SeqCst) {
-                    // A slot is free, so the arena was full (a large task), and the arena has
-                    // no async waiters: come back soon, as `submit_async` does, instead of
-                    // retrying in place.
-                    cx.waker().wake_by_ref();
-                }
+            // With something in flight, its completion wakes the map; without (results
+            // ready to yield, or inputs waiting to be sent again), a freed slot must.
+            if !self.in_flight() {
+                self.wait_slot(cx);
             }
             return;
+        }
+    }
+
+    /// Has the task woken when a slot frees up.
+    fn wait_slot(&self, cx: &mut Context<'_>) {
+        self.shared.wait_slot_async(cx.waker());
+        if self.shared.has_free_slot() || self.shared.closing.load(Ordering::SeqCst) {
+            // A slot is free, so the arena was full (a large task), and the arena has no
+            // async waiters: come back soon, as `submit_async` does, instead of retrying in
+            // place.
+            cx.waker().wake_by_ref();
         }
     }
 
     /// The ordered, deferred map: only the oldest input matters, and it is waited for on its
     /// own slot (no wake-up counter).
     fn fast_ordered(&self) -> bool {
-        self.ordered && self.policy == ErrorPolicy::Deferred && self.failure.is_none()
+        self.ordered
+            && self.policy == ErrorPolicy::Deferred
+            && self.failure.is_none()
+            && !self.entries.front().is_some_and(|e| e.rerun)
     }
 
     /// Pops the front entry's first input (ordered maps), if resolved.
@@ -759,9 +917,12 @@ impl<W: Worker, In: Borrow<W::Task>> Engine<W, In> {
             if self.exhausted() {
                 return None;
             }
-            if self.entries.iter().all(|e| e.pending.is_none()) {
+            if !self.in_flight() {
                 // Nothing in flight (all resolved, or inputs waiting for room): go round
                 // again, which submits (blocking if we hold nothing) or yields.
+                continue;
+            }
+            if self.send_found_reruns(None) {
                 continue;
             }
             self.wait_sync(epoch);
@@ -782,6 +943,9 @@ impl<W: Worker, In: Borrow<W::Task>> Engine<W, In> {
             if self.exhausted() {
                 return Poll::Ready(None);
             }
+            if self.send_found_reruns(Some(cx)) {
+                continue;
+            }
             if self.register_all() {
                 continue;
             }
@@ -799,11 +963,22 @@ impl<W: Worker, In: Borrow<W::Task>> Engine<W, In> {
         }
         let held = self.held + self.stashed();
         if !self.taking_input() {
-            return (held, Some(held));
+            let lower = if self.policy == ErrorPolicy::Deferred {
+                held
+            } else {
+                held.min(1)
+            };
+            return (lower, Some(held));
         }
         let input = input();
+        let lower = input.0.saturating_add(held);
         (
-            input.0.saturating_add(held),
+            // A stopping policy may end the map at its first error: only that item is sure.
+            if self.policy == ErrorPolicy::Deferred {
+                lower
+            } else {
+                lower.min(1)
+            },
             input.1.and_then(|n| n.checked_add(held)),
         )
     }
@@ -842,8 +1017,9 @@ macro_rules! map_options {
         /// [`Pool::batch`]): one queue hand-off and one answer for all of them, for
         /// much higher throughput of tiny tasks. Each input still gets its own result, in the
         /// same order and with the same error policies. The batch is one task to the fault
-        /// handling: if its worker dies, every input in it fails (or re-runs, with retries).
-        /// Default 1 (no batching).
+        /// handling: if its worker dies, every input in it fails (or re-runs, with retries),
+        /// and its time limit is the per-task one ([`task_options`](Self::task_options) or
+        /// the pool's) times its number of inputs. Default 1 (no batching).
         pub fn batch(mut self, n: usize) -> Self {
             self.engine.batch = n.max(1);
             self
@@ -873,7 +1049,8 @@ macro_rules! map_options {
             }
         }
 
-        /// Timeout and retry settings for every task of the map.
+        /// Timeout and retry settings for every task of the map (a [`batch`](Self::batch)
+        /// of `k` inputs gets `k` times the timeout).
         pub fn task_options(mut self, opts: TaskOptions) -> Self {
             self.engine.opts = opts;
             self

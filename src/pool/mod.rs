@@ -380,7 +380,7 @@ impl<W: Worker> Pool<W> {
     /// new submits do). Blocks until the worker is gone; one that does not finish its task
     /// within the pool's shutdown timeout is killed (that task is answered `Cancelled`).
     pub fn retire_worker(&self, index: usize) -> Result<(), WorkerError> {
-        if self.shared.closing.load(Ordering::SeqCst) {
+        if self.is_closing() {
             return Err(WorkerError::Shutdown);
         }
         if index >= self.shared.n_seats() as usize {
@@ -412,6 +412,9 @@ impl<W: Worker> Pool<W> {
     /// fewer and no task is lost. Needs a free seat (`PoolBuilder::max_workers`). Returns the
     /// new worker's spawn output; if it cannot start, the old worker keeps serving.
     pub fn replace_worker(&self, index: usize) -> Result<W::SpawnOutput, WorkerError> {
+        if self.is_closing() {
+            return Err(WorkerError::Shutdown);
+        }
         let spawned_with = {
             let seats = self.shared.lock_seats();
             match seats.get(index) {
@@ -701,6 +704,13 @@ impl<W: Worker> Pool<W> {
     /// threads stop.
     pub fn shutdown_now(self) {
         self.stop(StopMode::Immediate);
+    }
+
+    /// Whether the pool is shutting down or shut down ([`close`](Self::close),
+    /// [`close_now`](Self::close_now), or a drop under way): submissions fail with
+    /// [`SubmitError::Shutdown`] and [`broadcast`](Self::broadcast) reaches no worker.
+    pub fn is_closing(&self) -> bool {
+        self.shared.closing.load(Ordering::SeqCst)
     }
 
     /// As [`shutdown`](Self::shutdown), through a shared reference (for a pool shared in an

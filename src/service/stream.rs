@@ -6,7 +6,7 @@ use super::server::Server;
 use super::stage::{Item, Stage};
 use crate::ErrorPolicy;
 use futures_core::Stream;
-use futures_util::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -23,37 +23,87 @@ pub struct WithInputs;
 type ItemFuture<'s, I, O> =
     Pin<Box<dyn Future<Output = (Option<I>, Result<O, ServiceError>)> + Send + 's>>;
 
-enum Window<F: Future> {
-    Ordered(FuturesOrdered<F>),
-    Unordered(FuturesUnordered<F>),
+/// The items in flight: every future runs in one `FuturesUnordered`, numbered in input order;
+/// an ordered window holds back outcomes that finish ahead of an earlier input's. So switching
+/// to unordered mid-way keeps every item in flight (and yields those held back first).
+struct Window<F: Future> {
+    running: FuturesUnordered<Numbered<F>>,
+    ordered: bool,
+    /// The number the next launched item gets.
+    next_in: u64,
+    /// The number of the next item to yield (ordered).
+    next_out: u64,
+    /// Finished ahead of their turn (ordered), or before a switch to unordered.
+    done: std::collections::BTreeMap<u64, F::Output>,
 }
 
-impl<F: Future> Window<F> {
-    fn len(&self) -> usize {
-        match self {
-            Window::Ordered(w) => w.len(),
-            Window::Unordered(w) => w.len(),
+/// A future with its position in the input.
+struct Numbered<F> {
+    n: u64,
+    f: F,
+}
+
+impl<F: Future + Unpin> Future for Numbered<F> {
+    type Output = (u64, F::Output);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let n = self.n;
+        Pin::new(&mut self.f).poll(cx).map(|o| (n, o))
+    }
+}
+
+impl<F: Future + Unpin> Window<F> {
+    fn new() -> Self {
+        Window {
+            running: FuturesUnordered::new(),
+            ordered: true,
+            next_in: 0,
+            next_out: 0,
+            done: Default::default(),
         }
+    }
+
+    /// Items launched and not yet yielded (running, or finished and held back).
+    fn len(&self) -> usize {
+        self.running.len() + self.done.len()
     }
 
     fn push(&mut self, f: F) {
-        match self {
-            Window::Ordered(w) => w.push_back(f),
-            Window::Unordered(w) => w.push(f),
-        }
+        let n = self.next_in;
+        self.next_in += 1;
+        self.running.push(Numbered { n, f });
     }
 
     fn clear(&mut self) {
-        match self {
-            Window::Ordered(w) => *w = FuturesOrdered::new(),
-            Window::Unordered(w) => w.clear(),
-        }
+        self.running.clear();
+        self.done.clear();
     }
 
+    /// The next outcome to yield; `Ready(None)` when nothing is in flight.
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<F::Output>> {
-        match self {
-            Window::Ordered(w) => w.poll_next_unpin(cx),
-            Window::Unordered(w) => w.poll_next_unpin(cx),
+        loop {
+            let held = if self.ordered {
+                self.done.remove(&self.next_out)
+            } else {
+                self.done.pop_first().map(|(_, o)| o)
+            };
+            if let Some(o) = held {
+                self.next_out += 1;
+                return Poll::Ready(Some(o));
+            }
+            match self.running.poll_next_unpin(cx) {
+                Poll::Ready(Some((n, o))) if !self.ordered || n == self.next_out => {
+                    self.next_out += 1;
+                    return Poll::Ready(Some(o));
+                }
+                Poll::Ready(Some((n, o))) => {
+                    self.done.insert(n, o);
+                }
+                // (Ordered: every number below `next_in` was yielded, runs, or is in `done`;
+                // with nothing running, `done` is empty, or holds `next_out`, taken above.)
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
         }
     }
 }
@@ -139,7 +189,7 @@ impl<S: Stage> Server<S> {
         ServiceStream {
             server: self,
             inputs: Some(inputs),
-            window: Window::Ordered(FuturesOrdered::new()),
+            window: Window::new(),
             size: self.capacity(),
             policy: ErrorPolicy::Deferred,
             timeout: None,
@@ -174,9 +224,10 @@ impl<'s, S: Stage, St: Stream<Item = S::In> + Unpin, K: StreamShape<S::In, S::Ou
         self
     }
 
-    /// Results as they finish instead of in input order.
+    /// Results as they finish instead of in input order. Mid-way too: nothing in flight is
+    /// lost, and the results held back for order come first.
     pub fn unordered(mut self) -> Self {
-        self.window = Window::Unordered(FuturesUnordered::new());
+        self.window.ordered = false;
         self
     }
 
@@ -193,10 +244,19 @@ impl<'s, S: Stage, St: Stream<Item = S::In> + Unpin, K: StreamShape<S::In, S::Ou
     }
 
     /// Each input beside its outcome: items become `(input, Result<Out, ServiceError>)`.
+    /// Call before polling.
+    ///
+    /// # Panics
+    ///
+    /// If the stream has already been polled (the inputs it took were not kept).
     pub fn with_inputs(self) -> ServiceStream<'s, S, St, WithInputs>
     where
         S::In: Clone + Sync,
     {
+        assert!(
+            self.window.next_in == 0,
+            "with_inputs() must be called before the stream is first polled"
+        );
         ServiceStream {
             server: self.server,
             inputs: self.inputs,
@@ -205,7 +265,7 @@ impl<'s, S: Stage, St: Stream<Item = S::In> + Unpin, K: StreamShape<S::In, S::Ou
             policy: self.policy,
             timeout: self.timeout,
             held: None,
-            stopped: false,
+            stopped: self.stopped,
             ended: false,
             _k: std::marker::PhantomData,
         }
