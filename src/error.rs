@@ -197,9 +197,10 @@ pub enum SubmitError {
     /// The loan belongs to another pool.
     #[error("the loan was made by another pool")]
     ForeignLoan,
-    /// Every worker this pool had has failed for good (its restart budget ran out): nothing
-    /// could run the task. Spawn a new worker to serve again.
-    #[error("no live worker: every worker failed past its restart budget")]
+    /// The pool has no worker serving or starting: none was spawned, every one was retired,
+    /// or every one failed for good (its restart budget ran out). Nothing could run the task.
+    /// Spawn a new worker to serve again.
+    #[error("no live worker (none spawned, all retired, or all failed past their restart budget)")]
     NoWorkers,
     /// The memory of an arena block (a large task or a loan) could not be reserved: the
     /// machine is short of memory. Nothing was queued; the pool serves on.

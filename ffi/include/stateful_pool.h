@@ -87,7 +87,7 @@ typedef enum sp_status {
    */
   SP_SHUTDOWN = 9,
   /**
-   * No live worker: every worker failed past its restart budget.
+   * No live worker: none spawned, all retired, or all failed past their restart budget.
    */
   SP_NO_WORKERS = 10,
   /**

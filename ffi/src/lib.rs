@@ -68,7 +68,7 @@ pub enum sp_status {
     SP_TOO_LARGE = 8,
     /// The pool is shut down.
     SP_SHUTDOWN = 9,
-    /// No live worker: every worker failed past its restart budget.
+    /// No live worker: none spawned, all retired, or all failed past their restart budget.
     SP_NO_WORKERS = 10,
     /// The worker's execute step returned an error.
     SP_TASK_FAILED = 11,
