@@ -1007,7 +1007,10 @@ fn item<S: Shape<In, Out>, In, Out>((index, input, r): Raw<Out, In>) -> S::Item 
 macro_rules! map_options {
     ($ty:ident, $input:ident) => {
         /// At most `n` of this map's tasks in flight (queued, running, or finished and not
-        /// yet yielded); at least 1. Default: the pool's `queue_size`.
+        /// yet yielded); at least 1. Default: the pool's `queue_size`. Each of them holds a
+        /// task slot until the map yields it, so a loop body that itself submits to the same
+        /// pool and waits for the result needs a window below the queue size (room for its
+        /// own tasks), or it may wait for a slot that only the map's next item would free.
         pub fn window(mut self, n: usize) -> Self {
             self.engine.window = n.max(1);
             self
