@@ -308,6 +308,26 @@ fn switch_routes_each_item_by_its_input() {
             }
             e => panic!("{e:?}"),
         }
+        // A route that panics fails that item, named by the switch; the server serves on.
+        let panicky = Server::new(
+            switch(
+                |m: &Msg| {
+                    assert!(m.v != 7, "no route for 7");
+                    0
+                },
+                vec![threads("P", 1).boxed()],
+            ),
+            2,
+        );
+        let e = stage_err(panicky.call(msg(7)).unwrap_err());
+        assert_eq!(e.path, "switch");
+        assert!(
+            matches!(&e.error, TaskError::Panicked { message, .. } if message.contains("no route for 7")),
+            "{:?}",
+            e.error
+        );
+        assert_eq!(panicky.stats().in_flight, 0);
+        assert_eq!(names(&panicky.call(msg(1)).unwrap()), ["P"]);
     });
 }
 
@@ -915,5 +935,93 @@ fn with_inputs_after_a_stream_took_input_is_refused() {
             message.contains("before the stream is first polled"),
             "{message}"
         );
+    });
+}
+
+/// Past its timeout, a shutdown stops every stage at once: process workers running an
+/// abandoned item are killed without waiting for their pools' shutdown timeouts (30 s each
+/// here), and the item fails instead of finishing later.
+#[test]
+fn a_shutdown_past_its_timeout_kills_running_items_at_once() {
+    watchdog(120, || {
+        let server = Arc::new(Server::new(ensemble((process("A"), process("B"))), 4));
+        let gate = gate_path("never-opens-shutdown");
+        let g = gate.display().to_string();
+        let (ran_a, ran_b) = (gate_path("ran-a"), gate_path("ran-b"));
+        let held = {
+            let server = server.clone();
+            let mut input = with(msg(0), "A", Cmd::Touch(ran_a.display().to_string()));
+            input = with(input, "A", Cmd::Gate(g.clone()));
+            input = with(input, "B", Cmd::Touch(ran_b.display().to_string()));
+            input = with(input, "B", Cmd::Gate(g));
+            std::thread::spawn(move || server.call(input))
+        };
+        // Both workers are running the item (not merely holding it queued).
+        assert!(wait_until(60, || ran_a.exists() && ran_b.exists()));
+        let started = Instant::now();
+        let report = server.shutdown(Duration::from_millis(200));
+        let took = started.elapsed();
+        assert!(!report.drained);
+        assert_eq!(report.abandoned, 1);
+        // Generous: the old sequence waited 30 s per stage.
+        assert!(took < Duration::from_secs(20), "shutdown took {took:?}");
+        assert!(held.join().unwrap().is_err(), "an abandoned item fails");
+        assert!(!gate.exists());
+        let _ = std::fs::remove_file(ran_a);
+        let _ = std::fs::remove_file(ran_b);
+    });
+}
+
+/// A thread stage that was closed refuses to start more threads.
+#[test]
+fn a_closed_thread_stage_refuses_to_spawn() {
+    watchdog(60, || {
+        let t = threads("T", 1);
+        t.close();
+        assert!(matches!(
+            t.spawn(&"T".to_string()),
+            Err(stateful_pool::SpawnError::Shutdown)
+        ));
+    });
+}
+
+/// A stage's `in_flight` counts the items waiting for its bound too, and its queue delay
+/// includes that wait (a thread stage's as well as a process stage's).
+#[test]
+fn a_stage_counts_and_times_the_items_waiting_at_its_bound() {
+    watchdog(120, || {
+        let gate = gate_path("bound-gate");
+        let g = gate.display().to_string();
+        let server = Arc::new(Server::new(threads("T", 2).max_in_flight(1), 8));
+        let callers: Vec<_> = (0..3)
+            .map(|i| {
+                let server = server.clone();
+                let input = if i == 0 {
+                    with(msg(i), "T", Cmd::Gate(g.clone()))
+                } else {
+                    msg(i)
+                };
+                std::thread::spawn(move || server.call(input))
+            })
+            .collect();
+        assert!(wait_until(60, || server.in_flight() == 3));
+        assert!(wait_until(60, || server.stats().stages[0].in_flight == 3));
+        let waited = Instant::now();
+        // Both others wait at the bound while input 0 holds it; release it once time passed.
+        while waited.elapsed() < Duration::from_millis(50) {
+            std::thread::yield_now();
+        }
+        std::fs::write(&gate, b"").unwrap();
+        for c in callers {
+            assert_eq!(names(&c.join().unwrap().unwrap()), ["T"]);
+        }
+        let stats = server.stats();
+        assert_eq!(stats.stages[0].in_flight, 0);
+        assert!(
+            stats.stages[0].queue_delay.max >= Duration::from_millis(40),
+            "{:?}",
+            stats.stages[0].queue_delay
+        );
+        let _ = std::fs::remove_file(&gate);
     });
 }

@@ -297,3 +297,30 @@ fn borrowed_forms_stand_in_for_owned_tasks() {
         assert_eq!(bytes.execute(&big).unwrap(), 3 << 20);
     });
 }
+
+/// A pool built without an arena refuses every loan at once as too large (waiting could never
+/// help), and still runs tasks that fit their slots.
+#[test]
+fn a_pool_without_an_arena_refuses_loans_as_too_large() {
+    watchdog(60, || {
+        let pool = Pool::<TestWorker>::builder()
+            .queue_size(4)
+            .task_arena_bytes(0)
+            .build()
+            .unwrap();
+        pool.spawn(&Spawn::ok("noarena")).unwrap();
+        for r in [pool.loan(0), pool.try_loan(0), pool.loan(100)] {
+            assert!(
+                matches!(r, Err(SubmitError::PayloadTooLarge { max: 0, .. })),
+                "{r:?}"
+            );
+        }
+        assert_eq!(pool.execute(&Cmd::Echo(3)).unwrap().value, 3);
+        let big = pool.submit(&Cmd::SumVec(vec![1; 10_000]));
+        assert!(
+            matches!(big, Err(SubmitError::PayloadTooLarge { max: 0, .. })),
+            "{:?}",
+            big.err()
+        );
+    });
+}

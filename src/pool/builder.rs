@@ -237,8 +237,10 @@ impl<W: Worker> PoolBuilder<W> {
         self
     }
 
-    /// Bytes of the task arena shared by large tasks and loans. Default 64 MiB, reserved in
-    /// 4 MiB steps as it is first used (see [`reserve_memory`](Self::reserve_memory)).
+    /// Bytes of the task arena shared by large tasks and loans (rounded down to 64 bytes).
+    /// Default 64 MiB, reserved in 4 MiB steps as it is first used (see
+    /// [`reserve_memory`](Self::reserve_memory)). Under 64 means no arena: every task must fit
+    /// its slot, and loans fail with [`SubmitError::PayloadTooLarge`](crate::SubmitError::PayloadTooLarge).
     pub fn task_arena_bytes(mut self, n: usize) -> Self {
         self.cfg.arena_bytes = n;
         self

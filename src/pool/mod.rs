@@ -44,6 +44,9 @@ enum StopMode {
     Graceful,
     /// Queued tasks fail with `Cancelled`; running tasks finish.
     Immediate,
+    /// Queued tasks fail with `Cancelled`; workers still running a task are killed at once
+    /// (the task fails with `Cancelled`).
+    Abort,
 }
 
 /// A pool of stateful worker processes of type `W`.
@@ -203,6 +206,7 @@ impl<W: Worker> Pool<W> {
                 let (done, _) = channel();
                 let _ = tx.send(SupMsg::Shutdown {
                     immediate: true,
+                    kill: false,
                     done,
                 });
                 shared.wake_supervisor();
@@ -271,7 +275,7 @@ impl<W: Worker> Pool<W> {
         unsafe { codec::encode_into(args, buf.as_mut_ptr(), len) }
             .map_err(|e| SpawnError::Encode(e.message()))?;
         opts.check_cpus()?;
-        if !opts.gpus.is_empty() {
+        if cfg!(feature = "cuda") && !opts.gpus.is_empty() {
             // A GPU worker pins the whole payload arena (registering it touches every page):
             // reserve it all first, so a shortage is this error, not a SIGBUS in the worker.
             let end = shared.layout.arena as u64 + shared.layout.params.arena;
@@ -351,27 +355,46 @@ impl<W: Worker> Pool<W> {
             .filter(|(_, s)| s.in_use && s.state == events::WorkerState::Ready)
             .map(|(i, _)| i)
             .collect();
-        let handles: Vec<_> = serving
-            .into_iter()
-            .map(|i| {
-                let opts = TaskOptions {
-                    target: Some(i as u32),
-                    retries: Some(0),
-                    ..TaskOptions::default()
+        let enc = task.enc();
+        let mut sent: std::collections::VecDeque<(usize, TaskHandle<W::Output>)> =
+            Default::default();
+        let mut out = Vec::with_capacity(serving.len());
+        for i in serving {
+            let opts = TaskOptions {
+                target: Some(i as u32),
+                retries: Some(0),
+                ..TaskOptions::default()
+            };
+            // Each offer holds a slot until it is collected: with no slot free, collect an
+            // earlier offer (each runs before its worker's next queued task, so it finishes)
+            // rather than wait for a slot that only this call could free. With none of ours
+            // outstanding, waiting is safe.
+            let r = loop {
+                let block = if sent.is_empty() {
+                    Block::Until(None)
+                } else {
+                    Block::No
                 };
-                let h = self
-                    .send(&task.enc(), &mut None, Block::Until(None), opts)
-                    .map(|(slot, id)| TaskHandle::new(self.shared.clone(), slot, id));
-                if let Ok(h) = &h {
-                    self.shared.confirm_offer(i as u32, h.slot());
+                match self.send(&enc, &mut None, block, opts) {
+                    Err(SubmitError::QueueFull) if !sent.is_empty() => {
+                        let (j, h) = sent.pop_front().expect("not empty");
+                        out.push((j, h.wait()));
+                    }
+                    r => break r,
                 }
-                (i, h)
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|(i, h)| (i, h.map_err(TaskError::from).and_then(TaskHandle::wait)))
-            .collect()
+            };
+            match r {
+                Ok((slot, id)) => {
+                    let h = TaskHandle::new(self.shared.clone(), slot, id);
+                    self.shared.confirm_offer(i as u32, h.slot());
+                    sent.push_back((i, h));
+                }
+                Err(e) => out.push((i, Err(TaskError::from(e)))),
+            }
+        }
+        out.extend(sent.into_iter().map(|(i, h)| (i, h.wait())));
+        out.sort_by_key(|&(i, _)| i);
+        out
     }
 
     /// Retires worker `index` (scale down): it finishes the task it is running, takes no
@@ -642,7 +665,8 @@ impl<W: Worker> Pool<W> {
 
     fn loan_block(&self, len: usize, block: Block) -> Result<Loan, SubmitError> {
         let shared = &self.shared;
-        if len > shared.max_task_bytes {
+        // (No arena at all: not even an empty loan fits, and waiting would not help.)
+        if len > shared.max_task_bytes || shared.layout.params.arena == 0 {
             return Err(SubmitError::PayloadTooLarge {
                 len,
                 max: shared.max_task_bytes,
@@ -725,6 +749,12 @@ impl<W: Worker> Pool<W> {
         self.stop(StopMode::Immediate);
     }
 
+    /// As [`close_now`](Self::close_now), without the shutdown timeout's grace: workers still
+    /// running a task are killed at once (a server abandoning its items).
+    pub(crate) fn abort(&self) {
+        self.stop(StopMode::Abort);
+    }
+
     /// The shutdown sequence; runs once (a concurrent or later call waits until the first
     /// has finished). Bounded: the supervisor kills workers still running after the shutdown
     /// timeout.
@@ -743,7 +773,8 @@ impl<W: Worker> Pool<W> {
         shared.quiesce_submits();
         let (done_tx, done_rx) = channel();
         let sent = self.sup_tx.send(SupMsg::Shutdown {
-            immediate: mode == StopMode::Immediate,
+            immediate: mode != StopMode::Graceful,
+            kill: mode == StopMode::Abort,
             done: done_tx,
         });
         shared.wake_supervisor();

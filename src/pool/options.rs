@@ -94,7 +94,10 @@ impl SpawnOptions {
     /// The GPUs this worker owns, as the machine numbers them. The worker sees them as
     /// [`WorkerContext::gpu_ids`](crate::WorkerContext::gpu_ids); with the `cuda` feature it
     /// also gets a CUDA context on each, created in its own process before its spawn step
-    /// ([`WorkerContext::cuda`](crate::WorkerContext)), and its payload arena is pinned.
+    /// ([`WorkerContext::cuda`](crate::WorkerContext)), and its payload arena is pinned; a GPU
+    /// that does not exist then fails the spawn with a clear error. Without the feature the
+    /// ids are only labels for the worker's own GPU code (nothing checks them, nothing is
+    /// pinned).
     pub fn gpus(mut self, ids: impl IntoIterator<Item = u32>) -> Self {
         self.gpus = ids.into_iter().collect();
         self

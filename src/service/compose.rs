@@ -398,7 +398,9 @@ impl<I, O, R> std::fmt::Debug for Switch<I, O, R> {
 }
 
 /// A switch: `route(&input)` picks the member (an index into `members`) that runs the item.
-/// An index out of range fails the item with [`ServiceError::Route`].
+/// An index out of range fails the item with [`ServiceError::Route`]; a route that panics
+/// fails it with a [`StageError`](super::StageError) at the switch's path (a `Panicked`
+/// error).
 pub fn switch<I, O, R>(route: R, members: Vec<BoxStage<I, O>>) -> Switch<I, O, R>
 where
     R: Fn(&I) -> usize + Send + Sync + 'static,
@@ -420,7 +422,24 @@ where
     type Out = O;
 
     fn run<'a>(&'a self, input: I, item: &'a Item) -> StageFuture<'a, O> {
-        let i = (self.route)(&input);
+        // A route that panics fails the item (named by the switch's path), as a local
+        // stage's panic does: it must not unwind through the caller's call or stream.
+        let i =
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (self.route)(&input))) {
+                Ok(i) => i,
+                Err(p) => {
+                    let e = super::error::StageError {
+                        path: self.path.clone(),
+                        worker: None,
+                        pid: Some(std::process::id()),
+                        error: crate::TaskError::panicked(
+                            0,
+                            crate::worker::main_loop::panic_message(&*p),
+                        ),
+                    };
+                    return Box::pin(async move { Err(e.into()) });
+                }
+            };
         match self.members.get(i) {
             Some(m) => m.run(input, item),
             None => {

@@ -228,7 +228,7 @@ where
     }
 
     fn close_now(&self) {
-        self.pool.close_now();
+        self.pool.abort();
     }
 }
 

@@ -219,8 +219,11 @@ impl<S: Stage> Server<S> {
     /// Stops intake (new calls fail with [`ServiceError::Shutdown`]; streams stop taking
     /// input), waits up to `timeout` for the items in flight to finish, then closes the
     /// stages in graph order (each finishes what it holds and stops its workers). Items still
-    /// in flight at the timeout are abandoned: the stages are stopped at once and those items
-    /// fail. Bounded: returns within about `timeout` plus the stages' own shutdown timeouts.
+    /// in flight at the timeout are abandoned: every stage is stopped at once, queued tasks
+    /// are cancelled and process workers still running one are killed without waiting for
+    /// their pools' shutdown timeouts, so those items fail. (A thread stage's running task
+    /// cannot be stopped: it finishes on its own.) Bounded: returns within about `timeout`
+    /// when it drains, and shortly after it otherwise.
     pub fn shutdown(&self, timeout: Duration) -> ShutdownReport {
         self.closing.store(true, Ordering::SeqCst);
         let deadline = crate::deadline::at_or_never(Instant::now(), timeout);

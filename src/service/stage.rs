@@ -107,7 +107,8 @@ pub trait Stage: Send + Sync + 'static {
     /// leave). Called by the server's shutdown, in graph order, after intake stopped.
     fn close(&self) {}
 
-    /// Stops the stage now: queued tasks are cancelled, workers are stopped.
+    /// Stops the stage now, without waiting: queued tasks are cancelled, process workers are
+    /// killed even in the middle of a task (threads, which cannot be, finish theirs).
     fn close_now(&self) {}
 
     /// Whether the stage takes an archived output of a process stage as its input without
@@ -157,7 +158,7 @@ pub struct Percentiles {
 pub struct StageStats {
     /// The stage's path in the graph (see [`StageError::path`](super::StageError)).
     pub path: String,
-    /// `"process"`, `"thread"`, `"local"`, `"seq"`, `"ensemble"` or `"switch"`.
+    /// `"process"`, `"thread"` or `"local"` (compositions report their members' stats).
     pub kind: &'static str,
     /// Workers serving (process or thread stages; `None` for the others).
     pub live_workers: Option<usize>,
@@ -186,9 +187,27 @@ pub struct StageStats {
 
 /// The counters a leaf stage keeps: its bound, its outcomes, its latency histograms.
 #[derive(Debug)]
+/// Counts an item waiting for a place for as long as it lives (the wait may be dropped).
+struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(n: &'a std::sync::atomic::AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Waiting(n)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 pub(crate) struct Meter {
     pub(crate) path: String,
     pub(crate) gate: Gate,
+    /// Items waiting for a place at `gate` (counted in `in_flight`).
+    waiting: std::sync::atomic::AtomicUsize,
     done: AtomicU64,
     failed: AtomicU64,
     expired: AtomicU64,
@@ -207,6 +226,7 @@ impl Meter {
         Meter {
             path: name.to_string(),
             gate: Gate::new(max_in_flight),
+            waiting: Default::default(),
             done: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             expired: AtomicU64::new(0),
@@ -268,7 +288,7 @@ impl Meter {
             kind,
             live_workers: None,
             queued: 0,
-            in_flight: self.gate.in_use(),
+            in_flight: self.gate.in_use() + self.waiting.load(Ordering::Relaxed),
             max_in_flight: self.gate.capacity(),
             done: self.done.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
@@ -339,7 +359,10 @@ impl Meter {
         let t0 = Instant::now();
         let place = match place {
             Some(p) => Some(p),
-            None => self.gate.acquire(item.deadline).await,
+            None => {
+                let _waiting = Waiting::new(&self.waiting);
+                self.gate.acquire(item.deadline).await
+            }
         };
         let Some(_place) = place else {
             self.expired();

@@ -105,6 +105,15 @@ impl<W: Worker> Threads<W> {
 
     /// Starts one worker thread with `args` and waits for its spawn step.
     pub fn spawn(&self, args: &W::SpawnArgs) -> Result<W::SpawnOutput, SpawnError> {
+        if self
+            .inner
+            .tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+        {
+            return Err(SpawnError::Shutdown);
+        }
         let index = self.inner.seats.fetch_add(1, Ordering::Relaxed);
         let args = codec::encode_owned(args).map_err(|e| SpawnError::Encode(e.message()))?;
         let (tx, rx) = std::sync::mpsc::channel();
@@ -188,13 +197,7 @@ impl<W: Worker> Threads<W> {
     /// the threads to finish the tasks they are running and exit (a thread still running a
     /// task then is left to finish on its own: threads cannot be killed).
     pub fn shutdown(&self) {
-        self.close();
-        while let Ok(j) = self.inner.rx.try_recv() {
-            let _ = j.reply.send(Reply {
-                result: Err(TaskError::Cancelled),
-                queued: j.queued_at.elapsed(),
-            });
-        }
+        self.close_and_cancel();
         let hs = std::mem::take(&mut *self.inner.threads.lock().unwrap_or_else(|e| e.into_inner()));
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut left = hs;
@@ -207,6 +210,17 @@ impl<W: Worker> Threads<W> {
             if !left.is_empty() {
                 std::thread::sleep(Duration::from_millis(1));
             }
+        }
+    }
+
+    /// Stops intake and answers what is queued `Cancelled`; the running tasks go on.
+    fn close_and_cancel(&self) {
+        self.close();
+        while let Ok(j) = self.inner.rx.try_recv() {
+            let _ = j.reply.send(Reply {
+                result: Err(TaskError::Cancelled),
+                queued: j.queued_at.elapsed(),
+            });
         }
     }
 
@@ -473,13 +487,16 @@ where
     type Out = W::Output;
 
     fn run<'a>(&'a self, input: W::Task, item: &'a Item) -> StageFuture<'a, W::Output> {
+        let entered = Instant::now();
         Box::pin(self.meter.admit(item, false, async move {
+            // Queue delay: the wait for the stage's bound, then the time in the queue.
+            let at_bound = entered.elapsed();
             let call = self
                 .send(&input, item.deadline)
                 .map_err(|e| self.stage_error(item, e))?;
             drop(input);
             let reply = call.await;
-            self.meter.queued_for(reply.queued);
+            self.meter.queued_for(at_bound + reply.queued);
             reply.result.map_err(|e| self.stage_error(item, e))
         }))
     }
@@ -500,6 +517,8 @@ where
     }
 
     fn close_now(&self) {
-        self.shutdown();
+        // Not `shutdown`: a server abandoning its items does not wait for running threads,
+        // which cannot be stopped (each finishes its task on its own).
+        self.close_and_cancel();
     }
 }

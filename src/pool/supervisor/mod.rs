@@ -80,9 +80,14 @@ pub(crate) enum SupMsg {
         env: Vec<(String, String)>,
         reply: ReplyGuard,
     },
-    /// Shut down: stop every worker (after the queue drains, or at once with `immediate`),
-    /// answer whatever is left, reply, and exit.
-    Shutdown { immediate: bool, done: Sender<()> },
+    /// Shut down: stop every worker (after the queue drains, or at once with `immediate`;
+    /// with `kill`, without the grace for running tasks), answer whatever is left, reply, and
+    /// exit.
+    Shutdown {
+        immediate: bool,
+        kill: bool,
+        done: Sender<()>,
+    },
     /// Retire the worker of `seat`: it finishes its current task, takes no other, and exits;
     /// its seat is freed, not restarted. `done` gets `true` once it is gone, `false` if the
     /// seat has no serving worker.
@@ -310,7 +315,16 @@ impl Sup {
                 s.recent.clear();
                 self.start(seat, Some(reply));
             }
-            SupMsg::Shutdown { immediate, done } => self.begin_shutdown(immediate, done),
+            SupMsg::Shutdown {
+                immediate,
+                kill,
+                done,
+            } => {
+                self.begin_shutdown(immediate, done);
+                if kill {
+                    self.kill_all();
+                }
+            }
             SupMsg::Retire { seat, done } => self.begin_retire(seat, done),
         }
     }
