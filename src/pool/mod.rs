@@ -451,8 +451,11 @@ impl<W: Worker> Pool<W> {
             return Err(WorkerError::NoSuchWorker { index });
         };
         let out = self.submit_spawn_archived(args, env)?.wait()?;
-        self.retire_worker(index)?;
-        Ok(out)
+        match self.retire_worker(index) {
+            // The old worker left on its own meanwhile (died, retired): replaced all the same.
+            Ok(()) | Err(WorkerError::NoSuchWorker { .. }) => Ok(out),
+            Err(e) => Err(e),
+        }
     }
 
     /// Starts a worker; the future resolves to its spawn output. Works on any executor.
