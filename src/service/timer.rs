@@ -94,7 +94,9 @@ impl Wheel {
             s.thread = true;
         }
         // Not for a timer within the granularity of what the thread already sleeps until.
-        if s.armed.is_none_or(|a| at + GRANULARITY < a) {
+        if s.armed
+            .is_none_or(|a| at.checked_add(GRANULARITY).is_some_and(|t| t < a))
+        {
             s.armed = Some(at);
             self.cv.notify_one();
         }
