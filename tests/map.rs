@@ -932,9 +932,10 @@ fn a_batched_map_reruns_the_inputs_a_panic_left_unrun() {
 fn a_batched_maps_timeout_is_per_input() {
     watchdog(120, || {
         let pool = plain_pool(1, 8);
-        let opts = stateful_pool::TaskOptions::new().timeout(std::time::Duration::from_millis(400));
+        // The batch runs 1.8 s: past one input's limit, well within six.
+        let opts = stateful_pool::TaskOptions::new().timeout(std::time::Duration::from_secs(1));
         let got: Vec<_> = pool
-            .map((0..6).map(|_| Cmd::SleepMs(100)))
+            .map((0..6).map(|_| Cmd::SleepMs(300)))
             .batch(6)
             .task_options(opts)
             .collect();

@@ -992,18 +992,18 @@ fn a_stage_counts_and_times_the_items_waiting_at_its_bound() {
     watchdog(120, || {
         let gate = gate_path("bound-gate");
         let g = gate.display().to_string();
+        let ran = gate_path("bound-ran");
         let server = Arc::new(Server::new(threads("T", 2).max_in_flight(1), 8));
-        let callers: Vec<_> = (0..3)
-            .map(|i| {
-                let server = server.clone();
-                let input = if i == 0 {
-                    with(msg(i), "T", Cmd::Gate(g.clone()))
-                } else {
-                    msg(i)
-                };
-                std::thread::spawn(move || server.call(input))
-            })
-            .collect();
+        let call = |input: Msg| {
+            let server = server.clone();
+            std::thread::spawn(move || server.call(input))
+        };
+        // Input 0 takes the bound first and holds it (running, behind the gate).
+        let mut first = with(msg(0), "T", Cmd::Touch(ran.display().to_string()));
+        first = with(first, "T", Cmd::Gate(g));
+        let mut callers = vec![call(first)];
+        assert!(wait_until(60, || ran.exists()));
+        callers.extend((1..3).map(|i| call(msg(i))));
         assert!(wait_until(60, || server.in_flight() == 3));
         assert!(wait_until(60, || server.stats().stages[0].in_flight == 3));
         let waited = Instant::now();
@@ -1023,5 +1023,6 @@ fn a_stage_counts_and_times_the_items_waiting_at_its_bound() {
             stats.stages[0].queue_delay
         );
         let _ = std::fs::remove_file(&gate);
+        let _ = std::fs::remove_file(&ran);
     });
 }
