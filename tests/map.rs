@@ -301,7 +301,9 @@ fn wait_others_returns_the_error_after_the_running_tasks_finish() {
                 ran_at_error,
                 "nothing of the map ran after its error was returned"
             );
-            assert!(ran(&counters, 2..10) <= 1);
+            // (How many queued inputs started before the map noticed the error depends on
+            // when its thread runs: the gate opens on the failure, not on the map's reaction.
+            // The guarantee is the one above.)
             let _ = std::fs::remove_file(&started);
             let _ = std::fs::remove_file(&gate);
         }
