@@ -907,28 +907,26 @@ fn a_broadcast_offered_to_a_retiring_worker_is_cancelled_not_a_death() {
 /// waiting for a slot only it could free.
 #[test]
 fn a_broadcast_to_more_workers_than_free_slots_completes() {
-    watchdog(120, || {
+    /// Three workers on a queue of `queue` slots.
+    fn three_on(queue: usize) -> Pool<TestWorker> {
         let pool = Pool::<TestWorker>::builder()
-            .queue_size(1)
+            .queue_size(queue)
             .max_workers(3)
             .build()
             .unwrap();
         for r in pool.spawn_n(&Spawn::ok("bc"), 3) {
             r.unwrap();
         }
+        pool
+    }
+    watchdog(120, || {
+        let pool = three_on(1);
         let answers = pool.broadcast(&Cmd::Echo(7));
         let seats: Vec<usize> = answers.iter().map(|(i, _)| *i).collect();
         assert_eq!(seats, [0, 1, 2]);
         assert!(answers.iter().all(|(_, r)| r.as_ref().unwrap().value == 7));
         // One of two slots held by the caller's own uncollected handle.
-        let pool = Pool::<TestWorker>::builder()
-            .queue_size(2)
-            .max_workers(3)
-            .build()
-            .unwrap();
-        for r in pool.spawn_n(&Spawn::ok("bc"), 3) {
-            r.unwrap();
-        }
+        let pool = three_on(2);
         let held = pool.submit(&Cmd::Echo(1)).unwrap();
         let answers = pool.broadcast(&Cmd::Echo(8));
         assert_eq!(answers.len(), 3);

@@ -89,9 +89,13 @@ impl<T: Message> TaskHandle<T> {
             .wait_done(self.slot, crate::deadline::after(timeout))
     }
 
-    /// The process that ran the finished task (see `Shared::ran_by`); `None` if unknown.
-    pub(crate) fn ran_by(&self) -> Option<u32> {
-        self.shared.ran_by(self.slot)
+    /// The finished task's owner word: which launch of which seat claimed it (one load; see
+    /// `Shared::pid_of_owner`, which turns it into a process id when one is wanted).
+    pub(crate) fn owner(&self) -> u32 {
+        self.shared
+            .slot(self.slot)
+            .owner
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Resolves once the task has finished, without collecting its result (any executor).

@@ -342,12 +342,8 @@ impl<T: crate::Message, In> Entry<T, In> {
             self.items[first_cancelled - 1].result,
             Some(Err(TaskError::Panicked { .. } | TaskError::Poisoned { .. }))
         );
-        let kept = self
-            .items
-            .iter()
-            .skip(first_cancelled)
-            .all(|i| i.input.is_some());
-        (retired && kept && first_cancelled > self.from && first_cancelled < self.items.len())
+        // (A batch's inputs are always kept: `submit_stash`.)
+        (retired && first_cancelled > self.from && first_cancelled < self.items.len())
             .then_some(first_cancelled)
     }
 
@@ -961,24 +957,21 @@ impl<W: Worker, In: Borrow<W::Task>> Engine<W, In> {
         if self.failure.is_some() {
             return (1, Some(1));
         }
+        // A stopping policy may end the map at its first error: only that item is sure.
+        let sure = |n: usize| {
+            if self.policy == ErrorPolicy::Deferred {
+                n
+            } else {
+                n.min(1)
+            }
+        };
         let held = self.held + self.stashed();
         if !self.taking_input() {
-            let lower = if self.policy == ErrorPolicy::Deferred {
-                held
-            } else {
-                held.min(1)
-            };
-            return (lower, Some(held));
+            return (sure(held), Some(held));
         }
         let input = input();
-        let lower = input.0.saturating_add(held);
         (
-            // A stopping policy may end the map at its first error: only that item is sure.
-            if self.policy == ErrorPolicy::Deferred {
-                lower
-            } else {
-                lower.min(1)
-            },
+            sure(input.0.saturating_add(held)),
             input.1.and_then(|n| n.checked_add(held)),
         )
     }

@@ -733,6 +733,12 @@ impl<W: Worker> Pool<W> {
         self.stop(StopMode::Immediate);
     }
 
+    /// The process a finished task's owner word names (`TaskHandle::owner`), if the parent
+    /// launched it.
+    pub(crate) fn pid_of_owner(&self, owner: u32) -> Option<u32> {
+        self.shared.pid_of_owner(owner)
+    }
+
     /// Whether the pool is shutting down or shut down ([`close`](Self::close),
     /// [`close_now`](Self::close_now), or a drop under way): submissions fail with
     /// [`SubmitError::Shutdown`] and [`broadcast`](Self::broadcast) reaches no worker.

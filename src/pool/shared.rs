@@ -36,7 +36,7 @@ pub(crate) struct Seat {
     /// `Pool::replace_worker`).
     pub(crate) spawned_with: Option<SpawnRecipe>,
     /// `(generation, pid)` of its last few launches, newest last: which process ran a task
-    /// whose worker has since been replaced (`Shared::ran_by`).
+    /// whose worker has since been replaced (`Shared::pid_of_owner`).
     pub(crate) launches: std::collections::VecDeque<(u32, u32)>,
 }
 
@@ -282,12 +282,11 @@ impl Shared {
         })
     }
 
-    /// The process that claimed the task now in `slot` (finished, not yet collected), from the
-    /// slot's `owner` word. That word is a worker's, so it is only a key into the parent's own
-    /// record of the seat's recent launches: a wrong word gives `None`, never a pid the parent
-    /// did not launch into that seat.
-    pub(crate) fn ran_by(&self, slot: u32) -> Option<u32> {
-        let owner = self.slot(slot).owner.load(Ordering::Relaxed);
+    /// The process that claimed a task, from the slot's `owner` word (read once the task
+    /// finished, before it was collected). That word is a worker's, so it is only a key into
+    /// the parent's own record of the seat's recent launches: a wrong word gives `None`, never
+    /// a pid the parent did not launch into that seat.
+    pub(crate) fn pid_of_owner(&self, owner: u32) -> Option<u32> {
         let seat = (owner & 0xffff).checked_sub(1)? as usize;
         let generation = owner >> 16;
         self.lock_seats()

@@ -87,13 +87,13 @@ impl<W: Worker> Process<W> {
             .map_err(|e| self.stage_error(item, e.into(), None))
     }
 
-    /// A task's failure as this stage's (see `Meter::fail`). `ran_by` is the process that ran
-    /// the task, when known: a worker replaced since (poisoned, panicked under the restart
-    /// policy, killed at its timeout) is named, not its successor. Otherwise the seat's
-    /// current process.
-    fn stage_error(&self, item: &Item, e: TaskError, ran_by: Option<u32>) -> ServiceError {
+    /// A task's failure as this stage's (see `Meter::fail`). `owner` is the finished task's
+    /// owner word, when it was read: the process that ran the task is named even if it was
+    /// replaced since (poisoned, panicked under the restart policy, killed at its timeout),
+    /// not its successor. Otherwise the seat's current process.
+    fn stage_error(&self, item: &Item, e: TaskError, owner: Option<u32>) -> ServiceError {
         self.meter.fail(item, e, |worker| {
-            ran_by.or_else(|| {
+            owner.and_then(|o| self.pool.pid_of_owner(o)).or_else(|| {
                 self.pool
                     .worker_pids()
                     .into_iter()
@@ -110,8 +110,11 @@ impl<W: Worker> Process<W> {
         item: &Item,
     ) -> Result<W::Output, ServiceError> {
         handle.finished().await;
-        let ran_by = handle.ran_by();
-        handle.wait().map_err(|e| self.stage_error(item, e, ran_by))
+        // One load per task; the seats are looked up only for an error.
+        let owner = handle.owner();
+        handle
+            .wait()
+            .map_err(|e| self.stage_error(item, e, Some(owner)))
     }
 
     /// Awaits a queued task's outcome: decoded, or left archived for the next stage when
@@ -129,9 +132,9 @@ impl<W: Worker> Process<W> {
         match handle.output_len() {
             Some(len) => Ok(Handoff::Archived(Ready::new(handle, len, &self.meter.path))),
             None => {
-                let ran_by = handle.ran_by();
+                let owner = handle.owner();
                 let e = handle.wait().err().unwrap_or(TaskError::PoolBroken);
-                Err(self.stage_error(item, e, ran_by))
+                Err(self.stage_error(item, e, Some(owner)))
             }
         }
     }

@@ -185,8 +185,6 @@ pub struct StageStats {
     pub batching: Option<crate::BatchStats>,
 }
 
-/// The counters a leaf stage keeps: its bound, its outcomes, its latency histograms.
-#[derive(Debug)]
 /// Counts an item waiting for a place for as long as it lives (the wait may be dropped).
 struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
 
@@ -203,6 +201,8 @@ impl Drop for Waiting<'_> {
     }
 }
 
+/// The counters a leaf stage keeps: its bound, its outcomes, its latency histograms.
+#[derive(Debug)]
 pub(crate) struct Meter {
     pub(crate) path: String,
     pub(crate) gate: Gate,
