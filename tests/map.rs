@@ -926,6 +926,30 @@ fn a_batched_map_reruns_the_inputs_a_panic_left_unrun() {
             assert_eq!(i, k);
             check(i, r);
         }
+        // Large outputs (each batch's answer a ring record, not the slot's inline words),
+        // many laps of panics on the same seat.
+        let big = |i: u64| {
+            if i % 10 == 3 {
+                Cmd::Panic(format!("boom {i}"))
+            } else {
+                Cmd::MakeBytes(20_000 + i as u32)
+            }
+        };
+        for (i, r) in pool.map((0..60).map(big)).batch(8).enumerate() {
+            if i % 10 == 3 {
+                assert!(matches!(r.unwrap_err().error, TaskError::Panicked { .. }));
+            } else {
+                let o = r.unwrap();
+                assert_eq!(o.bytes.len(), 20_000 + i, "input {i}");
+                assert!(
+                    o.bytes
+                        .iter()
+                        .enumerate()
+                        .all(|(k, &b)| b == (k % 251) as u8)
+                );
+            }
+        }
+        assert_eq!(pool.execute(&Cmd::Echo(5)).unwrap().value, 5);
     });
 }
 
