@@ -13,35 +13,101 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
-/// The CPUs this process may run on (its affinity mask), ascending.
-pub(crate) fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: an all-zero cpu_set_t is a valid empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a live cpu_set_t of the size passed; sched_getaffinity writes into it.
-    let r = unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) };
-    if r != 0 {
-        return Vec::new();
-    }
-    (0..libc::CPU_SETSIZE as usize)
-        // SAFETY: CPU_ISSET reads bit `c` of the set, `c` < CPU_SETSIZE.
-        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
-        .collect()
+/// A CPU affinity mask of any size: machines with more than `CPU_SETSIZE` (1024) CPUs have
+/// masks longer than a `cpu_set_t`, which the kernel refuses (`EINVAL`) to fill or to take.
+pub(crate) struct CpuMask {
+    words: Vec<libc::c_ulong>,
 }
 
-/// A CPU set from a `0,1,5` list (the worker's `STATEFUL_POOL_CPUS`); `None` if malformed or
-/// out of range.
-pub(crate) fn cpu_set(list: &str) -> Option<libc::cpu_set_t> {
-    // SAFETY: an all-zero cpu_set_t is a valid empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    for part in list.split(',') {
-        let c: usize = part.trim().parse().ok()?;
-        if c >= libc::CPU_SETSIZE as usize {
-            return None;
-        }
-        // SAFETY: CPU_SET sets bit `c` of the set, `c` < CPU_SETSIZE (checked above).
-        unsafe { libc::CPU_SET(c, &mut set) };
+/// Bits per mask word.
+const MASK_BITS: usize = libc::c_ulong::BITS as usize;
+/// The largest mask tried (CPU numbers up to 2^20): a bound on the growing loop below.
+const MASK_MAX_CPUS: usize = 1 << 20;
+
+impl CpuMask {
+    fn zeroed(cpus: usize) -> CpuMask {
+        // At least a cpu_set_t's worth, so a kernel built for 1024 CPUs accepts it.
+        let n = cpus.max(libc::CPU_SETSIZE as usize).div_ceil(MASK_BITS);
+        CpuMask { words: vec![0; n] }
     }
-    Some(set)
+
+    /// The mask in bytes, as `sched_{get,set}affinity` take it.
+    fn bytes(&self) -> usize {
+        self.words.len() * size_of::<libc::c_ulong>()
+    }
+
+    /// The CPUs set in the mask, ascending.
+    fn cpus(&self) -> Vec<usize> {
+        (0..self.words.len() * MASK_BITS)
+            .filter(|&c| self.words[c / MASK_BITS] & (1 << (c % MASK_BITS)) != 0)
+            .collect()
+    }
+
+    /// The mask for a `0,1,5` list (the worker's `STATEFUL_POOL_CPUS`); `None` if malformed,
+    /// empty or beyond any mask the kernel takes.
+    pub(crate) fn from_list(list: &str) -> Option<CpuMask> {
+        let cpus = list
+            .split(',')
+            .map(|p| {
+                p.trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|&c| c < MASK_MAX_CPUS)
+            })
+            .collect::<Option<Vec<usize>>>()?;
+        let mut mask = CpuMask::zeroed(cpus.iter().max()? + 1);
+        for c in cpus {
+            mask.words[c / MASK_BITS] |= 1 << (c % MASK_BITS);
+        }
+        Some(mask)
+    }
+
+    /// Sets the calling thread's affinity to this mask. Async-signal-safe (one system call, no
+    /// allocation): the worker's launcher calls it between `fork` and `exec`.
+    pub(crate) fn apply(&self) -> io::Result<()> {
+        // SAFETY: the pointer and length describe `self.words`, a live buffer of whole
+        // `c_ulong` words (the kernel's mask unit; `cpu_set_t` is an array of them, so the
+        // cast keeps its alignment); the kernel only reads it.
+        let r = unsafe {
+            libc::sched_setaffinity(
+                0,
+                self.bytes(),
+                self.words.as_ptr().cast::<libc::cpu_set_t>(),
+            )
+        };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// The CPUs this process may run on (its affinity mask), ascending; empty if it cannot be read.
+pub(crate) fn allowed_cpus() -> Vec<usize> {
+    let mut cpus = libc::CPU_SETSIZE as usize;
+    while cpus <= MASK_MAX_CPUS {
+        let mut mask = CpuMask::zeroed(cpus);
+        // SAFETY: the pointer and length describe `mask.words`, a live, writable buffer of
+        // whole `c_ulong` words (see `CpuMask::apply`); the kernel writes at most that many
+        // bytes.
+        let r = unsafe {
+            libc::sched_getaffinity(
+                0,
+                mask.bytes(),
+                mask.words.as_mut_ptr().cast::<libc::cpu_set_t>(),
+            )
+        };
+        if r == 0 {
+            return mask.cpus();
+        }
+        // EINVAL: the kernel's mask is longer than ours; try twice the size.
+        if io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+            break;
+        }
+        cpus *= 2;
+    }
+    Vec::new()
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds: one clock for every process of the machine (what
@@ -331,6 +397,45 @@ pub(crate) fn child_exits_unwatched() -> bool {
 #[cfg(all(test, not(stateful_pool_loom), not(miri)))]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_masks_of_any_size() {
+        let m = CpuMask::from_list("0, 1,5").unwrap();
+        assert_eq!(m.cpus(), [0, 1, 5]);
+        assert_eq!(
+            m.bytes(),
+            libc::CPU_SETSIZE as usize / 8,
+            "at least a cpu_set_t"
+        );
+        // Beyond a cpu_set_t: the mask grows to hold it.
+        let m = CpuMask::from_list("3,2000").unwrap();
+        assert_eq!(m.cpus(), [3, 2000]);
+        assert!(m.bytes() * 8 > 2000);
+        for bad in ["", "x", "1,,2", "-1", "1048576", "99999999999999999999999"] {
+            assert!(CpuMask::from_list(bad).is_none(), "{bad:?}");
+        }
+        let allowed = allowed_cpus();
+        assert!(!allowed.is_empty());
+        assert!(allowed.windows(2).all(|w| w[0] < w[1]));
+        // The current mask, applied again, is accepted (the kernel takes the longer mask).
+        let list = allowed
+            .iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        std::thread::spawn(move || {
+            let m = CpuMask::from_list(&list).unwrap();
+            m.apply().unwrap();
+            assert_eq!(allowed_cpus(), allowed);
+            let big = CpuMask::from_list(&format!("{list},4000")).unwrap();
+            big.apply()
+                .expect("bits beyond the machine's CPUs are ignored");
+            // No CPU this machine has: the kernel refuses.
+            assert!(CpuMask::from_list("4000").unwrap().apply().is_err());
+        })
+        .join()
+        .unwrap();
+    }
 
     /// The signal mask of the calling thread.
     fn mask() -> libc::sigset_t {

@@ -104,6 +104,49 @@ fn handle_wait_timeout_and_try_wait() {
 }
 
 #[test]
+fn short_timeouts_do_not_spin_the_whole_caller_budget() {
+    // A caller spin budget far longer than the timeouts: a wait or a submit with a zero or
+    // short timeout must poll, not spin the budget out (a minute here) before it answers.
+    watchdog(120, || {
+        let pool = Pool::<TestWorker>::builder()
+            .queue_size(1)
+            .caller_wait(WaitStrategy::SpinThenPark {
+                spin: Duration::from_secs(60),
+            })
+            .build()
+            .expect("build pool");
+        pool.spawn(&Spawn::ok("w")).expect("spawn");
+        let gate = gate_path("short-timeouts");
+        let h = pool
+            .submit(&Cmd::Gate(gate.to_string_lossy().into()))
+            .unwrap();
+        let t = std::time::Instant::now();
+        let h = match h.wait_timeout(Duration::ZERO) {
+            Err(WaitTimeoutError::Timeout(h)) => h,
+            other => panic!("not finished: {other:?}"),
+        };
+        let h = match h.wait_timeout(Duration::from_millis(10)) {
+            Err(WaitTimeoutError::Timeout(h)) => h,
+            other => panic!("not finished: {other:?}"),
+        };
+        // The queue's one slot is taken: a submit with a short wait times out.
+        match pool.submit_timeout(&Cmd::Echo(1), Duration::from_millis(10)) {
+            Err(SubmitError::Timeout) => {}
+            other => panic!("expected a submit timeout, got {other:?}"),
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "short timeouts took {:?}: they spun the caller's budget",
+            t.elapsed()
+        );
+        std::fs::write(&gate, b"").unwrap();
+        assert_eq!(h.wait().unwrap().value, 1);
+        assert_eq!(pool.execute(&Cmd::Echo(2)).unwrap().value, 2);
+        let _ = std::fs::remove_file(&gate);
+    });
+}
+
+#[test]
 fn execute_errors_and_panics_reach_the_caller_and_the_worker_keeps_serving() {
     watchdog(60, || {
         // Keep the worker after a panic (the default replaces it: see tests/faults.rs).

@@ -11,7 +11,7 @@ use super::arena::Block;
 use super::options::TaskOptions;
 use super::shared::Shared;
 use crate::error::SubmitError;
-use crate::ring::wait::{spin_until, wait_on};
+use crate::ring::wait::{spin_until, spin_within, wait_on};
 use crate::slot::outcome::{KIND_CANCELLED, WORD_BYTES};
 use crate::slot::{Arbiter, RawOutcome, TASK_IN_HEADER, bits};
 use crate::sys::futex_wait;
@@ -489,7 +489,8 @@ impl Shared {
     /// timeout.
     pub(crate) fn wait_done(&self, slot: u32, deadline: Option<Instant>) -> bool {
         let sh = self.slot(slot);
-        if spin_until(self.cfg.caller_wait.spin(), || sh.is_done()) {
+        let spin = spin_within(self.cfg.caller_wait.spin(), deadline);
+        if spin_until(spin, || sh.is_done()) {
             return true;
         }
         loop {

@@ -43,7 +43,7 @@ pub(crate) fn launch(
         .rev()
         .find(|(k, _)| k == crate::worker::boot::CPUS_ENV)
     {
-        Some((_, list)) => Some(crate::sys::cpu_set(list).ok_or_else(|| {
+        Some((_, list)) => Some(crate::sys::CpuMask::from_list(list).ok_or_else(|| {
             io::Error::new(io::ErrorKind::InvalidInput, format!("bad CPU set {list:?}"))
         })?),
         None => None,
@@ -72,10 +72,8 @@ pub(crate) fn launch(
             libc::close(seg);
             libc::close(notify);
             // The worker's CPU set, before its program (and any thread of it) starts.
-            if let Some(set) = &cpus {
-                if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), set) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
+            if let Some(mask) = &cpus {
+                mask.apply()?;
             }
             // Everything else the parent holds (a C host's sockets and files opened without
             // O_CLOEXEC) stays out of the worker. Close-on-exec rather than closed: std's own

@@ -209,6 +209,15 @@ pub(crate) fn spin_until(budget: Duration, mut cond: impl FnMut() -> bool) -> bo
     }
 }
 
+/// The spin budget `spin`, cut to what is left before `deadline`: a wait with a zero or short
+/// timeout is a poll, not a spin of the whole budget.
+pub(crate) fn spin_within(spin: Duration, deadline: Option<Instant>) -> Duration {
+    match deadline {
+        Some(d) => spin.min(d.saturating_duration_since(Instant::now())),
+        None => spin,
+    }
+}
+
 /// Waits until `cond` holds: bounded spin, then park on `ec` with no lost wake-ups. Returns
 /// `false` if `deadline` passed first.
 pub(crate) fn wait_on(
@@ -230,7 +239,7 @@ pub(crate) fn wait_on_marked(
     mark: Option<(&AtomicU32, u32)>,
     mut cond: impl FnMut() -> bool,
 ) -> bool {
-    if spin_until(spin, &mut cond) {
+    if spin_until(spin_within(spin, deadline), &mut cond) {
         return true;
     }
     let set = |v: u32| {
