@@ -160,20 +160,27 @@ impl<'a> MpmcRing<'a> {
     /// [`Patience`](crate::sync::Patience)). With `claim`, records the intent described in the
     /// module docs so a crash mid-pop can be repaired.
     pub(crate) fn pop(&self, claim: Option<&AtomicU64>) -> Option<u32> {
-        self.pop_inner(claim, None, || {})
+        self.pop_inner(claim, None, || {}, false)
     }
 
     /// A worker's pop: records the intent in `claim` (module docs) and stores the value it won
     /// in `current` *before* releasing the cell, so at every instant after the `head` CAS
     /// either the cell still holds the value (`repair` finds it) or `current` does. `mid` runs
     /// between the CAS and the release (a failpoint for the crash tests; a no-op otherwise).
+    ///
+    /// `None` as soon as the cell at `head` is empty for this lap, without reading `tail`: the
+    /// ring is empty, or the producer of that position is mid-push. A consumer of a shared
+    /// queue that read `tail` here would pull the line every push writes (a transfer per
+    /// task, measured on W2); so a `None` here means "nothing to take yet", and the caller
+    /// polls [`has_ready`](Self::has_ready) and asks [`is_empty`](Self::is_empty) before it
+    /// sleeps, as the worker's loop does.
     pub(crate) fn pop_tracked(
         &self,
         claim: &AtomicU64,
         current: &AtomicU32,
         mid: impl Fn(),
     ) -> Option<u32> {
-        self.pop_inner(Some(claim), Some(current), mid)
+        self.pop_inner(Some(claim), Some(current), mid, true)
     }
 
     #[inline(always)]
@@ -182,6 +189,7 @@ impl<'a> MpmcRing<'a> {
         claim: Option<&AtomicU64>,
         current: Option<&AtomicU32>,
         mid: impl Fn(),
+        empty_cell_is_none: bool,
     ) -> Option<u32> {
         let cap = self.cells.len() as u64;
         let mut patience = crate::sync::Patience::new();
@@ -226,8 +234,9 @@ impl<'a> MpmcRing<'a> {
                 }
                 continue;
             }
-            if seq == head && self.hdr.tail.load(Ordering::SeqCst) == head {
-                // Empty cell and no producer mid-push here: the ring is empty.
+            if seq == head && (empty_cell_is_none || self.hdr.tail.load(Ordering::SeqCst) == head) {
+                // Empty cell and no producer mid-push here: the ring is empty (or, for a
+                // worker's pop, the cell is not filled yet: see `pop_tracked`).
                 return None;
             }
             // A producer mid-push, a consumer of the last lap not done, or a stale `head`.

@@ -416,6 +416,34 @@ pub(crate) mod loom_tests {
         });
     }
 
+    /// A worker's pop answers `None` on a cell not yet filled (without reading `tail`); a
+    /// worker that polls again until it gets a value gets the value a concurrent producer
+    /// pushed, once, with the intent record cleared.
+    #[test]
+    fn loom_tracked_pop_polls_a_concurrent_push() {
+        model(|| {
+            let q = Arc::new(HeapMpmc::with_capacity(2));
+            let producer = {
+                let q = q.clone();
+                loom::thread::spawn(move || q.ring().push(5).unwrap())
+            };
+            let claim = AtomicU64::new(0);
+            let current = AtomicU32::new(u32::MAX);
+            let got = loop {
+                if let Some(v) = q.ring().pop_tracked(&claim, &current, || {}) {
+                    break v;
+                }
+                loom::thread::yield_now();
+            };
+            producer.join().unwrap();
+            assert_eq!(got, 5);
+            assert_eq!(current.load(Ordering::SeqCst), 5);
+            assert_eq!(claim.load(Ordering::SeqCst), 0);
+            assert!(q.ring().is_empty());
+            assert_eq!(q.ring().pop_tracked(&claim, &current, || {}), None);
+        });
+    }
+
     /// A dead consumer's stale intent (it stored `claim` for position 0 and died before its
     /// CAS) must never let the supervisor steal the value a live consumer is popping at that
     /// position: the value is delivered exactly once, to one of them.
@@ -571,8 +599,11 @@ pub(crate) mod loom_tests {
                     let (q, ec) = (q.clone(), ec.clone());
                     loom::thread::spawn(move || {
                         let r = q.ring();
+                        let (claim, current) = (AtomicU64::new(0), AtomicU32::new(u32::MAX));
                         loop {
-                            if let Some(v) = r.pop(None) {
+                            // The worker's pop: `None` on a cell not filled yet, even if a
+                            // later position is (it does not read `tail`).
+                            if let Some(v) = r.pop_tracked(&claim, &current, || {}) {
                                 return v;
                             }
                             // (The real worker's spin and pop are bounded in time; in the
