@@ -110,6 +110,21 @@ pub enum SpawnError {
         /// Spawn area size (PoolBuilder::spawn_area_bytes).
         max: usize,
     },
+    /// The spawn step's output archive is larger than the spawn area
+    /// ([`spawn_area_bytes`](crate::PoolBuilder::spawn_area_bytes)): the worker ran its spawn
+    /// step, could not report, and exited; its state is dropped with the process.
+    #[error(
+        "worker {worker}: spawn output takes {len} bytes, more than the spawn area of {max} \
+         bytes (raise PoolBuilder::spawn_area_bytes)"
+    )]
+    OutputTooLarge {
+        /// Seat index of the worker.
+        worker: usize,
+        /// The output archive's length (0 if the worker could not measure it).
+        len: usize,
+        /// Spawn area size (PoolBuilder::spawn_area_bytes, rounded up to 64).
+        max: usize,
+    },
     /// The spawn output could not be validated or decoded.
     #[error("worker {worker}: bad spawn output: {message}")]
     BadOutput {

@@ -104,6 +104,47 @@ fn handle_wait_timeout_and_try_wait() {
 }
 
 #[test]
+fn a_spawn_output_larger_than_the_spawn_area_is_a_clear_error_and_frees_the_seat() {
+    watchdog(120, || {
+        let pool = Pool::<TestWorker>::builder()
+            .max_workers(1)
+            .spawn_area_bytes(256)
+            .worker_env(SPAWN_PAD_ENV, "4000")
+            .build()
+            .unwrap();
+        for _ in 0..3 {
+            match pool.spawn(&Spawn::ok("big")) {
+                Err(SpawnError::OutputTooLarge {
+                    worker: 0,
+                    len,
+                    max,
+                }) => {
+                    assert_eq!(max, 256);
+                    assert!(len > 4000, "the archive's length: {len}");
+                }
+                other => panic!("expected OutputTooLarge, got {other:?}"),
+            }
+            // The seat is free again.
+            assert_eq!(pool.num_workers(), 0);
+            assert!(pool.worker_pids().is_empty());
+        }
+        let e = pool.spawn(&Spawn::ok("big")).unwrap_err().to_string();
+        assert!(e.contains("spawn_area_bytes"), "{e}");
+        // The same pool with room for the output (a pool of its own: the environment is the
+        // pool's) serves.
+        let roomy = Pool::<TestWorker>::builder()
+            .max_workers(1)
+            .spawn_area_bytes(8192)
+            .worker_env(SPAWN_PAD_ENV, "4000")
+            .build()
+            .unwrap();
+        let hello = roomy.spawn(&Spawn::ok("big")).unwrap();
+        assert!(hello.len() > 4000);
+        assert_eq!(roomy.execute(&Cmd::Echo(3)).unwrap().value, 3);
+    });
+}
+
+#[test]
 fn short_timeouts_do_not_spin_the_whole_caller_budget() {
     // A caller spin budget far longer than the timeouts: a wait or a submit with a zero or
     // short timeout must poll, not spin the budget out (a minute here) before it answers.

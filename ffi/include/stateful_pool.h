@@ -771,7 +771,8 @@ enum sp_status sp_pool_set_batch_policy(struct sp_pool pool_h,
  * Starts a worker process with the spawn argument bytes `args` and blocks until its spawn step
  * returned. `*out` receives the spawn output's bytes as a result handle (free it with
  * `sp_result_free`); `*worker_index`, if not NULL, the worker's seat index. Thread-safe: spawns
- * from several threads start concurrently.
+ * from several threads start concurrently. `SP_TOO_LARGE` if the arguments or the spawn output
+ * do not fit the spawn area (`spawn_area_bytes`); `SP_SPAWN_FAILED` if the spawn step failed.
  *
  * # Safety
  *

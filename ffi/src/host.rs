@@ -144,7 +144,9 @@ pub(crate) fn build_fail(e: BuildError) -> Fail {
 pub(crate) fn spawn_fail(e: SpawnError) -> Fail {
     let status = match e {
         SpawnError::Shutdown => sp_status::SP_SHUTDOWN,
-        SpawnError::ArgsTooLarge { .. } => sp_status::SP_TOO_LARGE,
+        SpawnError::ArgsTooLarge { .. } | SpawnError::OutputTooLarge { .. } => {
+            sp_status::SP_TOO_LARGE
+        }
         SpawnError::CpuNotAllowed { .. } => sp_status::SP_INVALID_ARGUMENT,
         _ => sp_status::SP_SPAWN_FAILED,
     };
@@ -358,7 +360,8 @@ pub extern "C" fn sp_pool_set_batch_policy(
 /// Starts a worker process with the spawn argument bytes `args` and blocks until its spawn step
 /// returned. `*out` receives the spawn output's bytes as a result handle (free it with
 /// `sp_result_free`); `*worker_index`, if not NULL, the worker's seat index. Thread-safe: spawns
-/// from several threads start concurrently.
+/// from several threads start concurrently. `SP_TOO_LARGE` if the arguments or the spawn output
+/// do not fit the spawn area (`spawn_area_bytes`); `SP_SPAWN_FAILED` if the spawn step failed.
 ///
 /// # Safety
 ///

@@ -32,6 +32,13 @@ unsafe extern "C-unwind" fn t_spawn(
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
     }
+    if args == b"big-output" {
+        // A spawn output larger than the test's 256-byte spawn area.
+        let big = vec![b'x'; 4096];
+        // SAFETY: a valid reply and `big.len()` readable bytes.
+        unsafe { sp_reply_write(reply, big.as_ptr(), big.len()) };
+        return SP_WORKER_OK;
+    }
     if args == b"refuse" {
         // SAFETY: a valid reply and a NUL-terminated message.
         unsafe { sp_reply_set_error(reply, c"refused to start".as_ptr()) };
@@ -580,6 +587,11 @@ fn bad_buffers_and_options_are_refused() {
                 SP_TOO_LARGE
             );
             assert_eq!(sp_pool_loan(p, 10_000, &mut l), SP_TOO_LARGE);
+            // A spawn output larger than the spawn area: too large as well, and the seat is
+            // free again.
+            let (status, message) = spawn(p, b"big-output").unwrap_err();
+            assert_eq!(status, SP_TOO_LARGE, "{message}");
+            assert!(message.contains("spawn area of 256 bytes"), "{message}");
             // Zero-length loan.
             assert_eq!(sp_pool_loan(p, 0, &mut l), SP_INVALID_ARGUMENT);
             assert_eq!(sp_loan_data(l, null_mut(), null_mut()), SP_NULL_ARGUMENT);

@@ -187,18 +187,23 @@ pub(crate) fn run<W: Worker>(mut wp: WorkerProcess) -> ! {
         // read from it were already deserialised into owned values.
         unsafe { codec::encode_into(&output, out_ptr, spawn_cap) }
     }));
-    drop(output);
     match encoded {
         Ok(Ok(n)) => ctl.spawn_out_len.store(n as u64, Ordering::Relaxed),
-        Ok(Err(EncodeError::Overflow)) => fail(
-            KIND_ERR,
-            &format!("spawn output does not fit the spawn area of {spawn_cap} bytes"),
-        ),
+        Ok(Err(EncodeError::Overflow)) => {
+            // The report is the archive's length, in decimal (the supervisor parses it into
+            // `SpawnError::OutputTooLarge`); 0 if measuring it fails.
+            let len = catch_unwind(AssertUnwindSafe(|| codec::encoded_len(&output)))
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or(0);
+            fail(KIND_TOO_LARGE, &len.to_string())
+        }
         Ok(Err(EncodeError::Failed(m))) => {
             fail(KIND_ERR, &format!("cannot serialise spawn output: {m}"))
         }
         Err(p) => fail(KIND_PANIC, &panic_message(&*p)),
     }
+    drop(output);
     // The completion ring's memory, reserved beside the spawn step: nothing is written there
     // before this succeeds (tasks come only after READY).
     if let Some(r) = ring_reservation {

@@ -168,7 +168,10 @@ impl Worker for TestWorker {
             // SAFETY: a test-owned file every process maps shared; accessed only atomically.
             Some(unsafe { memmap2::MmapMut::map_mut(&f)? })
         };
-        let hello = format!("{} ready as worker {}", args.tag, ctx.index());
+        let mut hello = format!("{} ready as worker {}", args.tag, ctx.index());
+        if let Ok(n) = std::env::var(SPAWN_PAD_ENV) {
+            hello.push_str(&"x".repeat(n.parse().unwrap_or(0)));
+        }
         Ok((
             TestWorker {
                 tag: args.tag,
@@ -308,6 +311,9 @@ impl Worker for TestWorker {
 /// its loop: retired, or at shutdown), creates `P.dropping-{index}` and waits until `P.release`
 /// exists (at most 60 s).
 pub const DROP_GATE_ENV: &str = "STATEFUL_POOL_TEST_DROP_GATE";
+
+/// Set in a worker's environment: its spawn output (the hello) gets this many bytes more.
+pub const SPAWN_PAD_ENV: &str = "STATEFUL_POOL_TEST_SPAWN_PAD";
 
 impl Drop for TestWorker {
     fn drop(&mut self) {

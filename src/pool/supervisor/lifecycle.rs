@@ -231,6 +231,11 @@ impl Sup {
                         std::io::Error::other(format!("unreadable OS error {shown:?}"))
                     }
                 });
+                // The spawn output did not fit the spawn area: the worker sent the archive's
+                // length (checked: anything else is reported as a plain failure).
+                let too_large = (kind == KIND_TOO_LARGE)
+                    .then(|| message.parse::<usize>().ok())
+                    .flatten();
                 // The worker exits right after reporting: reap it now. It never reported
                 // ready, so it holds no task, unless it broke the protocol: answer what it
                 // claimed, if anything.
@@ -252,6 +257,12 @@ impl Sup {
                                 bytes: shared.layout.result_ring_stride as u64,
                                 source,
                             }
+                        } else if let Some(len) = too_large {
+                            SpawnError::OutputTooLarge {
+                                worker,
+                                len,
+                                max: shared.layout.params.spawn_area as usize,
+                            }
                         } else if panicked {
                             // The worker's backtrace (if it sent one) stays in its stderr.
                             let (message, _) = crate::worker::main_loop::split_backtrace(message);
@@ -264,6 +275,11 @@ impl Sup {
                         let why = match no_space {
                             Some(e) => format!("cannot reserve the completion ring: {e}"),
                             None if panicked => format!("spawn step panicked: {message}"),
+                            None if too_large.is_some() => format!(
+                                "spawn output of {message} bytes does not fit the spawn area of \
+                                 {} bytes",
+                                shared.layout.params.spawn_area
+                            ),
                             None => format!("spawn step failed: {message}"),
                         };
                         self.restart_failed(seat, why);

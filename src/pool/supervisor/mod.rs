@@ -25,7 +25,7 @@ use crate::ring::mpmc::Repair;
 use crate::shm::layout::{ctl_state, hold, parked};
 use crate::slot::outcome::{
     KIND_CANCELLED, KIND_DIED, KIND_NO_SPACE, KIND_NO_WORKERS, KIND_PANIC, KIND_POISONED,
-    KIND_TIMEOUT,
+    KIND_TIMEOUT, KIND_TOO_LARGE,
 };
 use crate::slot::{RawOutcome, bits, held_by_dead_worker};
 use crate::worker::boot::Boot;
