@@ -171,6 +171,11 @@ impl Server<'_> {
                         || hdr.shutdown.load(Ordering::Acquire) != 0
                 },
             );
+            // Queued, but the cell at `head` waits for a producer mid-push (the pop answers
+            // "nothing yet" until it finishes): yield rather than loop at full speed.
+            if !ring.has_ready() {
+                std::thread::yield_now();
+            }
         }
         self.last_batch_full.set(members.len() >= max);
         let n = members.len() as u64;

@@ -298,6 +298,13 @@ pub(crate) fn run<W: Worker>(mut wp: WorkerProcess) -> ! {
                 wait_on_marked(&hdr.task_ready, Duration::ZERO, None, mark, || {
                     !ring.is_empty() || other()
                 });
+                // Something is queued but the cell at `head` is not filled yet: its producer
+                // is mid-push, perhaps preempted there. The pop answers "nothing yet" until it
+                // finishes, so give the CPU up rather than loop at full speed (with a zero
+                // spin budget nothing else in this loop yields).
+                if !ring.has_ready() && !other() {
+                    std::thread::yield_now();
+                }
             }
             ctl.idle.store(0, Ordering::Relaxed);
             if hdr.shutdown.load(Ordering::Acquire) != 0
