@@ -120,7 +120,7 @@ pub enum SpawnError {
     OutputTooLarge {
         /// Seat index of the worker.
         worker: usize,
-        /// The output archive's length (0 if the worker could not measure it).
+        /// The output archive's length (more than `max`).
         len: usize,
         /// Spawn area size (PoolBuilder::spawn_area_bytes, rounded up to 64).
         max: usize,

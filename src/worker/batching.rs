@@ -159,7 +159,7 @@ impl Server<'_> {
             }
             let slice = Duration::from_nanos(until - now).min(FILL_SLICE);
             let mark = Some((&self.ctl.parked, parked::TASK_READY));
-            wait_on_marked(
+            let woke = wait_on_marked(
                 &hdr.task_ready,
                 self.spin.min(slice),
                 Some(Instant::now() + slice),
@@ -172,8 +172,9 @@ impl Server<'_> {
                 },
             );
             // Queued, but the cell at `head` waits for a producer mid-push (the pop answers
-            // "nothing yet" until it finishes): yield rather than loop at full speed.
-            if !ring.has_ready() {
+            // "nothing yet" until it finishes): yield rather than loop at full speed. Not
+            // after a slice that timed out (nothing queued: the delay goes on, or runs out).
+            if woke && !ring.has_ready() && !ring.is_empty() {
                 std::thread::yield_now();
             }
         }

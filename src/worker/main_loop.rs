@@ -294,17 +294,24 @@ pub(crate) fn run<W: Worker>(mut wp: WorkerProcess) -> ! {
             // queued at all (`tail`): a value pushed behind a cell whose producer has not
             // finished must not leave this worker asleep, since its wake-up may have been
             // spent on a worker that found that cell still empty.
-            if !spin_until(spin, || ring.has_ready() || other()) {
+            let mut ready = false;
+            let spun = spin_until(spin, || {
+                ready = ring.has_ready();
+                ready || other()
+            });
+            if !spun {
                 wait_on_marked(&hdr.task_ready, Duration::ZERO, None, mark, || {
                     !ring.is_empty() || other()
                 });
-                // Something is queued but the cell at `head` is not filled yet: its producer
-                // is mid-push, perhaps preempted there. The pop answers "nothing yet" until it
-                // finishes, so give the CPU up rather than loop at full speed (with a zero
-                // spin budget nothing else in this loop yields).
-                if !ring.has_ready() && !other() {
-                    std::thread::yield_now();
-                }
+            }
+            // Something is queued but the cell at `head` is not filled yet: its producer is
+            // mid-push, perhaps preempted there (or a worker corrupted the cell). The pop
+            // answers "nothing yet" until it finishes, so give the CPU up rather than loop at
+            // full speed: with a zero spin budget, or with `other()` true (shutdown), nothing
+            // else in this loop yields. (Not asked when the spin saw the cell filled, the
+            // usual case; and `has_ready` first, so `tail` is read only when it is not.)
+            if !ready && !ring.has_ready() && !ring.is_empty() {
+                std::thread::yield_now();
             }
             ctl.idle.store(0, Ordering::Relaxed);
             if hdr.shutdown.load(Ordering::Acquire) != 0

@@ -232,10 +232,18 @@ impl Sup {
                     }
                 });
                 // The spawn output did not fit the spawn area: the worker sent the archive's
-                // length (checked: anything else is reported as a plain failure).
+                // length (checked: a length that would have fitted, 0 when the worker could not
+                // measure it, or anything else is reported as a plain failure).
+                let area = shared.layout.params.spawn_area as usize;
                 let too_large = (kind == KIND_TOO_LARGE)
                     .then(|| message.parse::<usize>().ok())
-                    .flatten();
+                    .flatten()
+                    .filter(|&len| len > area);
+                let message = if kind == KIND_TOO_LARGE && too_large.is_none() {
+                    format!("spawn output does not fit the spawn area of {area} bytes")
+                } else {
+                    message
+                };
                 // The worker exits right after reporting: reap it now. It never reported
                 // ready, so it holds no task, unless it broke the protocol: answer what it
                 // claimed, if anything.
@@ -261,7 +269,7 @@ impl Sup {
                             SpawnError::OutputTooLarge {
                                 worker,
                                 len,
-                                max: shared.layout.params.spawn_area as usize,
+                                max: area,
                             }
                         } else if panicked {
                             // The worker's backtrace (if it sent one) stays in its stderr.
@@ -277,8 +285,7 @@ impl Sup {
                             None if panicked => format!("spawn step panicked: {message}"),
                             None if too_large.is_some() => format!(
                                 "spawn output of {message} bytes does not fit the spawn area of \
-                                 {} bytes",
-                                shared.layout.params.spawn_area
+                                 {area} bytes"
                             ),
                             None => format!("spawn step failed: {message}"),
                         };
