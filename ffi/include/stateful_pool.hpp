@@ -126,7 +126,10 @@ struct Callbacks {
         try {
             delete static_cast<W *>(state);
         } catch (...) {
-            // A throwing destructor must not unwind into C: the worker is exiting anyway.
+            // Reached only for a destructor declared noexcept(false): it must not unwind into
+            // C (the worker is exiting anyway). A destructor is noexcept by default, and one
+            // that throws then ends the worker process through std::terminate (SIGABRT), as
+            // a Rust worker's panicking destructor ends it with exit code 1.
         }
     }
 };
