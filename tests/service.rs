@@ -985,6 +985,85 @@ fn a_closed_thread_stage_refuses_to_spawn() {
     });
 }
 
+/// Where a thread runs: its CPU affinity and the GPU ids its context was given.
+struct Placed {
+    gpus: Vec<u32>,
+}
+
+impl Worker for Placed {
+    type SpawnArgs = ();
+    type SpawnOutput = ();
+    type Task = u8;
+    type Output = (Vec<u64>, Vec<u32>);
+
+    fn spawn(_: (), ctx: &WorkerContext) -> Result<(Self, ()), BoxError> {
+        Ok((
+            Placed {
+                gpus: ctx.gpu_ids().to_vec(),
+            },
+            (),
+        ))
+    }
+
+    fn execute(&mut self, _: &u8, _: &TaskContext<'_>) -> Result<(Vec<u64>, Vec<u32>), BoxError> {
+        let cpus = common::allowed_cpus()
+            .into_iter()
+            .map(|c| c as u64)
+            .collect();
+        Ok((cpus, self.gpus.clone()))
+    }
+}
+
+/// A thread stage pins each thread to its CPU set and hands it its GPU ids; a CPU this
+/// process may not use, and the options that belong to a process, are refused.
+#[test]
+fn thread_stage_workers_run_on_their_cpus_with_their_gpu_ids() {
+    use stateful_pool::{SpawnError, SpawnOptions};
+    watchdog(60, || {
+        let allowed = common::allowed_cpus();
+        let first = allowed[0];
+        let t = Threads::<Placed>::new("placed");
+        t.spawn_with(&(), &SpawnOptions::new().cpus([first]).gpus([3, 1]))
+            .unwrap();
+        for _ in 0..4 {
+            let (cpus, gpus) = t.execute(&0).unwrap();
+            assert_eq!(
+                cpus,
+                [first as u64],
+                "the worker thread runs on its CPU only"
+            );
+            assert_eq!(gpus, [3, 1]);
+        }
+        // The calling thread is not pinned by it.
+        assert_eq!(common::allowed_cpus(), allowed);
+        match t.spawn_with(&(), &SpawnOptions::new().cpus([100_000])) {
+            Err(SpawnError::CpuNotAllowed { cpu: 100_000, .. }) => {}
+            other => panic!("expected CpuNotAllowed, got {other:?}"),
+        }
+        for opts in [
+            SpawnOptions::new().env("A", "1"),
+            SpawnOptions::new().gpus([0]).visible_devices_only(true),
+            SpawnOptions::new().cpus([first]).thread_env_from_cpus(true),
+        ] {
+            match t.spawn_with(&(), &opts) {
+                Err(SpawnError::Launch { source, .. }) => {
+                    assert_eq!(source.kind(), std::io::ErrorKind::InvalidInput);
+                    assert!(source.to_string().contains("process"), "{source}");
+                }
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+        }
+        assert_eq!(t.num_workers(), 1);
+        // An unpinned thread beside it sees the whole set.
+        let free = Threads::<Placed>::new("free");
+        free.spawn(&()).unwrap();
+        assert_eq!(
+            free.execute(&0).unwrap().0,
+            allowed.iter().map(|&c| c as u64).collect::<Vec<_>>()
+        );
+    });
+}
+
 /// A stage's `in_flight` counts the items waiting for its bound too, and its queue delay
 /// includes that wait (a thread stage's as well as a process stage's).
 #[test]

@@ -6,7 +6,7 @@ use super::stage::{Item, Meter, Stage, StageFuture, StageStats};
 use crate::codec;
 use crate::worker::main_loop::panic_message;
 use crate::worker::{BatchTask, Poisoned, TaskContext, WorkerContext};
-use crate::{SpawnError, TaskError, Worker};
+use crate::{SpawnError, SpawnOptions, TaskError, Worker};
 use futures_channel::oneshot;
 use rkyv::util::AlignedVec;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -105,6 +105,56 @@ impl<W: Worker> Threads<W> {
 
     /// Starts one worker thread with `args` and waits for its spawn step.
     pub fn spawn(&self, args: &W::SpawnArgs) -> Result<W::SpawnOutput, SpawnError> {
+        self.spawn_with(args, &SpawnOptions::default())
+    }
+
+    /// Starts one worker thread with `args` and the options that apply to a thread, and waits
+    /// for its spawn step:
+    /// - [`cpus`](SpawnOptions::cpus) pins the thread (before its spawn step, so a state
+    ///   rebuilt after [`Poisoned`] stays on them), checked as for a process: a CPU this
+    ///   process may not use fails with [`SpawnError::CpuNotAllowed`];
+    /// - [`gpus`](SpawnOptions::gpus) become its [`WorkerContext::gpu_ids`], as labels for its
+    ///   own GPU code (a thread stage creates no CUDA contexts and pins nothing).
+    ///
+    /// The environment options ([`env`](SpawnOptions::env),
+    /// [`visible_devices_only`](SpawnOptions::visible_devices_only),
+    /// [`thread_env_from_cpus`](SpawnOptions::thread_env_from_cpus)) belong to a process and
+    /// are refused ([`SpawnError::Launch`] with `InvalidInput`): use a process stage for them.
+    pub fn spawn_with(
+        &self,
+        args: &W::SpawnArgs,
+        opts: &SpawnOptions,
+    ) -> Result<W::SpawnOutput, SpawnError> {
+        let index = self.inner.seats.load(Ordering::Relaxed);
+        let refuse = |what: &str| SpawnError::Launch {
+            worker: index,
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("a thread stage cannot set {what}: it belongs to the whole process"),
+            ),
+        };
+        if !opts.env.is_empty() {
+            return Err(refuse("environment variables"));
+        }
+        if opts.visible_only {
+            return Err(refuse("CUDA_VISIBLE_DEVICES (visible_devices_only)"));
+        }
+        if opts.thread_env {
+            return Err(refuse("thread-count variables (thread_env_from_cpus)"));
+        }
+        opts.check_cpus()?;
+        let cpus = if opts.cpus.is_empty() {
+            None
+        } else {
+            let list = opts
+                .cpus
+                .iter()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(",");
+            Some(crate::sys::CpuMask::from_list(&list).ok_or_else(|| refuse_cpus(index, &list))?)
+        };
+        let gpus = opts.gpus.clone();
         if self
             .inner
             .tx
@@ -120,7 +170,7 @@ impl<W: Worker> Threads<W> {
         let inner = self.inner.clone();
         let h = std::thread::Builder::new()
             .name(format!("{}#{index}", self.name))
-            .spawn(move || serve::<W>(index, args, inner, tx))
+            .spawn(move || serve::<W>(index, args, Placement { cpus, gpus }, inner, tx))
             .map_err(|source| SpawnError::Launch {
                 worker: index,
                 source,
@@ -266,18 +316,46 @@ impl<O> Drop for Call<O> {
     }
 }
 
+/// A CPU list that names no CPU a mask can hold (only reachable with an absurd CPU number).
+fn refuse_cpus(index: usize, list: &str) -> SpawnError {
+    SpawnError::Launch {
+        worker: index,
+        source: std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("bad CPU set {list:?}"),
+        ),
+    }
+}
+
+/// Where a worker thread runs: the CPUs it is pinned to, the GPUs it is told about.
+struct Placement {
+    cpus: Option<crate::sys::CpuMask>,
+    gpus: Vec<u32>,
+}
+
 /// A worker thread: its spawn step, then tasks until the queue closes.
 fn serve<W: Worker>(
     index: usize,
     args: AlignedVec<16>,
+    placement: Placement,
     inner: Arc<Inner<W>>,
     spawned: std::sync::mpsc::Sender<Result<W::SpawnOutput, SpawnError>>,
 ) {
+    if let Some(mask) = &placement.cpus {
+        // The calling thread only (sched_setaffinity on thread id 0).
+        if let Err(source) = mask.apply() {
+            let _ = spawned.send(Err(SpawnError::Launch {
+                worker: index,
+                source,
+            }));
+            return;
+        }
+    }
     let wctx = WorkerContext {
         index,
         generation: 1,
         pid: std::process::id(),
-        gpus: Vec::new(),
+        gpus: placement.gpus,
         #[cfg(feature = "cuda")]
         cuda: Vec::new(),
         payload_pinned: false,

@@ -396,7 +396,6 @@ pub fn process_gone(pid: u32) -> bool {
     }
 }
 
-/// Polls `cond` every 5 ms until it holds or `secs` pass; returns whether it held.
 /// The CPUs this process may run on (its affinity mask), ascending.
 pub fn allowed_cpus() -> Vec<usize> {
     // SAFETY: an all-zero cpu_set_t is a valid empty set; sched_getaffinity writes into ours.
@@ -411,6 +410,7 @@ pub fn allowed_cpus() -> Vec<usize> {
     }
 }
 
+/// Polls `cond` every 5 ms until it holds or `secs` pass; returns whether it held.
 pub fn wait_until(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + Duration::from_secs(secs);
     loop {
