@@ -48,15 +48,20 @@ impl CpuMask {
     pub(crate) fn from_list(list: &str) -> Option<CpuMask> {
         let cpus = list
             .split(',')
-            .map(|p| {
-                p.trim()
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|&c| c < MASK_MAX_CPUS)
-            })
+            .map(|p| p.trim().parse::<usize>().ok())
             .collect::<Option<Vec<usize>>>()?;
-        let mut mask = CpuMask::zeroed(cpus.iter().max()? + 1);
-        for c in cpus {
+        CpuMask::from_cpus(&cpus)
+    }
+
+    /// The mask holding `cpus`; `None` if empty or beyond any mask the kernel takes (never for
+    /// CPUs that [`allowed_cpus`] returned).
+    pub(crate) fn from_cpus(cpus: &[usize]) -> Option<CpuMask> {
+        let &max = cpus.iter().max()?;
+        if max >= MASK_MAX_CPUS {
+            return None;
+        }
+        let mut mask = CpuMask::zeroed(max + 1);
+        for &c in cpus {
             mask.words[c / MASK_BITS] |= 1 << (c % MASK_BITS);
         }
         Some(mask)
@@ -414,6 +419,9 @@ mod tests {
         for bad in ["", "x", "1,,2", "-1", "1048576", "99999999999999999999999"] {
             assert!(CpuMask::from_list(bad).is_none(), "{bad:?}");
         }
+        assert_eq!(CpuMask::from_cpus(&[2000, 3]).unwrap().cpus(), [3, 2000]);
+        assert!(CpuMask::from_cpus(&[]).is_none());
+        assert!(CpuMask::from_cpus(&[1 << 20]).is_none());
         let allowed = allowed_cpus();
         assert!(!allowed.is_empty());
         assert!(allowed.windows(2).all(|w| w[0] < w[1]));

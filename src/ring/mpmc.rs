@@ -275,6 +275,15 @@ impl<'a> MpmcRing<'a> {
         self.cell(head).seq.load(Ordering::SeqCst) != head
     }
 
+    /// Whether something is queued but the cell at `head` is not filled yet (a snapshot): its
+    /// producer is mid-push, perhaps preempted there, or a consumer wrote garbage into it.
+    /// [`pop_tracked`](Self::pop_tracked) answers "nothing yet" meanwhile, so a worker that
+    /// sees this yields the CPU instead of polling at full speed. Reads `tail` only when the
+    /// cell is not ready.
+    pub(crate) fn head_unfilled(&self) -> bool {
+        !self.has_ready() && !self.is_empty()
+    }
+
     /// Number of values in the ring right now (a snapshot).
     pub(crate) fn len(&self) -> usize {
         let head = self.hdr.head.load(Ordering::SeqCst);

@@ -143,17 +143,8 @@ impl<W: Worker> Threads<W> {
             return Err(refuse("thread-count variables (thread_env_from_cpus)"));
         }
         opts.check_cpus()?;
-        let cpus = if opts.cpus.is_empty() {
-            None
-        } else {
-            let list = opts
-                .cpus
-                .iter()
-                .map(|c| c.to_string())
-                .collect::<Vec<_>>()
-                .join(",");
-            Some(crate::sys::CpuMask::from_list(&list).ok_or_else(|| refuse_cpus(index, &list))?)
-        };
+        // `None` for no pinning: the CPUs are allowed ones now, which a mask always holds.
+        let cpus = crate::sys::CpuMask::from_cpus(opts.cpu_ids());
         let gpus = opts.gpus.clone();
         if self
             .inner
@@ -313,17 +304,6 @@ impl<O> Drop for Call<O> {
     fn drop(&mut self) {
         self.state
             .fetch_or(crate::slot::bits::CANCELLED, Ordering::Relaxed);
-    }
-}
-
-/// A CPU list that names no CPU a mask can hold (only reachable with an absurd CPU number).
-fn refuse_cpus(index: usize, list: &str) -> SpawnError {
-    SpawnError::Launch {
-        worker: index,
-        source: std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!("bad CPU set {list:?}"),
-        ),
     }
 }
 

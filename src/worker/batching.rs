@@ -171,10 +171,10 @@ impl Server<'_> {
                         || hdr.shutdown.load(Ordering::Acquire) != 0
                 },
             );
-            // Queued, but the cell at `head` waits for a producer mid-push (the pop answers
-            // "nothing yet" until it finishes): yield rather than loop at full speed. Not
-            // after a slice that timed out (nothing queued: the delay goes on, or runs out).
-            if woke && !ring.has_ready() && !ring.is_empty() {
+            // Queued, but the cell at `head` is not filled yet (`head_unfilled`): yield rather
+            // than loop at full speed. Not after a slice that timed out (nothing queued: the
+            // delay goes on, or runs out).
+            if woke && ring.head_unfilled() {
                 std::thread::yield_now();
             }
         }

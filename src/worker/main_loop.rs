@@ -304,13 +304,11 @@ pub(crate) fn run<W: Worker>(mut wp: WorkerProcess) -> ! {
                     !ring.is_empty() || other()
                 });
             }
-            // Something is queued but the cell at `head` is not filled yet: its producer is
-            // mid-push, perhaps preempted there (or a worker corrupted the cell). The pop
-            // answers "nothing yet" until it finishes, so give the CPU up rather than loop at
-            // full speed: with a zero spin budget, or with `other()` true (shutdown), nothing
-            // else in this loop yields. (Not asked when the spin saw the cell filled, the
-            // usual case; and `has_ready` first, so `tail` is read only when it is not.)
-            if !ready && !ring.has_ready() && !ring.is_empty() {
+            // Queued, but the cell at `head` is not filled yet (`head_unfilled`): give the
+            // CPU up rather than loop at full speed, since with a zero spin budget, or with
+            // `other()` true (shutdown), nothing else in this loop yields. Not asked when the
+            // spin saw the cell filled, the usual case.
+            if !ready && ring.head_unfilled() {
                 std::thread::yield_now();
             }
             ctl.idle.store(0, Ordering::Relaxed);
