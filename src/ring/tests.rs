@@ -289,6 +289,93 @@ mod std_tests {
             || never.load(Ordering::SeqCst)
         ));
     }
+
+    #[test]
+    fn eventcount_sends_one_wakeup_per_waiter_not_per_notify() {
+        use super::super::wait::EventCount;
+        let ec = EventCount::new();
+        // Two waiters counted (neither sleeps: `prepare` alone counts them).
+        let (a, b) = (ec.prepare(), ec.prepare());
+        assert_eq!((ec.sleepers(), ec.pending()), (2, 0));
+        ec.notify_one();
+        assert_eq!(ec.pending(), 1, "one wake-up sent");
+        ec.notify_one();
+        assert_eq!(ec.pending(), 2, "the second waiter gets its own");
+        for _ in 0..100 {
+            ec.notify_one();
+        }
+        assert_eq!(ec.pending(), 2, "a burst sends no more than one per waiter");
+        // Leaving takes one waiter and one pending wake-up off the count each.
+        ec.cancel(a);
+        assert_eq!((ec.sleepers(), ec.pending()), (1, 1));
+        ec.cancel(b);
+        assert_eq!((ec.sleepers(), ec.pending()), (0, 0));
+        // A waiter that leaves without having been woken takes a pending wake-up meant for
+        // another: the other's next notify wakes again (an extra wake-up, never a lost one).
+        let (a, b) = (ec.prepare(), ec.prepare());
+        ec.notify_one();
+        ec.cancel(a);
+        assert_eq!((ec.sleepers(), ec.pending()), (1, 0));
+        ec.notify_one();
+        assert_eq!(ec.pending(), 1);
+        ec.cancel(b);
+        // notify_all claims a wake-up for every waiter at once.
+        let (a, b) = (ec.prepare(), ec.prepare());
+        ec.notify_all();
+        assert_eq!(ec.pending(), 2);
+        ec.notify_all();
+        assert_eq!(ec.pending(), 2);
+        ec.cancel(a);
+        ec.cancel(b);
+        // A dead sleeper's withdrawal is a leaving too, and never goes below zero.
+        let _a = ec.prepare();
+        ec.notify_one();
+        ec.withdraw_dead_sleeper();
+        ec.withdraw_dead_sleeper();
+        assert_eq!((ec.sleepers(), ec.pending()), (0, 0));
+    }
+
+    #[test]
+    fn eventcount_many_waiters_and_notifiers_lose_no_wakeup() {
+        // Waiters that each need a token, notifiers that each add one and notify once: every
+        // waiter finishes (a lost wake-up would hang a waiter; the test harness's timeout and
+        // the bounded wait below turn that into a failure).
+        use super::super::wait::{EventCount, wait_on};
+        use std::sync::atomic::AtomicU32;
+        const WAITERS: usize = 4;
+        const ROUNDS: u32 = 2_000;
+        let ec = EventCount::new();
+        let tokens = AtomicU32::new(0);
+        let take = || {
+            tokens
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| t.checked_sub(1))
+                .is_ok()
+        };
+        std::thread::scope(|s| {
+            for _ in 0..WAITERS {
+                s.spawn(|| {
+                    for _ in 0..ROUNDS {
+                        let deadline =
+                            std::time::Instant::now() + std::time::Duration::from_secs(60);
+                        assert!(
+                            wait_on(&ec, std::time::Duration::ZERO, Some(deadline), take),
+                            "a waiter was never woken for its token"
+                        );
+                    }
+                });
+            }
+            for _ in 0..2 {
+                s.spawn(|| {
+                    for _ in 0..(WAITERS as u32 * ROUNDS / 2) {
+                        tokens.fetch_add(1, Ordering::SeqCst);
+                        ec.notify_one();
+                    }
+                });
+            }
+        });
+        assert_eq!(tokens.load(Ordering::SeqCst), 0);
+        assert_eq!((ec.sleepers(), ec.pending()), (0, 0));
+    }
 }
 
 #[cfg(stateful_pool_loom)]
@@ -576,6 +663,48 @@ pub(crate) mod loom_tests {
             flag.store(true, Ordering::Relaxed);
             ec.notify_one();
             waiter.join().unwrap();
+        });
+    }
+
+    #[test]
+    fn loom_eventcount_wakes_every_waiter_that_needs_it() {
+        // Two waiters each need a token; two notifiers each add one and `notify_one`. The
+        // futex model wakes exactly one sleeper per wake-up, so a notify skipped because a
+        // wake-up looked pending when none was (a lost wake-up) is a loom deadlock.
+        let mut b = loom::model::Builder::new();
+        b.max_branches = 100_000;
+        b.preemption_bound = Some(2);
+        b.check(|| {
+            let ec = Arc::new(EventCount::new());
+            let tokens = Arc::new(AtomicU32::new(0));
+            let waiters: Vec<_> = (0..2)
+                .map(|_| {
+                    let (ec, tokens) = (ec.clone(), tokens.clone());
+                    loom::thread::spawn(move || {
+                        wait_on(&ec, std::time::Duration::ZERO, None, || {
+                            tokens
+                                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| {
+                                    t.checked_sub(1)
+                                })
+                                .is_ok()
+                        })
+                    })
+                })
+                .collect();
+            let notifier = {
+                let (ec, tokens) = (ec.clone(), tokens.clone());
+                loom::thread::spawn(move || {
+                    tokens.fetch_add(1, Ordering::SeqCst);
+                    ec.notify_one();
+                })
+            };
+            tokens.fetch_add(1, Ordering::SeqCst);
+            ec.notify_one();
+            notifier.join().unwrap();
+            for w in waiters {
+                assert!(w.join().unwrap());
+            }
+            assert_eq!(ec.sleepers(), 0);
         });
     }
 

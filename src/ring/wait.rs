@@ -3,18 +3,41 @@
 //!
 //! # Protocol
 //!
-//! A waiter announces itself (`sleepers += 1`), reads `epoch`, re-checks its condition and only
-//! then sleeps with `FUTEX_WAIT(epoch, read_value)`. A notifier first makes the condition true,
-//! then — after a `SeqCst` fence — loads `sleepers`; only if someone sleeps does it bump `epoch`
-//! and call `FUTEX_WAKE`. So a notify costs one load when nobody sleeps (no syscall on the busy
-//! path).
+//! One word counts the waiters (`sleepers`, high half) and the wake-ups sent to them that none
+//! has answered yet (`pending`, low half). A waiter reads `epoch`, announces itself
+//! (`sleepers += 1`), re-checks its condition and only then sleeps with
+//! `FUTEX_WAIT(epoch, read_value)`; when it leaves (woken, timed out, or it found its
+//! condition true) it takes itself off the count: `sleepers -= 1` and `pending -= 1` if any is
+//! pending. A notifier first makes the condition true, then — after a `SeqCst` fence — loads
+//! the word; only if more waiters are counted than wake-ups are pending does it claim one
+//! (`pending += 1`, by CAS on the word), bump `epoch` and call `FUTEX_WAKE`. Before it skips
+//! because every waiter has a wake-up pending, it re-reads the word with a
+//! read-modify-write, so that the waiter that leaves next synchronises with it. So a notify
+//! costs one load when nobody sleeps (no syscall on the busy path), and a burst of notifies
+//! while a woken waiter is still on its way out of the kernel costs one `FUTEX_WAKE`, not one
+//! per notify.
 //!
 //! *No lost wake-up (proof sketch).* The waiter does `sleepers+=1; fence; load cond`; the
-//! notifier does `store cond; fence; load sleepers`. By the `SeqCst` fences at least one side sees
+//! notifier does `store cond; fence; load word`. By the `SeqCst` fences at least one side sees
 //! the other's write (Dekker). If the waiter sees the condition it does not sleep. Otherwise the
-//! notifier sees `sleepers > 0` and bumps `epoch`: either the bump is before the waiter's
-//! `FUTEX_WAIT`, which then returns at once (`EAGAIN`, the word changed), or after it, and the
-//! `FUTEX_WAKE` wakes it. Spurious wake-ups are harmless: every caller loops on its condition.
+//! notifier sees the waiter counted.
+//! - If no wake-up is pending, it sends one: either the bump of `epoch` is before the waiter's
+//!   `FUTEX_WAIT`, which then returns at once (`EAGAIN`, the word changed), or after it, and
+//!   the `FUTEX_WAKE` wakes a sleeper. The waiter read `epoch` before it counted itself, so no
+//!   bump claimed for it can be in its key.
+//! - If every counted waiter has one pending, one of them has yet to leave the count, and every
+//!   waiter re-checks the condition after it leaves (`wait_on` does, and a worker pops until
+//!   the queue is empty before it waits again). That leaving is a CAS on the word after the
+//!   notifier's read-modify-write of it, so the re-check sees the condition.
+//!
+//! Each wake-up sent makes at least one waiter leave after it (the one woken, or one whose
+//! `FUTEX_WAIT` finds `epoch` moved), and each leaving takes one pending wake-up off the count,
+//! so `pending` never stays above the wake-ups still on their way: a leaving that was not a
+//! wake-up's answer only makes a later notify wake someone it need not have. Spurious wake-ups
+//! are harmless: every caller loops on its condition.
+//!
+//! The word lives in shared memory, where a worker can write anything into it. Nothing here
+//! loops on it without a bound: a notifier that keeps losing its CAS wakes unconditionally.
 //!
 //! # Spinning
 //!
@@ -23,20 +46,29 @@
 //! (20 µs by default) and, past its first 3 µs, yields the CPU between polls; then it
 //! parks.
 
-use crate::sync::{AtomicU32, Ordering, fence};
+use crate::sync::{AtomicU32, AtomicU64, Ordering, fence};
 use std::time::{Duration, Instant};
 
-/// A cross-process eventcount over two `u32` words (see the module docs).
+/// A cross-process eventcount over a `u32` futex word and a `u64` count (see the module docs).
 #[repr(C)]
 #[derive(Debug)]
 pub(crate) struct EventCount {
-    /// Bumped by a notifier that saw a sleeper; the futex word waiters sleep on.
+    /// Bumped by a notifier that sends a wake-up; the futex word waiters sleep on.
     epoch: AtomicU32,
-    /// Number of waiters between `prepare` and the end of `wait`/`cancel`.
-    sleepers: AtomicU32,
+    /// High 32 bits: waiters between `prepare` and the end of `wait`/`cancel`. Low 32 bits:
+    /// wake-ups sent that no waiter has answered by leaving yet (at most the waiters).
+    count: AtomicU64,
     #[cfg(stateful_pool_loom)]
     model: FutexModel,
 }
+
+/// One waiter in [`EventCount`]'s count word.
+const ONE_SLEEPER: u64 = 1 << 32;
+/// The pending wake-ups' half of the count word.
+const PENDING: u64 = u32::MAX as u64;
+/// The most CAS attempts on the count word before giving up (on an honest pool, a CAS fails
+/// only when another waiter or notifier made progress).
+const CAS_TRIES: u32 = 64;
 
 /// The key a waiter got from [`EventCount::prepare`]: the epoch it will sleep on.
 #[derive(Debug, Clone, Copy)]
@@ -47,7 +79,7 @@ impl EventCount {
     pub(crate) fn new() -> Self {
         EventCount {
             epoch: AtomicU32::new(0),
-            sleepers: AtomicU32::new(0),
+            count: AtomicU64::new(0),
             #[cfg(stateful_pool_loom)]
             model: FutexModel::default(),
         }
@@ -56,22 +88,27 @@ impl EventCount {
     /// Announces a waiter. The caller must then re-check its condition and call either
     /// [`cancel`](Self::cancel) or [`wait`](Self::wait) exactly once.
     pub(crate) fn prepare(&self) -> WaitKey {
-        self.sleepers.fetch_add(1, Ordering::SeqCst);
+        // The key first: a wake-up claimed for us once we are counted bumps `epoch` after this
+        // read, so our `FUTEX_WAIT` cannot sleep through it (it returns, and we leave,
+        // answering the wake-up). Read after the count, the key could already include the
+        // bump, and the claimed wake-up would stay pending with nobody to answer it.
+        let key = WaitKey(self.epoch.load(Ordering::SeqCst));
+        self.count.fetch_add(ONE_SLEEPER, Ordering::SeqCst);
         // SYNC POINT: pairs with the fence in `notify_*` (Dekker: our sleepers increment vs.
         // the notifier's condition store).
         fence(Ordering::SeqCst);
-        WaitKey(self.epoch.load(Ordering::SeqCst))
+        key
     }
 
     /// Withdraws a waiter that found its condition true after `prepare`.
     pub(crate) fn cancel(&self, _key: WaitKey) {
-        self.sleepers.fetch_sub(1, Ordering::SeqCst);
+        self.leave();
     }
 
     /// Sleeps until notified (or a spurious wake, or the timeout), then withdraws the waiter.
     pub(crate) fn wait(&self, key: WaitKey, timeout: Option<Duration>) {
         self.sleep(key, timeout);
-        self.sleepers.fetch_sub(1, Ordering::SeqCst);
+        self.leave();
     }
 
     /// Sleeps until notified (or a spurious wake, or the timeout) without withdrawing the
@@ -84,16 +121,41 @@ impl EventCount {
     /// knows it from the worker's `parked` word). Saturates at zero: the count lives in shared
     /// memory and is only a hint for notifiers.
     pub(crate) fn withdraw_dead_sleeper(&self) {
-        let _ = self
-            .sleepers
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        self.leave();
+    }
+
+    /// Takes one waiter off the count, and one pending wake-up if any (never more pending
+    /// wake-ups than waiters). Bounded: if the word keeps changing under it (a hostile writer),
+    /// it gives up, which leaves a count too high: that costs later notifies a wake-up each,
+    /// never loses one.
+    fn leave(&self) {
+        let mut cur = self.count.load(Ordering::SeqCst);
+        for _ in 0..CAS_TRIES {
+            let sleepers = (cur >> 32).saturating_sub(1);
+            let pending = (cur & PENDING).saturating_sub(1).min(sleepers);
+            match self.count.compare_exchange(
+                cur,
+                (sleepers << 32) | pending,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => return,
+                Err(now) => cur = now,
+            }
+        }
     }
 
     /// Number of counted sleepers (a snapshot, for tests).
     #[cfg(any(test, feature = "failpoints"))]
     #[allow(dead_code)]
     pub(crate) fn sleepers(&self) -> u32 {
-        self.sleepers.load(Ordering::SeqCst)
+        (self.count.load(Ordering::SeqCst) >> 32) as u32
+    }
+
+    /// Number of wake-ups sent and not yet answered (a snapshot, for tests).
+    #[cfg(test)]
+    pub(crate) fn pending(&self) -> u32 {
+        (self.count.load(Ordering::SeqCst) & PENDING) as u32
     }
 
     /// Wakes one sleeper, if any. Costs one load when nobody sleeps.
@@ -119,10 +181,45 @@ impl EventCount {
     fn notify(&self, n: i32) {
         // SYNC POINT: pairs with the fence in `prepare`.
         fence(Ordering::SeqCst);
-        if self.sleepers.load(Ordering::SeqCst) != 0 {
-            self.epoch.fetch_add(1, Ordering::SeqCst);
-            self.futex_wake(n);
+        let cur = self.count.load(Ordering::SeqCst);
+        if cur >> 32 != 0 {
+            self.send_wakeup(cur, n);
         }
+    }
+
+    /// With waiters counted in `cur`: claims a wake-up (one, or one per waiter for `n > 1`)
+    /// and sends it, unless every waiter already has one pending.
+    #[cold]
+    fn send_wakeup(&self, mut cur: u64, n: i32) {
+        let mut latest = false;
+        for _ in 0..CAS_TRIES {
+            let (sleepers, pending) = (cur >> 32, cur & PENDING);
+            if sleepers <= pending {
+                if latest {
+                    return;
+                }
+                // SYNC POINT: skip only on the word's latest value, read by a read-modify-write:
+                // a waiter that leaves later reads the count from this write (release sequence)
+                // and so sees the condition the caller made true when it re-checks.
+                cur = self.count.fetch_add(0, Ordering::SeqCst);
+                latest = true;
+                continue;
+            }
+            let claimed = if n == 1 { pending + 1 } else { sleepers };
+            match self.count.compare_exchange(
+                cur,
+                (sleepers << 32) | claimed,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => break,
+                Err(now) => (cur, latest) = (now, false),
+            }
+        }
+        // Claimed, or the word kept changing (a hostile writer): wake anyway, which costs a
+        // syscall and never loses a wake-up.
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.futex_wake(n);
     }
 
     #[cfg(not(stateful_pool_loom))]
@@ -262,7 +359,9 @@ pub(crate) fn wait_on_marked(
                 _ => {
                     set(0);
                     ec.cancel(key);
-                    return false;
+                    // Every waiter re-checks after it leaves the count (its leaving may have
+                    // taken a pending wake-up meant for this condition).
+                    return cond();
                 }
             },
             None => None,

@@ -26,8 +26,9 @@ use crate::sync::{AtomicU32, AtomicU64, CachePadded};
 /// "SPOOLSHM" as a little-endian u64: the first word of every segment.
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"SPOOLSHM");
 /// Protocol version; bump on any layout or protocol change (5: tiny tasks and results in the
-/// slot header words, `TASK_IN_HEADER` / `LEN_IN_HEADER`).
-pub(crate) const VERSION: u32 = 5;
+/// slot header words, `TASK_IN_HEADER` / `LEN_IN_HEADER`; 6: eventcounts count pending
+/// wake-ups beside their sleepers).
+pub(crate) const VERSION: u32 = 6;
 
 /// Sizes that define a segment's layout.
 #[repr(C)]
