@@ -23,6 +23,7 @@ pub(crate) const ENV: &str = "STATEFUL_POOL_FAILPOINTS";
 mod imp {
     use std::sync::Mutex;
     use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     struct Point {
         name: String,
@@ -31,10 +32,14 @@ mod imp {
     }
 
     static POINTS: OnceLock<Option<Mutex<Vec<Point>>>> = OnceLock::new();
+    /// Whether any failpoint is set in this process: the one load an unarmed `hit` costs (the
+    /// benchmarks are built with this feature too, so an unarmed worker must stay as fast as
+    /// a release build's).
+    static ARMED: AtomicBool = AtomicBool::new(false);
 
     /// Reads the configuration (once, at worker start-up).
     pub(crate) fn configure(generation: u32) {
-        POINTS.get_or_init(|| {
+        let points = POINTS.get_or_init(|| {
             let spec = std::env::var(super::ENV).ok()?;
             let mut v = Vec::new();
             for item in spec.split(',').filter(|s| !s.is_empty()) {
@@ -53,10 +58,20 @@ mod imp {
             }
             Some(Mutex::new(v))
         });
+        ARMED.store(points.is_some(), Ordering::Relaxed);
     }
 
     /// Dies here if the configuration says so.
+    #[inline(always)]
     pub(crate) fn hit(name: &str) {
+        if ARMED.load(Ordering::Relaxed) {
+            hit_armed(name);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn hit_armed(name: &str) {
         let Some(Some(points)) = POINTS.get() else {
             return;
         };

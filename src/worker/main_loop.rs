@@ -355,7 +355,9 @@ pub(crate) fn run<W: Worker>(mut wp: WorkerProcess) -> ! {
         };
         failpoint::hit("after_publish");
         #[cfg(feature = "failpoints")]
-        server.misbehave_after(slot, &ring);
+        if server.hostile.0 != 0 {
+            server.misbehave_after(slot, &ring);
+        }
         ctl.tasks_done.fetch_add(1, Ordering::Relaxed);
         // Order matters (see `slot::held_by_dead_worker`): the slot first, then the task id;
         // SeqCst pairs with the supervisor's `hold` handshake (it stores `hold`, then reads
@@ -799,12 +801,17 @@ impl Server<'_> {
     pub(super) fn publish(&self, t: &Task<'_>, o: RawOutcome) {
         failpoint::hit("after_result_write");
         #[cfg(feature = "failpoints")]
-        let o = self.maybe_lie(o);
+        let o = if self.hostile.0 != 0 {
+            self.maybe_lie(o)
+        } else {
+            o
+        };
         t.sh.publish(o).run(t.sh, &self.wp.header().doorbell);
     }
 
     /// Test builds: a hostile worker's lie about its outcome (`hostile::LIE`).
     #[cfg(feature = "failpoints")]
+    #[cold]
     fn maybe_lie(&self, o: RawOutcome) -> RawOutcome {
         use failpoint::hostile;
         let (mask, rng) = &self.hostile;
@@ -836,6 +843,7 @@ impl Server<'_> {
 
     /// Test builds: what a hostile worker does after a task (see `failpoint::hostile`).
     #[cfg(feature = "failpoints")]
+    #[cold]
     fn misbehave_after(&self, slot: u32, queue: &MpmcRing<'_>) {
         let t = Task {
             slot,
