@@ -336,6 +336,44 @@ mod std_tests {
     }
 
     #[test]
+    fn eventcount_notify_all_wakes_past_a_claim_its_notifier_never_sent() {
+        // A worker that rings the doorbell (`notify_all`) and is killed between its claim and
+        // its `FUTEX_WAKE` leaves a wake-up pending that nobody sends. A later `notify_all`
+        // must wake the sleeper anyway (found by review: it skipped, and the reactor slept
+        // until its own timeout).
+        use super::super::wait::{EventCount, wait_on};
+        use std::sync::atomic::AtomicBool;
+        use std::time::{Duration, Instant};
+        let ec = EventCount::new();
+        let flag = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| {
+                let t0 = Instant::now();
+                wait_on(
+                    &ec,
+                    Duration::ZERO,
+                    Some(t0 + Duration::from_secs(120)),
+                    || flag.load(Ordering::SeqCst),
+                );
+                t0.elapsed()
+            });
+            while ec.sleepers() == 0 {
+                std::thread::yield_now();
+            }
+            ec.claim_without_waking_for_tests();
+            assert_eq!((ec.sleepers(), ec.pending()), (1, 1));
+            flag.store(true, Ordering::SeqCst);
+            ec.notify_all();
+            let took = waiter.join().unwrap();
+            assert!(
+                took < Duration::from_secs(60),
+                "the waiter slept until its timeout ({took:?})"
+            );
+        });
+        assert_eq!((ec.sleepers(), ec.pending()), (0, 0));
+    }
+
+    #[test]
     fn eventcount_many_waiters_and_notifiers_lose_no_wakeup() {
         // Waiters that each need a token, notifiers that each add one and notify once: every
         // waiter finishes (a lost wake-up would hang a waiter; the test harness's timeout and
@@ -705,6 +743,61 @@ pub(crate) mod loom_tests {
                 assert!(w.join().unwrap());
             }
             assert_eq!(ec.sleepers(), 0);
+        });
+    }
+
+    #[test]
+    fn loom_eventcount_notify_all_is_not_skipped_for_a_stolen_wakeup() {
+        // A (the main thread) and B wait for "my own flag, or a shared token". N1 adds a
+        // token + notify_one. N2 takes a token if there is one (a third consumer), then sets
+        // A's flag + notify_all. B is released by A once A has finished.
+        let mut b = loom::model::Builder::new();
+        b.max_branches = 1_000_000;
+        b.preemption_bound = Some(
+            std::env::var("EC_PB")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(3),
+        );
+        b.check(|| {
+            let ec = Arc::new(EventCount::new());
+            let tokens = Arc::new(AtomicU32::new(0));
+            let flags = Arc::new([AtomicBool::new(false), AtomicBool::new(false)]);
+            fn take(t: &AtomicU32) -> bool {
+                t.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |x| x.checked_sub(1))
+                    .is_ok()
+            }
+            let bw = {
+                let (ec, tokens, flags) = (ec.clone(), tokens.clone(), flags.clone());
+                loom::thread::spawn(move || {
+                    wait_on(&ec, std::time::Duration::ZERO, None, || {
+                        flags[1].load(Ordering::SeqCst) || take(&tokens)
+                    })
+                })
+            };
+            let n1 = {
+                let (ec, tokens) = (ec.clone(), tokens.clone());
+                loom::thread::spawn(move || {
+                    tokens.fetch_add(1, Ordering::SeqCst);
+                    ec.notify_one();
+                })
+            };
+            let n2 = {
+                let (ec, tokens, flags) = (ec.clone(), tokens.clone(), flags.clone());
+                loom::thread::spawn(move || {
+                    let _ = take(&tokens);
+                    flags[0].store(true, Ordering::SeqCst);
+                    ec.notify_all();
+                })
+            };
+            assert!(wait_on(&ec, std::time::Duration::ZERO, None, || {
+                flags[0].load(Ordering::SeqCst) || take(&tokens)
+            }));
+            flags[1].store(true, Ordering::SeqCst);
+            ec.notify_all();
+            n1.join().unwrap();
+            n2.join().unwrap();
+            assert!(bw.join().unwrap());
         });
     }
 

@@ -8,36 +8,45 @@
 //! (`sleepers += 1`), re-checks its condition and only then sleeps with
 //! `FUTEX_WAIT(epoch, read_value)`; when it leaves (woken, timed out, or it found its
 //! condition true) it takes itself off the count: `sleepers -= 1` and `pending -= 1` if any is
-//! pending. A notifier first makes the condition true, then — after a `SeqCst` fence — loads
-//! the word; only if more waiters are counted than wake-ups are pending does it claim one
-//! (`pending += 1`, by CAS on the word), bump `epoch` and call `FUTEX_WAKE`. Before it skips
-//! because every waiter has a wake-up pending, it re-reads the word with a
-//! read-modify-write, so that the waiter that leaves next synchronises with it. So a notify
-//! costs one load when nobody sleeps (no syscall on the busy path), and a burst of notifies
-//! while a woken waiter is still on its way out of the kernel costs one `FUTEX_WAKE`, not one
-//! per notify.
+//! pending, then re-checks its condition. A notifier first makes the condition true, then —
+//! after a `SeqCst` fence — loads the word. If a waiter is counted, it claims a wake-up by CAS
+//! on the word (`notify_one`: `pending += 1`; `notify_all`: `pending = sleepers`), bumps
+//! `epoch` and calls `FUTEX_WAKE`. One exception: a `notify_one` that finds every counted
+//! waiter with a wake-up pending skips, after re-reading the word with a read-modify-write so
+//! that the waiter that leaves next synchronises with it. So a notify costs one load when
+//! nobody sleeps (no syscall on the busy path), and a burst of `notify_one`s while a woken
+//! worker is still on its way out of the kernel costs one `FUTEX_WAKE`, not one each.
+//!
+//! **The contract of `notify_one`:** it signals one condition shared by every waiter, which
+//! whoever wakes drains (the task queue: a worker pops until it is empty before it waits
+//! again). Conditions that differ per waiter use `notify_all` (never skipped) or
+//! `wake_all_unconditionally`. And only the parent calls `notify_one`: a notifier that dies
+//! between its claim and its `FUTEX_WAKE` leaves a claimed wake-up that nobody sends, which a
+//! `notify_one` would then skip on, while a `notify_all` does not care.
 //!
 //! *No lost wake-up (proof sketch).* The waiter does `sleepers+=1; fence; load cond`; the
 //! notifier does `store cond; fence; load word`. By the `SeqCst` fences at least one side sees
 //! the other's write (Dekker). If the waiter sees the condition it does not sleep. Otherwise the
 //! notifier sees the waiter counted.
-//! - If no wake-up is pending, it sends one: either the bump of `epoch` is before the waiter's
-//!   `FUTEX_WAIT`, which then returns at once (`EAGAIN`, the word changed), or after it, and
-//!   the `FUTEX_WAKE` wakes a sleeper. The waiter read `epoch` before it counted itself, so no
-//!   bump claimed for it can be in its key.
-//! - If every counted waiter has one pending, one of them has yet to leave the count, and every
-//!   waiter re-checks the condition after it leaves (`wait_on` does, and a worker pops until
-//!   the queue is empty before it waits again). That leaving is a CAS on the word after the
-//!   notifier's read-modify-write of it, so the re-check sees the condition.
+//! - If it sends a wake-up: either the bump of `epoch` is before the waiter's `FUTEX_WAIT`,
+//!   which then returns at once (`EAGAIN`, the word changed), or after it, and the
+//!   `FUTEX_WAKE` wakes a sleeper (`notify_all`: every sleeper). The waiter read `epoch`
+//!   before it counted itself, so no bump claimed once it was counted can be in its key.
+//! - If a `notify_one` skips, every counted waiter has a wake-up pending. Each claimed wake-up
+//!   makes at least one waiter leave after the claim (the one woken, or one whose
+//!   `FUTEX_WAIT` finds `epoch` moved; possibly a waiter counted after the claim, with a key
+//!   read before its bump), and each leaving takes one pending wake-up off the count. So some
+//!   waiter leaves after the skip: its leaving CAS reads from the skip's read-modify-write, and
+//!   its re-check sees the condition. Which waiter it is does not matter under the contract
+//!   above: the condition is shared, and it drains it.
 //!
-//! Each wake-up sent makes at least one waiter leave after it (the one woken, or one whose
-//! `FUTEX_WAIT` finds `epoch` moved), and each leaving takes one pending wake-up off the count,
-//! so `pending` never stays above the wake-ups still on their way: a leaving that was not a
-//! wake-up's answer only makes a later notify wake someone it need not have. Spurious wake-ups
-//! are harmless: every caller loops on its condition.
+//! A leaving that answers no wake-up only makes a later notify wake someone it need not have.
+//! Spurious wake-ups are harmless: every caller loops on its condition.
 //!
 //! The word lives in shared memory, where a worker can write anything into it. Nothing here
-//! loops on it without a bound: a notifier that keeps losing its CAS wakes unconditionally.
+//! loops on it without a bound: a notifier that keeps losing its CAS wakes unconditionally, and
+//! a waiter that keeps losing its leaving CAS leaves the count too high (more wake-ups later,
+//! never fewer).
 //!
 //! # Spinning
 //!
@@ -158,7 +167,15 @@ impl EventCount {
         (self.count.load(Ordering::SeqCst) & PENDING) as u32
     }
 
-    /// Wakes one sleeper, if any. Costs one load when nobody sleeps.
+    /// Tests: what a notifier killed between its claim and its `FUTEX_WAKE` leaves behind.
+    #[cfg(all(test, not(stateful_pool_loom)))]
+    pub(crate) fn claim_without_waking_for_tests(&self) {
+        self.count.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Wakes one sleeper, if any, unless every sleeper already has a wake-up on its way. Costs
+    /// one load when nobody sleeps. Only for a condition every waiter shares and whoever wakes
+    /// drains, and only from the parent (module docs, *The contract of `notify_one`*).
     pub(crate) fn notify_one(&self) {
         self.notify(1);
     }
@@ -172,7 +189,8 @@ impl EventCount {
         self.futex_wake(i32::MAX);
     }
 
-    /// Wakes every sleeper, if any. Costs one load when nobody sleeps.
+    /// Wakes every sleeper, if any (never skipped, whatever wake-ups are pending). Costs one
+    /// load when nobody sleeps.
     pub(crate) fn notify_all(&self) {
         self.notify(i32::MAX);
     }
@@ -188,13 +206,15 @@ impl EventCount {
     }
 
     /// With waiters counted in `cur`: claims a wake-up (one, or one per waiter for `n > 1`)
-    /// and sends it, unless every waiter already has one pending.
+    /// and sends it; a `notify_one` (`n == 1`) skips if every waiter already has one pending.
     #[cold]
     fn send_wakeup(&self, mut cur: u64, n: i32) {
         let mut latest = false;
         for _ in 0..CAS_TRIES {
             let (sleepers, pending) = (cur >> 32, cur & PENDING);
-            if sleepers <= pending {
+            // Only a `notify_one` may skip (see the module docs): a `notify_all` signals
+            // conditions that may differ per waiter, and every waiter counted now must see it.
+            if sleepers <= pending && n == 1 {
                 if latest {
                     return;
                 }
