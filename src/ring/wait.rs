@@ -212,9 +212,13 @@ impl EventCount {
         let mut latest = false;
         for _ in 0..CAS_TRIES {
             let (sleepers, pending) = (cur >> 32, cur & PENDING);
-            // Only a `notify_one` may skip (see the module docs): a `notify_all` signals
-            // conditions that may differ per waiter, and every waiter counted now must see it.
-            if sleepers <= pending && n == 1 {
+            if sleepers <= pending {
+                // Every waiter has a wake-up claimed. A `notify_all` sends its own anyway
+                // (conditions may differ per waiter: module docs), with nothing to claim; only
+                // a `notify_one` may skip.
+                if n != 1 {
+                    break;
+                }
                 if latest {
                     return;
                 }

@@ -851,10 +851,8 @@ impl Server<'_> {
             sh: self.slot_header(slot),
         };
         use failpoint::hostile;
+        // (Called only for a hostile worker: the caller checked the mask.)
         let (mask, rng) = &self.hostile;
-        if *mask == 0 {
-            return;
-        }
         if mask & hostile::REWRITE != 0 {
             let layout = &self.wp.layout;
             let cap = layout.params.slot_inline as usize;
