@@ -330,6 +330,29 @@ impl Drop for ThreadPool {
 
 // ---- floors: ping-pong between two processes over one shared word ----
 
+/// Runs `f` with this thread (and so every thread and process it starts meanwhile: a pool's
+/// reactor, supervisor and workers, a forked floor) allowed on one CPU only, the one it runs on;
+/// restores the thread's CPU set afterwards. Parked round trips then compare like with like: a
+/// futex wake-up that switches tasks on one CPU costs a few µs, one that must wake a halted
+/// vCPU tens of µs, and which of the two a run gets otherwise depends on where the scheduler
+/// happened to place the two sides.
+pub fn on_one_cpu<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: plain syscalls on this thread's own CPU set, through a zeroed, properly sized
+    // `cpu_set_t` on our stack.
+    unsafe {
+        let mut old: libc::cpu_set_t = std::mem::zeroed();
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        assert_eq!(libc::sched_getaffinity(0, size, &mut old), 0);
+        let cpu = libc::sched_getcpu().max(0) as usize;
+        let mut one: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut one);
+        assert_eq!(libc::sched_setaffinity(0, size, &one), 0);
+        let r = f();
+        assert_eq!(libc::sched_setaffinity(0, size, &old), 0);
+        r
+    }
+}
+
 fn futex(word: &AtomicU32, op: i32, val: u32) {
     // SAFETY: `word` is a valid aligned u32 in a MAP_SHARED mapping; no timeout pointer.
     unsafe {
@@ -367,7 +390,21 @@ fn shared_page() -> *mut libc::c_void {
 /// parent writes an odd value, the child answers with the next even one. `park`: each side
 /// sleeps on the futex (and wakes the other) instead of spinning. Each round trip's time goes
 /// into `hist` if given.
-pub fn ping_pong(iters: u64, park: bool, mut hist: Option<&mut Histogram<u64>>) -> Duration {
+pub fn ping_pong(iters: u64, park: bool, hist: Option<&mut Histogram<u64>>) -> Duration {
+    ping_pong_padded(iters, park, Duration::ZERO, hist)
+}
+
+/// [`ping_pong`], each round trip stretched to at least `pad` by spinning on the clock after the
+/// answer arrived: the spin floor made as long as the pool's round trip, so that it meets the
+/// machine's own stalls (a VM's vCPU preempted by its host, timer interrupts) as often per
+/// round trip as the pool does. Its p99 is what the environment alone does to a round trip of
+/// that length.
+pub fn ping_pong_padded(
+    iters: u64,
+    park: bool,
+    pad: Duration,
+    mut hist: Option<&mut Histogram<u64>>,
+) -> Duration {
     let p = shared_page();
     // SAFETY: page-aligned, zero-filled, lives until munmap below.
     let word = unsafe { &*(p as *const AtomicU32) };
@@ -402,13 +439,19 @@ pub fn ping_pong(iters: u64, park: bool, mut hist: Option<&mut Histogram<u64>>) 
     let mut v = 0u32;
     let start = Instant::now();
     for _ in 0..iters {
-        let t0 = hist.is_some().then(Instant::now);
+        let t0 = (hist.is_some() || !pad.is_zero()).then(Instant::now);
         word.store(v + 1, Ordering::Release);
         if park {
             futex(word, libc::FUTEX_WAKE, 1);
         }
         wait_while(word, v + 1);
         v += 2;
+        if !pad.is_zero() {
+            let t0 = t0.expect("a padded ping-pong is timed");
+            while t0.elapsed() < pad {
+                std::hint::spin_loop();
+            }
+        }
         if let (Some(h), Some(t0)) = (hist.as_deref_mut(), t0) {
             h.saturating_record(t0.elapsed().as_nanos() as u64);
         }
