@@ -788,3 +788,93 @@ fn a_worker_that_corrupts_the_shared_queue_cannot_hang_the_parent() {
         drop(pool);
     });
 }
+
+/// Runs `f` while another thread keeps zeroing the doorbell's sleeper count (what a hostile
+/// worker could do), so that no notify that trusts the count reaches the reactor.
+fn with_silenced_doorbell<R>(pool: &Pool<TestWorker>, f: impl FnOnce() -> R) -> R {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                pool.__silence_doorbell();
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        });
+        let r = f();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        r
+    })
+}
+
+/// An idle pool's reactor watches no slot and sleeps with no periodic look (no wake-ups at
+/// all); a future registered then wakes it, and completes even while a "worker" keeps the
+/// doorbell silenced (the reactor looks every second while it watches a slot).
+#[test]
+fn a_reactor_that_watches_nothing_sleeps_untimed_and_futures_still_complete() {
+    watchdog(180, || {
+        let pool = Pool::<TestWorker>::builder()
+            .max_workers(1)
+            .build()
+            .unwrap();
+        pool.spawn(&Spawn::ok("untimed")).unwrap();
+        assert_eq!(pool.execute(&Cmd::Echo(1)).unwrap().value, 1);
+        assert!(wait_until(30, || pool.__reactor_sleeps_untimed()));
+        for round in 0..10u64 {
+            let cmd = Cmd::Echo(round);
+            let fut = pool.task(&cmd).execute_async();
+            assert_eq!(futures_executor::block_on(fut).unwrap().value, round);
+            // Nothing watched any more: back to the untimed sleep.
+            assert!(
+                wait_until(30, || pool.__reactor_sleeps_untimed()),
+                "round {round}"
+            );
+        }
+        with_silenced_doorbell(&pool, || {
+            for round in 0..5u64 {
+                // A task that outlasts the registration, so its publish must wake the reactor.
+                let cmd = Cmd::SleepMs(5 + round);
+                let fut = pool.task(&cmd).execute_async();
+                assert_eq!(futures_executor::block_on(fut).unwrap().value, 0);
+                // A dropped handle: the reactor retires its slot when it completes.
+                drop(pool.submit(&Cmd::SleepMs(2)).unwrap());
+            }
+        });
+        // Every slot came back (once the reactor watches nothing, the dropped handles' slots
+        // are retired): as many tasks in flight as the queue has slots still fit.
+        assert!(wait_until(30, || pool.__reactor_sleeps_untimed()));
+        let n = pool.queue_size();
+        let handles: Vec<_> = (0..n as u64)
+            .map(|i| pool.try_submit(&Cmd::Echo(i)).unwrap())
+            .collect();
+        for (i, h) in handles.into_iter().enumerate() {
+            assert_eq!(h.wait().unwrap().value, i as u64);
+        }
+    });
+}
+
+/// A worker that needs completion-ring room while its earlier results sit uncollected asks
+/// the reactor to move them out. With the doorbell silenced and no future watched (so the
+/// reactor sleeps with no periodic look), its request still gets through, relayed by the
+/// supervisor, whose eventfd no worker can silence.
+#[test]
+fn a_request_for_ring_room_reaches_an_untimed_reactor_through_the_supervisor() {
+    watchdog(180, || {
+        let pool = Pool::<TestWorker>::builder()
+            .max_workers(1)
+            .result_ring_bytes(256 * 1024)
+            .build()
+            .unwrap();
+        pool.spawn(&Spawn::ok("relay")).unwrap();
+        assert_eq!(pool.execute(&Cmd::Echo(1)).unwrap().value, 1);
+        assert!(wait_until(30, || pool.__reactor_sleeps_untimed()));
+        with_silenced_doorbell(&pool, || {
+            // 40 results of 50 kB: far more than the ring holds, none collected until the last.
+            let handles: Vec<_> = (0..40u32)
+                .map(|i| pool.submit(&Cmd::MakeBytes(50_000 + i)).unwrap())
+                .collect();
+            for (i, h) in handles.into_iter().enumerate().rev() {
+                assert_eq!(h.wait().unwrap().bytes.len(), 50_000 + i);
+            }
+        });
+    });
+}

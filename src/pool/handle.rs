@@ -196,13 +196,21 @@ impl<T: Message> TaskHandle<T> {
     fn take(&mut self) -> Result<T, TaskError> {
         debug_assert!(!self.taken);
         self.taken = true;
-        let r = self.shared.with_result(self.slot, |bytes| {
+        self.shared.take_result(self.slot)
+    }
+}
+
+impl Shared {
+    /// Decodes the outcome of the finished task in `slot` and retires the slot: what
+    /// collecting a handle does, also called by `execute` for the handle it never builds.
+    pub(crate) fn take_result<T: Message>(&self, slot: u32) -> Result<T, TaskError> {
+        let r = self.with_result(slot, |bytes| {
             codec::decode::<T>(bytes?).map_err(|message| TaskError::BadResult {
-                worker: self.shared.slot(self.slot).outcome().worker as usize,
+                worker: self.slot(slot).outcome().worker as usize,
                 message,
             })
         });
-        self.shared.retire(self.slot);
+        self.retire(slot);
         r
     }
 }

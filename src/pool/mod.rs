@@ -552,6 +552,24 @@ impl<W: Worker> Pool<W> {
         (h.task_ready.sleepers(), h.space.sleepers())
     }
 
+    /// Test hook (feature `failpoints`, not an API): whether the reactor sleeps with no
+    /// periodic look (it watches no slot), counted on the doorbell.
+    #[cfg(feature = "failpoints")]
+    #[doc(hidden)]
+    pub fn __reactor_sleeps_untimed(&self) -> bool {
+        self.shared.reactor_untimed.load(Ordering::SeqCst)
+            && self.shared.header().doorbell.sleepers() == 1
+    }
+
+    /// Test hook (feature `failpoints`, not an API): zeroes the doorbell's sleeper count, as a
+    /// hostile worker could, so that no worker's publish or request for room wakes the
+    /// reactor through it.
+    #[cfg(feature = "failpoints")]
+    #[doc(hidden)]
+    pub fn __silence_doorbell(&self) {
+        self.shared.header().doorbell.zero_count_for_tests();
+    }
+
     /// Test hook (feature `failpoints`, not an API): bytes of memory the segment holds now,
     /// and the size of one seat's completion ring.
     #[cfg(feature = "failpoints")]

@@ -91,6 +91,9 @@ pub(crate) struct Shared {
     pub(super) slot_waiters: Mutex<Vec<Waker>>,
     pub(super) slot_waiters_n: AtomicUsize,
     pub(crate) reactor_stop: AtomicBool,
+    /// The reactor sleeps with no periodic look (it watches nothing): whoever gives it a slot
+    /// to watch must wake it (`reactor.rs`).
+    pub(crate) reactor_untimed: AtomicBool,
     pub(crate) seats: Mutex<Vec<Seat>>,
     /// Seats taken (serving, starting, or waiting to restart), kept beside `seats` so that a
     /// submit can tell "no worker and none coming" without the lock.
@@ -153,6 +156,7 @@ impl Shared {
             slot_waiters: Mutex::new(Vec::new()),
             slot_waiters_n: AtomicUsize::new(0),
             reactor_stop: AtomicBool::new(false),
+            reactor_untimed: AtomicBool::new(false),
             seats: Mutex::new((0..seats).map(|_| Seat::default()).collect()),
             seats_in_use: AtomicUsize::new(0),
             id: NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed),

@@ -524,7 +524,9 @@ impl Shared {
                 _ => *w = Some(waker.clone()),
             }
         }
-        meta.arb.watch(self.slot(slot), task_id)
+        let done = meta.arb.watch(self.slot(slot), task_id);
+        self.reactor_watch_started();
+        done
     }
 
     /// Marks the task in `slot` cancelled while its handle lives on: a worker that pops it
@@ -542,6 +544,8 @@ impl Shared {
         meta.waker.lock().unwrap_or_else(|e| e.into_inner()).take();
         if meta.arb.detach(self.slot(slot), task_id) {
             self.retire(slot);
+        } else {
+            self.reactor_watch_started();
         }
     }
 

@@ -212,7 +212,21 @@ impl<'p, 'a, W: Worker, A: ?Sized + ArchivesAs<W::Task>, P: Payload> Submit<'p, 
 
     /// Runs the task and blocks for its result.
     pub fn execute(self) -> Result<W::Output, TaskError> {
-        self.submit().map_err(Into::<TaskError>::into)?.wait()
+        // What `submit()?.wait()` does, without the handle: the caller blocks right here until
+        // the task finishes, so nothing can drop or cancel it in between, and the pool's
+        // reference count is left alone (two atomic read-modify-writes per task).
+        let pool = self.pool;
+        let mut payload = self.payload.into_loan();
+        let (slot, _) = pool
+            .send(
+                &self.task.enc(),
+                &mut payload,
+                Block::Until(None),
+                self.opts,
+            )
+            .map_err(|e| Into::<TaskError>::into(P::refused(e, payload)))?;
+        pool.shared.wait_done(slot, None);
+        pool.shared.take_result(slot)
     }
 
     /// Runs the task and resolves to its result, without blocking the thread.

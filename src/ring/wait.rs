@@ -167,6 +167,13 @@ impl EventCount {
         (self.count.load(Ordering::SeqCst) & PENDING) as u32
     }
 
+    /// Tests: what a hostile worker can do to the count (it lives in shared memory): zero it,
+    /// so that notifiers that trust it wake nobody.
+    #[cfg(all(feature = "failpoints", not(stateful_pool_loom)))]
+    pub(crate) fn zero_count_for_tests(&self) {
+        self.count.store(0, Ordering::SeqCst);
+    }
+
     /// Tests: what a notifier killed between its claim and its `FUTEX_WAKE` leaves behind.
     #[cfg(all(test, not(stateful_pool_loom)))]
     pub(crate) fn claim_without_waking_for_tests(&self) {

@@ -299,9 +299,10 @@ impl Arbiter {
         self.interest.swap(0, Ordering::SeqCst) != 0
     }
 
-    /// Whether the reactor has anything to look at here (a cheap pre-check for its scan).
-    pub(crate) fn watched(&self) -> bool {
-        self.interest.load(Ordering::Relaxed) != 0
+    /// Whether the reactor has anything to look at here: `Relaxed` for a cheap pre-check in
+    /// its scan, `SeqCst` where the answer decides whether it may sleep with no timer.
+    pub(crate) fn watched(&self, order: Ordering) -> bool {
+        self.interest.load(order) != 0
     }
 }
 
