@@ -565,7 +565,13 @@ impl Shared {
             let ok = o.kind == crate::slot::outcome::KIND_OK;
             crate::telemetry::task_done(meta.task_id(), o.worker, micros, ok);
         }
-        if meta.timeout_ns.swap(0, Ordering::Relaxed) != 0 {
+        // Loads first, and a store only where there is something to reset: these words are
+        // written only by the submit that filled the slot and by this retirement (exactly once
+        // per task), so nothing can change them in between. A swap each would be a locked
+        // instruction that waits for every store before it to leave the core (four of them
+        // were ≈ 4 % of W2's caller time).
+        if meta.timeout_ns.load(Ordering::Relaxed) != 0 {
+            meta.timeout_ns.store(0, Ordering::Relaxed);
             self.timed_in_flight.fetch_sub(1, Ordering::SeqCst);
         }
         // A waker is only ever stored together with the reactor's interest (and the reactor
@@ -574,8 +580,9 @@ impl Shared {
             meta.waker.lock().unwrap_or_else(|e| e.into_inner()).take();
         }
         for blk in [&meta.task_blk, &meta.pay_blk] {
-            let len = blk.1.swap(0, Ordering::Relaxed);
+            let len = blk.1.load(Ordering::Relaxed);
             if len != 0 {
+                blk.1.store(0, Ordering::Relaxed);
                 self.arena.free(blk.0.load(Ordering::Relaxed), len);
             }
         }

@@ -296,6 +296,13 @@ impl Arbiter {
     /// waker may be stored and must be dropped). `detached` needs no reset: every arbiter
     /// compare-exchanges it from a specific task id, and ids are never reused.
     pub(crate) fn clear(&self) -> bool {
+        // Nothing to clear (the common case: a synchronous caller, or the reactor took the
+        // interest already): one load, no locked instruction. Only this slot's handle sets an
+        // interest, and it is the one retiring (or handed the retirement to the reactor, which
+        // cleared the interest first), so a zero cannot turn into an interest meanwhile.
+        if self.interest.load(Ordering::SeqCst) == 0 {
+            return false;
+        }
         self.interest.swap(0, Ordering::SeqCst) != 0
     }
 
