@@ -553,21 +553,21 @@ impl<W: Worker> Pool<W> {
     }
 
     /// Test hook (feature `failpoints`, not an API): whether the reactor sleeps with no
-    /// periodic look (it watches no slot), counted on the doorbell.
+    /// periodic look (nothing in flight when it last looked, and no submit since).
     #[cfg(feature = "failpoints")]
     #[doc(hidden)]
     pub fn __reactor_sleeps_untimed(&self) -> bool {
         self.shared.reactor_untimed.load(Ordering::SeqCst)
-            && self.shared.header().doorbell.sleepers() == 1
     }
 
-    /// Test hook (feature `failpoints`, not an API): zeroes the doorbell's sleeper count, as a
-    /// hostile worker could, so that no worker's publish or request for room wakes the
-    /// reactor through it.
+    /// Test hook (feature `failpoints`, not an API): what a hostile worker can do to the
+    /// doorbell: zero its sleeper count (no publish or request for room wakes the reactor
+    /// through it) and put its futex word back to `epoch` (a sleep on it misses wake-ups).
+    /// Returns the word's value before.
     #[cfg(feature = "failpoints")]
     #[doc(hidden)]
-    pub fn __silence_doorbell(&self) {
-        self.shared.header().doorbell.zero_count_for_tests();
+    pub fn __tamper_with_doorbell(&self, epoch: Option<u32>) -> u32 {
+        self.shared.header().doorbell.tamper_for_tests(epoch)
     }
 
     /// Test hook (feature `failpoints`, not an API): bytes of memory the segment holds now,
@@ -815,6 +815,8 @@ impl<W: Worker> Pool<W> {
         shared.reactor_stop.store(true, Ordering::SeqCst);
         // Unconditionally: the sleeper count is in shared memory, a worker may have zeroed it.
         shared.header().doorbell.wake_all_unconditionally();
+        // And out of its idle sleep, on the parent-local bell.
+        shared.ring_reactor_bell();
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
         for t in threads {
             let _ = t.join();

@@ -3,17 +3,21 @@
 //! (`results`, *Evacuation*). It parks on the segment's `doorbell`, which is rung only when a
 //! slot it watches completes or a worker asks for room.
 //!
-//! The doorbell's sleeper count lives in shared memory, where a worker could zero it so that
-//! its publish rings nobody; so while the reactor watches a slot it also looks every
-//! [`REACTOR_LOOK`] on its own. While it watches nothing, there is nothing such a look could
-//! rescue (a worker that withholds its own request for ring room only delays its own results,
-//! as a worker that never answers does), so it sleeps with no timer at all: an idle pool's
-//! parent then takes no wake-ups (a 1 s look cost ≈ 0.02 % of a core on a VM, where each
-//! wake-up of a halted vCPU is charged ≈ 100–200 µs). Whoever gives it a slot to watch
-//! ([`Shared::reactor_watch_started`]) wakes it out of that sleep. The two sides form a
-//! Dekker pair (SeqCst): the reactor raises `reactor_untimed`, then looks for watched slots
-//! again; a watcher stores its interest, then reads the flag. So either the reactor's second
-//! look sees the interest, or the watcher sees the flag and wakes it.
+//! The doorbell's sleeper count and futex word live in shared memory, where a worker could
+//! zero the count (so that its publish rings nobody) or put the word back after a wake-up (so
+//! that a sleep on it misses the wake-up). So while anything is in flight (a task submitted
+//! and not retired, a submit under way, a worker asking for room) the reactor also looks every
+//! [`REACTOR_LOOK`] on its own. With nothing in flight it has nothing to do: no future can be
+//! waiting, no handle dropped, no result sits in a ring. Then it sleeps with no timer, on a
+//! parent-local futex word (`reactor_bell`) no worker can reach, so an idle pool's parent takes
+//! no wake-ups at all (a 1 s look cost ≈ 0.02 % of a core on a VM, which charges each wake-up of
+//! a halted vCPU 100–200 µs). The next submit wakes it ([`Shared::reactor_wake_if_idle`]), and
+//! so does stopping the pool. The submit and the reactor form a Dekker pair (SeqCst): the
+//! reactor raises `reactor_untimed`, then looks for anything in flight (`active_submits`, then
+//! each slot's `in_use`); a submit increments `active_submits`, then reads the flag. So either
+//! the reactor sees the submit (or the slot it took: `in_use` is stored before the submit's
+//! decrement, which the reactor's load reads from), or the submit sees the flag and rings the
+//! bell, taking the flag down itself.
 
 use super::shared::Shared;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -44,28 +48,37 @@ impl Shared {
         did | self.evacuate()
     }
 
-    /// Whether the reactor watches any slot (SeqCst loads: the reactor's half of the Dekker
-    /// pair in the module docs).
-    fn reactor_watching(&self) -> bool {
-        self.meta.iter().any(|m| m.arb.watched(Ordering::SeqCst))
+    /// Whether anything is in flight, so that the reactor must keep looking every
+    /// [`REACTOR_LOOK`]: a submit under way, a slot taken and not retired, a watched slot, a
+    /// worker asking for room. The reactor's half of the Dekker pair in the module docs (the
+    /// SeqCst load of `active_submits` first).
+    fn reactor_has_work(&self) -> bool {
+        if self.active_submits.load(Ordering::SeqCst) != 0 {
+            return true;
+        }
+        // Relaxed: a slot's `in_use` is stored before its submit's SeqCst decrement of
+        // `active_submits`, which the load above read from (or from a later value).
+        self.meta
+            .iter()
+            .any(|m| m.in_use.load(Ordering::Relaxed) || m.arb.watched(Ordering::SeqCst))
+            || (0..self.n_seats()).any(|s| self.ctl(s).wants_space.load(Ordering::SeqCst) != 0)
     }
 
-    /// The supervisor's relay for workers waiting for completion-ring room: if any asks,
-    /// wakes the reactor whatever the doorbell's sleeper count says (a worker repeats its
-    /// request through the supervisor's eventfd when the doorbell alone did not get it room).
-    pub(crate) fn relay_space_requests(&self) {
-        if (0..self.n_seats()).any(|s| self.ctl(s).wants_space.load(Ordering::SeqCst) != 0) {
-            self.header().doorbell.wake_all_unconditionally();
+    /// A submit begins (after its SeqCst increment of `active_submits`): wakes the reactor if
+    /// it sleeps with no periodic look. One load while the reactor is awake or looking; the
+    /// submit that finds the flag up takes it down and rings the bell.
+    pub(crate) fn reactor_wake_if_idle(&self) {
+        if self.reactor_untimed.load(Ordering::SeqCst)
+            && self.reactor_untimed.swap(false, Ordering::SeqCst)
+        {
+            self.ring_reactor_bell();
         }
     }
 
-    /// A slot's interest was just stored (a future waits on it, or its handle was dropped):
-    /// wakes the reactor if it sleeps with no periodic look. The watcher's half of the Dekker
-    /// pair in the module docs; one load when the reactor is already watching something.
-    pub(crate) fn reactor_watch_started(&self) {
-        if self.reactor_untimed.load(Ordering::SeqCst) {
-            self.header().doorbell.wake_all_unconditionally();
-        }
+    /// Wakes the reactor out of its idle sleep (parent-local word: no worker can undo it).
+    pub(crate) fn ring_reactor_bell(&self) {
+        self.reactor_bell.fetch_add(1, Ordering::SeqCst);
+        crate::sys::futex_wake(&self.reactor_bell, 1);
     }
 }
 
@@ -102,23 +115,25 @@ fn run(shared: &Shared) {
             hdr.doorbell.cancel(key);
             continue;
         }
-        if shared.reactor_watching() {
+        if shared.reactor_has_work() {
             // Bounded: the doorbell lives in shared memory, and a worker could zero its
-            // sleeper count so that no notify wakes us; a periodic look keeps futures and
-            // retirements moving.
+            // sleeper count so that no notify wakes us; a periodic look keeps futures,
+            // retirements and evacuations moving.
             hdr.doorbell.wait(key, Some(REACTOR_LOOK));
             continue;
         }
-        // Nothing watched: no timer (module docs). Flag first, then look again, so that an
-        // interest stored before the flag went up is seen here and one stored after it wakes
-        // us (through the key taken above, a wake-up after `prepare` ends the sleep at once).
+        hdr.doorbell.cancel(key);
+        // Nothing in flight: sleep on the parent-local bell with no timer (module docs). The
+        // bell's value first, then the flag, then one more look, so that a submit (or a stop)
+        // that the look misses finds the flag up and rings after our read of the bell, which
+        // ends the sleep at once.
+        let bell = shared.reactor_bell.load(Ordering::SeqCst);
         shared.reactor_untimed.store(true, Ordering::SeqCst);
-        if shared.reactor_watching() {
+        if shared.reactor_has_work() || shared.reactor_stop.load(Ordering::SeqCst) {
             shared.reactor_untimed.store(false, Ordering::SeqCst);
-            hdr.doorbell.cancel(key);
             continue;
         }
-        hdr.doorbell.wait(key, None);
+        crate::sys::futex_wait(&shared.reactor_bell, bell, None);
         shared.reactor_untimed.store(false, Ordering::SeqCst);
     }
 }

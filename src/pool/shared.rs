@@ -16,7 +16,7 @@ use crate::shm::segment::Segment;
 use crate::slot::SlotHeader;
 use crate::worker::boot::RingReserve;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::task::Waker;
 
@@ -91,9 +91,11 @@ pub(crate) struct Shared {
     pub(super) slot_waiters: Mutex<Vec<Waker>>,
     pub(super) slot_waiters_n: AtomicUsize,
     pub(crate) reactor_stop: AtomicBool,
-    /// The reactor sleeps with no periodic look (it watches nothing): whoever gives it a slot
-    /// to watch must wake it (`reactor.rs`).
+    /// The reactor sleeps on `reactor_bell` with no periodic look (nothing is in flight): the
+    /// next submit must wake it (`reactor.rs`).
     pub(crate) reactor_untimed: AtomicBool,
+    /// The futex word of the reactor's idle sleep: parent-local, so no worker can touch it.
+    pub(crate) reactor_bell: AtomicU32,
     pub(crate) seats: Mutex<Vec<Seat>>,
     /// Seats taken (serving, starting, or waiting to restart), kept beside `seats` so that a
     /// submit can tell "no worker and none coming" without the lock.
@@ -157,6 +159,7 @@ impl Shared {
             slot_waiters_n: AtomicUsize::new(0),
             reactor_stop: AtomicBool::new(false),
             reactor_untimed: AtomicBool::new(false),
+            reactor_bell: AtomicU32::new(0),
             seats: Mutex::new((0..seats).map(|_| Seat::default()).collect()),
             seats_in_use: AtomicUsize::new(0),
             id: NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed),

@@ -49,10 +49,11 @@ pub(crate) struct SlotMeta {
     pub(super) waker: Mutex<Option<Waker>>,
     /// Handle vs reactor: who retires the slot.
     pub(super) arb: Arbiter,
-    /// Taken from the free list and not yet returned. Read only by shutdown's cancel pass, which
+    /// Taken from the free list and not yet returned. Read by shutdown's cancel pass, which
     /// runs after `quiesce_submits` (SeqCst on `active_submits`) has ordered every submit's
-    /// store before it, so the stores can be Relaxed.
-    in_use: AtomicBool,
+    /// store before it, and by the reactor before it sleeps with no timer, after the same
+    /// SeqCst load (`reactor.rs`); so the stores can be Relaxed.
+    pub(super) in_use: AtomicBool,
     /// The task's execution time limit in nanoseconds (0: none); read by the supervisor.
     pub(crate) timeout_ns: AtomicU64,
     /// How many more times the task may be re-run if its worker dies.
@@ -167,6 +168,7 @@ impl Shared {
         opts: TaskOptions,
     ) -> Result<(u32, u64), SubmitError> {
         self.active_submits.fetch_add(1, Ordering::SeqCst);
+        self.reactor_wake_if_idle();
         let r = self.submit_inner(TaskSrc::Encode(task), payload, block, opts);
         self.active_submits.fetch_sub(1, Ordering::SeqCst);
         r
@@ -182,6 +184,7 @@ impl Shared {
         opts: TaskOptions,
     ) -> Result<(u32, u64), SubmitError> {
         self.active_submits.fetch_add(1, Ordering::SeqCst);
+        self.reactor_wake_if_idle();
         let r = self.submit_inner::<()>(TaskSrc::Placed(placed), None, block, opts);
         self.active_submits.fetch_sub(1, Ordering::SeqCst);
         r
@@ -524,9 +527,7 @@ impl Shared {
                 _ => *w = Some(waker.clone()),
             }
         }
-        let done = meta.arb.watch(self.slot(slot), task_id);
-        self.reactor_watch_started();
-        done
+        meta.arb.watch(self.slot(slot), task_id)
     }
 
     /// Marks the task in `slot` cancelled while its handle lives on: a worker that pops it
@@ -544,8 +545,6 @@ impl Shared {
         meta.waker.lock().unwrap_or_else(|e| e.into_inner()).take();
         if meta.arb.detach(self.slot(slot), task_id) {
             self.retire(slot);
-        } else {
-            self.reactor_watch_started();
         }
     }
 

@@ -167,11 +167,17 @@ impl EventCount {
         (self.count.load(Ordering::SeqCst) & PENDING) as u32
     }
 
-    /// Tests: what a hostile worker can do to the count (it lives in shared memory): zero it,
-    /// so that notifiers that trust it wake nobody.
+    /// Tests: what a hostile worker can do (both words live in shared memory): zero the count,
+    /// so that notifiers that trust it wake nobody, and put the futex word back to `epoch`, so
+    /// that a sleeper whose key is that value misses the wake-ups sent since. Returns the
+    /// futex word before.
     #[cfg(all(feature = "failpoints", not(stateful_pool_loom)))]
-    pub(crate) fn zero_count_for_tests(&self) {
+    pub(crate) fn tamper_for_tests(&self, epoch: Option<u32>) -> u32 {
         self.count.store(0, Ordering::SeqCst);
+        match epoch {
+            Some(e) => self.epoch.swap(e, Ordering::SeqCst),
+            None => self.epoch.load(Ordering::SeqCst),
+        }
     }
 
     /// Tests: what a notifier killed between its claim and its `FUTEX_WAKE` leaves behind.

@@ -624,17 +624,9 @@ impl Server<'_> {
             Ok(None) => {}
             Err(()) => return None,
         }
-        let mut waited = false;
         loop {
             self.ctl.wants_space.store(1, Ordering::SeqCst);
             hdr.doorbell.notify_all();
-            if std::mem::replace(&mut waited, true) {
-                // Still no room after a wait: ask through the supervisor as well, whose
-                // eventfd no worker can silence. It wakes the reactor whatever the doorbell's
-                // sleeper count says (another worker may have zeroed it, and a reactor that
-                // watches no slot sleeps with no periodic look: `pool/reactor.rs`).
-                self.wp.notify_parent();
-            }
             let mut got = None;
             let mark = Some((&self.ctl.parked, parked::SPACE));
             // Bounded: the reactor clears `wants_space` after each pass; if that pass could not
