@@ -74,7 +74,7 @@ fn builder() -> stateful_pool::PoolBuilder<Prober> {
 }
 
 #[test]
-fn programs_a_worker_starts_inherit_neither_the_segment_nor_the_eventfd() {
+fn programs_a_worker_starts_inherit_neither_the_segment_nor_the_wake_line() {
     watchdog(120, || {
         let pool = builder().build().unwrap();
         pool.spawn(&1).unwrap();
@@ -85,7 +85,7 @@ fn programs_a_worker_starts_inherit_neither_the_segment_nor_the_eventfd() {
             "the worker holds the memfd:\n{own}"
         );
         // A program it starts (through std's Command, like user code would) sees neither the
-        // memfd nor the supervisor's eventfd.
+        // memfd nor the supervisor's wake line.
         let child = pool
             .execute(&Probe::Shell("ls -l /proc/$$/fd".into()))
             .unwrap();
@@ -98,8 +98,13 @@ fn programs_a_worker_starts_inherit_neither_the_segment_nor_the_eventfd() {
             "the child inherited the memfd:\n{child}"
         );
         assert!(
-            !child.contains("eventfd"),
-            "the child inherited fd 4:\n{child}"
+            !child.contains("eventfd") && !child.contains("socket:"),
+            "the child inherited fd 4 (the supervisor's wake line):\n{child}"
+        );
+        // The worker holds the wake line's sending end itself (it signals the supervisor).
+        assert!(
+            own.contains("socket:"),
+            "the worker has no wake line:\n{own}"
         );
     });
 }

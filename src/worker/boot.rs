@@ -31,8 +31,9 @@ pub(crate) const GPUS_ENV: &str = "STATEFUL_POOL_GPUS";
 pub(crate) const CPUS_ENV: &str = "STATEFUL_POOL_CPUS";
 /// The fd number the segment arrives on.
 pub(crate) const SEGMENT_FD: i32 = 3;
-/// The fd number of the parent supervisor's eventfd: the worker writes to it after reporting
-/// its spawn step's outcome (ready or failed), which wakes the supervisor's `poll`.
+/// The fd number of the sending end of the parent supervisor's wake line: the worker signals
+/// on it after reporting its spawn step's outcome (ready or failed), which wakes the
+/// supervisor's `poll`.
 pub(crate) const NOTIFY_FD: i32 = 4;
 
 /// The boot string's format, after the protocol version (`v{VERSION}.{BOOT_FORMAT}:…`).
@@ -307,7 +308,7 @@ impl WorkerProcess {
     /// Wakes the parent's supervisor (after a spawn-step report).
     pub(crate) fn notify_parent(&self) {
         if let Some(fd) = &self.notify {
-            crate::sys::eventfd_signal(fd.as_fd());
+            crate::sys::wake_line_signal(fd.as_fd());
         }
     }
 }

@@ -122,7 +122,7 @@ impl Sup {
         match launch(
             &self.program,
             shared.seg.fd(),
-            shared.wake.as_fd(),
+            shared.wake_tx.as_fd(),
             &boot,
             &s.env,
         ) {

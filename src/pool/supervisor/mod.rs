@@ -1,7 +1,8 @@
 //! The supervisor: the one long-lived parent thread that owns every worker process (it must be
 //! one thread: a child's `PR_SET_PDEATHSIG` fires when the thread that forked it exits). It
 //! sleeps in `poll` on one pidfd per worker process (readable when the process exits: the
-//! kernel tells us, no polling) and on an eventfd that the pool and workers write to wake it.
+//! kernel tells us, no polling) and on its wake line (`sys::wake_line`), which the pool and
+//! workers signal to wake it.
 //!
 //! - [`lifecycle`]: launching workers, their start-up reports, restarts under the policy, and
 //!   the "no workers left" state;
@@ -243,7 +244,7 @@ impl Sup {
     fn run(&mut self, rx: &Receiver<SupMsg>) {
         let sup = self;
         loop {
-            crate::sys::eventfd_drain(sup.shared.wake.as_fd());
+            crate::sys::wake_line_drain(sup.shared.wake.as_fd());
             loop {
                 match rx.try_recv() {
                     Ok(m) => sup.on_message(m),
