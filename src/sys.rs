@@ -1,9 +1,9 @@
 //! Thin wrappers over the Linux system calls the parent and the workers share: futex wait/wake
-//! on a shared (not process-private) word, memfd creation and sealing, wake lines, pidfds,
+//! on a shared (not process-private) word, memfd creation and sealing, eventfds, notify lines, pidfds,
 //! `poll`, signal dispositions.
 //!
 //! Calls whose failure the caller acts on return `io::Result` built from `errno`. Wake-ups and
-//! waits (futex, wake line) return nothing: a failed wake or a spurious return is harmless, since
+//! waits (futex, eventfd) return nothing: a failed wake or a spurious return is harmless, since
 //! every waiter re-checks its condition. Code that runs between `fork` and `exec`
 //! (`process`), the worker's boot checks (`worker::boot`) and the test failpoints call `libc`
 //! directly, where a wrapper would hide what is async-signal-safe.
@@ -275,16 +275,40 @@ pub(crate) fn spawn_signals_blocked<T: Send + 'static>(
     spawned
 }
 
-/// Creates the supervisor's wake-up line: a pair of connected datagram sockets, close-on-exec.
-/// The first end is the supervisor's alone (it polls it and drains it); the second is for
-/// whoever wakes it (the pool's threads, and every worker as its fd 4).
+/// Creates a non-blocking, close-on-exec eventfd (the supervisor's wake-up line for the pool's
+/// own threads; never handed to a worker).
+pub(crate) fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd takes an initial value and flags; no pointers.
+    let raw = check(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
+    // SAFETY: `raw` is a freshly created fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Adds 1 to an eventfd's counter (wakes whoever polls it). Never blocks (the fd is ours and
+/// non-blocking); a full counter (EAGAIN) already means "readable", so errors are ignored.
+pub(crate) fn eventfd_signal(fd: BorrowedFd<'_>) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live u64 on our stack to an fd we borrow.
+    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+}
+
+/// Resets an eventfd's counter to 0 (non-blocking read).
+pub(crate) fn eventfd_drain(fd: BorrowedFd<'_>) {
+    let mut v: u64 = 0;
+    // SAFETY: reads at most 8 bytes into a live u64 on our stack; the fd is non-blocking.
+    unsafe { libc::read(fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+}
+
+/// Creates one worker's *notify line* to the supervisor: a pair of connected datagram sockets,
+/// close-on-exec. The supervisor keeps the first end (it polls and drains it); the worker gets
+/// the second as its fd 4, and signals on it once its spawn step has reported.
 ///
-/// Not an eventfd: every worker would share one open file description of it, so a hostile
-/// worker could drain it before the supervisor looks, or clear `O_NONBLOCK` on it so that the
-/// supervisor's drain, or an honest worker's write to a full counter, blocks for good. A
-/// worker holds only the sending end here: it cannot read what others send, and the
-/// supervisor's end is a description no worker has. Sends and receives pass `MSG_DONTWAIT`,
-/// so no file flag anyone sets can make them block.
+/// One line per worker launch, never shared: a worker can do anything with what it holds
+/// (clear `O_NONBLOCK`, `shutdown(2)` its end, flood it, close it), and with a line of its own
+/// that only ever delays its own start-up report. An eventfd shared by every worker (one open
+/// file description) let a hostile worker drain it before the supervisor looked, or clear its
+/// `O_NONBLOCK` so that the supervisor's drain blocked for good. Sends and receives pass
+/// `MSG_DONTWAIT`, so no file flag can make them block either.
 pub(crate) fn wake_line() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: socketpair writes two fds into the array we pass.
@@ -300,7 +324,7 @@ pub(crate) fn wake_line() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// Wakes whoever polls the other end of a wake line. Never blocks; a full queue (EAGAIN)
+/// Wakes whoever polls the other end of a notify line. Never blocks; a full queue (EAGAIN)
 /// already means "readable", so errors are ignored.
 pub(crate) fn wake_line_signal(fd: BorrowedFd<'_>) {
     let one = [1u8];
@@ -315,7 +339,7 @@ pub(crate) fn wake_line_signal(fd: BorrowedFd<'_>) {
     };
 }
 
-/// Empties the receiving end of a wake line (bounded: a sender that keeps sending only makes
+/// Empties the receiving end of a notify line (bounded: a sender that keeps sending only makes
 /// the next `poll` return at once).
 pub(crate) fn wake_line_drain(fd: BorrowedFd<'_>) {
     let mut buf = [0u8; 64];
@@ -522,26 +546,25 @@ mod tests {
 
     #[test]
     fn duplicate_lands_above_the_floor_and_closes_on_exec() {
-        let (rx, tx) = wake_line().unwrap();
-        let dup = dup_cloexec_from(tx.as_fd(), 50).unwrap();
+        let fd = eventfd().unwrap();
+        let dup = dup_cloexec_from(fd.as_fd(), 50).unwrap();
         assert!(dup.as_raw_fd() >= 50);
         // SAFETY: F_GETFD on an fd we own.
         let flags = unsafe { libc::fcntl(dup.as_raw_fd(), libc::F_GETFD) };
         assert!(flags & libc::FD_CLOEXEC != 0);
-        // Both name the same socket: a signal on the copy reaches the other end.
-        wake_line_signal(dup.as_fd());
-        let mut v = [0u8; 8];
-        // SAFETY: receives at most 8 bytes into a live array; non-blocking.
-        let n = unsafe { libc::recv(rx.as_raw_fd(), v.as_mut_ptr().cast(), 8, libc::MSG_DONTWAIT) };
-        assert_eq!(n, 1);
-        wake_line_drain(rx.as_fd());
+        // Both name the same file: a signal on one is seen on the other.
+        eventfd_signal(dup.as_fd());
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a live u64; the fd is non-blocking.
+        let n = unsafe { libc::read(fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        assert_eq!((n, v), (8, 1));
     }
 
     #[test]
-    fn a_wake_line_never_blocks_whatever_a_holder_of_the_sending_end_does() {
+    fn a_notify_line_never_blocks_whatever_the_worker_does_with_its_end() {
         let (rx, tx) = wake_line().unwrap();
-        // A hostile worker clears O_NONBLOCK on the sending end (all workers share it) and
-        // fills the queue: signals and drains still return at once.
+        // A hostile worker clears O_NONBLOCK on its end and fills the queue: signals and
+        // drains still return at once.
         // SAFETY: F_SETFL on an fd we own.
         unsafe { libc::fcntl(tx.as_raw_fd(), libc::F_SETFL, 0) };
         for _ in 0..10_000 {
@@ -549,8 +572,8 @@ mod tests {
         }
         wake_line_drain(rx.as_fd());
         wake_line_drain(rx.as_fd());
-        // Readable again after one more signal; nothing a sender does reaches the sender's
-        // own receive queue (a worker cannot take others' signals).
+        // Readable again after one more signal; nothing reaches the sender's own receive
+        // queue.
         wake_line_signal(tx.as_fd());
         let mut v = [0u8; 8];
         // SAFETY: as above.
@@ -559,6 +582,24 @@ mod tests {
         // SAFETY: as above.
         let n = unsafe { libc::recv(rx.as_raw_fd(), v.as_mut_ptr().cast(), 8, libc::MSG_DONTWAIT) };
         assert_eq!(n, 1);
+        // It shuts its end down: the supervisor's end does not turn readable for good (a
+        // datagram pair passes no shutdown on), so the supervisor's `poll` does not spin.
+        // SAFETY: shutdown, recv and poll on fds we own, into live buffers on our stack.
+        unsafe {
+            libc::shutdown(tx.as_raw_fd(), libc::SHUT_RDWR);
+            // Empty, however many datagrams this host's buffers let through above.
+            for _ in 0..1_000_000 {
+                if libc::recv(rx.as_raw_fd(), v.as_mut_ptr().cast(), 8, libc::MSG_DONTWAIT) < 0 {
+                    break;
+                }
+            }
+            let mut p = libc::pollfd {
+                fd: rx.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            assert_eq!(libc::poll(&mut p, 1, 0), 0, "revents {:#x}", p.revents);
+        }
     }
 
     #[test]

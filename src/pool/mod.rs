@@ -174,7 +174,7 @@ impl<W: Worker> Pool<W> {
                     _ => BuildError::Shm(e),
                 }
             })?;
-        let wake = crate::sys::wake_line().map_err(BuildError::Shm)?;
+        let wake = crate::sys::eventfd().map_err(BuildError::Shm)?;
 
         let program = match &cfg.program {
             // Resolved now, against the current directory (never through PATH: an unrelated

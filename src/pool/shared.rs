@@ -102,11 +102,9 @@ pub(crate) struct Shared {
     seats_in_use: AtomicUsize,
     /// Identifies this pool (loans must come back to the pool that made them).
     pub(crate) id: u64,
-    /// The supervisor's end of its wake-up line (`sys::wake_line`): it polls and drains it.
+    /// The supervisor's wake-up line for the pool's own threads (an eventfd it polls; never
+    /// handed to a worker: each worker has a notify line of its own, `sys::wake_line`).
     pub(crate) wake: OwnedFd,
-    /// The sending end of the wake-up line: the pool's threads signal on it, and every worker
-    /// gets a copy as fd 4.
-    pub(crate) wake_tx: OwnedFd,
     /// Set while every worker has failed for good: submits fail fast with `NoWorkers`.
     pub(crate) no_workers: AtomicBool,
     /// Set when the pool broke down (see [`Shared::declare_broken`]).
@@ -136,7 +134,7 @@ impl Shared {
         layout: Layout,
         cfg: Config,
         max_task_bytes: usize,
-        (wake, wake_tx): (OwnedFd, OwnedFd),
+        wake: OwnedFd,
     ) -> Shared {
         let n = layout.params.n_slots as usize;
         let free_slots = HeapMpmc::with_capacity(n);
@@ -167,7 +165,6 @@ impl Shared {
             seats_in_use: AtomicUsize::new(0),
             id: NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed),
             wake,
-            wake_tx,
             no_workers: AtomicBool::new(false),
             broken: AtomicBool::new(false),
             broken_reason: Mutex::new(None),
@@ -333,7 +330,7 @@ impl Shared {
 
     /// Wakes the supervisor thread.
     pub(crate) fn wake_supervisor(&self) {
-        crate::sys::wake_line_signal(self.wake_tx.as_fd());
+        crate::sys::eventfd_signal(self.wake.as_fd());
     }
 
     /// The parent found seat `seat`'s completion ring corrupt (its worker wrote garbage into

@@ -4,7 +4,7 @@
 //! Workers are started by *executing a program* (by default `/proc/self/exe`, the running
 //! binary), never by a bare `fork`: a fork of a multi-threaded parent may only call
 //! async-signal-safe functions, and CUDA state does not survive a fork. Between fork and exec the
-//! child only moves the segment's memfd to fd 3 and the supervisor's wake line to fd 4, marks every
+//! child only moves the segment's memfd to fd 3 and its notify line to the supervisor to fd 4, marks every
 //! other descriptor above stderr close-on-exec, and sets `PR_SET_PDEATHSIG`, all
 //! async-signal-safe. The worker gets a process group of its own, so a terminal's Ctrl-C
 //! (SIGINT to the foreground group) reaches the parent only, which then shuts the pool down.
@@ -22,8 +22,8 @@ use std::process::{Child, Command, Stdio};
 /// The lowest descriptor a worker does not inherit: 0-2 are stdio, 3 and 4 the worker's.
 const FIRST_PRIVATE_FD: libc::c_uint = 5;
 
-/// Starts `program` as a worker with the segment on fd 3, the sending end of the supervisor's
-/// wake line on fd 4,
+/// Starts `program` as a worker with the segment on fd 3, its end of its notify line to the
+/// supervisor (`sys::wake_line`) on fd 4,
 /// `boot` and `env` in its environment, in a process group of its own. It inherits no other
 /// descriptor than stdin (`/dev/null`), stdout and stderr.
 pub(crate) fn launch(
@@ -60,7 +60,7 @@ pub(crate) fn launch(
     unsafe {
         cmd.pre_exec(move || {
             // Duplicate both fds above the targets first, so neither dup2 can clobber the other
-            // (e.g. the wake line sitting on fd 3); dup2 also clears FD_CLOEXEC on the targets.
+            // (e.g. the notify line sitting on fd 3); dup2 also clears FD_CLOEXEC on the targets.
             let seg = libc::fcntl(seg_raw, libc::F_DUPFD, 16);
             let notify = libc::fcntl(notify_raw, libc::F_DUPFD, 16);
             if seg < 0

@@ -31,9 +31,9 @@ pub(crate) const GPUS_ENV: &str = "STATEFUL_POOL_GPUS";
 pub(crate) const CPUS_ENV: &str = "STATEFUL_POOL_CPUS";
 /// The fd number the segment arrives on.
 pub(crate) const SEGMENT_FD: i32 = 3;
-/// The fd number of the sending end of the parent supervisor's wake line: the worker signals
-/// on it after reporting its spawn step's outcome (ready or failed), which wakes the
-/// supervisor's `poll`.
+/// The fd number of the worker's own notify line to the parent's supervisor
+/// (`sys::wake_line`): the worker signals on it after reporting its spawn step's outcome (ready
+/// or failed), which wakes the supervisor's `poll`.
 pub(crate) const NOTIFY_FD: i32 = 4;
 
 /// The boot string's format, after the protocol version (`v{VERSION}.{BOOT_FORMAT}:…`).

@@ -119,14 +119,20 @@ impl Sup {
         // The seat's completion ring: reserved by the worker until one has reported ready.
         s.boot.reserve_ring = shared.ring_reserve(seat);
         let boot = s.boot.encode();
-        match launch(
-            &self.program,
-            shared.seg.fd(),
-            shared.wake_tx.as_fd(),
-            &boot,
-            &s.env,
-        ) {
-            Ok(child) => {
+        // The worker's own notify line (`sys::wake_line`): we keep one end, it gets the other.
+        let launched = crate::sys::wake_line().and_then(|(line, theirs)| {
+            launch(
+                &self.program,
+                shared.seg.fd(),
+                theirs.as_fd(),
+                &boot,
+                &s.env,
+            )
+            .map(|child| (child, line))
+        });
+        match launched {
+            Ok((child, line)) => {
+                s.line = Some(line);
                 s.pid = child.id();
                 s.pidfd = crate::sys::pidfd_open(child.id()).ok();
                 crate::telemetry::launched(seat, child.id());
@@ -165,6 +171,7 @@ impl Sup {
         s.phase = Phase::Idle;
         s.child = None;
         s.pidfd = None;
+        s.line = None;
         self.shared
             .ctl(seat)
             .state
@@ -194,6 +201,9 @@ impl Sup {
                 else {
                     return;
                 };
+                // Its one report is in: the notify line has served (a worker that kept
+                // signalling on it would only keep waking us).
+                s.line = None;
                 let pid = s.pid;
                 {
                     let mut seats = shared.lock_seats();
@@ -353,6 +363,7 @@ impl Sup {
         }
         s.child = None;
         s.pidfd = None;
+        s.line = None;
         status.map(ExitCause::from_status)
     }
 

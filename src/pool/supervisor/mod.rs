@@ -1,8 +1,9 @@
 //! The supervisor: the one long-lived parent thread that owns every worker process (it must be
 //! one thread: a child's `PR_SET_PDEATHSIG` fires when the thread that forked it exits). It
 //! sleeps in `poll` on one pidfd per worker process (readable when the process exits: the
-//! kernel tells us, no polling) and on its wake line (`sys::wake_line`), which the pool and
-//! workers signal to wake it.
+//! kernel tells us, no polling), on an eventfd that the pool's threads write to wake it, and on
+//! each starting worker's notify line (`sys::wake_line`), which the worker signals once its
+//! spawn step has reported.
 //!
 //! - [`lifecycle`]: launching workers, their start-up reports, restarts under the policy, and
 //!   the "no workers left" state;
@@ -137,6 +138,8 @@ enum Phase {
 struct SupSeat {
     child: Option<Child>,
     pidfd: Option<OwnedFd>,
+    /// Our end of the worker's notify line (`sys::wake_line`), until its start-up reported.
+    line: Option<OwnedFd>,
     pid: u32,
     phase: Phase,
     /// The spawn arguments' archive, kept for restarts.
@@ -173,6 +176,7 @@ pub(crate) fn supervisor_loop(shared: Arc<Shared>, rx: Receiver<SupMsg>, program
             .map(|_| SupSeat {
                 child: None,
                 pidfd: None,
+                line: None,
                 pid: 0,
                 phase: Phase::Idle,
                 args: Vec::new(),
@@ -202,6 +206,7 @@ pub(crate) fn supervisor_loop(shared: Arc<Shared>, rx: Receiver<SupMsg>, program
                 let _ = c.wait();
             }
             s.pidfd = None;
+            s.line = None;
         }
     }
     // Every worker process is gone: whatever was not finished never will be. After a
@@ -244,7 +249,10 @@ impl Sup {
     fn run(&mut self, rx: &Receiver<SupMsg>) {
         let sup = self;
         loop {
-            crate::sys::wake_line_drain(sup.shared.wake.as_fd());
+            crate::sys::eventfd_drain(sup.shared.wake.as_fd());
+            for line in sup.seats.iter().filter_map(|s| s.line.as_ref()) {
+                crate::sys::wake_line_drain(line.as_fd());
+            }
             loop {
                 match rx.try_recv() {
                     Ok(m) => sup.on_message(m),
@@ -289,6 +297,11 @@ impl Sup {
                 sup.seats
                     .iter()
                     .filter_map(|s| s.pidfd.as_ref().map(|f| f.as_fd())),
+            );
+            fds.extend(
+                sup.seats
+                    .iter()
+                    .filter_map(|s| s.line.as_ref().map(|f| f.as_fd())),
             );
             crate::sys::poll_readable(&fds, timeout);
         }

@@ -12,6 +12,7 @@ impl Sup {
         let s = &mut self.seats[worker];
         s.child = None;
         s.pidfd = None;
+        s.line = None;
         let pid = s.pid;
         let kill = s.kill.take();
         // A retried task may come back to this seat with the same id: its clock restarts.
