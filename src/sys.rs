@@ -309,7 +309,7 @@ pub(crate) fn eventfd_drain(fd: BorrowedFd<'_>) {
 /// file description) let a hostile worker drain it before the supervisor looked, or clear its
 /// `O_NONBLOCK` so that the supervisor's drain blocked for good. Sends and receives pass
 /// `MSG_DONTWAIT`, so no file flag can make them block either.
-pub(crate) fn wake_line() -> io::Result<(OwnedFd, OwnedFd)> {
+pub(crate) fn notify_line() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: socketpair writes two fds into the array we pass.
     check(unsafe {
@@ -326,7 +326,7 @@ pub(crate) fn wake_line() -> io::Result<(OwnedFd, OwnedFd)> {
 
 /// Wakes whoever polls the other end of a notify line. Never blocks; a full queue (EAGAIN)
 /// already means "readable", so errors are ignored.
-pub(crate) fn wake_line_signal(fd: BorrowedFd<'_>) {
+pub(crate) fn notify_line_signal(fd: BorrowedFd<'_>) {
     let one = [1u8];
     // SAFETY: sends 1 byte from a live array on our stack on an fd we borrow.
     unsafe {
@@ -341,7 +341,7 @@ pub(crate) fn wake_line_signal(fd: BorrowedFd<'_>) {
 
 /// Empties the receiving end of a notify line (bounded: a sender that keeps sending only makes
 /// the next `poll` return at once).
-pub(crate) fn wake_line_drain(fd: BorrowedFd<'_>) {
+pub(crate) fn notify_line_drain(fd: BorrowedFd<'_>) {
     let mut buf = [0u8; 64];
     for _ in 0..256 {
         // SAFETY: receives at most 64 bytes into a live array on our stack.
@@ -562,19 +562,19 @@ mod tests {
 
     #[test]
     fn a_notify_line_never_blocks_whatever_the_worker_does_with_its_end() {
-        let (rx, tx) = wake_line().unwrap();
+        let (rx, tx) = notify_line().unwrap();
         // A hostile worker clears O_NONBLOCK on its end and fills the queue: signals and
         // drains still return at once.
         // SAFETY: F_SETFL on an fd we own.
         unsafe { libc::fcntl(tx.as_raw_fd(), libc::F_SETFL, 0) };
         for _ in 0..10_000 {
-            wake_line_signal(tx.as_fd());
+            notify_line_signal(tx.as_fd());
         }
-        wake_line_drain(rx.as_fd());
-        wake_line_drain(rx.as_fd());
+        notify_line_drain(rx.as_fd());
+        notify_line_drain(rx.as_fd());
         // Readable again after one more signal; nothing reaches the sender's own receive
         // queue.
-        wake_line_signal(tx.as_fd());
+        notify_line_signal(tx.as_fd());
         let mut v = [0u8; 8];
         // SAFETY: as above.
         let n = unsafe { libc::recv(tx.as_raw_fd(), v.as_mut_ptr().cast(), 8, libc::MSG_DONTWAIT) };

@@ -74,7 +74,7 @@ fn builder() -> stateful_pool::PoolBuilder<Prober> {
 }
 
 #[test]
-fn programs_a_worker_starts_inherit_neither_the_segment_nor_the_wake_line() {
+fn programs_a_worker_starts_inherit_neither_the_segment_nor_the_notify_line() {
     watchdog(120, || {
         let pool = builder().build().unwrap();
         pool.spawn(&1).unwrap();
@@ -85,7 +85,7 @@ fn programs_a_worker_starts_inherit_neither_the_segment_nor_the_wake_line() {
             "the worker holds the memfd:\n{own}"
         );
         // A program it starts (through std's Command, like user code would) sees neither the
-        // memfd nor the supervisor's wake line.
+        // memfd nor the worker's notify line to the supervisor.
         let child = pool
             .execute(&Probe::Shell("ls -l /proc/$$/fd".into()))
             .unwrap();
@@ -99,12 +99,12 @@ fn programs_a_worker_starts_inherit_neither_the_segment_nor_the_wake_line() {
         );
         assert!(
             !child.contains("eventfd") && !child.contains("socket:"),
-            "the child inherited fd 4 (the supervisor's wake line):\n{child}"
+            "the child inherited fd 4 (the worker's notify line):\n{child}"
         );
-        // The worker holds the wake line's sending end itself (it signals the supervisor).
+        // The worker holds its notify line itself (it signals the supervisor on it).
         assert!(
             own.contains("socket:"),
-            "the worker has no wake line:\n{own}"
+            "the worker has no notify line:\n{own}"
         );
     });
 }

@@ -103,7 +103,7 @@ pub(crate) struct Shared {
     /// Identifies this pool (loans must come back to the pool that made them).
     pub(crate) id: u64,
     /// The supervisor's wake-up line for the pool's own threads (an eventfd it polls; never
-    /// handed to a worker: each worker has a notify line of its own, `sys::wake_line`).
+    /// handed to a worker: each worker has a notify line of its own, `sys::notify_line`).
     pub(crate) wake: OwnedFd,
     /// Set while every worker has failed for good: submits fail fast with `NoWorkers`.
     pub(crate) no_workers: AtomicBool,

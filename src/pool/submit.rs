@@ -215,18 +215,12 @@ impl<'p, 'a, W: Worker, A: ?Sized + ArchivesAs<W::Task>, P: Payload> Submit<'p, 
         // What `submit()?.wait()` does, without the handle: the caller blocks right here until
         // the task finishes, so nothing can drop or cancel it in between, and the pool's
         // reference count is left alone (two atomic read-modify-writes per task).
-        let pool = self.pool;
-        let mut payload = self.payload.into_loan();
-        let (slot, _) = pool
-            .send(
-                &self.task.enc(),
-                &mut payload,
-                Block::Until(None),
-                self.opts,
-            )
-            .map_err(|e| Into::<TaskError>::into(P::refused(e, payload)))?;
-        pool.shared.wait_done(slot, None);
-        pool.shared.take_result(slot)
+        let shared = &self.pool.shared;
+        let (slot, _) = self
+            .queue(Block::Until(None))
+            .map_err(Into::<TaskError>::into)?;
+        shared.wait_done(slot, None);
+        shared.take_result(slot)
     }
 
     /// Runs the task and resolves to its result, without blocking the thread.
@@ -238,11 +232,17 @@ impl<'p, 'a, W: Worker, A: ?Sized + ArchivesAs<W::Task>, P: Payload> Submit<'p, 
     }
 
     fn send(self, block: Block) -> Result<TaskHandle<W::Output>, P::Error> {
+        let shared = &self.pool.shared;
+        self.queue(block)
+            .map(|(slot, id)| TaskHandle::new(shared.clone(), slot, id))
+    }
+
+    /// Queues the task: its slot and task id, or the refusal (with the loan handed back).
+    fn queue(self, block: Block) -> Result<(u32, u64), P::Error> {
         let mut payload = self.payload.into_loan();
-        let r = self
-            .pool
-            .send(&self.task.enc(), &mut payload, block, self.opts);
-        finish::<W, P, _>(self.pool, r, payload, TaskHandle::new)
+        self.pool
+            .send(&self.task.enc(), &mut payload, block, self.opts)
+            .map_err(|e| P::refused(e, payload))
     }
 }
 

@@ -23,7 +23,7 @@ use std::process::{Child, Command, Stdio};
 const FIRST_PRIVATE_FD: libc::c_uint = 5;
 
 /// Starts `program` as a worker with the segment on fd 3, its end of its notify line to the
-/// supervisor (`sys::wake_line`) on fd 4,
+/// supervisor (`sys::notify_line`) on fd 4,
 /// `boot` and `env` in its environment, in a process group of its own. It inherits no other
 /// descriptor than stdin (`/dev/null`), stdout and stderr.
 pub(crate) fn launch(

@@ -32,7 +32,7 @@ pub(crate) const CPUS_ENV: &str = "STATEFUL_POOL_CPUS";
 /// The fd number the segment arrives on.
 pub(crate) const SEGMENT_FD: i32 = 3;
 /// The fd number of the worker's own notify line to the parent's supervisor
-/// (`sys::wake_line`): the worker signals on it after reporting its spawn step's outcome (ready
+/// (`sys::notify_line`): the worker signals on it after reporting its spawn step's outcome (ready
 /// or failed), which wakes the supervisor's `poll`.
 pub(crate) const NOTIFY_FD: i32 = 4;
 
@@ -308,7 +308,7 @@ impl WorkerProcess {
     /// Wakes the parent's supervisor (after a spawn-step report).
     pub(crate) fn notify_parent(&self) {
         if let Some(fd) = &self.notify {
-            crate::sys::wake_line_signal(fd.as_fd());
+            crate::sys::notify_line_signal(fd.as_fd());
         }
     }
 }

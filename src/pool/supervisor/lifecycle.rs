@@ -119,8 +119,8 @@ impl Sup {
         // The seat's completion ring: reserved by the worker until one has reported ready.
         s.boot.reserve_ring = shared.ring_reserve(seat);
         let boot = s.boot.encode();
-        // The worker's own notify line (`sys::wake_line`): we keep one end, it gets the other.
-        let launched = crate::sys::wake_line().and_then(|(line, theirs)| {
+        // The worker's own notify line (`sys::notify_line`): we keep one end, it gets the other.
+        let launched = crate::sys::notify_line().and_then(|(line, theirs)| {
             launch(
                 &self.program,
                 shared.seg.fd(),
@@ -169,9 +169,7 @@ impl Sup {
     pub(super) fn free_seat(&mut self, seat: u32, state: WorkerState) {
         let s = &mut self.seats[seat as usize];
         s.phase = Phase::Idle;
-        s.child = None;
-        s.pidfd = None;
-        s.line = None;
+        s.forget_process();
         self.shared
             .ctl(seat)
             .state
@@ -361,9 +359,7 @@ impl Sup {
                 }
             };
         }
-        s.child = None;
-        s.pidfd = None;
-        s.line = None;
+        s.forget_process();
         status.map(ExitCause::from_status)
     }
 

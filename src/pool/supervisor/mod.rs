@@ -2,7 +2,7 @@
 //! one thread: a child's `PR_SET_PDEATHSIG` fires when the thread that forked it exits). It
 //! sleeps in `poll` on one pidfd per worker process (readable when the process exits: the
 //! kernel tells us, no polling), on an eventfd that the pool's threads write to wake it, and on
-//! each starting worker's notify line (`sys::wake_line`), which the worker signals once its
+//! each starting worker's notify line (`sys::notify_line`), which the worker signals once its
 //! spawn step has reported.
 //!
 //! - [`lifecycle`]: launching workers, their start-up reports, restarts under the policy, and
@@ -138,7 +138,7 @@ enum Phase {
 struct SupSeat {
     child: Option<Child>,
     pidfd: Option<OwnedFd>,
-    /// Our end of the worker's notify line (`sys::wake_line`), until its start-up reported.
+    /// Our end of the worker's notify line (`sys::notify_line`), until its start-up reported.
     line: Option<OwnedFd>,
     pid: u32,
     phase: Phase,
@@ -155,6 +155,16 @@ struct SupSeat {
     kill: Option<KillReason>,
     /// Being retired: by when it must be gone (else it is killed), and who waits for it.
     retiring: Option<(Instant, Vec<Sender<bool>>)>,
+}
+
+impl SupSeat {
+    /// The seat's process is gone (reaped, or never started): lets go of everything that
+    /// named it, its child handle, pidfd and notify line together.
+    fn forget_process(&mut self) {
+        self.child = None;
+        self.pidfd = None;
+        self.line = None;
+    }
 }
 
 struct Sup {
@@ -205,8 +215,7 @@ pub(crate) fn supervisor_loop(shared: Arc<Shared>, rx: Receiver<SupMsg>, program
             if let Some(mut c) = s.child.take() {
                 let _ = c.wait();
             }
-            s.pidfd = None;
-            s.line = None;
+            s.forget_process();
         }
     }
     // Every worker process is gone: whatever was not finished never will be. After a
@@ -251,7 +260,7 @@ impl Sup {
         loop {
             crate::sys::eventfd_drain(sup.shared.wake.as_fd());
             for line in sup.seats.iter().filter_map(|s| s.line.as_ref()) {
-                crate::sys::wake_line_drain(line.as_fd());
+                crate::sys::notify_line_drain(line.as_fd());
             }
             loop {
                 match rx.try_recv() {

@@ -10,9 +10,7 @@ impl Sup {
         let shared = self.shared.clone();
         let worker = seat as usize;
         let s = &mut self.seats[worker];
-        s.child = None;
-        s.pidfd = None;
-        s.line = None;
+        s.forget_process();
         let pid = s.pid;
         let kill = s.kill.take();
         // A retried task may come back to this seat with the same id: its clock restarts.
