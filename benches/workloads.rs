@@ -227,6 +227,9 @@ fn round_trip_group(c: &mut Criterion, group: &str, suffix: &str) {
             // CPU an idle pool burns: its threads and its worker, 3 s with nothing to do (the
             // measuring thread's own wake-up is not the pool's).
             const IDLE: Duration = Duration::from_secs(3);
+            // Let a `spin_for` worker finish the spin that follows its last task first: that
+            // spin belongs to the round trips, not to the idle pool.
+            std::thread::sleep(Duration::from_millis(100));
             let (c0, w0) = (other_threads_cpu(), worker_cpu(&pool));
             std::thread::sleep(IDLE);
             let idle = (other_threads_cpu() - c0) + (worker_cpu(&pool) - w0);
@@ -595,16 +598,23 @@ fn w4(c: &mut Criterion) {
     g.finish();
 }
 
+/// The heap, in MiB, of W5's heavy parent.
+const HEAVY_PARENT_MIB: usize = 256;
+
 fn w5(c: &mut Criterion) {
     let mut g = configure(c, "W5_start_stop");
     g.sample_size(10);
-    for (name, reserve) in [
-        ("start_2_workers_first_result", true),
-        ("no_reservation", false),
+    for (name, key, reserve, ballast_mib) in [
+        ("start_2_workers_first_result", "W5", true, 0),
+        ("no_reservation", "W5/no_reservation", false, 0),
+        ("heavy_parent", "W5/heavy_parent", true, HEAVY_PARENT_MIB),
     ] {
-        let key = if reserve { "W5" } else { "W5/no_reservation" };
         g.bench_function(name, |b| {
             b.iter_custom(|n| {
+                // A parent that holds a large, touched heap (a loaded index, a model's host
+                // copy): launching must not cost in proportion to it (a `fork` copies its
+                // page tables).
+                let ballast = std::hint::black_box(vec![1u8; ballast_mib << 20]);
                 let mut first = Duration::ZERO;
                 let mut stop = Duration::ZERO;
                 let mut build = Duration::ZERO;
@@ -629,6 +639,7 @@ fn w5(c: &mut Criterion) {
                 record_iter(&format!("{key}/first_result"), first, n);
                 record_iter(&format!("{key}/shutdown"), stop, n);
                 record_iter(&format!("{key}/build"), build, n);
+                drop(ballast);
                 first
             })
         });
@@ -792,6 +803,10 @@ fn summary(_: &mut Criterion) {
     for (label, key) in [
         ("default (memory reserved)", "W5"),
         ("`reserve_memory(false)`", "W5/no_reservation"),
+        (
+            &format!("default, parent holding {HEAVY_PARENT_MIB} MiB of touched heap"),
+            "W5/heavy_parent",
+        ),
     ] {
         let f = it(&format!("{key}/first_result"));
         r.line(format!(

@@ -68,7 +68,8 @@ impl CpuMask {
     }
 
     /// Sets the calling thread's affinity to this mask. Async-signal-safe (one system call, no
-    /// allocation): the worker's launcher calls it between `fork` and `exec`.
+    /// allocation): the fork launcher calls it between `fork` and `exec`; the `posix_spawn`
+    /// launcher on the supervisor thread around the spawn (`process::Pinned`).
     pub(crate) fn apply(&self) -> io::Result<()> {
         // SAFETY: the pointer and length describe `self.words`, a live buffer of whole
         // `c_ulong` words (the kernel's mask unit; `cpu_set_t` is an array of them, so the
@@ -90,29 +91,37 @@ impl CpuMask {
 
 /// The CPUs this process may run on (its affinity mask), ascending; empty if it cannot be read.
 pub(crate) fn allowed_cpus() -> Vec<usize> {
-    let mut cpus = libc::CPU_SETSIZE as usize;
-    while cpus <= MASK_MAX_CPUS {
-        let mut mask = CpuMask::zeroed(cpus);
-        // SAFETY: the pointer and length describe `mask.words`, a live, writable buffer of
-        // whole `c_ulong` words (see `CpuMask::apply`); the kernel writes at most that many
-        // bytes.
-        let r = unsafe {
-            libc::sched_getaffinity(
-                0,
-                mask.bytes(),
-                mask.words.as_mut_ptr().cast::<libc::cpu_set_t>(),
-            )
-        };
-        if r == 0 {
-            return mask.cpus();
+    CpuMask::of_this_thread().map_or_else(Vec::new, |m| m.cpus())
+}
+
+impl CpuMask {
+    /// The calling thread's CPU set (the process's, unless the thread changed its own), read
+    /// with a mask grown until the kernel takes it; `None` if it cannot be read.
+    pub(crate) fn of_this_thread() -> Option<CpuMask> {
+        let mut cpus = libc::CPU_SETSIZE as usize;
+        while cpus <= MASK_MAX_CPUS {
+            let mut mask = CpuMask::zeroed(cpus);
+            // SAFETY: the pointer and length describe `mask.words`, a live, writable buffer of
+            // whole `c_ulong` words (see `CpuMask::apply`); the kernel writes at most that
+            // many bytes.
+            let r = unsafe {
+                libc::sched_getaffinity(
+                    0,
+                    mask.bytes(),
+                    mask.words.as_mut_ptr().cast::<libc::cpu_set_t>(),
+                )
+            };
+            if r == 0 {
+                return Some(mask);
+            }
+            // EINVAL: the kernel's mask is longer than ours; try twice the size.
+            if io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+                break;
+            }
+            cpus *= 2;
         }
-        // EINVAL: the kernel's mask is longer than ours; try twice the size.
-        if io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
-            break;
-        }
-        cpus *= 2;
+        None
     }
-    Vec::new()
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds: one clock for every process of the machine (what

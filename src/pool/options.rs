@@ -120,8 +120,8 @@ impl SpawnOptions {
     }
 
     /// Pins the worker process to these CPUs (the seed's `[[0, 1], [2], None]`: one set per
-    /// worker). The set is applied between fork and exec, before the worker's program starts,
-    /// so every thread it ever starts inherits it; restarts keep it. Each CPU is checked at
+    /// worker). The worker process has the set from its birth, before its program starts, so
+    /// every thread it ever starts inherits it; restarts keep it. Each CPU is checked at
     /// spawn against the CPUs this process may use: one that is not allowed fails the spawn
     /// with [`SpawnError::CpuNotAllowed`](crate::SpawnError::CpuNotAllowed) naming it. An
     /// empty set means no pinning.

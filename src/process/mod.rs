@@ -1,45 +1,91 @@
-//! Launching worker processes (the supervisor owns them afterwards: it reaps them and kills them
-//! through their pidfds).
+//! Launching worker processes (the supervisor owns them afterwards: it reaps them through
+//! [`Launched`] and kills them through their pidfds).
 //!
 //! Workers are started by *executing a program* (by default `/proc/self/exe`, the running
 //! binary), never by a bare `fork`: a fork of a multi-threaded parent may only call
-//! async-signal-safe functions, and CUDA state does not survive a fork. Between fork and exec the
-//! child only moves the segment's memfd to fd 3 and its notify line to the supervisor to fd 4, marks every
-//! other descriptor above stderr close-on-exec, and sets `PR_SET_PDEATHSIG`, all
-//! async-signal-safe. The worker gets a process group of its own, so a terminal's Ctrl-C
-//! (SIGINT to the foreground group) reaches the parent only, which then shuts the pool down.
+//! async-signal-safe functions, and CUDA state does not survive a fork. The child gets the
+//! segment's memfd on fd 3 and its notify line to the supervisor on fd 4, `/dev/null` as stdin,
+//! stdout and stderr as they are, no other descriptor of the parent, and a process group of its
+//! own (a terminal's Ctrl-C, SIGINT to the foreground group, reaches the parent only, which then
+//! shuts the pool down).
 //!
-//! `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits, so launches happen on
-//! the pool's long-lived supervisor thread, never on a caller's thread.
+//! Two launchers do that:
+//! - [`vfork`]: `posix_spawn`, which glibc runs as `clone(CLONE_VM | CLONE_VFORK)`: the child
+//!   borrows the parent's memory until it executes the program, so nothing is copied. Used when
+//!   the C library has `posix_spawn_file_actions_addclosefrom_np` (glibc 2.34 and later),
+//!   looked up at run time.
+//! - [`fork`]: `fork` then `exec` with a `pre_exec` step (std's `Command`), elsewhere. A fork
+//!   copies the parent's page tables, which costs in proportion to the parent's memory: 0.3 ms
+//!   from a small parent, 4.6 ms from one holding 100 MiB (BENCHMARKS.md, W5), where
+//!   `posix_spawn` takes 0.1–0.15 ms from either.
+//!
+//! What a fork's child did between fork and exec, the worker now does first thing in
+//! `worker::boot::enter`, before any thread of its own starts: it sets `PR_SET_PDEATHSIG` (and
+//! then checks that its parent is still the pool's process) and applies its CPU set. Both
+//! launchers run on the pool's long-lived supervisor thread, never on a caller's thread:
+//! `PR_SET_PDEATHSIG` fires when the *thread* that started the child exits.
 
-use crate::worker::boot::{BOOT_ENV, NOTIFY_FD, SEGMENT_FD};
+mod fork;
+mod vfork;
+
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
-use std::os::unix::process::CommandExt;
+use std::os::fd::BorrowedFd;
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::ExitStatus;
 
 /// The lowest descriptor a worker does not inherit: 0-2 are stdio, 3 and 4 the worker's.
 const FIRST_PRIVATE_FD: libc::c_uint = 5;
 
-/// Starts `program` as a worker with the segment on fd 3, its end of its notify line to the
-/// supervisor (`sys::notify_line`) on fd 4,
-/// `boot` and `env` in its environment, in a process group of its own. It inherits no other
-/// descriptor than stdin (`/dev/null`), stdout and stderr.
-pub(crate) fn launch(
-    program: &Path,
-    segment: BorrowedFd<'_>,
-    notify: BorrowedFd<'_>,
-    boot: &str,
-    env: &[(String, String)],
-) -> io::Result<Child> {
-    let seg_raw = segment.as_raw_fd();
-    let notify_raw = notify.as_raw_fd();
-    // The bound of the fallback loop in `cloexec_from`, read here: the closure may not
-    // allocate or do anything but plain system calls.
-    let fd_limit = open_files_limit();
-    // The CPU set, parsed here: the closure may not allocate.
-    let cpus = match env
+/// Which launcher [`launch`] uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Launcher {
+    /// `posix_spawn` (no copy of the parent's memory).
+    Spawn,
+    /// `fork` + `exec` (the fallback).
+    Fork,
+}
+
+impl Launcher {
+    /// The launcher this process uses: [`Launcher::Spawn`] where the C library can close the
+    /// parent's other descriptors in a spawned child, else [`Launcher::Fork`].
+    pub(crate) fn best() -> Launcher {
+        if vfork::available() {
+            Launcher::Spawn
+        } else {
+            Launcher::Fork
+        }
+    }
+}
+
+/// What a worker launch needs: the program, the segment (fd 3 in the worker), the worker's end
+/// of its notify line to the supervisor (`sys::notify_line`, fd 4), the boot string and the
+/// extra environment (later entries win).
+pub(crate) struct Recipe<'a> {
+    /// The program to run (resolved already: never looked up in `PATH`).
+    pub program: &'a Path,
+    /// The pool's segment.
+    pub segment: BorrowedFd<'a>,
+    /// The worker's end of its notify line.
+    pub notify: BorrowedFd<'a>,
+    /// The boot string (`worker::boot::BOOT_ENV`).
+    pub boot: &'a str,
+    /// Extra environment variables.
+    pub env: &'a [(String, String)],
+}
+
+/// Starts a worker as `recipe` says, in a process group of its own. It inherits no other
+/// descriptor than stdin (`/dev/null`), stdout, stderr and fds 3 and 4.
+pub(crate) fn launch(recipe: &Recipe<'_>) -> io::Result<Launched> {
+    launch_with(Launcher::best(), recipe)
+}
+
+/// [`launch`] with a given launcher (the tests run both).
+pub(crate) fn launch_with(how: Launcher, recipe: &Recipe<'_>) -> io::Result<Launched> {
+    // The worker's CPU set (`SpawnOptions::cpus`), parsed before the launch: the fork
+    // launcher's child may not allocate.
+    let cpus = match recipe
+        .env
         .iter()
         .rev()
         .find(|(k, _)| k == crate::worker::boot::CPUS_ENV)
@@ -49,89 +95,105 @@ pub(crate) fn launch(
         })?),
         None => None,
     };
-    let mut cmd = Command::new(program);
-    cmd.envs(env.iter().map(|(k, v)| (k, v)))
-        .env(BOOT_ENV, boot)
-        .stdin(Stdio::null())
-        .process_group(0);
-    // SAFETY: the closure runs between fork and exec in the child and calls only
-    // async-signal-safe functions (fcntl, dup2, close, close_range, prctl, sched_setaffinity),
-    // allocating nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            // Duplicate both fds above the targets first, so neither dup2 can clobber the other
-            // (e.g. the notify line sitting on fd 3); dup2 also clears FD_CLOEXEC on the targets.
-            let seg = libc::fcntl(seg_raw, libc::F_DUPFD, 16);
-            let notify = libc::fcntl(notify_raw, libc::F_DUPFD, 16);
-            if seg < 0
-                || notify < 0
-                || libc::dup2(seg, SEGMENT_FD) < 0
-                || libc::dup2(notify, NOTIFY_FD) < 0
-            {
-                return Err(io::Error::last_os_error());
-            }
-            libc::close(seg);
-            libc::close(notify);
-            // The worker's CPU set, before its program (and any thread of it) starts.
-            if let Some(mask) = &cpus {
-                mask.apply()?;
-            }
-            // Everything else the parent holds (a C host's sockets and files opened without
-            // O_CLOEXEC) stays out of the worker. Close-on-exec rather than closed: std's own
-            // pipe that reports a failed exec to the parent must live until the exec.
-            cloexec_from(FIRST_PRIVATE_FD, fd_limit);
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) < 0
-            {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd.spawn()
+    let pid = match how {
+        Launcher::Spawn => {
+            // A spawned child has no step of its own before its exec: it inherits the CPU set
+            // of the thread that starts it, so this thread takes the set for the spawn.
+            let _pinned = cpus.as_ref().map(Pinned::new).transpose()?;
+            vfork::launch(recipe)?
+        }
+        Launcher::Fork => fork::launch(recipe, cpus)?,
+    };
+    Ok(Launched { pid, status: None })
 }
 
-/// Marks every descriptor from `first` up close-on-exec. Async-signal-safe: plain system calls,
-/// no allocation. `close_range(CLOSE_RANGE_CLOEXEC)` (Linux 5.11) does it in one call; older
-/// kernels get one `fcntl` per descriptor number below `limit`.
-fn cloexec_from(first: libc::c_uint, limit: libc::c_uint) {
-    // SAFETY: close_range takes integers only; with CLOSE_RANGE_CLOEXEC it closes nothing.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_close_range,
-            first,
-            libc::c_uint::MAX,
-            libc::CLOSE_RANGE_CLOEXEC,
-        )
-    };
-    if r == 0 {
-        return;
-    }
-    for fd in first..limit {
-        // SAFETY: fcntl on a descriptor number: one that is not open fails with EBADF, and
-        // FD_CLOEXEC is the only descriptor flag, so setting it loses nothing.
-        unsafe { libc::fcntl(fd as libc::c_int, libc::F_SETFD, libc::FD_CLOEXEC) };
+/// The calling thread runs on a given CPU set until this is dropped, when its own set comes
+/// back. A child it starts meanwhile has the set from birth: its dynamic loader, and every
+/// thread its program ever starts, including those of libraries initialised before `main`.
+struct Pinned {
+    /// The thread's own set; `None` if it could not be read (then it keeps the new one).
+    before: Option<crate::sys::CpuMask>,
+}
+
+impl Pinned {
+    fn new(mask: &crate::sys::CpuMask) -> io::Result<Pinned> {
+        let before = crate::sys::CpuMask::of_this_thread();
+        mask.apply()?;
+        Ok(Pinned { before })
     }
 }
 
-/// The soft limit on open files: no descriptor of this process is numbered at or above it
-/// (unless the limit was lowered after opening it).
-fn open_files_limit() -> libc::c_uint {
-    let mut rl = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one `rlimit` into storage we own.
-    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } == 0;
-    if ok {
-        rl.rlim_cur.min(libc::c_uint::MAX as libc::rlim_t) as libc::c_uint
-    } else {
-        1 << 16
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        if let Some(m) = &self.before {
+            let _ = m.apply();
+        }
+    }
+}
+
+/// A launched worker process, reaped by its pid: our child, so its pid is not reused before we
+/// reap it, and once reaped it is never used again.
+#[derive(Debug)]
+pub(crate) struct Launched {
+    pid: libc::pid_t,
+    /// How it ended, once reaped.
+    status: Option<ExitStatus>,
+}
+
+impl Launched {
+    /// Its process id.
+    pub(crate) fn id(&self) -> u32 {
+        self.pid as u32
+    }
+
+    /// How it ended, without blocking: `None` while it runs.
+    pub(crate) fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+        self.reap(libc::WNOHANG)
+    }
+
+    /// Waits for it to end.
+    pub(crate) fn wait(&mut self) -> io::Result<ExitStatus> {
+        loop {
+            if let Some(st) = self.reap(0)? {
+                return Ok(st);
+            }
+        }
+    }
+
+    /// Sends it SIGKILL, unless it has been reaped (then its pid may be someone else's).
+    pub(crate) fn kill(&mut self) -> io::Result<()> {
+        if self.status.is_some() {
+            return Ok(());
+        }
+        // SAFETY: kill takes integers only; the pid is our unreaped child's.
+        if unsafe { libc::kill(self.pid, libc::SIGKILL) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// One `waitpid` with `flags` (retried if a signal interrupts it).
+    fn reap(&mut self, flags: libc::c_int) -> io::Result<Option<ExitStatus>> {
+        if let Some(st) = self.status {
+            return Ok(Some(st));
+        }
+        let mut raw: libc::c_int = 0;
+        loop {
+            // SAFETY: waitpid writes one int into storage we own; the pid is our child's.
+            let r = unsafe { libc::waitpid(self.pid, &mut raw, flags) };
+            if r == self.pid {
+                let st = ExitStatus::from_raw(raw);
+                self.status = Some(st);
+                return Ok(Some(st));
+            }
+            if r == 0 {
+                return Ok(None);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
     }
 }
 
@@ -142,5 +204,169 @@ pub(crate) fn current_program() -> std::path::PathBuf {
         proc_exe.to_path_buf()
     } else {
         std::env::current_exe().unwrap_or_else(|_| proc_exe.to_path_buf())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+    use std::time::{Duration, Instant};
+
+    /// A `/proc/<pid>/status` field.
+    fn recipe<'a>(
+        program: &'a Path,
+        seg: &'a OwnedFd,
+        line: &'a OwnedFd,
+        env: &'a [(String, String)],
+    ) -> Recipe<'a> {
+        Recipe {
+            program,
+            segment: seg.as_fd(),
+            notify: line.as_fd(),
+            boot: "the-boot",
+            env,
+        }
+    }
+
+    fn status_field(pid: u32, name: &str) -> String {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        s.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    #[test]
+    fn both_launchers_give_the_worker_its_fds_group_signals_env_and_cpus() {
+        let dir = std::env::temp_dir().join(format!("sp-launch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("w.sh");
+        std::fs::write(&script, "#!/bin/sh\nexec sleep 60\n").unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let seg = crate::sys::memfd_sealed(4096, 0).unwrap();
+        let (_ours, theirs) = crate::sys::notify_line().unwrap();
+        // A descriptor without O_CLOEXEC, as a careless C host leaves them.
+        let mut p = [0; 2];
+        // SAFETY: pipe writes two fds into our array.
+        assert_eq!(unsafe { libc::pipe(p.as_mut_ptr()) }, 0);
+        // SAFETY: both were just created and are owned by nothing else.
+        let leaked = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
+        let cpu = *crate::sys::allowed_cpus().last().unwrap();
+        let own_cpus = crate::sys::allowed_cpus();
+        let mut launchers = vec![Launcher::Fork];
+        if vfork::available() {
+            launchers.push(Launcher::Spawn);
+        } else {
+            eprintln!(
+                "SKIPPED the posix_spawn launcher: no posix_spawn_file_actions_addclosefrom_np"
+            );
+        }
+        for how in launchers {
+            let env = [
+                ("SP_LAUNCH_TEST".to_string(), "first".to_string()),
+                (crate::worker::boot::CPUS_ENV.to_string(), cpu.to_string()),
+                ("SP_LAUNCH_TEST".to_string(), "second".to_string()),
+            ];
+            let mut child = launch_with(how, &recipe(&script, &seg, &theirs, &env)).unwrap();
+            let pid = child.id();
+            // Wait (bounded) for the script to have become `sleep`, for that exec to have set
+            // up its environment (comm changes first) and for the dynamic loader to have closed
+            // the files it opens while it loads `sleep`'s libraries (fd 5 for a moment): a
+            // leaked descriptor stays, so it still fails the check once the wait runs out.
+            let read_fds = || {
+                let mut fds: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+                    .map(|d| {
+                        d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                fds.sort();
+                fds
+            };
+            let until = Instant::now() + Duration::from_secs(10);
+            let (environ, fds) = loop {
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"));
+                let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+                let fds = read_fds();
+                let settled = comm.is_ok_and(|c| c == "sleep\n") && !environ.is_empty();
+                if settled && (fds == [0, 1, 2, 3, 4] || Instant::now() >= until) {
+                    break (environ, fds);
+                }
+                assert!(Instant::now() < until, "{how:?}: the child never ran sleep");
+                std::thread::sleep(Duration::from_millis(1));
+            };
+            assert_eq!(
+                fds,
+                [0, 1, 2, 3, 4],
+                "{how:?}: only stdio, the segment, the line"
+            );
+            let link = |fd: u32| std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap();
+            assert_eq!(link(0), Path::new("/dev/null"), "{how:?}");
+            assert!(
+                link(3).to_str().unwrap().contains("memfd:stateful-pool"),
+                "{how:?}"
+            );
+            assert!(link(4).to_str().unwrap().starts_with("socket:"), "{how:?}");
+            // SAFETY: getpgid takes a pid only.
+            let pgid = unsafe { libc::getpgid(pid as i32) };
+            assert_eq!(pgid, pid as i32, "{how:?}: a group of its own");
+            assert_eq!(status_field(pid, "SigBlk"), "0000000000000000", "{how:?}");
+            let ign = u64::from_str_radix(&status_field(pid, "SigIgn"), 16).unwrap();
+            assert_eq!(
+                ign & (1 << (libc::SIGPIPE - 1)),
+                0,
+                "{how:?}: SIGPIPE not ignored"
+            );
+            assert_eq!(
+                status_field(pid, "Cpus_allowed_list"),
+                cpu.to_string(),
+                "{how:?}"
+            );
+            let vars: Vec<&[u8]> = environ.split(|&b| b == 0).collect();
+            let boot = format!("{}=the-boot", crate::worker::boot::BOOT_ENV);
+            assert!(vars.contains(&boot.as_bytes()), "{how:?}");
+            assert!(
+                vars.contains(&&b"SP_LAUNCH_TEST=second"[..]),
+                "{how:?}: the last wins"
+            );
+            assert!(!vars.contains(&&b"SP_LAUNCH_TEST=first"[..]), "{how:?}");
+            assert!(
+                vars.iter().any(|v| v.starts_with(b"PATH=")),
+                "{how:?}: ours inherited"
+            );
+            // The launching thread keeps its own CPU set.
+            assert_eq!(crate::sys::allowed_cpus(), own_cpus, "{how:?}");
+            assert_eq!(child.try_wait().unwrap(), None, "{how:?}");
+            child.kill().unwrap();
+            let st = child.wait().unwrap();
+            assert_eq!(
+                std::os::unix::process::ExitStatusExt::signal(&st),
+                Some(libc::SIGKILL),
+                "{how:?}"
+            );
+            // Reaped: the status is kept, and no signal goes to a pid that may be reused.
+            assert_eq!(child.try_wait().unwrap(), Some(st));
+            child.kill().unwrap();
+        }
+        drop(leaked);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_missing_program_is_the_launch_error() {
+        let seg = crate::sys::memfd_sealed(4096, 0).unwrap();
+        let (_ours, theirs) = crate::sys::notify_line().unwrap();
+        for how in [Launcher::Fork, Launcher::best()] {
+            let program = Path::new("/nonexistent/stateful-pool-worker");
+            let e = launch_with(how, &recipe(program, &seg, &theirs, &[])).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::NotFound, "{how:?}: {e}");
+        }
+        let env = [(crate::worker::boot::CPUS_ENV.to_string(), "x".to_string())];
+        let r = recipe(Path::new("/bin/true"), &seg, &theirs, &env);
+        let e = launch_with(Launcher::best(), &r).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
     }
 }

@@ -405,8 +405,20 @@ pub(crate) fn enter(boot_str: &str, which: Entry) -> ! {
             ),
         )
     };
-    // Fate-share with the parent: PDEATHSIG was set before exec (it survives exec); the parent
-    // may already have died before that, so check the parent pid too.
+    // Fate-share with the parent: SIGKILL when the thread that launched us (the pool's
+    // supervisor) exits. Set here, after the exec (the `posix_spawn` launcher has no step
+    // between fork and exec); the parent may have died before it, so check the parent pid
+    // after setting it.
+    // SAFETY: prctl with PR_SET_PDEATHSIG takes integers only.
+    unsafe {
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
     // SAFETY: getppid has no preconditions.
     if unsafe { libc::getppid() } as u32 != boot.parent_pid {
         std::process::exit(exit_code::ORPHAN);

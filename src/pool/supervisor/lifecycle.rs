@@ -112,7 +112,7 @@ impl Sup {
             .generation
             .fetch_add(1, Ordering::Relaxed)
             .wrapping_add(1);
-        // SYNC POINT: the launch (fork/exec) orders these stores before anything the worker does.
+        // SYNC POINT: the launch (spawn/exec) orders these stores before anything the worker does.
         ctl.state.store(ctl_state::STARTING, Ordering::Release);
         s.kill = None;
         let restart = reply.is_none();
@@ -121,13 +121,13 @@ impl Sup {
         let boot = s.boot.encode();
         // The worker's own notify line (`sys::notify_line`): we keep one end, it gets the other.
         let launched = crate::sys::notify_line().and_then(|(line, theirs)| {
-            launch(
-                &self.program,
-                shared.seg.fd(),
-                theirs.as_fd(),
-                &boot,
-                &s.env,
-            )
+            launch(&Recipe {
+                program: &self.program,
+                segment: shared.seg.fd(),
+                notify: theirs.as_fd(),
+                boot: &boot,
+                env: &s.env,
+            })
             .map(|child| (child, line))
         });
         match launched {

@@ -1,5 +1,5 @@
 //! The supervisor: the one long-lived parent thread that owns every worker process (it must be
-//! one thread: a child's `PR_SET_PDEATHSIG` fires when the thread that forked it exits). It
+//! one thread: a child's `PR_SET_PDEATHSIG` fires when the thread that started it exits). It
 //! sleeps in `poll` on one pidfd per worker process (readable when the process exits: the
 //! kernel tells us, no polling), on an eventfd that the pool's threads write to wake it, and on
 //! each starting worker's notify line (`sys::notify_line`), which the worker signals once its
@@ -22,7 +22,7 @@ use super::events::{DeathReason, PoolEvent, StatCounters, WorkerState};
 use super::handle::{SpawnOutcome, SpawnReply};
 use super::shared::Shared;
 use crate::error::{ExitCause, SpawnError};
-use crate::process::launch;
+use crate::process::{Recipe, launch};
 use crate::ring::mpmc::Repair;
 use crate::shm::layout::{ctl_state, hold, parked};
 use crate::slot::outcome::{
@@ -34,7 +34,6 @@ use crate::worker::boot::Boot;
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
-use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
@@ -136,7 +135,7 @@ enum Phase {
 
 #[derive(Debug)]
 struct SupSeat {
-    child: Option<Child>,
+    child: Option<crate::process::Launched>,
     pidfd: Option<OwnedFd>,
     /// Our end of the worker's notify line (`sys::notify_line`), until its start-up reported.
     line: Option<OwnedFd>,
