@@ -31,6 +31,14 @@ impl CpuMask {
         CpuMask { words: vec![0; n] }
     }
 
+    /// Every CPU a mask as long as this one can name (the kernel keeps those the thread's
+    /// cpuset allows).
+    pub(crate) fn all_like(&self) -> CpuMask {
+        CpuMask {
+            words: vec![!0; self.words.len()],
+        }
+    }
+
     /// The mask in bytes, as `sched_{get,set}affinity` take it.
     fn bytes(&self) -> usize {
         self.words.len() * size_of::<libc::c_ulong>()

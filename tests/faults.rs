@@ -5,8 +5,8 @@
 mod common;
 use common::*;
 use stateful_pool::{
-    BuildError, DeathReason, ExitCause, Pool, PoolEvent, RestartPolicy, SpawnError, SubmitError,
-    TaskError, TaskOptions, WorkerState,
+    BuildError, DeathReason, ExitCause, Pool, PoolEvent, RestartPolicy, SpawnError, SpawnOptions,
+    SubmitError, TaskError, TaskOptions, WorkerState,
 };
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -590,6 +590,16 @@ fn failed_spawns_report_clearly_and_leave_no_process_and_the_pool_usable() {
             other => panic!("expected Exited, got {other}"),
         }
         let _ = std::fs::remove_file(marker);
+        // An environment variable no process can have: refused by either launcher alike.
+        let err = pool
+            .spawn_with(&Spawn::ok("bad-env"), &SpawnOptions::new().env("A=B", "x"))
+            .unwrap_err();
+        match &err {
+            SpawnError::Launch { source, .. } => {
+                assert_eq!(source.kind(), std::io::ErrorKind::InvalidInput, "{err}")
+            }
+            other => panic!("expected Launch, got {other}"),
+        }
         // Nothing left running, every seat free again.
         assert_eq!(pool.num_workers(), 0);
         assert!(pool.workers().iter().all(|w| w.state == WorkerState::Empty));

@@ -344,7 +344,8 @@ impl<W: Worker> PoolBuilder<W> {
     }
 
     /// Sets an environment variable for worker processes (e.g. `CUDA_VISIBLE_DEVICES`,
-    /// `RUST_LOG`).
+    /// `RUST_LOG`). A name that is empty or holds `=` or a NUL, or a value with a NUL, fails
+    /// [`build`](Self::build) with [`BuildError::InvalidConfig`](crate::BuildError::InvalidConfig).
     pub fn worker_env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.cfg.worker_env.push((key.into(), value.into()));
         self

@@ -124,6 +124,16 @@ impl<W: Worker> Pool<W> {
         if cfg.slot_bytes > (1 << 24) {
             return bad("slot_bytes must be at most 16 MiB");
         }
+        if let Some((k, v)) = cfg
+            .worker_env
+            .iter()
+            .find(|(k, v)| !crate::process::env_var_ok(k, v))
+        {
+            return Err(BuildError::InvalidConfig(format!(
+                "worker_env {k:?}={v:?}: a name must be non-empty with no '=' or NUL, a value \
+                 without NUL"
+            )));
+        }
         let up64 = |n: usize| n.div_ceil(64) * 64;
         let params = Params {
             n_slots: cfg.queue_size as u32,
@@ -872,6 +882,9 @@ mod tests {
             Pool::<Nop>::builder().queue_size(0),
             Pool::<Nop>::builder().max_workers(0),
             Pool::<Nop>::builder().result_ring_bytes(16),
+            Pool::<Nop>::builder().worker_env("A=B", "x"),
+            Pool::<Nop>::builder().worker_env("", "x"),
+            Pool::<Nop>::builder().worker_env("K", "a\0b"),
         ] {
             assert!(matches!(b.build(), Err(BuildError::InvalidConfig(_))));
         }

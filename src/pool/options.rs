@@ -113,7 +113,9 @@ impl SpawnOptions {
     }
 
     /// An environment variable for this worker's process (after the pool's
-    /// [`worker_env`](crate::PoolBuilder::worker_env)).
+    /// [`worker_env`](crate::PoolBuilder::worker_env)). A name that is empty or holds `=` or
+    /// a NUL, or a value with a NUL, fails the spawn with
+    /// [`SpawnError::Launch`](crate::SpawnError::Launch) (`InvalidInput`).
     pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.env.push((key.into(), value.into()));
         self

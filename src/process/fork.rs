@@ -26,14 +26,15 @@ pub(super) fn launch(
         .stdin(Stdio::null())
         .process_group(0);
     // SAFETY: the closure runs between fork and exec in the child and calls only
-    // async-signal-safe functions (fcntl, dup2, close, close_range, prctl, sched_setaffinity),
-    // allocating nothing.
+    // async-signal-safe functions (fcntl, dup2, close, sigemptyset, sigprocmask, close_range,
+    // prctl, sched_setaffinity), allocating nothing; `none` is all-zero storage that
+    // sigemptyset initialises.
     unsafe {
         cmd.pre_exec(move || {
             // Duplicate both fds above the targets first, so neither dup2 can clobber the other
             // (e.g. the notify line sitting on fd 3); dup2 also clears FD_CLOEXEC on the targets.
-            let seg = libc::fcntl(seg_raw, libc::F_DUPFD, 16);
-            let line = libc::fcntl(notify_raw, libc::F_DUPFD, 16);
+            let seg = libc::fcntl(seg_raw, libc::F_DUPFD, FIRST_PRIVATE_FD as libc::c_int);
+            let line = libc::fcntl(notify_raw, libc::F_DUPFD, FIRST_PRIVATE_FD as libc::c_int);
             if seg < 0
                 || line < 0
                 || libc::dup2(seg, SEGMENT_FD) < 0
@@ -43,6 +44,14 @@ pub(super) fn launch(
             }
             libc::close(seg);
             libc::close(line);
+            // No blocked signals: std's `Command` passes the launching thread's mask on, and
+            // the supervisor thread's mask (inherited from whoever built the pool, e.g. a host
+            // that blocks SIGTERM for `sigwait`) is not the worker's.
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) < 0 {
+                return Err(io::Error::last_os_error());
+            }
             // The worker's CPU set, before its program (and any thread of it) starts.
             if let Some(mask) = &cpus {
                 mask.apply()?;

@@ -19,9 +19,9 @@
 //!   from a small parent, 4.6 ms from one holding 100 MiB (BENCHMARKS.md, W5), where
 //!   `posix_spawn` takes 0.1–0.15 ms from either.
 //!
-//! What a fork's child did between fork and exec, the worker now does first thing in
-//! `worker::boot::enter`, before any thread of its own starts: it sets `PR_SET_PDEATHSIG` (and
-//! then checks that its parent is still the pool's process) and applies its CPU set. Both
+//! A spawned child has no step of its own between fork and exec: it gets its CPU set from the
+//! launching thread (`Pinned`), and sets `PR_SET_PDEATHSIG` itself, first thing in
+//! `worker::boot::enter` (then checks that its parent is still the pool's process). Both
 //! launchers run on the pool's long-lived supervisor thread, never on a caller's thread:
 //! `PR_SET_PDEATHSIG` fires when the *thread* that started the child exits.
 
@@ -80,8 +80,24 @@ pub(crate) fn launch(recipe: &Recipe<'_>) -> io::Result<Launched> {
     launch_with(Launcher::best(), recipe)
 }
 
+/// Whether a worker's process can have the environment variable `k=v`: a name that is not
+/// empty and holds no `=` or NUL, a value with no NUL.
+pub(crate) fn env_var_ok(k: &str, v: &str) -> bool {
+    !k.is_empty() && !k.contains(['=', '\0']) && !v.contains('\0')
+}
+
 /// [`launch`] with a given launcher (the tests run both).
 pub(crate) fn launch_with(how: Launcher, recipe: &Recipe<'_>) -> io::Result<Launched> {
+    // The same environment for either launcher (std's `Command` would take names the C
+    // library's `KEY=VALUE` strings cannot hold).
+    for (k, v) in recipe.env {
+        if !env_var_ok(k, v) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("bad environment variable {k:?}={v:?}"),
+            ));
+        }
+    }
     // The worker's CPU set (`SpawnOptions::cpus`), parsed before the launch: the fork
     // launcher's child may not allocate.
     let cpus = match recipe
@@ -110,14 +126,22 @@ pub(crate) fn launch_with(how: Launcher, recipe: &Recipe<'_>) -> io::Result<Laun
 /// The calling thread runs on a given CPU set until this is dropped, when its own set comes
 /// back. A child it starts meanwhile has the set from birth: its dynamic loader, and every
 /// thread its program ever starts, including those of libraries initialised before `main`.
+///
+/// The supervisor thread is the only one that launches, and it does nothing else in between.
+/// Restoring the thread's own set makes it the thread's requested set on Linux 6.2 and later:
+/// the thread (and the unpinned workers it starts) no longer widens by itself when its cpuset
+/// grows. Workers get the pool's CPUs as they were when it started either way.
 struct Pinned {
-    /// The thread's own set; `None` if it could not be read (then it keeps the new one).
-    before: Option<crate::sys::CpuMask>,
+    /// The thread's own set.
+    before: crate::sys::CpuMask,
 }
 
 impl Pinned {
     fn new(mask: &crate::sys::CpuMask) -> io::Result<Pinned> {
-        let before = crate::sys::CpuMask::of_this_thread();
+        // Unreadable, it could not be restored: the thread, and every worker it launches
+        // later, would keep this worker's set.
+        let before = crate::sys::CpuMask::of_this_thread()
+            .ok_or_else(|| io::Error::other("cannot read the launching thread's CPU set"))?;
         mask.apply()?;
         Ok(Pinned { before })
     }
@@ -125,8 +149,10 @@ impl Pinned {
 
 impl Drop for Pinned {
     fn drop(&mut self) {
-        if let Some(m) = &self.before {
-            let _ = m.apply();
+        // The old set fails only if no CPU of it is left in the thread's cpuset (changed
+        // meanwhile): then every CPU the cpuset allows, never the worker's set.
+        if self.before.apply().is_err() {
+            let _ = self.before.all_like().apply();
         }
     }
 }
@@ -213,7 +239,7 @@ mod tests {
     use std::os::fd::{AsFd, FromRawFd, OwnedFd};
     use std::time::{Duration, Instant};
 
-    /// A `/proc/<pid>/status` field.
+    /// A recipe for `program` with the boot string `the-boot`.
     fn recipe<'a>(
         program: &'a Path,
         seg: &'a OwnedFd,
@@ -229,6 +255,22 @@ mod tests {
         }
     }
 
+    /// Launches, retrying (bounded) while the script is "text busy": a `fork` by another
+    /// test of this binary can hold a copy of the descriptor it was written through until its
+    /// child's exec.
+    fn launch_retrying(how: Launcher, r: &Recipe<'_>) -> Launched {
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            match launch_with(how, r) {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && Instant::now() < until => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                other => return other.unwrap(),
+            }
+        }
+    }
+
+    /// A `/proc/<pid>/status` field.
     fn status_field(pid: u32, name: &str) -> String {
         let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         s.lines()
@@ -256,6 +298,20 @@ mod tests {
         let leaked = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
         let cpu = *crate::sys::allowed_cpus().last().unwrap();
         let own_cpus = crate::sys::allowed_cpus();
+        // A signal blocked on the launching thread, as a host that `sigwait`s blocks them:
+        // the worker must not inherit the mask.
+        // SAFETY: all-zero storage that sigemptyset initialises; pthread_sigmask takes
+        // initialised sets.
+        let usr2 = unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGUSR2);
+            assert_eq!(
+                libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()),
+                0
+            );
+            set
+        };
         let mut launchers = vec![Launcher::Fork];
         if vfork::available() {
             launchers.push(Launcher::Spawn);
@@ -270,7 +326,7 @@ mod tests {
                 (crate::worker::boot::CPUS_ENV.to_string(), cpu.to_string()),
                 ("SP_LAUNCH_TEST".to_string(), "second".to_string()),
             ];
-            let mut child = launch_with(how, &recipe(&script, &seg, &theirs, &env)).unwrap();
+            let mut child = launch_retrying(how, &recipe(&script, &seg, &theirs, &env));
             let pid = child.id();
             // Wait (bounded) for the script to have become `sleep`, for that exec to have set
             // up its environment (comm changes first) and for the dynamic loader to have closed
@@ -351,6 +407,8 @@ mod tests {
             assert_eq!(child.try_wait().unwrap(), Some(st));
             child.kill().unwrap();
         }
+        // SAFETY: `usr2` is an initialised set.
+        unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &usr2, std::ptr::null_mut()) };
         drop(leaked);
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -363,6 +421,25 @@ mod tests {
             let program = Path::new("/nonexistent/stateful-pool-worker");
             let e = launch_with(how, &recipe(program, &seg, &theirs, &[])).unwrap_err();
             assert_eq!(e.kind(), io::ErrorKind::NotFound, "{how:?}: {e}");
+        }
+        // A launch that fails gives the launching thread its own CPU set back.
+        let own = crate::sys::allowed_cpus();
+        let env = [(
+            crate::worker::boot::CPUS_ENV.to_string(),
+            own.last().unwrap().to_string(),
+        )];
+        let program = Path::new("/nonexistent/stateful-pool-worker");
+        for how in [Launcher::Fork, Launcher::best()] {
+            let e = launch_with(how, &recipe(program, &seg, &theirs, &env)).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::NotFound, "{how:?}: {e}");
+            assert_eq!(crate::sys::allowed_cpus(), own, "{how:?}");
+        }
+        // Malformed input, refused before anything starts.
+        for (k, v) in [("A=B", "x"), ("", "x"), ("K", "a\0b")] {
+            let env = [(k.to_string(), v.to_string())];
+            let r = recipe(Path::new("/bin/true"), &seg, &theirs, &env);
+            let e = launch_with(Launcher::best(), &r).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{k:?}={v:?}: {e}");
         }
         let env = [(crate::worker::boot::CPUS_ENV.to_string(), "x".to_string())];
         let r = recipe(Path::new("/bin/true"), &seg, &theirs, &env);

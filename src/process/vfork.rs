@@ -37,9 +37,21 @@ fn add_close_from() -> Option<AddCloseFrom> {
     })
 }
 
-/// Whether this launcher can be used here.
+/// Whether this launcher can be used here: the C library has
+/// `posix_spawn_file_actions_addclosefrom_np`, and that can work. glibc runs it with
+/// `close_range` (Linux 5.9), or else by listing `/proc/self/fd`; with neither, every spawn
+/// would fail with an error that reads like a missing program.
 pub(super) fn available() -> bool {
-    add_close_from().is_some()
+    static USABLE: OnceLock<bool> = OnceLock::new();
+    *USABLE.get_or_init(|| {
+        // SAFETY: close_range of the one descriptor number `u32::MAX`, which is never open:
+        // it closes nothing, and fails with ENOSYS where the kernel lacks the call.
+        let close_range =
+            unsafe { libc::syscall(libc::SYS_close_range, u32::MAX, u32::MAX, 0 as libc::c_uint) }
+                == 0;
+        add_close_from().is_some()
+            && (close_range || std::path::Path::new("/proc/self/fd").is_dir())
+    })
 }
 
 /// Checks a `posix_spawn*` return value (an error number, not `-1` and `errno`).
@@ -80,12 +92,6 @@ fn environment(boot: &str, env: &[(String, String)]) -> io::Result<Vec<CString>>
         out.push(c_string(kv.into_vec(), "an environment variable")?);
     }
     for (k, v) in set {
-        if k.is_empty() || k.contains('=') {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("bad environment variable name {k:?}"),
-            ));
-        }
         out.push(c_string(
             format!("{k}={v}").into_bytes(),
             "an environment variable",
@@ -94,38 +100,49 @@ fn environment(boot: &str, env: &[(String, String)]) -> io::Result<Vec<CString>>
     Ok(out)
 }
 
-/// The spawn's file actions and attributes, destroyed on drop.
-struct Setup {
-    actions: libc::posix_spawn_file_actions_t,
-    attrs: libc::posix_spawnattr_t,
-}
+/// The spawn's file actions, destroyed on drop (boxed: POSIX does not promise that the C
+/// library keeps no pointer into them, so they do not move).
+struct Actions(Box<libc::posix_spawn_file_actions_t>);
 
-impl Setup {
-    /// Initialised, empty (boxed: glibc may keep pointers into them while they live, so they
-    /// must not move).
-    fn new() -> io::Result<Box<Setup>> {
-        // SAFETY: all-zero bytes are valid storage for both C structs; the init calls below
-        // initialise them before any other use.
-        let mut s: Box<Setup> = Box::new(unsafe { std::mem::zeroed() });
-        // SAFETY: `s.actions` is storage we own.
-        check(unsafe { libc::posix_spawn_file_actions_init(&mut s.actions) })?;
-        // SAFETY: `s.attrs` is storage we own.
-        if let Err(e) = check(unsafe { libc::posix_spawnattr_init(&mut s.attrs) }) {
-            // SAFETY: initialised just above, destroyed once (no Setup is returned).
-            unsafe { libc::posix_spawn_file_actions_destroy(&mut s.actions) };
-            return Err(e);
-        }
-        Ok(s)
+impl Actions {
+    /// Initialised, empty.
+    fn new() -> io::Result<Actions> {
+        // SAFETY: all-zero bytes are valid storage for the C struct; init initialises it
+        // before any other use.
+        let mut a: Box<libc::posix_spawn_file_actions_t> = Box::new(unsafe { std::mem::zeroed() });
+        // SAFETY: `a` is storage we own; only on success does it become an `Actions`, whose
+        // drop destroys it.
+        check(unsafe { libc::posix_spawn_file_actions_init(&mut *a) })?;
+        Ok(Actions(a))
     }
 }
 
-impl Drop for Setup {
+impl Drop for Actions {
     fn drop(&mut self) {
-        // SAFETY: both were initialised by `Setup::new` and are destroyed once, here.
-        unsafe {
-            libc::posix_spawn_file_actions_destroy(&mut self.actions);
-            libc::posix_spawnattr_destroy(&mut self.attrs);
-        }
+        // SAFETY: initialised by `Actions::new` (an `Actions` exists only then); destroyed
+        // once, here.
+        unsafe { libc::posix_spawn_file_actions_destroy(&mut *self.0) };
+    }
+}
+
+/// The spawn's attributes, destroyed on drop (boxed, as [`Actions`]).
+struct Attrs(Box<libc::posix_spawnattr_t>);
+
+impl Attrs {
+    /// Initialised, with no flags.
+    fn new() -> io::Result<Attrs> {
+        // SAFETY: as in `Actions::new`.
+        let mut a: Box<libc::posix_spawnattr_t> = Box::new(unsafe { std::mem::zeroed() });
+        // SAFETY: as in `Actions::new`.
+        check(unsafe { libc::posix_spawnattr_init(&mut *a) })?;
+        Ok(Attrs(a))
+    }
+}
+
+impl Drop for Attrs {
+    fn drop(&mut self) {
+        // SAFETY: initialised by `Attrs::new`; destroyed once, here.
+        unsafe { libc::posix_spawnattr_destroy(&mut *self.0) };
     }
 }
 
@@ -141,8 +158,8 @@ pub(super) fn launch(recipe: &super::Recipe<'_>) -> io::Result<libc::pid_t> {
     // Close-on-exec copies numbered above every target, so that no `dup2` below clobbers the
     // source of another (e.g. the notify line sitting on fd 3). The child closes them (fd 5 up)
     // before its exec; ours close when they drop, after the spawn.
-    let seg = crate::sys::dup_cloexec_from(recipe.segment, 16)?;
-    let line = crate::sys::dup_cloexec_from(recipe.notify, 16)?;
+    let seg = crate::sys::dup_cloexec_from(recipe.segment, super::FIRST_PRIVATE_FD as libc::c_int)?;
+    let line = crate::sys::dup_cloexec_from(recipe.notify, super::FIRST_PRIVATE_FD as libc::c_int)?;
     let prog = c_string(
         recipe.program.as_os_str().as_bytes().to_vec(),
         "the worker program's path",
@@ -152,12 +169,13 @@ pub(super) fn launch(recipe: &super::Recipe<'_>) -> io::Result<libc::pid_t> {
         envp_owned.iter().map(|s| s.as_ptr().cast_mut()).collect();
     envp.push(std::ptr::null_mut());
     let argv: [*mut libc::c_char; 2] = [prog.as_ptr().cast_mut(), std::ptr::null_mut()];
-    let mut s = Setup::new()?;
-    // SAFETY: every call gets the initialised, pinned `Setup` fields and plain integers or
+    let mut actions = Actions::new()?;
+    let mut attrs = Attrs::new()?;
+    // SAFETY: every call gets the initialised, boxed actions and attributes and plain integers or
     // NUL-terminated strings that outlive the spawn; glibc copies the path it is given.
     unsafe {
         check(libc::posix_spawn_file_actions_addopen(
-            &mut s.actions,
+            &mut *actions.0,
             0,
             c"/dev/null".as_ptr(),
             libc::O_RDONLY,
@@ -165,19 +183,19 @@ pub(super) fn launch(recipe: &super::Recipe<'_>) -> io::Result<libc::pid_t> {
         ))?;
         // dup2 clears FD_CLOEXEC on the target, so fds 3 and 4 survive the exec.
         check(libc::posix_spawn_file_actions_adddup2(
-            &mut s.actions,
+            &mut *actions.0,
             seg.as_raw_fd(),
             SEGMENT_FD,
         ))?;
         check(libc::posix_spawn_file_actions_adddup2(
-            &mut s.actions,
+            &mut *actions.0,
             line.as_raw_fd(),
             NOTIFY_FD,
         ))?;
         // Everything else the parent holds (a C host's sockets and files opened without
         // O_CLOEXEC) stays out of the worker.
         check(close_from(
-            &mut s.actions,
+            &mut *actions.0,
             super::FIRST_PRIVATE_FD as libc::c_int,
         ))?;
         // A group of its own; no blocked signals (the supervisor thread's mask is not the
@@ -189,14 +207,14 @@ pub(super) fn launch(recipe: &super::Recipe<'_>) -> io::Result<libc::pid_t> {
         libc::sigemptyset(&mut pipe);
         libc::sigaddset(&mut pipe, libc::SIGPIPE);
         check(libc::posix_spawnattr_setflags(
-            &mut s.attrs,
+            &mut *attrs.0,
             (libc::POSIX_SPAWN_SETPGROUP
                 | libc::POSIX_SPAWN_SETSIGMASK
                 | libc::POSIX_SPAWN_SETSIGDEF) as libc::c_short,
         ))?;
-        check(libc::posix_spawnattr_setpgroup(&mut s.attrs, 0))?;
-        check(libc::posix_spawnattr_setsigmask(&mut s.attrs, &none))?;
-        check(libc::posix_spawnattr_setsigdefault(&mut s.attrs, &pipe))?;
+        check(libc::posix_spawnattr_setpgroup(&mut *attrs.0, 0))?;
+        check(libc::posix_spawnattr_setsigmask(&mut *attrs.0, &none))?;
+        check(libc::posix_spawnattr_setsigdefault(&mut *attrs.0, &pipe))?;
     }
     let mut pid: libc::pid_t = 0;
     // SAFETY: `prog`, `argv` and `envp` are NUL-terminated strings and null-terminated arrays
@@ -206,8 +224,8 @@ pub(super) fn launch(recipe: &super::Recipe<'_>) -> io::Result<libc::pid_t> {
         libc::posix_spawn(
             &mut pid,
             prog.as_ptr(),
-            &s.actions,
-            &s.attrs,
+            &*actions.0,
+            &*attrs.0,
             argv.as_ptr(),
             envp.as_ptr(),
         )
