@@ -159,6 +159,52 @@ fn workers_run_in_their_own_process_group() {
     });
 }
 
+#[test]
+fn both_launchers_give_workers_the_same_start() {
+    watchdog(120, || {
+        // A host that blocks a signal (as one that `sigwait`s) on the thread that builds the
+        // pool: the pool's supervisor thread inherits the mask, its workers must not.
+        // SAFETY: all-zero storage that sigemptyset initialises; pthread_sigmask takes
+        // initialised sets.
+        let usr2 = unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGUSR2);
+            assert_eq!(
+                libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()),
+                0
+            );
+            set
+        };
+        for fork in [false, true] {
+            let what = if fork {
+                "fork launcher"
+            } else {
+                "default launcher"
+            };
+            let b = builder();
+            let pool = if fork { b.__fork_launcher() } else { b }.build().unwrap();
+            pool.spawn(&1).unwrap();
+            pool.spawn(&2).unwrap();
+            for _ in 0..4 {
+                let status = pool
+                    .execute(&Probe::Shell("grep '^SigBlk' /proc/$PPID/status".into()))
+                    .unwrap();
+                assert_eq!(status.trim(), "SigBlk:\t0000000000000000", "{what}");
+                let fds = pool.execute(&Probe::Fds).unwrap();
+                assert!(fds.contains("0 -> /dev/null"), "{what}: {fds}");
+                assert!(!fds.contains("memfd:"), "{what}: {fds}");
+                assert!(fds.contains("socket:"), "{what}: {fds}");
+                let reply = pool.execute(&Probe::Pgid).unwrap();
+                let (pid, pgid) = reply.split_once(' ').unwrap();
+                assert_eq!(pid, pgid, "{what}: a group of its own");
+            }
+        }
+        // SAFETY: `usr2` is an initialised set.
+        unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &usr2, std::ptr::null_mut()) };
+    });
+}
+
 /// Spawns one worker from `program`; retries the launch while the file is busy being written
 /// (ETXTBSY: another test's fork may hold a descriptor of a freshly written file for a moment).
 fn spawn_from(program: &Path) -> Result<u32, SpawnError> {

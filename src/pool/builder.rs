@@ -142,6 +142,8 @@ pub(crate) struct Config {
     /// Test hook (feature `failpoints`): later reservations fail (bit 1: seats' rings, bit 2:
     /// the arena), as on a machine out of memory.
     pub(crate) fail_reserve: u32,
+    /// Test hook (feature `failpoints`): workers are launched by the fork fallback.
+    pub(crate) fork_launcher: bool,
 }
 
 impl Default for Config {
@@ -168,6 +170,7 @@ impl Default for Config {
             reserve_memory: true,
             batch: super::batching::BatchPolicy::none(),
             fail_reserve: 0,
+            fork_launcher: false,
         }
     }
 }
@@ -372,6 +375,15 @@ impl<W: Worker> PoolBuilder<W> {
     #[doc(hidden)]
     pub fn __fail_reservations(mut self, bits: u32) -> Self {
         self.cfg.fail_reserve = bits;
+        self
+    }
+
+    /// Test hook (feature `failpoints`, not an API): workers are launched by the fallback
+    /// launcher (`fork` + `exec`) instead of `posix_spawn`.
+    #[cfg(feature = "failpoints")]
+    #[doc(hidden)]
+    pub fn __fork_launcher(mut self) -> Self {
+        self.cfg.fork_launcher = true;
         self
     }
 

@@ -124,13 +124,13 @@ impl<W: Worker> Pool<W> {
         if cfg.slot_bytes > (1 << 24) {
             return bad("slot_bytes must be at most 16 MiB");
         }
-        if let Some((k, v)) = cfg
+        if let Some((k, _)) = cfg
             .worker_env
             .iter()
             .find(|(k, v)| !crate::process::env_var_ok(k, v))
         {
             return Err(BuildError::InvalidConfig(format!(
-                "worker_env {k:?}={v:?}: a name must be non-empty with no '=' or NUL, a value \
+                "worker_env {k:?}: a name must be non-empty with no '=' or NUL, a value \
                  without NUL"
             )));
         }

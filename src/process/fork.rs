@@ -1,5 +1,6 @@
-//! The fallback launcher, for a C library without `posix_spawn_file_actions_addclosefrom_np`
-//! (glibc before 2.34, musl): `fork` of the supervisor thread, then `exec` (std's `Command`
+//! The fallback launcher, where [`super::vfork`] cannot run (a C library without
+//! `posix_spawn_file_actions_addclosefrom_np`, i.e. glibc before 2.34 or musl; or neither
+//! `close_range` nor `/proc/self/fd`): `fork` of the supervisor thread, then `exec` (std's `Command`
 //! with a `pre_exec` step). A fork copies the parent's page tables, so it costs time in
 //! proportion to the parent's memory (BENCHMARKS.md, W5); [`super::vfork`] does not.
 
@@ -15,8 +16,16 @@ pub(super) fn launch(
     recipe: &super::Recipe<'_>,
     cpus: Option<crate::sys::CpuMask>,
 ) -> io::Result<libc::pid_t> {
-    let seg_raw = recipe.segment.as_raw_fd();
-    let notify_raw = recipe.notify.as_raw_fd();
+    // Copies numbered above the targets, made here rather than in the child: std's `Command`
+    // sets the child's stdin up before the `pre_exec` step, which would clobber a segment or
+    // line sitting on fd 0; and no `dup2` below can clobber the source of the other.
+    let seg = crate::sys::dup_cloexec_from(recipe.segment, FIRST_PRIVATE_FD as libc::c_int)?;
+    let line = crate::sys::dup_cloexec_from(recipe.notify, FIRST_PRIVATE_FD as libc::c_int)?;
+    let (seg_raw, line_raw) = (seg.as_raw_fd(), line.as_raw_fd());
+    // Every free descriptor below 5 taken for the spawn, so that std's pipe that reports a
+    // failed exec cannot get fd 3 or 4 (the child's `dup2`s would close it, and write a failed
+    // exec's error into the segment).
+    let _low = fill_low_fds();
     // The bound of the fallback loop in `cloexec_from`, read here: the closure may not
     // allocate or do anything but plain system calls.
     let fd_limit = open_files_limit();
@@ -26,30 +35,13 @@ pub(super) fn launch(
         .stdin(Stdio::null())
         .process_group(0);
     // SAFETY: the closure runs between fork and exec in the child and calls only
-    // async-signal-safe functions (fcntl, dup2, close, sigemptyset, sigprocmask, close_range,
-    // prctl, sched_setaffinity), allocating nothing; `none` is all-zero storage that
+    // async-signal-safe functions (dup2, sched_setaffinity, close_range or fcntl, prctl,
+    // sigemptyset, sigprocmask), allocating nothing; `none` is all-zero storage that
     // sigemptyset initialises.
     unsafe {
         cmd.pre_exec(move || {
-            // Duplicate both fds above the targets first, so neither dup2 can clobber the other
-            // (e.g. the notify line sitting on fd 3); dup2 also clears FD_CLOEXEC on the targets.
-            let seg = libc::fcntl(seg_raw, libc::F_DUPFD, FIRST_PRIVATE_FD as libc::c_int);
-            let line = libc::fcntl(notify_raw, libc::F_DUPFD, FIRST_PRIVATE_FD as libc::c_int);
-            if seg < 0
-                || line < 0
-                || libc::dup2(seg, SEGMENT_FD) < 0
-                || libc::dup2(line, NOTIFY_FD) < 0
-            {
-                return Err(io::Error::last_os_error());
-            }
-            libc::close(seg);
-            libc::close(line);
-            // No blocked signals: std's `Command` passes the launching thread's mask on, and
-            // the supervisor thread's mask (inherited from whoever built the pool, e.g. a host
-            // that blocks SIGTERM for `sigwait`) is not the worker's.
-            let mut none: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut none);
-            if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) < 0 {
+            // dup2 clears FD_CLOEXEC on the targets; the copies close at the exec.
+            if libc::dup2(seg_raw, SEGMENT_FD) < 0 || libc::dup2(line_raw, NOTIFY_FD) < 0 {
                 return Err(io::Error::last_os_error());
             }
             // The worker's CPU set, before its program (and any thread of it) starts.
@@ -70,6 +62,15 @@ pub(super) fn launch(
             {
                 return Err(io::Error::last_os_error());
             }
+            // No blocked signals: std's `Command` passes the launching thread's mask on, and
+            // the supervisor thread's mask (inherited from whoever built the pool, e.g. a host
+            // that blocks SIGTERM for `sigwait`) is not the worker's. Last, so that a pending
+            // signal has no time to run the host's handler in this child before the exec.
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) < 0 {
+                return Err(io::Error::last_os_error());
+            }
             Ok(())
         });
     }
@@ -87,7 +88,8 @@ fn cloexec_from(first: libc::c_uint, limit: libc::c_uint) {
         libc::syscall(
             libc::SYS_close_range,
             first,
-            libc::c_uint::MAX,
+            // Not `~0`: gVisor refuses a last descriptor above `INT_MAX`.
+            libc::c_int::MAX as libc::c_uint,
             libc::CLOSE_RANGE_CLOEXEC,
         )
     };
@@ -99,6 +101,20 @@ fn cloexec_from(first: libc::c_uint, limit: libc::c_uint) {
         // FD_CLOEXEC is the only descriptor flag, so setting it loses nothing.
         unsafe { libc::fcntl(fd as libc::c_int, libc::F_SETFD, libc::FD_CLOEXEC) };
     }
+}
+
+/// Opens `/dev/null` into every free descriptor number below 5 (each `open` takes the lowest
+/// free number); the ones that landed there, to be held until the spawn is done.
+fn fill_low_fds() -> Vec<std::os::fd::OwnedFd> {
+    let mut held = Vec::new();
+    while let Ok(f) = std::fs::File::open("/dev/null") {
+        let fd = std::os::fd::OwnedFd::from(f);
+        if fd.as_raw_fd() >= FIRST_PRIVATE_FD as libc::c_int {
+            break;
+        }
+        held.push(fd);
+    }
+    held
 }
 
 /// The soft limit on open files: no descriptor of this process is numbered at or above it

@@ -13,7 +13,7 @@
 //! - [`vfork`]: `posix_spawn`, which glibc runs as `clone(CLONE_VM | CLONE_VFORK)`: the child
 //!   borrows the parent's memory until it executes the program, so nothing is copied. Used when
 //!   the C library has `posix_spawn_file_actions_addclosefrom_np` (glibc 2.34 and later),
-//!   looked up at run time.
+//!   looked up at run time, and can run it (`close_range`, or else `/proc/self/fd`).
 //! - [`fork`]: `fork` then `exec` with a `pre_exec` step (std's `Command`), elsewhere. A fork
 //!   copies the parent's page tables, which costs in proportion to the parent's memory: 0.3 ms
 //!   from a small parent, 4.6 ms from one holding 100 MiB (BENCHMARKS.md, W5), where
@@ -94,7 +94,10 @@ pub(crate) fn launch_with(how: Launcher, recipe: &Recipe<'_>) -> io::Result<Laun
         if !env_var_ok(k, v) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("bad environment variable {k:?}={v:?}"),
+                format!(
+                    "environment variable {k:?}: a name must be non-empty with no '=' or NUL, \
+                     a value without NUL"
+                ),
             ));
         }
     }
@@ -298,26 +301,12 @@ mod tests {
         let leaked = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
         let cpu = *crate::sys::allowed_cpus().last().unwrap();
         let own_cpus = crate::sys::allowed_cpus();
-        // A signal blocked on the launching thread, as a host that `sigwait`s blocks them:
-        // the worker must not inherit the mask.
-        // SAFETY: all-zero storage that sigemptyset initialises; pthread_sigmask takes
-        // initialised sets.
-        let usr2 = unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGUSR2);
-            assert_eq!(
-                libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()),
-                0
-            );
-            set
-        };
         let mut launchers = vec![Launcher::Fork];
         if vfork::available() {
             launchers.push(Launcher::Spawn);
         } else {
             eprintln!(
-                "SKIPPED the posix_spawn launcher: no posix_spawn_file_actions_addclosefrom_np"
+                "SKIPPED the posix_spawn launcher: it cannot run here (no posix_spawn_file_actions_addclosefrom_np, or neither close_range nor /proc/self/fd)"
             );
         }
         for how in launchers {
@@ -369,6 +358,7 @@ mod tests {
             // SAFETY: getpgid takes a pid only.
             let pgid = unsafe { libc::getpgid(pid as i32) };
             assert_eq!(pgid, pid as i32, "{how:?}: a group of its own");
+            // (With a signal blocked on the launching thread: `tests/hygiene.rs`.)
             assert_eq!(status_field(pid, "SigBlk"), "0000000000000000", "{how:?}");
             let ign = u64::from_str_radix(&status_field(pid, "SigIgn"), 16).unwrap();
             assert_eq!(
@@ -407,8 +397,6 @@ mod tests {
             assert_eq!(child.try_wait().unwrap(), Some(st));
             child.kill().unwrap();
         }
-        // SAFETY: `usr2` is an initialised set.
-        unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &usr2, std::ptr::null_mut()) };
         drop(leaked);
         let _ = std::fs::remove_dir_all(&dir);
     }

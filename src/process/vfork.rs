@@ -6,7 +6,8 @@
 //!
 //! Closing the parent's other descriptors needs `posix_spawn_file_actions_addclosefrom_np`
 //! (glibc 2.34): it is looked up at run time, so that the program still loads on an older C
-//! library, which gets the [`super::fork`] launcher instead.
+//! library, which gets the [`super::fork`] launcher instead; so does a system where glibc
+//! could not run it (neither `close_range` nor `/proc/self/fd`).
 
 use crate::worker::boot::{BOOT_ENV, NOTIFY_FD, SEGMENT_FD};
 use std::collections::HashMap;
@@ -45,7 +46,7 @@ pub(super) fn available() -> bool {
     static USABLE: OnceLock<bool> = OnceLock::new();
     *USABLE.get_or_init(|| {
         // SAFETY: close_range of the one descriptor number `u32::MAX`, which is never open:
-        // it closes nothing, and fails with ENOSYS where the kernel lacks the call.
+        // it closes nothing, and fails (ENOSYS, or EPERM under seccomp) where the call is missing.
         let close_range =
             unsafe { libc::syscall(libc::SYS_close_range, u32::MAX, u32::MAX, 0 as libc::c_uint) }
                 == 0;
@@ -149,10 +150,10 @@ impl Drop for Attrs {
 /// Starts a worker as `recipe` says (see [`super::launch`]; the program is never looked up in
 /// `PATH`: the builder resolved it); its process id.
 pub(super) fn launch(recipe: &super::Recipe<'_>) -> io::Result<libc::pid_t> {
-    let Some(close_from) = add_close_from() else {
+    let Some(close_from) = add_close_from().filter(|_| available()) else {
         return Err(io::Error::new(
             io::ErrorKind::Unsupported,
-            "posix_spawn_file_actions_addclosefrom_np is missing",
+            "posix_spawn_file_actions_addclosefrom_np is missing or cannot run here",
         ));
     };
     // Close-on-exec copies numbered above every target, so that no `dup2` below clobbers the
@@ -219,7 +220,7 @@ pub(super) fn launch(recipe: &super::Recipe<'_>) -> io::Result<libc::pid_t> {
     let mut pid: libc::pid_t = 0;
     // SAFETY: `prog`, `argv` and `envp` are NUL-terminated strings and null-terminated arrays
     // of them, alive until the call returns (glibc's posix_spawn returns after the child's exec
-    // or its failure); `s` holds the initialised actions and attributes.
+    // or its failure); `actions` and `attrs` are initialised (they exist only then).
     check(unsafe {
         libc::posix_spawn(
             &mut pid,

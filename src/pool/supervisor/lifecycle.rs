@@ -121,13 +121,18 @@ impl Sup {
         let boot = s.boot.encode();
         // The worker's own notify line (`sys::notify_line`): we keep one end, it gets the other.
         let launched = crate::sys::notify_line().and_then(|(line, theirs)| {
-            launch(&Recipe {
+            let recipe = Recipe {
                 program: &self.program,
                 segment: shared.seg.fd(),
                 notify: theirs.as_fd(),
                 boot: &boot,
                 env: &s.env,
-            })
+            };
+            if shared.cfg.fork_launcher {
+                launch_with(Launcher::Fork, &recipe)
+            } else {
+                launch(&recipe)
+            }
             .map(|child| (child, line))
         });
         match launched {

@@ -22,7 +22,7 @@ use super::events::{DeathReason, PoolEvent, StatCounters, WorkerState};
 use super::handle::{SpawnOutcome, SpawnReply};
 use super::shared::Shared;
 use crate::error::{ExitCause, SpawnError};
-use crate::process::{Recipe, launch};
+use crate::process::{Launcher, Recipe, launch, launch_with};
 use crate::ring::mpmc::Repair;
 use crate::shm::layout::{ctl_state, hold, parked};
 use crate::slot::outcome::{
