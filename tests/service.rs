@@ -515,12 +515,21 @@ fn thread_stages_give_the_same_outcomes_batch_and_rebuild_a_poisoned_state() {
 
         // Batching: tasks queued while the thread is busy run as one step.
         let gate = gate_path("tb-gate");
+        let started = gate_path("tb-started");
         let server = Server::new(t, 64);
         std::thread::scope(|s| {
             let g = gate.display().to_string();
-            let first = s.spawn(|| server.call(with(msg(0), "T", Cmd::Gate(g))));
-            assert!(wait_until(60, || server.stats().stages[0].queued == 0
-                && server.in_flight() == 1));
+            // The first task marks that the thread runs it, then waits at the gate. (Waiting
+            // for "nothing queued, one in flight" instead raced: that holds before the task
+            // reaches the thread's queue, and on a loaded machine the thread could then take
+            // it together with four of the next five, leaving the fifth to run alone.)
+            let first = with(
+                with(msg(0), "T", Cmd::Touch(started.display().to_string())),
+                "T",
+                Cmd::Gate(g),
+            );
+            let first = s.spawn(|| server.call(first));
+            assert!(wait_until(60, || started.exists()));
             let rest: Vec<_> = (1..6)
                 .map(|i| {
                     let server = &server;
@@ -536,6 +545,7 @@ fn thread_stages_give_the_same_outcomes_batch_and_rebuild_a_poisoned_state() {
             }
         });
         let _ = std::fs::remove_file(&gate);
+        let _ = std::fs::remove_file(&started);
 
         // No threads: a clear error, not a hang.
         let none = Threads::<Step>::new("none");
