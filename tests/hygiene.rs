@@ -3,9 +3,12 @@
 //! `init()`. Every test runs under a watchdog; none sleeps to synchronise.
 
 mod common;
-use common::watchdog;
+use common::{wait_until, watchdog};
 use rkyv::{Archive, Deserialize, Serialize};
-use stateful_pool::{BoxError, ExitCause, Pool, SpawnError, TaskContext, Worker, WorkerContext};
+use stateful_pool::{
+    BoxError, ExitCause, Pool, SpawnError, TaskContext, TaskError, Worker, WorkerContext,
+    WorkerState,
+};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -21,6 +24,9 @@ enum Probe {
     Pgid,
     /// Runs `sh -c <script>` and returns its standard output.
     Shell(String),
+    /// The worker's own `SigBlk:` line (read by the worker: a program it starts could catch
+    /// it in the middle of its own `posix_spawn`, which blocks every signal for a moment).
+    SigBlk,
 }
 
 struct Prober;
@@ -49,6 +55,11 @@ impl Worker for Prober {
                 }
                 out
             }
+            ArchivedProbe::SigBlk => std::fs::read_to_string("/proc/self/status")?
+                .lines()
+                .find(|l| l.starts_with("SigBlk:"))
+                .unwrap_or_default()
+                .to_string(),
             ArchivedProbe::Pgid => {
                 // SAFETY: getpid and getpgid(0) have no preconditions.
                 let (pid, pgid) = unsafe { (libc::getpid(), libc::getpgid(0)) };
@@ -187,9 +198,7 @@ fn both_launchers_give_workers_the_same_start() {
             pool.spawn(&1).unwrap();
             pool.spawn(&2).unwrap();
             for _ in 0..4 {
-                let status = pool
-                    .execute(&Probe::Shell("grep '^SigBlk' /proc/$PPID/status".into()))
-                    .unwrap();
+                let status = pool.execute(&Probe::SigBlk).unwrap();
                 assert_eq!(status.trim(), "SigBlk:\t0000000000000000", "{what}");
                 let fds = pool.execute(&Probe::Fds).unwrap();
                 assert!(fds.contains("0 -> /dev/null"), "{what}: {fds}");
@@ -198,6 +207,21 @@ fn both_launchers_give_workers_the_same_start() {
                 let reply = pool.execute(&Probe::Pgid).unwrap();
                 let (pid, pgid) = reply.split_once(' ').unwrap();
                 assert_eq!(pid, pgid, "{what}: a group of its own");
+            }
+            // A worker killed mid-task is restarted by the same launcher, and serves the same.
+            match pool.execute(&Probe::Shell("kill -9 $PPID; sleep 30".into())) {
+                Err(TaskError::WorkerDied { .. }) => {}
+                r => panic!("{what}: {r:?}"),
+            }
+            assert!(
+                wait_until(60, || pool.stats().restarts == 1
+                    && pool.workers().iter().all(|w| w.state == WorkerState::Ready)),
+                "{what}: {:?}",
+                pool.workers()
+            );
+            for _ in 0..4 {
+                let status = pool.execute(&Probe::SigBlk).unwrap();
+                assert_eq!(status.trim(), "SigBlk:\t0000000000000000", "{what}");
             }
         }
         // SAFETY: `usr2` is an initialised set.
