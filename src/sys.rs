@@ -39,6 +39,34 @@ impl CpuMask {
         }
     }
 
+    /// The calling thread's CPU set (the process's, unless the thread changed its own), read
+    /// with a mask grown until the kernel takes it; `None` if it cannot be read.
+    pub(crate) fn of_this_thread() -> Option<CpuMask> {
+        let mut cpus = libc::CPU_SETSIZE as usize;
+        while cpus <= MASK_MAX_CPUS {
+            let mut mask = CpuMask::zeroed(cpus);
+            // SAFETY: the pointer and length describe `mask.words`, a live, writable buffer of
+            // whole `c_ulong` words (see `CpuMask::apply`); the kernel writes at most that
+            // many bytes.
+            let r = unsafe {
+                libc::sched_getaffinity(
+                    0,
+                    mask.bytes(),
+                    mask.words.as_mut_ptr().cast::<libc::cpu_set_t>(),
+                )
+            };
+            if r == 0 {
+                return Some(mask);
+            }
+            // EINVAL: the kernel's mask is longer than ours; try twice the size.
+            if io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+                break;
+            }
+            cpus *= 2;
+        }
+        None
+    }
+
     /// The mask in bytes, as `sched_{get,set}affinity` take it.
     fn bytes(&self) -> usize {
         self.words.len() * size_of::<libc::c_ulong>()
@@ -100,36 +128,6 @@ impl CpuMask {
 /// The CPUs this process may run on (its affinity mask), ascending; empty if it cannot be read.
 pub(crate) fn allowed_cpus() -> Vec<usize> {
     CpuMask::of_this_thread().map_or_else(Vec::new, |m| m.cpus())
-}
-
-impl CpuMask {
-    /// The calling thread's CPU set (the process's, unless the thread changed its own), read
-    /// with a mask grown until the kernel takes it; `None` if it cannot be read.
-    pub(crate) fn of_this_thread() -> Option<CpuMask> {
-        let mut cpus = libc::CPU_SETSIZE as usize;
-        while cpus <= MASK_MAX_CPUS {
-            let mut mask = CpuMask::zeroed(cpus);
-            // SAFETY: the pointer and length describe `mask.words`, a live, writable buffer of
-            // whole `c_ulong` words (see `CpuMask::apply`); the kernel writes at most that
-            // many bytes.
-            let r = unsafe {
-                libc::sched_getaffinity(
-                    0,
-                    mask.bytes(),
-                    mask.words.as_mut_ptr().cast::<libc::cpu_set_t>(),
-                )
-            };
-            if r == 0 {
-                return Some(mask);
-            }
-            // EINVAL: the kernel's mask is longer than ours; try twice the size.
-            if io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
-                break;
-            }
-            cpus *= 2;
-        }
-        None
-    }
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds: one clock for every process of the machine (what

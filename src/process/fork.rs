@@ -1,7 +1,7 @@
 //! The fallback launcher, where [`super::vfork`] cannot run (a C library without
 //! `posix_spawn_file_actions_addclosefrom_np`, i.e. glibc before 2.34 or musl; or neither
-//! `close_range` nor `/proc/self/fd`): `fork` of the supervisor thread, then `exec` (std's `Command`
-//! with a `pre_exec` step). A fork copies the parent's page tables, so it costs time in
+//! `close_range` nor `/proc/self/fd`): `fork` of the supervisor thread, then `exec` (std's
+//! `Command` with a `pre_exec` step). A fork copies the parent's page tables, so it costs time in
 //! proportion to the parent's memory (BENCHMARKS.md, W5); [`super::vfork`] does not.
 
 use super::FIRST_PRIVATE_FD;
