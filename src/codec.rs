@@ -63,14 +63,8 @@ impl<E: Source> Writer<E> for ShmWriter {
                     // (see `new`) and `pos + len <= cap`. `bytes` cannot overlap it: they come
                     // from the value being serialised, and the region is owned by this writer
                     // alone, so no live reference (not even a slice of shared memory being
-                    // re-sent) points into it.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            bytes.as_ptr(),
-                            self.ptr.add(self.pos),
-                            bytes.len(),
-                        )
-                    };
+                    // re-sent) points into it. A large write streams (`shm::copy`).
+                    unsafe { crate::shm::copy::copy_into(bytes, self.ptr.add(self.pos)) };
                 }
                 self.pos = end;
                 Ok(())

@@ -340,6 +340,53 @@ fn tasks_larger_than_a_slot_and_large_results_work() {
     });
 }
 
+/// Sizes at which copies into shared memory use streaming stores (from a few MiB; 24 MiB
+/// streams wherever the last-level cache is below 192 MiB): tasks, results and loans filled
+/// with `Loan::copy_from_slice` arrive intact, odd lengths included (the copy's unaligned
+/// head and tail), and the worker keeps serving small tasks afterwards.
+#[test]
+fn tasks_results_and_loans_cross_intact_at_streaming_sizes() {
+    watchdog(120, || {
+        let pool = Pool::<TestWorker>::builder()
+            .task_arena_bytes(64 << 20)
+            .result_ring_bytes(64 << 20)
+            .build()
+            .unwrap();
+        pool.spawn(&Spawn::ok("stream")).unwrap();
+        for n in [(24 << 20) + 77, 24 << 20] {
+            let v: Vec<u8> = (0..n as u32).map(|i| (i % 253) as u8).collect();
+            let expect: u64 = v.iter().map(|&b| b as u64).sum();
+            assert_eq!(pool.execute(&Cmd::SumVec(v)).unwrap().value, expect);
+            let out = pool.execute(&Cmd::MakeBytes(n as u32)).unwrap();
+            assert_eq!(out.bytes.len(), n);
+            assert!(
+                out.bytes
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &b)| b == (i % 251) as u8)
+            );
+            let src: Vec<u8> = (0..n).map(|i| (i / 4096 % 200) as u8 + 1).collect();
+            let mut loan = pool.loan(n).unwrap();
+            loan.copy_from_slice(&src);
+            assert_eq!(loan.as_slice(), &src[..]);
+            let expect: u64 = src.iter().step_by(4096).map(|&b| b as u64).sum();
+            let out = pool.task(&Cmd::SumPayload).payload(loan).execute().unwrap();
+            assert_eq!(out.value, expect);
+        }
+        for k in 0..50 {
+            assert_eq!(pool.execute(&Cmd::Echo(k)).unwrap().value, k);
+        }
+    });
+}
+
+#[test]
+#[should_panic(expected = "source length differs")]
+fn filling_a_loan_from_a_slice_of_another_length_panics() {
+    let pool = Pool::<TestWorker>::builder().build().unwrap();
+    let mut loan = pool.loan(100).unwrap();
+    loan.copy_from_slice(&[0u8; 99]);
+}
+
 #[test]
 fn oversized_tasks_and_results_get_clear_errors() {
     watchdog(60, || {
