@@ -25,6 +25,9 @@ pub struct ShmWriter {
     ptr: *mut u8,
     cap: usize,
     pos: usize,
+    /// Whether large writes may stream (`shm::copy`): into shared memory, read later by
+    /// another process; not into a private buffer the same process reads next.
+    stream: bool,
 }
 
 impl ShmWriter {
@@ -34,7 +37,12 @@ impl ShmWriter {
     /// `ptr..ptr + cap` must be valid for writes and owned exclusively by the caller (no
     /// other reference or writer) for as long as the writer is used.
     pub(crate) unsafe fn new(ptr: *mut u8, cap: usize) -> Self {
-        ShmWriter { ptr, cap, pos: 0 }
+        ShmWriter {
+            ptr,
+            cap,
+            pos: 0,
+            stream: true,
+        }
     }
 
     /// A writer that only counts bytes.
@@ -43,6 +51,7 @@ impl ShmWriter {
             ptr: std::ptr::null_mut(),
             cap: usize::MAX,
             pos: 0,
+            stream: false,
         }
     }
 }
@@ -63,8 +72,16 @@ impl<E: Source> Writer<E> for ShmWriter {
                     // (see `new`) and `pos + len <= cap`. `bytes` cannot overlap it: they come
                     // from the value being serialised, and the region is owned by this writer
                     // alone, so no live reference (not even a slice of shared memory being
-                    // re-sent) points into it. A large write streams (`shm::copy`).
-                    unsafe { crate::shm::copy::copy_into(bytes, self.ptr.add(self.pos)) };
+                    // re-sent) points into it. A large write into shared memory streams
+                    // (`shm::copy`).
+                    unsafe {
+                        let dst = self.ptr.add(self.pos);
+                        if self.stream {
+                            crate::shm::copy::copy_into(bytes, dst)
+                        } else {
+                            std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len())
+                        }
+                    };
                 }
                 self.pos = end;
                 Ok(())
@@ -318,7 +335,28 @@ pub(crate) unsafe fn encode_into<T: Encode>(
     cap: usize,
 ) -> Result<usize, EncodeError> {
     // SAFETY: passed on from our caller (this function's contract).
-    let writer = unsafe { ShmWriter::new(ptr, cap) };
+    encode_with(value, unsafe { ShmWriter::new(ptr, cap) })
+}
+
+/// [`encode_into`] for a private buffer that this process reads next (a thread stage's task,
+/// spawn arguments on their way to the spawn area): never streams, so the bytes stay in cache.
+///
+/// # Safety
+/// As for [`encode_into`].
+pub(crate) unsafe fn encode_into_private<T: Encode>(
+    value: &T,
+    ptr: *mut u8,
+    cap: usize,
+) -> Result<usize, EncodeError> {
+    // SAFETY: passed on from our caller (this function's contract).
+    let mut writer = unsafe { ShmWriter::new(ptr, cap) };
+    writer.stream = false;
+    encode_with(value, writer)
+}
+
+/// Serialises `value` with `writer`; returns the archive length.
+fn encode_with<T: Encode>(value: &T, writer: ShmWriter) -> Result<usize, EncodeError> {
+    let cap = writer.cap;
     match rkyv::api::high::to_bytes_in::<_, BoxedError>(value, writer) {
         Ok(w) => Ok(w.pos),
         // The writer is gone with the error; tell overflow from a failing `Serialize` by
@@ -347,13 +385,13 @@ pub(crate) fn encode_owned<T: Encode>(value: &T) -> Result<AlignedVec<16>, Encod
     let mut buf = AlignedVec::<16>::with_capacity(FIRST_TRY);
     // SAFETY: the buffer has `FIRST_TRY` bytes of capacity and is ours alone; `encode_into`
     // writes at most `cap` bytes (it fails with `Overflow` rather than write past it).
-    let n = match unsafe { encode_into(value, buf.as_mut_ptr(), FIRST_TRY) } {
+    let n = match unsafe { encode_into_private(value, buf.as_mut_ptr(), FIRST_TRY) } {
         Ok(n) => n,
         Err(EncodeError::Overflow) => {
             let len = encoded_len(value)?;
             buf.reserve(len);
             // SAFETY: as above, with `len` bytes of capacity now.
-            unsafe { encode_into(value, buf.as_mut_ptr(), len)? }
+            unsafe { encode_into_private(value, buf.as_mut_ptr(), len)? }
         }
         Err(e) => return Err(e),
     };

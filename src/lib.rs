@@ -84,12 +84,15 @@
 //!
 //! ## Large payloads
 //!
-//! A task or result of several MiB is copied into shared memory once, with non-temporal
-//! stores from an eighth of the last-level cache up (4 MiB on a 32 MiB L3), which skip reading
-//! the cold destination into the cache: 1.2–1.6× a plain `memcpy` at 16 MiB on our machine.
-//! [`Loan::copy_from_slice`] fills a loan the same way. The environment variable
-//! `STATEFUL_POOL_STREAM_COPY_MIN` moves the threshold (a byte count, at least 1 MiB) or turns
-//! streaming off (`off`), for the whole process.
+//! A byte vector or string of several MiB in a task or result is copied into shared memory
+//! once, with non-temporal stores from an eighth of the L3 cache up (4 MiB on a 32 MiB L3),
+//! which skip reading the cold destination into the cache: W3's copying submit at 16 MiB ran
+//! at 1.18× a plain `memcpy`, against 0.93× without (`BENCHMARKS.md`). Other containers may be
+//! archived element by element and are copied as usual. [`Loan::copy_from_slice`] fills a loan
+//! the same way. The environment variable `STATEFUL_POOL_STREAM_COPY_MIN` moves the threshold
+//! (a size such as `8M`, at least 1 MiB) or turns streaming off (`off`). Each process reads it
+//! once, at its first large copy: the parent, and each worker from its own environment (so
+//! [`SpawnOptions::env`] can set it per worker).
 //!
 //! See `ARCHITECTURE.md` for the shared-memory layout and the ring protocols.
 

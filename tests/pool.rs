@@ -340,39 +340,53 @@ fn tasks_larger_than_a_slot_and_large_results_work() {
     });
 }
 
-/// Sizes at which copies into shared memory use streaming stores (from a few MiB; 24 MiB
-/// streams wherever the last-level cache is below 192 MiB): tasks, results and loans filled
-/// with `Loan::copy_from_slice` arrive intact, odd lengths included (the copy's unaligned
-/// head and tail), and the worker keeps serving small tasks afterwards.
+/// Copies into shared memory stream from a few MiB; above 64 MiB (the threshold's ceiling)
+/// they stream on any x86-64 machine unless `STATEFUL_POOL_STREAM_COPY_MIN=off`, and the
+/// worker here is told to stream from 1 MiB (the variable, through its own environment).
+/// Tasks, results and loans filled with `Loan::copy_from_slice` arrive intact at such sizes,
+/// with odd lengths (the copy's unaligned tail), checked with a position-dependent hash or byte
+/// by byte, and the worker keeps serving small tasks afterwards.
 #[test]
 fn tasks_results_and_loans_cross_intact_at_streaming_sizes() {
-    watchdog(120, || {
+    watchdog(180, || {
+        let n = (64 << 20) + 77;
         let pool = Pool::<TestWorker>::builder()
-            .task_arena_bytes(64 << 20)
-            .result_ring_bytes(64 << 20)
+            .task_arena_bytes(72 << 20)
+            .result_ring_bytes(24 << 20)
             .build()
             .unwrap();
-        pool.spawn(&Spawn::ok("stream")).unwrap();
-        for n in [(24 << 20) + 77, 24 << 20] {
-            let v: Vec<u8> = (0..n as u32).map(|i| (i % 253) as u8).collect();
-            let expect: u64 = v.iter().map(|&b| b as u64).sum();
-            assert_eq!(pool.execute(&Cmd::SumVec(v)).unwrap().value, expect);
-            let out = pool.execute(&Cmd::MakeBytes(n as u32)).unwrap();
-            assert_eq!(out.bytes.len(), n);
-            assert!(
-                out.bytes
-                    .iter()
-                    .enumerate()
-                    .all(|(i, &b)| b == (i % 251) as u8)
-            );
-            let src: Vec<u8> = (0..n).map(|i| (i / 4096 % 200) as u8 + 1).collect();
-            let mut loan = pool.loan(n).unwrap();
-            loan.copy_from_slice(&src);
-            assert_eq!(loan.as_slice(), &src[..]);
-            let expect: u64 = src.iter().step_by(4096).map(|&b| b as u64).sum();
-            let out = pool.task(&Cmd::SumPayload).payload(loan).execute().unwrap();
-            assert_eq!(out.value, expect);
-        }
+        pool.spawn_with(
+            &Spawn::ok("stream"),
+            &SpawnOptions::new().env("STATEFUL_POOL_STREAM_COPY_MIN", "1M"),
+        )
+        .unwrap();
+        let v: Vec<u8> = (0..n as u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+            .collect();
+        let expect = hash_bytes(&v);
+        assert_eq!(
+            pool.execute(&Cmd::HashVec(v.clone())).unwrap().value,
+            expect
+        );
+        let mut loan = pool.loan(n).unwrap();
+        loan.copy_from_slice(&v);
+        assert_eq!(loan.as_slice(), &v[..]);
+        let out = pool
+            .task(&Cmd::HashPayload)
+            .payload(loan)
+            .execute()
+            .unwrap();
+        assert_eq!(out.value, expect);
+        drop(v);
+        let n = (8 << 20) + 77;
+        let out = pool.execute(&Cmd::MakeBytes(n as u32)).unwrap();
+        assert_eq!(out.bytes.len(), n);
+        assert!(
+            out.bytes
+                .iter()
+                .enumerate()
+                .all(|(i, &b)| b == (i % 251) as u8)
+        );
         for k in 0..50 {
             assert_eq!(pool.execute(&Cmd::Echo(k)).unwrap().value, k);
         }

@@ -282,7 +282,7 @@ impl<W: Worker> Pool<W> {
         }
         let mut buf = vec![0u8; len];
         // SAFETY: `buf` is our own, `len` bytes long.
-        unsafe { codec::encode_into(args, buf.as_mut_ptr(), len) }
+        unsafe { codec::encode_into_private(args, buf.as_mut_ptr(), len) }
             .map_err(|e| SpawnError::Encode(e.message()))?;
         opts.check_cpus()?;
         if cfg!(feature = "cuda") && !opts.gpus.is_empty() {

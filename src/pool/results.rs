@@ -92,10 +92,12 @@ impl Dest<'_> {
                     return Err("the result is larger than its destination");
                 }
                 // SAFETY: `len + n <= cap` bytes of the destination are writable (checked
-                // above, and the caller's contract); the source lies in the segment, the
-                // destination in another pool's arena block or private memory: no overlap
-                // with a live ring record (the destination block is ours alone).
-                unsafe { std::ptr::copy_nonoverlapping(src, ptr.add(*len), n) };
+                // above, and the caller's contract); the source lies in the segment (read as
+                // raw bytes: a worker may be writing it), the destination in another pool's
+                // arena block (a loan): no overlap with a live ring record (the destination
+                // block is ours alone). Large copies stream (`shm::copy`): the next stage's
+                // worker reads them, later.
+                unsafe { crate::shm::copy::copy_raw(src, n, ptr.add(*len)) };
                 *len += n;
             }
         }

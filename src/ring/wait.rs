@@ -313,6 +313,10 @@ pub(crate) const PURE_SPIN: Duration = Duration::from_micros(3);
 /// Spins on `cond` for at most `budget`: pure spin hints for the first [`PURE_SPIN`] (or half
 /// the budget if that is shorter), then yielding the CPU between polls (so a peer that shares
 /// our core can run). Returns whether `cond` became true.
+///
+/// A thread whose recent waits were each won by its first yield, a yield that let another
+/// thread run, skips the pure spin (see [`SharedCore`]): its peer is on its CPU, and spinning
+/// only delays it.
 #[inline]
 pub(crate) fn spin_until(budget: Duration, mut cond: impl FnMut() -> bool) -> bool {
     if cond() {
@@ -322,12 +326,21 @@ pub(crate) fn spin_until(budget: Duration, mut cond: impl FnMut() -> bool) -> bo
         return false;
     }
     let start = Instant::now();
-    let pure = (budget / 2).min(PURE_SPIN);
+    let shared_core = SharedCore::suspected();
+    let pure = if shared_core {
+        Duration::ZERO
+    } else {
+        (budget / 2).min(PURE_SPIN)
+    };
+    let mut first_yield = true;
     loop {
-        for _ in 0..32 {
-            crate::sync::spin_hint();
-            if cond() {
-                return true;
+        if !shared_core || !first_yield {
+            for _ in 0..32 {
+                crate::sync::spin_hint();
+                if cond() {
+                    SharedCore::record(first_yield, None);
+                    return true;
+                }
             }
         }
         let elapsed = start.elapsed();
@@ -335,10 +348,91 @@ pub(crate) fn spin_until(budget: Duration, mut cond: impl FnMut() -> bool) -> bo
             return false;
         }
         if elapsed >= pure {
+            let before = first_yield.then(Instant::now);
             std::thread::yield_now();
-            if cond() {
+            let took = before.map(|b| b.elapsed());
+            let won = cond();
+            if won || first_yield {
+                SharedCore::record(false, took.filter(|_| won));
+            }
+            if won {
                 return true;
             }
+            first_yield = false;
+        }
+    }
+}
+
+/// Whether this thread's peer seems to share its CPU, from how its recent spins ended (a
+/// thread-local guess, never shared memory).
+///
+/// When the scheduler puts a waiting caller and the worker it waits for on one CPU (it can
+/// keep them there for seconds on a 2-vCPU machine while the other vCPU idles), a pure spin
+/// cannot succeed: the peer runs only once we yield. Both sides then burned [`PURE_SPIN`] per
+/// hand-off, 12.6 µs per W1 round trip against 1.8–2 µs for a pool that parks
+/// (`BENCHMARKS.md`, *W1 on one CPU*). The sign of it: the wait is won right after the first
+/// yield, and that yield took at least [`SWITCHED`] (another thread ran), which a yield with
+/// nothing else to run (≈ 0.2 µs) does not. After [`SHARED_AFTER`] such waits in a row the
+/// pure spin is skipped, except on every [`REPROBE`]th wait, which spins as before: a wait won
+/// while spinning (the peer moved to another CPU), or one that needed more than one yield,
+/// ends the guess.
+pub(crate) struct SharedCore;
+
+/// Consecutive waits won by a switching first yield before the pure spin is skipped.
+pub(crate) const SHARED_AFTER: u8 = 4;
+/// While the pure spin is skipped, every this many waits spin as before, to notice a change.
+pub(crate) const REPROBE: u8 = 16;
+/// A yield that took at least this long let another thread run.
+pub(crate) const SWITCHED: Duration = Duration::from_micros(1);
+
+#[cfg(not(stateful_pool_loom))]
+thread_local! {
+    /// (waits won by a switching first yield, in a row; waits since the last reprobe).
+    static SHARED_CORE: std::cell::Cell<(u8, u8)> = const { std::cell::Cell::new((0, 0)) };
+}
+
+impl SharedCore {
+    /// Whether this wait should skip its pure spin.
+    fn suspected() -> bool {
+        #[cfg(not(stateful_pool_loom))]
+        {
+            SHARED_CORE.with(|c| {
+                let (streak, since) = c.get();
+                let (skip, since) = Self::decide(streak, since);
+                c.set((streak, since));
+                skip
+            })
+        }
+        #[cfg(stateful_pool_loom)]
+        false
+    }
+
+    /// The decision for a wait, and the new reprobe counter.
+    pub(crate) fn decide(streak: u8, since: u8) -> (bool, u8) {
+        if streak < SHARED_AFTER {
+            return (false, 0);
+        }
+        let since = since.wrapping_add(1) % REPROBE;
+        (since != 0, since)
+    }
+
+    /// Records how a wait ended: `spun` if won by polling (before any yield, or after a later
+    /// one), else by the first yield, which took `took` (`None`: the first yield did not win).
+    fn record(spun: bool, took: Option<Duration>) {
+        #[cfg(not(stateful_pool_loom))]
+        SHARED_CORE.with(|c| {
+            let (streak, since) = c.get();
+            c.set((Self::next(streak, spun, took), since));
+        });
+        #[cfg(stateful_pool_loom)]
+        let _ = (spun, took);
+    }
+
+    /// The new streak after a wait that ended as [`record`](Self::record) describes.
+    pub(crate) fn next(streak: u8, spun: bool, took: Option<Duration>) -> u8 {
+        match took {
+            Some(t) if !spun && t >= SWITCHED => streak.saturating_add(1),
+            _ => 0,
         }
     }
 }

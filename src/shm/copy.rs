@@ -9,10 +9,18 @@
 //! blocks are: 1 MiB, ordinary 24–32 GB/s against streaming 17–20 GB/s; 4 MiB, 13–15 against
 //! 17–18; 16 MiB, 7–9 against 11–15 (BENCHMARKS.md, *W3: streaming copies*).
 //!
-//! So a copy of at least [`threshold`] bytes (an eighth of the last-level cache, 1–64 MiB;
+//! So a copy of at least [`threshold`] bytes (an eighth of the L3 cache, 1–64 MiB;
 //! `STATEFUL_POOL_STREAM_COPY_MIN` overrides it, `off` disables streaming) streams, and a
-//! smaller one is a plain `memcpy`. Streaming needs x86-64 (AVX2 when the CPU has it, SSE2
+//! smaller one is a plain `memcpy`. Each process (the parent, each worker) decides once, at its
+//! first copy of 1 MiB or more. Streaming needs x86-64 (AVX2 when the CPU has it, SSE2
 //! otherwise); elsewhere, and under Miri, every copy is a plain one.
+//!
+//! Only copies into shared memory that another process reads later come here: an rkyv
+//! archive's large `write`s (a byte vector or a string: rkyv writes those in one piece; other
+//! containers may be written element by element, and then never stream),
+//! `Loan::copy_from_slice`, and a result copied into the next stage's loan. A private buffer
+//! this process reads next (a thread stage's task, spawn arguments on their way to the spawn
+//! area) is written with a plain copy.
 //!
 //! Streaming stores are weakly ordered: they may become visible after a later ordinary store,
 //! even a `Release` one. A streaming copy therefore ends with `sfence`, so whatever publishes the
@@ -20,7 +28,8 @@
 
 use std::sync::OnceLock;
 
-/// The environment variable that overrides the threshold: a byte count, or `off`.
+/// The environment variable that overrides the threshold: a byte count (`8388608`, `8M`,
+/// `8192K`), or `off`.
 pub(crate) const STREAM_MIN_ENV: &str = "STATEFUL_POOL_STREAM_COPY_MIN";
 
 /// The threshold is never below this (and copies below it never look it up).
@@ -29,7 +38,7 @@ const FLOOR: usize = 1 << 20;
 /// Nor above this.
 const CEILING: usize = 64 << 20;
 
-/// The threshold when the cache size cannot be read: an eighth of a 32 MiB L3.
+/// The threshold when the L3 size cannot be read: an eighth of a 32 MiB L3.
 const FALLBACK: usize = 4 << 20;
 
 /// Copies `src` to `dst`, streaming when `src` is at least [`threshold`] bytes long.
@@ -37,9 +46,20 @@ const FALLBACK: usize = 4 << 20;
 /// # Safety
 /// `dst..dst + src.len()` must be valid for writes and must not overlap `src`.
 pub(crate) unsafe fn copy_into(src: &[u8], dst: *mut u8) {
-    let stream = src.len() >= FLOOR && src.len() >= threshold();
+    // SAFETY: passed on from our caller (this function's contract); a slice is readable.
+    unsafe { copy_raw(src.as_ptr(), src.len(), dst) }
+}
+
+/// [`copy_into`] from raw memory: for a source in shared memory that another process may be
+/// writing meanwhile (a worker's result), which must not become a Rust reference.
+///
+/// # Safety
+/// `src..src + len` must be readable (its contents may change under the copy: they are copied
+/// as bytes, never interpreted) and `dst..dst + len` writable, not overlapping it.
+pub(crate) unsafe fn copy_raw(src: *const u8, len: usize, dst: *mut u8) {
+    let stream = len >= FLOOR && len >= threshold();
     // SAFETY: passed on from our caller (this function's contract).
-    unsafe { copy_with(src, dst, stream) }
+    unsafe { copy_with(src, len, dst, stream) }
 }
 
 /// The size from which copies stream (`usize::MAX` when streaming is off or unavailable).
@@ -49,36 +69,37 @@ pub(crate) fn threshold() -> usize {
         if !cfg!(all(target_arch = "x86_64", not(miri))) {
             return usize::MAX;
         }
-        match std::env::var(STREAM_MIN_ENV) {
-            Ok(v) => parse_override(&v).unwrap_or_else(|| from_cache(last_level_cache())),
-            Err(_) => from_cache(last_level_cache()),
-        }
+        std::env::var(STREAM_MIN_ENV)
+            .ok()
+            .and_then(|v| parse_override(&v))
+            .unwrap_or_else(|| from_cache(l3_cache()))
     })
 }
 
-/// The threshold an override asks for: `off` (or `0`) is `usize::MAX` (never stream); a byte
-/// count is taken as it is, but at least 1 MiB (below that streaming never pays). `None` if
-/// malformed (the default applies then).
+/// The threshold an override asks for: `off` (or `0`) is `usize::MAX` (never stream); a size
+/// (`parse_size`'s forms) is taken as it is, but at least 1 MiB (below that streaming never
+/// pays). `None` if malformed: the default applies then.
 fn parse_override(v: &str) -> Option<usize> {
     let v = v.trim();
     if v.eq_ignore_ascii_case("off") {
         return Some(usize::MAX);
     }
-    match v.parse::<usize>().ok()? {
+    match parse_size(v)? {
         0 => Some(usize::MAX),
         n => Some(n.max(FLOOR)),
     }
 }
 
-/// The threshold for a last-level cache of `llc` bytes (`None`: unknown).
-fn from_cache(llc: Option<usize>) -> usize {
-    llc.map_or(FALLBACK, |c| (c / 8).clamp(FLOOR, CEILING))
+/// The threshold for an L3 cache of `l3` bytes (`None`: unknown).
+fn from_cache(l3: Option<usize>) -> usize {
+    l3.map_or(FALLBACK, |c| (c / 8).clamp(FLOOR, CEILING))
 }
 
-/// The size of one instance of the highest-level data or unified cache of CPU 0, from sysfs
-/// (`sysconf(_SC_LEVEL3_CACHE_SIZE)` reports a whole socket's L3 on some AMD parts, where
-/// each core complex has its own).
-fn last_level_cache() -> Option<usize> {
+/// The size of one instance of CPU 0's level-3 (or higher) data or unified cache, from sysfs
+/// (`sysconf(_SC_LEVEL3_CACHE_SIZE)` reports a whole socket's L3 on some AMD parts, where each
+/// core complex has its own). `None` where sysfs shows no such level (some VMs show only L1 and
+/// L2: an L2-sized threshold would stream copies that stay in the L3).
+fn l3_cache() -> Option<usize> {
     let mut best: Option<(u32, usize)> = None;
     for i in 0..16 {
         let dir = format!("/sys/devices/system/cpu/cpu0/cache/index{i}");
@@ -86,7 +107,7 @@ fn last_level_cache() -> Option<usize> {
         let Some(level) = read("level").and_then(|l| l.trim().parse::<u32>().ok()) else {
             continue;
         };
-        if read("type").is_some_and(|t| t.trim() == "Instruction") {
+        if level < 3 || read("type").is_some_and(|t| t.trim() == "Instruction") {
             continue;
         }
         if let Some(size) = read("size").and_then(|s| parse_size(&s)) {
@@ -98,7 +119,7 @@ fn last_level_cache() -> Option<usize> {
     best.map(|(_, size)| size)
 }
 
-/// Parses sysfs's cache size (`32768K`, `32M`, `512`).
+/// Parses a size: bytes, or with a `K`, `M` or `G` suffix (sysfs writes `32768K`).
 fn parse_size(s: &str) -> Option<usize> {
     let s = s.trim();
     let (num, unit) = match s.as_bytes().last()? {
@@ -110,20 +131,21 @@ fn parse_size(s: &str) -> Option<usize> {
     num.parse::<usize>().ok()?.checked_mul(unit)
 }
 
-/// Copies `src` to `dst`, with streaming stores if `stream` (and the target has them).
+/// Copies `len` bytes from `src` to `dst`, with streaming stores if `stream` (and the target
+/// has them).
 ///
 /// # Safety
-/// As for [`copy_into`].
-unsafe fn copy_with(src: &[u8], dst: *mut u8, stream: bool) {
+/// As for [`copy_raw`].
+unsafe fn copy_with(src: *const u8, len: usize, dst: *mut u8, stream: bool) {
     #[cfg(all(target_arch = "x86_64", not(miri)))]
     if stream {
         // SAFETY: passed on from our caller (this function's contract).
-        unsafe { x86::stream(src, dst) };
+        unsafe { x86::stream(src, len, dst, std::is_x86_feature_detected!("avx2")) };
         return;
     }
     let _ = stream;
     // SAFETY: passed on from our caller (this function's contract).
-    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len()) };
+    unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
 }
 
 #[cfg(all(target_arch = "x86_64", not(miri)))]
@@ -136,30 +158,31 @@ mod x86 {
     /// Bytes per loop iteration: two lines.
     const STEP: usize = 128;
 
-    /// The streaming copy: an ordinary copy up to the first 32-byte boundary of `dst`, then
-    /// streaming stores of 128 bytes per iteration, an ordinary copy of the rest, and `sfence`.
+    /// The streaming copy: an ordinary copy up to the first line (64-byte) boundary of `dst`,
+    /// so that every streamed line is written whole; streaming stores of [`STEP`] bytes per
+    /// iteration (AVX2 if `avx2`, else SSE2); an ordinary copy of the rest; `sfence`.
     ///
     /// # Safety
-    /// `dst..dst + src.len()` is valid for writes and does not overlap `src`.
-    pub(super) unsafe fn stream(src: &[u8], dst: *mut u8) {
-        let len = src.len();
-        let head = dst.align_offset(32).min(len);
+    /// `src..src + len` readable, `dst..dst + len` writable, not overlapping; if `avx2`, the
+    /// CPU has AVX2.
+    pub(super) unsafe fn stream(src: *const u8, len: usize, dst: *mut u8, avx2: bool) {
+        let head = dst.align_offset(64).min(len);
         let body = (len - head) / STEP * STEP;
-        let s = src.as_ptr();
-        // SAFETY: `head + body <= len`, so both parts lie inside `src` and inside the `dst`
-        // region our caller vouches for; they do not overlap (our caller's contract).
+        // SAFETY: `head + body <= len`, so the three parts lie inside `src..src + len` and
+        // `dst..dst + len`, which do not overlap (our caller's contract). The body's
+        // destination `dst + head` is 64-aligned whenever `body > 0` (`align_offset` gave the
+        // distance to the boundary, and `body > 0` means it was not cut to `len`), `body` is
+        // a multiple of STEP, and `avx2` is only true where the CPU has AVX2 (our contract):
+        // what `avx2_body` and `sse2_body` require.
         unsafe {
-            std::ptr::copy_nonoverlapping(s, dst, head);
-            if std::is_x86_feature_detected!("avx2") {
-                avx2(s.add(head), dst.add(head), body);
+            std::ptr::copy_nonoverlapping(src, dst, head);
+            if avx2 {
+                avx2_body(src.add(head), dst.add(head), body);
             } else {
-                sse2(s.add(head), dst.add(head), body);
+                sse2_body(src.add(head), dst.add(head), body);
             }
-            std::ptr::copy_nonoverlapping(
-                s.add(head + body),
-                dst.add(head + body),
-                len - head - body,
-            );
+            let done = head + body;
+            std::ptr::copy_nonoverlapping(src.add(done), dst.add(done), len - done);
             // Streaming stores are weakly ordered: make them visible before any later store
             // (the one that publishes these bytes to the reader).
             _mm_sfence();
@@ -167,10 +190,10 @@ mod x86 {
     }
 
     /// # Safety
-    /// `src..src + len` readable, `dst..dst + len` writable, disjoint; `dst` 32-aligned; `len`
-    /// a multiple of [`STEP`]; the CPU has AVX2.
+    /// `src..src + len` readable, `dst..dst + len` writable, disjoint; `dst` 32-aligned if
+    /// `len > 0`; `len` a multiple of [`STEP`]; the CPU has AVX2.
     #[target_feature(enable = "avx2")]
-    unsafe fn avx2(src: *const u8, dst: *mut u8, len: usize) {
+    unsafe fn avx2_body(src: *const u8, dst: *mut u8, len: usize) {
         let mut i = 0;
         while i < len {
             // SAFETY: `i + STEP <= len` (len is a multiple of STEP), so every load reads inside
@@ -193,11 +216,11 @@ mod x86 {
     }
 
     /// # Safety
-    /// As for [`avx2`], less the AVX2 requirement (SSE2 is part of x86-64).
-    pub(super) unsafe fn sse2(src: *const u8, dst: *mut u8, len: usize) {
+    /// As for [`avx2_body`], with `dst` 16-aligned and no AVX2 needed (SSE2 is part of x86-64).
+    unsafe fn sse2_body(src: *const u8, dst: *mut u8, len: usize) {
         let mut i = 0;
         while i < len {
-            // SAFETY: as in `avx2`: in bounds, stores 16-aligned (`dst` is 32-aligned).
+            // SAFETY: as in `avx2_body`: in bounds, every store 16-aligned.
             unsafe {
                 let p = src.add(i);
                 let q = dst.add(i);
@@ -215,44 +238,45 @@ mod x86 {
 mod tests {
     use super::*;
 
-    /// Every length and destination misalignment around the step gives an exact copy, with
-    /// the bytes around the destination untouched, streaming or not.
+    /// Copies `src` into a fresh buffer at `mis` bytes past a 64-byte boundary with `copy`,
+    /// and checks the copy and that the bytes around it are untouched.
+    fn check(src: &[u8], mis: usize, copy: impl Fn(*const u8, usize, *mut u8)) {
+        let len = src.len();
+        let mut buf = vec![0xAAu8; len + 128];
+        let base = buf.as_mut_ptr().align_offset(64);
+        let start = base + mis;
+        copy(src.as_ptr(), len, buf[start..].as_mut_ptr());
+        assert_eq!(&buf[start..start + len], src, "len {len} mis {mis}");
+        assert!(buf[..start].iter().all(|&b| b == 0xAA));
+        assert!(buf[start + len..].iter().all(|&b| b == 0xAA));
+    }
+
+    /// Every length and destination misalignment around the step and the line gives an exact
+    /// copy, with the bytes around the destination untouched: plain, streaming with AVX2 where
+    /// the CPU has it, and streaming with SSE2.
     #[test]
     fn copies_are_exact_for_any_length_and_alignment() {
         let src: Vec<u8> = (0..5000u32).map(|i| (i * 7 + 3) as u8).collect();
-        for stream in [false, true] {
-            for len in (0..300).chain([1000, 4096, 4999]) {
-                for mis in 0..40 {
-                    let mut buf = vec![0xAAu8; len + 128];
-                    let base = buf.as_mut_ptr().align_offset(64);
-                    let start = (base + mis).min(buf.len() - len);
-                    // SAFETY: `start + len <= buf.len()`; `src` is a separate vector.
-                    unsafe { copy_with(&src[..len], buf.as_mut_ptr().add(start), stream) };
-                    assert_eq!(&buf[start..start + len], &src[..len], "len {len} mis {mis}");
-                    assert!(buf[..start].iter().all(|&b| b == 0xAA));
-                    assert!(buf[start + len..].iter().all(|&b| b == 0xAA));
+        for len in (0..300).chain([1000, 4096, 4999]) {
+            for mis in 0..64 {
+                for stream in [false, true] {
+                    // SAFETY: `check` hands a destination with `len` writable bytes, apart
+                    // from the source.
+                    check(&src[..len], mis, |s, n, d| unsafe {
+                        copy_with(s, n, d, stream)
+                    });
                 }
+                #[cfg(all(target_arch = "x86_64", not(miri)))]
+                // SAFETY: as above; SSE2 is part of x86-64, so `avx2 = false` needs nothing.
+                check(&src[..len], mis, |s, n, d| unsafe {
+                    x86::stream(s, n, d, false)
+                });
             }
         }
     }
 
-    #[cfg(all(target_arch = "x86_64", not(miri)))]
     #[test]
-    fn the_sse2_body_copies_exactly() {
-        let src: Vec<u8> = (0..1024u32).map(|i| (i * 13) as u8).collect();
-        let mut buf = vec![0u8; 1024 + 64];
-        let off = buf.as_mut_ptr().align_offset(32);
-        // SAFETY: 32-aligned destination of 1024 bytes inside `buf`; 1024 is a multiple of the
-        // step; SSE2 is part of x86-64.
-        unsafe {
-            x86::sse2(src.as_ptr(), buf.as_mut_ptr().add(off), 1024);
-            std::arch::x86_64::_mm_sfence();
-        }
-        assert_eq!(&buf[off..off + 1024], &src[..]);
-    }
-
-    #[test]
-    fn thresholds_come_from_the_cache_or_the_override() {
+    fn thresholds_come_from_the_l3_or_the_override() {
         assert_eq!(from_cache(Some(32 << 20)), 4 << 20);
         assert_eq!(from_cache(Some(2 << 20)), FLOOR);
         assert_eq!(from_cache(Some(4 << 30)), CEILING);
@@ -263,16 +287,16 @@ mod tests {
         assert_eq!(parse_size("K"), None);
         assert_eq!(parse_size("x"), None);
         assert_eq!(parse_override("off"), Some(usize::MAX));
+        assert_eq!(parse_override("OFF "), Some(usize::MAX));
         assert_eq!(parse_override("0"), Some(usize::MAX));
         assert_eq!(parse_override(" 8388608 "), Some(8 << 20));
+        assert_eq!(parse_override("8M"), Some(8 << 20));
+        assert_eq!(parse_override("8192k"), Some(8 << 20));
         assert_eq!(parse_override("1"), Some(FLOOR));
         assert_eq!(parse_override("lots"), None);
-        // This machine's answer is a sane one (the sysfs read itself).
-        let t = threshold();
-        assert!(
-            t == usize::MAX
-                || (FLOOR..=CEILING).contains(&t)
-                || std::env::var(STREAM_MIN_ENV).is_ok()
-        );
+        // This machine's answer (the sysfs read itself) is a sane one.
+        if std::env::var(STREAM_MIN_ENV).is_err() && cfg!(target_arch = "x86_64") {
+            assert!((FLOOR..=CEILING).contains(&threshold()));
+        }
     }
 }

@@ -96,6 +96,24 @@ pub enum Cmd {
         gate: String,
         fail: bool,
     },
+    /// Returns [`hash_bytes`] of this vector.
+    HashVec(Vec<u8>),
+    /// Returns [`hash_bytes`] of the loaned payload.
+    HashPayload,
+}
+
+/// A position-dependent hash of `b` (FNV-1a over 8-byte words, then the tail bytes): a
+/// swapped, shifted or missing chunk changes it, unlike a sum.
+pub fn hash_bytes(b: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut words = b.chunks_exact(8);
+    for w in &mut words {
+        h = (h ^ u64::from_le_bytes(w.try_into().unwrap())).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    for &x in words.remainder() {
+        h = (h ^ x as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^ b.len() as u64
 }
 
 impl Cmd {
@@ -299,6 +317,8 @@ impl Worker for TestWorker {
                 }
                 out(v)
             }
+            ArchivedCmd::HashVec(v) => out(hash_bytes(v.as_slice())),
+            ArchivedCmd::HashPayload => out(hash_bytes(ctx.payload())),
             ArchivedCmd::TickSlow(id, us) => {
                 std::thread::sleep(Duration::from_micros(us.to_native() as u64));
                 out(self.tick(id.to_native()))
