@@ -87,9 +87,10 @@ impl std::fmt::Debug for EventHook {
 /// Spinning answers fastest when the other side is about to deliver, but on a machine where
 /// processes outnumber cores a spinner steals the core its peer needs. So the spin is always
 /// bounded (polling purely for its first 3 µs, then yielding the CPU between polls), then
-/// the waiter parks on a futex and burns no CPU. A thread whose recent waits were each won by
-/// yielding to a peer on its own CPU skips the pure polling and yields at once (trying it
-/// again every 16th wait).
+/// the waiter parks on a futex and burns no CPU. A thread whose recent waits were each won
+/// right after a yield that briefly let another thread run (the sign of a peer on its own
+/// CPU, which a pure spin cannot see) skips the pure polling and yields at once, trying it
+/// again every 16th wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WaitStrategy {
     /// Spin for up to `spin`, then park. The default is 20 µs.

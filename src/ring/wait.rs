@@ -53,7 +53,7 @@
 //! On a 2-core machine a parent and two workers outnumber the cores; two pure spinners sharing a
 //! core cost a scheduler tick (~ms) per hand-off. So every spin here is bounded by a time budget
 //! (20 µs by default) and, past its first 3 µs, yields the CPU between polls; then it
-//! parks.
+//! parks. A thread whose peer seems to share its CPU yields from the start ([`SharedCore`]).
 
 use crate::sync::{AtomicU32, AtomicU64, Ordering, fence};
 use std::time::{Duration, Instant};
@@ -315,8 +315,8 @@ pub(crate) const PURE_SPIN: Duration = Duration::from_micros(3);
 /// our core can run). Returns whether `cond` became true.
 ///
 /// A thread whose recent waits were each won by its first yield, a yield that let another
-/// thread run, skips the pure spin (see [`SharedCore`]): its peer is on its CPU, and spinning
-/// only delays it.
+/// thread run for a moment, skips the pure spin (see [`SharedCore`]): its peer is probably on
+/// its CPU, and spinning would only delay it.
 #[inline]
 pub(crate) fn spin_until(budget: Duration, mut cond: impl FnMut() -> bool) -> bool {
     if cond() {
@@ -332,28 +332,34 @@ pub(crate) fn spin_until(budget: Duration, mut cond: impl FnMut() -> bool) -> bo
     } else {
         (budget / 2).min(PURE_SPIN)
     };
+    // Until the first yield, how this wait ends is evidence for the guess; after it, the
+    // first yield has already been recorded.
     let mut first_yield = true;
     loop {
         if !shared_core || !first_yield {
             for _ in 0..32 {
                 crate::sync::spin_hint();
                 if cond() {
-                    SharedCore::record(first_yield, None);
+                    if first_yield {
+                        SharedCore::record(None);
+                    }
                     return true;
                 }
             }
         }
         let elapsed = start.elapsed();
         if elapsed >= budget {
+            if first_yield {
+                SharedCore::record(None);
+            }
             return false;
         }
         if elapsed >= pure {
             let before = first_yield.then(Instant::now);
             std::thread::yield_now();
-            let took = before.map(|b| b.elapsed());
             let won = cond();
-            if won || first_yield {
-                SharedCore::record(false, took.filter(|_| won));
+            if let Some(before) = before {
+                SharedCore::record(won.then(|| before.elapsed()));
             }
             if won {
                 return true;
@@ -369,13 +375,15 @@ pub(crate) fn spin_until(budget: Duration, mut cond: impl FnMut() -> bool) -> bo
 /// When the scheduler puts a waiting caller and the worker it waits for on one CPU (it can
 /// keep them there for seconds on a 2-vCPU machine while the other vCPU idles), a pure spin
 /// cannot succeed: the peer runs only once we yield. Both sides then burned [`PURE_SPIN`] per
-/// hand-off, 12.6 µs per W1 round trip against 1.8–2 µs for a pool that parks
-/// (`BENCHMARKS.md`, *W1 on one CPU*). The sign of it: the wait is won right after the first
-/// yield, and that yield took at least [`SWITCHED`] (another thread ran), which a yield with
-/// nothing else to run (≈ 0.2 µs) does not. After [`SHARED_AFTER`] such waits in a row the
-/// pure spin is skipped, except on every [`REPROBE`]th wait, which spins as before: a wait won
-/// while spinning (the peer moved to another CPU), or one that needed more than one yield,
-/// ends the guess.
+/// hand-off: 12.6–14.1 µs per W1 round trip on the development VM, against 8.9–9.8 µs for a
+/// pool that parks (`BENCHMARKS.md`, *W1 on one CPU*). The sign of it: the wait is won right
+/// after the first yield, and that yield took between [`SWITCHED`] (another thread ran, which
+/// a yield with nothing else to run, ≈ 0.2 µs, does not) and [`SWITCHED_MAX`] (longer means a
+/// third thread had the CPU for a time slice, while the peer may well be elsewhere). After
+/// [`SHARED_AFTER`] such waits in a row the pure spin is skipped, except on every
+/// [`REPROBE`]th wait, which spins as before. Any other ending of a wait that reached its spin
+/// (won while polling, a first yield too quick or too long or not winning, the budget spent
+/// first) ends the guess; waits won by their first check are not counted either way.
 pub(crate) struct SharedCore;
 
 /// Consecutive waits won by a switching first yield before the pure spin is skipped.
@@ -384,6 +392,9 @@ pub(crate) const SHARED_AFTER: u8 = 4;
 pub(crate) const REPROBE: u8 = 16;
 /// A yield that took at least this long let another thread run.
 pub(crate) const SWITCHED: Duration = Duration::from_micros(1);
+/// A yield that took longer than this gave the CPU to a thread for a time slice: not the
+/// short hand-off of a peer that answers and yields back.
+pub(crate) const SWITCHED_MAX: Duration = Duration::from_micros(50);
 
 #[cfg(not(stateful_pool_loom))]
 thread_local! {
@@ -416,22 +427,22 @@ impl SharedCore {
         (since != 0, since)
     }
 
-    /// Records how a wait ended: `spun` if won by polling (before any yield, or after a later
-    /// one), else by the first yield, which took `took` (`None`: the first yield did not win).
-    fn record(spun: bool, took: Option<Duration>) {
+    /// Records how a wait that reached its spin ended: `Some(took)` if its first yield won it,
+    /// that yield having taken `took`; `None` for any other ending.
+    fn record(first_yield_won: Option<Duration>) {
         #[cfg(not(stateful_pool_loom))]
         SHARED_CORE.with(|c| {
             let (streak, since) = c.get();
-            c.set((Self::next(streak, spun, took), since));
+            c.set((Self::next(streak, first_yield_won), since));
         });
         #[cfg(stateful_pool_loom)]
-        let _ = (spun, took);
+        let _ = first_yield_won;
     }
 
     /// The new streak after a wait that ended as [`record`](Self::record) describes.
-    pub(crate) fn next(streak: u8, spun: bool, took: Option<Duration>) -> u8 {
-        match took {
-            Some(t) if !spun && t >= SWITCHED => streak.saturating_add(1),
+    pub(crate) fn next(streak: u8, first_yield_won: Option<Duration>) -> u8 {
+        match first_yield_won {
+            Some(t) if (SWITCHED..=SWITCHED_MAX).contains(&t) => streak.saturating_add(1),
             _ => 0,
         }
     }
