@@ -485,6 +485,21 @@ fn w2(c: &mut Criterion) {
     g.finish();
 }
 
+/// W3's body: `count` copying submits of `data`, up to 4 in flight, each answer checked.
+fn copying_submits(pool: &Pool<PayloadSum>, data: &Vec<u8>, count: u64, want: u64) {
+    let mut inflight = std::collections::VecDeque::new();
+    for _ in 0..count {
+        if inflight.len() == 4 {
+            let h: TaskHandle<u64> = inflight.pop_front().unwrap();
+            assert_eq!(h.wait().unwrap(), want);
+        }
+        inflight.push_back(pool.submit(data).unwrap());
+    }
+    for h in inflight {
+        assert_eq!(h.wait().unwrap(), want);
+    }
+}
+
 fn w3(c: &mut Criterion) {
     let mut g = configure(c, "W3_payload");
     let pool = Pool::<PayloadSum>::builder()
@@ -549,17 +564,7 @@ fn w3(c: &mut Criterion) {
                 b.iter_custom(|n| {
                     let start = Instant::now();
                     for _ in 0..n {
-                        let mut inflight = std::collections::VecDeque::new();
-                        for _ in 0..count {
-                            if inflight.len() == 4 {
-                                let h: TaskHandle<u64> = inflight.pop_front().unwrap();
-                                assert_eq!(h.wait().unwrap(), want);
-                            }
-                            inflight.push_back(p.submit(&data).unwrap());
-                        }
-                        for h in inflight {
-                            assert_eq!(h.wait().unwrap(), want);
-                        }
+                        copying_submits(p, &data, count, want);
                     }
                     let t = start.elapsed();
                     record_iter(&format!("W3/{name}/{label}"), t, n);
@@ -581,17 +586,7 @@ fn w3(c: &mut Criterion) {
                     }
                     let floor = t0.elapsed();
                     let t1 = Instant::now();
-                    let mut inflight = std::collections::VecDeque::new();
-                    for _ in 0..count {
-                        if inflight.len() == 4 {
-                            let h: TaskHandle<u64> = inflight.pop_front().unwrap();
-                            assert_eq!(h.wait().unwrap(), expect);
-                        }
-                        inflight.push_back(pool.submit(&data).unwrap());
-                    }
-                    for h in inflight {
-                        assert_eq!(h.wait().unwrap(), expect);
-                    }
+                    copying_submits(&pool, &data, count, expect);
                     let pooled = t1.elapsed();
                     spent += pooled;
                     push_ratio(
