@@ -45,6 +45,7 @@ const FALLBACK: usize = 4 << 20;
 ///
 /// # Safety
 /// `dst..dst + src.len()` must be valid for writes and must not overlap `src`.
+#[inline]
 pub(crate) unsafe fn copy_into(src: &[u8], dst: *mut u8) {
     // SAFETY: passed on from our caller (this function's contract); a slice is readable.
     unsafe { copy_raw(src.as_ptr(), src.len(), dst) }
@@ -56,10 +57,16 @@ pub(crate) unsafe fn copy_into(src: &[u8], dst: *mut u8) {
 /// # Safety
 /// `src..src + len` must be readable (its contents may change under the copy: they are copied
 /// as bytes, never interpreted) and `dst..dst + len` writable, not overlapping it.
+#[inline]
 pub(crate) unsafe fn copy_raw(src: *const u8, len: usize, dst: *mut u8) {
-    let stream = len >= FLOOR && len >= threshold();
+    // Every small task and result comes through here: its copy stays inline in the writer.
+    if len < FLOOR {
+        // SAFETY: passed on from our caller (this function's contract).
+        unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
+        return;
+    }
     // SAFETY: passed on from our caller (this function's contract).
-    unsafe { copy_with(src, len, dst, stream) }
+    unsafe { copy_with(src, len, dst, len >= threshold()) }
 }
 
 /// The size from which copies stream (`usize::MAX` when streaming is off or unavailable).
