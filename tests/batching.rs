@@ -501,9 +501,11 @@ fn a_hung_batch_is_killed_by_its_smallest_limit_and_waiting_for_company_is_not_r
             .submit()
             .unwrap();
         let unlimited = pool.submit(&Job::Echo(2)).unwrap();
+        // The hung task writes this marker when it starts; removed at the end.
+        let started = gate_path("never-started");
         let hang = pool
             .submit(&Job::Gate(
-                gate_path("never-started").to_string_lossy().into(),
+                started.to_string_lossy().into(),
                 never.to_string_lossy().into(),
             ))
             .unwrap();
@@ -518,6 +520,7 @@ fn a_hung_batch_is_killed_by_its_smallest_limit_and_waiting_for_company_is_not_r
             Err(TaskError::WorkerDied { .. })
         ));
         assert!(matches!(hang.wait(), Err(TaskError::WorkerDied { .. })));
+        let _ = std::fs::remove_file(&started);
         assert_eq!(pool.execute(&Job::Echo(3)).unwrap().value, 3);
         drop(pool);
 
@@ -548,9 +551,11 @@ fn a_hung_batch_kill_times_out_only_tasks_past_their_own_limit_and_spares_a_pack
             .timeout(Duration::from_millis(300))
             .submit()
             .unwrap();
+        // The hung task writes this marker when it starts; removed at the end.
+        let started = gate_path("never-started-key");
         let hang = pool
             .submit(&Job::Gate(
-                gate_path("never-started-key").to_string_lossy().into(),
+                started.to_string_lossy().into(),
                 never.to_string_lossy().into(),
             ))
             .unwrap();
@@ -568,6 +573,7 @@ fn a_hung_batch_kill_times_out_only_tasks_past_their_own_limit_and_spares_a_pack
             "the key task had no limit: it died with the batch, it did not time out: {key:?}"
         );
         assert!(matches!(hang.wait(), Err(TaskError::WorkerDied { .. })));
+        let _ = std::fs::remove_file(&started);
         // Never started: it runs on the restarted worker, without a retry budget.
         let p = packed_values(packed);
         assert_eq!(p, [3, 4]);

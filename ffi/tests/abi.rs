@@ -787,6 +787,7 @@ fn a_c_worker_runs_batches_through_its_batch_callback() {
             "one step of the four queued tasks: {outs:?}"
         );
         let _ = std::fs::remove_file(&started);
+        let _ = std::fs::remove_file(&gate);
         // A whole-step failure fails every task of it.
         let gate2 = gate_path("c-batch-2");
         let g2 = format!("gate:{}", gate2.display());
@@ -803,6 +804,7 @@ fn a_c_worker_runs_batches_through_its_batch_callback() {
         open_gate(&gate2);
         let _ = wait(held);
         let _ = std::fs::remove_file(&started2);
+        let _ = std::fs::remove_file(&gate2);
         for t in ts {
             let (st, msg) = wait(t).unwrap_err();
             assert_eq!(st, SP_TASK_FAILED);
