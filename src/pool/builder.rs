@@ -275,12 +275,14 @@ impl<W: Worker> PoolBuilder<W> {
 
     /// How idle workers wait for tasks (overrides [`wait_strategy`](Self::wait_strategy)).
     ///
-    /// A worker that has parked costs the next submitter a futex wake-up (a few µs on bare
-    /// metal, tens of µs on some VMs, where it reaches a halted vCPU). If each worker's tasks
-    /// arrive every few tens to hundreds of µs and the machine has a core to spare per worker,
-    /// a spin that covers that gap (`SpinThenPark { spin: Duration::from_micros(200) }`)
-    /// takes the wake-ups off the submitters' path, for that much CPU per gap; with more
-    /// workers than spare cores, longer spins take the submitters' CPU instead.
+    /// The default spins 20 µs before parking, and a worker that has parked costs the next
+    /// submitter a futex wake-up (a few µs on bare metal, tens of µs on some VMs, where it
+    /// reaches a halted vCPU). If each worker's tasks arrive every few tens to hundreds of µs
+    /// and the machine has a core to spare per worker, a spin that covers that gap
+    /// (`SpinThenPark { spin: Duration::from_micros(200) }`) takes the wake-ups off the
+    /// submitters' path, for that much CPU per gap. With more workers than spare cores, longer
+    /// spins take the submitters' CPU instead; and where workers read large payloads, moving
+    /// those bytes between the cores costs more than the wake-up (`BENCHMARKS.md`, W3).
     pub fn worker_wait(mut self, w: WaitStrategy) -> Self {
         self.cfg.worker_wait = w;
         self
