@@ -291,7 +291,9 @@ pub enum TaskError {
         message: String,
     },
     /// The task was cancelled before a worker started it (or shutdown killed the worker that
-    /// was running it).
+    /// was running it), or it was not run: a task of a [`batch`](crate::Pool::batch) after one
+    /// that made its worker leave (a panic under the restart-on-panic policy, or
+    /// [`Poisoned`](crate::Poisoned)).
     #[error("the task was cancelled")]
     Cancelled,
     /// The worker process running the task died (a crash, a kill, an exit) before publishing

@@ -254,6 +254,77 @@ fn a_panic_fails_each_task_of_the_step_and_the_worker_is_replaced() {
     });
 }
 
+/// A worker that keeps the default `execute_batch` (each task's `execute` in turn); its
+/// `PanicAll` panics in that task's `execute` alone.
+struct DefaultBatcher;
+
+impl Worker for DefaultBatcher {
+    type SpawnArgs = ();
+    type SpawnOutput = ();
+    type Task = Job;
+    type Output = Done;
+
+    fn spawn(_: (), _: &WorkerContext) -> Result<(Self, ()), BoxError> {
+        Ok((DefaultBatcher, ()))
+    }
+
+    fn execute(&mut self, t: &ArchivedJob, ctx: &TaskContext<'_>) -> Result<Done, BoxError> {
+        if let ArchivedJob::PanicAll = t {
+            panic!("only this task panicked");
+        }
+        Batcher.execute(t, ctx)
+    }
+}
+
+/// With the default `execute_batch`, a panic fails only the task whose `execute` panicked:
+/// the tasks of other callers in the same step, before and after it, get their own results,
+/// and the worker is then replaced (restart on panic).
+#[test]
+fn with_the_default_execute_batch_a_panic_fails_only_its_own_task() {
+    watchdog(120, || {
+        let pool = Pool::<DefaultBatcher>::builder()
+            .queue_size(16)
+            .batch_policy(BatchPolicy::new(16))
+            .build()
+            .unwrap();
+        pool.spawn(&()).unwrap();
+        let pid = pool.worker_pids()[0].1;
+        let started = gate_path("default-panic-started");
+        let gate = gate_path("default-panic-gate");
+        let held = pool
+            .submit(&Job::Gate(
+                started.to_string_lossy().into(),
+                gate.to_string_lossy().into(),
+            ))
+            .unwrap();
+        assert!(wait_until(60, || started.exists()), "the gate task started");
+        let handles: Vec<_> = [Job::Echo(1), Job::PanicAll, Job::Echo(3)]
+            .iter()
+            .map(|j| pool.submit(j).unwrap())
+            .collect();
+        std::fs::write(&gate, b"").unwrap();
+        held.wait().unwrap();
+        let _ = std::fs::remove_file(&started);
+        let _ = std::fs::remove_file(&gate);
+        let outs: Vec<_> = handles.into_iter().map(|h| h.wait()).collect();
+        assert_eq!(outs[0].as_ref().map(|d| d.value).ok(), Some(1), "{outs:?}");
+        match &outs[1] {
+            Err(TaskError::Panicked { message, .. }) => {
+                assert!(message.contains("only this task panicked"), "{message}")
+            }
+            other => panic!("expected Panicked, got {other:?}"),
+        }
+        assert_eq!(outs[2].as_ref().map(|d| d.value).ok(), Some(3), "{outs:?}");
+        // The three ran as one step (after the gate task's step of one).
+        let b = pool.stats().batching;
+        assert_eq!((b.batches, b.tasks), (2, 4), "{b:?}");
+        // Replaced by a fresh worker, which serves.
+        assert!(wait_until(60, || process_gone(pid)));
+        assert!(wait_until(60, || pool.stats().restarts >= 1));
+        assert_eq!(pool.execute(&Job::Echo(5)).unwrap().value, 5);
+    });
+}
+
 #[test]
 fn a_worker_killed_mid_batch_fails_or_retries_that_batch_only() {
     watchdog(180, || {

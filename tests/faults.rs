@@ -110,7 +110,8 @@ fn a_worker_killed_mid_task_fails_that_task_only_and_is_restarted_with_the_same_
 #[test]
 fn crashes_inside_execute_are_named_by_signal_or_exit_code() {
     watchdog(90, || {
-        let pool = Pool::<TestWorker>::builder()
+        let events = Events::default();
+        let pool = builder(&events)
             .restart_policy(RestartPolicy::unlimited())
             .build()
             .unwrap();
@@ -123,7 +124,14 @@ fn crashes_inside_execute_are_named_by_signal_or_exit_code() {
             // A clean exit in the middle of a task is still a death.
             (Cmd::Exit(0), ExitCause::Exit(0)),
         ];
-        for (i, (cmd, want)) in cases.into_iter().enumerate() {
+        let reasons = [
+            DeathReason::Crash,
+            DeathReason::Crash,
+            DeathReason::Crash,
+            DeathReason::Exit,
+            DeathReason::Exit,
+        ];
+        for (i, (cmd, want)) in cases.clone().into_iter().enumerate() {
             let pid = pid_of(&pool);
             match pool.execute(&cmd) {
                 Err(TaskError::WorkerDied {
@@ -147,6 +155,18 @@ fn crashes_inside_execute_are_named_by_signal_or_exit_code() {
         }
         assert_eq!(pool.stats().worker_deaths, 5);
         assert_eq!(pool.stats().tasks_died, 5);
+        // A signal is a crash; an exit status while serving is an `exit()` in the task.
+        let died: Vec<(ExitCause, DeathReason)> = events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|e| match e {
+                PoolEvent::WorkerDied { cause, reason, .. } => Some((*cause, *reason)),
+                _ => None,
+            })
+            .collect();
+        let want: Vec<_> = cases.iter().map(|c| c.1).zip(reasons).collect();
+        assert_eq!(died, want);
     });
 }
 

@@ -1047,6 +1047,54 @@ fn a_broadcast_offered_to_a_retiring_worker_is_cancelled_not_a_death() {
     });
 }
 
+/// A worker killed for another task's timeout while a broadcast was offered to it: the
+/// broadcast is answered `WorkerDied` (it is for that worker), never put on the shared queue,
+/// where the restarted worker (or any other) would run it.
+#[test]
+fn a_broadcast_offered_to_a_worker_killed_for_a_timeout_is_not_requeued() {
+    watchdog(120, || {
+        let pool = Arc::new(Pool::<TestWorker>::builder().build().unwrap());
+        pool.spawn(&Spawn::ok("w")).unwrap();
+        let gate = gate_path("bcast-timeout");
+        // Runs until it is killed (its gate never opens within the timeout).
+        let hung = pool
+            .task(&Cmd::Gate(gate.to_string_lossy().into()))
+            .timeout(Duration::from_secs(4))
+            .submit()
+            .unwrap();
+        assert!(wait_until(60, || pool.queued() == 0), "the worker took it");
+        let ran = gate_path("bcast-timeout-ran");
+        let broadcast = {
+            let pool = pool.clone();
+            let ran = ran.to_string_lossy().into_owned();
+            std::thread::spawn(move || {
+                pool.broadcast(&Cmd::Step {
+                    id: 1,
+                    started: ran,
+                    gate: String::new(),
+                    fail: false,
+                })
+            })
+        };
+        assert!(matches!(hung.wait(), Err(TaskError::Timeout { .. })));
+        let results = broadcast.join().unwrap();
+        assert_eq!(results.len(), 1, "{results:?}");
+        assert!(
+            matches!(results[0], (0, Err(TaskError::WorkerDied { .. }))),
+            "{results:?}"
+        );
+        // The restarted worker serves, and never ran the broadcast.
+        assert_eq!(pool.execute(&Cmd::Echo(7)).unwrap().value, 7);
+        assert!(
+            !ran.exists(),
+            "the broadcast ran after its worker was killed"
+        );
+        let s = pool.stats();
+        assert_eq!((s.tasks_timed_out, s.tasks_retried), (1, 0));
+        let _ = std::fs::remove_file(gate);
+    });
+}
+
 /// A broadcast to more workers than there are free slots (a small queue, or slots held by the
 /// caller's own uncollected handles) collects its earlier offers to make room instead of
 /// waiting for a slot only it could free.

@@ -298,6 +298,43 @@ fn borrowed_forms_stand_in_for_owned_tasks() {
     });
 }
 
+/// `max_task_bytes` holds for every task, also one small enough for its slot's inline area,
+/// from every verb; the pool serves on.
+#[test]
+fn max_task_bytes_holds_for_tasks_that_fit_their_slot() {
+    watchdog(60, || {
+        let pool = Pool::<TestWorker>::builder()
+            .queue_size(4)
+            .max_task_bytes(64)
+            .build()
+            .unwrap();
+        pool.spawn(&Spawn::ok("small")).unwrap();
+        assert_eq!(pool.max_task_bytes(), 64);
+        let task = Cmd::SumVec(vec![1; 500]); // ≈ 510 bytes: fits a 1 KiB slot
+        let too_large = |r: &Result<_, SubmitError>| matches!(r, Err(SubmitError::PayloadTooLarge { len, max: 64 }) if *len > 64);
+        let r = pool.submit(&task).map(drop);
+        assert!(too_large(&r), "{r:?}");
+        let r = pool.try_submit(&task).map(drop);
+        assert!(too_large(&r), "{r:?}");
+        let r = pool.submit_timeout(&task, Duration::from_secs(1)).map(drop);
+        assert!(too_large(&r), "{r:?}");
+        assert!(matches!(
+            pool.execute(&task),
+            Err(TaskError::Submit(SubmitError::PayloadTooLarge {
+                max: 64,
+                ..
+            }))
+        ));
+        let r = pool.batch(&[Cmd::Echo(1), task.clone()]).submit().map(drop);
+        assert!(too_large(&r), "{r:?}");
+        // Small enough: accepted, and every refused one left its slot free.
+        assert_eq!(pool.execute(&Cmd::SumVec(vec![1; 20])).unwrap().value, 20);
+        for i in 0..8 {
+            assert_eq!(pool.execute(&Cmd::Echo(i)).unwrap().value, i);
+        }
+    });
+}
+
 /// A pool built without an arena refuses every loan at once as too large (waiting could never
 /// help), and still runs tasks that fit their slots.
 #[test]
@@ -316,9 +353,12 @@ fn a_pool_without_an_arena_refuses_loans_as_too_large() {
             );
         }
         assert_eq!(pool.execute(&Cmd::Echo(3)).unwrap().value, 3);
+        // The largest task it takes is one that fits a slot's inline area.
+        let max = pool.max_task_bytes();
+        assert!(max >= 64, "{max}");
         let big = pool.submit(&Cmd::SumVec(vec![1; 10_000]));
         assert!(
-            matches!(big, Err(SubmitError::PayloadTooLarge { max: 0, .. })),
+            matches!(big, Err(SubmitError::PayloadTooLarge { max: m, .. }) if m == max),
             "{:?}",
             big.err()
         );

@@ -252,9 +252,11 @@ impl<W: Worker> PoolBuilder<W> {
         self
     }
 
-    /// Largest task archive or loan accepted; larger ones fail with
+    /// Largest task archive or loan accepted, whether the task fits its slot or needs the
+    /// arena; larger ones fail with
     /// [`SubmitError::PayloadTooLarge`](crate::SubmitError::PayloadTooLarge). Default and
-    /// upper bound: the task arena size.
+    /// upper bound: the task arena size, or a slot's inline area
+    /// ([`slot_bytes`](Self::slot_bytes)) if that is larger (a loan is capped by the arena).
     pub fn max_task_bytes(mut self, n: usize) -> Self {
         self.cfg.max_task_bytes = Some(n);
         self

@@ -143,10 +143,14 @@ impl<W: Worker> Pool<W> {
             result_ring: up64(cfg.result_ring_bytes) as u64,
             arena: (cfg.arena_bytes / 64 * 64) as u64,
         };
+        // A task fits either its slot's inline area or an arena block: the largest one that
+        // can be accepted at all is the larger of the two, and a limit the caller set holds
+        // below it for every task, inline ones included.
+        let largest_fit = (params.arena as usize).max(params.slot_inline as usize);
         let max_task_bytes = cfg
             .max_task_bytes
-            .unwrap_or(params.arena as usize)
-            .min(params.arena as usize)
+            .unwrap_or(largest_fit)
+            .min(largest_fit)
             // Below bit 31 of the slot's `task_len`, which marks a task in the header word.
             .min(crate::slot::TASK_IN_HEADER as usize - 1);
         let Some(layout) = Layout::new(params) else {
@@ -616,9 +620,16 @@ impl<W: Worker> Pool<W> {
     }
 
     /// A request to run `tasks` as one batch: one slot, one queue hand-off and one answer
-    /// holding each task's outcome, so tiny tasks cost far less each; an error or a panic fails
-    /// only its own task. Configured and sent as [`task`](Self::task)'s request is (see
-    /// [`SubmitBatch`]). Inputs may be owned tasks or references.
+    /// holding each task's outcome, so tiny tasks cost far less each; an error fails only its
+    /// own task, and so does a panic while the worker keeps serving after panics
+    /// ([`PoolBuilder::restart_on_panic`](crate::PoolBuilder::restart_on_panic)`(false)`).
+    /// A task that makes the worker leave (a panic under the default restart-on-panic policy,
+    /// or a [`Poisoned`](crate::Poisoned) error) fails with its own error, and the tasks after
+    /// it in the batch are not run on that worker: each is answered
+    /// [`TaskError::Cancelled`](crate::TaskError::Cancelled) (a map with
+    /// [`ErrorPolicy::Deferred`](crate::ErrorPolicy::Deferred) runs them again). Configured and
+    /// sent as [`task`](Self::task)'s request is (see [`SubmitBatch`]). Inputs may be owned
+    /// tasks or references.
     pub fn batch<'p, 'a, T: Borrow<W::Task>>(
         &'p self,
         tasks: &'a [T],
@@ -697,10 +708,11 @@ impl<W: Worker> Pool<W> {
     fn loan_block(&self, len: usize, block: Block) -> Result<Loan, SubmitError> {
         let shared = &self.shared;
         // (No arena at all: not even an empty loan fits, and waiting would not help.)
-        if len > shared.max_task_bytes || shared.layout.params.arena == 0 {
+        let arena = shared.layout.params.arena;
+        if len > shared.max_task_bytes || arena == 0 || len as u64 > arena {
             return Err(SubmitError::PayloadTooLarge {
                 len,
-                max: shared.max_task_bytes,
+                max: shared.max_task_bytes.min(arena as usize),
             });
         }
         if shared.closing.load(Ordering::SeqCst) {
@@ -739,9 +751,10 @@ impl<W: Worker> Pool<W> {
         self.shared.task_ring().len()
     }
 
-    /// The largest task archive or loaned payload a submit accepts, in bytes
+    /// The largest task archive a submit accepts, in bytes
     /// ([`PoolBuilder::max_task_bytes`](crate::PoolBuilder::max_task_bytes), capped by the
-    /// arena).
+    /// larger of the task arena and a slot's inline area). A loan is also capped by the arena
+    /// alone.
     pub fn max_task_bytes(&self) -> usize {
         self.shared.max_task_bytes
     }

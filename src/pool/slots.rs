@@ -356,6 +356,16 @@ impl Shared {
         let first =
             unsafe { encode_into(task, self.seg.bytes_ptr(inline_off, inline_cap), inline_cap) };
         Ok(match first {
+            // The limit holds for every task, also one that fits its slot's inline area.
+            Ok(n) if n > self.max_task_bytes => {
+                return Err(self.abort_submit(
+                    slot,
+                    SubmitError::PayloadTooLarge {
+                        len: n,
+                        max: self.max_task_bytes,
+                    },
+                ));
+            }
             Ok(n) => (inline_off as u64, n as u64),
             Err(EncodeError::Overflow) => {
                 let len = match encoded_len(task) {
@@ -433,8 +443,14 @@ impl Shared {
 
     /// Puts a task whose worker died back in the queue, for another worker to run (its retry
     /// policy allowed it). Waiter bits are kept; the claim is undone. Returns `false` (and
-    /// leaves the task unanswered, for the caller to answer) if the queue refuses it.
+    /// leaves the task unanswered, for the caller to answer) if the queue refuses it, or if
+    /// the task was offered to one worker alone.
     pub(crate) fn requeue(&self, slot: u32) -> bool {
+        if self.meta(slot).directed_to.load(Ordering::Relaxed) != 0 {
+            // A task offered to one worker alone (a broadcast) never goes to the shared queue:
+            // any worker could pop it, one that already ran it included.
+            return false;
+        }
         self.slot(slot).unclaim();
         if self.task_ring().push(slot).is_err() {
             return false;

@@ -387,7 +387,10 @@ impl<'a> ByteRing<'a> {
         let off = pos % self.cap;
         let h = self.read_record(off).ok_or(Corrupt)?;
         let size = REC_HDR + align_rec(h.len as u64);
-        if off + size > self.cap || pos + size > tail {
+        // `size > tail - pos`, not `pos + size > tail`: counters a worker set near `u64::MAX`
+        // must not wrap the sum (a wrapped `head` would restart the walk from 0). `pos < tail`
+        // in every caller, so each step moves at least `REC_HDR` and stays at or below `tail`.
+        if off + size > self.cap || size > tail.saturating_sub(pos) {
             return Err(Corrupt);
         }
         Ok((off, h, size))
@@ -438,9 +441,20 @@ impl<'a> ByteRing<'a> {
     }
 
     /// Forgets everything in the ring (`head = tail`, realigned): for a seat whose counters a
-    /// worker corrupted, once that worker is dead. Records a caller still reads become
-    /// unreadable (their header checks fail), never out of bounds.
+    /// worker corrupted, once that worker is dead and under the ring's lock. Every record
+    /// header is zeroed, so a record a caller has yet to collect fails its header check from
+    /// now on: the seat's next worker will write over those bytes, and a late collect must
+    /// neither copy its records nor release one of them.
     pub(crate) fn reset(&self) {
+        // SAFETY: `data` is valid for `cap` bytes (the view's invariant). The only other
+        // writers are the seat's worker, dead (the caller's contract), and the parent's
+        // releases, which take the lock the caller holds.
+        unsafe { std::ptr::write_bytes(self.data, 0, self.cap as usize) };
+        if let Some(flags) = self.flags {
+            for f in flags {
+                f.store(0, Ordering::Relaxed);
+            }
+        }
         let tail = self.hdr.tail.load(Ordering::Acquire);
         let at = align_rec(tail % self.cap);
         let at = if at >= self.cap { 0 } else { at };

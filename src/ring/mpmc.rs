@@ -129,21 +129,21 @@ impl<'a> MpmcRing<'a> {
             if seq == tail {
                 match self.hdr.tail.compare_exchange_weak(
                     tail,
-                    tail + 1,
+                    tail.wrapping_add(1),
                     Ordering::SeqCst,
                     Ordering::Relaxed,
                 ) {
                     Ok(_) => {
                         cell.value.store(value, Ordering::Relaxed);
                         // SYNC POINT: value visible to the consumer's Acquire load of `seq`.
-                        cell.seq.store(tail + 1, Ordering::Release);
+                        cell.seq.store(tail.wrapping_add(1), Ordering::Release);
                         return Ok(());
                     }
                     Err(t) => tail = t,
                 }
                 continue;
             }
-            if seq.wrapping_add(cap) == tail + 1 {
+            if seq.wrapping_add(cap) == tail.wrapping_add(1) {
                 // The cell still holds last lap's value: full, unless a consumer moved on.
                 if self.hdr.head.load(Ordering::SeqCst).wrapping_add(cap) == tail {
                     return Err(value);

@@ -205,6 +205,26 @@ mod std_tests {
             h.hdr.set(head, tail);
             assert!(r.advance().is_err(), "{head} {tail}");
         }
+        // Aligned, ordered counters just below `u64::MAX`, with a record that reaches past
+        // `tail` and every other header an empty released record: `pos + size` would wrap to 0
+        // and restart the walk from there (2^59 steps). It must be corrupt, at once.
+        let top = u64::MAX - 31; // 2^64 - 32, a multiple of 32
+        for rec in 0..512 / 32 {
+            // SAFETY: record headers inside our own heap buffer; test-only scribble.
+            unsafe { (h.data.add(rec * 32) as *mut u32).write(0) };
+            h.flags[rec].store(1, crate::sync::Ordering::SeqCst);
+        }
+        let at = ((top - 32) % 512) as usize; // the record at `head`
+        // SAFETY: as above.
+        unsafe { (h.data.add(at) as *mut u32).write(32) }; // size 64 > tail - head = 32
+        h.hdr.set(top - 32, top);
+        assert!(r.advance().is_err());
+        assert!(r.sweep(|_, _| true).is_err());
+        // The same counters with an honest empty record: one step, to `tail`, no wrap.
+        // SAFETY: as above.
+        unsafe { (h.data.add(at) as *mut u32).write(0) };
+        assert!(r.advance().unwrap());
+        assert_eq!(r.used(), 0);
         // A reset makes the ring usable again.
         r.reset();
         assert_eq!(r.used(), 0);
@@ -212,6 +232,22 @@ mod std_tests {
         let off = r.commit(res, 40, KIND_OK, 2, 2);
         r.release(off);
         assert!(r.advance().unwrap());
+        assert_eq!(r.used(), 0);
+    }
+
+    #[test]
+    fn byte_ring_reset_forgets_uncollected_records() {
+        let h = HeapByteRing::new(512);
+        let r = h.ring();
+        let res = r.try_reserve(40).unwrap().unwrap();
+        let off = r.commit(res, 40, KIND_OK, 5, 9);
+        assert!(r.record_data(off, 5, 9, KIND_OK, 40).is_some());
+        // A worker's garbage in the counters, then the reset its death brings: a late collect
+        // of the old record must not match (the seat's next worker writes over those bytes).
+        h.hdr.set(3, 35);
+        assert!(r.advance().is_err());
+        r.reset();
+        assert!(r.record_data(off, 5, 9, KIND_OK, 40).is_none());
         assert_eq!(r.used(), 0);
     }
 

@@ -4,7 +4,7 @@
 use super::error::ServiceError;
 use super::stage::{Item, Meter, Stage, StageFuture, StageStats};
 use crate::codec;
-use crate::worker::main_loop::panic_message;
+use crate::worker::main_loop::{TaskPanicked, panic_message};
 use crate::worker::{BatchTask, Poisoned, TaskContext, WorkerContext};
 use crate::{SpawnError, SpawnOptions, TaskError, Worker};
 use futures_channel::oneshot;
@@ -452,6 +452,11 @@ fn run_jobs<W: Worker>(
     let mut poisoned = false;
     let mut outcome = |r: Result<W::Output, crate::BoxError>| match r {
         Ok(o) => Ok(o),
+        Err(e) if e.is::<TaskPanicked>() => Err(TaskError::panicked(
+            index,
+            e.downcast::<TaskPanicked>()
+                .map_or_else(|e| e.to_string(), |p| p.0),
+        )),
         Err(e) => match e.downcast_ref::<Poisoned>() {
             Some(p) => {
                 poisoned = true;

@@ -27,10 +27,36 @@ use std::time::Duration;
 /// The outcome kind and message of an error a worker step returned: `KIND_POISONED` for a
 /// [`Poisoned`](super::Poisoned) one, else `KIND_ERR`.
 pub(super) fn error_kind(e: &(dyn std::error::Error + Send + Sync + 'static)) -> (u32, String) {
+    if let Some(p) = e.downcast_ref::<TaskPanicked>() {
+        return (KIND_PANIC, p.0.clone());
+    }
     match e.downcast_ref::<super::Poisoned>() {
         Some(p) => (KIND_POISONED, p.message().to_string()),
         None => (KIND_ERR, e.to_string()),
     }
+}
+
+/// A panic in one task of a batch step, caught around that task alone (the default
+/// [`Worker::execute_batch`](super::Worker::execute_batch)), carried as that task's error: it
+/// is answered as a panic ([`TaskError::Panicked`](crate::TaskError)), and fails no other task
+/// of the step. The message is [`panic_message`]'s (with the worker's backtrace, if captured).
+#[derive(Debug)]
+pub(crate) struct TaskPanicked(pub(crate) String);
+
+impl std::fmt::Display for TaskPanicked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "task panicked: {}", self.0)
+    }
+}
+
+impl std::error::Error for TaskPanicked {}
+
+/// Runs one task, turning a panic into its [`TaskPanicked`] error.
+pub(crate) fn catch_task_panic<T>(
+    f: impl FnOnce() -> Result<T, crate::BoxError>,
+) -> Result<T, crate::BoxError> {
+    catch_unwind(AssertUnwindSafe(f))
+        .unwrap_or_else(|p| Err(Box::new(TaskPanicked(panic_message(&*p)))))
 }
 
 /// Hands a published output back to the worker ([`Worker::recycle`]); a panic in it is

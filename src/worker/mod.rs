@@ -93,13 +93,17 @@ pub trait Worker: Sized + 'static {
     /// ([`PoolBuilder::batch_policy`](crate::PoolBuilder::batch_policy)): up to `max_batch`
     /// tasks that callers submitted independently, each read in place with its own context
     /// (task id, payload, deadline). Return one outcome per task, in order: a GPU model runs
-    /// them as one forward pass. The default runs [`execute`](Self::execute) on each in turn.
+    /// them as one forward pass. The default runs [`execute`](Self::execute) on each in turn,
+    /// each with its own outcome: a panic in one `execute` fails only that task (as
+    /// [`TaskError::Panicked`](crate::TaskError)), the others of the step still run, and under
+    /// the restart-on-panic policy the worker is replaced after the step.
     ///
     /// A wrong number of outcomes fails every task of the batch with a message saying so. An
     /// `Err` of the whole step fails each task with its message (a [`Poisoned`] one replaces
-    /// the worker); a panic fails each task as [`TaskError::Panicked`](crate::TaskError) and
-    /// replaces the worker as a panic in `execute` does. Tasks cancelled or past their
-    /// deadline before the step starts are not in the batch.
+    /// the worker); a panic that escapes an override fails each task of the step as
+    /// [`TaskError::Panicked`](crate::TaskError) and replaces the worker as a panic in
+    /// `execute` does. Tasks cancelled or past their deadline before the step starts are not
+    /// in the batch.
     ///
     /// ```
     /// # use stateful_pool::{BatchTask, BoxError, TaskContext, Worker, WorkerContext};
@@ -124,7 +128,10 @@ pub trait Worker: Sized + 'static {
         &mut self,
         batch: &[BatchTask<'_, Self::Task>],
     ) -> Result<Vec<Result<Self::Output, BoxError>>, BoxError> {
-        Ok(batch.iter().map(|t| self.execute(t.task, &t.ctx)).collect())
+        Ok(batch
+            .iter()
+            .map(|t| main_loop::catch_task_panic(|| self.execute(t.task, &t.ctx)))
+            .collect())
     }
 }
 

@@ -432,8 +432,13 @@ pub(super) fn spawn_report(shared: &Shared, seat: u32) -> Vec<u8> {
     let ptr = shared
         .seg
         .bytes_ptr(shared.layout.spawn_area_off(seat), len);
-    // SAFETY: the worker wrote these bytes before its Release store of READY/FAILED, which the
-    // caller Acquired; it never writes the area again in this life, and `len` is clamped to the
-    // area.
-    unsafe { std::slice::from_raw_parts(ptr, len) }.to_vec()
+    // A raw copy, never a `&[u8]` over the area: an honest worker wrote these bytes before its
+    // Release store of READY/FAILED (which the caller Acquired) and never writes them again in
+    // this life, but a misbehaving one may, and Rust references must not see bytes change.
+    let mut out = vec![0u8; len];
+    // SAFETY: `ptr` is valid for `len` bytes (`bytes_ptr` bounds-checks, `len` is clamped to
+    // the seat's spawn area), `out` owns `len` bytes, and the two cannot overlap (heap vs the
+    // shared mapping).
+    unsafe { std::ptr::copy_nonoverlapping(ptr, out.as_mut_ptr(), len) };
+    out
 }

@@ -115,6 +115,10 @@ struct PendingRepair {
     claim: u64,
     pid: u32,
     cause: ExitCause,
+    /// The dead worker recorded the value it won (`current_slot`), so it is already
+    /// accounted for: only the cell is to be released (`MpmcRing::release_won`), once no live
+    /// worker shows the same claim.
+    won: bool,
 }
 
 #[derive(Debug)]

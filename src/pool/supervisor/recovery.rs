@@ -66,6 +66,9 @@ impl Sup {
                 _ => DeathReason::Panic,
             },
             (None, ctl_state::EXITED) => DeathReason::Exit,
+            // It ended with an exit status, not a signal, while it should have been serving:
+            // an `exit()` in a task (or in a thread of the worker's), not a crash.
+            (None, _) if matches!(cause, ExitCause::Exit(_)) => DeathReason::Exit,
             _ => DeathReason::Crash,
         };
         // No longer serving, before any of its tasks is answered: whoever sees such an answer
@@ -162,10 +165,11 @@ impl Sup {
         // A worker that left on purpose (retired, or ended at shutdown: it reported EXITED)
         // leaves it `Cancelled`, as a freed seat does; one that died answers it with its death
         // (a broadcast is never retried).
-        if let Some(v) = self.take_offer(seat) {
+        // (A slot already held is answered once, below, whatever the worker's `state` says.)
+        if let Some(v) = self.take_offer(seat).filter(|v| !held.contains(v)) {
             if ctl.state.load(Ordering::Acquire) == ctl_state::EXITED {
                 shared.complete_from_parent(v, RawOutcome::new(self.left_over(), seat, 0, 0));
-            } else if !held.contains(&v) {
+            } else {
                 held.push(v);
             }
         }
@@ -173,10 +177,21 @@ impl Sup {
         if claim != 0 && cur < n_slots {
             // It won this pop: `current_slot` is stored only after a won CAS (and cleared
             // after each task), so the value is accounted for above. If it died before
-            // releasing the cell, release it now, whatever claims others show: no live
-            // worker can own that position, and answering the value again would answer
-            // the task twice.
-            shared.task_ring().release_won(claim);
+            // releasing the cell, release it now (answering the value again would answer the
+            // task twice). Unless a live worker shows the same claim: then that one may be
+            // the winner, mid-pop (the dead worker's words may be forged), and the release
+            // waits until that claim is withdrawn or released.
+            if self.live_claim(seat, claim) {
+                self.pending_repairs.push(PendingRepair {
+                    seat,
+                    claim,
+                    pid,
+                    cause,
+                    won: true,
+                });
+            } else {
+                shared.task_ring().release_won(claim);
+            }
         } else {
             match self.repair(seat, claim) {
                 Repair::Taken(v) if v < n_slots && !held.contains(&v) => held.push(v),
@@ -185,6 +200,7 @@ impl Sup {
                     claim,
                     pid,
                     cause,
+                    won: false,
                 }),
                 _ => {}
             }
@@ -206,20 +222,23 @@ impl Sup {
         (failed, retried)
     }
 
+    /// Whether a live worker other than `seat`'s shows intent `claim`: the winner of that
+    /// position, about to release the cell, or a loser, about to withdraw its claim. (A dead
+    /// one not yet recovered still counts: its own recovery comes first.)
+    fn live_claim(&self, seat: u32, claim: u64) -> bool {
+        let shared = &self.shared;
+        (0..shared.n_seats()).filter(|&i| i != seat).any(|i| {
+            let w = shared.ctl(i);
+            w.claim.load(Ordering::SeqCst) == claim
+                && w.state.load(Ordering::Acquire) == ctl_state::READY
+        })
+    }
+
     /// Asks the task queue whether a dead worker's pop (intent `claim`) left a task in a cell.
     pub(super) fn repair(&self, seat: u32, claim: u64) -> Repair {
-        let shared = &self.shared;
-        // A live worker with the same intent: the winner, about to release the cell, or a
-        // loser, about to withdraw its claim. (A dead one not yet recovered still counts: its
-        // own recovery comes first.)
-        let live_claim = |c: u64| {
-            (0..shared.n_seats()).filter(|&i| i != seat).any(|i| {
-                let w = shared.ctl(i);
-                w.claim.load(Ordering::SeqCst) == c
-                    && w.state.load(Ordering::Acquire) == ctl_state::READY
-            })
-        };
-        shared.task_ring().repair(claim, live_claim)
+        self.shared
+            .task_ring()
+            .repair(claim, |c| self.live_claim(seat, c))
     }
 
     /// Retries the queue repairs a live claim held up (each converges once that worker runs).
@@ -228,6 +247,14 @@ impl Sup {
             return;
         }
         for p in std::mem::take(&mut self.pending_repairs) {
+            if p.won {
+                if self.live_claim(p.seat, p.claim) {
+                    self.pending_repairs.push(p);
+                } else {
+                    self.shared.task_ring().release_won(p.claim);
+                }
+                continue;
+            }
             match self.repair(p.seat, p.claim) {
                 Repair::Deferred => self.pending_repairs.push(p),
                 Repair::Taken(v) if v < self.shared.n_slots() => {
@@ -258,6 +285,11 @@ impl Sup {
     ) -> bool {
         let shared = self.shared.clone();
         let sh = shared.slot(slot);
+        if sh.is_done() {
+            // Already answered (a slot the dead worker's words named twice, or one it marked
+            // done before dying): answering or requeueing it again would answer it twice.
+            return false;
+        }
         let meta = shared.meta(slot);
         let this_task = sh.task_id.load(Ordering::Relaxed);
         let cancelled = sh.state.load(Ordering::Acquire) & bits::CANCELLED != 0;

@@ -13,9 +13,26 @@ impl Sup {
         }
         // Start-ups in progress are abandoned; back-offs are not restarted.
         for seat in 0..self.seats.len() as u32 {
+            if matches!(self.seats[seat as usize].phase, Phase::Starting { .. })
+                && matches!(
+                    shared.ctl(seat).state.load(Ordering::Acquire),
+                    ctl_state::READY | ctl_state::RETIRING | ctl_state::EXITED
+                )
+            {
+                // It reported ready since the last look, and may already hold a task: a
+                // serving worker, which the shutdown reaches as any other (a graceful one
+                // lets it finish its task).
+                self.check_start(seat);
+            }
             match &self.seats[seat as usize].phase {
                 Phase::Starting { .. } => {
-                    self.reap_now(seat);
+                    let cause = self
+                        .reap_now(seat)
+                        .unwrap_or(ExitCause::Signal(libc::SIGKILL));
+                    // One that reported ready between that look and the kill may have taken
+                    // a task: answered as a shutdown's leftover, not left for the final sweep.
+                    let pid = self.seats[seat as usize].pid;
+                    self.recover_tasks(seat, pid, cause, Some(KillReason::Shutdown));
                     let s = &mut self.seats[seat as usize];
                     if let Phase::Starting { reply: Some(r), .. } =
                         std::mem::replace(&mut s.phase, Phase::Idle)
