@@ -340,6 +340,27 @@ pub enum TaskError {
 }
 
 impl TaskError {
+    /// What happened, without the worker's name (for a message that names the worker
+    /// itself, as [`StageError`](crate::service::StageError)'s does): `task panicked: boom`
+    /// where `Display` says `worker 2: task panicked: boom`.
+    pub(crate) fn what(&self) -> String {
+        match self {
+            TaskError::Failed { message, .. } => format!("task failed: {message}"),
+            TaskError::Panicked { message, .. } => format!("task panicked: {message}"),
+            TaskError::ResultTooLarge { len, max, .. } => {
+                format!("result of {len} bytes exceeds the maximum of {max} bytes")
+            }
+            TaskError::BadTask { message, .. } => format!("invalid task: {message}"),
+            TaskError::BadResult { message, .. } => format!("invalid result: {message}"),
+            TaskError::WorkerDied { cause, .. } => {
+                format!("died while running the task: {cause}")
+            }
+            TaskError::Timeout { after, .. } => format!("task timed out after {after:?}"),
+            TaskError::Poisoned { message, .. } => format!("worker is poisoned: {message}"),
+            e => e.to_string(),
+        }
+    }
+
     /// A panic outcome from a worker's message, which carries the worker's backtrace after
     /// the message when one was captured (`worker::main_loop::split_backtrace`).
     pub(crate) fn panicked(worker: usize, message: String) -> TaskError {

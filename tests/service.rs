@@ -214,10 +214,10 @@ fn three_deep_nesting_names_the_failing_stage_and_its_worker() {
         assert_eq!(e.worker, Some(0));
         assert_eq!(e.pid, Some(c_pid));
         assert!(matches!(&e.error, TaskError::Failed { message, .. } if message == "bad input"));
-        let shown = e.to_string();
-        assert!(
-            shown.starts_with(&format!("seq[1]/ensemble[0]/seq[1]/C#0 (pid {c_pid}): ")),
-            "{shown}"
+        // The worker is named once, in the stage's part: `…/C#0 (pid N): task failed: …`.
+        assert_eq!(
+            e.to_string(),
+            format!("seq[1]/ensemble[0]/seq[1]/C#0 (pid {c_pid}): task failed: bad input")
         );
         // The graph serves on.
         assert_eq!(server.call(msg(3)).unwrap().0, "A>B>C");
@@ -321,6 +321,12 @@ fn switch_routes_each_item_by_its_input() {
         );
         let e = stage_err(panicky.call(msg(7)).unwrap_err());
         assert_eq!(e.path, "switch");
+        // No worker ran it: none is named (the route ran in this process).
+        let want = format!(
+            "switch (pid {}): task panicked: no route for 7",
+            std::process::id()
+        );
+        assert!(e.to_string().starts_with(&want), "{e}");
         assert!(
             matches!(&e.error, TaskError::Panicked { message, .. } if message.contains("no route for 7")),
             "{:?}",
@@ -636,6 +642,11 @@ fn a_panicking_worker_reports_its_backtrace() {
                 .unwrap_err(),
         );
         assert!(matches!(&e.error, TaskError::Panicked { message, .. } if message == "kaboom"));
+        let pid = e.pid.expect("a process stage names its worker's pid");
+        assert_eq!(
+            e.to_string(),
+            format!("P#0 (pid {pid}): task panicked: kaboom")
+        );
         let bt = e.backtrace().expect("a backtrace");
         assert!(bt.contains("execute"), "{bt}");
     });

@@ -4,7 +4,7 @@
 use crate::config::{Config, Mode};
 use crate::model::{Mlp, Shape};
 use crate::preprocess::{self, Preprocess};
-use crate::reply::Failure;
+use crate::reply::{BODY, Failure};
 use axum::body::Body;
 use http_body_util::BodyExt;
 use ndarray::ArrayView1;
@@ -165,7 +165,7 @@ impl Backend {
                 let left = req
                     .timeout
                     .checked_sub(req.arrived.elapsed())
-                    .ok_or_else(|| Failure::deadline(None))?;
+                    .ok_or_else(|| Failure::deadline(Some(BODY.to_string())))?;
                 let input = WithPayload::new(req.fault, loan);
                 server
                     .try_call_async_timeout(input, left)
@@ -261,7 +261,7 @@ async fn read_body_into(body: Body, dst: &mut [u8], limit: BodyLimit) -> Result<
     };
     match tokio::time::timeout(limit.limit, fill).await {
         Ok(r) => r,
-        Err(_) if limit.deadline_first => Err(Failure::deadline(None)),
+        Err(_) if limit.deadline_first => Err(Failure::deadline(Some(BODY.to_string()))),
         Err(_) => Err(Failure::slow_client(limit.body_timeout)),
     }
 }

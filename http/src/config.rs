@@ -126,7 +126,7 @@ pub struct Config {
     pub retry_after_s: u64,
 
     /// Writes the generated sample images as PNG files into this folder, then exits.
-    #[arg(long)]
+    #[arg(long, env = "SPH_WRITE_SAMPLES")]
     pub write_samples: Option<PathBuf>,
 
     /// Tests only: honour the `x-fault` request header (`sleep=MS`, `panic`, `exit`, `fail`,

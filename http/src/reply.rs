@@ -9,6 +9,12 @@ use stateful_pool::TaskError;
 use stateful_pool::service::ServiceError;
 use std::time::Duration;
 
+/// Where a deadline passed while the request's body was still arriving (a 504's `stage`).
+pub const BODY: &str = "body";
+
+/// Where a deadline passed before the request entered the service graph (a 504's `stage`).
+pub const ADMISSION: &str = "admission";
+
 /// The answer to `POST /predict`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Prediction {
@@ -38,7 +44,8 @@ impl Prediction {
 pub struct ErrorBody {
     /// What went wrong.
     pub error: String,
-    /// The stage where it happened (its path in the service graph), when it happened in one.
+    /// Where it happened: the stage's path in the service graph, or for a 504 also
+    /// [`BODY`] or [`ADMISSION`]; absent when it happened in no stage.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub stage: Option<String>,
 }
@@ -144,7 +151,9 @@ impl Failure {
         )
     }
 
-    /// 504: the request's deadline passed (in `stage`, or before it reached one).
+    /// 504: the request's deadline passed in `stage`: a stage's path in the service graph,
+    /// [`BODY`] while the request's body was still arriving, or [`ADMISSION`] before the
+    /// request entered the graph.
     pub fn deadline(stage: Option<String>) -> Failure {
         Self::new(
             StatusCode::GATEWAY_TIMEOUT,
@@ -163,7 +172,10 @@ impl Failure {
         match e {
             ServiceError::Full { .. } => Failure::full(),
             ServiceError::Shutdown => Failure::draining(),
-            ServiceError::Timeout { stage, .. } => Failure::deadline(stage),
+            // (No stage: it passed before the request entered the graph.)
+            ServiceError::Timeout { stage, .. } => {
+                Failure::deadline(Some(stage.unwrap_or_else(|| ADMISSION.to_string())))
+            }
             ServiceError::Stage(se) => {
                 // An input the preprocessing worker could not use is the client's fault.
                 if let TaskError::Failed { message, .. } = &se.error {

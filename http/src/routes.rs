@@ -53,7 +53,7 @@ impl App {
     }
 
     fn answer(&self, r: Result<Response, Failure>) -> Response {
-        let mut resp = match r {
+        match r {
             Ok(r) => r,
             Err(f) => {
                 let retry = f.retry;
@@ -66,22 +66,30 @@ impl App {
                 }
                 resp
             }
-        };
-        if let Ok(v) = HeaderValue::from_str(&self.cfg.instance) {
-            resp.headers_mut().insert("x-instance", v);
         }
-        resp
     }
 }
 
-/// The service's routes over `app`.
+/// The service's routes over `app`. Every response, the router's own too (404 for an unknown
+/// path, 405 for a wrong method, 400 for a query that does not parse), carries the
+/// instance's name in `x-instance`.
 pub fn router(app: Arc<App>) -> Router {
+    let instance = HeaderValue::from_str(&app.cfg.instance).ok();
     Router::new()
         .route("/predict", post(predict))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/samples/{i}", get(sample))
         .with_state(app)
+        .layer(axum::middleware::map_response(move |mut resp: Response| {
+            let instance = instance.clone();
+            async move {
+                if let Some(v) = instance {
+                    resp.headers_mut().insert("x-instance", v);
+                }
+                resp
+            }
+        }))
 }
 
 /// Counts a request when it is answered, or as [`CLIENT_CLOSED`] when its client went away
@@ -132,13 +140,9 @@ async fn run_predict(
     let timeout = match headers.get("x-timeout-ms") {
         None => cfg.timeout(),
         Some(v) => {
-            let ms: u64 = v
-                .to_str()
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-                .ok_or_else(|| {
-                    Failure::bad_request("x-timeout-ms takes a number of milliseconds")
-                })?;
+            let ms = v.to_str().ok().and_then(timeout_ms).ok_or_else(|| {
+                Failure::bad_request("x-timeout-ms takes a number of milliseconds")
+            })?;
             Duration::from_millis(ms).min(cfg.timeout())
         }
     };
@@ -164,6 +168,16 @@ async fn run_predict(
         })
         .await?;
     Ok(Json(Prediction::from_probabilities(probabilities)).into_response())
+}
+
+/// An `x-timeout-ms` value: a number of milliseconds (digits only); one too large for a
+/// `u64` is as good as endless (the service's own limit caps it).
+fn timeout_ms(v: &str) -> Option<u64> {
+    let v = v.trim();
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(v.parse().unwrap_or(u64::MAX))
 }
 
 /// The body's declared length: the body goes straight into a buffer of that size in shared
@@ -259,7 +273,17 @@ async fn sample(
 
 #[cfg(test)]
 mod tests {
-    use super::declared_length;
+    use super::{declared_length, timeout_ms};
+
+    #[test]
+    fn an_x_timeout_ms_is_digits_and_a_huge_one_is_endless() {
+        assert_eq!(timeout_ms("250"), Some(250));
+        assert_eq!(timeout_ms(" 0 "), Some(0));
+        assert_eq!(timeout_ms("99999999999999999999"), Some(u64::MAX));
+        for bad in ["", "-5", "1.5", "abc", "5ms"] {
+            assert_eq!(timeout_ms(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn a_content_length_is_one_number_or_the_same_number_repeated() {

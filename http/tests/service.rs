@@ -230,12 +230,36 @@ async fn malformed_requests_get_a_4xx_with_a_reason() {
         .post(samples::png(1, 64), &[("x-timeout-ms", "soon")])
         .await;
     assert_eq!(code, 400);
-    let (code, _, _) = svc.get("/predict").await;
+    // The router's own answers carry the instance's name too.
+    let (code, headers, _) = svc.get("/predict").await;
     assert_eq!(code, 405);
-    let (code, _, _) = svc.get("/nowhere").await;
+    assert_eq!(headers["x-instance"], "sph");
+    let (code, headers, _) = svc.get("/nowhere").await;
     assert_eq!(code, 404);
-    let (code, _, _) = svc.get("/samples/99").await;
+    assert_eq!(headers["x-instance"], "sph");
+    let (code, headers, _) = svc.get("/samples/99").await;
     assert_eq!(code, 400);
+    assert_eq!(headers["x-instance"], "sph");
+    let (code, headers, _) = svc.get("/samples/3?size=abc").await;
+    assert_eq!(code, 400);
+    assert_eq!(headers["x-instance"], "sph");
+    // A deadline too large for a number is as good as none (the service's own caps it).
+    let (code, _, body) = svc
+        .post(
+            samples::png(1, 64),
+            &[("x-timeout-ms", "99999999999999999999999")],
+        )
+        .await;
+    assert_eq!(code, 200, "{body:?}");
+    // A deadline of 0 has passed on arrival: a 504 that says where.
+    let (code, _, body) = svc
+        .post(samples::png(1, 64), &[("x-timeout-ms", "0")])
+        .await;
+    assert_eq!(code, 504, "{body:?}");
+    assert!(error(&body).stage.is_some(), "{body:?}");
+    // A real body over the limit (not just a header announcing one) still gets its 413.
+    let (code, _, body) = svc.post(vec![7u8; 2_000_000], &[]).await;
+    assert_eq!(code, 413, "{body:?}");
 
     // Malformed at the HTTP level, sent as raw bytes: each request and the status it gets.
     let cases: [(&[u8], &str); 4] = [

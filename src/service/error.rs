@@ -7,8 +7,11 @@ use std::time::Duration;
 /// A stage failed an item: where in the graph, on which worker, and why.
 ///
 /// The path names the stage from the root of the graph, e.g. `seq[1]/ensemble[0]/Model`;
-/// [`Display`](std::fmt::Display) adds the worker, e.g. `seq[1]/ensemble[0]/Model#2 (pid
-/// 4242): task panicked: …`.
+/// [`Display`](std::fmt::Display) adds the worker (when one ran the item) and what happened,
+/// e.g. `seq[1]/ensemble[0]/Model#2 (pid 4242): task panicked: …` for a process stage, or
+/// `seq[2]/combine: task failed: …` for a parent function. A panic's backtrace (when the
+/// worker had `RUST_BACKTRACE=1`) is not in that line: [`backtrace`](Self::backtrace) has
+/// it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StageError {
     /// The stage's path in the graph.
@@ -42,7 +45,8 @@ impl std::fmt::Display for StageError {
         if let Some(p) = self.pid {
             write!(f, " (pid {p})")?;
         }
-        write!(f, ": {}", self.error)
+        // The worker is named above: the task's outcome without its own `worker N:` prefix.
+        write!(f, ": {}", self.error.what())
     }
 }
 
