@@ -9,6 +9,7 @@
 
 #include <poll.h>
 
+#include <cctype>
 #include <chrono>
 #include <iostream>
 #include <thread>

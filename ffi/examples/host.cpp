@@ -152,6 +152,23 @@ int main() {
     while (!(late = slow.wait_for(std::chrono::seconds(10)))) {
     }
     std::cout << "then: " << late->view() << "\n";
+    // A bound under a millisecond waits (rounded up), and one too long to count waits forever.
+    sp::Task quick = pool.submit("sleep:1");
+    while (!quick.wait_for(std::chrono::microseconds(500))) {
+    }
+    sp::Task endless = pool.submit("sleep:1");
+    auto got = endless.wait_for(std::chrono::seconds::max());
+    std::cout << "a wait of seconds::max(): " << (got ? got->view() : "nothing?") << "\n";
+
+    // A pool moved from: its calls throw with the call's own status.
+    sp::Pool moved = std::move(pool);
+    try {
+        pool.spawn_many({"x"});
+        std::cout << "no error?\n";
+    } catch (const sp::Error &e) {
+        std::cout << "moved-from pool: " << e.what() << "\n";
+    }
+    pool = std::move(moved);
 
     pool.shutdown();
     std::cout << "done\n";

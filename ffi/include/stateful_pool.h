@@ -57,8 +57,10 @@ typedef enum sp_status {
    */
   SP_INVALID_HANDLE = 2,
   /**
-   * An argument is out of range (a zero-length loan, a length over `SIZE_MAX / 2`, a bad
-   * option).
+   * An argument is out of range: a zero-length loan or batch, a length over
+   * `SIZE_MAX / 2`, a batch policy out of range in `sp_pool_set_batch_policy`, an unknown
+   * flag, a CPU this process may not use, a program path that is not UTF-8. (Options of
+   * `sp_pool_new` out of range are `SP_BUILD_FAILED`.)
    */
   SP_INVALID_ARGUMENT = 3,
   /**
@@ -124,7 +126,8 @@ typedef enum sp_status {
    */
   SP_SPAWN_FAILED = 18,
   /**
-   * The pool could not be created (bad options, not enough memory, …).
+   * `sp_pool_new` could not create the pool: an option out of range (queue size, sizes,
+   * batch policy, …) or not enough memory; the message says which.
    */
   SP_BUILD_FAILED = 19,
   /**
@@ -287,7 +290,8 @@ typedef struct sp_pool_options {
    */
   size_t result_ring_bytes;
   /**
-   * Largest task or loan accepted, in bytes (default: the arena size).
+   * Largest task or loan accepted, in bytes (default and upper bound: the arena size, or
+   * a slot's inline area if that is larger; a loan is capped by the arena).
    */
   size_t max_task_bytes;
   /**
@@ -705,9 +709,10 @@ enum sp_status sp_completion_queue_fd(struct sp_completion_queue cq, int32_t *ou
  * `sp_task_poll` (which returns at once) or free the task. One registration per task: a later
  * call replaces an earlier one that has not fired yet; a call on a task that has already
  * finished pushes it again. A bounded look at the task (`sp_task_wait_timeout`,
- * `sp_task_poll`) keeps the registration. If the task handle is freed before it finishes,
- * nothing is pushed (or, in a narrow race with its completion, a handle that is already dead,
- * which `sp_task_poll` reports as `SP_INVALID_HANDLE`); if the queue is freed first, its
+ * `sp_task_poll`) keeps the registration. If the task handle is freed, or consumed by a
+ * blocking `sp_task_wait`, before it finishes, nothing is pushed (or, in a narrow race with
+ * its completion, a handle that is already dead, which `sp_task_poll` reports as
+ * `SP_INVALID_HANDLE`); if the queue is freed first, its
  * completions are dropped. Fails with `SP_BUSY` while another thread is inside a bounded wait
  * on the task, `SP_INVALID_HANDLE` while one blocks in `sp_task_wait`. Thread-safe.
  */
@@ -1021,7 +1026,8 @@ enum sp_status sp_pool_shutdown(struct sp_pool pool_h, int32_t immediate);
 /**
  * Shuts the pool down gracefully (if not done yet) and frees it; the handle is dead afterwards.
  * Tasks and results already obtained stay valid. Calls still running on other threads with this
- * handle finish first. A zero handle is a no-op (`SP_OK`).
+ * handle are not waited for: the pool is closed, so a submit or spawn blocked there ends with
+ * `SP_SHUTDOWN` (or `SP_SPAWN_FAILED`). A zero handle is a no-op (`SP_OK`).
  */
 enum sp_status sp_pool_free(struct sp_pool pool_h);
 
@@ -1035,7 +1041,8 @@ enum sp_status sp_pool_free(struct sp_pool pool_h);
  * In a process started as a worker, this serves the pool and never returns, not even with an
  * error: whatever goes wrong inside ends the worker process (an internal panic aborts it), which
  * the pool sees as a worker death. So a status it returns is always the host's, never a
- * worker's. Otherwise it records the callbacks and returns `SP_OK` at once, or
+ * worker's. Otherwise it records the callbacks and returns `SP_OK` at once,
+ * `SP_NULL_ARGUMENT` if `spawn` or `execute` is NULL (nothing is recorded), or
  * `SP_INVALID_ARGUMENT` if called again with other callbacks.
  *
  * # Safety

@@ -21,7 +21,6 @@
 #include "stateful_pool.h"
 
 #include <chrono>
-#include <cstdint>
 #include <exception>
 #include <new>
 #include <cstddef>
@@ -89,6 +88,22 @@ class Reply {
 };
 
 namespace detail {
+/// A wait's bound in whole milliseconds for the C calls: rounded up (a wait of 500 µs waits,
+/// it does not merely look), 0 for zero or negative, and `UINT64_MAX` (no deadline) for a
+/// bound too long to count in milliseconds (`std::chrono::seconds::max()` waits forever
+/// instead of overflowing).
+template <class Rep, class Period>
+std::uint64_t timeout_ms(std::chrono::duration<Rep, Period> timeout) {
+    if (timeout <= std::chrono::duration<Rep, Period>::zero()) {
+        return 0;
+    }
+    const auto ms = std::chrono::duration<long double, std::milli>(timeout).count();
+    if (!(ms < 9.0e18L)) {
+        return UINT64_MAX;
+    }
+    return static_cast<std::uint64_t>(std::chrono::ceil<std::chrono::milliseconds>(timeout).count());
+}
+
 /// Runs a callback body; any exception becomes the reply's error (never crosses into C).
 template <typename F>
 std::int32_t guard_callback(sp_reply *reply, F &&body) noexcept {
@@ -274,9 +289,8 @@ class Task {
     /// Waits at most `timeout`: nullopt if the task has not finished (wait again later).
     template <class Rep, class Period>
     std::optional<Result> wait_for(std::chrono::duration<Rep, Period> timeout) {
-        auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(timeout).count();
         sp_result r{0};
-        sp_status s = sp_task_wait_timeout(h_, ms < 0 ? 0 : static_cast<std::uint64_t>(ms), &r);
+        sp_status s = sp_task_wait_timeout(h_, detail::timeout_ms(timeout), &r);
         if (s == SP_TIMEOUT) {
             return std::nullopt;
         }
@@ -386,10 +400,8 @@ class Batch {
     /// Waits at most `timeout`: nullopt if the batch has not finished.
     template <class Rep, class Period>
     std::optional<ResultSet> wait_for(std::chrono::duration<Rep, Period> timeout) {
-        auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(timeout).count();
         sp_result_set r{0};
-        sp_status s =
-            sp_batch_wait_timeout(h_, ms < 0 ? 0 : static_cast<std::uint64_t>(ms), &r);
+        sp_status s = sp_batch_wait_timeout(h_, detail::timeout_ms(timeout), &r);
         if (s == SP_TIMEOUT) {
             return std::nullopt;
         }
@@ -486,9 +498,11 @@ class Pool {
         std::vector<sp_result> outs(args.size(), sp_result{0});
         std::vector<sp_status> statuses(args.size(), SP_OK);
         sp_status s = sp_pool_spawn_many(h_, in.data(), in.size(), outs.data(), statuses.data());
+        // Only the outputs the call wrote (a refusal before any spawn started writes none:
+        // then the call's own status is what is thrown). Each is owned, and freed if we throw.
         std::vector<Result> results;
         for (std::size_t i = 0; i < outs.size(); i++) {
-            if (statuses[i] == SP_OK) {
+            if (statuses[i] == SP_OK && outs[i].id != 0) {
                 results.emplace_back(outs[i]);
             }
         }

@@ -158,9 +158,10 @@ pub unsafe extern "C" fn sp_completion_queue_fd(
 /// `sp_task_poll` (which returns at once) or free the task. One registration per task: a later
 /// call replaces an earlier one that has not fired yet; a call on a task that has already
 /// finished pushes it again. A bounded look at the task (`sp_task_wait_timeout`,
-/// `sp_task_poll`) keeps the registration. If the task handle is freed before it finishes,
-/// nothing is pushed (or, in a narrow race with its completion, a handle that is already dead,
-/// which `sp_task_poll` reports as `SP_INVALID_HANDLE`); if the queue is freed first, its
+/// `sp_task_poll`) keeps the registration. If the task handle is freed, or consumed by a
+/// blocking `sp_task_wait`, before it finishes, nothing is pushed (or, in a narrow race with
+/// its completion, a handle that is already dead, which `sp_task_poll` reports as
+/// `SP_INVALID_HANDLE`); if the queue is freed first, its
 /// completions are dropped. Fails with `SP_BUSY` while another thread is inside a bounded wait
 /// on the task, `SP_INVALID_HANDLE` while one blocks in `sp_task_wait`. Thread-safe.
 #[unsafe(no_mangle)]

@@ -72,7 +72,8 @@ pub struct sp_pool_options {
     pub task_arena_bytes: usize,
     /// Bytes of each worker's completion ring; a result may take up to half (default 4 MiB).
     pub result_ring_bytes: usize,
-    /// Largest task or loan accepted, in bytes (default: the arena size).
+    /// Largest task or loan accepted, in bytes (default and upper bound: the arena size, or
+    /// a slot's inline area if that is larger; a loan is capped by the arena).
     pub max_task_bytes: usize,
     /// Bytes for each worker's spawn arguments and output (default 64 KiB).
     pub spawn_area_bytes: usize,
@@ -116,7 +117,18 @@ pub(crate) type CPool = Pool<CWorker>;
 /// collected, its slot then freed), or a spawn output.
 pub(crate) enum Bytes {
     InPlace(ResultRef<Vec<u8>>),
-    Owned(Vec<u8>),
+    /// A spawn output, copied into 16-byte-aligned storage (as `sp_result_bytes` promises,
+    /// whatever the allocator's own alignment for small blocks).
+    Owned(rkyv::util::AlignedVec<16>),
+}
+
+impl Bytes {
+    /// A spawn output's bytes, in aligned storage.
+    pub(crate) fn owned(bytes: &[u8]) -> Bytes {
+        let mut v = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len());
+        v.extend_from_slice(bytes);
+        Bytes::Owned(v)
+    }
 }
 
 pub(crate) static POOLS: Table<Arc<CPool>> = Table::new(1, "pool");
@@ -311,6 +323,15 @@ pub unsafe extern "C" fn sp_pool_new(opts: *const sp_pool_options, out: *mut sp_
             if o.restart_on_panic != 0 {
                 b = b.restart_on_panic(o.restart_on_panic > 0);
             }
+            if Duration::from_micros(o.max_batch_delay_us) > MAX_BATCH_DELAY {
+                return Err(Fail::new(
+                    sp_status::SP_BUILD_FAILED,
+                    format!(
+                        "opts.max_batch_delay_us of {} is over an hour",
+                        o.max_batch_delay_us
+                    ),
+                ));
+            }
             if o.max_batch > 1 {
                 b = b.batch_policy(batch_policy(o.max_batch, o.max_batch_delay_us));
             }
@@ -334,6 +355,9 @@ pub unsafe extern "C" fn sp_pool_new(opts: *const sp_pool_options, out: *mut sp_
     })
 }
 
+/// The longest batch delay accepted (as `BatchPolicy`'s own check).
+const MAX_BATCH_DELAY: Duration = Duration::from_secs(3600);
+
 fn batch_policy(max_batch: usize, delay_us: u64) -> BatchPolicy {
     if max_batch <= 1 {
         return BatchPolicy::none();
@@ -352,6 +376,14 @@ pub extern "C" fn sp_pool_set_batch_policy(
 ) -> sp_status {
     guard(|| {
         let p = pool(pool_h)?;
+        // The delay's bound holds whatever `max_batch` (a policy that turns batching off keeps
+        // no delay, so its own check would not see one).
+        if Duration::from_micros(max_batch_delay_us) > MAX_BATCH_DELAY {
+            return Err(Fail::new(
+                sp_status::SP_INVALID_ARGUMENT,
+                format!("max_batch_delay_us of {max_batch_delay_us} is over an hour"),
+            ));
+        }
         p.set_batch_policy(batch_policy(max_batch, max_batch_delay_us))
             .map_err(|e| Fail::new(sp_status::SP_INVALID_ARGUMENT, e.to_string()))
     })
@@ -425,7 +457,7 @@ pub unsafe extern "C" fn sp_pool_spawn_many(
         for (i, h) in handles.into_iter().enumerate() {
             let r = h.and_then(|h| h.wait().map_err(spawn_fail));
             let (id, status) = match r {
-                Ok(bytes) => (RESULTS.insert(Bytes::Owned(bytes)), sp_status::SP_OK),
+                Ok(bytes) => (RESULTS.insert(Bytes::owned(&bytes)), sp_status::SP_OK),
                 Err(f) => {
                     let s = f.status;
                     first.get_or_insert(f);
@@ -601,7 +633,7 @@ pub unsafe extern "C" fn sp_pool_spawn_with(
         let handle = p.submit_spawn_with(&args, &so).map_err(spawn_fail)?;
         let index = handle.worker_index();
         let output = handle.wait().map_err(spawn_fail)?;
-        let h = RESULTS.insert(Bytes::Owned(output));
+        let h = RESULTS.insert(Bytes::owned(&output));
         if !worker_index.is_null() {
             // SAFETY: non-null; the caller promises it is writable.
             unsafe { worker_index.write(index) };
@@ -655,7 +687,7 @@ pub unsafe extern "C" fn sp_pool_replace_worker(
             return Err(Fail::null("out"));
         }
         let output = pool(pool_h)?.replace_worker(index).map_err(worker_fail)?;
-        let h = RESULTS.insert(Bytes::Owned(output));
+        let h = RESULTS.insert(Bytes::owned(&output));
         // SAFETY: checked non-null above; the caller promises it is writable.
         unsafe { out.write(sp_result { id: h }) };
         Ok(())
@@ -806,6 +838,12 @@ fn loan_common(pool_h: sp_pool, len: usize, out: *mut sp_loan, try_only: bool) -
         return Err(Fail::new(
             sp_status::SP_INVALID_ARGUMENT,
             "a loan must be at least 1 byte long",
+        ));
+    }
+    if len > isize::MAX as usize {
+        return Err(Fail::new(
+            sp_status::SP_INVALID_ARGUMENT,
+            format!("a loan of {len} bytes is over SIZE_MAX / 2"),
         ));
     }
     let p = pool(pool_h)?;
@@ -992,7 +1030,7 @@ pub unsafe extern "C" fn sp_result_bytes(
         let (p, n) = RESULTS.with(result.id, |r| {
             let s: &[u8] = match r {
                 Bytes::InPlace(r) => r.as_slice(),
-                Bytes::Owned(v) => v,
+                Bytes::Owned(v) => v.as_slice(),
             };
             (
                 if s.is_empty() {
@@ -1039,7 +1077,8 @@ pub extern "C" fn sp_pool_shutdown(pool_h: sp_pool, immediate: i32) -> sp_status
 
 /// Shuts the pool down gracefully (if not done yet) and frees it; the handle is dead afterwards.
 /// Tasks and results already obtained stay valid. Calls still running on other threads with this
-/// handle finish first. A zero handle is a no-op (`SP_OK`).
+/// handle are not waited for: the pool is closed, so a submit or spawn blocked there ends with
+/// `SP_SHUTDOWN` (or `SP_SPAWN_FAILED`). A zero handle is a no-op (`SP_OK`).
 #[unsafe(no_mangle)]
 pub extern "C" fn sp_pool_free(pool_h: sp_pool) -> sp_status {
     guard(|| {

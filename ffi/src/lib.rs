@@ -52,8 +52,10 @@ pub enum sp_status {
     SP_NULL_ARGUMENT = 1,
     /// A handle that is not live: never issued, already freed, or of another kind.
     SP_INVALID_HANDLE = 2,
-    /// An argument is out of range (a zero-length loan, a length over `SIZE_MAX / 2`, a bad
-    /// option).
+    /// An argument is out of range: a zero-length loan or batch, a length over
+    /// `SIZE_MAX / 2`, a batch policy out of range in `sp_pool_set_batch_policy`, an unknown
+    /// flag, a CPU this process may not use, a program path that is not UTF-8. (Options of
+    /// `sp_pool_new` out of range are `SP_BUILD_FAILED`.)
     SP_INVALID_ARGUMENT = 3,
     /// The handle is in use by another thread's call right now.
     SP_BUSY = 4,
@@ -87,7 +89,8 @@ pub enum sp_status {
     /// A worker could not be spawned (its spawn step failed or panicked, the program could not
     /// start, no free seat, …).
     SP_SPAWN_FAILED = 18,
-    /// The pool could not be created (bad options, not enough memory, …).
+    /// `sp_pool_new` could not create the pool: an option out of range (queue size, sizes,
+    /// batch policy, …) or not enough memory; the message says which.
     SP_BUILD_FAILED = 19,
     /// A panic inside the library was caught at the boundary.
     SP_PANIC = 20,

@@ -344,7 +344,8 @@ impl Drop for CWorker {
 /// In a process started as a worker, this serves the pool and never returns, not even with an
 /// error: whatever goes wrong inside ends the worker process (an internal panic aborts it), which
 /// the pool sees as a worker death. So a status it returns is always the host's, never a
-/// worker's. Otherwise it records the callbacks and returns `SP_OK` at once, or
+/// worker's. Otherwise it records the callbacks and returns `SP_OK` at once,
+/// `SP_NULL_ARGUMENT` if `spawn` or `execute` is NULL (nothing is recorded), or
 /// `SP_INVALID_ARGUMENT` if called again with other callbacks.
 ///
 /// # Safety
@@ -357,6 +358,15 @@ pub unsafe extern "C" fn sp_init(callbacks: *const sp_worker_callbacks) -> sp_st
         if !callbacks.is_null() {
             // SAFETY: non-null; the caller promises a valid struct.
             let cb = unsafe { *callbacks };
+            // Both are required: a worker without them could only fail every spawn, later and
+            // far from the mistake.
+            if cb.spawn.is_none() || cb.execute.is_none() {
+                return Err(Fail::null(if cb.spawn.is_none() {
+                    "callbacks->spawn"
+                } else {
+                    "callbacks->execute"
+                }));
+            }
             let stored = CALLBACKS.get_or_init(|| Registered(cb));
             let same = stored.0.spawn.map(|f| f as usize) == cb.spawn.map(|f| f as usize)
                 && stored.0.execute.map(|f| f as usize) == cb.execute.map(|f| f as usize)

@@ -325,6 +325,9 @@ fn take(r: sp_result) -> String {
     let (mut d, mut n) = (null(), 0usize);
     // SAFETY: valid out-pointers.
     assert_eq!(unsafe { sp_result_bytes(r, &mut d, &mut n) }, SP_OK);
+    // Every result's bytes are 16-byte aligned, spawn outputs included (whatever the
+    // allocator does for small blocks).
+    assert_eq!(d as usize % 16, 0, "result bytes at {d:?}");
     let s = if n == 0 {
         String::new()
     } else {
@@ -592,8 +595,13 @@ fn bad_buffers_and_options_are_refused() {
             let (status, message) = spawn(p, b"big-output").unwrap_err();
             assert_eq!(status, SP_TOO_LARGE, "{message}");
             assert!(message.contains("spawn area of 256 bytes"), "{message}");
-            // Zero-length loan.
+            // Zero-length loan; a length over SIZE_MAX / 2.
             assert_eq!(sp_pool_loan(p, 0, &mut l), SP_INVALID_ARGUMENT);
+            assert_eq!(sp_pool_loan(p, usize::MAX, &mut l), SP_INVALID_ARGUMENT);
+            assert_eq!(
+                sp_pool_try_loan(p, usize::MAX / 2 + 1, &mut l),
+                SP_INVALID_ARGUMENT
+            );
             assert_eq!(sp_loan_data(l, null_mut(), null_mut()), SP_NULL_ARGUMENT);
 
             // No worker and none coming: a submit is refused at once.
@@ -814,6 +822,11 @@ fn a_c_worker_runs_batches_through_its_batch_callback() {
         assert_eq!(sp_pool_set_batch_policy(p, 1, 0), SP_OK);
         assert_eq!(execute(p, b"z").unwrap(), "echo:z");
         assert_eq!(sp_pool_set_batch_policy(p, 65, 0), SP_INVALID_ARGUMENT);
+        // The delay's bound holds also for a policy that turns batching off.
+        assert_eq!(
+            sp_pool_set_batch_policy(p, 0, 3_600_000_001),
+            SP_INVALID_ARGUMENT
+        );
         assert_eq!(
             sp_pool_set_batch_policy(sp_pool { id: 0 }, 8, 0),
             SP_NULL_ARGUMENT
@@ -931,8 +944,12 @@ fn sp_init_refuses_other_callbacks_once_registered() {
         let same = callbacks();
         let mut other = callbacks();
         other.drop = None;
+        let mut no_execute = callbacks();
+        no_execute.execute = None;
         // SAFETY: valid structs.
         unsafe {
+            // Required callbacks missing: refused before anything is recorded.
+            assert_eq!(sp_init(&no_execute), SP_NULL_ARGUMENT);
             assert_eq!(sp_init(&same), SP_OK);
             assert_eq!(sp_init(null()), SP_OK);
             assert_eq!(sp_init(&other), SP_INVALID_ARGUMENT);

@@ -194,6 +194,8 @@ fn a_cpp_host_uses_the_raii_wrappers() {
         "exception in the worker: SP_TASK_FAILED",
         "after 1 ms: still running",
         "then: slept",
+        "a wait of seconds::max(): slept",
+        "moved-from pool: SP_NULL_ARGUMENT: null pool handle",
         "done",
     ] {
         assert!(out.contains(line), "missing {line:?} in:\n{out}");

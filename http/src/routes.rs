@@ -70,9 +70,9 @@ impl App {
     }
 }
 
-/// The service's routes over `app`. Every response, the router's own too (404 for an unknown
-/// path, 405 for a wrong method, 400 for a query that does not parse), carries the
-/// instance's name in `x-instance`.
+/// The service's routes over `app`. Every response the router makes, its own too (404 for an
+/// unknown path, 405 for a wrong method, 400 for a query that does not parse), carries the
+/// instance's name in `x-instance` (hyper's answers to unparsable HTTP never reach it).
 pub fn router(app: Arc<App>) -> Router {
     let instance = HeaderValue::from_str(&app.cfg.instance).ok();
     Router::new()

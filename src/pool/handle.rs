@@ -396,8 +396,11 @@ impl Loan {
             .seg
             .bytes_ptr(self.off as usize, self.len as usize);
         // SAFETY: the arena block belongs to this loan alone until it is submitted (which
-        // consumes the loan) or dropped; no other process touches it before the submit publishes
-        // it; u8 has no invalid values.
+        // consumes the loan) or dropped; no honest worker touches it before the submit
+        // publishes it; u8 has no invalid values. (A hostile worker can write anywhere in the
+        // mapping, this block included: the trust model, ARCHITECTURE.md, gives up the
+        // correctness of data in flight against such a worker, and bytes are all valid `u8`s,
+        // so what it can change is the payload's content, not the parent's memory safety.)
         unsafe { std::slice::from_raw_parts_mut(p, self.len as usize) }
     }
 

@@ -340,14 +340,23 @@ impl<'a> MpmcRing<'a> {
 impl MpmcRing<'_> {
     /// Finishes the pop of a consumer that died after winning position `claim_value - 1` and
     /// recording the value it won elsewhere (a worker's `current_slot`): releases the cell if
-    /// it is still full, without taking the value (it is accounted for).
-    pub(crate) fn release_won(&self, claim_value: u64) {
+    /// it is still full, without taking the value (it is accounted for). Returns `false`
+    /// without touching the cell while `live_claim(claim_value)` says a live consumer shows
+    /// the same intent (the dead one's words may be forged, and the live one may be the real
+    /// winner, mid-pop): ask again later, as for [`repair`](Self::repair), whose order this
+    /// follows (`head` first, then the live claims, then the cell). `true` once done.
+    pub(crate) fn release_won(&self, claim_value: u64, live_claim: impl Fn(u64) -> bool) -> bool {
         let pos = claim_value.wrapping_sub(1);
         let cap = self.cells.len() as u64;
         if claim_value == 0 || self.hdr.head.load(Ordering::SeqCst) <= pos {
             // Nobody won that position (the words were garbage): its cell, if full, holds a
             // task still queued for whoever pops it.
-            return;
+            return true;
+        }
+        // After `head > pos` was seen: a live winner of `pos` stored its claim before its CAS,
+        // so it shows here until its pop is complete.
+        if live_claim(claim_value) {
+            return false;
         }
         let _ = self.cell(pos).seq.compare_exchange(
             claim_value,
@@ -355,6 +364,7 @@ impl MpmcRing<'_> {
             Ordering::AcqRel,
             Ordering::Relaxed,
         );
+        true
     }
 }
 
@@ -370,10 +380,11 @@ pub(crate) enum Repair {
     Deferred,
 }
 
-#[cfg(all(test, stateful_pool_loom))]
+#[cfg(test)]
 impl MpmcRing<'_> {
-    /// Test helper: a consumer that records its intent, wins the `head` CAS, and dies before
-    /// reading the value or storing `seq` (the crash window `repair` exists for).
+    /// Test helper: a consumer that records its intent, wins the `head` CAS, and dies (or is
+    /// paused) before reading the value or storing `seq` (the crash window `repair` exists
+    /// for).
     pub(crate) fn pop_and_die_after_cas(&self, claim: &AtomicU64) {
         let head = self.hdr.head.load(Ordering::SeqCst);
         claim.store(head + 1, Ordering::SeqCst);
@@ -383,6 +394,14 @@ impl MpmcRing<'_> {
             .expect("no concurrent consumer in this test");
     }
 
+    /// Test helper: the `seq` stamp of the cell of position `pos`.
+    pub(crate) fn seq_at(&self, pos: u64) -> u64 {
+        self.cell(pos).seq.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(all(test, stateful_pool_loom))]
+impl MpmcRing<'_> {
     /// Test helper: a consumer that races others for the head, wins a position, records the
     /// value in `current` (as `pop_tracked` does) and dies before releasing the cell.
     pub(crate) fn pop_and_die_after_recording(&self, claim: &AtomicU64, current: &AtomicU32) {

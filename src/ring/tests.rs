@@ -235,6 +235,35 @@ mod std_tests {
         assert_eq!(r.used(), 0);
     }
 
+    /// A dead worker's forged words name the position a live consumer is popping (claim and
+    /// CAS done, value not read yet), with a recorded value: `release_won` must wait, not
+    /// free the cell under the live pop (a producer one lap later would overwrite the value it
+    /// is about to read).
+    #[test]
+    fn release_won_waits_while_a_live_pop_shows_the_same_claim() {
+        let q = HeapMpmc::with_capacity(2);
+        let r = q.ring();
+        r.push(7).unwrap();
+        r.push(8).unwrap();
+        let live_claim = crate::sync::AtomicU64::new(0);
+        r.pop_and_die_after_cas(&live_claim); // paused mid-pop of position 0
+        let c = live_claim.load(Ordering::SeqCst);
+        assert_eq!(c, 1);
+        assert!(!r.release_won(c, |x| live_claim.load(Ordering::SeqCst) == x));
+        // Cell 0 still holds 7 for its popper (stamp `pos + 1`: full), so the next lap's
+        // producer cannot reuse it yet.
+        assert_eq!(r.seq_at(0), 1, "cell 0 was freed under the live pop");
+        assert_eq!(r.pop(None), Some(8));
+        // Once no live claim shows, the release goes through (here: as if that pop were the
+        // forged one's own, released for it) and the ring works on.
+        assert!(r.release_won(c, |_| false));
+        assert_eq!(r.seq_at(0), 2);
+        r.push(9).unwrap();
+        r.push(10).unwrap();
+        assert_eq!(r.pop(None), Some(9));
+        assert_eq!(r.pop(None), Some(10));
+    }
+
     #[test]
     fn byte_ring_reset_forgets_uncollected_records() {
         let h = HeapByteRing::new(512);
@@ -795,12 +824,59 @@ pub(crate) mod loom_tests {
             let dead_current = AtomicU32::new(u32::MAX);
             q.ring()
                 .pop_and_die_after_recording(&dead_claim, &dead_current);
-            // The supervisor: the dead worker recorded a value, so it won; release its cell.
-            q.ring().release_won(dead_claim.load(Ordering::SeqCst));
+            // The supervisor: the dead worker recorded a value, so it won; release its cell
+            // (waiting while the live loser's claim shows the same position).
+            let c = dead_claim.load(Ordering::SeqCst);
+            while !q
+                .ring()
+                .release_won(c, |c| live_claim.load(Ordering::SeqCst) == c)
+            {
+                loom::thread::yield_now();
+            }
             let popped = live.join().unwrap().expect("two values, two consumers");
             let mut both = [popped, dead_current.load(Ordering::SeqCst)];
             both.sort();
             assert_eq!(both, [7, 8]);
+            a_lap_works(&q);
+        });
+    }
+
+    /// A dead worker's forged words claim the position a live consumer is popping, with a
+    /// recorded value: in every interleaving the supervisor's deferred release converges (it
+    /// waits only while the live claim shows), the live pop delivers its value, and the ring
+    /// keeps working. (That the release waits rather than frees the cell under the paused pop
+    /// is pinned down step by step by `release_won_waits_while_a_live_pop_shows_the_same_claim`.)
+    #[test]
+    fn loom_a_forged_won_claim_never_releases_a_live_pop() {
+        model(|| {
+            let q = Arc::new(HeapMpmc::with_capacity(2));
+            q.ring().push(7).unwrap();
+            let live_claim = Arc::new(AtomicU64::new(0));
+            let live = {
+                let (q, c) = (q.clone(), live_claim.clone());
+                loom::thread::spawn(move || {
+                    let current = AtomicU32::new(u32::MAX);
+                    q.ring().pop_tracked(&c, &current, || {})
+                })
+            };
+            // The forged words: position 0 (claim 1), as if it had won it.
+            while !q
+                .ring()
+                .release_won(1, |c| live_claim.load(Ordering::SeqCst) == c)
+            {
+                loom::thread::yield_now();
+            }
+            // A producer, after the release, fills the next cell and then cell 0 again (one
+            // lap later): a cell released under the live pop would let it overwrite the value
+            // that pop is about to read. Done right, the second push waits for the live pop.
+            q.ring().push(9).unwrap();
+            while q.ring().push(10).is_err() {
+                // Full until the live pop takes 7.
+                loom::thread::yield_now();
+            }
+            assert_eq!(live.join().unwrap(), Some(7));
+            assert_eq!(q.ring().pop(None), Some(9));
+            assert_eq!(q.ring().pop(None), Some(10));
             a_lap_works(&q);
         });
     }

@@ -9,7 +9,8 @@ use std::time::Duration;
 /// The path names the stage from the root of the graph, e.g. `seq[1]/ensemble[0]/Model`;
 /// [`Display`](std::fmt::Display) adds the worker (when one ran the item) and what happened,
 /// e.g. `seq[1]/ensemble[0]/Model#2 (pid 4242): task panicked: …` for a process stage, or
-/// `seq[2]/combine: task failed: …` for a parent function. A panic's backtrace (when the
+/// `seq[2]/combine (pid 4000): task failed: …` for a parent function (the parent's pid, no
+/// worker). A panic's backtrace (when the
 /// worker had `RUST_BACKTRACE=1`) is not in that line: [`backtrace`](Self::backtrace) has
 /// it.
 #[derive(Debug, Clone, PartialEq, Eq)]

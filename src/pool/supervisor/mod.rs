@@ -115,10 +115,17 @@ struct PendingRepair {
     claim: u64,
     pid: u32,
     cause: ExitCause,
-    /// The dead worker recorded the value it won (`current_slot`), so it is already
-    /// accounted for: only the cell is to be released (`MpmcRing::release_won`), once no live
-    /// worker shows the same claim.
-    won: bool,
+}
+
+/// A dead worker's won pop whose cell could not be released yet (`MpmcRing::release_won`):
+/// a live worker showed the same claim. The value is accounted for (the dead worker had
+/// recorded it in `current_slot`); only the cell waits. While it waits, its claim counts as
+/// live for every other repair, so a second dead worker with the same claim cannot take the
+/// value a second time.
+#[derive(Debug, Clone, Copy)]
+struct PendingRelease {
+    seat: u32,
+    claim: u64,
 }
 
 #[derive(Debug)]
@@ -177,6 +184,7 @@ struct Sup {
     shutdown: Option<(Instant, Sender<()>)>,
     killed_all: bool,
     pending_repairs: Vec<PendingRepair>,
+    pending_releases: Vec<PendingRelease>,
 }
 
 pub(crate) fn supervisor_loop(shared: Arc<Shared>, rx: Receiver<SupMsg>, program: PathBuf) {
@@ -204,6 +212,7 @@ pub(crate) fn supervisor_loop(shared: Arc<Shared>, rx: Receiver<SupMsg>, program
         shutdown: None,
         killed_all: false,
         pending_repairs: Vec::new(),
+        pending_releases: Vec::new(),
     };
     // A panic on this thread must not leave tasks hanging: stop every worker, answer
     // everything, and let the pool refuse new work.
@@ -438,7 +447,7 @@ impl Sup {
         if self.shared.timed_in_flight.load(Ordering::SeqCst) != 0 {
             at(now + TIMEOUT_TICK);
         }
-        if !self.pending_repairs.is_empty() {
+        if !self.pending_repairs.is_empty() || !self.pending_releases.is_empty() {
             // A deferred queue repair resolves as soon as the other worker runs: ask again
             // soon (nothing else may wake us).
             at(now + Duration::from_millis(1));

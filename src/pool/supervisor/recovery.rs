@@ -94,8 +94,9 @@ impl Sup {
             }
             return;
         }
-        if reason == DeathReason::Exit && self.shutdown.is_some() {
-            // The normal end of a worker at shutdown.
+        if kill.is_none() && ctl_state_now == ctl_state::EXITED && self.shutdown.is_some() {
+            // The normal end of a worker at shutdown (it left its loop and said so; an
+            // `exit()` in a task during the shutdown is a death, reported below).
             self.free_seat(seat, WorkerState::Stopped);
             return;
         }
@@ -181,16 +182,11 @@ impl Sup {
             // task twice). Unless a live worker shows the same claim: then that one may be
             // the winner, mid-pop (the dead worker's words may be forged), and the release
             // waits until that claim is withdrawn or released.
-            if self.live_claim(seat, claim) {
-                self.pending_repairs.push(PendingRepair {
-                    seat,
-                    claim,
-                    pid,
-                    cause,
-                    won: true,
-                });
-            } else {
-                shared.task_ring().release_won(claim);
+            if !shared
+                .task_ring()
+                .release_won(claim, |c| self.live_claim(seat, c, false))
+            {
+                self.pending_releases.push(PendingRelease { seat, claim });
             }
         } else {
             match self.repair(seat, claim) {
@@ -200,7 +196,6 @@ impl Sup {
                     claim,
                     pid,
                     cause,
-                    won: false,
                 }),
                 _ => {}
             }
@@ -222,39 +217,53 @@ impl Sup {
         (failed, retried)
     }
 
-    /// Whether a live worker other than `seat`'s shows intent `claim`: the winner of that
-    /// position, about to release the cell, or a loser, about to withdraw its claim. (A dead
-    /// one not yet recovered still counts: its own recovery comes first.)
-    fn live_claim(&self, seat: u32, claim: u64) -> bool {
+    /// Whether a worker other than `seat`'s shows intent `claim`: a live one (the winner of
+    /// that position, about to release the cell, or a loser, about to withdraw its claim; a
+    /// dead one not yet recovered still counts: its own recovery comes first), or, with
+    /// `releases`, a dead one whose won pop still waits for its cell's release
+    /// (`pending_releases`: the value is accounted for, so no repair may take it). A release
+    /// itself waits only for workers' claims, so two of them never wait for each other.
+    fn live_claim(&self, seat: u32, claim: u64, releases: bool) -> bool {
         let shared = &self.shared;
-        (0..shared.n_seats()).filter(|&i| i != seat).any(|i| {
-            let w = shared.ctl(i);
-            w.claim.load(Ordering::SeqCst) == claim
-                && w.state.load(Ordering::Acquire) == ctl_state::READY
-        })
+        (releases
+            && self
+                .pending_releases
+                .iter()
+                .any(|p| p.seat != seat && p.claim == claim))
+            || (0..shared.n_seats()).filter(|&i| i != seat).any(|i| {
+                let w = shared.ctl(i);
+                w.claim.load(Ordering::SeqCst) == claim
+                    && w.state.load(Ordering::Acquire) == ctl_state::READY
+            })
     }
 
     /// Asks the task queue whether a dead worker's pop (intent `claim`) left a task in a cell.
     pub(super) fn repair(&self, seat: u32, claim: u64) -> Repair {
         self.shared
             .task_ring()
-            .repair(claim, |c| self.live_claim(seat, c))
+            .repair(claim, |c| self.live_claim(seat, c, true))
     }
 
     /// Retries the queue repairs a live claim held up (each converges once that worker runs).
     pub(super) fn retry_repairs(&mut self) {
+        // Releases first: a repair with the same claim waits for them (see `live_claim`).
+        let mut i = 0;
+        while i < self.pending_releases.len() {
+            let p = self.pending_releases[i];
+            let done = self
+                .shared
+                .task_ring()
+                .release_won(p.claim, |c| self.live_claim(p.seat, c, false));
+            if done {
+                self.pending_releases.swap_remove(i);
+            } else {
+                i += 1;
+            }
+        }
         if self.pending_repairs.is_empty() {
             return;
         }
         for p in std::mem::take(&mut self.pending_repairs) {
-            if p.won {
-                if self.live_claim(p.seat, p.claim) {
-                    self.pending_repairs.push(p);
-                } else {
-                    self.shared.task_ring().release_won(p.claim);
-                }
-                continue;
-            }
             match self.repair(p.seat, p.claim) {
                 Repair::Deferred => self.pending_repairs.push(p),
                 Repair::Taken(v) if v < self.shared.n_slots() => {
