@@ -160,7 +160,10 @@ impl StatCounters {
 pub enum WorkerState {
     /// Never used, or freed after a failed spawn.
     Empty,
-    /// Its process is starting (first start or a restart).
+    /// Its process is starting (first start or a restart). A worker whose spawn step has just
+    /// finished may already be serving tasks while its seat still reads `Starting`: the
+    /// supervisor records it as `Ready` (and counts the restart) when it next looks, usually
+    /// within a millisecond. A spawn call returns only after that.
     Starting,
     /// Serving tasks.
     Ready,

@@ -510,7 +510,9 @@ impl<W: Worker> Pool<W> {
             .count()
     }
 
-    /// Process ids of the serving workers, by seat.
+    /// Process ids of the serving workers, by seat (seats recorded as
+    /// [`Ready`](crate::WorkerState::Ready): a restarted worker may serve a moment before it is
+    /// listed, see [`WorkerState::Starting`](crate::WorkerState::Starting)).
     pub fn worker_pids(&self) -> Vec<(usize, u32)> {
         self.shared
             .lock_seats()
