@@ -981,6 +981,24 @@ fn cpu_sets_pin_workers_before_they_start_and_a_disallowed_cpu_is_refused() {
 /// running its state's destructor) is answered `Cancelled`, as the docs say ("one that leaves
 /// without taking it"), not `WorkerDied`: the worker never took it, and a retirement is not a
 /// death.
+/// Broadcasts, from another thread, a step that creates the file `ran` on each worker that
+/// runs it; the thread returns the broadcast's outcomes.
+fn broadcast_marking(
+    pool: &Arc<Pool<TestWorker>>,
+    ran: &std::path::Path,
+) -> std::thread::JoinHandle<Vec<(usize, Result<Out, TaskError>)>> {
+    let pool = pool.clone();
+    let ran = ran.to_string_lossy().into_owned();
+    std::thread::spawn(move || {
+        pool.broadcast(&Cmd::Step {
+            id: 1,
+            started: ran,
+            gate: String::new(),
+            fail: false,
+        })
+    })
+}
+
 #[test]
 fn a_broadcast_offered_to_a_retiring_worker_is_cancelled_not_a_death() {
     watchdog(120, || {
@@ -1006,18 +1024,7 @@ fn a_broadcast_offered_to_a_retiring_worker_is_cancelled_not_a_death() {
         let dropping = format!("{}.dropping-0", gate.to_string_lossy());
         assert!(wait_until(60, || std::path::Path::new(&dropping).exists()));
         let ran = gate_path("bcast-ran");
-        let broadcast = {
-            let pool = pool.clone();
-            let ran = ran.to_string_lossy().into_owned();
-            std::thread::spawn(move || {
-                pool.broadcast(&Cmd::Step {
-                    id: 1,
-                    started: ran,
-                    gate: String::new(),
-                    fail: false,
-                })
-            })
-        };
+        let broadcast = broadcast_marking(&pool, &ran);
         // Worker 1 ran it: offers go out in seat order, so worker 0's was made before.
         assert!(wait_until(60, || ran.exists()));
         let release = format!("{}.release", gate.to_string_lossy());
@@ -1064,18 +1071,7 @@ fn a_broadcast_offered_to_a_worker_killed_for_a_timeout_is_not_requeued() {
             .unwrap();
         assert!(wait_until(60, || pool.queued() == 0), "the worker took it");
         let ran = gate_path("bcast-timeout-ran");
-        let broadcast = {
-            let pool = pool.clone();
-            let ran = ran.to_string_lossy().into_owned();
-            std::thread::spawn(move || {
-                pool.broadcast(&Cmd::Step {
-                    id: 1,
-                    started: ran,
-                    gate: String::new(),
-                    fail: false,
-                })
-            })
-        };
+        let broadcast = broadcast_marking(&pool, &ran);
         assert!(matches!(hung.wait(), Err(TaskError::Timeout { .. })));
         let results = broadcast.join().unwrap();
         assert_eq!(results.len(), 1, "{results:?}");
