@@ -151,14 +151,22 @@ impl Backend {
             Backend::Pool { server, preprocess } => {
                 let mut loan = match preprocess.try_loan(req.len) {
                     Ok(l) => l,
-                    Err(SubmitError::PayloadTooLarge { len, max }) => {
-                        return Err(Failure::too_large(len, max));
+                    Err(e) => {
+                        let f = match e {
+                            SubmitError::PayloadTooLarge { len, max } => {
+                                Failure::too_large(len, max)
+                            }
+                            SubmitError::Shutdown => Failure::draining(),
+                            SubmitError::QueueFull | SubmitError::NoSpace { .. } => {
+                                Failure::no_room()
+                            }
+                            e => Failure::internal(e.to_string(), None),
+                        };
+                        // Refused before the body was read: let the client finish sending it
+                        // (bounded), so that it can read the answer.
+                        drain_refused(req.body, req.body_timeout);
+                        return Err(f);
                     }
-                    Err(SubmitError::Shutdown) => return Err(Failure::draining()),
-                    Err(SubmitError::QueueFull | SubmitError::NoSpace { .. }) => {
-                        return Err(Failure::no_room());
-                    }
-                    Err(e) => return Err(Failure::internal(e.to_string(), None)),
                 };
                 let limit = BodyLimit::of(&req);
                 read_body_into(req.body, loan.as_mut_slice(), limit).await?;
@@ -228,6 +236,35 @@ impl BodyLimit {
             body_timeout,
         }
     }
+}
+
+/// The most of a refused request's body that is read and thrown away (see [`drain_refused`]).
+pub const DRAIN_MAX_BYTES: usize = 64 << 20;
+
+/// Reads and discards, on a task of its own, the body of a request refused before its body
+/// was read (413, 411, 503, a bad header), at most [`DRAIN_MAX_BYTES`] and for at most
+/// `within`; the answer goes out at once beside it. A client that writes its whole body before
+/// it reads (most simple clients do) would otherwise find the connection closed under it
+/// (hyper closes a connection whose body is left unread, and closing a socket with unread data
+/// sends a reset): it would see a broken pipe or a reset, not the answer. A body over the
+/// bound, or slower, is left unread and the connection closed: the answer is then the client's
+/// to catch while it writes.
+pub fn drain_refused(body: Body, within: Duration) {
+    let drain = async {
+        let mut body = body;
+        let mut seen = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Some(data) = frame.data_ref() {
+                seen = seen.saturating_add(data.len());
+                if seen > DRAIN_MAX_BYTES {
+                    return;
+                }
+            }
+        }
+    };
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(within, drain).await;
+    });
 }
 
 /// Reads the body into `dst`, which is exactly as long as its `Content-Length` says (hyper

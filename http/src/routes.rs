@@ -1,7 +1,7 @@
 //! The HTTP routes (axum): `POST /predict`, `GET /healthz`, `GET /metrics` and
 //! `GET /samples/{i}`.
 
-use crate::backend::{Backend, Request};
+use crate::backend::{Backend, Request, drain_refused};
 use crate::config::Config;
 use crate::metrics::{self, HttpMetrics};
 use crate::reply::{Failure, Prediction};
@@ -123,12 +123,16 @@ async fn predict(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) ->
     resp
 }
 
-async fn run_predict(
-    app: &App,
-    headers: &HeaderMap,
-    body: Body,
-    arrived: Instant,
-) -> Result<Response, Failure> {
+/// A request that passed the checks on its head, holding one of the `--capacity` places.
+struct Admitted {
+    len: usize,
+    timeout: Duration,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// The checks on a request's head (its length, its deadline), then admission (before the body
+/// is read into shared memory).
+fn admit(app: &App, headers: &HeaderMap) -> Result<Admitted, Failure> {
     let cfg = &app.cfg;
     let len = content_length(headers)?;
     if len > cfg.max_body_bytes {
@@ -146,12 +150,39 @@ async fn run_predict(
             Duration::from_millis(ms).min(cfg.timeout())
         }
     };
-    // Admission before the body is read into shared memory.
-    let _permit = app
+    let permit = app
         .admitted
         .clone()
         .try_acquire_owned()
         .map_err(|_| Failure::full())?;
+    Ok(Admitted {
+        len,
+        timeout,
+        _permit: permit,
+    })
+}
+
+async fn run_predict(
+    app: &App,
+    headers: &HeaderMap,
+    body: Body,
+    arrived: Instant,
+) -> Result<Response, Failure> {
+    let cfg = &app.cfg;
+    let Admitted {
+        len,
+        timeout,
+        _permit,
+    } = match admit(app, headers) {
+        Ok(a) => a,
+        Err(f) => {
+            // Refused on its head: answered at once, while the body is read and thrown away
+            // beside it (bounded), so that a client still sending can read the answer rather
+            // than a reset.
+            drain_refused(body, cfg.body_timeout());
+            return Err(f);
+        }
+    };
     let fault = match (&cfg.fault_injection, headers.get("x-fault")) {
         (Some(_), Some(v)) => v.to_str().unwrap_or_default().to_string(),
         _ => String::new(),

@@ -284,6 +284,35 @@ async fn malformed_requests_get_a_4xx_with_a_reason() {
     assert_eq!(code, 200);
 }
 
+/// A client that writes its whole request before it reads (as Python's `http.client` does)
+/// still gets the answer to a request refused on its head: the body is read and thrown away
+/// beside the answer, so the connection is not reset under the client's writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_writes_a_refused_body_first_still_reads_the_answer() {
+    let svc = Svc::start(&["--max-body-bytes", "100000"]);
+    let addr = svc.addr();
+    let answers = tokio::task::spawn_blocking(move || {
+        let mut big =
+            b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: 8000000\r\n\r\n".to_vec();
+        big.resize(big.len() + 8_000_000, 7);
+        let mut chunked =
+            b"POST /predict HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+        for _ in 0..64 {
+            chunked.extend_from_slice(b"4000\r\n");
+            chunked.resize(chunked.len() + 0x4000, 1);
+            chunked.extend_from_slice(b"\r\n");
+        }
+        chunked.extend_from_slice(b"0\r\n\r\n");
+        [raw(addr, &big), raw(addr, &chunked)]
+    })
+    .await
+    .unwrap();
+    assert!(answers[0].starts_with("HTTP/1.1 413"), "{}", &answers[0]);
+    assert!(answers[1].starts_with("HTTP/1.1 411"), "{}", &answers[1]);
+    let (code, _, _) = svc.post(samples::png(2, 64), &[]).await;
+    assert_eq!(code, 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_service_answers_503_with_retry_after() {
     let svc = Svc::start(&["--capacity", "2", "--retry-after-s", "3"]);
