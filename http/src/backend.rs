@@ -20,6 +20,9 @@ pub type Graph = Seq<(ProcessWithPayload<Preprocess>, Process<Mlp>)>;
 /// The path of the preprocessing stage in [`Graph`].
 pub const PREPROCESS_STAGE: &str = "seq[0]/preprocess";
 
+/// The model stage's path in the service graph (direct mode names its steps the same way).
+pub const MODEL_STAGE: &str = "seq[1]/model";
+
 /// One request, as the HTTP front hands it over.
 #[derive(Debug)]
 pub struct Request {
@@ -85,11 +88,14 @@ impl Backend {
                 .cpus(cfg.worker_cpus.iter().copied())
                 .thread_env_from_cpus(true);
         }
-        // The arena holds the bodies of requests in flight: 64 MiB (reserved as it is first
-        // used), or room for four of the largest.
-        let arena = (64usize << 20)
-            .max(4 * cfg.max_body_bytes)
-            .next_power_of_two();
+        // The arena holds the bodies of requests in flight: as set, or 64 MiB (reserved as it
+        // is first used), or room for four of the largest.
+        let arena = match cfg.body_arena_bytes {
+            0 => (64usize << 20)
+                .max(4 * cfg.max_body_bytes)
+                .next_power_of_two(),
+            n => n,
+        };
         let wait = match cfg.worker_spin_us {
             0 => WaitStrategy::Park,
             us => WaitStrategy::SpinThenPark {
@@ -184,10 +190,21 @@ impl Backend {
                 let mut body = vec![0u8; req.len];
                 let limit = BodyLimit::of(&req);
                 read_body_into(req.body, &mut body, limit).await?;
+                // The same deadline as through the pool, looked at after each step (a step
+                // in this thread cannot be cut short): 504 naming the step it passed in.
+                let (arrived, timeout) = (req.arrived, req.timeout);
+                let check = |stage: &str| match arrived.elapsed() >= timeout {
+                    true => Err(Failure::deadline(Some(stage.to_string()))),
+                    false => Ok(()),
+                };
+                check(BODY)?;
                 let x = preprocess::features(&body, *side).map_err(Failure::bad_request)?;
-                model
+                check(PREPROCESS_STAGE)?;
+                let p = model
                     .predict(ArrayView1::from(&x))
-                    .map_err(|e| Failure::internal(e, None))
+                    .map_err(|e| Failure::internal(e, None))?;
+                check(MODEL_STAGE)?;
+                Ok(p)
             }
         }
     }

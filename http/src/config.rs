@@ -58,9 +58,19 @@ pub struct Config {
     pub worker_spin_us: u64,
 
     /// Requests in the service at once (anywhere in its stages); one more is answered 503
-    /// with `Retry-After`. Set a load balancer's per-server `maxconn` to this.
+    /// with `Retry-After`. Set a load balancer's per-server `maxconn` to this. (A request
+    /// whose body finds no room in the shared memory for bodies is answered 503 too: see
+    /// `--body-arena-bytes`.)
     #[arg(long, env = "SPH_CAPACITY", default_value_t = 64)]
     pub capacity: usize,
+
+    /// Shared memory for the bodies of the requests in flight, in bytes (reserved as it is
+    /// first used). 0: 64 MiB, or four of the largest bodies if that is more. A request whose
+    /// body finds no room (no free block that large, given the bodies in flight) is answered
+    /// 503 with `Retry-After`; set it to a little over capacity × the usual body size to make
+    /// that rare.
+    #[arg(long, env = "SPH_BODY_ARENA_BYTES", default_value_t = 0)]
+    pub body_arena_bytes: usize,
 
     /// Longest time a request may take, in milliseconds; past it the answer is 504. A client
     /// may ask for less with the `x-timeout-ms` header.
@@ -137,6 +147,15 @@ pub struct Config {
     pub fault_injection: Option<PathBuf>,
 }
 
+/// The largest `--body-arena-bytes`.
+pub const MAX_BODY_ARENA: usize = 64 << 30;
+
+/// The widest hidden layer, and the most classes, the settings accept.
+pub const MAX_LAYER: usize = 1 << 16;
+
+/// The most model weights (floats) the settings accept: 1 GiB of them.
+pub const MAX_WEIGHTS: usize = 1 << 28;
+
 impl Config {
     /// The default deadline of a request.
     pub fn timeout(&self) -> Duration {
@@ -184,8 +203,31 @@ impl Config {
         if self.max_body_bytes > 1 << 30 {
             return Err("--max-body-bytes must be at most 1 GiB".into());
         }
-        if self.header_timeout_ms == 0 || self.body_timeout_ms == 0 {
-            return Err("--header-timeout-ms and --body-timeout-ms must be at least 1".into());
+        if self.body_arena_bytes != 0
+            && !(self.max_body_bytes..=MAX_BODY_ARENA).contains(&self.body_arena_bytes)
+        {
+            return Err(format!(
+                "--body-arena-bytes must be 0 (automatic) or from --max-body-bytes ({}) to {} \
+                 GiB",
+                self.max_body_bytes,
+                MAX_BODY_ARENA >> 30
+            ));
+        }
+        if self.header_timeout_ms == 0 || self.body_timeout_ms == 0 || self.timeout_ms == 0 {
+            return Err(
+                "--timeout-ms, --header-timeout-ms and --body-timeout-ms must be at least 1".into(),
+            );
+        }
+        if axum::http::HeaderValue::from_str(&self.instance).is_err() {
+            return Err(format!(
+                "--instance {:?} cannot be sent in a header (visible ASCII and spaces only)",
+                self.instance
+            ));
+        }
+        for (flag, v) in [("--hidden", self.hidden), ("--classes", self.classes)] {
+            if v > MAX_LAYER {
+                return Err(format!("{flag} must be at most {MAX_LAYER}"));
+            }
         }
         if self.fault_injection.is_some() && !self.listen.ip().is_loopback() {
             return Err(
@@ -195,6 +237,52 @@ impl Config {
         if self.image_size > 256 {
             return Err("--image-size must be at most 256".into());
         }
+        // The model's weights, in floats: inputs × hidden + hidden × classes (each bounded
+        // above, so no overflow).
+        let inputs = (self.image_size as usize).pow(2) * 3;
+        let weights = inputs * self.hidden + self.hidden * self.classes;
+        if weights > MAX_WEIGHTS {
+            return Err(format!(
+                "the model would need {} MiB of weights (--image-size, --hidden, --classes); at \
+                 most {} MiB",
+                weights * 4 >> 20,
+                MAX_WEIGHTS * 4 >> 20
+            ));
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Config;
+    use clap::Parser;
+
+    fn check(args: &[&str]) -> Result<(), String> {
+        let mut all = vec!["stateful-pool-http"];
+        all.extend_from_slice(args);
+        Config::try_parse_from(all)
+            .map_err(|e| e.to_string())?
+            .validate()
+    }
+
+    #[test]
+    fn values_clap_cannot_check_are_refused_with_the_flag_named() {
+        assert_eq!(check(&[]), Ok(()));
+        for (args, flag) in [
+            (&["--timeout-ms", "0"][..], "--timeout-ms"),
+            (&["--instance", "a\nb"], "--instance"),
+            (&["--hidden", "100000000"], "--hidden"),
+            (&["--classes", "4294967306"], "--classes"),
+            (&["--image-size", "256", "--hidden", "8192"], "--hidden"),
+            (&["--body-arena-bytes", "1000"], "--body-arena-bytes"),
+            (&["--capacity", "0"], "--capacity"),
+        ] {
+            let e = check(args).expect_err(&format!("{args:?} accepted"));
+            assert!(e.contains(flag), "{args:?}: {e}");
+        }
+        assert_eq!(check(&["--body-arena-bytes", "1073741824"]), Ok(()));
+        assert_eq!(check(&["--image-size", "8", "--hidden", "65536"]), Ok(()));
+        assert_eq!(check(&["--classes", "65536"]), Ok(()));
     }
 }

@@ -16,19 +16,34 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+/// A line on stdout. A failed write (the reader of our output went away, a full disk) is
+/// ignored: the log is not worth the service, and `println!` would panic mid-drain.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// A line on stderr, likewise never a panic.
+macro_rules! tell {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 fn main() -> ExitCode {
     // Worker processes re-execute this program and branch off here: keep it first.
     stateful_pool::init();
     let cfg = Config::parse();
     if let Err(e) = cfg.validate() {
-        eprintln!("error: {e}");
+        tell!("error: {e}");
         return ExitCode::from(2);
     }
     if let Some(dir) = &cfg.write_samples {
         return match write_samples(dir) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("error: writing samples into {}: {e}", dir.display());
+                tell!("error: writing samples into {}: {e}", dir.display());
                 ExitCode::FAILURE
             }
         };
@@ -36,7 +51,7 @@ fn main() -> ExitCode {
     let backend = match Backend::start(&cfg) {
         Ok(b) => b,
         Err(e) => {
-            eprintln!("error: cannot start the service's workers: {e}");
+            tell!("error: cannot start the service's workers: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -44,7 +59,7 @@ fn main() -> ExitCode {
     rt.worker_threads(cfg.http_threads).enable_all();
     if !cfg.http_cpus.is_empty() {
         if let Err(e) = pin_current_thread(&cfg.http_cpus) {
-            eprintln!("error: --http-cpus: {e}");
+            tell!("error: --http-cpus: {e}");
             return ExitCode::from(2);
         }
         let cpus = cfg.http_cpus.clone();
@@ -56,7 +71,7 @@ fn main() -> ExitCode {
     let rt = match rt.build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the HTTP runtime: {e}");
+            tell!("error: cannot start the HTTP runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -72,7 +87,7 @@ fn write_samples(dir: &std::path::Path) -> std::io::Result<()> {
         )?;
     }
     std::fs::write(dir.join("large.png"), samples::png(0, 1024))?;
-    println!(
+    say!(
         "wrote {} samples of {px}×{px} and large.png (1024×1024) into {}",
         samples::COUNT,
         dir.display(),
@@ -90,22 +105,22 @@ async fn serve(app: Arc<App>) -> ExitCode {
     let mut signals = match Signals::install() {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("error: cannot install the signal handlers: {e}");
+            tell!("error: cannot install the signal handlers: {e}");
             return ExitCode::FAILURE;
         }
     };
     let listener = match tokio::net::TcpListener::bind(app.cfg.listen).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("error: cannot listen on {}: {e}", app.cfg.listen);
+            tell!("error: cannot listen on {}: {e}", app.cfg.listen);
             return ExitCode::FAILURE;
         }
     };
     let addr = listener.local_addr().map_or(app.cfg.listen, |a| a);
     if app.cfg.fault_injection.is_some() {
-        eprintln!("warning: fault injection is on (a test setting): clients can crash workers");
+        tell!("warning: fault injection is on (a test setting): clients can crash workers");
     }
-    println!(
+    say!(
         "listening on http://{addr} ({:?} mode, capacity {}, pid {})",
         app.cfg.mode,
         app.cfg.capacity,
@@ -117,10 +132,10 @@ async fn serve(app: Arc<App>) -> ExitCode {
     let mut serving = tokio::spawn(accept_loop(listener, app.clone(), stop.clone()));
     tokio::select! {
         r = &mut serving => {
-            eprintln!("error: the HTTP server stopped: {r:?}");
+            tell!("error: the HTTP server stopped: {r:?}");
             return ExitCode::FAILURE;
         }
-        name = signals.next() => println!(
+        name = signals.next() => say!(
             "{name}: draining (health check failing now; closing in {:?}, then up to {:?} for requests in flight)",
             app.cfg.drain_delay(),
             app.cfg.drain()
@@ -130,7 +145,7 @@ async fn serve(app: Arc<App>) -> ExitCode {
     app.draining.store(true, Ordering::SeqCst);
     tokio::select! {
         _ = tokio::time::sleep(app.cfg.drain_delay()) => {}
-        name = signals.next() => println!("{name}: ending the drain delay now"),
+        name = signals.next() => say!("{name}: ending the drain delay now"),
     }
     stop.notify_one();
     let drained = matches!(
@@ -142,7 +157,7 @@ async fn serve(app: Arc<App>) -> ExitCode {
     let report = tokio::task::spawn_blocking(move || app2.backend.shutdown(left))
         .await
         .unwrap_or_else(|e| format!("shutdown failed: {e}"));
-    println!(
+    say!(
         "stopped in {:?}: connections {}; workers: {report}",
         began.elapsed(),
         if drained {
@@ -176,7 +191,7 @@ async fn accept_loop(
                 Err(e) => {
                     // Out of file descriptors and the like: the connection is lost, the
                     // service is not; try again shortly.
-                    eprintln!("warning: accept: {e}");
+                    tell!("warning: accept: {e}");
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 }

@@ -52,6 +52,7 @@ pub struct HttpMetrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     duration: Family<RouteLabels, Histogram>,
+    admitted: Gauge,
 }
 
 impl Default for HttpMetrics {
@@ -72,10 +73,17 @@ impl Default for HttpMetrics {
             "Time from a request's arrival to its answer, by route",
             duration.clone(),
         );
+        let admitted = Gauge::default();
+        registry.register(
+            "admitted",
+            "Requests holding one of the --capacity places: reading their body or in the service",
+            admitted.clone(),
+        );
         HttpMetrics {
             registry,
             requests,
             duration,
+            admitted,
         }
     }
 }
@@ -91,8 +99,10 @@ impl HttpMetrics {
             .observe(took.as_secs_f64());
     }
 
-    /// The text of `GET /metrics`: these metrics, then the stages' (when there is a server).
-    pub fn render(&self, server: Option<&ServerStats>) -> String {
+    /// The text of `GET /metrics`: these metrics (with `admitted` requests holding a place
+    /// now), then the stages' (when there is a server).
+    pub fn render(&self, admitted: usize, server: Option<&ServerStats>) -> String {
+        self.admitted.set(admitted.min(i64::MAX as usize) as i64);
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode_registry(&mut out, &self.registry);

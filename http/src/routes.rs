@@ -261,7 +261,12 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         Backend::Pool { server, .. } => Some(server.stats()),
         Backend::Direct { .. } => None,
     };
-    let text = app.metrics.render(stats.as_ref());
+    // Places taken: requests still reading their body hold one too, before the graph sees them.
+    let admitted = app
+        .cfg
+        .capacity
+        .saturating_sub(app.admitted.available_permits());
+    let text = app.metrics.render(admitted, stats.as_ref());
     app.answer(Ok(
         ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
     ))

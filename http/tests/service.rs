@@ -185,6 +185,14 @@ async fn a_prediction_through_the_pool_equals_the_direct_one() {
             assert!((a - b).abs() < 1e-5, "{d:?} vs {p:?}");
         }
     }
+    // The deadline holds in direct mode too: passed on arrival, a 504 that says where.
+    for svc in [&pool, &direct] {
+        let (code, _, body) = svc
+            .post(samples::png(0, 64), &[("x-timeout-ms", "0")])
+            .await;
+        assert_eq!(code, 504, "{body:?}");
+        assert_eq!(error(&body).stage.as_deref(), Some("body"));
+    }
     // A large image (a 1.3 MB body, in shared memory) is answered too.
     let big = samples::png(1, 1500);
     assert!(big.len() > 1_000_000);
@@ -321,6 +329,7 @@ async fn a_full_service_answers_503_with_retry_after() {
     let (a, b, third) = tokio::join!(held(), held(), async {
         svc.wait_metric("stateful_pool_server_in_flight ", 2.0)
             .await;
+        svc.wait_metric("http_admitted ", 2.0).await;
         let r = svc.post(samples::png(0, 64), &[]).await;
         svc.release("go");
         r
@@ -332,6 +341,13 @@ async fn a_full_service_answers_503_with_retry_after() {
     assert!(error(&body).error.contains("capacity"));
     let (code, _, _) = svc.post(samples::png(0, 64), &[]).await;
     assert_eq!(code, 200);
+    // A request still sending its body holds a place too, and shows as admitted.
+    let mut slow = TcpStream::connect(svc.addr()).unwrap();
+    slow.write_all(b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n0123")
+        .unwrap();
+    svc.wait_metric("http_admitted ", 1.0).await;
+    drop(slow);
+    svc.wait_metric("http_admitted ", 0.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -480,4 +496,39 @@ async fn sigterm_drains_requests_in_flight_then_exits() {
     assert!(out.contains("SIGTERM: draining"), "{out}");
     assert!(out.contains("connections drained"), "{out}");
     assert!(TcpStream::connect(a).is_err(), "still listening after exit");
+}
+
+/// A service whose stdout reader went away (a log collector restarted) still drains and
+/// exits 0 at SIGTERM: its log lines are dropped, never a panic.
+#[test]
+fn sigterm_with_stdout_gone_still_exits_zero() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(PROGRAM)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--image-size",
+            "8",
+            "--hidden",
+            "16",
+            "--classes",
+            "5",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the service starts");
+    {
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.starts_with("listening on") {
+            line.clear();
+            assert!(out.read_line(&mut line).unwrap() > 0, "no 'listening' line");
+        }
+    } // the read end closes here: every later line hits a broken pipe
+    stateful_pool_http::sys::terminate_pid(child.id());
+    let status = stateful_pool_http::instance::wait_or_kill(&mut child, T).unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
 }
