@@ -245,8 +245,8 @@ impl Config {
             return Err(format!(
                 "the model would need {} MiB of weights (--image-size, --hidden, --classes); at \
                  most {} MiB",
-                weights * 4 >> 20,
-                MAX_WEIGHTS * 4 >> 20
+                (weights * 4) >> 20,
+                (MAX_WEIGHTS * 4) >> 20
             ));
         }
         Ok(())
