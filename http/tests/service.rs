@@ -15,6 +15,18 @@ use std::time::{Duration, Instant};
 const PROGRAM: &str = env!("CARGO_BIN_EXE_stateful-pool-http");
 const T: Duration = Duration::from_secs(60);
 
+/// A small model on a loopback port of the system's choosing: every test's service.
+const SMALL: [&str; 8] = [
+    "--listen",
+    "127.0.0.1:0",
+    "--image-size",
+    "8",
+    "--hidden",
+    "16",
+    "--classes",
+    "5",
+];
+
 struct Svc {
     inst: Instance,
     faults: PathBuf,
@@ -31,20 +43,8 @@ impl Svc {
                 .as_nanos()
         ));
         std::fs::create_dir_all(&faults).unwrap();
-        let mut args: Vec<String> = [
-            "--listen",
-            "127.0.0.1:0",
-            "--image-size",
-            "8",
-            "--hidden",
-            "16",
-            "--classes",
-            "5",
-            "--fault-injection",
-            faults.to_str().unwrap(),
-        ]
-        .map(String::from)
-        .to_vec();
+        let mut args: Vec<String> = SMALL.map(String::from).to_vec();
+        args.extend(["--fault-injection".into(), faults.to_str().unwrap().into()]);
         args.extend(extra.iter().map(|s| s.to_string()));
         let inst = Instance::start(PROGRAM.as_ref(), &args, T).expect("the service starts");
         Svc { inst, faults }
@@ -505,16 +505,7 @@ fn sigterm_with_stdout_gone_still_exits_zero() {
     use std::io::BufRead;
     use std::process::{Command, Stdio};
     let mut child = Command::new(PROGRAM)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--image-size",
-            "8",
-            "--hidden",
-            "16",
-            "--classes",
-            "5",
-        ])
+        .args(SMALL)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -4,8 +4,9 @@
 use super::error::ServiceError;
 use super::stage::{Item, Meter, Stage, StageFuture, StageStats};
 use crate::codec;
-use crate::worker::main_loop::{TaskPanicked, panic_message};
-use crate::worker::{BatchTask, Poisoned, TaskContext, WorkerContext};
+use crate::slot::outcome::{KIND_PANIC, KIND_POISONED};
+use crate::worker::main_loop::{error_kind, panic_message};
+use crate::worker::{BatchTask, TaskContext, WorkerContext};
 use crate::{SpawnError, SpawnOptions, TaskError, Worker};
 use futures_channel::oneshot;
 use rkyv::util::AlignedVec;
@@ -50,7 +51,7 @@ struct Inner<W: Worker> {
 /// Use it directly ([`execute`](Self::execute), [`execute_async`](Self::execute_async)) or as
 /// a stage in a service graph (its input is the worker's task type, its output the worker's
 /// output, handed over without serialising it). A panic in a task fails that task and the
-/// thread serves on; [`Poisoned`] rebuilds the thread's state from its spawn arguments.
+/// thread serves on; [`Poisoned`](crate::Poisoned) rebuilds the thread's state from its spawn arguments.
 /// Threads cannot be killed: a task that never returns holds its thread, and a thread stage
 /// has no task timeouts (deadlines still skip tasks that have not started).
 pub struct Threads<W: Worker> {
@@ -111,7 +112,7 @@ impl<W: Worker> Threads<W> {
     /// Starts one worker thread with `args` and the options that apply to a thread, and waits
     /// for its spawn step:
     /// - [`cpus`](SpawnOptions::cpus) pins the thread (before its spawn step, so a state
-    ///   rebuilt after [`Poisoned`] stays on them), checked as for a process: a CPU this
+    ///   rebuilt after [`Poisoned`](crate::Poisoned) stays on them), checked as for a process: a CPU this
     ///   process may not use fails with [`SpawnError::CpuNotAllowed`];
     /// - [`gpus`](SpawnOptions::gpus) become its [`WorkerContext::gpu_ids`], as labels for its
     ///   own GPU code (a thread stage creates no CUDA contexts and pins nothing).
@@ -450,26 +451,23 @@ fn run_jobs<W: Worker>(
         return false;
     }
     let mut poisoned = false;
+    // An error is classified as a worker process classifies it (`error_kind`).
     let mut outcome = |r: Result<W::Output, crate::BoxError>| match r {
         Ok(o) => Ok(o),
-        Err(e) if e.is::<TaskPanicked>() => Err(TaskError::panicked(
-            index,
-            e.downcast::<TaskPanicked>()
-                .map_or_else(|e| e.to_string(), |p| p.0),
-        )),
-        Err(e) => match e.downcast_ref::<Poisoned>() {
-            Some(p) => {
+        Err(e) => Err(match error_kind(&*e) {
+            (KIND_PANIC, message) => TaskError::panicked(index, message),
+            (KIND_POISONED, message) => {
                 poisoned = true;
-                Err(TaskError::Poisoned {
+                TaskError::Poisoned {
                     worker: index,
-                    message: p.message().to_string(),
-                })
+                    message,
+                }
             }
-            None => Err(TaskError::Failed {
+            (_, message) => TaskError::Failed {
                 worker: index,
-                message: e.to_string(),
-            }),
-        },
+                message,
+            },
+        }),
     };
     let archived: Result<Vec<_>, String> = live
         .iter()

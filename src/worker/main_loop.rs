@@ -26,7 +26,7 @@ use std::time::Duration;
 
 /// The outcome kind and message of an error a worker step returned: `KIND_POISONED` for a
 /// [`Poisoned`](super::Poisoned) one, else `KIND_ERR`.
-pub(super) fn error_kind(e: &(dyn std::error::Error + Send + Sync + 'static)) -> (u32, String) {
+pub(crate) fn error_kind(e: &(dyn std::error::Error + Send + Sync + 'static)) -> (u32, String) {
     if let Some(p) = e.downcast_ref::<TaskPanicked>() {
         return (KIND_PANIC, p.0.clone());
     }
