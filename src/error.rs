@@ -189,7 +189,8 @@ pub enum WorkerError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum SubmitError {
-    /// Every task slot is in use (`try_submit` only; `submit` waits).
+    /// Every task slot is in use, or a task that needs the task arena finds no room there
+    /// (`try_submit` only; `submit` waits, `submit_timeout` waits up to its bound).
     #[error("the task queue is full")]
     QueueFull,
     /// Waited for a free slot past the given timeout.
@@ -316,7 +317,8 @@ pub enum TaskError {
     Timeout {
         /// Seat index of the worker.
         worker: usize,
-        /// The timeout.
+        /// The timeout applied (a zero timeout is applied as 1 ns), or the time from submit
+        /// to the deadline.
         after: Duration,
     },
     /// The worker declared itself unusable while running the task

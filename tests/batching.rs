@@ -426,6 +426,41 @@ fn a_free_worker_waits_at_most_the_delay_and_never_while_another_is_idle() {
 }
 
 #[test]
+fn a_deadline_shorter_than_the_delay_ends_the_wait_for_company() {
+    watchdog(180, || {
+        // One idle worker, a delay far longer than the task's deadline: the worker stops
+        // waiting for company before the deadline, so the lone task runs instead of expiring.
+        let pool = pool(1, BatchPolicy::new(8).max_delay(Duration::from_secs(60)));
+        let t = Instant::now();
+        let d = pool
+            .task(&Job::Echo(7))
+            .deadline(Instant::now() + Duration::from_millis(400))
+            .execute()
+            .expect("the lone task ran before its deadline");
+        assert_eq!((d.value, d.batch), (7, 1));
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the wait ended long before the 60 s delay: {:?}",
+            t.elapsed()
+        );
+        // A task without a deadline held with it: the earliest deadline among the members
+        // ends the wait for both.
+        let held = Held::new(&pool, "deadline-company");
+        let plain = pool.submit(&Job::Echo(1)).unwrap();
+        let timed = pool
+            .task(&Job::Echo(2))
+            .deadline(Instant::now() + Duration::from_secs(3))
+            .submit()
+            .unwrap();
+        held.open();
+        let t = Instant::now();
+        let (a, b) = (plain.wait().unwrap(), timed.wait().unwrap());
+        assert_eq!((a.value, b.value, a.batch, b.batch), (1, 2, 2, 2));
+        assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    });
+}
+
+#[test]
 fn only_when_saturated_waits_after_full_batches_only() {
     watchdog(180, || {
         // A long delay, one worker: a lone task after a partial batch is not kept waiting.

@@ -256,7 +256,9 @@ impl<W: Worker> PoolBuilder<W> {
     /// arena; larger ones fail with
     /// [`SubmitError::PayloadTooLarge`](crate::SubmitError::PayloadTooLarge). Default and
     /// upper bound: the task arena size, or a slot's inline area
-    /// ([`slot_bytes`](Self::slot_bytes)) if that is larger (a loan is capped by the arena).
+    /// ([`slot_bytes`](Self::slot_bytes)) if that is larger (a loan is capped by the arena);
+    /// a larger `n` is lowered to that bound ([`Pool::max_task_bytes`](crate::Pool::max_task_bytes)
+    /// reads the value in force).
     pub fn max_task_bytes(mut self, n: usize) -> Self {
         self.cfg.max_task_bytes = Some(n);
         self

@@ -523,7 +523,9 @@ impl<W: Worker> Pool<W> {
             .collect()
     }
 
-    /// Tasks each worker seat's current process has completed so far (index = seat).
+    /// Tasks each worker seat's current process has completed so far (index = seat): one
+    /// entry per seat up to [`PoolBuilder::max_workers`](crate::PoolBuilder::max_workers),
+    /// 0 for a seat never used.
     pub fn tasks_done_per_worker(&self) -> Vec<u64> {
         (0..self.shared.layout.params.max_workers)
             .map(|i| self.shared.ctl(i).tasks_done.load(Ordering::Relaxed))
@@ -765,6 +767,9 @@ impl<W: Worker> Pool<W> {
 
     /// Stops the pool: new submissions fail, workers finish every queued task and exit
     /// (killed after the shutdown timeout), and the pool's threads stop. Same as dropping it.
+    /// No worker is restarted during a shutdown: a worker that dies meanwhile answers its
+    /// task `WorkerDied`, and once no worker is left the tasks still queued complete with
+    /// [`Cancelled`](crate::TaskError::Cancelled).
     pub fn shutdown(self) {
         drop(self);
     }

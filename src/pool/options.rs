@@ -29,7 +29,8 @@ impl TaskOptions {
         Self::default()
     }
 
-    /// Limit on the task's execution time, counted from when a worker starts it.
+    /// Limit on the task's execution time, counted from when a worker starts it (a zero
+    /// limit is applied as 1 ns: the task times out as it starts).
     pub fn timeout(mut self, d: Duration) -> Self {
         self.timeout = Some(d);
         self
@@ -45,7 +46,9 @@ impl TaskOptions {
     /// The latest time a worker may *start* the task: one that would start it later answers
     /// it [`TaskError::Timeout`](crate::TaskError::Timeout) without running it (a caller who
     /// has given up does not cost a worker, or a seat in a batch). The execution
-    /// [`timeout`](Self::timeout) still applies once it runs.
+    /// [`timeout`](Self::timeout) still applies once it runs. The answer comes when a worker
+    /// reaches the task, not at the deadline itself: to stop waiting at a given time,
+    /// submit and wait with [`TaskHandle::wait_timeout`](crate::TaskHandle::wait_timeout).
     pub fn deadline(mut self, at: Instant) -> Self {
         self.deadline = Some(at);
         self

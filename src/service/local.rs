@@ -9,7 +9,10 @@ use std::marker::PhantomData;
 /// A function as a stage (made by [`local`](super::local)). It runs on whichever thread polls
 /// the item (the caller's, or the executor's), so it should be quick; heavy work belongs in a
 /// [`Threads`](super::Threads) or [`Process`](super::Process) stage. An `Err` or a panic fails
-/// the item, naming the stage.
+/// the item, naming the stage. A running function is not interrupted, and it runs inside the
+/// call's own future, so nothing fails the call while it runs: an item's deadline is checked
+/// before it starts, a later stage skips an item that expired meanwhile, but a slow *last*
+/// stage can answer `Ok` after the deadline.
 pub struct Local<I, O, F> {
     name: String,
     f: F,

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 ///   server's default [`timeout`](Self::timeout)): a stage that has not started an expired
 ///   item skips it, and the moment the deadline passes the call fails with
 ///   [`ServiceError::Timeout`] naming the stage, and its capacity is free again. (A task a
-///   worker is running is not interrupted: its result is discarded.)
+///   worker is running is not interrupted: its result is discarded. A [`local`](super::local)
+///   stage runs inside the call's own future, so nothing can fail the call while it runs.)
 /// - **Cancellation**: dropping a call's future cancels the item at every stage that has not
 ///   started it.
 /// - **Streams**: [`stream`](Self::stream) runs a possibly endless input through the graph

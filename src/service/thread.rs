@@ -96,7 +96,9 @@ impl<W: Worker> Threads<W> {
     }
 
     /// Up to `n` queued tasks (1..=64) per [`Worker::execute_batch`] step. A thread takes what
-    /// is queued when it is free and never waits for more.
+    /// is queued when it is free and never waits for more. With `n` above 1 every step goes
+    /// through `execute_batch`, a lone task as a batch of one (as in a batching pool); with 1
+    /// (the default), through [`Worker::execute`].
     pub fn max_batch(self, n: usize) -> Self {
         self.inner
             .max_batch
@@ -113,7 +115,9 @@ impl<W: Worker> Threads<W> {
     /// for its spawn step:
     /// - [`cpus`](SpawnOptions::cpus) pins the thread (before its spawn step, so a state
     ///   rebuilt after [`Poisoned`](crate::Poisoned) stays on them), checked as for a process: a CPU this
-    ///   process may not use fails with [`SpawnError::CpuNotAllowed`];
+    ///   process may not use fails with [`SpawnError::CpuNotAllowed`] before the thread
+    ///   starts, and a pinning the kernel refuses in the new thread (say, the CPU went
+    ///   offline meanwhile) with [`SpawnError::Launch`] carrying the OS error;
     /// - [`gpus`](SpawnOptions::gpus) become its [`WorkerContext::gpu_ids`], as labels for its
     ///   own GPU code (a thread stage creates no CUDA contexts and pins nothing).
     ///
@@ -387,7 +391,7 @@ fn serve<W: Worker>(
             !j.reply.is_canceled()
                 && j.state.load(Ordering::Relaxed) & crate::slot::bits::CANCELLED == 0
         });
-        let poisoned = run_jobs(&mut state, &wctx, &mut jobs, now);
+        let poisoned = run_jobs(&mut state, &wctx, &mut jobs, now, max > 1);
         jobs.clear();
         if poisoned {
             drop(state);
@@ -420,13 +424,15 @@ impl<W: Worker> Drop for Live<'_, W> {
     }
 }
 
-/// Runs the ready jobs as one step (single or batch) and answers each. Returns whether the
-/// worker declared itself poisoned.
+/// Runs the ready jobs as one step and answers each: through `execute_batch` whenever the
+/// stage batches (a lone job as a batch of one, as a process pool does), else `execute`.
+/// Returns whether the worker declared itself poisoned.
 fn run_jobs<W: Worker>(
     state: &mut W,
     wctx: &WorkerContext,
     jobs: &mut Vec<Job<W::Output>>,
     now: Instant,
+    batching: bool,
 ) -> bool {
     let index = wctx.index;
     // Expired jobs first: answered, never run.
@@ -493,7 +499,7 @@ fn run_jobs<W: Worker>(
                     deadline_ns: j.deadline_ns,
                 }
             }
-            if live.len() == 1 {
+            if live.len() == 1 && !batching {
                 let r = catch_unwind(AssertUnwindSafe(|| {
                     state.execute(tasks[0], &ctx(wctx, &live[0]))
                 }));

@@ -33,6 +33,10 @@ use std::time::{Duration, Instant};
 /// at least this often.
 const FILL_SLICE: Duration = Duration::from_micros(500);
 
+/// How long before the earliest member's deadline the wait for company ends, so the step
+/// starts while that task may still start (a wake-up can come late on a busy machine).
+const DEADLINE_LEAD_NS: u64 = 1_000_000;
+
 impl Server<'_> {
     /// This seat's batch block.
     pub(super) fn batch_ctl(&self) -> &BatchCtl {
@@ -82,6 +86,19 @@ impl Server<'_> {
         }
     }
 
+    /// The time by which the wait for company must end for `t` to start before its deadline
+    /// (`u64::MAX` for a task without one). The words are the caller's to write: a wrong one
+    /// only shortens this worker's wait.
+    fn start_by(&self, t: &Task<'_>) -> u64 {
+        if t.sh.state.load(Ordering::Relaxed) & bits::DEADLINE == 0 {
+            return u64::MAX;
+        }
+        match self.times(t.slot).deadline_ns.load(Ordering::Relaxed) {
+            0 => u64::MAX,
+            d => d.saturating_sub(DEADLINE_LEAD_NS),
+        }
+    }
+
     /// Forms a batch starting with `first` (popped from the shared queue and claimed, held in
     /// the pop window), runs it, and publishes each task's outcome. Returns `Some(kind)` if
     /// the worker must retire afterwards.
@@ -100,6 +117,9 @@ impl Server<'_> {
         let flags = hdr.batch.flags.load(Ordering::Relaxed);
         let taken_ns = mono_ns();
         let mut oldest = self.submitted(&first, taken_ns);
+        // The wait for company never outlasts a member's deadline: a task whose caller set
+        // one must not expire on an idle worker that held it back for a fuller batch.
+        let mut start_by = self.start_by(&first);
         self.hold(0, &first);
         let mut members = Vec::with_capacity(max);
         members.push(first);
@@ -136,6 +156,7 @@ impl Server<'_> {
                     break;
                 }
                 oldest = oldest.min(self.submitted(&t, mono_ns()));
+                start_by = start_by.min(self.start_by(&t));
                 self.hold(members.len(), &t);
                 members.push(t);
                 continue;
@@ -149,7 +170,7 @@ impl Server<'_> {
             } else {
                 oldest
             };
-            let until = base.saturating_add(delay_ns);
+            let until = base.saturating_add(delay_ns).min(start_by);
             let now = mono_ns();
             if now >= until
                 || (flags & batch_flags::WHEN_SATURATED != 0 && !self.last_batch_full.get())

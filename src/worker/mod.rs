@@ -93,7 +93,10 @@ pub trait Worker: Sized + 'static {
     /// ([`PoolBuilder::batch_policy`](crate::PoolBuilder::batch_policy)): up to `max_batch`
     /// tasks that callers submitted independently, each read in place with its own context
     /// (task id, payload, deadline). Return one outcome per task, in order: a GPU model runs
-    /// them as one forward pass. The default runs [`execute`](Self::execute) on each in turn,
+    /// them as one forward pass. While batching is on (`max_batch` above 1, in a pool or a
+    /// [`Threads`](crate::service::Threads) stage), every queued task goes through this method, a lone
+    /// one as a batch of one; [`broadcast`](crate::Pool::broadcast) tasks and packed
+    /// [`Pool::batch`](crate::Pool::batch) calls do not. The default runs [`execute`](Self::execute) on each in turn,
     /// each with its own outcome: a panic in one `execute` fails only that task (as
     /// [`TaskError::Panicked`](crate::TaskError)), the others of the step still run, and under
     /// the restart-on-panic policy the worker is replaced after the step.
