@@ -58,11 +58,15 @@ pub enum ErrorPolicy {
     /// The first error is yielded at once, and the map ends: its tasks that no worker has
     /// started are cancelled (they never run), and the results of those running are
     /// discarded. "At once" means when the map notices the failure, even ahead of earlier
-    /// inputs' results in an ordered map: those not yet yielded are discarded too.
+    /// inputs' results in an ordered map: those not yet yielded are discarded too. (A
+    /// service [stream](crate::service::ServiceStream) differs here: an ordered stream
+    /// reaches an error in input order, after the items before it.)
     Immediate,
     /// On the first error the map stops taking input and cancels its tasks that no worker has
     /// started, waits for those already running to finish (their results are discarded), then
     /// yields the error and ends. When the error arrives, none of the map's tasks is running.
+    /// As under `Immediate`, results not yet yielded when the map notices the error are
+    /// discarded, earlier inputs' in an ordered map included.
     /// (A cancelled task still in the queue is answered when a worker reaches it, so the error
     /// also waits for the tasks queued ahead of the map's, which may be other callers'.)
     WaitOthers,
@@ -1015,7 +1019,9 @@ macro_rules! map_options {
         /// same order and with the same error policies. The batch is one task to the fault
         /// handling: if its worker dies, every input in it fails (or re-runs, with retries),
         /// and its time limit is the per-task one ([`task_options`](Self::task_options) or
-        /// the pool's) times its number of inputs. Default 1 (no batching).
+        /// the pool's) times its number of inputs. A batch is at most the
+        /// [`window`](Self::window): with `batch(8).window(2)` batches hold 2 inputs. Default
+        /// 1 (no batching).
         pub fn batch(mut self, n: usize) -> Self {
             self.engine.batch = n.max(1);
             self
