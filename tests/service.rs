@@ -10,7 +10,8 @@ use stateful_pool::service::{
     seq, switch,
 };
 use stateful_pool::{
-    BatchTask, BoxError, ErrorPolicy, Poisoned, Pool, TaskContext, TaskError, Worker, WorkerContext,
+    BatchPolicy, BatchTask, BoxError, ErrorPolicy, Poisoned, Pool, TaskContext, TaskError, Worker,
+    WorkerContext,
 };
 use std::path::Path;
 use std::sync::Arc;
@@ -495,6 +496,27 @@ fn a_worker_killed_in_a_middle_stage_fails_only_its_item_naming_the_stage() {
             server.call(msg(i)).unwrap();
         }
         assert!(wait_until(60, || server.healthy()));
+    });
+}
+
+#[test]
+fn a_call_deadline_shorter_than_the_batch_delay_still_runs_the_call() {
+    watchdog(120, || {
+        // One idle worker waiting up to a minute for company: a lone call with a 4 s deadline
+        // is held at most halfway to it, then runs, and answers well inside its deadline.
+        let pool = Pool::<Step>::builder()
+            .queue_size(64)
+            .batch_policy(BatchPolicy::new(8).max_delay(Duration::from_secs(60)))
+            .build()
+            .unwrap();
+        pool.spawn(&"M".to_string()).unwrap();
+        let server = Server::new(Process::new("M", Arc::new(pool)), 8);
+        for i in 0..2 {
+            let m = server
+                .call_timeout(msg(i), Duration::from_secs(4))
+                .expect("the call ran before its deadline");
+            assert_eq!(names(&m), ["M", "batch1"]);
+        }
     });
 }
 

@@ -70,9 +70,11 @@ impl BatchPolicy {
     }
 
     /// Lets a free worker wait up to `d` (from the oldest waiting task's submission) for a
-    /// fuller batch, unless another worker is idle. The wait also ends 1 ms before the
-    /// earliest [`deadline`](crate::TaskOptions::deadline) among the tasks it holds, so a
-    /// task with a deadline shorter than the delay still starts in time. With `max_batch` 1
+    /// fuller batch, unless another worker is idle. A task with a
+    /// [`deadline`](crate::TaskOptions::deadline) is held at most halfway from its submission
+    /// to that deadline (the wait ends at the first such point among the tasks held), so it
+    /// keeps half of its caller's time to run even when the deadline is shorter than the
+    /// delay. With `max_batch` 1
     /// (no batching) there is no batch to fill, and the delay has no effect: tasks never wait
     /// for company.
     pub fn max_delay(mut self, d: Duration) -> Self {

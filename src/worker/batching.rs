@@ -33,10 +33,6 @@ use std::time::{Duration, Instant};
 /// at least this often.
 const FILL_SLICE: Duration = Duration::from_micros(500);
 
-/// How long before the earliest member's deadline the wait for company ends, so the step
-/// starts while that task may still start (a wake-up can come late on a busy machine).
-const DEADLINE_LEAD_NS: u64 = 1_000_000;
-
 impl Server<'_> {
     /// This seat's batch block.
     pub(super) fn batch_ctl(&self) -> &BatchCtl {
@@ -86,16 +82,20 @@ impl Server<'_> {
         }
     }
 
-    /// The time by which the wait for company must end for `t` to start before its deadline
-    /// (`u64::MAX` for a task without one). The words are the caller's to write: a wrong one
-    /// only shortens this worker's wait.
-    fn start_by(&self, t: &Task<'_>) -> u64 {
+    /// The time by which the wait for company must end for `t`: halfway from its submission
+    /// to its deadline, so waiting takes at most half of the caller's time and the task has
+    /// the other half to run (`u64::MAX` for a task without a deadline). The words are the
+    /// caller's to write: a wrong one only shortens this worker's wait.
+    fn start_by(&self, t: &Task<'_>, now: u64) -> u64 {
         if t.sh.state.load(Ordering::Relaxed) & bits::DEADLINE == 0 {
             return u64::MAX;
         }
         match self.times(t.slot).deadline_ns.load(Ordering::Relaxed) {
             0 => u64::MAX,
-            d => d.saturating_sub(DEADLINE_LEAD_NS),
+            d => {
+                let from = self.submitted(t, now);
+                from.saturating_add(d.saturating_sub(from) / 2)
+            }
         }
     }
 
@@ -119,7 +119,7 @@ impl Server<'_> {
         let mut oldest = self.submitted(&first, taken_ns);
         // The wait for company never outlasts a member's deadline: a task whose caller set
         // one must not expire on an idle worker that held it back for a fuller batch.
-        let mut start_by = self.start_by(&first);
+        let mut start_by = self.start_by(&first, taken_ns);
         self.hold(0, &first);
         let mut members = Vec::with_capacity(max);
         members.push(first);
@@ -155,8 +155,9 @@ impl Server<'_> {
                     packed = Some(t);
                     break;
                 }
-                oldest = oldest.min(self.submitted(&t, mono_ns()));
-                start_by = start_by.min(self.start_by(&t));
+                let now = mono_ns();
+                oldest = oldest.min(self.submitted(&t, now));
+                start_by = start_by.min(self.start_by(&t, now));
                 self.hold(members.len(), &t);
                 members.push(t);
                 continue;
