@@ -76,7 +76,7 @@ pub enum SpawnError {
     /// The worker process exited before its spawn step finished.
     #[error(
         "worker {worker} (pid {pid}) exited during start-up ({}); if it never started, \
-         check that main() calls stateful_pool::init() first",
+         check that main() calls stateful_pool::init() (sp_init from C) first",
         cause.describe()
     )]
     Exited {
@@ -197,7 +197,7 @@ pub enum SubmitError {
     #[error("timed out waiting for room in the task queue")]
     Timeout,
     /// The task's archive (or loaned payload) is larger than the configured maximum.
-    #[error("task of {len} bytes exceeds the maximum of {max} bytes")]
+    #[error("task archive or payload of {len} bytes exceeds the maximum of {max} bytes")]
     PayloadTooLarge {
         /// Length of the archive or payload.
         len: usize,

@@ -109,7 +109,9 @@ typedef enum sp_status {
    */
   SP_TASK_TIMED_OUT = 14,
   /**
-   * The task was cancelled before it ran (or its pool shut down).
+   * The task was cancelled before it ran, or its pool shut down before it finished (a
+   * queued task under an immediate shutdown, or a running one killed at the shutdown
+   * timeout).
    */
   SP_CANCELLED = 15,
   /**
@@ -291,7 +293,10 @@ typedef struct sp_pool_options {
   size_t result_ring_bytes;
   /**
    * Largest task or loan accepted, in bytes (default and upper bound: the arena size, or
-   * a slot's inline area if that is larger; a loan is capped by the arena).
+   * a slot's inline area if that is larger; a loan is capped by the arena). A task is
+   * measured as it travels: its bytes padded to a multiple of 4, plus 8 bytes of framing
+   * (so with 2000 the largest task is 1992 bytes); a loan is measured as it is. A larger
+   * value is lowered to the bound.
    */
   size_t max_task_bytes;
   /**
@@ -641,7 +646,9 @@ enum sp_status sp_batch_free(struct sp_batch batch);
  * change a setting) and blocks until each has answered; `*out` receives a result set with one
  * outcome per worker (`sp_outcome.worker` says which; empty if no worker serves). A worker
  * runs it before the next queued task it would take. Concurrent broadcasts run one after the
- * other. `SP_SHUTDOWN` once the pool is shutting down. Thread-safe.
+ * other. `SP_SHUTDOWN` once the pool is shutting down. A task over `max_task_bytes` does not
+ * fail the call: each worker's outcome is `SP_TOO_LARGE` (and with no worker serving, the
+ * set is empty). Thread-safe.
  *
  * # Safety
  *
@@ -745,7 +752,8 @@ enum sp_status sp_completion_queue_free(struct sp_completion_queue cq);
  *
  * # Safety
  *
- * `opts` must be NULL or valid for a write of `sp_pool_options`.
+ * `opts` must be NULL (refused with `SP_NULL_ARGUMENT`) or valid for a write of
+ * `sp_pool_options`.
  */
 enum sp_status sp_pool_options_init(struct sp_pool_options *opts);
 

@@ -326,7 +326,9 @@ pub extern "C" fn sp_batch_free(batch: sp_batch) -> sp_status {
 /// change a setting) and blocks until each has answered; `*out` receives a result set with one
 /// outcome per worker (`sp_outcome.worker` says which; empty if no worker serves). A worker
 /// runs it before the next queued task it would take. Concurrent broadcasts run one after the
-/// other. `SP_SHUTDOWN` once the pool is shutting down. Thread-safe.
+/// other. `SP_SHUTDOWN` once the pool is shutting down. A task over `max_task_bytes` does not
+/// fail the call: each worker's outcome is `SP_TOO_LARGE` (and with no worker serving, the
+/// set is empty). Thread-safe.
 ///
 /// # Safety
 ///

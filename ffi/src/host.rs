@@ -73,7 +73,10 @@ pub struct sp_pool_options {
     /// Bytes of each worker's completion ring; a result may take up to half (default 4 MiB).
     pub result_ring_bytes: usize,
     /// Largest task or loan accepted, in bytes (default and upper bound: the arena size, or
-    /// a slot's inline area if that is larger; a loan is capped by the arena).
+    /// a slot's inline area if that is larger; a loan is capped by the arena). A task is
+    /// measured as it travels: its bytes padded to a multiple of 4, plus 8 bytes of framing
+    /// (so with 2000 the largest task is 1992 bytes); a loan is measured as it is. A larger
+    /// value is lowered to the bound.
     pub max_task_bytes: usize,
     /// Bytes for each worker's spawn arguments and output (default 64 KiB).
     pub spawn_area_bytes: usize,
@@ -227,7 +230,8 @@ fn restart_policy(o: &sp_pool_options) -> RestartPolicy {
 ///
 /// # Safety
 ///
-/// `opts` must be NULL or valid for a write of `sp_pool_options`.
+/// `opts` must be NULL (refused with `SP_NULL_ARGUMENT`) or valid for a write of
+/// `sp_pool_options`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn sp_pool_options_init(opts: *mut sp_pool_options) -> sp_status {
     guard(|| {

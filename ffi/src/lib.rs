@@ -80,7 +80,9 @@ pub enum sp_status {
     SP_WORKER_DIED = 13,
     /// The task ran past its timeout; its worker was killed and restarted.
     SP_TASK_TIMED_OUT = 14,
-    /// The task was cancelled before it ran (or its pool shut down).
+    /// The task was cancelled before it ran, or its pool shut down before it finished (a
+    /// queued task under an immediate shutdown, or a running one killed at the shutdown
+    /// timeout).
     SP_CANCELLED = 15,
     /// The worker declared itself unusable while running the task; it was restarted.
     SP_POISONED = 16,

@@ -127,6 +127,10 @@ unsafe impl Sync for Registered {}
 
 static CALLBACKS: OnceLock<Registered> = OnceLock::new();
 
+/// The NULL field `sp_init` was given (nothing recorded then): a worker process still serves,
+/// and its spawn step reports this instead of "no callbacks".
+static INIT_NULL_FIELD: OnceLock<&'static str> = OnceLock::new();
+
 /// The worker type of the C ABI's pools: bytes in, bytes out, behaviour from the registered C
 /// callbacks (or a Rust worker program with the same `Vec<u8>` messages).
 #[derive(Debug)]
@@ -187,6 +191,13 @@ impl Worker for CWorker {
 
     fn spawn(args: Vec<u8>, ctx: &WorkerContext) -> Result<(Self, Vec<u8>), BoxError> {
         let Some(Registered(cb)) = CALLBACKS.get() else {
+            if let Some(field) = INIT_NULL_FIELD.get() {
+                return Err(format!(
+                    "no C worker callbacks: the worker program called sp_init with {field} \
+                     NULL (SP_NULL_ARGUMENT)"
+                )
+                .into());
+            }
             return Err("no C worker callbacks: the worker program must call \
                         sp_init(&callbacks) first thing in main"
                 .into());
@@ -355,36 +366,48 @@ impl Drop for CWorker {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn sp_init(callbacks: *const sp_worker_callbacks) -> sp_status {
     guard(|| {
+        let mut status = Ok(());
         if !callbacks.is_null() {
             // SAFETY: non-null; the caller promises a valid struct.
             let cb = unsafe { *callbacks };
             // Both are required: a worker without them could only fail every spawn, later and
             // far from the mistake.
             if cb.spawn.is_none() || cb.execute.is_none() {
-                return Err(Fail::null(if cb.spawn.is_none() {
+                let field = if cb.spawn.is_none() {
                     "callbacks->spawn"
                 } else {
                     "callbacks->execute"
-                }));
-            }
-            let stored = CALLBACKS.get_or_init(|| Registered(cb));
-            let same = stored.0.spawn.map(|f| f as usize) == cb.spawn.map(|f| f as usize)
-                && stored.0.execute.map(|f| f as usize) == cb.execute.map(|f| f as usize)
-                && stored.0.drop.map(|f| f as usize) == cb.drop.map(|f| f as usize)
-                && stored.0.execute_batch.map(|f| f as usize)
-                    == cb.execute_batch.map(|f| f as usize)
-                && stored.0.user_data == cb.user_data;
-            if !same {
-                return Err(Fail::new(
-                    sp_status::SP_INVALID_ARGUMENT,
-                    "sp_init was already called with other callbacks",
-                ));
+                };
+                let _ = INIT_NULL_FIELD.set(field);
+                status = Err(Fail::null(field));
+            } else {
+                status = record(cb);
             }
         }
-        // In a worker process this serves and never returns.
+        // In a worker process this serves and never returns, whatever `status` is: a status
+        // returned is always the host's (a worker given NULL callbacks fails its spawn step,
+        // saying so).
         stateful_pool::serve::<CWorker>();
-        Ok(())
+        status
     })
+}
+
+/// Records `cb` as this process's C worker; refuses other callbacks than those recorded.
+fn record(cb: sp_worker_callbacks) -> Result<(), Fail> {
+    let stored = CALLBACKS.get_or_init(|| Registered(cb));
+    let same = stored.0.spawn.map(|f| f as usize) == cb.spawn.map(|f| f as usize)
+        && stored.0.execute.map(|f| f as usize) == cb.execute.map(|f| f as usize)
+        && stored.0.drop.map(|f| f as usize) == cb.drop.map(|f| f as usize)
+        && stored.0.execute_batch.map(|f| f as usize) == cb.execute_batch.map(|f| f as usize)
+        && stored.0.user_data == cb.user_data;
+    if same {
+        Ok(())
+    } else {
+        Err(Fail::new(
+            sp_status::SP_INVALID_ARGUMENT,
+            "sp_init was already called with other callbacks",
+        ))
+    }
 }
 
 /// Appends `len` bytes to the reply's output. Call from inside a `spawn` or `execute` callback,

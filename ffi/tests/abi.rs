@@ -585,6 +585,12 @@ fn bad_buffers_and_options_are_refused() {
                 "{}",
                 last_error()
             );
+            // A task counts as it travels: its bytes padded to 4, plus 8 bytes of framing.
+            match submit(p, &[b'x'; 4088]) {
+                Ok(t) => assert_eq!(sp_task_free(t), SP_OK),
+                Err(s) => assert_ne!(s, SP_TOO_LARGE, "{}", last_error()),
+            }
+            assert_eq!(submit(p, &[b'x'; 4089]).unwrap_err(), SP_TOO_LARGE);
             assert_eq!(
                 sp_pool_spawn(p, big.as_ptr(), 1000, &mut r, null_mut()),
                 SP_TOO_LARGE

@@ -294,6 +294,26 @@ fn a_c_event_loop_drives_many_tasks_through_a_completion_queue() {
 }
 
 #[test]
+fn sp_init_with_a_null_callback_never_returns_in_a_worker() {
+    // A test program, not an example: `compile` looks in `examples/`.
+    let exe = compile(
+        "cc",
+        "c11",
+        "../tests/c/init_null_callbacks.c",
+        "init_null",
+        true,
+    );
+    let out = stdout(&run(Command::new(&exe), 120));
+    assert!(!out.contains("host main ran in a worker"), "{out}");
+    assert!(out.contains("sp_init: SP_NULL_ARGUMENT"), "{out}");
+    let spawn = out.lines().find(|l| l.starts_with("spawn:")).unwrap_or("");
+    assert!(
+        spawn.starts_with("spawn: SP_SPAWN_FAILED") && spawn.contains("callbacks->execute NULL"),
+        "the worker's spawn step says why: {out}"
+    );
+}
+
+#[test]
 fn a_cpp_worker_class_whose_exceptions_become_errors() {
     let exe = compile("c++", "c++17", "cpp_worker.cpp", "cpp_worker", false);
     let out = stdout(&run(Command::new(&exe), 120));
