@@ -259,7 +259,7 @@ impl BodyLimit {
 pub const DRAIN_MAX_BYTES: usize = 64 << 20;
 
 /// Reads and discards, on a task of its own, the body of a request refused before its body
-/// was read (413, 411, 503, a bad header), at most [`DRAIN_MAX_BYTES`] and for at most
+/// was read (413, 411, 503, a bad header, a route that takes no body), at most [`DRAIN_MAX_BYTES`] and for at most
 /// `within`; the answer goes out at once beside it. A client that writes its whole body before
 /// it reads (most simple clients do) would otherwise find the connection closed under it
 /// (hyper closes a connection whose body is left unread, and closing a socket with unread data
@@ -267,6 +267,9 @@ pub const DRAIN_MAX_BYTES: usize = 64 << 20;
 /// bound, or slower, is left unread and the connection closed: the answer is then the client's
 /// to catch while it writes.
 pub fn drain_refused(body: Body, within: Duration) {
+    if axum::body::HttpBody::is_end_stream(&body) {
+        return;
+    }
     let drain = async {
         let mut body = body;
         let mut seen = 0usize;

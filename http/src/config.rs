@@ -127,7 +127,8 @@ pub struct Config {
     pub drain_delay_ms: u64,
 
     /// Longest time SIGTERM or Ctrl-C waits for requests in flight to finish, in
-    /// milliseconds.
+    /// milliseconds, counted after `--drain-delay-ms`. A request still running then is
+    /// answered 503 (its item is cancelled).
     #[arg(long, env = "SPH_DRAIN_MS", default_value_t = 10_000)]
     pub drain_ms: u64,
 
@@ -218,7 +219,11 @@ impl Config {
                 "--timeout-ms, --header-timeout-ms and --body-timeout-ms must be at least 1".into(),
             );
         }
-        if axum::http::HeaderValue::from_str(&self.instance).is_err() {
+        if !self
+            .instance
+            .bytes()
+            .all(|b| b == b' ' || b.is_ascii_graphic())
+        {
             return Err(format!(
                 "--instance {:?} cannot be sent in a header (visible ASCII and spaces only)",
                 self.instance
@@ -272,6 +277,8 @@ mod tests {
         for (args, flag) in [
             (&["--timeout-ms", "0"][..], "--timeout-ms"),
             (&["--instance", "a\nb"], "--instance"),
+            (&["--instance", "a\tb"], "--instance"),
+            (&["--instance", "caf\u{20ac}"], "--instance"),
             (&["--hidden", "100000000"], "--hidden"),
             (&["--classes", "4294967306"], "--classes"),
             (&["--image-size", "256", "--hidden", "8192"], "--hidden"),

@@ -65,7 +65,7 @@ impl Default for HttpMetrics {
         });
         registry.register(
             "requests",
-            "Requests answered, by route and status code",
+            "POST /predict requests answered, by route and status code (499: the client went away)",
             requests.clone(),
         );
         registry.register(

@@ -97,6 +97,15 @@ impl Failure {
         }
     }
 
+    /// 503: a stage has no live worker to run the request (it did not run: safe to retry,
+    /// here or on another instance).
+    pub fn no_worker(msg: impl Into<String>, stage: Option<String>) -> Failure {
+        Failure {
+            retry: true,
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, msg, stage)
+        }
+    }
+
     /// 503: the service is shutting down.
     pub fn draining() -> Failure {
         Failure {
@@ -132,8 +141,9 @@ impl Failure {
         Self::new(StatusCode::BAD_REQUEST, msg, None)
     }
 
-    /// 499 (nginx's "client closed request"): the client went away mid-request; nobody reads
-    /// the answer, the status is for the metrics.
+    /// 499 (nginx's "client closed request"): the client went away mid-request. The status is
+    /// for the metrics: on the wire it is a 400 (a client that only closed its sending side
+    /// still reads the answer, and 499 is no HTTP status).
     pub fn client_closed(msg: impl Into<String>) -> Failure {
         Self::new(
             StatusCode::from_u16(crate::routes::CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST),
@@ -184,12 +194,55 @@ impl Failure {
                     }
                 }
                 let path = se.path.clone();
-                Failure::internal(se.to_string(), Some(path))
+                match &se.error {
+                    // The request never ran: no worker to take it, or the service stopped
+                    // (the drain limit) before it finished.
+                    TaskError::NoWorkers => Failure::no_worker(se.to_string(), Some(path)),
+                    TaskError::Cancelled => Failure {
+                        body: ErrorBody {
+                            error: format!("the service is shutting down: {se}"),
+                            stage: Some(path),
+                        },
+                        ..Failure::draining()
+                    },
+                    _ => Failure::internal(se.to_string(), Some(path)),
+                }
             }
             other => {
                 let stage = other.stage().map(str::to_string);
                 Failure::internal(other.to_string(), stage)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stateful_pool::service::StageError;
+
+    fn stage_failure(error: TaskError) -> Failure {
+        Failure::from_service(ServiceError::Stage(Box::new(StageError {
+            path: "seq[1]/model".to_string(),
+            worker: None,
+            pid: None,
+            error,
+        })))
+    }
+
+    #[test]
+    fn a_request_that_never_ran_is_a_503_to_retry_and_a_fault_a_500() {
+        for e in [TaskError::NoWorkers, TaskError::Cancelled] {
+            let f = stage_failure(e.clone());
+            assert_eq!(f.status, StatusCode::SERVICE_UNAVAILABLE, "{e:?}");
+            assert!(f.retry, "{e:?}");
+            assert_eq!(f.body.stage.as_deref(), Some("seq[1]/model"));
+        }
+        let f = stage_failure(TaskError::Failed {
+            worker: 0,
+            message: "boom".into(),
+        });
+        assert_eq!(f.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(!f.retry);
     }
 }

@@ -21,6 +21,10 @@ use std::time::{Duration, Instant};
 /// convention); its item was cancelled in every stage that had not started it.
 pub const CLIENT_CLOSED: u16 = 499;
 
+/// The status a response is counted as in the metrics when it differs from the one sent.
+#[derive(Debug, Clone, Copy)]
+struct CountedAs(u16);
+
 /// The service's state, shared by the handlers.
 #[derive(Debug)]
 pub struct App {
@@ -57,7 +61,18 @@ impl App {
             Ok(r) => r,
             Err(f) => {
                 let retry = f.retry;
-                let mut resp = (f.status, Json(f.body)).into_response();
+                // A client that went away is counted 499 but answered 400 (see
+                // `Failure::client_closed`).
+                let closed = f.status.as_u16() == CLIENT_CLOSED;
+                let status = if closed {
+                    StatusCode::BAD_REQUEST
+                } else {
+                    f.status
+                };
+                let mut resp = (status, Json(f.body)).into_response();
+                if closed {
+                    resp.extensions_mut().insert(CountedAs(CLIENT_CLOSED));
+                }
                 if retry {
                     resp.headers_mut().insert(
                         header::RETRY_AFTER,
@@ -72,15 +87,29 @@ impl App {
 
 /// The service's routes over `app`. Every response the router makes, its own too (404 for an
 /// unknown path, 405 for a wrong method, 400 for a query that does not parse), carries the
-/// instance's name in `x-instance` (hyper's answers to unparsable HTTP never reach it).
+/// instance's name in `x-instance` (hyper's answers to unparsable HTTP never reach it). A body
+/// sent to any other route than `POST /predict` is read and thrown away beside the answer
+/// (bounded, as for a refused prediction), so a client that writes it all before reading gets
+/// the answer (a 404, a 405), not a broken pipe.
 pub fn router(app: Arc<App>) -> Router {
     let instance = HeaderValue::from_str(&app.cfg.instance).ok();
+    let body_timeout = app.cfg.body_timeout();
     Router::new()
         .route("/predict", post(predict))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/samples/{i}", get(sample))
         .with_state(app)
+        .layer(axum::middleware::map_request(
+            move |req: axum::extract::Request| async move {
+                if req.method() == axum::http::Method::POST && req.uri().path() == "/predict" {
+                    return req;
+                }
+                let (parts, body) = req.into_parts();
+                drain_refused(body, body_timeout);
+                axum::extract::Request::from_parts(parts, Body::empty())
+            },
+        ))
         .layer(axum::middleware::map_response(move |mut resp: Response| {
             let instance = instance.clone();
             async move {
@@ -119,7 +148,11 @@ async fn predict(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) ->
     };
     let r = run_predict(&app, &headers, body, counted.since).await;
     let resp = app.answer(r);
-    counted.code = Some(resp.status().as_u16());
+    counted.code = Some(
+        resp.extensions()
+            .get::<CountedAs>()
+            .map_or(resp.status().as_u16(), |c| c.0),
+    );
     resp
 }
 

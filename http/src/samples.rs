@@ -7,7 +7,8 @@ use std::io::Cursor;
 /// How many distinct samples there are (`GET /samples/{i}` takes `0..COUNT`).
 pub const COUNT: usize = 16;
 
-/// The default side of a sample, in pixels (a small request: about 10 KiB of PNG).
+/// The default side of a sample, in pixels (a small request: 0.4–12 KiB of PNG, depending on
+/// the sample).
 pub const DEFAULT_SIDE: u32 = 64;
 
 /// The largest side a sample may be asked for.

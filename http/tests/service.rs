@@ -311,12 +311,26 @@ async fn a_client_that_writes_a_refused_body_first_still_reads_the_answer() {
             chunked.extend_from_slice(b"\r\n");
         }
         chunked.extend_from_slice(b"0\r\n\r\n");
-        [raw(addr, &big), raw(addr, &chunked)]
+        // A body sent to a route that takes none: a wrong method, an unknown path.
+        let elsewhere = |head: &[u8]| {
+            let mut r = head.to_vec();
+            r.extend_from_slice(b"host: x\r\ncontent-length: 5000000\r\n\r\n");
+            r.resize(r.len() + 5_000_000, 3);
+            raw(addr, &r)
+        };
+        [
+            raw(addr, &big),
+            raw(addr, &chunked),
+            elsewhere(b"PUT /predict HTTP/1.1\r\n"),
+            elsewhere(b"POST /nope HTTP/1.1\r\n"),
+        ]
     })
     .await
     .unwrap();
     assert!(answers[0].starts_with("HTTP/1.1 413"), "{}", &answers[0]);
     assert!(answers[1].starts_with("HTTP/1.1 411"), "{}", &answers[1]);
+    assert!(answers[2].starts_with("HTTP/1.1 405"), "{}", &answers[2]);
+    assert!(answers[3].starts_with("HTTP/1.1 404"), "{}", &answers[3]);
     let (code, _, _) = svc.post(samples::png(2, 64), &[]).await;
     assert_eq!(code, 200);
 }
@@ -432,6 +446,29 @@ async fn a_client_that_disconnects_cancels_its_queued_request() {
         !svc.faults.join("queuedB").exists(),
         "the cancelled request ran"
     );
+}
+
+/// A client that closes its sending side mid-body still reads: it gets a 400 (499 is no HTTP
+/// status), and the metrics count the request as 499.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_half_closes_mid_body_reads_a_400() {
+    let svc = Svc::start(&[]);
+    let addr = svc.addr();
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        s.write_all(b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nabc")
+            .unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    svc.wait_metric("http_requests_total{route=\"/predict\",code=\"499\"}", 1.0)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -34,7 +34,7 @@ struct Args {
     /// throughput at 8 connections.
     #[arg(long, value_delimiter = ',')]
     rates: Vec<f64>,
-    /// Side of the request image (64: a small request of about 10 KiB).
+    /// Side of the request image (64: a small request, a PNG of a few hundred bytes).
     #[arg(long, default_value_t = samples::DEFAULT_SIDE)]
     side: u32,
     /// Use this crate's generator even when oha is installed.
