@@ -450,6 +450,11 @@ fn dropping_a_call_cancels_its_item_in_every_stage_that_has_not_started_it() {
             }));
         } // dropped here
         assert_eq!(server.in_flight(), 0);
+        // Counted where it was dropped, and only there: every item that left B has an outcome.
+        let stats = server.stats();
+        let (a, b) = (&stats.stages[0], &stats.stages[1]);
+        assert_eq!((a.done, a.cancelled), (1, 0));
+        assert_eq!((b.done, b.failed, b.expired, b.cancelled), (0, 0, 0, 1));
         std::fs::write(&gate, b"").unwrap();
         holder.wait().unwrap();
         let b_pool = server.graph().members().1.pool().clone();

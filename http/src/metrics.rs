@@ -155,6 +155,7 @@ fn stage_registry(stats: &ServerStats) -> Registry {
             ("done", s.done),
             ("failed", s.failed),
             ("expired", s.expired),
+            ("cancelled", s.cancelled),
         ] {
             items
                 .get_or_create(&OutcomeLabels {

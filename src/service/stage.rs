@@ -174,6 +174,10 @@ pub struct StageStats {
     pub failed: u64,
     /// Items whose deadline passed in it (skipped, or abandoned while running).
     pub expired: u64,
+    /// Items dropped while in it (their call or stream was dropped, or another member of an
+    /// ensemble failed first): cancelled wherever no worker had started them. `done`,
+    /// `failed`, `expired` and `cancelled` add up to every item that left the stage.
+    pub cancelled: u64,
     /// Time from entering the stage to being handed to a worker (waiting for the stage's
     /// bound and, for thread stages, in the queue).
     pub queue_delay: Percentiles,
@@ -211,6 +215,7 @@ pub(crate) struct Meter {
     done: AtomicU64,
     failed: AtomicU64,
     expired: AtomicU64,
+    cancelled: AtomicU64,
     queue: Mutex<hdrhistogram::Histogram<u64>>,
     exec: Mutex<hdrhistogram::Histogram<u64>>,
 }
@@ -230,6 +235,7 @@ impl Meter {
             done: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             expired: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
             queue: Mutex::new(histogram()),
             exec: Mutex::new(histogram()),
         }
@@ -293,6 +299,7 @@ impl Meter {
             done: self.done.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
             expired: self.expired.load(Ordering::Relaxed),
+            cancelled: self.cancelled.load(Ordering::Relaxed),
             queue_delay: Self::percentiles(&self.queue),
             execute: Self::percentiles(&self.exec),
             batching: None,
@@ -356,6 +363,8 @@ impl Meter {
         count_wait: bool,
         body: impl Future<Output = Result<T, ServiceError>>,
     ) -> Result<T, ServiceError> {
+        // Counts the item as cancelled if this future is dropped before it ends.
+        let left = Dropped(&self.cancelled);
         let t0 = Instant::now();
         let place = match place {
             Some(p) => Some(p),
@@ -365,6 +374,7 @@ impl Meter {
             }
         };
         let Some(_place) = place else {
+            std::mem::forget(left);
             self.expired();
             return Err(item.timeout(Some(&self.path)));
         };
@@ -376,7 +386,18 @@ impl Meter {
             Some(r) => r,
             None => Err(item.timeout(Some(&self.path))),
         };
+        std::mem::forget(left);
         self.finished(&r, t1.elapsed());
         r
+    }
+}
+
+/// Adds one to its counter when dropped: an item whose stage future was dropped unfinished
+/// (forgotten once the item leaves the stage with an outcome).
+struct Dropped<'a>(&'a AtomicU64);
+
+impl Drop for Dropped<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
     }
 }
