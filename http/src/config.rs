@@ -58,7 +58,8 @@ pub struct Config {
     pub worker_spin_us: u64,
 
     /// Requests in the service at once (anywhere in its stages); one more is answered 503
-    /// with `Retry-After`. Set a load balancer's per-server `maxconn` to this. (A request
+    /// with `Retry-After`. Set a load balancer's per-server `maxconn` to at most this (half
+    /// leaves room for a balancer's overshoot: README, *Scaling out*). (A request
     /// whose body finds no room in the shared memory for bodies is answered 503 too: see
     /// `--body-arena-bytes`.)
     #[arg(long, env = "SPH_CAPACITY", default_value_t = 64)]

@@ -63,6 +63,10 @@ fn main() -> ExitCode {
         eprintln!("error: --duration-s must be in (0, 3600]");
         return ExitCode::from(2);
     }
+    if a.rate.is_none() && a.connections == 0 {
+        eprintln!("error: --connections must be at least 1");
+        return ExitCode::from(2);
+    }
     let mut spec = LoadSpec::closed(
         a.target,
         &a.path,
