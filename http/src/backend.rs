@@ -259,8 +259,8 @@ impl BodyLimit {
 pub const DRAIN_MAX_BYTES: usize = 64 << 20;
 
 /// Reads and discards, on a task of its own, the body of a request refused before its body
-/// was read (413, 411, 503, a bad header, a route that takes no body), at most [`DRAIN_MAX_BYTES`] and for at most
-/// `within`; the answer goes out at once beside it. A client that writes its whole body before
+/// was read (413, 411, 503, a bad header, a route that takes no body), at most
+/// [`DRAIN_MAX_BYTES`] and for at most `within`; the answer goes out at once beside it. A client that writes its whole body before
 /// it reads (most simple clients do) would otherwise find the connection closed under it
 /// (hyper closes a connection whose body is left unread, and closing a socket with unread data
 /// sends a reset): it would see a broken pipe or a reset, not the answer. A body over the

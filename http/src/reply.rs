@@ -73,49 +73,31 @@ impl Failure {
         }
     }
 
-    /// 503: the service is at capacity.
-    pub fn full() -> Failure {
-        Failure {
-            retry: true,
-            ..Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the service is at capacity",
-                None,
-            )
-        }
-    }
-
-    /// 503: the shared memory for request bodies is full (requests in flight hold it all).
-    pub fn no_room() -> Failure {
-        Failure {
-            retry: true,
-            ..Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no room for the body in shared memory: the service is at capacity",
-                None,
-            )
-        }
-    }
-
-    /// 503: a stage has no live worker to run the request (it did not run: safe to retry,
-    /// here or on another instance).
-    pub fn no_worker(msg: impl Into<String>, stage: Option<String>) -> Failure {
+    /// 503 with `Retry-After`: the request did not run here (safe to retry, here later or on
+    /// another instance).
+    pub fn unavailable(msg: impl Into<String>, stage: Option<String>) -> Failure {
         Failure {
             retry: true,
             ..Self::new(StatusCode::SERVICE_UNAVAILABLE, msg, stage)
         }
     }
 
+    /// 503: the service is at capacity.
+    pub fn full() -> Failure {
+        Self::unavailable("the service is at capacity", None)
+    }
+
+    /// 503: the shared memory for request bodies is full (requests in flight hold it all).
+    pub fn no_room() -> Failure {
+        Self::unavailable(
+            "no room for the body in shared memory: the service is at capacity",
+            None,
+        )
+    }
+
     /// 503: the service is shutting down.
     pub fn draining() -> Failure {
-        Failure {
-            retry: true,
-            ..Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the service is shutting down",
-                None,
-            )
-        }
+        Self::unavailable("the service is shutting down", None)
     }
 
     /// 413: the body is larger than the limit.
@@ -197,14 +179,11 @@ impl Failure {
                 match &se.error {
                     // The request never ran: no worker to take it, or the service stopped
                     // (the drain limit) before it finished.
-                    TaskError::NoWorkers => Failure::no_worker(se.to_string(), Some(path)),
-                    TaskError::Cancelled => Failure {
-                        body: ErrorBody {
-                            error: format!("the service is shutting down: {se}"),
-                            stage: Some(path),
-                        },
-                        ..Failure::draining()
-                    },
+                    TaskError::NoWorkers => Failure::unavailable(se.to_string(), Some(path)),
+                    TaskError::Cancelled => Failure::unavailable(
+                        format!("the service is shutting down: {se}"),
+                        Some(path),
+                    ),
                     _ => Failure::internal(se.to_string(), Some(path)),
                 }
             }

@@ -74,9 +74,8 @@ impl BatchPolicy {
     /// [`deadline`](crate::TaskOptions::deadline) is held at most halfway from its submission
     /// to that deadline (the wait ends at the first such point among the tasks held), so it
     /// keeps half of its caller's time to run even when the deadline is shorter than the
-    /// delay. With `max_batch` 1
-    /// (no batching) there is no batch to fill, and the delay has no effect: tasks never wait
-    /// for company.
+    /// delay. With `max_batch` 1 (no batching) there is no batch to fill, and the delay has
+    /// no effect: tasks never wait for company.
     pub fn max_delay(mut self, d: Duration) -> Self {
         self.max_delay = d;
         self

@@ -82,20 +82,14 @@ impl Server<'_> {
         }
     }
 
-    /// The time by which the wait for company must end for `t`: halfway from its submission
-    /// to its deadline, so waiting takes at most half of the caller's time and the task has
-    /// the other half to run (`u64::MAX` for a task without a deadline). The words are the
-    /// caller's to write: a wrong one only shortens this worker's wait.
-    fn start_by(&self, t: &Task<'_>, now: u64) -> u64 {
-        if t.sh.state.load(Ordering::Relaxed) & bits::DEADLINE == 0 {
-            return u64::MAX;
-        }
-        match self.times(t.slot).deadline_ns.load(Ordering::Relaxed) {
+    /// The time by which the wait for company must end for `t`, submitted at `submitted`:
+    /// halfway from then to its deadline, so waiting takes at most half of the caller's time
+    /// and the task has the other half to run (`u64::MAX` for a task without a deadline). The
+    /// words are the caller's to write: a wrong one only shortens this worker's wait.
+    fn start_by(&self, t: &Task<'_>, submitted: u64) -> u64 {
+        match self.deadline_ns(t, t.sh.state.load(Ordering::Relaxed)) {
             0 => u64::MAX,
-            d => {
-                let from = self.submitted(t, now);
-                from.saturating_add(d.saturating_sub(from) / 2)
-            }
+            d => submitted.saturating_add(d.saturating_sub(submitted) / 2),
         }
     }
 
@@ -117,9 +111,9 @@ impl Server<'_> {
         let flags = hdr.batch.flags.load(Ordering::Relaxed);
         let taken_ns = mono_ns();
         let mut oldest = self.submitted(&first, taken_ns);
-        // The wait for company never outlasts a member's deadline: a task whose caller set
-        // one must not expire on an idle worker that held it back for a fuller batch.
-        let mut start_by = self.start_by(&first, taken_ns);
+        // A task whose caller set a deadline is held for company at most halfway to it: it
+        // must neither expire on an idle worker nor be left no time to run.
+        let mut start_by = self.start_by(&first, oldest);
         self.hold(0, &first);
         let mut members = Vec::with_capacity(max);
         members.push(first);
@@ -155,9 +149,9 @@ impl Server<'_> {
                     packed = Some(t);
                     break;
                 }
-                let now = mono_ns();
-                oldest = oldest.min(self.submitted(&t, now));
-                start_by = start_by.min(self.start_by(&t, now));
+                let submitted = self.submitted(&t, mono_ns());
+                oldest = oldest.min(submitted);
+                start_by = start_by.min(self.start_by(&t, submitted));
                 self.hold(members.len(), &t);
                 members.push(t);
                 continue;

@@ -498,10 +498,16 @@ impl Server<'_> {
 
     /// Whether the task has a deadline that has passed (checked just before it would start).
     pub(super) fn expired(&self, t: &Task<'_>, state: u32) -> bool {
-        state & bits::DEADLINE != 0 && {
-            let d = self.times(t.slot).deadline_ns.load(Ordering::Relaxed);
-            d != 0 && crate::sys::mono_ns() > d
+        let d = self.deadline_ns(t, state);
+        d != 0 && crate::sys::mono_ns() > d
+    }
+
+    /// The task's deadline (`mono_ns`), or 0 for none, given its slot's `state` word.
+    pub(super) fn deadline_ns(&self, t: &Task<'_>, state: u32) -> u64 {
+        if state & bits::DEADLINE == 0 {
+            return 0;
         }
+        self.times(t.slot).deadline_ns.load(Ordering::Relaxed)
     }
 
     /// The submit time and deadline words of `slot` (an index the caller checked).
@@ -569,11 +575,7 @@ impl Server<'_> {
         };
         failpoint::hit("mid_read");
         let state = &self.slot_header(t.slot).state;
-        let deadline_ns = if state.load(Ordering::Relaxed) & bits::DEADLINE != 0 {
-            self.times(t.slot).deadline_ns.load(Ordering::Relaxed)
-        } else {
-            0
-        };
+        let deadline_ns = self.deadline_ns(t, state.load(Ordering::Relaxed));
         let tctx = TaskContext {
             worker: wctx,
             task_id: t.id,
