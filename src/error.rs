@@ -236,6 +236,19 @@ pub enum SubmitError {
     },
 }
 
+/// The `worker` of a [`TaskError::Timeout`] that no worker answered: the task's deadline
+/// passed before any worker claimed it, and the caller's wait answered it there and then.
+pub const NO_WORKER: usize = usize::MAX;
+
+fn timeout_message(worker: usize, after: &Duration) -> String {
+    match worker {
+        NO_WORKER => format!(
+            "task timed out after {after:?}: its deadline passed before a worker started it"
+        ),
+        w => format!("worker {w}: task timed out after {after:?}"),
+    }
+}
+
 /// A task did not produce a value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -312,10 +325,11 @@ pub enum TaskError {
     /// The task ran longer than its timeout, and its worker was killed (and restarted); or
     /// its [deadline](crate::TaskOptions::deadline) passed before a worker started it, and it
     /// never ran (then `after` is the time from its submit to its deadline and no worker was
-    /// killed).
-    #[error("worker {worker}: task timed out after {after:?}")]
+    /// killed; `worker` is [`NO_WORKER`] when the caller's wait answered at the deadline, as
+    /// it does when no worker had claimed the task).
+    #[error("{}", timeout_message(*worker, after))]
     Timeout {
-        /// Seat index of the worker.
+        /// Seat index of the worker, or [`NO_WORKER`].
         worker: usize,
         /// The timeout applied (a zero timeout is applied as 1 ns), or the time from submit
         /// to the deadline.

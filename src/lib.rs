@@ -136,8 +136,8 @@ pub use codec::ArchivesAs;
 pub use codec::{Message, ShmWriter};
 #[cfg(not(stateful_pool_loom))]
 pub use error::{
-    BuildError, ExitCause, Rejected, SpawnError, SubmitError, TaskError, WaitTimeoutError,
-    WorkerError,
+    BuildError, ExitCause, NO_WORKER, Rejected, SpawnError, SubmitError, TaskError,
+    WaitTimeoutError, WorkerError,
 };
 #[cfg(not(stateful_pool_loom))]
 pub use pool::Pool;

@@ -444,8 +444,12 @@ fn a_deadline_shorter_than_the_delay_ends_the_wait_for_company() {
             t.elapsed()
         );
         // A task without a deadline held with it: the earliest deadline among the members
-        // ends the wait for both.
+        // ends the wait for both. (The gate task itself runs under a policy without a delay:
+        // alone, with no deadline, it would wait the whole 60 s for company.)
+        pool.set_batch_policy(BatchPolicy::new(8)).unwrap();
         let held = Held::new(&pool, "deadline-company");
+        pool.set_batch_policy(BatchPolicy::new(8).max_delay(Duration::from_secs(60)))
+            .unwrap();
         let plain = pool.submit(&Job::Echo(1)).unwrap();
         let timed = pool
             .task(&Job::Echo(2))

@@ -54,9 +54,11 @@ impl<T: Message> TaskHandle<T> {
         self.task_id
     }
 
-    /// Whether the result is ready (collecting it will not block).
+    /// Whether the result is ready (collecting it will not block): the task is done, or its
+    /// [deadline](crate::TaskOptions::deadline) has passed with no worker on it (collecting
+    /// then answers [`TaskError::Timeout`] at once).
     pub fn is_finished(&self) -> bool {
-        self.shared.is_done(self.slot)
+        self.shared.is_done(self.slot) || self.shared.expiry_due(self.slot)
     }
 
     /// Asks that the task not run: if no worker has started it yet, it never runs and
@@ -69,8 +71,10 @@ impl<T: Message> TaskHandle<T> {
     }
 
     /// Asks the pool to wake `waker` once the task finishes, without collecting anything;
-    /// returns `true` if it has already finished (then nothing is registered and the result
-    /// can be collected at once). One waker per handle: a later call replaces an earlier one,
+    /// returns `true` if it has already finished (then the result can be collected at once).
+    /// "Finishes" is [`is_finished`](Self::is_finished)'s: a task whose
+    /// [deadline](crate::TaskOptions::deadline) passes before a worker claims it wakes the
+    /// waker at the deadline (within a millisecond or so). One waker per handle: a later call replaces an earlier one,
     /// as with [`Future::poll`]. The waker is called from the pool's reactor thread, so it
     /// must be cheap and must not block (push to a queue, write to an eventfd, …).
     ///
@@ -78,6 +82,7 @@ impl<T: Message> TaskHandle<T> {
     /// completion queue) waits for many tasks with no thread parked per task.
     pub fn wake_when_finished(&self, waker: &Waker) -> bool {
         self.shared.register_waker(self.slot, self.task_id, waker)
+            || self.shared.expiry_due(self.slot)
     }
 
     /// For the C ABI, not an API: blocks until the task finishes or `timeout` passes, without
@@ -86,7 +91,7 @@ impl<T: Message> TaskHandle<T> {
     #[doc(hidden)]
     pub fn __finished_within(&self, timeout: Duration) -> bool {
         self.shared
-            .wait_done(self.slot, crate::deadline::after(timeout))
+            .wait_settled(self.slot, crate::deadline::after(timeout))
     }
 
     /// The finished task's owner word: which launch of which seat claimed it (one load; see
@@ -98,10 +103,14 @@ impl<T: Message> TaskHandle<T> {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Resolves once the task has finished, without collecting its result (any executor).
+    /// Resolves once the task is done (published, not merely past its deadline), without
+    /// collecting its result (any executor).
     pub(crate) async fn finished(&self) {
         std::future::poll_fn(|cx| {
-            if self.wake_when_finished(cx.waker()) {
+            if self
+                .shared
+                .register_waker(self.slot, self.task_id, cx.waker())
+            {
                 std::task::Poll::Ready(())
             } else {
                 std::task::Poll::Pending
@@ -134,25 +143,34 @@ impl<T: Message> TaskHandle<T> {
         })
     }
 
-    /// Blocks until the task finishes, without collecting its result.
+    /// Blocks until the task finishes (or is answered at its deadline), without collecting.
     pub(crate) fn block_until_done(&self) {
-        self.shared.wait_done(self.slot, None);
+        self.shared.wait_settled(self.slot, None);
     }
 
-    /// Blocks until the task finishes and returns its result.
+    /// Waits for the task until `until`: whether it finished (`Ok(false)`: not yet). A task
+    /// whose deadline passed before a worker claimed it is answered here, at the deadline
+    /// (`Err`, the handle spent).
+    fn wait_until(&mut self, until: Option<std::time::Instant>) -> Result<bool, TaskError> {
+        self.shared
+            .wait_collect(self.slot, self.task_id, until)
+            .inspect_err(|_| self.taken = true)
+    }
+
+    /// Blocks until the task finishes and returns its result. A task with a
+    /// [deadline](crate::TaskOptions::deadline) that no worker has claimed by then is answered
+    /// [`TaskError::Timeout`] at the deadline (it never runs).
     pub fn wait(mut self) -> Result<T, TaskError> {
-        self.shared.wait_done(self.slot, None);
+        self.wait_until(None)?;
         self.take()
     }
 
     /// Waits at most `timeout` for the result. If the task has not finished by then, the
     /// handle comes back in [`WaitTimeoutError::Timeout`], to wait again (or drop to cancel);
-    /// a task that finished without a value gives [`WaitTimeoutError::Task`].
+    /// a task that finished without a value gives [`WaitTimeoutError::Task`] (as does one
+    /// whose deadline passed before a worker claimed it: see [`wait`](Self::wait)).
     pub fn wait_timeout(mut self, timeout: Duration) -> Result<T, WaitTimeoutError<Self>> {
-        if self
-            .shared
-            .wait_done(self.slot, crate::deadline::after(timeout))
-        {
+        if self.wait_until(crate::deadline::after(timeout))? {
             Ok(self.take()?)
         } else {
             Err(WaitTimeoutError::Timeout(self))
@@ -164,9 +182,19 @@ impl<T: Message> TaskHandle<T> {
     pub fn try_wait(mut self) -> Result<T, WaitTimeoutError<Self>> {
         if self.shared.is_done(self.slot) {
             Ok(self.take()?)
+        } else if let Some(e) = self.expire() {
+            Err(WaitTimeoutError::Task(e))
         } else {
             Err(WaitTimeoutError::Timeout(self))
         }
+    }
+
+    /// Answers the task `Timeout` now if its deadline passed with no worker on it (the slot
+    /// goes to the reactor, the handle is spent).
+    fn expire(&mut self) -> Option<TaskError> {
+        let e = self.shared.try_expire(self.slot, self.task_id)?;
+        self.taken = true;
+        Some(e)
     }
 
     /// Blocks until the task finishes and returns its result as a validated archive, without
@@ -175,7 +203,7 @@ impl<T: Message> TaskHandle<T> {
     /// memory a worker can still write, so nothing a worker does after publishing can change
     /// it. The task's slot is free again as soon as this returns.
     pub fn wait_ref(mut self) -> Result<ResultRef<T>, TaskError> {
-        self.shared.wait_done(self.slot, None);
+        self.wait_until(None)?;
         self.taken = true;
         let r = self.shared.with_result(self.slot, |bytes| {
             let bytes = bytes?;
@@ -228,7 +256,11 @@ impl<T: Message> Future for TaskHandle<T> {
         {
             return Poll::Ready(this.take());
         }
-        Poll::Pending
+        // The reactor wakes us at the task's deadline: answered then if no worker has it.
+        match this.expire() {
+            Some(e) => Poll::Ready(Err(e)),
+            None => Poll::Pending,
+        }
     }
 }
 

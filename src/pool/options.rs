@@ -43,12 +43,18 @@ impl TaskOptions {
         self
     }
 
-    /// The latest time a worker may *start* the task: one that would start it later answers
-    /// it [`TaskError::Timeout`](crate::TaskError::Timeout) without running it (a caller who
-    /// has given up does not cost a worker, or a seat in a batch). The execution
-    /// [`timeout`](Self::timeout) still applies once it runs. The answer comes when a worker
-    /// reaches the task, not at the deadline itself: to stop waiting at a given time,
-    /// submit and wait with [`TaskHandle::wait_timeout`](crate::TaskHandle::wait_timeout).
+    /// The latest time a worker may *start* the task: past it, the task is answered
+    /// [`TaskError::Timeout`](crate::TaskError::Timeout) without running (a caller who has
+    /// given up does not cost a worker, or a seat in a batch). The execution
+    /// [`timeout`](Self::timeout) still applies once it runs.
+    ///
+    /// The answer comes at the deadline: a caller waiting on the task (`execute`, `wait`,
+    /// `wait_timeout`, `wait_ref`, `.await`; `try_wait` and `is_finished` from then on) is
+    /// answered `Timeout` there and then if no worker has claimed the task, with `worker`
+    /// [`NO_WORKER`](crate::NO_WORKER) (its slot is reclaimed once a worker pops and skips
+    /// it). A worker that claimed the task before its deadline runs it; one that claims it
+    /// later answers it `Timeout` itself. A future is woken for the deadline by the pool's
+    /// reactor, within a millisecond or so of it.
     pub fn deadline(mut self, at: Instant) -> Self {
         self.deadline = Some(at);
         self

@@ -26,14 +26,38 @@ use std::sync::atomic::Ordering;
 
 impl Shared {
     /// One pass of the reactor: wake futures and retire detached slots whose task is done,
-    /// then serve workers waiting for ring room. Returns whether it did anything.
-    pub(crate) fn reactor_scan(&self) -> bool {
+    /// wake the futures of tasks whose deadline has come (their poll answers them if no worker
+    /// has claimed them: `Shared::try_expire`), then serve workers waiting for ring room.
+    /// Returns whether it did anything, and the earliest deadline still to come among the
+    /// watched tasks (`sys::mono_ns`), which the reactor's sleep must not pass.
+    pub(crate) fn reactor_scan(&self) -> (bool, Option<u64>) {
         let mut did = false;
+        let mut next_alarm: Option<u64> = None;
+        let mut now = 0;
         for (i, meta) in self.meta.iter().enumerate() {
             if !meta.arb.watched(Ordering::Relaxed) {
                 continue;
             }
             let Some(take) = meta.arb.reactor_take(self.slot(i as u32)) else {
+                let alarm = meta.alarm_ns.load(Ordering::Relaxed);
+                if alarm == 0 {
+                    continue;
+                }
+                if now == 0 {
+                    now = crate::sys::mono_ns();
+                }
+                if now < alarm {
+                    next_alarm = Some(next_alarm.map_or(alarm, |n| n.min(alarm)));
+                } else if meta.alarm_ns.swap(0, Ordering::Relaxed) != 0 {
+                    // Once per task, and the waker stays registered: if a worker claimed the
+                    // task in time, the future (or a map's registration) still needs the
+                    // wake-up of its completion.
+                    did = true;
+                    let waker = meta.waker.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(w) = waker.as_ref() {
+                        w.wake_by_ref();
+                    }
+                }
                 continue;
             };
             did = true;
@@ -45,7 +69,7 @@ impl Shared {
                 self.retire(i as u32);
             }
         }
-        did | self.evacuate()
+        (did | self.evacuate(), next_alarm)
     }
 
     /// Whether anything is in flight, so that the reactor must keep looking every
@@ -105,7 +129,7 @@ fn run(shared: &Shared) {
     loop {
         let key = hdr.doorbell.prepare();
         let stop = shared.reactor_stop.load(Ordering::SeqCst);
-        let did = shared.reactor_scan();
+        let (did, alarm) = shared.reactor_scan();
         if stop {
             hdr.doorbell.cancel(key);
             shared.reactor_scan();
@@ -118,8 +142,12 @@ fn run(shared: &Shared) {
         if shared.reactor_has_work() {
             // Bounded: the doorbell lives in shared memory, and a worker could zero its
             // sleeper count so that no notify wakes us; a periodic look keeps futures,
-            // retirements and evacuations moving.
-            hdr.doorbell.wait(key, Some(REACTOR_LOOK));
+            // retirements and evacuations moving. A watched task's deadline comes sooner.
+            let look = alarm.map_or(REACTOR_LOOK, |at| {
+                let left = at.saturating_sub(crate::sys::mono_ns());
+                REACTOR_LOOK.min(std::time::Duration::from_nanos(left.max(1)))
+            });
+            hdr.doorbell.wait(key, Some(look));
             continue;
         }
         hdr.doorbell.cancel(key);

@@ -10,7 +10,7 @@
 use super::arena::Block;
 use super::options::TaskOptions;
 use super::shared::Shared;
-use crate::error::SubmitError;
+use crate::error::{SubmitError, TaskError};
 use crate::ring::wait::{spin_until, spin_within, wait_on};
 use crate::slot::outcome::{KIND_CANCELLED, WORD_BYTES};
 use crate::slot::{Arbiter, RawOutcome, TASK_IN_HEADER, bits};
@@ -18,7 +18,7 @@ use crate::sys::futex_wait;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::task::Waker;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// The error for an arena block whose memory could not be reserved.
 /// Where a submitted task's archive comes from.
@@ -58,6 +58,14 @@ pub(crate) struct SlotMeta {
     pub(crate) timeout_ns: AtomicU64,
     /// How many more times the task may be re-run if its worker dies.
     pub(crate) retries_left: AtomicU32,
+    /// The task's [deadline](crate::TaskOptions::deadline) in `sys::mono_ns` (0: none), and
+    /// the time from its submit to it: the parent's own copies, which its waits read (the
+    /// slot's `SlotTimes` are in shared memory, for the worker).
+    pub(super) deadline_ns: AtomicU64,
+    pub(super) budget_ns: AtomicU64,
+    /// The reactor's alarm for a future waiting on this task: the deadline, until the reactor
+    /// wakes the future for it (then 0).
+    pub(super) alarm_ns: AtomicU64,
     /// Who has the task's ring record: `task_id << 3 | RES_*` (see `results`).
     pub(super) res: AtomicU64,
     /// A result the reactor moved out of the ring before its caller collected it.
@@ -265,6 +273,14 @@ impl Shared {
         });
         let times = self.times(slot);
         times.submitted_ns.store(submitted_ns, Ordering::Relaxed);
+        // Loads first, as in `retire`: most tasks have no deadline, and neither had the last.
+        let own = deadline_ns.unwrap_or(0);
+        if own != 0 || meta.deadline_ns.load(Ordering::Relaxed) != 0 {
+            meta.deadline_ns.store(own, Ordering::Relaxed);
+            meta.alarm_ns.store(own, Ordering::Relaxed);
+            meta.budget_ns
+                .store(own.saturating_sub(submitted_ns), Ordering::Relaxed);
+        }
         times
             .deadline_ns
             .store(deadline_ns.unwrap_or(0), Ordering::Relaxed);
@@ -504,22 +520,30 @@ impl Shared {
         self.slot(slot).is_done()
     }
 
-    /// Waits until `slot` is done: spin, then park on the slot's state word. `false` on
-    /// timeout.
-    pub(crate) fn wait_done(&self, slot: u32, deadline: Option<Instant>) -> bool {
+    /// Waits until `slot` is done, or `until`, or the task's own `deadline`: spin, then park
+    /// on the slot's state word.
+    fn wait_for(&self, slot: u32, until: Option<Instant>, deadline: Option<Instant>) -> Waited {
         let sh = self.slot(slot);
-        let spin = spin_within(self.cfg.caller_wait.spin(), deadline);
+        let bound = match (until, deadline) {
+            (Some(u), Some(d)) => Some(u.min(d)),
+            (u, d) => u.or(d),
+        };
+        let ended = || match deadline {
+            Some(d) if Instant::now() >= d => Waited::Deadline,
+            _ => Waited::TimedOut,
+        };
+        let spin = spin_within(self.cfg.caller_wait.spin(), bound);
         if spin_until(spin, || sh.is_done()) {
-            return true;
+            return Waited::Done;
         }
         loop {
             let Some(sleep_on) = sh.announce_sleeper() else {
-                return true;
+                return Waited::Done;
             };
-            let timeout = match deadline {
-                Some(d) => match d.checked_duration_since(Instant::now()) {
+            let timeout = match bound {
+                Some(b) => match b.checked_duration_since(Instant::now()) {
                     Some(left) if !left.is_zero() => Some(left),
-                    _ => return false,
+                    _ => return ended(),
                 },
                 None => None,
             };
@@ -528,8 +552,87 @@ impl Shared {
             let timeout = Some(timeout.map_or(SLEEP_LOOK, |t| t.min(SLEEP_LOOK)));
             futex_wait(&sh.state, sleep_on, timeout);
             if sh.is_done() {
-                return true;
+                return Waited::Done;
             }
+        }
+    }
+
+    /// The task's deadline as an `Instant`, if it has one (parent-local: never read from
+    /// shared memory).
+    fn task_deadline(&self, slot: u32) -> Option<Instant> {
+        match self.meta(slot).deadline_ns.load(Ordering::Relaxed) {
+            0 => None,
+            d => {
+                let now = Instant::now();
+                let left = d.saturating_sub(crate::sys::mono_ns());
+                Some(crate::deadline::at_or_never(
+                    now,
+                    Duration::from_nanos(left),
+                ))
+            }
+        }
+    }
+
+    /// Whether the task's deadline has passed while no worker has claimed it: its answer is
+    /// then settled (`Timeout`), and collecting it expires it at once ([`Self::try_expire`]).
+    pub(crate) fn expiry_due(&self, slot: u32) -> bool {
+        let d = self.meta(slot).deadline_ns.load(Ordering::Relaxed);
+        d != 0 && self.slot(slot).unclaimed() && crate::sys::mono_ns() >= d
+    }
+
+    /// Collecting task `task_id`: if its deadline has passed and no worker has claimed it,
+    /// answers it `Timeout` here and now instead of when a worker reaches it, and hands the
+    /// slot to the reactor (as a dropped handle does: the worker that pops the task skips it).
+    /// `None` if the deadline has not passed or a worker has the task (it answers).
+    pub(crate) fn try_expire(&self, slot: u32, task_id: u64) -> Option<TaskError> {
+        let meta = self.meta(slot);
+        let d = meta.deadline_ns.load(Ordering::Relaxed);
+        if d == 0 || crate::sys::mono_ns() < d || !self.slot(slot).expire() {
+            return None;
+        }
+        let after = Duration::from_nanos(meta.budget_ns.load(Ordering::Relaxed));
+        self.detach(slot, task_id);
+        Some(TaskError::Timeout {
+            worker: crate::error::NO_WORKER,
+            after,
+        })
+    }
+
+    /// Waits until collecting `slot`'s task will not block, or until `until` (then `false`):
+    /// the task is done, or its deadline has passed with no worker on it
+    /// ([`Self::expiry_due`]).
+    pub(crate) fn wait_settled(&self, slot: u32, until: Option<Instant>) -> bool {
+        match self.wait_for(slot, until, self.task_deadline(slot)) {
+            Waited::Done => true,
+            Waited::TimedOut => false,
+            // A worker claimed it before its deadline: that worker answers it.
+            Waited::Deadline if !self.slot(slot).unclaimed() => {
+                !matches!(self.wait_for(slot, until, None), Waited::TimedOut)
+            }
+            Waited::Deadline => true,
+        }
+    }
+
+    /// Waits for task `task_id` in `slot` until it is done (`Ok(true)`), or until `until`
+    /// (`Ok(false)`), or until its deadline passes with no worker on it: then it is answered
+    /// `Timeout` at once (`Err`, the slot handed to the reactor; [`Self::try_expire`]).
+    pub(crate) fn wait_collect(
+        &self,
+        slot: u32,
+        task_id: u64,
+        until: Option<Instant>,
+    ) -> Result<bool, TaskError> {
+        match self.wait_for(slot, until, self.task_deadline(slot)) {
+            Waited::Done => Ok(true),
+            Waited::TimedOut => Ok(false),
+            Waited::Deadline => match self.try_expire(slot, task_id) {
+                Some(e) => Err(e),
+                // A worker has it: it answers (expired, if it claimed it after the deadline).
+                None => Ok(!matches!(
+                    self.wait_for(slot, until, None),
+                    Waited::TimedOut
+                )),
+            },
         }
     }
 
@@ -543,7 +646,13 @@ impl Shared {
                 _ => *w = Some(waker.clone()),
             }
         }
-        meta.arb.watch(self.slot(slot), task_id)
+        let done = meta.arb.watch(self.slot(slot), task_id);
+        if !done && meta.alarm_ns.load(Ordering::Relaxed) != 0 {
+            // The reactor may be asleep for its longest look: have it set its timer for this
+            // task's deadline (`reactor_scan`).
+            self.header().doorbell.notify_all();
+        }
+        done
     }
 
     /// Marks the task in `slot` cancelled while its handle lives on: a worker that pops it
@@ -651,6 +760,16 @@ impl Shared {
 }
 
 /// How long a blocked caller sleeps at most between looks at its slot.
+/// How [`Shared::wait_for`] ended.
+enum Waited {
+    /// The task is done.
+    Done,
+    /// The caller's time ran out.
+    TimedOut,
+    /// The task's own deadline came first.
+    Deadline,
+}
+
 const SLEEP_LOOK: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn encode_err(e: crate::codec::EncodeError) -> SubmitError {

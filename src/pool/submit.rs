@@ -216,10 +216,10 @@ impl<'p, 'a, W: Worker, A: ?Sized + ArchivesAs<W::Task>, P: Payload> Submit<'p, 
         // the task finishes, so nothing can drop or cancel it in between, and the pool's
         // reference count is left alone (two atomic read-modify-writes per task).
         let shared = &self.pool.shared;
-        let (slot, _) = self
+        let (slot, task_id) = self
             .queue(Block::Until(None))
             .map_err(Into::<TaskError>::into)?;
-        shared.wait_done(slot, None);
+        shared.wait_collect(slot, task_id, None)?;
         shared.take_result(slot)
     }
 

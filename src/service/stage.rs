@@ -322,6 +322,7 @@ impl Meter {
             return item.timeout(Some(&self.path));
         }
         let (worker, pid) = match &e {
+            E::Timeout { worker, .. } if *worker == crate::NO_WORKER => (None, None),
             E::WorkerDied { worker, pid, .. } => (Some(*worker), Some(*pid)),
             E::Failed { worker, .. }
             | E::Panicked { worker, .. }

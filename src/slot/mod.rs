@@ -1,6 +1,6 @@
 //! The task slot protocol, in one place: the slot header that lives in shared memory, its state
-//! word and every transition on it (prepare, claim, cancel, publish, wait, detach, retire,
-//! recover), the outcome a slot carries ([`outcome`]), and the rule that says which task a dead
+//! word and every transition on it (prepare, claim, cancel, expire, publish, wait, detach,
+//! retire, recover), the outcome a slot carries ([`outcome`]), and the rule that says which task a dead
 //! worker held ([`held_by_dead_worker`]).
 //!
 //! ARCHITECTURE.md, *The slot protocol*, draws the state machine and gives the proof sketches;
@@ -43,6 +43,10 @@ pub(crate) mod bits {
     /// answers it expired instead. Set by `prepare`, never changed.
     pub(crate) const DEADLINE: u32 = 64;
 }
+
+/// How many compare-exchanges [`SlotHeader::expire`] tries before leaving the task to its
+/// worker.
+const EXPIRE_TRIES: u32 = 16;
 
 /// Bit of `task_len` meaning "the task archive is the `task_off` word itself" (see
 /// [`SlotHeader::task_off`]); the low bits are its length.
@@ -132,6 +136,38 @@ impl SlotHeader {
     /// Caller: asks that the task not run (or not be retried).
     pub(crate) fn cancel(&self) {
         self.state.fetch_or(bits::CANCELLED, Ordering::AcqRel);
+    }
+
+    /// Parent, once the task's deadline has passed: marks a task that no worker has claimed
+    /// `CANCELLED`, so that none will run it (the worker that pops it answers `Cancelled`, to a
+    /// slot the caller then hands to the reactor, as a dropped handle's). Returns `false`, and
+    /// changes nothing, if a worker has claimed the task or it is done: that worker answers
+    /// it. One RMW decides against the claim's: either the claim sees `CANCELLED`, or this sees
+    /// `CLAIMED`. Bounded: a worker could keep changing the word to fail every compare-exchange,
+    /// so after a few tries the task is left to its worker (which answers it expired).
+    pub(crate) fn expire(&self) -> bool {
+        let mut cur = self.state.load(Ordering::Relaxed);
+        for _ in 0..EXPIRE_TRIES {
+            if cur & (bits::CLAIMED | bits::DONE) != 0 {
+                return false;
+            }
+            match self.state.compare_exchange_weak(
+                cur,
+                cur | bits::CANCELLED,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(now) => cur = now,
+            }
+        }
+        false
+    }
+
+    /// Whether no worker has claimed the task and it is not done (what [`expire`](Self::expire)
+    /// needs to succeed); one load.
+    pub(crate) fn unclaimed(&self) -> bool {
+        self.state.load(Ordering::Acquire) & (bits::CLAIMED | bits::DONE) == 0
     }
 
     /// Whether the outcome is published (Acquire: the result fields are then visible).

@@ -1,8 +1,8 @@
 //! Tests of the slot protocol. The loom models (`--cfg stateful_pool_loom`, see
 //! ARCHITECTURE.md, *Testing the concurrent code*) run the very transitions the pool runs, over
-//! heap memory: detach vs reactor vs DONE, cancel vs claim, a worker dying at each step while
-//! its slot is retired and reused, and the parent draining the queue while the supervisor
-//! repairs a dead worker's pop.
+//! heap memory: detach vs reactor vs DONE, cancel vs claim, a deadline's expiry vs claim, a
+//! worker dying at each step while its slot is retired and reused, and the parent draining the
+//! queue while the supervisor repairs a dead worker's pop.
 
 #[cfg(not(stateful_pool_loom))]
 mod plain {
@@ -151,6 +151,67 @@ mod models {
                 k => panic!("kind {k}"),
             }
             assert!(sh.state.load(Ordering::SeqCst) & bits::CANCELLED != 0);
+        });
+    }
+
+    /// The caller's wait reaches the task's deadline while a worker pops and claims it (and
+    /// the reactor scans): either the caller expires it (answers `Timeout` itself and hands
+    /// the slot over, as a dropped handle does) and the worker skips it, or the worker claimed
+    /// it first and its outcome is the caller's. The task runs at most once, the caller gets
+    /// exactly one answer, and the slot is retired exactly once.
+    #[test]
+    fn loom_expire_vs_claim_answers_once_and_retires_once() {
+        model(|| {
+            let sh = Arc::new(SlotHeader::new());
+            let arb = Arc::new(Arbiter::default());
+            let ran = Arc::new(AtomicUsize::new(0));
+            let retired = Arc::new(AtomicUsize::new(0));
+            sh.prepare(9, (0, 0), (0, 0), bits::DEADLINE);
+            let worker = {
+                let (sh, ran) = (sh.clone(), ran.clone());
+                loom::thread::spawn(move || {
+                    let prev = sh.claim(1);
+                    let kind = if prev & bits::CANCELLED != 0 {
+                        KIND_CANCELLED
+                    } else {
+                        ran.fetch_add(1, Ordering::SeqCst);
+                        KIND_OK
+                    };
+                    let _ = sh.publish(RawOutcome::new(kind, 0, 0, 0));
+                })
+            };
+            let reactor = {
+                let (sh, arb, retired) = (sh.clone(), arb.clone(), retired.clone());
+                loom::thread::spawn(move || {
+                    if let Some(t) = arb.reactor_take(&sh) {
+                        if t.retire {
+                            retired.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                })
+            };
+            let expired = sh.expire();
+            if expired {
+                // The pool's `expire`: the caller answers Timeout and detaches.
+                if arb.detach(&sh, 9) {
+                    retired.fetch_add(1, Ordering::SeqCst);
+                }
+            } else {
+                // A worker has it: wait for its answer and retire as a collect does.
+                spin_until(|| sh.is_done());
+                assert_eq!(sh.outcome().kind, KIND_OK);
+                retired.fetch_add(1, Ordering::SeqCst);
+            }
+            worker.join().unwrap();
+            reactor.join().unwrap();
+            if let Some(t) = arb.reactor_take(&sh) {
+                if t.retire {
+                    retired.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            assert_eq!(ran.load(Ordering::SeqCst), usize::from(!expired));
+            assert_eq!(retired.load(Ordering::SeqCst), 1);
+            assert!(sh.is_done());
         });
     }
 

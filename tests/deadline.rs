@@ -1,0 +1,184 @@
+//! Task deadlines (`TaskOptions::deadline`): a caller is answered `Timeout` at the deadline
+//! when no worker has claimed the task, whichever way it waits (`execute`, `wait`,
+//! `wait_timeout`, `try_wait`, `wait_ref`, `.await`); the task then never runs, its slot is
+//! reclaimed once a worker pops it, and the seat serves on. A task a worker claimed before its
+//! deadline runs to completion, and its caller gets its result.
+//!
+//! The worker is held on a gate file while the deadlines pass, so "answered at the deadline"
+//! is an ordering, not a timing: every expired answer arrives while the gate is still shut,
+//! which the old behaviour (answered when a worker reaches the task) could never do.
+
+mod common;
+use common::*;
+use stateful_pool::{NO_WORKER, Pool, TaskError, WaitTimeoutError};
+use std::time::{Duration, Instant};
+
+stateful_pool::worker_hook!();
+
+/// Ticks of the expired tasks: ids `ROUND * 10 + k`.
+const ROUNDS: u32 = 3;
+
+fn expired(r: Result<impl std::fmt::Debug, TaskError>, what: &str) {
+    match r {
+        Err(TaskError::Timeout { worker, after }) => {
+            assert_eq!(worker, NO_WORKER, "{what}: answered by the caller's wait");
+            assert!(after > Duration::ZERO, "{what}: the budget is reported");
+        }
+        other => panic!("{what}: expected Timeout at the deadline, got {other:?}"),
+    }
+}
+
+#[test]
+fn waiting_callers_are_answered_at_the_deadline_and_expired_tasks_never_run() {
+    watchdog(240, || {
+        let counters = Counters::new("deadline", 64);
+        // Fewer slots than the expired tasks of all rounds: their slots must come back.
+        let pool = Pool::<TestWorker>::builder().queue_size(8).build().unwrap();
+        pool.spawn(&counters.spawn_args("w")).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        for round in 0..ROUNDS {
+            let gate = gate_path(&format!("deadline-gate-{round}"));
+            let blocker = pool
+                .submit(&Cmd::Gate(gate.to_string_lossy().into_owned()))
+                .unwrap();
+            let id = |k: u32| round * 10 + k;
+            let soon = || Instant::now() + Duration::from_millis(30);
+            let cmds: Vec<Cmd> = (0..10).map(|k| Cmd::Tick(id(k))).collect();
+            let task = |k: u32| pool.task(&cmds[k as usize]).deadline(soon());
+
+            // execute: blocks until the deadline, then Timeout.
+            expired(task(0).execute(), "execute");
+            // wait, wait_ref, and a wait_timeout longer than the deadline.
+            expired(task(1).submit().unwrap().wait(), "wait");
+            expired(task(2).submit().unwrap().wait_ref(), "wait_ref");
+            match task(3)
+                .submit()
+                .unwrap()
+                .wait_timeout(Duration::from_secs(120))
+            {
+                Err(WaitTimeoutError::Task(e)) => expired(Err::<(), _>(e), "wait_timeout"),
+                other => panic!("wait_timeout: {other:?}"),
+            }
+            // try_wait: pending before the deadline, Timeout once `is_finished` says so.
+            let mut h = task(4).submit().unwrap();
+            assert!(
+                wait_until(60, || h.is_finished()),
+                "is_finished at the deadline"
+            );
+            h = match h.try_wait() {
+                Err(WaitTimeoutError::Task(e)) => {
+                    expired(Err::<(), _>(e), "try_wait");
+                    task(5).submit().unwrap()
+                }
+                other => panic!("try_wait after the deadline: {other:?}"),
+            };
+            // .await: the reactor wakes the future for the deadline; two at once, with
+            // different deadlines.
+            let later = pool
+                .task(&cmds[6])
+                .deadline(Instant::now() + Duration::from_millis(60))
+                .submit()
+                .unwrap();
+            let (a, b) = rt.block_on(async { tokio::join!(h, later) });
+            expired(a, "await");
+            expired(b, "await, later deadline");
+
+            // Still no worker has looked at any of them: the gate is shut until now.
+            assert!(!blocker.is_finished());
+            std::fs::write(&gate, b"").unwrap();
+            assert_eq!(blocker.wait().unwrap().value, 1);
+            // FIFO: this runs after the worker popped (and skipped) every expired task.
+            assert_eq!(
+                pool.execute(&Cmd::Tick(id(9))).unwrap().value,
+                id(9) as u64 * 3
+            );
+            for k in 0..7 {
+                assert_eq!(
+                    counters.get(id(k) as usize),
+                    0,
+                    "round {round}: task {k} never ran"
+                );
+            }
+            assert_eq!(counters.get(id(9) as usize), 1);
+            let _ = std::fs::remove_file(&gate);
+        }
+        // Every slot came back: a full queue's worth of tasks runs at once.
+        let hs: Vec<_> = (0..8)
+            .map(|i| pool.submit(&Cmd::Echo(i)).unwrap())
+            .collect();
+        for (i, h) in hs.into_iter().enumerate() {
+            assert_eq!(h.wait().unwrap().value, i as u64);
+        }
+        assert_eq!(pool.stats().tasks_timed_out, 0, "no worker was killed");
+    });
+}
+
+/// A task whose worker claimed it before its deadline: the deadline passes while it runs,
+/// and the caller, woken at the deadline, finds it claimed and waits on for its result.
+#[test]
+fn a_task_claimed_before_its_deadline_runs_and_its_caller_gets_the_result() {
+    watchdog(240, || {
+        let counters = Counters::new("claimed", 8);
+        let pool = Pool::<TestWorker>::builder().build().unwrap();
+        pool.spawn(&counters.spawn_args("w")).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        for (lap, asynchronous) in [(0, false), (1, true), (2, false), (3, true)] {
+            let started = gate_path(&format!("claimed-started-{lap}"));
+            let gate = gate_path(&format!("claimed-gate-{lap}"));
+            let deadline = Instant::now() + Duration::from_secs(2);
+            let h = pool
+                .task(&Cmd::Step {
+                    id: lap,
+                    started: started.to_string_lossy().into_owned(),
+                    gate: gate.to_string_lossy().into_owned(),
+                    fail: false,
+                })
+                .deadline(deadline)
+                .submit()
+                .unwrap();
+            // Opens the gate once the task has started and its deadline has passed (the
+            // event under test: waiting for the deadline itself).
+            let opener = {
+                let (started, gate) = (started.clone(), gate.clone());
+                std::thread::spawn(move || {
+                    let ran = wait_until(60, || started.exists());
+                    while Instant::now() <= deadline + Duration::from_millis(20) {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    std::fs::write(&gate, b"").unwrap();
+                    ran
+                })
+            };
+            let r = if asynchronous {
+                rt.block_on(h)
+            } else {
+                h.wait()
+            };
+            let ran = opener.join().unwrap();
+            // On a starved machine the worker may reach it only after the deadline: then it
+            // never ran, answered expired by the caller or by the worker. Either way, one
+            // consistent answer.
+            match r {
+                Ok(out) => {
+                    assert!(ran, "lap {lap}: a result means it ran");
+                    assert_eq!(counters.get(lap as usize), 1, "lap {lap}: it ran once");
+                    assert_eq!(out.value, lap as u64 * 3);
+                }
+                Err(TaskError::Timeout { .. }) => {
+                    assert!(!ran, "lap {lap}: it ran, yet the caller got Timeout");
+                }
+                Err(e) => panic!("lap {lap}: {e}"),
+            }
+            for p in [&started, &gate] {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        assert_eq!(pool.execute(&Cmd::Echo(5)).unwrap().value, 5);
+    });
+}
