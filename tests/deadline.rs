@@ -1,12 +1,13 @@
-//! Task deadlines (`TaskOptions::deadline`): a caller is answered `Timeout` at the deadline
-//! when no worker has claimed the task, whichever way it waits (`execute`, `wait`,
-//! `wait_timeout`, `try_wait`, `wait_ref`, `.await`); the task then never runs, its slot is
-//! reclaimed once a worker pops it, and the seat serves on. A task a worker claimed before its
-//! deadline runs to completion, and its caller gets its result.
+//! Answers that need no worker: a task past its deadline (`TaskOptions::deadline`) or
+//! cancelled (`TaskHandle::cancel`) before any worker claimed it is answered to its caller
+//! there and then (`Timeout` at the deadline, `Cancelled` at once), whichever way it waits
+//! (`execute`, `wait`, `wait_timeout`, `try_wait`, `wait_ref`, `.await`); the task then never
+//! runs, its slot is reclaimed once a worker pops it, and the seat serves on. A task a worker
+//! claimed in time runs to completion, and its caller gets its result.
 //!
-//! The worker is held on a gate file while the deadlines pass, so "answered at the deadline"
-//! is an ordering, not a timing: every expired answer arrives while the gate is still shut,
-//! which the old behaviour (answered when a worker reaches the task) could never do.
+//! The worker is held on a gate file meanwhile, so "answered without a worker" is an
+//! ordering, not a timing: every such answer arrives while the gate is still shut, which the
+//! old behaviour (answered when a worker reaches the task) could never do.
 
 mod common;
 use common::*;
@@ -180,5 +181,87 @@ fn a_task_claimed_before_its_deadline_runs_and_its_caller_gets_the_result() {
             }
         }
         assert_eq!(pool.execute(&Cmd::Echo(5)).unwrap().value, 5);
+    });
+}
+
+/// A cancelled task that no worker has claimed is answered `Cancelled` at once, however its
+/// caller collects it, and never runs; a batch too.
+#[test]
+fn a_cancelled_task_no_worker_has_claimed_is_answered_at_once() {
+    watchdog(240, || {
+        let counters = Counters::new("cancelled", 64);
+        let pool = Pool::<TestWorker>::builder().queue_size(8).build().unwrap();
+        pool.spawn(&counters.spawn_args("w")).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        for round in 0..ROUNDS {
+            let gate = gate_path(&format!("cancel-gate-{round}"));
+            let blocker = pool
+                .submit(&Cmd::Gate(gate.to_string_lossy().into_owned()))
+                .unwrap();
+            let id = |k: u32| round * 10 + k;
+            let cmds: Vec<Cmd> = (0..10).map(|k| Cmd::Tick(id(k))).collect();
+            let cancelled = |k: u32| {
+                let h = pool.submit(&cmds[k as usize]).unwrap();
+                h.cancel();
+                assert!(h.is_finished(), "round {round}: task {k} is settled");
+                h
+            };
+            assert_eq!(cancelled(0).wait().unwrap_err(), TaskError::Cancelled);
+            assert_eq!(cancelled(1).wait_ref().unwrap_err(), TaskError::Cancelled);
+            match cancelled(2).wait_timeout(Duration::from_secs(120)) {
+                Err(WaitTimeoutError::Task(TaskError::Cancelled)) => {}
+                other => panic!("wait_timeout: {other:?}"),
+            }
+            match cancelled(3).try_wait() {
+                Err(WaitTimeoutError::Task(TaskError::Cancelled)) => {}
+                other => panic!("try_wait: {other:?}"),
+            }
+            assert_eq!(rt.block_on(cancelled(4)).unwrap_err(), TaskError::Cancelled);
+            let batch = pool.batch(&cmds[5..7]).submit().unwrap();
+            batch.cancel();
+            assert!(batch.is_finished());
+            assert_eq!(batch.wait().unwrap_err(), TaskError::Cancelled);
+
+            assert!(
+                !blocker.is_finished(),
+                "all answered while the worker was held"
+            );
+            std::fs::write(&gate, b"").unwrap();
+            assert_eq!(blocker.wait().unwrap().value, 1);
+            assert_eq!(pool.execute(&cmds[9]).unwrap().value, id(9) as u64 * 3);
+            for k in 0..7 {
+                assert_eq!(
+                    counters.get(id(k) as usize),
+                    0,
+                    "round {round}: task {k} never ran"
+                );
+            }
+            let _ = std::fs::remove_file(&gate);
+        }
+        // A task cancelled while it runs still answers with its result.
+        let started = gate_path("cancel-running-started");
+        let gate = gate_path("cancel-running-gate");
+        let h = pool
+            .submit(&Cmd::Step {
+                id: 60,
+                started: started.to_string_lossy().into_owned(),
+                gate: gate.to_string_lossy().into_owned(),
+                fail: false,
+            })
+            .unwrap();
+        assert!(wait_until(60, || started.exists()));
+        h.cancel();
+        assert!(
+            !h.is_finished(),
+            "a running task is not settled by a cancel"
+        );
+        std::fs::write(&gate, b"").unwrap();
+        assert_eq!(h.wait().unwrap().value, 180);
+        for p in [&started, &gate] {
+            let _ = std::fs::remove_file(p);
+        }
     });
 }

@@ -994,7 +994,8 @@ enum sp_status sp_task_poll(struct sp_task task, struct sp_result *out);
 
 /**
  * Asks that the task not run if no worker has started it (it then finishes with
- * `SP_CANCELLED`); a running task runs on. The handle stays valid: wait on it or free it.
+ * `SP_CANCELLED` at once: waiting on it does not wait for a worker to reach it); a running
+ * task runs on. The handle stays valid: wait on it or free it.
  */
 enum sp_status sp_task_cancel(struct sp_task task);
 

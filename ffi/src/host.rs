@@ -1000,7 +1000,8 @@ pub unsafe extern "C" fn sp_task_poll(task: sp_task, out: *mut sp_result) -> sp_
 }
 
 /// Asks that the task not run if no worker has started it (it then finishes with
-/// `SP_CANCELLED`); a running task runs on. The handle stays valid: wait on it or free it.
+/// `SP_CANCELLED` at once: waiting on it does not wait for a worker to reach it); a running
+/// task runs on. The handle stays valid: wait on it or free it.
 #[unsafe(no_mangle)]
 pub extern "C" fn sp_task_cancel(task: sp_task) -> sp_status {
     guard(|| TASKS.with(task.id, |h| h.cancel()))

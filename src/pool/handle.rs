@@ -54,18 +54,21 @@ impl<T: Message> TaskHandle<T> {
         self.task_id
     }
 
-    /// Whether the result is ready (collecting it will not block): the task is done, or its
-    /// [deadline](crate::TaskOptions::deadline) has passed with no worker on it (collecting
-    /// then answers [`TaskError::Timeout`] at once).
+    /// Whether the result is ready (collecting it will not block): the task is done, or no
+    /// worker has claimed it and it was [cancelled](Self::cancel) or its
+    /// [deadline](crate::TaskOptions::deadline) has passed (collecting then answers
+    /// [`TaskError::Cancelled`] or [`TaskError::Timeout`] at once).
     pub fn is_finished(&self) -> bool {
-        self.shared.is_done(self.slot) || self.shared.expiry_due(self.slot)
+        self.shared.is_done(self.slot) || self.shared.settled_early(self.slot)
     }
 
     /// Asks that the task not run: if no worker has started it yet, it never runs and
-    /// completes with [`TaskError::Cancelled`]; if one already has, it runs to completion and
-    /// its outcome is delivered as usual (except that it is not retried: should its worker die,
-    /// the outcome is `Cancelled`). The handle stays valid either way: wait on it to see which
-    /// happened. Dropping the handle cancels too, but discards the outcome.
+    /// completes with [`TaskError::Cancelled`] at once (collecting it does not wait for a
+    /// worker to reach it); if one already has, it runs to completion and its outcome is
+    /// delivered as usual (except that it is not retried: should its worker die, the outcome
+    /// is `Cancelled`). The handle stays valid either way: wait on it to see which happened.
+    /// Dropping the handle cancels too, but discards the outcome. (A cancelled task's slot
+    /// is reclaimed once a worker pops and skips it.)
     pub fn cancel(&self) {
         self.shared.cancel(self.slot);
     }
@@ -82,7 +85,7 @@ impl<T: Message> TaskHandle<T> {
     /// completion queue) waits for many tasks with no thread parked per task.
     pub fn wake_when_finished(&self, waker: &Waker) -> bool {
         self.shared.register_waker(self.slot, self.task_id, waker)
-            || self.shared.expiry_due(self.slot)
+            || self.shared.settled_early(self.slot)
     }
 
     /// For the C ABI, not an API: blocks until the task finishes or `timeout` passes, without
@@ -192,7 +195,7 @@ impl<T: Message> TaskHandle<T> {
     /// Answers the task `Timeout` now if its deadline passed with no worker on it (the slot
     /// goes to the reactor, the handle is spent).
     fn expire(&mut self) -> Option<TaskError> {
-        let e = self.shared.try_expire(self.slot, self.task_id)?;
+        let e = self.shared.try_settle(self.slot, self.task_id)?;
         self.taken = true;
         Some(e)
     }

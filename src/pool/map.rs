@@ -67,8 +67,8 @@ pub enum ErrorPolicy {
     /// yields the error and ends. When the error arrives, none of the map's tasks is running.
     /// As under `Immediate`, results not yet yielded when the map notices the error are
     /// discarded, earlier inputs' in an ordered map included.
-    /// (A cancelled task still in the queue is answered when a worker reaches it, so the error
-    /// also waits for the tasks queued ahead of the map's, which may be other callers'.)
+    /// (A cancelled task that no worker has claimed is answered at once: the error does not
+    /// wait for the tasks queued ahead of the map's.)
     WaitOthers,
 }
 

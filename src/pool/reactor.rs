@@ -27,7 +27,7 @@ use std::sync::atomic::Ordering;
 impl Shared {
     /// One pass of the reactor: wake futures and retire detached slots whose task is done,
     /// wake the futures of tasks whose deadline has come (their poll answers them if no worker
-    /// has claimed them: `Shared::try_expire`), then serve workers waiting for ring room.
+    /// has claimed them: `Shared::try_settle`), then serve workers waiting for ring room.
     /// Returns whether it did anything, and the earliest deadline still to come among the
     /// watched tasks (`sys::mono_ns`), which the reactor's sleep must not pass.
     pub(crate) fn reactor_scan(&self) -> (bool, Option<u64>) {

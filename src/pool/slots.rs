@@ -58,10 +58,14 @@ pub(crate) struct SlotMeta {
     pub(crate) timeout_ns: AtomicU64,
     /// How many more times the task may be re-run if its worker dies.
     pub(crate) retries_left: AtomicU32,
-    /// The task's [deadline](crate::TaskOptions::deadline) in `sys::mono_ns` (0: none), and
-    /// the time from its submit to it: the parent's own copies, which its waits read (the
-    /// slot's `SlotTimes` are in shared memory, for the worker).
-    pub(super) deadline_ns: AtomicU64,
+    /// From when the task's answer is settled if no worker has claimed it (`sys::mono_ns`; 0:
+    /// never): its [deadline](crate::TaskOptions::deadline), or 1 once its caller cancelled
+    /// it ([`Shared::cancel`]). The one word a collect reads for this on its fast path (the
+    /// parent's own: the slot's `SlotTimes` are in shared memory, for the worker).
+    pub(super) settle_at: AtomicU64,
+    /// The task's caller cancelled it: a settled answer is `Cancelled`, not `Timeout`.
+    pub(super) cancel_asked: AtomicBool,
+    /// The time from the task's submit to its deadline (the `Timeout`'s `after`).
     pub(super) budget_ns: AtomicU64,
     /// The reactor's alarm for a future waiting on this task: the deadline, until the reactor
     /// wakes the future for it (then 0).
@@ -273,10 +277,12 @@ impl Shared {
         });
         let times = self.times(slot);
         times.submitted_ns.store(submitted_ns, Ordering::Relaxed);
-        // Loads first, as in `retire`: most tasks have no deadline, and neither had the last.
+        // A load first, as in `retire`: most tasks have no deadline and were not cancelled,
+        // and neither was the last.
         let own = deadline_ns.unwrap_or(0);
-        if own != 0 || meta.deadline_ns.load(Ordering::Relaxed) != 0 {
-            meta.deadline_ns.store(own, Ordering::Relaxed);
+        if own != 0 || meta.settle_at.load(Ordering::Relaxed) != 0 {
+            meta.settle_at.store(own, Ordering::Relaxed);
+            meta.cancel_asked.store(false, Ordering::Relaxed);
             meta.alarm_ns.store(own, Ordering::Relaxed);
             meta.budget_ns
                 .store(own.saturating_sub(submitted_ns), Ordering::Relaxed);
@@ -520,30 +526,22 @@ impl Shared {
         self.slot(slot).is_done()
     }
 
-    /// Waits until `slot` is done, or `until`, or the task's own `deadline`: spin, then park
-    /// on the slot's state word.
-    fn wait_for(&self, slot: u32, until: Option<Instant>, deadline: Option<Instant>) -> Waited {
+    /// Waits until `slot` is done: spin, then park on the slot's state word. `false` on
+    /// timeout.
+    fn wait_done(&self, slot: u32, until: Option<Instant>) -> bool {
         let sh = self.slot(slot);
-        let bound = match (until, deadline) {
-            (Some(u), Some(d)) => Some(u.min(d)),
-            (u, d) => u.or(d),
-        };
-        let ended = || match deadline {
-            Some(d) if Instant::now() >= d => Waited::Deadline,
-            _ => Waited::TimedOut,
-        };
-        let spin = spin_within(self.cfg.caller_wait.spin(), bound);
+        let spin = spin_within(self.cfg.caller_wait.spin(), until);
         if spin_until(spin, || sh.is_done()) {
-            return Waited::Done;
+            return true;
         }
         loop {
             let Some(sleep_on) = sh.announce_sleeper() else {
-                return Waited::Done;
+                return true;
             };
-            let timeout = match bound {
-                Some(b) => match b.checked_duration_since(Instant::now()) {
+            let timeout = match until {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
                     Some(left) if !left.is_zero() => Some(left),
-                    _ => return ended(),
+                    _ => return false,
                 },
                 None => None,
             };
@@ -552,86 +550,109 @@ impl Shared {
             let timeout = Some(timeout.map_or(SLEEP_LOOK, |t| t.min(SLEEP_LOOK)));
             futex_wait(&sh.state, sleep_on, timeout);
             if sh.is_done() {
-                return Waited::Done;
+                return true;
             }
         }
     }
 
-    /// The task's deadline as an `Instant`, if it has one (parent-local: never read from
-    /// shared memory).
-    fn task_deadline(&self, slot: u32) -> Option<Instant> {
-        match self.meta(slot).deadline_ns.load(Ordering::Relaxed) {
-            0 => None,
-            d => {
-                let now = Instant::now();
-                let left = d.saturating_sub(crate::sys::mono_ns());
-                Some(crate::deadline::at_or_never(
-                    now,
-                    Duration::from_nanos(left),
-                ))
-            }
+    /// [`wait_done`](Self::wait_done) for a task whose answer settles at `settle_at`
+    /// (`SlotMeta::settle_at`, not 0): until it is done, or `until`, or `settle_at`.
+    fn wait_settling(&self, slot: u32, until: Option<Instant>, settle_at: u64) -> Waited {
+        let left = settle_at.saturating_sub(crate::sys::mono_ns());
+        let at = crate::deadline::at_or_never(Instant::now(), Duration::from_nanos(left));
+        match until {
+            Some(u) if u < at => match self.wait_done(slot, Some(u)) {
+                true => Waited::Done,
+                false => Waited::TimedOut,
+            },
+            _ => match self.wait_done(slot, Some(at)) {
+                true => Waited::Done,
+                false => Waited::Settled,
+            },
         }
     }
 
-    /// Whether the task's deadline has passed while no worker has claimed it: its answer is
-    /// then settled (`Timeout`), and collecting it expires it at once ([`Self::try_expire`]).
-    pub(crate) fn expiry_due(&self, slot: u32) -> bool {
-        let d = self.meta(slot).deadline_ns.load(Ordering::Relaxed);
-        d != 0 && self.slot(slot).unclaimed() && crate::sys::mono_ns() >= d
+    /// Whether the task's answer is settled although no worker has claimed it: its caller
+    /// cancelled it ([`Self::cancel`]), or its deadline has passed. Collecting it then answers
+    /// at once ([`Self::try_settle`]). One parent-local load for other tasks.
+    pub(crate) fn settled_early(&self, slot: u32) -> bool {
+        let at = self.meta(slot).settle_at.load(Ordering::Relaxed);
+        at != 0 && self.slot(slot).unclaimed() && crate::sys::mono_ns() >= at
     }
 
-    /// Collecting task `task_id`: if its deadline has passed and no worker has claimed it,
-    /// answers it `Timeout` here and now instead of when a worker reaches it, and hands the
-    /// slot to the reactor (as a dropped handle does: the worker that pops the task skips it).
-    /// `None` if the deadline has not passed or a worker has the task (it answers).
-    pub(crate) fn try_expire(&self, slot: u32, task_id: u64) -> Option<TaskError> {
+    /// Collecting task `task_id` before any worker has claimed it, if its answer is settled:
+    /// `Cancelled` if its caller cancelled it, `Timeout` if its deadline has passed (then the
+    /// state word's `CANCELLED` is set here, by a compare-exchange against the claim:
+    /// `SlotHeader::expire`). The slot goes to the reactor, as a dropped handle's does: the
+    /// worker that pops the task skips it. `None` if a worker has the task (it answers) or
+    /// nothing is settled yet.
+    pub(crate) fn try_settle(&self, slot: u32, task_id: u64) -> Option<TaskError> {
         let meta = self.meta(slot);
-        let d = meta.deadline_ns.load(Ordering::Relaxed);
-        if d == 0 || crate::sys::mono_ns() < d || !self.slot(slot).expire() {
+        let at = meta.settle_at.load(Ordering::Relaxed);
+        if at == 0 || crate::sys::mono_ns() < at {
             return None;
         }
-        let after = Duration::from_nanos(meta.budget_ns.load(Ordering::Relaxed));
+        let sh = self.slot(slot);
+        let e = if meta.cancel_asked.load(Ordering::Relaxed) {
+            // `CANCELLED` is set: a worker that claims the task from now on skips it.
+            if !sh.unclaimed() {
+                return None;
+            }
+            TaskError::Cancelled
+        } else {
+            if !sh.expire() {
+                return None;
+            }
+            TaskError::Timeout {
+                worker: crate::error::NO_WORKER,
+                after: Duration::from_nanos(meta.budget_ns.load(Ordering::Relaxed)),
+            }
+        };
         self.detach(slot, task_id);
-        Some(TaskError::Timeout {
-            worker: crate::error::NO_WORKER,
-            after,
-        })
+        Some(e)
     }
 
     /// Waits until collecting `slot`'s task will not block, or until `until` (then `false`):
-    /// the task is done, or its deadline has passed with no worker on it
-    /// ([`Self::expiry_due`]).
+    /// the task is done, or its answer is settled with no worker on it
+    /// ([`Self::settled_early`]).
     pub(crate) fn wait_settled(&self, slot: u32, until: Option<Instant>) -> bool {
-        match self.wait_for(slot, until, self.task_deadline(slot)) {
+        let at = self.meta(slot).settle_at.load(Ordering::Relaxed);
+        if at == 0 {
+            return self.wait_done(slot, until);
+        }
+        match self.wait_settling(slot, until, at) {
             Waited::Done => true,
             Waited::TimedOut => false,
-            // A worker claimed it before its deadline: that worker answers it.
-            Waited::Deadline if !self.slot(slot).unclaimed() => {
-                !matches!(self.wait_for(slot, until, None), Waited::TimedOut)
-            }
-            Waited::Deadline => true,
+            Waited::Settled if self.slot(slot).unclaimed() => true,
+            // A worker claimed it in time: that worker answers it.
+            Waited::Settled => self.wait_done(slot, until),
         }
     }
 
     /// Waits for task `task_id` in `slot` until it is done (`Ok(true)`), or until `until`
-    /// (`Ok(false)`), or until its deadline passes with no worker on it: then it is answered
-    /// `Timeout` at once (`Err`, the slot handed to the reactor; [`Self::try_expire`]).
+    /// (`Ok(false)`). A task whose answer is settled with no worker on it (cancelled, or past
+    /// its deadline, now or while this waits) is answered at once ([`Self::try_settle`]:
+    /// `Err`, the slot handed to the reactor).
     pub(crate) fn wait_collect(
         &self,
         slot: u32,
         task_id: u64,
         until: Option<Instant>,
     ) -> Result<bool, TaskError> {
-        match self.wait_for(slot, until, self.task_deadline(slot)) {
+        let at = self.meta(slot).settle_at.load(Ordering::Relaxed);
+        if at == 0 {
+            return Ok(self.wait_done(slot, until));
+        }
+        if let Some(e) = self.try_settle(slot, task_id) {
+            return Err(e);
+        }
+        match self.wait_settling(slot, until, at) {
             Waited::Done => Ok(true),
             Waited::TimedOut => Ok(false),
-            Waited::Deadline => match self.try_expire(slot, task_id) {
+            Waited::Settled => match self.try_settle(slot, task_id) {
                 Some(e) => Err(e),
                 // A worker has it: it answers (expired, if it claimed it after the deadline).
-                None => Ok(!matches!(
-                    self.wait_for(slot, until, None),
-                    Waited::TimedOut
-                )),
+                None => Ok(self.wait_done(slot, until)),
             },
         }
     }
@@ -660,6 +681,9 @@ impl Shared {
     /// re-queued it. The caller holds the task's uncollected handle, so the slot is still this
     /// task's (nobody else can retire it) and the bit lands on the right task.
     pub(crate) fn cancel(&self, slot: u32) {
+        let meta = self.meta(slot);
+        meta.cancel_asked.store(true, Ordering::Relaxed);
+        meta.settle_at.store(1, Ordering::Relaxed);
         self.slot(slot).cancel();
     }
 
@@ -760,14 +784,14 @@ impl Shared {
 }
 
 /// How long a blocked caller sleeps at most between looks at its slot.
-/// How [`Shared::wait_for`] ended.
+/// How [`Shared::wait_settling`] ended.
 enum Waited {
     /// The task is done.
     Done,
     /// The caller's time ran out.
     TimedOut,
-    /// The task's own deadline came first.
-    Deadline,
+    /// The time its answer settles came first.
+    Settled,
 }
 
 const SLEEP_LOOK: std::time::Duration = std::time::Duration::from_secs(1);
