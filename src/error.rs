@@ -237,7 +237,7 @@ pub enum SubmitError {
 }
 
 /// The `worker` of a [`TaskError::Timeout`] that no worker answered: the task's deadline
-/// passed before any worker claimed it, and the caller's wait answered it there and then.
+/// passed while no worker held it, and the caller's wait answered it there and then.
 pub const NO_WORKER: usize = usize::MAX;
 
 fn timeout_message(worker: usize, after: &Duration) -> String {
@@ -324,9 +324,10 @@ pub enum TaskError {
     },
     /// The task ran longer than its timeout, and its worker was killed (and restarted); or
     /// its [deadline](crate::TaskOptions::deadline) passed before a worker started it, and it
-    /// never ran (then `after` is the time from its submit to its deadline and no worker was
+    /// did not run (then `after` is the time from its submit to its deadline and no worker was
     /// killed; `worker` is [`NO_WORKER`] when the caller's wait answered at the deadline, as
-    /// it does when no worker had claimed the task).
+    /// it does when no worker had claimed the task). A task with retries whose worker died
+    /// while running it is re-queued, so it may have partly run before it expired.
     #[error("{}", timeout_message(*worker, after))]
     Timeout {
         /// Seat index of the worker, or [`NO_WORKER`].

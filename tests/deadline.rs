@@ -12,7 +12,24 @@
 mod common;
 use common::*;
 use stateful_pool::{NO_WORKER, Pool, TaskError, WaitTimeoutError};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Wake, Waker};
 use std::time::{Duration, Instant};
+
+/// A waker that counts its wake-ups.
+struct Count(AtomicUsize);
+
+impl Wake for Count {
+    fn wake(self: Arc<Self>) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+fn counting_waker() -> (Arc<Count>, Waker) {
+    let c = Arc::new(Count(AtomicUsize::new(0)));
+    (c.clone(), Waker::from(c))
+}
 
 stateful_pool::worker_hook!();
 
@@ -260,6 +277,85 @@ fn a_cancelled_task_no_worker_has_claimed_is_answered_at_once() {
         );
         std::fs::write(&gate, b"").unwrap();
         assert_eq!(h.wait().unwrap().value, 180);
+        for p in [&started, &gate] {
+            let _ = std::fs::remove_file(p);
+        }
+    });
+}
+
+/// `wake_when_finished` wakes when the task can be collected without blocking, and only
+/// then: at a cancel of a task no worker has claimed (at once), at the deadline of one no
+/// worker has claimed, and at the completion of one a worker claimed in time (not at its
+/// deadline).
+#[test]
+fn wake_when_finished_wakes_for_settled_answers_and_not_for_a_claimed_tasks_deadline() {
+    watchdog(240, || {
+        let counters = Counters::new("wakes", 8);
+        let pool = Pool::<TestWorker>::builder().build().unwrap();
+        pool.spawn(&counters.spawn_args("w")).unwrap();
+        // Claimed in time: its deadline passes while it runs, and nobody is woken for it.
+        let started = gate_path("wakes-started");
+        let gate = gate_path("wakes-gate");
+        let deadline = Instant::now() + Duration::from_millis(300);
+        let running = pool
+            .task(&Cmd::Step {
+                id: 1,
+                started: started.to_string_lossy().into_owned(),
+                gate: gate.to_string_lossy().into_owned(),
+                fail: false,
+            })
+            .deadline(deadline)
+            .submit()
+            .unwrap();
+        assert!(wait_until(60, || started.exists()));
+        let (ran_count, ran_waker) = counting_waker();
+        // Queued behind it: one cancelled, one with a deadline.
+        let cancelled = pool.submit(&Cmd::Tick(2)).unwrap();
+        let (c_count, c_waker) = counting_waker();
+        assert!(!cancelled.wake_when_finished(&c_waker));
+        let expiring = pool
+            .task(&Cmd::Tick(3))
+            .deadline(Instant::now() + Duration::from_millis(100))
+            .submit()
+            .unwrap();
+        let (e_count, e_waker) = counting_waker();
+        assert!(!expiring.wake_when_finished(&e_waker));
+        let claimed_in_time = !running.wake_when_finished(&ran_waker);
+
+        cancelled.cancel();
+        assert_eq!(
+            c_count.0.load(Ordering::SeqCst),
+            1,
+            "the cancel woke it at once"
+        );
+        assert!(cancelled.is_finished());
+        assert!(
+            wait_until(60, || e_count.0.load(Ordering::SeqCst) == 1),
+            "woken at its deadline"
+        );
+        assert!(expiring.is_finished());
+        // Past the running task's deadline (the event under test), with a margin for the
+        // reactor's look: its waker stays silent while it runs.
+        while Instant::now() <= deadline + Duration::from_millis(300) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if claimed_in_time {
+            assert_eq!(
+                ran_count.0.load(Ordering::SeqCst),
+                0,
+                "no wake at a claimed task's deadline"
+            );
+            assert!(!running.is_finished());
+        }
+        std::fs::write(&gate, b"").unwrap();
+        assert!(
+            wait_until(60, || ran_count.0.load(Ordering::SeqCst) >= 1),
+            "woken at completion"
+        );
+        assert_eq!(running.wait().unwrap().value, 3);
+        assert_eq!(cancelled.wait().unwrap_err(), TaskError::Cancelled);
+        expired(expiring.wait(), "after wake_when_finished");
+        assert_eq!(counters.get(2) + counters.get(3), 0, "neither ran");
         for p in [&started, &gate] {
             let _ = std::fs::remove_file(p);
         }

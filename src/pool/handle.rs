@@ -59,7 +59,7 @@ impl<T: Message> TaskHandle<T> {
     /// [deadline](crate::TaskOptions::deadline) has passed (collecting then answers
     /// [`TaskError::Cancelled`] or [`TaskError::Timeout`] at once).
     pub fn is_finished(&self) -> bool {
-        self.shared.is_done(self.slot) || self.shared.settled_early(self.slot)
+        self.taken || self.shared.is_done(self.slot) || self.shared.settled_early(self.slot)
     }
 
     /// Asks that the task not run: if no worker has started it yet, it never runs and
@@ -70,21 +70,27 @@ impl<T: Message> TaskHandle<T> {
     /// Dropping the handle cancels too, but discards the outcome. (A cancelled task's slot
     /// is reclaimed once a worker pops and skips it.)
     pub fn cancel(&self) {
-        self.shared.cancel(self.slot);
+        // After a `.await` through `&mut` answered, the slot may hold another task already.
+        if !self.taken {
+            self.shared.cancel(self.slot);
+        }
     }
 
     /// Asks the pool to wake `waker` once the task finishes, without collecting anything;
     /// returns `true` if it has already finished (then the result can be collected at once).
-    /// "Finishes" is [`is_finished`](Self::is_finished)'s: a task whose
-    /// [deadline](crate::TaskOptions::deadline) passes before a worker claims it wakes the
-    /// waker at the deadline (within a millisecond or so). One waker per handle: a later call replaces an earlier one,
+    /// "Finishes" is [`is_finished`](Self::is_finished)'s: the task is done, or it is
+    /// [cancelled](Self::cancel) before any worker claimed it (the cancel wakes the waker),
+    /// or its [deadline](crate::TaskOptions::deadline) passed before any worker claimed it
+    /// (woken at the deadline, within a millisecond or so; a task claimed in time wakes it
+    /// when done). One waker per handle: a later call replaces an earlier one,
     /// as with [`Future::poll`]. The waker is called from the pool's reactor thread, so it
     /// must be cheap and must not block (push to a queue, write to an eventfd, …).
     ///
     /// This is how an event loop that is not a Rust executor (epoll, libuv, asio, the C ABI's
     /// completion queue) waits for many tasks with no thread parked per task.
     pub fn wake_when_finished(&self, waker: &Waker) -> bool {
-        self.shared.register_waker(self.slot, self.task_id, waker)
+        self.taken
+            || self.shared.register_waker(self.slot, self.task_id, waker)
             || self.shared.settled_early(self.slot)
     }
 
@@ -183,18 +189,19 @@ impl<T: Message> TaskHandle<T> {
     /// The result if the task has finished, without waiting: the same as
     /// [`wait_timeout`](Self::wait_timeout) with a zero timeout.
     pub fn try_wait(mut self) -> Result<T, WaitTimeoutError<Self>> {
-        if self.shared.is_done(self.slot) {
-            Ok(self.take()?)
-        } else if let Some(e) = self.expire() {
+        if let Some(e) = self.settled() {
             Err(WaitTimeoutError::Task(e))
+        } else if self.shared.is_done(self.slot) {
+            Ok(self.take()?)
         } else {
             Err(WaitTimeoutError::Timeout(self))
         }
     }
 
-    /// Answers the task `Timeout` now if its deadline passed with no worker on it (the slot
-    /// goes to the reactor, the handle is spent).
-    fn expire(&mut self) -> Option<TaskError> {
+    /// The task's answer if it is settled without a worker (cancelled before any worker
+    /// claimed it, or past its deadline with no worker on it): the slot goes to the reactor,
+    /// the handle is spent.
+    fn settled(&mut self) -> Option<TaskError> {
         let e = self.shared.try_settle(self.slot, self.task_id)?;
         self.taken = true;
         Some(e)
@@ -252,6 +259,11 @@ impl<T: Message> Future for TaskHandle<T> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
         assert!(!this.taken, "TaskHandle polled after it completed");
+        // A settled answer first (cancelled or expired with no worker on it): a worker that
+        // pops the task later publishes `Cancelled`, which is not what the caller is told.
+        if let Some(e) = this.settled() {
+            return Poll::Ready(Err(e));
+        }
         if this.shared.is_done(this.slot)
             || this
                 .shared
@@ -260,7 +272,7 @@ impl<T: Message> Future for TaskHandle<T> {
             return Poll::Ready(this.take());
         }
         // The reactor wakes us at the task's deadline: answered then if no worker has it.
-        match this.expire() {
+        match this.settled() {
             Some(e) => Poll::Ready(Err(e)),
             None => Poll::Pending,
         }

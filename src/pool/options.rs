@@ -52,9 +52,10 @@ impl TaskOptions {
     /// `wait_timeout`, `wait_ref`, `.await`; `try_wait` and `is_finished` from then on) is
     /// answered `Timeout` there and then if no worker has claimed the task, with `worker`
     /// [`NO_WORKER`](crate::NO_WORKER) (its slot is reclaimed once a worker pops and skips
-    /// it). A worker that claimed the task before its deadline runs it; one that claims it
-    /// later answers it `Timeout` itself. A future is woken for the deadline by the pool's
-    /// reactor, within a millisecond or so of it.
+    /// it). A worker that claimed the task before its deadline runs it (a batching worker
+    /// that holds it for a batch still answers it `Timeout` itself if the deadline passes
+    /// before that batch starts); one that claims it later answers it `Timeout` itself. A
+    /// future is woken for the deadline by the pool's reactor, within a millisecond or so.
     pub fn deadline(mut self, at: Instant) -> Self {
         self.deadline = Some(at);
         self

@@ -48,15 +48,13 @@ impl Shared {
                 }
                 if now < alarm {
                     next_alarm = Some(next_alarm.map_or(alarm, |n| n.min(alarm)));
-                } else if meta.alarm_ns.swap(0, Ordering::Relaxed) != 0 {
-                    // Once per task, and the waker stays registered: if a worker claimed the
-                    // task in time, the future (or a map's registration) still needs the
-                    // wake-up of its completion.
+                } else if meta.alarm_ns.swap(0, Ordering::Relaxed) != 0
+                    && self.settled_early(i as u32)
+                {
+                    // Once per task, and only if no worker claimed it in time (this decides
+                    // it: the waiter then finds it settled). The waker stays registered.
                     did = true;
-                    let waker = meta.waker.lock().unwrap_or_else(|e| e.into_inner());
-                    if let Some(w) = waker.as_ref() {
-                        w.wake_by_ref();
-                    }
+                    self.wake_registered(i as u32);
                 }
                 continue;
             };

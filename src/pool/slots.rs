@@ -16,7 +16,7 @@ use crate::slot::outcome::{KIND_CANCELLED, WORD_BYTES};
 use crate::slot::{Arbiter, RawOutcome, TASK_IN_HEADER, bits};
 use crate::sys::futex_wait;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
@@ -58,13 +58,16 @@ pub(crate) struct SlotMeta {
     pub(crate) timeout_ns: AtomicU64,
     /// How many more times the task may be re-run if its worker dies.
     pub(crate) retries_left: AtomicU32,
-    /// From when the task's answer is settled if no worker has claimed it (`sys::mono_ns`; 0:
+    /// From when the task's answer may be settled without a worker (`sys::mono_ns`; 0:
     /// never): its [deadline](crate::TaskOptions::deadline), or 1 once its caller cancelled
-    /// it ([`Shared::cancel`]). The one word a collect reads for this on its fast path (the
-    /// parent's own: the slot's `SlotTimes` are in shared memory, for the worker).
+    /// it before any worker claimed it ([`Shared::cancel`]). The one word a collect reads for
+    /// this on its fast path (the parent's own: the slot's `SlotTimes` are in shared memory,
+    /// for the worker).
     pub(super) settle_at: AtomicU64,
-    /// The task's caller cancelled it: a settled answer is `Cancelled`, not `Timeout`.
-    pub(super) cancel_asked: AtomicBool,
+    /// The answer, once settled without a worker (`SETTLED_*`; 0: not settled). Sticky until
+    /// the next task: a worker that pops the task later skips it and publishes `Cancelled`,
+    /// which must not change what the caller is told.
+    pub(super) settled: AtomicU8,
     /// The time from the task's submit to its deadline (the `Timeout`'s `after`).
     pub(super) budget_ns: AtomicU64,
     /// The reactor's alarm for a future waiting on this task: the deadline, until the reactor
@@ -282,7 +285,7 @@ impl Shared {
         let own = deadline_ns.unwrap_or(0);
         if own != 0 || meta.settle_at.load(Ordering::Relaxed) != 0 {
             meta.settle_at.store(own, Ordering::Relaxed);
-            meta.cancel_asked.store(false, Ordering::Relaxed);
+            meta.settled.store(0, Ordering::Relaxed);
             meta.alarm_ns.store(own, Ordering::Relaxed);
             meta.budget_ns
                 .store(own.saturating_sub(submitted_ns), Ordering::Relaxed);
@@ -572,67 +575,82 @@ impl Shared {
         }
     }
 
-    /// Whether the task's answer is settled although no worker has claimed it: its caller
-    /// cancelled it ([`Self::cancel`]), or its deadline has passed. Collecting it then answers
-    /// at once ([`Self::try_settle`]). One parent-local load for other tasks.
+    /// Whether the task's answer is settled without a worker: its caller cancelled it before
+    /// any worker claimed it, or its deadline has passed with no worker on it (then this
+    /// decides it: `SlotHeader::expire`, a compare-exchange against the claim). Settled is
+    /// for good: collecting then answers at once ([`Self::try_settle`]). One parent-local
+    /// load for other tasks.
     pub(crate) fn settled_early(&self, slot: u32) -> bool {
-        let at = self.meta(slot).settle_at.load(Ordering::Relaxed);
-        at != 0 && self.slot(slot).unclaimed() && crate::sys::mono_ns() >= at
+        self.meta(slot).settle_at.load(Ordering::Relaxed) != 0 && self.settle(slot) != 0
     }
 
-    /// Collecting task `task_id` before any worker has claimed it, if its answer is settled:
-    /// `Cancelled` if its caller cancelled it, `Timeout` if its deadline has passed (then the
-    /// state word's `CANCELLED` is set here, by a compare-exchange against the claim:
-    /// `SlotHeader::expire`). The slot goes to the reactor, as a dropped handle's does: the
-    /// worker that pops the task skips it. `None` if a worker has the task (it answers) or
-    /// nothing is settled yet.
+    /// The settled answer (`SETTLED_*`), deciding a passed deadline; 0 if none (yet).
+    fn settle(&self, slot: u32) -> u8 {
+        let meta = self.meta(slot);
+        let decided = meta.settled.load(Ordering::Acquire);
+        if decided != 0 {
+            return decided;
+        }
+        let at = meta.settle_at.load(Ordering::Relaxed);
+        if at <= 1 || crate::sys::mono_ns() < at || !self.slot(slot).expire() {
+            return 0;
+        }
+        // Another thread may have settled it meanwhile (a cancel: keep the first answer).
+        match meta
+            .settled
+            .compare_exchange(0, SETTLED_TIMEOUT, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => SETTLED_TIMEOUT,
+            Err(first) => first,
+        }
+    }
+
+    /// Collecting task `task_id`, if its answer is settled without a worker
+    /// ([`Self::settled_early`]): `Cancelled` or `Timeout`. The slot goes to the reactor, as a
+    /// dropped handle's does: the worker that pops the task skips it. `None` if nothing is
+    /// settled (a worker has the task, or it is not cancelled and its deadline has not
+    /// passed). Call once per task, from the path that consumes its handle.
     pub(crate) fn try_settle(&self, slot: u32, task_id: u64) -> Option<TaskError> {
         let meta = self.meta(slot);
-        let at = meta.settle_at.load(Ordering::Relaxed);
-        if at == 0 || crate::sys::mono_ns() < at {
+        if meta.settle_at.load(Ordering::Relaxed) == 0 {
             return None;
         }
-        let sh = self.slot(slot);
-        let e = if meta.cancel_asked.load(Ordering::Relaxed) {
-            // `CANCELLED` is set: a worker that claims the task from now on skips it.
-            if !sh.unclaimed() {
-                return None;
-            }
-            TaskError::Cancelled
-        } else {
-            if !sh.expire() {
-                return None;
-            }
-            TaskError::Timeout {
+        let e = match self.settle(slot) {
+            0 => return None,
+            SETTLED_CANCELLED => TaskError::Cancelled,
+            _ => TaskError::Timeout {
                 worker: crate::error::NO_WORKER,
                 after: Duration::from_nanos(meta.budget_ns.load(Ordering::Relaxed)),
-            }
+            },
         };
         self.detach(slot, task_id);
         Some(e)
     }
 
     /// Waits until collecting `slot`'s task will not block, or until `until` (then `false`):
-    /// the task is done, or its answer is settled with no worker on it
+    /// the task is done, or its answer is settled without a worker
     /// ([`Self::settled_early`]).
     pub(crate) fn wait_settled(&self, slot: u32, until: Option<Instant>) -> bool {
         let at = self.meta(slot).settle_at.load(Ordering::Relaxed);
         if at == 0 {
             return self.wait_done(slot, until);
         }
+        if self.settle(slot) != 0 {
+            return true;
+        }
         match self.wait_settling(slot, until, at) {
             Waited::Done => true,
             Waited::TimedOut => false,
-            Waited::Settled if self.slot(slot).unclaimed() => true,
+            Waited::Settled if self.settle(slot) != 0 => true,
             // A worker claimed it in time: that worker answers it.
             Waited::Settled => self.wait_done(slot, until),
         }
     }
 
     /// Waits for task `task_id` in `slot` until it is done (`Ok(true)`), or until `until`
-    /// (`Ok(false)`). A task whose answer is settled with no worker on it (cancelled, or past
-    /// its deadline, now or while this waits) is answered at once ([`Self::try_settle`]:
-    /// `Err`, the slot handed to the reactor).
+    /// (`Ok(false)`). A task whose answer is settled without a worker (cancelled before any
+    /// worker claimed it, or past its deadline with no worker on it, now or while this waits)
+    /// is answered at once ([`Self::try_settle`]: `Err`, the slot handed to the reactor).
     pub(crate) fn wait_collect(
         &self,
         slot: u32,
@@ -647,7 +665,9 @@ impl Shared {
             return Err(e);
         }
         match self.wait_settling(slot, until, at) {
-            Waited::Done => Ok(true),
+            // Settled meanwhile (by the reactor, for a waker registered on this task), and
+            // done since by the worker that skipped it: the settled answer stands.
+            Waited::Done => self.try_settle(slot, task_id).map_or(Ok(true), Err),
             Waited::TimedOut => Ok(false),
             Waited::Settled => match self.try_settle(slot, task_id) {
                 Some(e) => Err(e),
@@ -657,18 +677,35 @@ impl Shared {
         }
     }
 
+    /// Wakes the waker registered on `slot`, if any, leaving it registered (the task's
+    /// completion may still need it). Outside the lock: a waker may re-register.
+    pub(crate) fn wake_registered(&self, slot: u32) {
+        let waker = self
+            .meta(slot)
+            .waker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
     /// Registers `waker` for `slot` (task `task_id`); returns whether the task is already done.
     pub(crate) fn register_waker(&self, slot: u32, task_id: u64, waker: &Waker) -> bool {
         let meta = &self.meta[slot as usize];
-        {
+        let fresh = {
             let mut w = meta.waker.lock().unwrap_or_else(|e| e.into_inner());
             match &*w {
-                Some(old) if old.will_wake(waker) => {}
-                _ => *w = Some(waker.clone()),
+                Some(old) if old.will_wake(waker) => false,
+                _ => {
+                    *w = Some(waker.clone());
+                    true
+                }
             }
-        }
+        };
         let done = meta.arb.watch(self.slot(slot), task_id);
-        if !done && meta.alarm_ns.load(Ordering::Relaxed) != 0 {
+        if fresh && !done && meta.alarm_ns.load(Ordering::Relaxed) != 0 {
             // The reactor may be asleep for its longest look: have it set its timer for this
             // task's deadline (`reactor_scan`).
             self.header().doorbell.notify_all();
@@ -681,10 +718,20 @@ impl Shared {
     /// re-queued it. The caller holds the task's uncollected handle, so the slot is still this
     /// task's (nobody else can retire it) and the bit lands on the right task.
     pub(crate) fn cancel(&self, slot: u32) {
+        if !self.slot(slot).cancel() {
+            return;
+        }
+        // No worker had claimed it: it never runs, and its answer is `Cancelled` now (unless
+        // its deadline settled it first). Wake whoever waits for it to finish.
         let meta = self.meta(slot);
-        meta.cancel_asked.store(true, Ordering::Relaxed);
-        meta.settle_at.store(1, Ordering::Relaxed);
-        self.slot(slot).cancel();
+        if meta
+            .settled
+            .compare_exchange(0, SETTLED_CANCELLED, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            meta.settle_at.store(1, Ordering::Relaxed);
+        }
+        self.wake_registered(slot);
     }
 
     /// The handle of `slot` was dropped before collecting: cancel the task if it has not
@@ -784,6 +831,11 @@ impl Shared {
 }
 
 /// How long a blocked caller sleeps at most between looks at its slot.
+/// `SlotMeta::settled`: the deadline passed with no worker on the task.
+const SETTLED_TIMEOUT: u8 = 1;
+/// `SlotMeta::settled`: its caller cancelled it before any worker claimed it.
+const SETTLED_CANCELLED: u8 = 2;
+
 /// How [`Shared::wait_settling`] ended.
 enum Waited {
     /// The task is done.

@@ -133,9 +133,11 @@ impl SlotHeader {
         self.state.fetch_and(!bits::CLAIMED, Ordering::AcqRel);
     }
 
-    /// Caller: asks that the task not run (or not be retried).
-    pub(crate) fn cancel(&self) {
-        self.state.fetch_or(bits::CANCELLED, Ordering::AcqRel);
+    /// Caller: asks that the task not run (or not be retried). Returns whether no worker had
+    /// claimed it (and it was not done): then none ever will run it, since a claim that comes
+    /// later sees `CANCELLED` (one RMW order on the word).
+    pub(crate) fn cancel(&self) -> bool {
+        self.state.fetch_or(bits::CANCELLED, Ordering::AcqRel) & (bits::CLAIMED | bits::DONE) == 0
     }
 
     /// Parent, once the task's deadline has passed: marks a task that no worker has claimed
@@ -162,12 +164,6 @@ impl SlotHeader {
             }
         }
         false
-    }
-
-    /// Whether no worker has claimed the task and it is not done (what [`expire`](Self::expire)
-    /// needs to succeed); one load.
-    pub(crate) fn unclaimed(&self) -> bool {
-        self.state.load(Ordering::Acquire) & (bits::CLAIMED | bits::DONE) == 0
     }
 
     /// Whether the outcome is published (Acquire: the result fields are then visible).

@@ -121,7 +121,9 @@ mod models {
     }
 
     /// A caller cancels while a worker claims: either the worker sees the cancellation and
-    /// answers `Cancelled` without running, or it runs; exactly one outcome either way.
+    /// answers `Cancelled` without running, or it runs; exactly one outcome either way. A
+    /// cancel that saw no claim (the parent then answers `Cancelled` itself) means it never
+    /// runs.
     #[test]
     fn loom_cancel_vs_claim_answers_once() {
         model(|| {
@@ -141,10 +143,14 @@ mod models {
                     let _ = sh.publish(RawOutcome::new(kind, 0, 0, 0));
                 })
             };
-            sh.cancel();
+            // `true`: no worker had claimed it, so the caller answers `Cancelled` at once.
+            let settled = sh.cancel();
             spin_until(|| sh.is_done());
             let o = sh.outcome();
             worker.join().unwrap();
+            if settled {
+                assert_eq!(o.kind, KIND_CANCELLED, "settled by the cancel: never ran");
+            }
             match o.kind {
                 KIND_OK => assert_eq!(ran.load(Ordering::SeqCst), 1),
                 KIND_CANCELLED => assert_eq!(ran.load(Ordering::SeqCst), 0),
