@@ -11,7 +11,7 @@
 
 mod common;
 use common::*;
-use stateful_pool::{NO_WORKER, Pool, TaskError, WaitTimeoutError};
+use stateful_pool::{NO_WORKER, Pool, TaskError, TaskHandle, WaitTimeoutError};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Wake, Waker};
@@ -46,22 +46,37 @@ fn expired(r: Result<impl std::fmt::Debug, TaskError>, what: &str) {
     }
 }
 
+/// One worker that counts its ticks, a queue of `slots`, and a runtime for the async waits.
+fn one_worker(name: &str, slots: usize) -> (Counters, Pool<TestWorker>, tokio::runtime::Runtime) {
+    let counters = Counters::new(name, 64);
+    let pool = Pool::<TestWorker>::builder()
+        .queue_size(slots)
+        .build()
+        .unwrap();
+    pool.spawn(&counters.spawn_args("w")).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    (counters, pool, rt)
+}
+
+/// Holds the only worker on a gate task: its handle, and the gate file that releases it.
+fn hold(pool: &Pool<TestWorker>, name: &str) -> (TaskHandle<Out>, std::path::PathBuf) {
+    let gate = gate_path(name);
+    let blocker = pool
+        .submit(&Cmd::Gate(gate.to_string_lossy().into_owned()))
+        .unwrap();
+    (blocker, gate)
+}
+
 #[test]
 fn waiting_callers_are_answered_at_the_deadline_and_expired_tasks_never_run() {
     watchdog(240, || {
-        let counters = Counters::new("deadline", 64);
         // Fewer slots than the expired tasks of all rounds: their slots must come back.
-        let pool = Pool::<TestWorker>::builder().queue_size(8).build().unwrap();
-        pool.spawn(&counters.spawn_args("w")).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
+        let (counters, pool, rt) = one_worker("deadline", 8);
         for round in 0..ROUNDS {
-            let gate = gate_path(&format!("deadline-gate-{round}"));
-            let blocker = pool
-                .submit(&Cmd::Gate(gate.to_string_lossy().into_owned()))
-                .unwrap();
+            let (blocker, gate) = hold(&pool, &format!("deadline-gate-{round}"));
             let id = |k: u32| round * 10 + k;
             let soon = || Instant::now() + Duration::from_millis(30);
             let cmds: Vec<Cmd> = (0..10).map(|k| Cmd::Tick(id(k))).collect();
@@ -139,13 +154,7 @@ fn waiting_callers_are_answered_at_the_deadline_and_expired_tasks_never_run() {
 #[test]
 fn a_task_claimed_before_its_deadline_runs_and_its_caller_gets_the_result() {
     watchdog(240, || {
-        let counters = Counters::new("claimed", 8);
-        let pool = Pool::<TestWorker>::builder().build().unwrap();
-        pool.spawn(&counters.spawn_args("w")).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
+        let (counters, pool, rt) = one_worker("claimed", 64);
         for (lap, asynchronous) in [(0, false), (1, true), (2, false), (3, true)] {
             let started = gate_path(&format!("claimed-started-{lap}"));
             let gate = gate_path(&format!("claimed-gate-{lap}"));
@@ -206,18 +215,9 @@ fn a_task_claimed_before_its_deadline_runs_and_its_caller_gets_the_result() {
 #[test]
 fn a_cancelled_task_no_worker_has_claimed_is_answered_at_once() {
     watchdog(240, || {
-        let counters = Counters::new("cancelled", 64);
-        let pool = Pool::<TestWorker>::builder().queue_size(8).build().unwrap();
-        pool.spawn(&counters.spawn_args("w")).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
+        let (counters, pool, rt) = one_worker("cancelled", 8);
         for round in 0..ROUNDS {
-            let gate = gate_path(&format!("cancel-gate-{round}"));
-            let blocker = pool
-                .submit(&Cmd::Gate(gate.to_string_lossy().into_owned()))
-                .unwrap();
+            let (blocker, gate) = hold(&pool, &format!("cancel-gate-{round}"));
             let id = |k: u32| round * 10 + k;
             let cmds: Vec<Cmd> = (0..10).map(|k| Cmd::Tick(id(k))).collect();
             let cancelled = |k: u32| {
@@ -290,9 +290,7 @@ fn a_cancelled_task_no_worker_has_claimed_is_answered_at_once() {
 #[test]
 fn wake_when_finished_wakes_for_settled_answers_and_not_for_a_claimed_tasks_deadline() {
     watchdog(240, || {
-        let counters = Counters::new("wakes", 8);
-        let pool = Pool::<TestWorker>::builder().build().unwrap();
-        pool.spawn(&counters.spawn_args("w")).unwrap();
+        let (counters, pool, _rt) = one_worker("wakes", 64);
         // Claimed in time: its deadline passes while it runs, and nobody is woken for it.
         let started = gate_path("wakes-started");
         let gate = gate_path("wakes-gate");

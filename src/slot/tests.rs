@@ -68,6 +68,22 @@ mod models {
         b.check(f);
     }
 
+    /// A worker that claims the slot's task and runs it (counting in `ran`) unless it was
+    /// cancelled, then publishes.
+    fn claim_and_run(sh: &Arc<SlotHeader>, ran: &Arc<AtomicUsize>) -> loom::thread::JoinHandle<()> {
+        let (sh, ran) = (sh.clone(), ran.clone());
+        loom::thread::spawn(move || {
+            let prev = sh.claim(1);
+            let kind = if prev & bits::CANCELLED != 0 {
+                KIND_CANCELLED
+            } else {
+                ran.fetch_add(1, Ordering::SeqCst);
+                KIND_OK
+            };
+            let _ = sh.publish(RawOutcome::new(kind, 0, 0, 0));
+        })
+    }
+
     fn spin_until(cond: impl Fn() -> bool) {
         while !cond() {
             loom::thread::yield_now();
@@ -130,19 +146,7 @@ mod models {
             let sh = Arc::new(SlotHeader::new());
             let ran = Arc::new(AtomicUsize::new(0));
             sh.prepare(3, (0, 0), (0, 0), 0);
-            let worker = {
-                let (sh, ran) = (sh.clone(), ran.clone());
-                loom::thread::spawn(move || {
-                    let prev = sh.claim(1);
-                    let kind = if prev & bits::CANCELLED != 0 {
-                        KIND_CANCELLED
-                    } else {
-                        ran.fetch_add(1, Ordering::SeqCst);
-                        KIND_OK
-                    };
-                    let _ = sh.publish(RawOutcome::new(kind, 0, 0, 0));
-                })
-            };
+            let worker = claim_and_run(&sh, &ran);
             // `true`: no worker had claimed it, so the caller answers `Cancelled` at once.
             let settled = sh.cancel();
             spin_until(|| sh.is_done());
@@ -173,19 +177,7 @@ mod models {
             let ran = Arc::new(AtomicUsize::new(0));
             let retired = Arc::new(AtomicUsize::new(0));
             sh.prepare(9, (0, 0), (0, 0), bits::DEADLINE);
-            let worker = {
-                let (sh, ran) = (sh.clone(), ran.clone());
-                loom::thread::spawn(move || {
-                    let prev = sh.claim(1);
-                    let kind = if prev & bits::CANCELLED != 0 {
-                        KIND_CANCELLED
-                    } else {
-                        ran.fetch_add(1, Ordering::SeqCst);
-                        KIND_OK
-                    };
-                    let _ = sh.publish(RawOutcome::new(kind, 0, 0, 0));
-                })
-            };
+            let worker = claim_and_run(&sh, &ran);
             let reactor = {
                 let (sh, arb, retired) = (sh.clone(), arb.clone(), retired.clone());
                 loom::thread::spawn(move || {
