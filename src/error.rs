@@ -333,7 +333,7 @@ pub enum TaskError {
         /// Seat index of the worker, or [`NO_WORKER`].
         worker: usize,
         /// The timeout applied (a zero timeout is applied as 1 ns), or the time from submit
-        /// to the deadline.
+        /// to the deadline (zero if it had already passed at submit).
         after: Duration,
     },
     /// The worker declared itself unusable while running the task

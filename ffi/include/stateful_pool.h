@@ -631,7 +631,7 @@ enum sp_status sp_batch_wait_timeout(struct sp_batch batch,
 
 /**
  * Asks that the batch not run if no worker has started it (it then fails with
- * `SP_CANCELLED`). The handle stays valid.
+ * `SP_CANCELLED` at once, as `sp_task_cancel`'s task does). The handle stays valid.
  */
 enum sp_status sp_batch_cancel(struct sp_batch batch);
 
@@ -995,7 +995,9 @@ enum sp_status sp_task_poll(struct sp_task task, struct sp_result *out);
 /**
  * Asks that the task not run if no worker has started it (it then finishes with
  * `SP_CANCELLED` at once: waiting on it does not wait for a worker to reach it); a running
- * task runs on. The handle stays valid: wait on it or free it.
+ * task runs on. The handle stays valid: wait on it or free it. Like every call on a task
+ * handle, it answers `SP_BUSY` while another thread is inside a call on the same handle
+ * (such as `sp_task_wait_timeout`): it cannot release a thread blocked in a wait on it.
  */
 enum sp_status sp_task_cancel(struct sp_task task);
 

@@ -309,7 +309,7 @@ pub unsafe extern "C" fn sp_batch_wait_timeout(
 }
 
 /// Asks that the batch not run if no worker has started it (it then fails with
-/// `SP_CANCELLED`). The handle stays valid.
+/// `SP_CANCELLED` at once, as `sp_task_cancel`'s task does). The handle stays valid.
 #[unsafe(no_mangle)]
 pub extern "C" fn sp_batch_cancel(batch: sp_batch) -> sp_status {
     guard(|| BATCHES.with(batch.id, |h| h.cancel()))

@@ -1001,7 +1001,9 @@ pub unsafe extern "C" fn sp_task_poll(task: sp_task, out: *mut sp_result) -> sp_
 
 /// Asks that the task not run if no worker has started it (it then finishes with
 /// `SP_CANCELLED` at once: waiting on it does not wait for a worker to reach it); a running
-/// task runs on. The handle stays valid: wait on it or free it.
+/// task runs on. The handle stays valid: wait on it or free it. Like every call on a task
+/// handle, it answers `SP_BUSY` while another thread is inside a call on the same handle
+/// (such as `sp_task_wait_timeout`): it cannot release a thread blocked in a wait on it.
 #[unsafe(no_mangle)]
 pub extern "C" fn sp_task_cancel(task: sp_task) -> sp_status {
     guard(|| TASKS.with(task.id, |h| h.cancel()))

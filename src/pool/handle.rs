@@ -90,6 +90,7 @@ impl<T: Message> TaskHandle<T> {
     /// completion queue) waits for many tasks with no thread parked per task.
     pub fn wake_when_finished(&self, waker: &Waker) -> bool {
         self.taken
+            || self.shared.settled_early(self.slot)
             || self.shared.register_waker(self.slot, self.task_id, waker)
             || self.shared.settled_early(self.slot)
     }

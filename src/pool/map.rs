@@ -1051,8 +1051,9 @@ macro_rules! map_options {
             }
         }
 
-        /// Timeout and retry settings for every task of the map (a [`batch`](Self::batch)
-        /// of `k` inputs gets `k` times the timeout).
+        /// Timeout, retry and deadline settings for every task of the map (a
+        /// [`batch`](Self::batch) of `k` inputs gets `k` times the timeout; a task no worker
+        /// has claimed by the deadline is answered `Timeout` at the deadline).
         pub fn task_options(mut self, opts: TaskOptions) -> Self {
             self.engine.opts = opts;
             self

@@ -52,9 +52,9 @@ impl Shared {
                     && self.settled_early(i as u32)
                 {
                     // Once per task, and only if no worker claimed it in time (this decides
-                    // it: the waiter then finds it settled). The waker stays registered.
+                    // it: the waiter then finds it settled).
                     did = true;
-                    self.wake_registered(i as u32);
+                    self.wake_settled(i as u32);
                 }
                 continue;
             };

@@ -481,6 +481,15 @@ impl Shared {
             return false;
         }
         self.header().task_ready.notify_one();
+        // Back in the queue past its deadline: its answer is settled now (nobody holds it),
+        // so wake whoever waits on it to look (a blocked caller's slice, a future).
+        let at = self.meta(slot).settle_at.load(Ordering::Relaxed);
+        if at > 1 && crate::sys::mono_ns() >= at {
+            crate::sys::futex_wake(&self.slot(slot).state, i32::MAX);
+            if self.settled_early(slot) {
+                self.wake_settled(slot);
+            }
+        }
         true
     }
 
@@ -532,6 +541,12 @@ impl Shared {
     /// Waits until `slot` is done: spin, then park on the slot's state word. `false` on
     /// timeout.
     fn wait_done(&self, slot: u32, until: Option<Instant>) -> bool {
+        self.wait_done_or_woken(slot, until, false)
+    }
+
+    /// [`wait_done`](Self::wait_done), also returning `false` at the first wake-up of its
+    /// sleep (`woken_ends`) that did not bring `DONE` (a requeue past the deadline wakes it).
+    fn wait_done_or_woken(&self, slot: u32, until: Option<Instant>, woken_ends: bool) -> bool {
         let sh = self.slot(slot);
         let spin = spin_within(self.cfg.caller_wait.spin(), until);
         if spin_until(spin, || sh.is_done()) {
@@ -554,6 +569,34 @@ impl Shared {
             futex_wait(&sh.state, sleep_on, timeout);
             if sh.is_done() {
                 return true;
+            }
+            if woken_ends {
+                return false;
+            }
+        }
+    }
+
+    /// Waits for a task a worker claimed in time, until it is done (`Ok(true)`) or `until`
+    /// (`Ok(false)`). Should its worker die and the task go back to the queue past its
+    /// deadline, its answer becomes settled (`Err`): the requeue wakes this wait, and each
+    /// sleep is also cut at [`SLEEP_LOOK`] to look again.
+    fn wait_claimed(
+        &self,
+        slot: u32,
+        task_id: u64,
+        until: Option<Instant>,
+    ) -> Result<bool, TaskError> {
+        loop {
+            let slice = Instant::now() + SLEEP_LOOK;
+            let end = until.map_or(slice, |u| u.min(slice));
+            if self.wait_done_or_woken(slot, Some(end), true) {
+                return self.try_settle(slot, task_id).map_or(Ok(true), Err);
+            }
+            if let Some(e) = self.try_settle(slot, task_id) {
+                return Err(e);
+            }
+            if until.is_some_and(|u| Instant::now() >= u) {
+                return Ok(false);
             }
         }
     }
@@ -641,9 +684,21 @@ impl Shared {
         match self.wait_settling(slot, until, at) {
             Waited::Done => true,
             Waited::TimedOut => false,
-            Waited::Settled if self.settle(slot) != 0 => true,
-            // A worker claimed it in time: that worker answers it.
-            Waited::Settled => self.wait_done(slot, until),
+            // A worker claimed it in time: that worker answers it, unless it dies and the
+            // task goes back to the queue (then settled: the requeue wakes us).
+            Waited::Settled => loop {
+                if self.settle(slot) != 0 {
+                    return true;
+                }
+                let slice = Instant::now() + SLEEP_LOOK;
+                let end = until.map_or(slice, |u| u.min(slice));
+                if self.wait_done_or_woken(slot, Some(end), true) {
+                    return true;
+                }
+                if until.is_some_and(|u| Instant::now() >= u) {
+                    return self.settle(slot) != 0;
+                }
+            },
         }
     }
 
@@ -672,20 +727,22 @@ impl Shared {
             Waited::Settled => match self.try_settle(slot, task_id) {
                 Some(e) => Err(e),
                 // A worker has it: it answers (expired, if it claimed it after the deadline).
-                None => Ok(self.wait_done(slot, until)),
+                None => self.wait_claimed(slot, task_id, until),
             },
         }
     }
 
-    /// Wakes the waker registered on `slot`, if any, leaving it registered (the task's
-    /// completion may still need it). Outside the lock: a waker may re-register.
-    pub(crate) fn wake_registered(&self, slot: u32) {
+    /// The task's answer is settled without a worker: wakes the waker registered on `slot`,
+    /// if any, and drops it (the worker that skips the task later must not wake it again;
+    /// once settled, nothing registers anew: `wake_when_finished` and `poll` answer first).
+    /// Outside the lock: a waker may collect at once.
+    pub(crate) fn wake_settled(&self, slot: u32) {
         let waker = self
             .meta(slot)
             .waker
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone();
+            .take();
         if let Some(w) = waker {
             w.wake();
         }
@@ -731,7 +788,7 @@ impl Shared {
         {
             meta.settle_at.store(1, Ordering::Relaxed);
         }
-        self.wake_registered(slot);
+        self.wake_settled(slot);
     }
 
     /// The handle of `slot` was dropped before collecting: cancel the task if it has not
