@@ -14,7 +14,7 @@
  * `sp_worker_callbacks`) changes size or meaning. Check it against `sp_abi_version()` at start
  * up: a program built against another header would pass structs of the wrong size.
  */
-#define SP_ABI_VERSION 2
+#define SP_ABI_VERSION 3
 
 /**
  * `flags` bit of `sp_pool_submit_with` and `sp_pool_submit_batch`: fail with `SP_QUEUE_FULL`
@@ -182,6 +182,13 @@ typedef struct sp_task_options {
    * Whether `retries` overrides the pool's `task_retries` (false: the pool's default).
    */
   bool set_retries;
+  /**
+   * The latest time a worker may start the task, ms after its submit; 0: none. Past it
+   * the task does not run: a caller waiting on it (wait, wait with a timeout, poll, a
+   * completion queue) gets `SP_TASK_TIMED_OUT` at that moment if no worker has claimed it,
+   * and a worker that claims it later answers the same. (A batch: the whole batch.)
+   */
+  uint64_t deadline_ms;
 } sp_task_options;
 
 /**

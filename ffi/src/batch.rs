@@ -25,6 +25,11 @@ pub struct sp_task_options {
     pub retries: u32,
     /// Whether `retries` overrides the pool's `task_retries` (false: the pool's default).
     pub set_retries: bool,
+    /// The latest time a worker may start the task, ms after its submit; 0: none. Past it
+    /// the task does not run: a caller waiting on it (wait, wait with a timeout, poll, a
+    /// completion queue) gets `SP_TASK_TIMED_OUT` at that moment if no worker has claimed it,
+    /// and a worker that claims it later answers the same. (A batch: the whole batch.)
+    pub deadline_ms: u64,
 }
 
 /// A submitted batch of tasks (a handle; 0 is none).
@@ -105,7 +110,7 @@ unsafe fn task_options(o: *const sp_task_options) -> Option<TaskOptions> {
     }
     // SAFETY: non-null; the caller promises a valid struct.
     let o = unsafe { *o };
-    if o.timeout_ms == 0 && !o.set_retries {
+    if o.timeout_ms == 0 && !o.set_retries && o.deadline_ms == 0 {
         return None;
     }
     let mut t = TaskOptions::new();
@@ -114,6 +119,13 @@ unsafe fn task_options(o: *const sp_task_options) -> Option<TaskOptions> {
     }
     if o.set_retries {
         t = t.retries(o.retries);
+    }
+    // A deadline past what an `Instant` holds is no deadline.
+    if let Some(at) = (o.deadline_ms != 0)
+        .then(|| std::time::Instant::now().checked_add(Duration::from_millis(o.deadline_ms)))
+        .flatten()
+    {
+        t = t.deadline(at);
     }
     Some(t)
 }

@@ -1186,6 +1186,7 @@ fn per_task_options_set_a_timeout_and_flags_are_checked() {
             timeout_ms: 300,
             retries: 0,
             set_retries: true,
+            deadline_ms: 0,
         };
         // SAFETY: (whole block) valid pointers, or NULL where the API allows it.
         unsafe {
@@ -1285,6 +1286,7 @@ fn batches_give_each_tasks_outcome_and_wait_with_a_timeout() {
                 timeout_ms: 60_000,
                 retries: 0,
                 set_retries: false,
+                deadline_ms: 0,
             };
             let tasks = [bytes(gate_task.as_bytes()), bytes(b"c")];
             assert_eq!(

@@ -1,5 +1,5 @@
-//! Black-box tests of the C ABI's cancel: a task (or batch) cancelled before any worker claimed
-//! it finishes with `SP_CANCELLED` at once, however it is collected (`sp_task_wait`,
+//! Black-box tests of the C ABI's cancel (and, last, `sp_task_options::deadline_ms`): a task
+//! (or batch) cancelled before any worker claimed it finishes with `SP_CANCELLED` at once, however it is collected (`sp_task_wait`,
 //! `sp_task_wait_timeout` with 0 or a long timeout, `sp_task_poll`, a completion queue), never
 //! runs, and its slot and loan come back. The only worker is held on a gate file meanwhile, so
 //! "at once" is an ordering (answered while the gate is shut), not a timing.
@@ -568,6 +568,98 @@ fn bb_abi_loans_of_cancelled_tasks_come_back() {
             gate.open();
             assert_eq!(wait(blocker).unwrap(), "opened");
         }
+        assert_eq!(sp_pool_free(p), SP_OK);
+    });
+}
+
+/// `deadline_ms`: tasks and a batch that no worker has claimed by their deadline are answered
+/// `SP_TASK_TIMED_OUT` at the deadline, however collected, while the only worker is held; none
+/// runs; a task a worker claims in time runs.
+#[test]
+fn abi_a_deadline_no_worker_meets_is_answered_at_the_deadline() {
+    watchdog(240, || {
+        let p = new_pool(|o| o.queue_size = 8);
+        let opts = sp_task_options {
+            deadline_ms: 30,
+            ..Default::default()
+        };
+        let submit_by = |task: &[u8]| {
+            let mut t = sp_task { id: 0 };
+            // SAFETY: valid pointers.
+            let s = unsafe { sp_pool_submit_with(p, task.as_ptr(), task.len(), &opts, 0, &mut t) };
+            assert_eq!(s, SP_OK, "{}", last_error());
+            t
+        };
+        let mut markers = Vec::new();
+        for lap in 0..3 {
+            let (gate, blocker) = hold(p, &format!("deadline-{lap}"));
+            let ts: Vec<sp_task> = (0..3)
+                .map(|k| {
+                    let m = tmp(&format!("late-{lap}-{k}"));
+                    let t = submit_by(format!("touch:{}", m.display()).as_bytes());
+                    markers.push(m);
+                    t
+                })
+                .collect();
+            let mut r = sp_result { id: 0 };
+            // SAFETY: (whole block) valid pointers.
+            unsafe {
+                assert_eq!(
+                    sp_task_wait(ts[0], &mut r),
+                    SP_TASK_TIMED_OUT,
+                    "lap {lap}: wait"
+                );
+                assert_eq!(
+                    sp_task_wait_timeout(ts[1], 60_000, &mut r),
+                    SP_TASK_TIMED_OUT,
+                    "lap {lap}: wait_timeout"
+                );
+                let mut polled = SP_PENDING;
+                assert!(wait_until(60, || {
+                    polled = sp_task_poll(ts[2], &mut r);
+                    polled != SP_PENDING
+                }));
+                assert_eq!(polled, SP_TASK_TIMED_OUT, "lap {lap}: poll");
+                let m = tmp(&format!("late-batch-{lap}"));
+                let touch = format!("touch:{}", m.display());
+                let tasks = [sp_bytes {
+                    data: touch.as_ptr(),
+                    len: touch.len(),
+                }];
+                markers.push(m);
+                let mut b = sp_batch { id: 0 };
+                assert_eq!(
+                    sp_pool_submit_batch(p, tasks.as_ptr(), 1, &opts, 0, &mut b),
+                    SP_OK
+                );
+                let mut set = sp_result_set { id: 0 };
+                assert_eq!(
+                    sp_batch_wait(b, &mut set),
+                    SP_TASK_TIMED_OUT,
+                    "lap {lap}: batch"
+                );
+            }
+            assert!(
+                pending(blocker),
+                "lap {lap}: answered while the worker was held"
+            );
+            gate.open();
+            assert_eq!(wait(blocker).unwrap(), "opened");
+        }
+        assert_eq!(execute(p, b"flush"), "echo:flush");
+        for m in &markers {
+            assert!(!m.exists(), "an expired task ran: {}", m.display());
+        }
+        // A far deadline: the idle worker claims the task in time, and it runs.
+        let far = sp_task_options {
+            deadline_ms: 60_000,
+            ..Default::default()
+        };
+        let mut t = sp_task { id: 0 };
+        // SAFETY: valid pointers.
+        let s = unsafe { sp_pool_submit_with(p, b"x".as_ptr(), 1, &far, 0, &mut t) };
+        assert_eq!(s, SP_OK);
+        assert_eq!(wait(t).unwrap(), "echo:x");
         assert_eq!(sp_pool_free(p), SP_OK);
     });
 }
