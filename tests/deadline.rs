@@ -12,24 +12,8 @@
 mod common;
 use common::*;
 use stateful_pool::{NO_WORKER, Pool, TaskError, TaskHandle, WaitTimeoutError};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Wake, Waker};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-
-/// A waker that counts its wake-ups.
-struct Count(AtomicUsize);
-
-impl Wake for Count {
-    fn wake(self: Arc<Self>) {
-        self.0.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
-fn counting_waker() -> (Arc<Count>, Waker) {
-    let c = Arc::new(Count(AtomicUsize::new(0)));
-    (c.clone(), Waker::from(c))
-}
 
 stateful_pool::worker_hook!();
 

@@ -525,3 +525,18 @@ impl Worker for TinyWorker {
         }
     }
 }
+
+/// A waker that counts its wake-ups (for `wake_when_finished` tests).
+pub struct Count(pub std::sync::atomic::AtomicUsize);
+
+impl std::task::Wake for Count {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A counting waker, and its counter.
+pub fn counting_waker() -> (std::sync::Arc<Count>, std::task::Waker) {
+    let c = std::sync::Arc::new(Count(std::sync::atomic::AtomicUsize::new(0)));
+    (c.clone(), std::task::Waker::from(c))
+}
