@@ -343,3 +343,33 @@ fn wake_when_finished_wakes_for_settled_answers_and_not_for_a_claimed_tasks_dead
         }
     });
 }
+
+/// Tasks with a deadline that a worker claims in time take the collect's slower path (the
+/// deadline is watched while they run): their results arrive whole, small (inline in the
+/// slot) or large (a ring record of 1 MiB), however collected, lap after lap.
+#[test]
+fn results_of_every_size_arrive_whole_for_tasks_with_a_deadline() {
+    watchdog(240, || {
+        let (_counters, pool, rt) = one_worker("sizes", 8);
+        let far = || Instant::now() + Duration::from_secs(120);
+        for lap in 0..3 {
+            for n in [0u32, 100, 1 << 20] {
+                let want: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+                let cmd = Cmd::MakeBytes(n);
+                let out = pool.task(&cmd).deadline(far()).execute().unwrap();
+                assert_eq!(out.bytes, want, "lap {lap}, {n} bytes: execute");
+                let h = pool.task(&cmd).deadline(far()).submit().unwrap();
+                assert_eq!(h.wait().unwrap().bytes, want, "lap {lap}, {n} bytes: wait");
+                let h = pool.task(&cmd).deadline(far()).submit().unwrap();
+                let r = h.wait_ref().unwrap().to_owned().unwrap();
+                assert_eq!(r.bytes, want, "lap {lap}, {n} bytes: wait_ref");
+                let h = pool.task(&cmd).deadline(far()).submit().unwrap();
+                assert_eq!(
+                    rt.block_on(h).unwrap().bytes,
+                    want,
+                    "lap {lap}, {n} bytes: await"
+                );
+            }
+        }
+    });
+}

@@ -120,12 +120,13 @@ unsafe fn task_options(o: *const sp_task_options) -> Option<TaskOptions> {
     if o.set_retries {
         t = t.retries(o.retries);
     }
-    // A deadline past what an `Instant` holds is no deadline.
-    if let Some(at) = (o.deadline_ms != 0)
-        .then(|| std::time::Instant::now().checked_add(Duration::from_millis(o.deadline_ms)))
-        .flatten()
-    {
-        t = t.deadline(at);
+    if o.deadline_ms != 0 {
+        // A deadline past what an `Instant` holds is no deadline.
+        if let Some(at) =
+            std::time::Instant::now().checked_add(Duration::from_millis(o.deadline_ms))
+        {
+            t = t.deadline(at);
+        }
     }
     Some(t)
 }

@@ -89,6 +89,9 @@ impl<T: Message> TaskHandle<T> {
     /// This is how an event loop that is not a Rust executor (epoll, libuv, asio, the C ABI's
     /// completion queue) waits for many tasks with no thread parked per task.
     pub fn wake_when_finished(&self, waker: &Waker) -> bool {
+        // Settled before the registration: nothing to register (settling wakes and drops
+        // the waker, so a later completion must not find one). Settled after it: the settle
+        // woke it, or will, and the look after says so.
         self.taken
             || self.shared.settled_early(self.slot)
             || self.shared.register_waker(self.slot, self.task_id, waker)

@@ -576,27 +576,25 @@ impl Shared {
         }
     }
 
-    /// Waits for a task a worker claimed in time, until it is done (`Ok(true)`) or `until`
-    /// (`Ok(false)`). Should its worker die and the task go back to the queue past its
-    /// deadline, its answer becomes settled (`Err`): the requeue wakes this wait, and each
-    /// sleep is also cut at [`SLEEP_LOOK`] to look again.
-    fn wait_claimed(
-        &self,
-        slot: u32,
-        task_id: u64,
-        until: Option<Instant>,
-    ) -> Result<bool, TaskError> {
+    /// Waits for a task a worker claimed before its deadline: until it is done, or `until`,
+    /// or its answer settles after all (its worker died and the task went back to the queue
+    /// past its deadline: the requeue wakes this wait, and each sleep is also cut at
+    /// [`SLEEP_LOOK`] to look again).
+    fn wait_claimed(&self, slot: u32, until: Option<Instant>) -> Waited {
         loop {
+            if self.settle(slot) != 0 {
+                return Waited::Settled;
+            }
             let slice = Instant::now() + SLEEP_LOOK;
             let end = until.map_or(slice, |u| u.min(slice));
             if self.wait_done_or_woken(slot, Some(end), true) {
-                return self.try_settle(slot, task_id).map_or(Ok(true), Err);
-            }
-            if let Some(e) = self.try_settle(slot, task_id) {
-                return Err(e);
+                return Waited::Done;
             }
             if until.is_some_and(|u| Instant::now() >= u) {
-                return Ok(false);
+                return match self.settle(slot) {
+                    0 => Waited::TimedOut,
+                    _ => Waited::Settled,
+                };
             }
         }
     }
@@ -684,21 +682,8 @@ impl Shared {
         match self.wait_settling(slot, until, at) {
             Waited::Done => true,
             Waited::TimedOut => false,
-            // A worker claimed it in time: that worker answers it, unless it dies and the
-            // task goes back to the queue (then settled: the requeue wakes us).
-            Waited::Settled => loop {
-                if self.settle(slot) != 0 {
-                    return true;
-                }
-                let slice = Instant::now() + SLEEP_LOOK;
-                let end = until.map_or(slice, |u| u.min(slice));
-                if self.wait_done_or_woken(slot, Some(end), true) {
-                    return true;
-                }
-                if until.is_some_and(|u| Instant::now() >= u) {
-                    return self.settle(slot) != 0;
-                }
-            },
+            // Settled now, or a worker claimed it in time: that worker answers it.
+            Waited::Settled => !matches!(self.wait_claimed(slot, until), Waited::TimedOut),
         }
     }
 
@@ -719,16 +704,17 @@ impl Shared {
         if let Some(e) = self.try_settle(slot, task_id) {
             return Err(e);
         }
-        match self.wait_settling(slot, until, at) {
-            // Settled meanwhile (by the reactor, for a waker registered on this task), and
-            // done since by the worker that skipped it: the settled answer stands.
-            Waited::Done => self.try_settle(slot, task_id).map_or(Ok(true), Err),
+        let waited = match self.wait_settling(slot, until, at) {
+            // A worker has it, or the deadline settles it now (`wait_claimed` looks first).
+            Waited::Settled => self.wait_claimed(slot, until),
+            w => w,
+        };
+        match waited {
             Waited::TimedOut => Ok(false),
-            Waited::Settled => match self.try_settle(slot, task_id) {
-                Some(e) => Err(e),
-                // A worker has it: it answers (expired, if it claimed it after the deadline).
-                None => self.wait_claimed(slot, task_id, until),
-            },
+            // Done may follow a settle (by the reactor for a waker registered on this task,
+            // or by a requeue): the worker that skipped the task published `Cancelled`, and
+            // the settled answer stands.
+            Waited::Done | Waited::Settled => self.try_settle(slot, task_id).map_or(Ok(true), Err),
         }
     }
 
@@ -887,13 +873,12 @@ impl Shared {
     }
 }
 
-/// How long a blocked caller sleeps at most between looks at its slot.
 /// `SlotMeta::settled`: the deadline passed with no worker on the task.
 const SETTLED_TIMEOUT: u8 = 1;
 /// `SlotMeta::settled`: its caller cancelled it before any worker claimed it.
 const SETTLED_CANCELLED: u8 = 2;
 
-/// How [`Shared::wait_settling`] ended.
+/// How a wait for a task whose answer may settle without a worker ended.
 enum Waited {
     /// The task is done.
     Done,
@@ -903,6 +888,7 @@ enum Waited {
     Settled,
 }
 
+/// How long a blocked caller sleeps at most between looks at its slot.
 const SLEEP_LOOK: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn encode_err(e: crate::codec::EncodeError) -> SubmitError {

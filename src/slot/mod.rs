@@ -1,7 +1,7 @@
 //! The task slot protocol, in one place: the slot header that lives in shared memory, its state
 //! word and every transition on it (prepare, claim, cancel, expire, publish, wait, detach,
-//! retire, recover), the outcome a slot carries ([`outcome`]), and the rule that says which task a dead
-//! worker held ([`held_by_dead_worker`]).
+//! retire, recover), the outcome a slot carries ([`outcome`]), and the rule that says which
+//! task a dead worker held ([`held_by_dead_worker`]).
 //!
 //! ARCHITECTURE.md, *The slot protocol*, draws the state machine and gives the proof sketches;
 //! this module is its code, written over the [`crate::sync`] facade so that loom checks the same
