@@ -1156,3 +1156,254 @@ fn a_stage_counts_and_times_the_items_waiting_at_its_bound() {
         let _ = std::fs::remove_file(&ran);
     });
 }
+
+/// A call dropped while its task runs leaves that task running in its worker (an orphan). A
+/// shutdown that then finds nothing in flight ("drained") still returns by its timeout: the
+/// orphan's worker is killed then, not after the pool's (here 120 s) shutdown timeout.
+#[test]
+fn a_drained_shutdown_returns_by_its_timeout_while_a_worker_runs_an_abandoned_task() {
+    watchdog(120, || {
+        let p = Pool::<Step>::builder()
+            .queue_size(8)
+            .shutdown_timeout(Duration::from_secs(120))
+            .build()
+            .unwrap();
+        p.spawn(&"A".to_string()).unwrap();
+        let server = Server::new(seq((process("B0"), Process::new("A", Arc::new(p)))), 4);
+        let gate = gate_path("orphan-never-opens");
+        let ran = gate_path("orphan-ran");
+        let mut item = with(msg(0), "A", Cmd::Touch(ran.display().to_string()));
+        item = with(item, "A", Cmd::Gate(gate.display().to_string()));
+        {
+            let mut call = std::pin::pin!(server.call_async(item));
+            let waker = futures_util::task::noop_waker();
+            let mut cx = std::task::Context::from_waker(&waker);
+            // Driven until A's worker runs the task, then dropped: the task goes on.
+            assert!(wait_until(60, || {
+                assert!(call.as_mut().poll(&mut cx).is_pending());
+                ran.exists()
+            }));
+        }
+        assert_eq!(server.in_flight(), 0);
+        let started = Instant::now();
+        let report = server.shutdown(Duration::from_millis(300));
+        let took = started.elapsed();
+        assert!(report.drained);
+        assert_eq!(report.abandoned, 0);
+        assert!(took < Duration::from_secs(30), "shutdown took {took:?}");
+        assert!(!gate.exists());
+        let _ = std::fs::remove_file(ran);
+    });
+}
+
+/// Callers waiting for a place in a full server are answered `Shutdown` when it shuts down,
+/// even if the item holding the place never finishes (a thread stage's task cannot be
+/// stopped).
+#[test]
+fn callers_waiting_for_a_place_are_answered_when_the_server_shuts_down() {
+    watchdog(120, || {
+        let gate = gate_path("place-holder-gate");
+        let g = gate.display().to_string();
+        let server = Arc::new(Server::new(threads("T", 1), 1));
+        let holder = {
+            let server = server.clone();
+            let item = with(msg(0), "T", Cmd::Gate(g));
+            std::thread::spawn(move || server.call(item))
+        };
+        assert!(wait_until(60, || server.in_flight() == 1));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiters: Vec<_> = (0..3)
+            .map(|i| {
+                let (server, tx) = (server.clone(), tx.clone());
+                std::thread::spawn(move || tx.send(server.call(msg(i))).unwrap())
+            })
+            .collect();
+        let report = server.shutdown(Duration::from_millis(100));
+        assert!(!report.drained);
+        for _ in 0..3 {
+            let r = rx
+                .recv_timeout(Duration::from_secs(60))
+                .expect("a caller waiting for a place was never answered");
+            assert!(matches!(r, Err(ServiceError::Shutdown)), "{r:?}");
+        }
+        for w in waiters {
+            w.join().unwrap();
+        }
+        // The holder's thread finishes once its gate opens.
+        std::fs::write(&gate, b"").unwrap();
+        let _ = holder.join().unwrap();
+        let _ = std::fs::remove_file(&gate);
+    });
+}
+
+/// A thread stage whose only thread is held: calls that give up (deadline) free their places
+/// at once, their jobs are dropped from the queue rather than piling up, and none of them
+/// runs once the thread is free again.
+#[test]
+fn a_held_thread_stage_drops_the_jobs_of_callers_that_gave_up() {
+    watchdog(180, || {
+        let gate = gate_path("held-thread-gate");
+        let mark = gate_path("gave-up-mark");
+        let server = Arc::new(Server::new(threads("T", 1).max_in_flight(4), 8));
+        let holder = {
+            let server = server.clone();
+            let item = with(msg(0), "T", Cmd::Gate(gate.display().to_string()));
+            std::thread::spawn(move || server.call(item))
+        };
+        assert!(wait_until(60, || server.stats().stages[0].queued == 0
+            && server.in_flight() == 1));
+        for i in 0..300 {
+            let item = with(msg(i), "T", Cmd::Touch(mark.display().to_string()));
+            let r = server.call_timeout(item, Duration::from_millis(1));
+            assert!(matches!(r, Err(ServiceError::Timeout { .. })), "{r:?}");
+        }
+        let s = &server.stats().stages[0];
+        assert_eq!(s.queued, 0, "jobs of callers that gave up count as queued");
+        assert_eq!(server.in_flight(), 1);
+        std::fs::write(&gate, b"").unwrap();
+        assert_eq!(holder.join().unwrap().unwrap().v, 1);
+        // The thread serves on; none of the abandoned items ran.
+        assert_eq!(server.call(msg(7)).unwrap().v, 8);
+        assert!(!mark.exists(), "an item whose caller gave up ran");
+        let _ = std::fs::remove_file(&gate);
+    });
+}
+
+/// An error whose `Display` panics: the item fails naming that panic; the stage serves on.
+#[derive(Debug)]
+struct Unprintable;
+
+impl std::fmt::Display for Unprintable {
+    fn fmt(&self, _: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        panic!("this error cannot be printed")
+    }
+}
+
+impl std::error::Error for Unprintable {}
+
+struct Grumpy;
+
+impl Worker for Grumpy {
+    type SpawnArgs = ();
+    type SpawnOutput = ();
+    type Task = u64;
+    type Output = u64;
+
+    fn spawn(_: (), _: &WorkerContext) -> Result<(Self, ()), BoxError> {
+        Ok((Grumpy, ()))
+    }
+
+    fn execute(&mut self, t: &rkyv::Archived<u64>, _: &TaskContext<'_>) -> Result<u64, BoxError> {
+        match t.to_native() {
+            0 => Err(Box::new(Unprintable)),
+            v => Ok(v),
+        }
+    }
+}
+
+#[test]
+fn an_error_whose_display_panics_fails_its_item_and_the_stage_serves_on() {
+    watchdog(120, || {
+        let t = Threads::<Grumpy>::new("G");
+        t.spawn(&()).unwrap();
+        let server = Server::new(
+            seq((
+                t,
+                local("L", |v: u64| match v {
+                    1 => Err(Box::new(Unprintable) as BoxError),
+                    v => Ok(v),
+                }),
+            )),
+            4,
+        );
+        for lap in 0..3 {
+            for (input, stage) in [(0, "seq[0]/G"), (1, "seq[1]/L")] {
+                let e = stage_err(server.call(input).unwrap_err());
+                assert_eq!(e.path, stage, "lap {lap}");
+                let message = match &e.error {
+                    TaskError::Failed { message, .. } => message.clone(),
+                    other => panic!("expected Failed, got {other:?}"),
+                };
+                assert!(
+                    message.contains("this error cannot be printed"),
+                    "{message}"
+                );
+            }
+            assert_eq!(server.call(5).unwrap(), 5);
+        }
+        assert_eq!(server.graph().members().0.num_workers(), 1);
+    });
+}
+
+/// `queued` counts the items still waiting for a worker: after three queued calls are
+/// dropped, a stage whose one worker is held reports none queued (their tasks hold a slot
+/// or a queue place until the worker skips them, but nobody waits for them), for thread and
+/// process stages alike, and never more than its items in flight.
+#[test]
+fn queued_counts_only_items_still_waiting_for_a_worker() {
+    watchdog(120, || {
+        for kind in ["thread", "process"] {
+            let stage = match kind {
+                "thread" => threads("Q", 1).boxed(),
+                _ => process("Q").boxed(),
+            };
+            let server = Server::new(stage, 8);
+            let gate = gate_path(&format!("queued-gate-{kind}"));
+            let started = gate_path(&format!("queued-started-{kind}"));
+            std::thread::scope(|sc| {
+                let held = with(msg(0), "Q", Cmd::Touch(started.display().to_string()));
+                let held = with(held, "Q", Cmd::Gate(gate.display().to_string()));
+                let holder = sc.spawn(|| server.call(held));
+                assert!(wait_until(60, || started.exists()));
+                {
+                    let mut calls: Vec<_> = (1..4)
+                        .map(|i| Box::pin(server.call_async(msg(i))))
+                        .collect();
+                    let waker = futures_util::task::noop_waker();
+                    let mut cx = std::task::Context::from_waker(&waker);
+                    assert!(wait_until(60, || {
+                        for c in calls.iter_mut() {
+                            assert!(c.as_mut().poll(&mut cx).is_pending());
+                        }
+                        server.stats().stages[0].queued == 3
+                    }));
+                } // the three queued calls are dropped
+                let st = &server.stats().stages[0];
+                assert_eq!((st.queued, st.in_flight, st.cancelled), (0, 1, 3), "{kind}");
+                std::fs::write(&gate, b"").unwrap();
+                assert_eq!(holder.join().unwrap().unwrap().v, 1);
+            });
+            assert_eq!(server.call(msg(9)).unwrap().v, 10, "{kind}");
+            let _ = std::fs::remove_file(&gate);
+            let _ = std::fs::remove_file(&started);
+        }
+    });
+}
+
+/// A collect-all ensemble keeps each member's outcome, but the deadline is the whole item's:
+/// once it passes in a member, the call fails with `Timeout` naming that member's stage.
+#[test]
+fn a_collect_all_ensemble_fails_the_call_at_its_deadline() {
+    watchdog(120, || {
+        let gate = gate_path("collect-all-deadline");
+        let server = Server::new(
+            ensemble((threads("A", 1), threads("B", 1))).collect_all(),
+            4,
+        );
+        let item = with(msg(0), "B", Cmd::Gate(gate.display().to_string()));
+        let r = server.call_timeout(item, Duration::from_millis(200));
+        std::fs::write(&gate, b"").unwrap();
+        match r {
+            Err(ServiceError::Timeout { stage, .. }) => {
+                assert_eq!(stage.as_deref(), Some("ensemble[1]/B"))
+            }
+            other => panic!("expected a Timeout, got {other:?}"),
+        }
+        // A member's own failure is still kept as that member's outcome.
+        let item = with(msg(0), "A", Cmd::Fail("no".into()));
+        let (a, b) = server.call(item).unwrap();
+        assert!(a.is_err());
+        assert_eq!(b.unwrap().v, 1);
+        let _ = std::fs::remove_file(&gate);
+    });
+}

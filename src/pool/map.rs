@@ -68,7 +68,9 @@ pub enum ErrorPolicy {
     /// As under `Immediate`, results not yet yielded when the map notices the error are
     /// discarded, earlier inputs' in an ordered map included.
     /// (A cancelled task that no worker has claimed is answered at once: the error does not
-    /// wait for the tasks queued ahead of the map's.)
+    /// wait for the tasks queued ahead of the map's.) An ordered service
+    /// [stream](crate::service::ServiceStream) reaches an error in input order, as under
+    /// `Immediate`: until then it keeps its window full.
     WaitOthers,
 }
 

@@ -221,6 +221,7 @@ impl<W: Worker> Pool<W> {
                 let _ = tx.send(SupMsg::Shutdown {
                     immediate: true,
                     kill: false,
+                    grace: shared.cfg.shutdown_timeout,
                     done,
                 });
                 shared.wake_supervisor();
@@ -750,9 +751,12 @@ impl<W: Worker> Pool<W> {
         self.shared.n_slots() as usize
     }
 
-    /// Tasks queued and not yet taken by a worker (a snapshot).
+    /// Tasks queued and not yet taken by a worker (a snapshot). Tasks already answered
+    /// without a worker (cancelled, dropped, or past their deadline) are not counted, though
+    /// they hold their slots until a worker skips them. A batch counts once. Scans the slots
+    /// (for statistics, not for a hot loop).
     pub fn queued(&self) -> usize {
-        self.shared.task_ring().len()
+        self.shared.waiting_tasks()
     }
 
     /// The largest task archive a submit accepts, in bytes
@@ -778,7 +782,7 @@ impl<W: Worker> Pool<W> {
     /// finish (killed after the shutdown timeout, failing with `Cancelled`), and the pool's
     /// threads stop.
     pub fn shutdown_now(self) {
-        self.stop(StopMode::Immediate);
+        self.stop(StopMode::Immediate, self.shared.cfg.shutdown_timeout);
     }
 
     /// The process a finished task's owner word names (`TaskHandle::owner`), if the parent
@@ -798,24 +802,35 @@ impl<W: Worker> Pool<W> {
     /// `Arc`, or driven through the C ABI): returns once the workers are stopped. Later calls,
     /// and the drop, do nothing more; submissions fail with [`SubmitError::Shutdown`].
     pub fn close(&self) {
-        self.stop(StopMode::Graceful);
+        self.stop(StopMode::Graceful, self.shared.cfg.shutdown_timeout);
+    }
+
+    /// As [`close`](Self::close), but workers still running a task at `by` are killed then
+    /// (if that comes before the shutdown timeout): a server's shutdown, which must return
+    /// by its own deadline even when a worker runs a task whose item was abandoned.
+    pub(crate) fn close_by(&self, by: std::time::Instant) {
+        let left = by.saturating_duration_since(std::time::Instant::now());
+        self.stop(
+            StopMode::Graceful,
+            left.min(self.shared.cfg.shutdown_timeout),
+        );
     }
 
     /// As [`shutdown_now`](Self::shutdown_now), through a shared reference.
     pub fn close_now(&self) {
-        self.stop(StopMode::Immediate);
+        self.stop(StopMode::Immediate, self.shared.cfg.shutdown_timeout);
     }
 
     /// As [`close_now`](Self::close_now), without the shutdown timeout's grace: workers still
     /// running a task are killed at once (a server abandoning its items).
     pub(crate) fn abort(&self) {
-        self.stop(StopMode::Abort);
+        self.stop(StopMode::Abort, Duration::ZERO);
     }
 
     /// The shutdown sequence; runs once (a concurrent or later call waits until the first
-    /// has finished). Bounded: the supervisor kills workers still running after the shutdown
-    /// timeout.
-    fn stop(&self, mode: StopMode) {
+    /// has finished). Bounded: the supervisor kills workers still running after `grace`
+    /// (the shutdown timeout, or less).
+    fn stop(&self, mode: StopMode, grace: Duration) {
         let shared = &self.shared;
         if shared.closing.swap(true, Ordering::SeqCst) {
             let (done, cv) = &self.stopped;
@@ -832,6 +847,7 @@ impl<W: Worker> Pool<W> {
         let sent = self.sup_tx.send(SupMsg::Shutdown {
             immediate: mode != StopMode::Graceful,
             kill: mode == StopMode::Abort,
+            grace,
             done: done_tx,
         });
         shared.wake_supervisor();
@@ -859,7 +875,7 @@ impl<W: Worker> Pool<W> {
 
 impl<W: Worker> Drop for Pool<W> {
     fn drop(&mut self) {
-        self.stop(StopMode::Graceful);
+        self.stop(StopMode::Graceful, self.shared.cfg.shutdown_timeout);
     }
 }
 

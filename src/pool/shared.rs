@@ -184,6 +184,21 @@ impl Shared {
     }
 
     /// The header of `slot` (the caller has a slot index it made or checked).
+    /// Slots holding a task no worker has claimed and nobody has settled (cancelled,
+    /// detached, expired): [`Pool::queued`](crate::Pool::queued). A snapshot of words a
+    /// worker can write, for statistics only.
+    pub(crate) fn waiting_tasks(&self) -> usize {
+        use crate::slot::bits;
+        (0..self.n_slots())
+            .filter(|&i| {
+                self.meta[i as usize].in_use.load(Ordering::Relaxed)
+                    && self.slot(i).state.load(Ordering::Acquire)
+                        & (bits::CLAIMED | bits::DONE | bits::CANCELLED)
+                        == 0
+            })
+            .count()
+    }
+
     pub(crate) fn slot(&self, slot: u32) -> &SlotHeader {
         self.seg
             .get(self.layout.slots + slot as usize * size_of::<SlotHeader>())

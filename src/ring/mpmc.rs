@@ -285,6 +285,7 @@ impl<'a> MpmcRing<'a> {
     }
 
     /// Number of values in the ring right now (a snapshot).
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         let head = self.hdr.head.load(Ordering::SeqCst);
         let tail = self.hdr.tail.load(Ordering::SeqCst);

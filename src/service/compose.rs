@@ -11,6 +11,7 @@ use super::handoff::Handoff;
 use super::stage::{Item, Stage, StageFuture, StageStats};
 use futures_util::future::{join_all, try_join_all};
 use std::marker::PhantomData;
+use std::time::Instant;
 
 /// A stage behind a box, for members chosen at run time ([`ensemble_vec`], [`switch`]).
 pub type BoxStage<I, O> = Box<dyn Stage<In = I, Out = O>>;
@@ -31,8 +32,8 @@ impl<I: Send + 'static, O: Send + 'static> Stage for BoxStage<I, O> {
         (**self).report(out)
     }
 
-    fn close(&self) {
-        (**self).close()
+    fn close(&self, by: Instant) {
+        (**self).close(by)
     }
 
     fn close_now(&self) {
@@ -161,8 +162,8 @@ macro_rules! seq_impl {
                 $(self.0.$i.report(out);)+
             }
 
-            fn close(&self) {
-                $(self.0.$i.close();)+
+            fn close(&self, by: Instant) {
+                $(self.0.$i.close(by);)+
             }
 
             fn close_now(&self) {
@@ -197,12 +198,24 @@ pub struct CollectAll;
 /// still working on it are dropped, which cancels the item wherever it has not started
 /// (process and thread stages answer it cancelled without running it). With
 /// [`collect_all`](Ensemble::collect_all) every member finishes and the output holds each
-/// member's `Result`. Add a combine step with [`StageExt::then`] and a [`local`](super::local)
+/// member's `Result`; but the item's deadline is the whole item's: once it passes in a member
+/// ([`ServiceError::Timeout`] naming that member's stage), the item fails with it, as in any
+/// other stage. Add a combine step with [`StageExt::then`] and a [`local`](super::local)
 /// stage.
 #[derive(Debug)]
 pub struct Ensemble<T, M = FailFast> {
     members: T,
     _mode: PhantomData<M>,
+}
+
+/// A member's failure at the item's deadline ([`ServiceError::Timeout`]), which a
+/// collect-all ensemble passes on as its own: the deadline is the whole item's, so past it the
+/// item fails, whatever the other members gave.
+fn deadline_error<T>(r: &Result<T, ServiceError>) -> Option<ServiceError> {
+    match r {
+        Err(e @ ServiceError::Timeout { .. }) => Some(e.clone()),
+        _ => None,
+    }
 }
 
 /// An ensemble of a tuple of 2 to 4 stages that take the same input (`Clone`): see
@@ -238,7 +251,8 @@ impl<T, M> Ensemble<T, M> {
 }
 
 impl<T> Ensemble<T, FailFast> {
-    /// Every member runs the item to its end; the output holds each member's `Result`.
+    /// Every member runs the item to its end; the output holds each member's `Result`
+    /// (but a deadline that passes fails the whole item: see [`Ensemble`]).
     pub fn collect_all(self) -> Ensemble<T, CollectAll> {
         Ensemble {
             members: self.members,
@@ -257,8 +271,8 @@ macro_rules! ensemble_members {
             $(self.members.$i.report(out);)+
         }
 
-        fn close(&self) {
-            $(self.members.$i.close();)+
+        fn close(&self, by: Instant) {
+            $(self.members.$i.close(by);)+
         }
 
         fn close_now(&self) {
@@ -297,10 +311,14 @@ macro_rules! ensemble_impl {
 
             fn run<'a>(&'a self, input: Self::In, item: &'a Item) -> StageFuture<'a, Self::Out> {
                 Box::pin(async move {
-                    Ok(futures_util::join!(
+                    let r = futures_util::join!(
                         self.members.$fi.run(input.clone(), item),
                         $(self.members.$i.run(ensemble_impl!(@input input $last), item)),+
-                    ))
+                    );
+                    match deadline_error(&r.$fi)$(.or_else(|| deadline_error(&r.$i)))+ {
+                        Some(e) => Err(e),
+                        None => Ok(r),
+                    }
                 })
             }
 
@@ -329,8 +347,8 @@ macro_rules! vec_members {
             self.members.iter().for_each(|m| m.report(out));
         }
 
-        fn close(&self) {
-            self.members.iter().for_each(|m| m.close());
+        fn close(&self, by: Instant) {
+            self.members.iter().for_each(|m| m.close(by));
         }
 
         fn close_now(&self) {
@@ -373,7 +391,13 @@ where
             .iter()
             .map(|m| m.run(input.clone(), item))
             .collect();
-        Box::pin(async move { Ok(join_all(runs).await) })
+        Box::pin(async move {
+            let r = join_all(runs).await;
+            match r.iter().find_map(deadline_error) {
+                Some(e) => Err(e),
+                None => Ok(r),
+            }
+        })
     }
 
     vec_members!("ensemble");

@@ -76,7 +76,8 @@ pub enum ServiceError {
         None => " before the item entered the graph".to_string(),
     })]
     Timeout {
-        /// The stage the item was in, or `None` while it waited for room at the door.
+        /// The stage the item was in, or `None` if it passed before the item entered the
+        /// graph (while it waited for room at the door, or already when the call was made).
         stage: Option<String>,
         /// Time from the call to the deadline.
         after: Duration,

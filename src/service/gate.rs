@@ -7,7 +7,7 @@
 
 use event_listener::{Event, IntoNotification, Listener};
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 /// At most `cap` permits out at once.
@@ -15,9 +15,20 @@ use std::time::Instant;
 pub(crate) struct Gate {
     used: AtomicUsize,
     cap: usize,
+    /// Set by [`close`](Gate::close): waits end with [`Refused::Closed`].
+    closed: AtomicBool,
     freed: Event,
     /// Notified when the last permit is given back.
     idle: Event,
+}
+
+/// Why [`Gate::acquire`] gave no place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// The deadline passed first.
+    Deadline,
+    /// The gate was closed (its server or stage is shutting down).
+    Closed,
 }
 
 /// One place in a [`Gate`], given back on drop.
@@ -41,6 +52,7 @@ impl Gate {
         Gate {
             used: AtomicUsize::new(0),
             cap: cap.max(1),
+            closed: AtomicBool::new(false),
             freed: Event::new(),
             idle: Event::new(),
         }
@@ -87,20 +99,35 @@ impl Gate {
         None
     }
 
-    /// Waits (async, any executor) for a place until `deadline`; `None` if it passed first.
-    pub(crate) async fn acquire(&self, deadline: Option<Instant>) -> Option<Permit<'_>> {
+    /// Ends every wait for a place, now and later, with [`Refused::Closed`]; places already
+    /// out stay out until dropped, and [`try_acquire`](Self::try_acquire) still works (its
+    /// callers check their own shutdown flag).
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.freed.notify(usize::MAX);
+    }
+
+    /// Waits (async, any executor) for a place until `deadline` or until the gate is closed.
+    pub(crate) async fn acquire(&self, deadline: Option<Instant>) -> Result<Permit<'_>, Refused> {
         loop {
+            if self.closed.load(Ordering::SeqCst) {
+                return Err(Refused::Closed);
+            }
             if let Some(p) = self.try_acquire() {
-                return Some(p);
+                return Ok(p);
             }
             let l = self.freed.listen();
+            // After the listener: a `close` or a freed place from here on notifies it.
+            if self.closed.load(Ordering::SeqCst) {
+                return Err(Refused::Closed);
+            }
             if let Some(p) = self.try_acquire() {
                 drop(l);
                 self.freed.notify(1.additional());
-                return Some(p);
+                return Ok(p);
             }
             if until(deadline, l).await.is_none() {
-                return self.try_acquire();
+                return self.try_acquire().ok_or(Refused::Deadline);
             }
         }
     }
@@ -144,18 +171,24 @@ mod tests {
         let g = Gate::new(1);
         let p = g.try_acquire().unwrap();
         let soon = Instant::now() + Duration::from_millis(20);
-        assert!(futures_executor::block_on(g.acquire(Some(soon))).is_none());
-        assert!(futures_executor::block_on(g.acquire(Some(Instant::now()))).is_none());
+        assert!(matches!(
+            futures_executor::block_on(g.acquire(Some(soon))),
+            Err(Refused::Deadline)
+        ));
+        assert!(matches!(
+            futures_executor::block_on(g.acquire(Some(Instant::now()))),
+            Err(Refused::Deadline)
+        ));
         std::thread::scope(|s| {
             s.spawn(|| {
                 let q = futures_executor::block_on(g.acquire(None));
-                assert!(q.is_some());
+                assert!(q.is_ok());
             });
             drop(p);
         });
         assert!(g.wait_idle(Instant::now() + Duration::from_secs(60)));
         let got = futures_executor::block_on(g.acquire(None));
-        assert!(got.is_some());
+        assert!(got.is_ok());
     }
 
     #[test]
@@ -183,5 +216,36 @@ mod tests {
                 }
             });
         }
+    }
+
+    #[test]
+    fn closing_ends_every_wait_at_once_and_places_out_stay_out() {
+        let g = Gate::new(1);
+        let p = g.try_acquire().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            for _ in 0..3 {
+                let (g, tx) = (&g, tx.clone());
+                s.spawn(move || {
+                    // Registered or not yet: either way the close reaches it.
+                    let r = futures_executor::block_on(g.acquire(None));
+                    tx.send(matches!(r, Err(Refused::Closed))).unwrap();
+                });
+            }
+            g.close();
+            for _ in 0..3 {
+                let closed = rx
+                    .recv_timeout(Duration::from_secs(60))
+                    .expect("a waiter slept through the close");
+                assert!(closed);
+            }
+        });
+        assert_eq!(g.in_use(), 1);
+        assert!(matches!(
+            futures_executor::block_on(g.acquire(None)),
+            Err(Refused::Closed)
+        ));
+        drop(p);
+        assert!(g.wait_idle(Instant::now() + Duration::from_secs(60)));
     }
 }

@@ -65,7 +65,7 @@ where
                 Ok(Ok(o)) => Ok(o),
                 Ok(Err(e)) => Err(fail(TaskError::Failed {
                     worker: 0,
-                    message: e.to_string(),
+                    message: crate::worker::main_loop::error_message(&e),
                 })),
                 Err(p) => Err(fail(TaskError::panicked(
                     0,

@@ -6,7 +6,8 @@
 //!   (each optionally pinned to CPUs with [`SpawnOptions::cpus`](crate::SpawnOptions::cpus),
 //!   batching under the pool's [`BatchPolicy`](crate::BatchPolicy)); [`Threads`] runs the same
 //!   [`Worker`](crate::Worker) type on threads of this process; [`local`] applies a function
-//!   in the parent (glue, or an ensemble's combine step). Each has a bound on items in flight.
+//!   in the parent (glue, or an ensemble's combine step). Process and thread stages have a
+//!   bound on items in flight (`max_in_flight`); a local stage runs in its caller and has none.
 //!   [`Process::with_payload`] makes a process stage whose items carry bulk bytes written in
 //!   place into the pool's shared memory ([`WithPayload`]: an uploaded file, read by the
 //!   worker as its task's payload).
@@ -62,6 +63,7 @@ mod error;
 mod exec;
 mod gate;
 mod handoff;
+mod jobs;
 mod local;
 mod process;
 mod server;

@@ -5,6 +5,7 @@ use super::handoff::{Handoff, Ready};
 use super::stage::{Item, Meter, Stage, StageFuture, StageStats};
 use crate::{Loan, Pool, TaskError, TaskHandle, TaskOptions, Worker, WorkerState};
 use std::sync::Arc;
+use std::time::Instant;
 
 /// A stage whose items run as tasks on a [`Pool`]'s worker processes (each optionally pinned
 /// to its CPUs with [`SpawnOptions::cpus`](crate::SpawnOptions::cpus), batching with the
@@ -51,8 +52,8 @@ impl<W: Worker> Process<W> {
         self
     }
 
-    /// A timeout and retries for each of the stage's tasks (see [`TaskOptions`]); the item's
-    /// deadline is added to them.
+    /// A timeout and retries for each of the stage's tasks (see [`TaskOptions`]). Each task
+    /// also gets its item's deadline (the earlier one, if these options set a deadline too).
     pub fn task_options(mut self, opts: TaskOptions) -> Self {
         self.opts = opts;
         self
@@ -65,7 +66,9 @@ impl<W: Worker> Process<W> {
 
     fn task_opts(&self, item: &Item) -> TaskOptions {
         match item.deadline {
-            Some(d) => self.opts.deadline(d),
+            Some(d) => self
+                .opts
+                .deadline(self.opts.deadline.map_or(d, |o| o.min(d))),
             None => self.opts,
         }
     }
@@ -226,11 +229,12 @@ where
         out.push(s);
     }
 
-    fn close(&self) {
-        self.pool.close();
+    fn close(&self, by: Instant) {
+        self.pool.close_by(by);
     }
 
     fn close_now(&self) {
+        self.meter.close();
         self.pool.abort();
     }
 }
@@ -326,8 +330,8 @@ where
         self.0.report(out);
     }
 
-    fn close(&self) {
-        self.0.close();
+    fn close(&self, by: Instant) {
+        self.0.close(by);
     }
 
     fn close_now(&self) {

@@ -2,7 +2,7 @@
 //! and async calls, streams, statistics and a graceful shutdown.
 
 use super::error::ServiceError;
-use super::gate::{Gate, until};
+use super::gate::{Gate, Refused, until};
 use super::stage::{Item, Stage, StageStats};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -26,8 +26,14 @@ use std::time::{Duration, Instant};
 ///   [error policies](crate::ErrorPolicy).
 /// - **Observability**: [`stats`](Self::stats) returns every stage's counters in one call;
 ///   [`healthy`](Self::healthy) says whether every worker stage has a live worker.
-/// - **Shutdown**: [`shutdown`](Self::shutdown) stops intake, lets the items in flight
-///   finish (bounded), then closes the stages in graph order.
+/// - **Shutdown**: [`shutdown`](Self::shutdown) stops intake (calls waiting for room are
+///   answered [`ServiceError::Shutdown`] at once), lets the items in flight finish
+///   (bounded), then closes the stages in graph order.
+/// - **Calling back in**: a stage whose work calls this server (or a thread stage that calls
+///   its own [`Threads::execute`](super::Threads::execute)) needs a place for the inner call
+///   while its outer item holds one; with every place (or every thread) held by outer items,
+///   the inner calls wait for ever unless they have a deadline. Give such calls a deadline,
+///   or send them to a separate server.
 pub struct Server<S: Stage> {
     graph: S,
     capacity: Gate,
@@ -125,8 +131,9 @@ impl<S: Stage> Server<S> {
         }
         let _place = if wait {
             match self.capacity.acquire(item.deadline).await {
-                Some(p) => p,
-                None => return Err(item.timeout(None)),
+                Ok(p) => p,
+                Err(Refused::Deadline) => return Err(item.timeout(None)),
+                Err(Refused::Closed) => return Err(ServiceError::Shutdown),
             }
         } else {
             self.capacity.try_acquire().ok_or(ServiceError::Full {
@@ -217,9 +224,11 @@ impl<S: Stage> Server<S> {
         self.closing.load(Ordering::SeqCst)
     }
 
-    /// Stops intake (new calls fail with [`ServiceError::Shutdown`]; streams stop taking
-    /// input), waits up to `timeout` for the items in flight to finish, then closes the
-    /// stages in graph order (each finishes what it holds and stops its workers). Items still
+    /// Stops intake (new calls, and calls still waiting for room, fail with
+    /// [`ServiceError::Shutdown`]; streams stop taking input), waits up to `timeout` for the
+    /// items in flight to finish, then closes the stages in graph order (each finishes what
+    /// it holds and stops its workers, by the same deadline: a process worker still running
+    /// the task of an item abandoned earlier, say at its deadline, is killed then). Items still
     /// in flight at the timeout are abandoned: every stage is stopped at once, queued tasks
     /// are cancelled and process workers still running one are killed without waiting for
     /// their pools' shutdown timeouts, so those items fail. (A thread stage's running task
@@ -227,11 +236,15 @@ impl<S: Stage> Server<S> {
     /// when it drains, and shortly after it otherwise.
     pub fn shutdown(&self, timeout: Duration) -> ShutdownReport {
         self.closing.store(true, Ordering::SeqCst);
+        // Callers waiting for a place: answered `Shutdown` now, not when a place frees.
+        self.capacity.close();
         let deadline = crate::deadline::at_or_never(Instant::now(), timeout);
         let drained = self.capacity.wait_idle(deadline);
         let abandoned = if drained { 0 } else { self.capacity.in_use() };
         if drained {
-            self.graph.close();
+            // By the same deadline: a process worker may still run the task of an item
+            // abandoned earlier (its call timed out or was dropped); it is killed then.
+            self.graph.close(deadline);
         } else {
             self.graph.close_now();
         }

@@ -104,11 +104,17 @@ pub trait Stage: Send + Sync + 'static {
     fn report(&self, out: &mut Vec<StageStats>);
 
     /// Stops the stage once what it holds is done (its workers finish their queued tasks and
-    /// leave). Called by the server's shutdown, in graph order, after intake stopped.
-    fn close(&self) {}
+    /// leave), returning by `by`: a process worker still running a task then is killed (a
+    /// task whose item was abandoned, say at its deadline, may run on after its item left).
+    /// Called by the server's shutdown, in graph order, after intake stopped and the items in
+    /// flight finished.
+    fn close(&self, by: Instant) {
+        let _ = by;
+    }
 
     /// Stops the stage now, without waiting: queued tasks are cancelled, process workers are
-    /// killed even in the middle of a task (threads, which cannot be, finish theirs).
+    /// killed even in the middle of a task (threads, which cannot be, finish theirs), and
+    /// items waiting at the stage's bound fail with [`ServiceError::Shutdown`].
     fn close_now(&self) {}
 
     /// Whether the stage takes an archived output of a process stage as its input without
@@ -162,7 +168,10 @@ pub struct StageStats {
     pub kind: &'static str,
     /// Workers serving (process or thread stages; `None` for the others).
     pub live_workers: Option<usize>,
-    /// Tasks waiting in the stage's queue for a worker (process and thread stages).
+    /// Tasks waiting in the stage's queue for a worker (process and thread stages). Tasks
+    /// whose items left (cancelled, past their deadline) are not counted, though a worker
+    /// still skips them when it reaches them. A process stage counts every task waiting in
+    /// its pool, also those submitted to the pool directly.
     pub queued: usize,
     /// Items in the stage now (queued, running, or waiting for the stage's bound).
     pub in_flight: usize,
@@ -175,14 +184,17 @@ pub struct StageStats {
     /// Items whose deadline passed in it (skipped, or abandoned while running).
     pub expired: u64,
     /// Items dropped while in it (their call or stream was dropped, or another member of an
-    /// ensemble failed first): cancelled wherever no worker had started them. `done`,
-    /// `failed`, `expired` and `cancelled` add up to every item that left the stage.
+    /// ensemble failed first), started or not: a task no worker had started is cancelled
+    /// (never run); one already running runs on, its output discarded. `done`, `failed`,
+    /// `expired` and `cancelled` add up to every item that left the stage.
     pub cancelled: u64,
     /// Time from entering the stage to being handed to a worker (waiting for the stage's
-    /// bound and, for thread stages, in the queue).
+    /// bound and, for thread stages, in the queue). An item handed over archived from the
+    /// previous process stage took its place before it left that stage: 0 here.
     pub queue_delay: Percentiles,
-    /// Time from being handed to the stage's workers to the output (a process stage's includes
-    /// its queue wait; see the pool's batching counters for the worker's own split).
+    /// Time from being queued for the stage's workers to the output: includes the wait in
+    /// their queue (for thread stages that wait is also in `queue_delay`; for a batching
+    /// process stage, see the pool's batching counters for the worker's own split).
     pub execute: Percentiles,
     /// A batching process stage's batch sizes, queue delay and execute time, as its workers
     /// count them.
@@ -342,6 +354,12 @@ impl Meter {
         .into()
     }
 
+    /// Ends the waits at the stage's bound ([`ServiceError::Shutdown`]): the stage is being
+    /// stopped now.
+    pub(crate) fn close(&self) {
+        self.gate.close();
+    }
+
     /// Runs a leaf stage's `body` for `item` under the stage's bound and the item's deadline:
     /// waits for a place (until the deadline), then runs the body until the deadline. Past
     /// the deadline the body is dropped (cancelling what it had not started) and the item
@@ -367,17 +385,21 @@ impl Meter {
         // Counts the item as cancelled if this future is dropped before it ends.
         let left = Dropped(&self.cancelled);
         let t0 = Instant::now();
-        let place = match place {
-            Some(p) => Some(p),
+        let _place = match place {
+            Some(p) => p,
             None => {
                 let _waiting = Waiting::new(&self.waiting);
-                self.gate.acquire(item.deadline).await
+                match self.gate.acquire(item.deadline).await {
+                    Ok(p) => p,
+                    Err(super::gate::Refused::Deadline) => {
+                        std::mem::forget(left);
+                        self.expired();
+                        return Err(item.timeout(Some(&self.path)));
+                    }
+                    // The stage was stopped (`close_now`): counted as cancelled (`left`).
+                    Err(super::gate::Refused::Closed) => return Err(ServiceError::Shutdown),
+                }
             }
-        };
-        let Some(_place) = place else {
-            std::mem::forget(left);
-            self.expired();
-            return Err(item.timeout(Some(&self.path)));
         };
         if count_wait {
             self.queued_for(t0.elapsed());

@@ -2,17 +2,18 @@
 //! IO-bound work or work that needs no isolation.
 
 use super::error::ServiceError;
+use super::jobs::{Abandoned, JobQueue};
 use super::stage::{Item, Meter, Stage, StageFuture, StageStats};
 use crate::codec;
 use crate::slot::outcome::{KIND_PANIC, KIND_POISONED};
-use crate::worker::main_loop::{error_kind, panic_message};
+use crate::worker::main_loop::{error_kind, error_message, panic_message};
 use crate::worker::{BatchTask, TaskContext, WorkerContext};
 use crate::{SpawnError, SpawnOptions, TaskError, Worker};
 use futures_channel::oneshot;
 use rkyv::util::AlignedVec;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// One task on its way to a thread.
@@ -27,15 +28,25 @@ struct Job<O> {
     reply: oneshot::Sender<Reply<O>>,
 }
 
+impl<O> Abandoned for Job<O> {
+    fn abandoned(&self) -> bool {
+        self.reply.is_canceled()
+            || self.state.load(Ordering::Relaxed) & crate::slot::bits::CANCELLED != 0
+    }
+}
+
 struct Reply<O> {
     result: Result<O, TaskError>,
     queued: Duration,
 }
 
 struct Inner<W: Worker> {
-    tx: Mutex<Option<crossbeam_channel::Sender<Job<W::Output>>>>,
-    rx: crossbeam_channel::Receiver<Job<W::Output>>,
+    queue: JobQueue<Job<W::Output>>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Threads started and threads ended (their state dropped too), and a condvar signalled
+    /// at each end: what [`Threads::shutdown`] waits on.
+    ends: Mutex<(usize, usize)>,
+    ended: Condvar,
     live: AtomicUsize,
     seats: AtomicUsize,
     max_batch: AtomicUsize,
@@ -73,13 +84,13 @@ impl<W: Worker> Threads<W> {
     /// A thread stage named `name`, with no threads yet ([`spawn`](Self::spawn) adds them),
     /// batching off, and a bound of 1024 items in flight.
     pub fn new(name: &str) -> Self {
-        let (tx, rx) = crossbeam_channel::unbounded();
         Threads {
             name: name.to_string(),
             inner: Arc::new(Inner {
-                tx: Mutex::new(Some(tx)),
-                rx,
+                queue: JobQueue::new(),
                 threads: Mutex::new(Vec::new()),
+                ends: Mutex::new((0, 0)),
+                ended: Condvar::new(),
                 live: AtomicUsize::new(0),
                 seats: AtomicUsize::new(0),
                 max_batch: AtomicUsize::new(1),
@@ -151,22 +162,23 @@ impl<W: Worker> Threads<W> {
         // `None` for no pinning: the CPUs are allowed ones now, which a mask always holds.
         let cpus = crate::sys::CpuMask::from_cpus(opts.cpu_ids());
         let gpus = opts.gpus.clone();
-        if self
-            .inner
-            .tx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_none()
-        {
+        if !self.inner.queue.lock().open {
             return Err(SpawnError::Shutdown);
         }
         let index = self.inner.seats.fetch_add(1, Ordering::Relaxed);
         let args = codec::encode_owned(args).map_err(|e| SpawnError::Encode(e.message()))?;
         let (tx, rx) = std::sync::mpsc::channel();
         let inner = self.inner.clone();
+        // Counted before the thread exists, so its end never comes first.
+        self.inner.ends.lock().unwrap_or_else(|e| e.into_inner()).0 += 1;
+        let ended = Ended(self.inner.clone());
         let h = std::thread::Builder::new()
             .name(format!("{}#{index}", self.name))
-            .spawn(move || serve::<W>(index, args, Placement { cpus, gpus }, inner, tx))
+            .spawn(move || {
+                // Dropped last, after the worker's state (or here, if the spawn failed).
+                let _ended = ended;
+                serve::<W>(index, args, Placement { cpus, gpus }, inner, tx)
+            })
             .map_err(|source| SpawnError::Launch {
                 worker: index,
                 source,
@@ -218,25 +230,24 @@ impl<W: Worker> Threads<W> {
             state: state.clone(),
             reply: tx,
         };
-        // Under the sender's lock, as the last thread's exit (`Live::drop`): a job is either
+        // Under the queue's lock, as the last thread's exit (`Live::drop`): a job is either
         // queued while a thread lives, or refused here; never queued to no thread.
-        let sender = self.inner.tx.lock().unwrap_or_else(|e| e.into_inner());
+        let mut q = self.inner.queue.lock();
         if self.inner.live.load(Ordering::SeqCst) == 0 {
             return Err(TaskError::NoWorkers);
         }
-        match sender.as_ref().map(|s| s.send(job)) {
-            Some(Ok(())) => Ok(Call { rx, state }),
-            _ => Err(TaskError::Submit(crate::SubmitError::Shutdown)),
+        if !q.open {
+            return Err(TaskError::Submit(crate::SubmitError::Shutdown));
         }
+        q.push(job);
+        drop(q);
+        self.inner.queue.job_added();
+        Ok(Call { rx, state })
     }
 
     /// Stops intake; the threads finish what is queued and exit. Does not wait for them.
     pub fn close(&self) {
-        self.inner
-            .tx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        self.inner.queue.close(false);
     }
 
     /// Stops intake, cancels what is queued (answered `Cancelled`), and waits up to 10 s for
@@ -246,23 +257,31 @@ impl<W: Worker> Threads<W> {
         self.close_and_cancel();
         let hs = std::mem::take(&mut *self.inner.threads.lock().unwrap_or_else(|e| e.into_inner()));
         let deadline = Instant::now() + Duration::from_secs(10);
-        let mut left = hs;
-        while !left.is_empty() && Instant::now() < deadline {
-            let (done, running): (Vec<_>, Vec<_>) = left.into_iter().partition(|h| h.is_finished());
-            for h in done {
-                let _ = h.join();
+        // Every thread counts itself ended as the very last thing it does (`Ended`).
+        let mut ends = self.inner.ends.lock().unwrap_or_else(|e| e.into_inner());
+        while ends.1 < ends.0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
             }
-            left = running;
-            if !left.is_empty() {
-                std::thread::sleep(Duration::from_millis(1));
+            ends = self
+                .inner
+                .ended
+                .wait_timeout(ends, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        drop(ends);
+        for h in hs {
+            if h.is_finished() {
+                let _ = h.join();
             }
         }
     }
 
     /// Stops intake and answers what is queued `Cancelled`; the running tasks go on.
     fn close_and_cancel(&self) {
-        self.close();
-        while let Ok(j) = self.inner.rx.try_recv() {
+        for j in self.inner.queue.close(true) {
             let _ = j.reply.send(Reply {
                 result: Err(TaskError::Cancelled),
                 queued: j.queued_at.elapsed(),
@@ -351,7 +370,7 @@ fn serve<W: Worker>(
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(SpawnError::Failed {
                 worker: index,
-                message: e.to_string(),
+                message: error_message(&e),
             }),
             Err(p) => Err(SpawnError::Panicked {
                 worker: index,
@@ -374,23 +393,13 @@ fn serve<W: Worker>(
     // Counts this thread out however it leaves (a panic outside a task's `catch_unwind`
     // included).
     let _live = Live(&inner);
-    let rx = inner.rx.clone();
     let mut jobs: Vec<Job<W::Output>> = Vec::new();
-    while let Ok(first) = rx.recv() {
-        jobs.push(first);
-        let max = inner.max_batch.load(Ordering::Relaxed);
-        while jobs.len() < max {
-            match rx.try_recv() {
-                Ok(j) => jobs.push(j),
-                Err(_) => break,
-            }
-        }
+    // Jobs of callers that gave up are dropped unanswered on the way (nobody listens).
+    while let Some(max) = inner
+        .queue
+        .take(|| inner.max_batch.load(Ordering::Relaxed), &mut jobs)
+    {
         let now = Instant::now();
-        // Callers that gave up: dropped unanswered (nobody listens).
-        jobs.retain(|j| {
-            !j.reply.is_canceled()
-                && j.state.load(Ordering::Relaxed) & crate::slot::bits::CANCELLED == 0
-        });
         let poisoned = run_jobs(&mut state, &wctx, &mut jobs, now, max > 1);
         jobs.clear();
         if poisoned {
@@ -403,18 +412,29 @@ fn serve<W: Worker>(
     }
 }
 
+/// A started thread, counted ended when dropped (at the very end of the thread, or with the
+/// closure of a thread that could not be started).
+struct Ended<W: Worker>(Arc<Inner<W>>);
+
+impl<W: Worker> Drop for Ended<W> {
+    fn drop(&mut self) {
+        self.0.ends.lock().unwrap_or_else(|e| e.into_inner()).1 += 1;
+        self.0.ended.notify_all();
+    }
+}
+
 /// A serving thread, counted in `live` until it is dropped.
 struct Live<'a, W: Worker>(&'a Inner<W>);
 
 impl<W: Worker> Drop for Live<'_, W> {
     fn drop(&mut self) {
         let inner = self.0;
-        // Under the sender's lock (see `Threads::send`): no job can be queued between the
+        // Under the queue's lock (see `Threads::send`): no job can be queued between the
         // count reaching 0 and the queue being emptied.
-        let _sender = inner.tx.lock().unwrap_or_else(|e| e.into_inner());
+        let mut q = inner.queue.lock();
         if inner.live.fetch_sub(1, Ordering::SeqCst) == 1 {
             // The last thread: nobody will take what is still queued.
-            while let Ok(j) = inner.rx.try_recv() {
+            for j in q.take_all() {
                 let _ = j.reply.send(Reply {
                     result: Err(TaskError::NoWorkers),
                     queued: j.queued_at.elapsed(),
@@ -523,7 +543,7 @@ fn run_jobs<W: Worker>(
                     Ok(Ok(v)) => whole(TaskError::Failed {
                         worker: index,
                         message: format!(
-                            "execute_batch returned {} outcomes for {} tasks",
+                            "execute_batch returned {} outcomes for a batch of {} tasks",
                             v.len(),
                             live.len()
                         ),
@@ -575,15 +595,18 @@ where
     fn report(&self, out: &mut Vec<StageStats>) {
         let mut s = self.meter.stats("thread");
         s.live_workers = Some(self.num_workers());
-        s.queued = self.inner.rx.len();
+        s.queued = self.inner.queue.lock().waiting();
         out.push(s);
     }
 
-    fn close(&self) {
+    fn close(&self, _by: Instant) {
+        // Threads cannot be stopped: they finish what is queued (nothing, once the server
+        // drained, but tasks of abandoned items, which they skip) and exit on their own.
         Threads::close(self);
     }
 
     fn close_now(&self) {
+        self.meter.close();
         // Not `shutdown`: a server abandoning its items does not wait for running threads,
         // which cannot be stopped (each finishes its task on its own).
         self.close_and_cancel();

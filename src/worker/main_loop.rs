@@ -32,8 +32,16 @@ pub(crate) fn error_kind(e: &(dyn std::error::Error + Send + Sync + 'static)) ->
     }
     match e.downcast_ref::<super::Poisoned>() {
         Some(p) => (KIND_POISONED, p.message().to_string()),
-        None => (KIND_ERR, e.to_string()),
+        None => (KIND_ERR, error_message(e)),
     }
+}
+
+/// An error's message: its `Display`, run under `catch_unwind`, so that a `Display` that
+/// panics gives a text naming that panic instead of unwinding through the code answering the
+/// task (a worker thread of a thread stage, a server's caller, a worker process's loop).
+pub(crate) fn error_message(e: &dyn std::fmt::Display) -> String {
+    catch_unwind(AssertUnwindSafe(|| e.to_string()))
+        .unwrap_or_else(|p| format!("(the error's Display panicked: {})", panic_message(&*p)))
 }
 
 /// A panic in one task of a batch step, caught around that task alone (the default
@@ -204,7 +212,7 @@ pub(crate) fn run<W: Worker>(mut wp: WorkerProcess) -> ! {
     };
     let (mut state, output) = match catch_unwind(AssertUnwindSafe(|| W::spawn(args, &wctx))) {
         Ok(Ok(v)) => v,
-        Ok(Err(e)) => fail(KIND_ERR, &e.to_string()),
+        Ok(Err(e)) => fail(KIND_ERR, &error_message(&e)),
         Err(p) => fail(KIND_PANIC, &panic_message(&*p)),
     };
     let out_ptr = wp.seg.bytes_ptr(spawn_off, spawn_cap);

@@ -87,6 +87,8 @@ pub(crate) enum SupMsg {
     Shutdown {
         immediate: bool,
         kill: bool,
+        /// How long running tasks may go on before their workers are killed.
+        grace: Duration,
         done: Sender<()>,
     },
     /// Retire the worker of `seat`: it finishes its current task, takes no other, and exits;
@@ -283,7 +285,7 @@ impl Sup {
                         // one); shut down anyway.
                         if sup.shutdown.is_none() {
                             let (tx, _rx) = std::sync::mpsc::channel();
-                            sup.begin_shutdown(false, tx);
+                            sup.begin_shutdown(false, sup.shared.cfg.shutdown_timeout, tx);
                         }
                         break;
                     }
@@ -292,7 +294,7 @@ impl Sup {
             if sup.shared.broken.load(Ordering::SeqCst) && sup.shutdown.is_none() {
                 // A breakdown: stop everything now; the tasks are answered once the workers are gone.
                 let (tx, _rx) = std::sync::mpsc::channel();
-                sup.begin_shutdown(true, tx);
+                sup.begin_shutdown(true, Duration::ZERO, tx);
                 sup.kill_all();
             }
             sup.check_all();
@@ -353,9 +355,10 @@ impl Sup {
             SupMsg::Shutdown {
                 immediate,
                 kill,
+                grace,
                 done,
             } => {
-                self.begin_shutdown(immediate, done);
+                self.begin_shutdown(immediate, grace, done);
                 if kill {
                     self.kill_all();
                 }

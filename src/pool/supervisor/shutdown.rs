@@ -4,9 +4,10 @@
 use super::*;
 
 impl Sup {
-    pub(super) fn begin_shutdown(&mut self, immediate: bool, done: Sender<()>) {
+    /// Begins the shutdown: workers still running a task after `grace` are killed.
+    pub(super) fn begin_shutdown(&mut self, immediate: bool, grace: Duration, done: Sender<()>) {
         let shared = self.shared.clone();
-        let deadline = crate::deadline::at_or_never(Instant::now(), shared.cfg.shutdown_timeout);
+        let deadline = crate::deadline::at_or_never(Instant::now(), grace);
         self.shutdown = Some((deadline, done));
         if immediate {
             shared.fail_queued(self.left_over());
