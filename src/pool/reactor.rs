@@ -13,11 +13,11 @@
 //! no wake-ups at all (a 1 s look cost ≈ 0.02 % of a core on a VM, which charges each wake-up of
 //! a halted vCPU 100–200 µs). The next submit wakes it ([`Shared::reactor_wake_if_idle`]), and
 //! so does stopping the pool. The submit and the reactor form a Dekker pair (SeqCst): the
-//! reactor raises `reactor_untimed`, then looks for anything in flight (`active_submits`, then
-//! each slot's `in_use`); a submit increments `active_submits`, then reads the flag. So either
-//! the reactor sees the submit (or the slot it took: `in_use` is stored before the submit's
-//! decrement, which the reactor's load reads from), or the submit sees the flag and rings the
-//! bell, taking the flag down itself.
+//! reactor raises `reactor_untimed`, then looks for anything in flight (each slot's `phase`);
+//! a submit that took a slot marks it (a SeqCst swap of its `phase`), then reads the flag. So
+//! either the reactor sees the slot taken, or the submit sees the flag and rings the bell,
+//! taking the flag down itself. (A submit still waiting for a free slot needs no reactor:
+//! every slot is taken then, which the reactor sees.)
 
 use super::shared::Shared;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -71,22 +71,18 @@ impl Shared {
     }
 
     /// Whether anything is in flight, so that the reactor must keep looking every
-    /// [`REACTOR_LOOK`]: a submit under way, a slot taken and not retired, a watched slot, a
-    /// worker asking for room. The reactor's half of the Dekker pair in the module docs (the
-    /// SeqCst load of `active_submits` first).
+    /// [`REACTOR_LOOK`]: a slot taken (by a submit under way, or its task not yet retired), a
+    /// watched slot, a worker asking for room. The reactor's half of the Dekker pair in the
+    /// module docs.
     fn reactor_has_work(&self) -> bool {
-        if self.active_submits.load(Ordering::SeqCst) != 0 {
-            return true;
-        }
-        // Relaxed: a slot's `in_use` is stored before its submit's SeqCst decrement of
-        // `active_submits`, which the load above read from (or from a later value).
-        self.meta
-            .iter()
-            .any(|m| m.in_use.load(Ordering::Relaxed) || m.arb.watched(Ordering::SeqCst))
-            || (0..self.n_seats()).any(|s| self.ctl(s).wants_space.load(Ordering::SeqCst) != 0)
+        // SeqCst: the reactor's half of the Dekker pair with a submit's announcement (the
+        // swap of its slot's `phase`, then its load of `reactor_untimed`).
+        self.meta.iter().any(|m| {
+            m.phase.load(Ordering::SeqCst) != super::slots::FREE || m.arb.watched(Ordering::SeqCst)
+        }) || (0..self.n_seats()).any(|s| self.ctl(s).wants_space.load(Ordering::SeqCst) != 0)
     }
 
-    /// A submit begins (after its SeqCst increment of `active_submits`): wakes the reactor if
+    /// A submit took its slot (after the SeqCst swap of its `phase`): wakes the reactor if
     /// it sleeps with no periodic look. One load while the reactor is awake or looking; the
     /// submit that finds the flag up takes it down and rings the bell.
     pub(crate) fn reactor_wake_if_idle(&self) {

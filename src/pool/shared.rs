@@ -83,11 +83,8 @@ pub(crate) struct Shared {
     /// One per seat: the parent found the seat's completion ring corrupt; the supervisor kills
     /// its worker and resets the ring.
     pub(super) seat_corrupt: Box<[AtomicBool]>,
-    pub(super) next_task_id: AtomicU64,
     /// Set when shutdown begins: new submits and spawns fail.
     pub(crate) closing: AtomicBool,
-    /// Submits between their `closing` check and their push.
-    pub(super) active_submits: AtomicUsize,
     pub(super) slot_waiters: Mutex<Vec<Waker>>,
     pub(super) slot_waiters_n: AtomicUsize,
     pub(crate) reactor_stop: AtomicBool,
@@ -153,9 +150,7 @@ impl Shared {
             arena,
             ring_locks: (0..seats).map(|_| Mutex::new(())).collect(),
             seat_corrupt: (0..seats).map(|_| AtomicBool::new(false)).collect(),
-            next_task_id: AtomicU64::new(1),
             closing: AtomicBool::new(false),
-            active_submits: AtomicUsize::new(0),
             slot_waiters: Mutex::new(Vec::new()),
             slot_waiters_n: AtomicUsize::new(0),
             reactor_stop: AtomicBool::new(false),
@@ -191,7 +186,7 @@ impl Shared {
         use crate::slot::bits;
         (0..self.n_slots())
             .filter(|&i| {
-                self.meta[i as usize].in_use.load(Ordering::Relaxed)
+                self.meta[i as usize].phase.load(Ordering::Relaxed) != super::slots::FREE
                     && self.slot(i).state.load(Ordering::Acquire)
                         & (bits::CLAIMED | bits::DONE | bits::CANCELLED)
                         == 0

@@ -49,11 +49,13 @@ pub(crate) struct SlotMeta {
     pub(super) waker: Mutex<Option<Waker>>,
     /// Handle vs reactor: who retires the slot.
     pub(super) arb: Arbiter,
-    /// Taken from the free list and not yet returned. Read by shutdown's cancel pass, which
-    /// runs after `quiesce_submits` (SeqCst on `active_submits`) has ordered every submit's
-    /// store before it, and by the reactor before it sleeps with no timer, after the same
-    /// SeqCst load (`reactor.rs`); so the stores can be Relaxed.
-    pub(super) in_use: AtomicBool,
+    /// Where the slot is: [`FREE`] (on the free list), [`SUBMITTING`] (taken by a submit that
+    /// has not yet queued its task or given the slot back), or [`QUEUED`] (its task queued,
+    /// until the slot is retired). A submit announces itself with the SeqCst swap to
+    /// `SUBMITTING`, before it reads `closing` and the reactor's idle flag: the Dekker pairs
+    /// with `Shared::quiesce_submits` and the reactor's idle check (`reactor.rs`), which read
+    /// this word after their own SeqCst writes.
+    pub(super) phase: AtomicU8,
     /// The task's execution time limit in nanoseconds (0: none); read by the supervisor.
     pub(crate) timeout_ns: AtomicU64,
     /// How many more times the task may be re-run if its worker dies.
@@ -106,8 +108,7 @@ impl Shared {
     fn acquire_slot(&self, block: Block) -> Result<u32, SubmitError> {
         let free = self.free_slots.ring();
         if let Some(s) = free.pop(None) {
-            self.meta[s as usize].in_use.store(true, Ordering::Relaxed);
-            return Ok(s);
+            return Ok(self.announce(s));
         }
         let deadline = match block {
             Block::No if self.workerless() => return Err(SubmitError::NoWorkers),
@@ -131,10 +132,7 @@ impl Shared {
             },
         );
         match got {
-            Some(s) => {
-                self.meta[s as usize].in_use.store(true, Ordering::Relaxed);
-                Ok(s)
-            }
+            Some(s) => Ok(self.announce(s)),
             None if !ok => Err(SubmitError::Timeout),
             None => Err(self.refusal().unwrap_or(if self.workerless() {
                 SubmitError::NoWorkers
@@ -142,6 +140,16 @@ impl Shared {
                 SubmitError::Shutdown
             })),
         }
+    }
+
+    /// A submit took `slot`: marks it `SUBMITTING` (SeqCst: the submit's half of the Dekker
+    /// pairs in `SlotMeta::phase`), then wakes the reactor if it sleeps with no timer.
+    fn announce(&self, slot: u32) -> u32 {
+        self.meta[slot as usize]
+            .phase
+            .swap(SUBMITTING, Ordering::SeqCst);
+        self.reactor_wake_if_idle();
+        slot
     }
 
     /// Why no task can be submitted now, if so: broken down, or shut down. (No worker is
@@ -182,11 +190,7 @@ impl Shared {
         block: Block,
         opts: TaskOptions,
     ) -> Result<(u32, u64), SubmitError> {
-        self.active_submits.fetch_add(1, Ordering::SeqCst);
-        self.reactor_wake_if_idle();
-        let r = self.submit_inner(TaskSrc::Encode(task), payload, block, opts);
-        self.active_submits.fetch_sub(1, Ordering::SeqCst);
-        r
+        self.submit_inner(TaskSrc::Encode(task), payload, block, opts)
     }
 
     /// Submits a task whose archive is already in an arena block (`(offset, len, block
@@ -198,11 +202,7 @@ impl Shared {
         block: Block,
         opts: TaskOptions,
     ) -> Result<(u32, u64), SubmitError> {
-        self.active_submits.fetch_add(1, Ordering::SeqCst);
-        self.reactor_wake_if_idle();
-        let r = self.submit_inner::<()>(TaskSrc::Placed(placed), None, block, opts);
-        self.active_submits.fetch_sub(1, Ordering::SeqCst);
-        r
+        self.submit_inner::<()>(TaskSrc::Placed(placed), None, block, opts)
     }
 
     fn submit_inner<T: crate::codec::Encode>(
@@ -216,6 +216,11 @@ impl Shared {
             return Err(e);
         }
         let slot = self.acquire_slot(block)?;
+        // Again, now that the slot is announced: a shutdown that began since either sees it
+        // (and waits for its push) or is seen here.
+        if let Some(e) = self.refusal() {
+            return Err(self.abort_submit(slot, e));
+        }
         let inline_off = self.layout.slot_data_off(slot);
         let inline_cap = self.layout.params.slot_inline as usize;
         let meta = &self.meta[slot as usize];
@@ -257,7 +262,12 @@ impl Shared {
             meta.task_blk.0.store(off, Ordering::Relaxed);
             meta.task_blk.1.store(blk, Ordering::Relaxed);
         }
-        let task_id = self.next_task_id.fetch_add(1, Ordering::Relaxed);
+        // Pool-unique without a shared counter: the slot's previous id plus the number of
+        // slots (ids of slot `s` are `s + 1 + k * n_slots`), never reused, never 0.
+        let task_id = match meta.task_id() {
+            0 => slot as u64 + 1,
+            prev => prev + self.n_slots() as u64,
+        };
         let (pay_off, pay_len) = match payload {
             Some((off, len, blk)) => {
                 meta.pay_blk.0.store(off, Ordering::Relaxed);
@@ -330,6 +340,7 @@ impl Shared {
             // above to the worker's Acquire load of `direct`. The broadcaster serialises offers
             // per pool, so the word is free (taken by the worker, or cleared by its recovery).
             self.ctl(seat).direct.store(slot + 1, Ordering::Release);
+            meta.phase.store(QUEUED, Ordering::Release);
             // Unconditionally (rare: broadcasts): a missed wake would hold the broadcast until
             // the next task arrives.
             self.header().task_ready.wake_all_unconditionally();
@@ -352,6 +363,9 @@ impl Shared {
                 reason: reason.into(),
             });
         }
+        // Release: `quiesce_submits` Acquires it, then the shutdown sees the task queued.
+        // Nobody else can give the slot back before this submit returns its handle.
+        meta.phase.store(QUEUED, Ordering::Release);
         self.header().task_ready.notify_one();
         // The supervisor may have declared "no workers" and drained the queue between our
         // check above and the push (SeqCst both sides: it sees our push, or we see its flag).
@@ -521,12 +535,18 @@ impl Shared {
         self.wake_slot_waiters();
     }
 
-    /// Waits (as shutdown) until no submit is between its `closing` check and its push.
+    /// Waits (as shutdown, after raising `closing`) until no submit is between taking its
+    /// slot and queueing its task (or giving the slot back). A submit that took its slot
+    /// later sees `closing` and gives it back.
     pub(crate) fn quiesce_submits(&self) {
         self.slot_freed.notify_all();
         self.arena.wake_all();
         self.wake_slot_waiters();
-        while self.active_submits.load(Ordering::SeqCst) != 0 {
+        while self
+            .meta
+            .iter()
+            .any(|m| m.phase.load(Ordering::SeqCst) == SUBMITTING)
+        {
             std::thread::yield_now();
         }
     }
@@ -831,8 +851,8 @@ impl Shared {
         // The slot's state keeps DONE until the next submit resets it: a supervisor checking a
         // dead worker's stale claim on this slot must never mistake it for a task in progress.
         self.meta[slot as usize]
-            .in_use
-            .store(false, Ordering::Relaxed);
+            .phase
+            .store(FREE, Ordering::Relaxed);
         if self.free_slots.ring().push(slot).is_err() {
             unreachable!("the parent-local free list has room for every slot");
         }
@@ -864,7 +884,7 @@ impl Shared {
         }
         for i in 0..self.n_slots() {
             let done = self.slot(i).is_done();
-            let in_use = self.meta[i as usize].in_use.load(Ordering::SeqCst);
+            let in_use = self.meta[i as usize].phase.load(Ordering::SeqCst) != FREE;
             if in_use && !done {
                 self.complete_from_parent(i, RawOutcome::new(kind, u32::MAX, 0, 0));
             }
@@ -872,6 +892,13 @@ impl Shared {
         self.header().doorbell.notify_all();
     }
 }
+
+/// `SlotMeta::phase`: on the free list.
+pub(super) const FREE: u8 = 0;
+/// `SlotMeta::phase`: taken by a submit that is still writing, or giving it back.
+pub(super) const SUBMITTING: u8 = 1;
+/// `SlotMeta::phase`: its task is queued (or offered to one worker), until retirement.
+pub(super) const QUEUED: u8 = 2;
 
 /// `SlotMeta::settled`: the deadline passed with no worker on the task.
 const SETTLED_TIMEOUT: u8 = 1;

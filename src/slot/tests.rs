@@ -1,8 +1,8 @@
 //! Tests of the slot protocol. The loom models (`--cfg stateful_pool_loom`, see
 //! ARCHITECTURE.md, *Testing the concurrent code*) run the very transitions the pool runs, over
 //! heap memory: detach vs reactor vs DONE, cancel vs claim, a deadline's expiry vs claim, a
-//! worker dying at each step while its slot is retired and reused, and the parent draining the
-//! queue while the supervisor repairs a dead worker's pop.
+//! worker dying at each step while its slot is retired and reused, the parent draining the
+//! queue while the supervisor repairs a dead worker's pop, and a submit racing a shutdown.
 
 #[cfg(not(stateful_pool_loom))]
 mod plain {
@@ -88,6 +88,57 @@ mod models {
         while !cond() {
             loom::thread::yield_now();
         }
+    }
+
+    /// The submit/shutdown handshake on a slot's `phase` (`pool/slots.rs`): a submit marks its
+    /// slot (a SeqCst swap), then reads `closing`; a shutdown raises `closing` (a SeqCst
+    /// swap), waits while any slot is mid-submit, then sweeps what is queued. A submit that
+    /// is accepted has its task seen by the sweep; one the sweep could miss is refused.
+    ///
+    /// The two SeqCst loads of the real code are read-modify-writes here: loom models a
+    /// SeqCst load as an Acquire one, which may read a stale value (tokio-rs/loom#180), so it
+    /// cannot check a Dekker pair of plain SeqCst loads. In the C++/Rust model all four
+    /// operations are in one total order, and an RMW reads what a SeqCst load would read in
+    /// that order; this model checks the rest of the handshake (the order of its steps). It
+    /// fails if the submit does not re-check `closing` after marking its slot.
+    #[test]
+    fn loom_a_submit_racing_a_shutdown_is_refused_or_swept() {
+        use loom::sync::atomic::{AtomicBool, AtomicU8};
+        const FREE: u8 = 0;
+        const SUBMITTING: u8 = 1;
+        const QUEUED: u8 = 2;
+        model(|| {
+            let phase = Arc::new(AtomicU8::new(FREE));
+            let closing = Arc::new(AtomicBool::new(false));
+            let queued = Arc::new(AtomicBool::new(false));
+            let submit = {
+                let (phase, closing, queued) = (phase.clone(), closing.clone(), queued.clone());
+                loom::thread::spawn(move || {
+                    phase.swap(SUBMITTING, Ordering::SeqCst);
+                    if closing.fetch_or(false, Ordering::SeqCst) {
+                        phase.store(FREE, Ordering::Relaxed);
+                        return false;
+                    }
+                    queued.store(true, Ordering::Relaxed);
+                    phase.store(QUEUED, Ordering::Release);
+                    true
+                })
+            };
+            closing.swap(true, Ordering::SeqCst);
+            // The look decides whether there is a submit to wait for; waiting for it is
+            // joining it here (its remaining steps are bounded), then the sweep.
+            let (accepted, swept) = if phase.fetch_add(0, Ordering::SeqCst) == SUBMITTING {
+                let accepted = submit.join().unwrap();
+                (accepted, queued.load(Ordering::Relaxed))
+            } else {
+                let swept = queued.load(Ordering::Relaxed);
+                (submit.join().unwrap(), swept)
+            };
+            assert!(
+                !accepted || swept,
+                "an accepted task was queued after the sweep"
+            );
+        });
     }
 
     /// A handle is dropped (detach) while its worker publishes and the reactor scans: the slot
