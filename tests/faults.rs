@@ -464,6 +464,74 @@ fn death_at_every_protocol_step_resolves_every_task_exactly_once() {
     });
 }
 
+/// With `revive_failed_after`, a seat that ran out of restarts is started again after the
+/// delay (its budget afresh), again and again while the fault lasts, and serves once it is
+/// gone; tasks meanwhile fail `NoWorkers` at once. Retiring a failed seat cancels its revival.
+#[test]
+fn a_failed_seat_is_revived_after_its_delay_and_serves_again() {
+    watchdog(120, || {
+        let events = Events::default();
+        let policy = RestartPolicy {
+            max_restarts: 1,
+            window: Duration::from_secs(60),
+            backoff_initial: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(10),
+        };
+        let pool = builder(&events)
+            .restart_policy(policy)
+            .revive_failed_after(Duration::from_millis(100))
+            .build()
+            .unwrap();
+        let marker = gate_path("revive-fault");
+        let args = Spawn {
+            die_if_exists: marker.to_string_lossy().into(),
+            ..Spawn::ok("revived")
+        };
+        pool.spawn(&args).unwrap();
+        let revivals = || {
+            let ev = events.lock().unwrap();
+            ev.iter()
+                .filter(|e| matches!(e, PoolEvent::WorkerReviving { worker: 0 }))
+                .count()
+        };
+        for lap in 0..2 {
+            // Every start dies in its spawn step while the marker exists.
+            std::fs::write(&marker, b"x").unwrap();
+            assert!(matches!(
+                pool.execute(&Cmd::KillSelf),
+                Err(TaskError::WorkerDied { .. })
+            ));
+            let before = revivals();
+            // Revived and failing again, at least twice: the fault outlasts the revivals.
+            assert!(wait_until(60, || revivals() >= before + 2), "lap {lap}");
+            assert_eq!(pool.execute(&Cmd::Echo(1)), Err(TaskError::NoWorkers));
+            // The fault is gone: the next revival serves, with the same spawn arguments.
+            std::fs::remove_file(&marker).unwrap();
+            assert!(wait_until(60, || pool.workers()[0].state == WorkerState::Ready));
+            assert_eq!(pool.execute(&Cmd::Echo(7)).unwrap().value, 7);
+        }
+        assert!(matches!(
+            events.lock().unwrap().last(),
+            Some(PoolEvent::WorkerRestarted { worker: 0, .. })
+        ));
+        // A failed seat that is retired stays retired.
+        std::fs::write(&marker, b"x").unwrap();
+        assert!(matches!(
+            pool.execute(&Cmd::KillSelf),
+            Err(TaskError::WorkerDied { .. })
+        ));
+        assert!(wait_until(60, || pool.workers()[0].state == WorkerState::Failed));
+        pool.retire_worker(0).unwrap();
+        std::fs::remove_file(&marker).unwrap();
+        let after = revivals();
+        // Absence can only be waited for: ten times the revival delay.
+        std::thread::sleep(Duration::from_secs(1));
+        assert_eq!(revivals(), after);
+        assert_eq!(pool.workers()[0].state, WorkerState::Stopped);
+        assert_eq!(pool.execute(&Cmd::Echo(1)), Err(TaskError::NoWorkers));
+    });
+}
+
 #[test]
 fn a_crash_loop_uses_up_its_budget_then_tasks_fail_fast_until_a_new_spawn() {
     watchdog(60, || {

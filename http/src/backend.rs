@@ -9,7 +9,7 @@ use axum::body::Body;
 use http_body_util::BodyExt;
 use ndarray::ArrayView1;
 use stateful_pool::service::{Process, ProcessWithPayload, Seq, Server, WithPayload, seq};
-use stateful_pool::{BatchPolicy, Pool, SpawnOptions, SubmitError, WaitStrategy};
+use stateful_pool::{BatchPolicy, Pool, PoolBuilder, SpawnOptions, SubmitError, WaitStrategy};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -67,6 +67,14 @@ impl std::fmt::Debug for Backend {
     }
 }
 
+/// A stage pool's builder with failed workers revived after `--revive-after-ms` (0: never).
+fn revived<W: stateful_pool::Worker>(b: PoolBuilder<W>, cfg: &Config) -> PoolBuilder<W> {
+    match cfg.revive_after_ms {
+        0 => b,
+        ms => b.revive_failed_after(Duration::from_millis(ms)),
+    }
+}
+
 impl Backend {
     /// Builds the backend `cfg` asks for: in pool mode, starts the worker processes (blocks
     /// until each has loaded its model).
@@ -102,12 +110,15 @@ impl Backend {
                 spin: Duration::from_micros(us),
             },
         };
-        let preprocess = Pool::<Preprocess>::builder()
-            .queue_size(cfg.capacity)
-            .worker_wait(wait)
-            .task_arena_bytes(arena)
-            .max_task_bytes(cfg.max_body_bytes)
-            .build()?;
+        let preprocess = revived(
+            Pool::<Preprocess>::builder()
+                .queue_size(cfg.capacity)
+                .worker_wait(wait)
+                .task_arena_bytes(arena)
+                .max_task_bytes(cfg.max_body_bytes),
+            cfg,
+        )
+        .build()?;
         let faults = cfg
             .fault_injection
             .as_ref()
@@ -126,11 +137,14 @@ impl Backend {
         } else {
             BatchPolicy::none()
         };
-        let model = Pool::<Mlp>::builder()
-            .queue_size(cfg.capacity)
-            .worker_wait(wait)
-            .batch_policy(policy)
-            .build()?;
+        let model = revived(
+            Pool::<Mlp>::builder()
+                .queue_size(cfg.capacity)
+                .worker_wait(wait)
+                .batch_policy(policy),
+            cfg,
+        )
+        .build()?;
         let args = (
             cfg.seed,
             shape.inputs as u32,

@@ -73,6 +73,15 @@ pub struct Config {
     #[arg(long, env = "SPH_BODY_ARENA_BYTES", default_value_t = 0)]
     pub body_arena_bytes: usize,
 
+    /// A worker that dies is restarted at once, then with back-off; one that dies more than
+    /// 5 times in a minute is marked failed (`/healthz` fails once a stage has no live worker,
+    /// and its requests get 503). This long after, in milliseconds, a failed worker is
+    /// started again with a fresh budget, so the instance recovers from a fault that
+    /// outlasted the budget without a restart of its process. 0: never (a failed stage stays
+    /// failed until the process restarts).
+    #[arg(long, env = "SPH_REVIVE_AFTER_MS", default_value_t = 30_000)]
+    pub revive_after_ms: u64,
+
     /// Longest time a request may take, in milliseconds; past it the answer is 504. A client
     /// may ask for less with the `x-timeout-ms` header.
     #[arg(long, env = "SPH_TIMEOUT_MS", default_value_t = 10_000)]

@@ -404,6 +404,41 @@ async fn a_passed_deadline_is_504_and_worker_faults_are_500_naming_the_stage() {
     );
 }
 
+/// A preprocessing worker that keeps dying runs out of restarts: its stage is failed,
+/// `/healthz` answers 503 and so do requests. With `--revive-after-ms` the worker is started
+/// again later, and the instance serves and reports healthy without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_that_ran_out_of_restarts_is_revived_and_serves_again() {
+    // Revived 3 s after it failed: ample time to see it failed first.
+    let svc = Svc::start(&["--revive-after-ms", "3000"]);
+    // The default budget is 5 restarts a minute: the sixth death fails the stage, and a
+    // request then finds no worker (503) instead of killing one (500).
+    let mut deaths = 0;
+    loop {
+        let (code, _, body) = svc.post(samples::png(0, 64), &[("x-fault", "exit")]).await;
+        assert_eq!(error(&body).stage.as_deref(), Some("seq[0]/preprocess"));
+        if code == 503 {
+            break;
+        }
+        assert_eq!(code, 500, "{body:?}");
+        deaths += 1;
+        assert!(deaths <= 12, "the stage survived {deaths} deaths");
+    }
+    assert_eq!(deaths, 6);
+    assert_eq!(svc.get("/healthz").await.0, 503);
+    // Revived: healthy again, and serving, small and large images.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while svc.get("/healthz").await.0 != 200 {
+        assert!(Instant::now() < deadline, "the stage was never revived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for lap in 0..4 {
+        let side = if lap % 2 == 1 { 900 } else { 64 };
+        let (code, _, body) = svc.post(samples::png(lap, side), &[]).await;
+        assert_eq!(code, 200, "lap {lap}: {body:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_disconnects_cancels_its_queued_request() {
     let svc = Svc::start(&[]);

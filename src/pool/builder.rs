@@ -135,6 +135,7 @@ pub(crate) struct Config {
     pub(crate) shutdown_timeout: Duration,
     pub(crate) program: Option<PathBuf>,
     pub(crate) restart: RestartPolicy,
+    pub(crate) revive_after: Option<Duration>,
     pub(crate) restart_on_panic: bool,
     pub(crate) task_timeout: Option<Duration>,
     pub(crate) task_retries: u32,
@@ -165,6 +166,7 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(30),
             program: None,
             restart: RestartPolicy::default(),
+            revive_after: None,
             restart_on_panic: true,
             task_timeout: None,
             task_retries: 0,
@@ -325,6 +327,23 @@ impl<W: Worker> PoolBuilder<W> {
     /// When dead workers are restarted. Default: [`RestartPolicy::default`].
     pub fn restart_policy(mut self, p: RestartPolicy) -> Self {
         self.cfg.restart = p;
+        self
+    }
+
+    /// Starts a seat marked failed (out of restarts under the [`RestartPolicy`]) again `d`
+    /// after it failed, with the same spawn arguments and options and its restart budget
+    /// afresh: a long-running service recovers from a fault that outlasted the budget (a
+    /// device reset, a dependency down for a while) without a restart of the process. A seat
+    /// that fails again is revived again `d` later, so a lasting fault costs one start-up
+    /// (and its back-offs) per `d`. Meanwhile the seat reads
+    /// [`WorkerState::Failed`](crate::WorkerState::Failed), and with no other worker tasks
+    /// fail with `NoWorkers` at once, as without revival; the revived worker serves once its
+    /// spawn step succeeds ([`PoolEvent::WorkerReviving`](crate::PoolEvent::WorkerReviving), then
+    /// [`PoolEvent::WorkerRestarted`](crate::PoolEvent::WorkerRestarted)). A spawn into the free seat meanwhile, retiring it
+    /// ([`Pool::retire_worker`](crate::Pool::retire_worker)) or a shutdown cancels the
+    /// revival. Default: off (a failed seat stays failed until a spawn fills it).
+    pub fn revive_failed_after(mut self, d: Duration) -> Self {
+        self.cfg.revive_after = Some(d);
         self
     }
 

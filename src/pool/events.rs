@@ -97,6 +97,13 @@ pub enum PoolEvent {
         /// Restarts spent within the window.
         restarts: u32,
     },
+    /// A failed seat is started again, its restart budget afresh
+    /// ([`PoolBuilder::revive_failed_after`](crate::PoolBuilder::revive_failed_after));
+    /// [`WorkerRestarted`](Self::WorkerRestarted) follows once it serves.
+    WorkerReviving {
+        /// Seat index.
+        worker: usize,
+    },
     /// No worker is left alive: queued and new tasks fail with `NoWorkers` until a worker is
     /// spawned again.
     NoWorkersLeft,

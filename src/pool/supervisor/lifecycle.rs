@@ -61,6 +61,12 @@ impl Sup {
                 self.free_seat(seat, WorkerState::Stopped);
                 let _ = done.send(true);
             }
+            // Failed, waiting for its revival: it will not come back.
+            Phase::Idle if s.revive_at.is_some() && self.shutdown.is_none() => {
+                s.revive_at = None;
+                shared.lock_seats()[seat as usize].state = WorkerState::Stopped;
+                let _ = done.send(true);
+            }
             _ => {
                 let _ = done.send(false);
             }
@@ -87,6 +93,8 @@ impl Sup {
         self.drop_offer(seat);
         let shared = &self.shared;
         let s = &mut self.seats[seat as usize];
+        // A spawn into a seat that waited for its revival replaces the revival.
+        s.revive_at = None;
         let cap = shared.layout.params.spawn_area as usize;
         let len = s.args.len().min(cap);
         let area = shared
@@ -383,6 +391,9 @@ impl Sup {
         let recent = s.recent.len() as u32;
         if recent >= policy.max_restarts {
             self.free_seat(seat, WorkerState::Failed);
+            if let Some(d) = self.shared.cfg.revive_after {
+                self.seats[seat as usize].revive_at = Some(crate::deadline::at_or_never(now, d));
+            }
             StatCounters::add(&self.shared.stats.failed_workers, 1);
             self.emit(PoolEvent::WorkerFailed {
                 worker: seat as usize,
@@ -395,6 +406,30 @@ impl Sup {
         s.recent.push_back(at);
         s.phase = Phase::Backoff { at };
         self.shared.lock_seats()[seat as usize].state = WorkerState::Restarting;
+    }
+
+    /// A failed seat's revival is due: starts it again as a restart, its budget afresh,
+    /// unless a spawn took the seat meanwhile or the pool is shutting down.
+    pub(super) fn revive(&mut self, seat: u32) {
+        let s = &mut self.seats[seat as usize];
+        s.revive_at = None;
+        if self.shutdown.is_some() || !matches!(s.phase, Phase::Idle) {
+            return;
+        }
+        {
+            let mut seats = self.shared.lock_seats();
+            let taken = seats[seat as usize].in_use;
+            if taken || seats[seat as usize].state != WorkerState::Failed {
+                return;
+            }
+            self.shared.set_seat_in_use(&mut seats, seat as usize, true);
+            seats[seat as usize].state = WorkerState::Restarting;
+        }
+        s.recent.clear();
+        self.emit(PoolEvent::WorkerReviving {
+            worker: seat as usize,
+        });
+        self.start(seat, None);
     }
 
     pub(super) fn restart_failed(&mut self, seat: u32, message: String) {

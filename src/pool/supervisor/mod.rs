@@ -167,6 +167,8 @@ struct SupSeat {
     kill: Option<KillReason>,
     /// Being retired: by when it must be gone (else it is killed), and who waits for it.
     retiring: Option<(Instant, Vec<Sender<bool>>)>,
+    /// A failed seat to start again then (`PoolBuilder::revive_failed_after`).
+    revive_at: Option<Instant>,
 }
 
 impl SupSeat {
@@ -209,6 +211,7 @@ pub(crate) fn supervisor_loop(shared: Arc<Shared>, rx: Receiver<SupMsg>, program
                 watch: (0, now),
                 kill: None,
                 retiring: None,
+                revive_at: None,
             })
             .collect(),
         shutdown: None,
@@ -413,6 +416,12 @@ impl Sup {
                     }
                 }
             }
+            if self.seats[seat as usize]
+                .revive_at
+                .is_some_and(|t| Instant::now() >= t)
+            {
+                self.revive(seat);
+            }
         }
         if self.shared.timed_in_flight.load(Ordering::SeqCst) != 0 {
             self.check_timeouts();
@@ -430,6 +439,9 @@ impl Sup {
                 if s.kill.is_none() {
                     at(*deadline);
                 }
+            }
+            if let Some(t) = s.revive_at {
+                at(t);
             }
             match &s.phase {
                 Phase::Backoff { at: t } => at(*t),
