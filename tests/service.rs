@@ -1407,3 +1407,31 @@ fn a_collect_all_ensemble_fails_the_call_at_its_deadline() {
         let _ = std::fs::remove_file(&gate);
     });
 }
+
+/// A drained shutdown with no time left kills only workers still running a task: an idle
+/// worker leaves as in any graceful stop, and its state's destructor runs.
+#[test]
+fn a_drained_shutdown_lets_idle_workers_run_their_destructors() {
+    watchdog(120, || {
+        let gate = gate_path("idle-drop-gate");
+        let g = gate.display().to_string();
+        let pool = Pool::<common::TestWorker>::builder()
+            .worker_env(common::DROP_GATE_ENV, g.as_str())
+            .build()
+            .unwrap();
+        pool.spawn(&common::Spawn::ok("idle")).unwrap();
+        let server = Arc::new(Server::new(Process::new("P", Arc::new(pool)), 4));
+        assert_eq!(server.call(common::Cmd::Echo(5)).unwrap().value, 5);
+        let closing = {
+            let server = server.clone();
+            std::thread::spawn(move || server.shutdown(Duration::ZERO))
+        };
+        // The worker's destructor started (it waits for the release file): not killed.
+        assert!(wait_until(60, || Path::new(&format!("{g}.dropping-0")).exists()));
+        std::fs::write(format!("{g}.release"), b"").unwrap();
+        let report = closing.join().unwrap();
+        assert!(report.drained);
+        let _ = std::fs::remove_file(format!("{g}.dropping-0"));
+        let _ = std::fs::remove_file(format!("{g}.release"));
+    });
+}

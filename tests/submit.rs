@@ -364,3 +364,77 @@ fn a_pool_without_an_arena_refuses_loans_as_too_large() {
         );
     });
 }
+
+/// A field whose `Serialize` panics when it is `true` (archived as a `bool`).
+#[derive(Debug)]
+struct Bomb(bool);
+
+impl rkyv::Archive for Bomb {
+    type Archived = bool;
+    type Resolver = ();
+    fn resolve(&self, _: (), out: rkyv::Place<Self::Archived>) {
+        self.0.resolve((), out)
+    }
+}
+
+impl<S: rkyv::rancor::Fallible + ?Sized> rkyv::Serialize<S> for Bomb {
+    fn serialize(&self, _: &mut S) -> Result<(), S::Error> {
+        if self.0 {
+            panic!("this task cannot be serialised");
+        }
+        Ok(())
+    }
+}
+
+impl<D: rkyv::rancor::Fallible + ?Sized> rkyv::Deserialize<Bomb, D> for bool {
+    fn deserialize(&self, _: &mut D) -> Result<Bomb, D::Error> {
+        Ok(Bomb(*self))
+    }
+}
+
+/// A task with a bulk part (so a large one goes to an arena block) and a `Bomb`.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug)]
+struct Fragile {
+    bulk: Vec<u8>,
+    bomb: Bomb,
+}
+
+stateful_pool::task_fn! {
+    /// The length of a fragile task's bulk.
+    fn FragileLen(t: Fragile, _ctx) -> u64 {
+        Ok(t.bulk.len() as u64)
+    }
+}
+
+/// A task whose `Serialize` panics: the panic reaches the submitting caller, and the slot
+/// (and an arena block, for a large task) goes back: a one-slot pool serves on for many
+/// laps, and shuts down (the shutdown waits for no abandoned submit).
+#[test]
+fn a_task_whose_serialiser_panics_gives_its_slot_back() {
+    watchdog(120, || {
+        let pool = Pool::<FnWorker<FragileLen>>::builder()
+            .queue_size(1)
+            .task_arena_bytes(1 << 20)
+            .build()
+            .unwrap();
+        pool.spawn(&()).unwrap();
+        for lap in 0..20 {
+            // Small (encoded in the slot) and large (an arena block of 600 KiB of 1 MiB).
+            let len = if lap % 2 == 0 { 8 } else { 600 << 10 };
+            let bad = Fragile {
+                bulk: vec![1; len],
+                bomb: Bomb(true),
+            };
+            let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let _ = pool.submit(&bad);
+            }));
+            assert!(caught.is_err(), "lap {lap}");
+            let good = Fragile {
+                bulk: vec![2; len],
+                bomb: Bomb(false),
+            };
+            assert_eq!(pool.execute(&good).unwrap(), len as u64, "lap {lap}");
+        }
+        pool.shutdown();
+    });
+}

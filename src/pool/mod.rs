@@ -222,6 +222,7 @@ impl<W: Worker> Pool<W> {
                     immediate: true,
                     kill: false,
                     grace: shared.cfg.shutdown_timeout,
+                    busy_grace: None,
                     done,
                 });
                 shared.wake_supervisor();
@@ -752,9 +753,10 @@ impl<W: Worker> Pool<W> {
     }
 
     /// Tasks queued and not yet taken by a worker (a snapshot). Tasks already answered
-    /// without a worker (cancelled, dropped, or past their deadline) are not counted, though
-    /// they hold their slots until a worker skips them. A batch counts once. Scans the slots
-    /// (for statistics, not for a hot loop).
+    /// without a worker are not counted, though they hold their slots until a worker skips
+    /// them: cancelled or dropped ones, and those whose deadline passed once a wait on them
+    /// (or the reactor, for an awaited one) has answered `Timeout`. A batch counts once.
+    /// Scans the slots (for statistics, not for a hot loop).
     pub fn queued(&self) -> usize {
         self.shared.waiting_tasks()
     }
@@ -807,12 +809,15 @@ impl<W: Worker> Pool<W> {
 
     /// As [`close`](Self::close), but workers still running a task at `by` are killed then
     /// (if that comes before the shutdown timeout): a server's shutdown, which must return
-    /// by its own deadline even when a worker runs a task whose item was abandoned.
+    /// by its own deadline even when a worker runs a task whose item was abandoned. Idle
+    /// workers leave as in `close` (their state's destructor runs), bounded by the shutdown
+    /// timeout.
     pub(crate) fn close_by(&self, by: std::time::Instant) {
         let left = by.saturating_duration_since(std::time::Instant::now());
-        self.stop(
+        self.stop_with(
             StopMode::Graceful,
-            left.min(self.shared.cfg.shutdown_timeout),
+            self.shared.cfg.shutdown_timeout,
+            Some(left),
         );
     }
 
@@ -831,6 +836,12 @@ impl<W: Worker> Pool<W> {
     /// has finished). Bounded: the supervisor kills workers still running after `grace`
     /// (the shutdown timeout, or less).
     fn stop(&self, mode: StopMode, grace: Duration) {
+        self.stop_with(mode, grace, None);
+    }
+
+    /// [`stop`](Self::stop), and with `busy_grace`, workers still running a task after it
+    /// are killed then.
+    fn stop_with(&self, mode: StopMode, grace: Duration, busy_grace: Option<Duration>) {
         let shared = &self.shared;
         if shared.closing.swap(true, Ordering::SeqCst) {
             let (done, cv) = &self.stopped;
@@ -848,6 +859,7 @@ impl<W: Worker> Pool<W> {
             immediate: mode != StopMode::Graceful,
             kill: mode == StopMode::Abort,
             grace,
+            busy_grace,
             done: done_tx,
         });
         shared.wake_supervisor();

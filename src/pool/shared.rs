@@ -178,7 +178,6 @@ impl Shared {
         self.seg.get(0)
     }
 
-    /// The header of `slot` (the caller has a slot index it made or checked).
     /// Slots holding a task no worker has claimed and nobody has settled (cancelled,
     /// detached, expired): [`Pool::queued`](crate::Pool::queued). A snapshot of words a
     /// worker can write, for statistics only.
@@ -186,7 +185,7 @@ impl Shared {
         use crate::slot::bits;
         (0..self.n_slots())
             .filter(|&i| {
-                self.meta[i as usize].phase.load(Ordering::Relaxed) != super::slots::FREE
+                self.meta[i as usize].phase.load(Ordering::Relaxed) == super::slots::QUEUED
                     && self.slot(i).state.load(Ordering::Acquire)
                         & (bits::CLAIMED | bits::DONE | bits::CANCELLED)
                         == 0
@@ -194,6 +193,7 @@ impl Shared {
             .count()
     }
 
+    /// The header of `slot` (the caller has a slot index it made or checked).
     pub(crate) fn slot(&self, slot: u32) -> &SlotHeader {
         self.seg
             .get(self.layout.slots + slot as usize * size_of::<SlotHeader>())

@@ -227,7 +227,23 @@ impl Shared {
         let (task_off, task_len, placed) = match task {
             TaskSrc::Placed(p) => (p.0, p.1, Some(p)),
             TaskSrc::Encode(task) => {
-                let (off, len) = self.encode_task(slot, task, inline_off, inline_cap, block)?;
+                // The user's `Serialize` runs here: one that panics must not leave the slot
+                // taken (`SUBMITTING` for ever would hang the pool's shutdown).
+                let encoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.encode_task(slot, task, inline_off, inline_cap, block)
+                }));
+                let (off, len) = match encoded {
+                    Ok(r) => r?,
+                    Err(panic) => {
+                        let blk = meta.task_blk.1.swap(0, Ordering::Relaxed);
+                        if blk != 0 {
+                            self.arena
+                                .free(meta.task_blk.0.load(Ordering::Relaxed), blk);
+                        }
+                        self.release_slot(slot);
+                        std::panic::resume_unwind(panic);
+                    }
+                };
                 if off == inline_off as u64 && len <= WORD_BYTES as u64 {
                     // A tiny task travels in its slot header's own line (written below by
                     // `prepare`): the worker never reads the data area for it, so that line
@@ -423,26 +439,25 @@ impl Shared {
                 let Some((off, blk)) = self.arena.alloc(len as u64, block, || {
                     self.closing.load(Ordering::SeqCst) || self.broken.load(Ordering::SeqCst)
                 }) else {
-                    let e = match block {
-                        _ if self.closing.load(Ordering::SeqCst) => SubmitError::Shutdown,
+                    let e = self.refusal().unwrap_or(match block {
                         Block::No => SubmitError::QueueFull,
                         Block::Until(_) => SubmitError::Timeout,
-                    };
+                    });
                     return Err(self.abort_submit(slot, e));
                 };
                 if let Err(e) = self.reserve_arena(off + blk) {
                     self.arena.free(off, blk);
                     return Err(self.abort_submit(slot, no_space(blk, &e)));
                 }
+                // Recorded first: a `Serialize` that panics leaves it for the caller to free.
+                meta.task_blk.0.store(off, Ordering::Relaxed);
+                meta.task_blk.1.store(blk, Ordering::Relaxed);
                 // SAFETY: a fresh arena block of at least `len` bytes, ours alone until the
                 // push publishes it.
                 match unsafe { encode_into(task, self.seg.bytes_ptr(off as usize, len), len) } {
-                    Ok(n) => {
-                        meta.task_blk.0.store(off, Ordering::Relaxed);
-                        meta.task_blk.1.store(blk, Ordering::Relaxed);
-                        (off, n as u64)
-                    }
+                    Ok(n) => (off, n as u64),
                     Err(e) => {
+                        meta.task_blk.1.store(0, Ordering::Relaxed);
                         self.arena.free(off, blk);
                         return Err(self.abort_submit(slot, encode_err(e)));
                     }
@@ -884,8 +899,10 @@ impl Shared {
         }
         for i in 0..self.n_slots() {
             let done = self.slot(i).is_done();
-            let in_use = self.meta[i as usize].phase.load(Ordering::SeqCst) != FREE;
-            if in_use && !done {
+            // `QUEUED` only: a slot still `SUBMITTING` now belongs to a submit that began too
+            // late, which sees `closing` (or `broken`) and gives it back.
+            let queued = self.meta[i as usize].phase.load(Ordering::SeqCst) == QUEUED;
+            if queued && !done {
                 self.complete_from_parent(i, RawOutcome::new(kind, u32::MAX, 0, 0));
             }
         }

@@ -5,10 +5,10 @@
 //! the server and the stage at once, but its job is still queued: a thread drops it when it
 //! reaches it. While every thread is held by long tasks (or one that never returns), new
 //! callers keep queueing, so a queue that never dropped abandoned jobs would grow with the
-//! arrival rate times how long the threads stay busy. [`JobQueue::push`] therefore sweeps them
-//! out whenever the queue has doubled since the last sweep: amortised O(1) per push, and the
-//! queue holds at most about twice the jobs whose callers still wait (at least
-//! [`SWEEP_MIN`]).
+//! arrival rate times how long the threads stay busy. [`State::push`] therefore sweeps them
+//! out whenever the queue has doubled since the last sweep or since a thread last took from
+//! it: amortised O(1) per push, and the queue holds at most about twice the jobs whose
+//! callers still wait (at least [`SWEEP_MIN`]).
 
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -109,6 +109,9 @@ impl<J: Abandoned> JobQueue<J> {
                     None => break,
                 }
             }
+            // The queue shrank: the next sweep comes when it has doubled from here, so the
+            // abandoned jobs never outnumber about twice the live ones.
+            s.sweep_at = s.sweep_at.min((2 * s.jobs.len()).max(SWEEP_MIN));
             if !out.is_empty() {
                 return Some(max);
             }

@@ -433,8 +433,11 @@ impl<W: Worker> Drop for Live<'_, W> {
         // count reaching 0 and the queue being emptied.
         let mut q = inner.queue.lock();
         if inner.live.fetch_sub(1, Ordering::SeqCst) == 1 {
-            // The last thread: nobody will take what is still queued.
-            for j in q.take_all() {
+            // The last thread: nobody will take what is still queued. Answered after the
+            // lock is let go (an answer wakes its caller, whose executor may call back in).
+            let left = q.take_all();
+            drop(q);
+            for j in left {
                 let _ = j.reply.send(Reply {
                     result: Err(TaskError::NoWorkers),
                     queued: j.queued_at.elapsed(),

@@ -89,6 +89,8 @@ pub(crate) enum SupMsg {
         kill: bool,
         /// How long running tasks may go on before their workers are killed.
         grace: Duration,
+        /// Sooner, for workers still running a task (`Pool::close_by`).
+        busy_grace: Option<Duration>,
         done: Sender<()>,
     },
     /// Retire the worker of `seat`: it finishes its current task, takes no other, and exits;
@@ -186,6 +188,9 @@ struct Sup {
     program: PathBuf,
     seats: Vec<SupSeat>,
     shutdown: Option<(Instant, Sender<()>)>,
+    /// During a shutdown: when workers still running a task are killed, before the shutdown's
+    /// own deadline (`Pool::close_by`); idle ones go on leaving under the shutdown timeout.
+    busy_kill_at: Option<Instant>,
     killed_all: bool,
     pending_repairs: Vec<PendingRepair>,
     pending_releases: Vec<PendingRelease>,
@@ -215,6 +220,7 @@ pub(crate) fn supervisor_loop(shared: Arc<Shared>, rx: Receiver<SupMsg>, program
             })
             .collect(),
         shutdown: None,
+        busy_kill_at: None,
         killed_all: false,
         pending_repairs: Vec::new(),
         pending_releases: Vec::new(),
@@ -316,6 +322,10 @@ impl Sup {
                 if Instant::now() >= *deadline && !sup.killed_all {
                     sup.kill_all();
                 }
+                if sup.busy_kill_at.is_some_and(|t| Instant::now() >= t) {
+                    sup.busy_kill_at = None;
+                    sup.kill_busy();
+                }
             }
             let timeout = sup.next_timeout();
             let mut fds = vec![sup.shared.wake.as_fd()];
@@ -359,9 +369,12 @@ impl Sup {
                 immediate,
                 kill,
                 grace,
+                busy_grace,
                 done,
             } => {
                 self.begin_shutdown(immediate, grace, done);
+                self.busy_kill_at =
+                    busy_grace.map(|g| crate::deadline::at_or_never(Instant::now(), g));
                 if kill {
                     self.kill_all();
                 }
@@ -466,6 +479,9 @@ impl Sup {
             // A deferred queue repair resolves as soon as the other worker runs: ask again
             // soon (nothing else may wake us).
             at(now + Duration::from_millis(1));
+        }
+        if let (Some(t), Some(_)) = (self.busy_kill_at, &self.shutdown) {
+            at(t);
         }
         if let Some((deadline, _)) = &self.shutdown {
             at(if self.killed_all {

@@ -55,6 +55,25 @@ impl Sup {
         hdr.space.wake_all_unconditionally();
     }
 
+    /// A `close_by` deadline passed: kill every worker that holds a task (running it, or
+    /// forming a batch with it), which may be a task nobody waits for any more; idle workers
+    /// go on leaving (their state's destructor runs) under the shutdown timeout. What a worker
+    /// says it holds is only a hint here: one that lies is killed at that timeout instead.
+    pub(super) fn kill_busy(&mut self) {
+        for seat in 0..self.seats.len() as u32 {
+            let ctl = self.shared.ctl(seat);
+            let bc = self.shared.batch_ctl(seat);
+            let busy = ctl.current_slot.load(Ordering::SeqCst) != u32::MAX
+                || ctl.current_task.load(Ordering::SeqCst) != 0
+                || bc.held_slots.iter().any(|h| h.load(Ordering::SeqCst) != 0);
+            let s = &mut self.seats[seat as usize];
+            if busy && s.child.is_some() {
+                s.kill = Some(KillReason::Shutdown);
+                kill_process(s);
+            }
+        }
+    }
+
     /// The shutdown grace is over: kill every worker still running.
     pub(super) fn kill_all(&mut self) {
         self.killed_all = true;
