@@ -49,7 +49,7 @@ impl<T: Message> TaskHandle<T> {
     }
 
     /// The task's pool-unique id (as [`TaskContext::task_id`](crate::TaskContext::task_id)
-    /// shows it to the worker).
+    /// shows it to the worker): never reused, not consecutive.
     pub fn task_id(&self) -> u64 {
         self.task_id
     }

@@ -688,7 +688,8 @@ impl<W: Worker> Pool<W> {
     }
 
     /// Runs `task` and resolves to its result, without blocking the thread. Works on any
-    /// executor (tokio, smol, `futures::executor::block_on`, …).
+    /// executor (tokio, smol, `futures::executor::block_on`, …). Dropping the future cancels
+    /// the task if no worker has started it, as dropping its handle does.
     pub async fn execute_async<A: ?Sized + ArchivesAs<W::Task>>(
         &self,
         task: &A,
@@ -701,7 +702,7 @@ impl<W: Worker> Pool<W> {
     /// Lends a writable buffer of `len` bytes in shared memory, waiting for room in the task
     /// arena. Fill it, then send it with a task (`pool.task(&t).payload(loan).submit()`, see
     /// [`Submit::payload`]): the worker reads it in place. Fails with [`SubmitError::PayloadTooLarge`] above
-    /// `max_task_bytes`.
+    /// `max_task_bytes`, and with [`SubmitError::Shutdown`] once the pool is shutting down.
     pub fn loan(&self, len: usize) -> Result<Loan, SubmitError> {
         self.loan_block(len, Block::Until(None))
     }
@@ -801,8 +802,11 @@ impl<W: Worker> Pool<W> {
     }
 
     /// As [`shutdown`](Self::shutdown), through a shared reference (for a pool shared in an
-    /// `Arc`, or driven through the C ABI): returns once the workers are stopped. Later calls,
-    /// and the drop, do nothing more; submissions fail with [`SubmitError::Shutdown`].
+    /// `Arc`, or driven through the C ABI): returns once the workers are stopped, and every
+    /// task the pool accepted is answered by then. Later calls, and the drop, do nothing more.
+    /// Submissions fail with [`SubmitError::Shutdown`] from the moment the shutdown begins,
+    /// whatever the verb (`try_submit`, a short `submit_timeout` and `try_loan` included), and
+    /// so do those already waiting for room then.
     pub fn close(&self) {
         self.stop(StopMode::Graceful, self.shared.cfg.shutdown_timeout);
     }

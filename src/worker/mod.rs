@@ -261,7 +261,8 @@ impl TaskContext<'_> {
         self.worker
     }
 
-    /// The task's pool-unique id.
+    /// The task's pool-unique id (never reused; not consecutive). The tasks of one batch
+    /// ([`Pool::batch`](crate::Pool::batch)) share the batch's id.
     pub fn task_id(&self) -> u64 {
         self.task_id
     }
