@@ -14,7 +14,7 @@
  * `sp_worker_callbacks`) changes size or meaning. Check it against `sp_abi_version()` at start
  * up: a program built against another header would pass structs of the wrong size.
  */
-#define SP_ABI_VERSION 3
+#define SP_ABI_VERSION 4
 
 /**
  * `flags` bit of `sp_pool_submit_with` and `sp_pool_submit_batch`: fail with `SP_QUEUE_FULL`
@@ -366,6 +366,12 @@ typedef struct sp_pool_options {
    * worker is idle either).
    */
   uint64_t max_batch_delay_us;
+  /**
+   * A seat marked failed (out of restarts) is started again this long after, in ms, with
+   * the same spawn arguments and its restart budget afresh, again while the fault lasts
+   * (0: never, the default: it stays failed until a spawn fills it). Added in ABI version 4.
+   */
+  uint64_t revive_after_ms;
 } sp_pool_options;
 
 /**

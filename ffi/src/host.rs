@@ -112,6 +112,10 @@ pub struct sp_pool_options {
     /// task's submission, in microseconds (0: never wait; it never waits while another
     /// worker is idle either).
     pub max_batch_delay_us: u64,
+    /// A seat marked failed (out of restarts) is started again this long after, in ms, with
+    /// the same spawn arguments and its restart budget afresh, again while the fault lasts
+    /// (0: never, the default: it stays failed until a spawn fills it). Added in ABI version 4.
+    pub revive_after_ms: u64,
 }
 
 pub(crate) type CPool = Pool<CWorker>;
@@ -255,6 +259,7 @@ pub unsafe extern "C" fn sp_pool_options_init(opts: *mut sp_pool_options) -> sp_
             restart_on_panic: 0,
             max_batch: 0,
             max_batch_delay_us: 0,
+            revive_after_ms: 0,
         };
         // SAFETY: the caller promises a writable struct (NULL is refused).
         unsafe { write_out(opts, zero, "opts") }
@@ -326,6 +331,9 @@ pub unsafe extern "C" fn sp_pool_new(opts: *const sp_pool_options, out: *mut sp_
             }
             if o.restart_on_panic != 0 {
                 b = b.restart_on_panic(o.restart_on_panic > 0);
+            }
+            if o.revive_after_ms != 0 {
+                b = b.revive_failed_after(Duration::from_millis(o.revive_after_ms));
             }
             if Duration::from_micros(o.max_batch_delay_us) > MAX_BATCH_DELAY {
                 return Err(Fail::new(

@@ -199,7 +199,7 @@ pub extern "C" fn sp_status_name(status: i32) -> *const c_char {
 /// a struct passed by the caller (`sp_pool_options`, `sp_spawn_options`, `sp_task_options`,
 /// `sp_worker_callbacks`) changes size or meaning. Check it against `sp_abi_version()` at start
 /// up: a program built against another header would pass structs of the wrong size.
-pub const SP_ABI_VERSION: u32 = 3;
+pub const SP_ABI_VERSION: u32 = 4;
 
 /// The ABI version of the loaded library (see `SP_ABI_VERSION`): a program compares it with
 /// the `SP_ABI_VERSION` of the header it was built against. Thread-safe.

@@ -1570,6 +1570,34 @@ fn the_restart_policy_comes_from_the_pool_options() {
         assert_eq!(execute(some, b"poison").unwrap_err().0, SP_POISONED);
         assert_eq!(execute(some, b"again").unwrap(), "echo:again");
         assert_eq!(sp_pool_free(some), SP_OK);
+        // Never restarted, but revived: the failed seat starts again after 50 ms, twice.
+        let revived = new_pool(|o| {
+            o.max_workers = 1;
+            o.max_restarts = -1;
+            o.restart_on_panic = -1;
+            o.revive_after_ms = 50;
+        });
+        spawn(revived, b"").unwrap();
+        for lap in 0..2 {
+            assert_eq!(
+                execute(revived, b"poison").unwrap_err().0,
+                SP_POISONED,
+                "lap {lap}"
+            );
+            // Tasks find no worker until the revived one serves.
+            let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            loop {
+                match execute(revived, b"back") {
+                    Ok(out) => break assert_eq!(out, "echo:back", "lap {lap}"),
+                    Err((SP_NO_WORKERS, _)) => {
+                        assert!(std::time::Instant::now() < end, "lap {lap}: never revived");
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                    Err(e) => panic!("lap {lap}: {e:?}"),
+                }
+            }
+        }
+        assert_eq!(sp_pool_free(revived), SP_OK);
     });
 }
 
