@@ -41,8 +41,11 @@ pub(crate) fn pool_event(e: &PoolEvent) {
         PoolEvent::WorkerFailed { worker, restarts } => tracing::error!(
             target: "stateful_pool",
             worker, restarts,
-            "worker failed for good: out of restarts"
+            "worker failed: out of restarts"
         ),
+        PoolEvent::WorkerReviving { worker } => {
+            tracing::info!(target: "stateful_pool", worker, "failed worker revived: starting")
+        }
         PoolEvent::NoWorkersLeft => {
             tracing::error!(target: "stateful_pool", "no worker left: tasks fail with NoWorkers")
         }

@@ -466,7 +466,9 @@ fn death_at_every_protocol_step_resolves_every_task_exactly_once() {
 
 /// With `revive_failed_after`, a seat that ran out of restarts is started again after the
 /// delay (its budget afresh), again and again while the fault lasts, and serves once it is
-/// gone; tasks meanwhile fail `NoWorkers` at once. Retiring a failed seat cancels its revival.
+/// gone; tasks meanwhile fail `NoWorkers` at once. A spawn meanwhile takes another seat (it
+/// adds a worker, the revival still comes). Retiring the seat during a revived start-up stops
+/// it for good.
 #[test]
 fn a_failed_seat_is_revived_after_its_delay_and_serves_again() {
     watchdog(120, || {
@@ -483,8 +485,11 @@ fn a_failed_seat_is_revived_after_its_delay_and_serves_again() {
             .build()
             .unwrap();
         let marker = gate_path("revive-fault");
+        let gate = gate_path("revive-gate");
+        std::fs::write(&gate, b"").unwrap();
         let args = Spawn {
             die_if_exists: marker.to_string_lossy().into(),
+            gate: gate.to_string_lossy().into(),
             ..Spawn::ok("revived")
         };
         pool.spawn(&args).unwrap();
@@ -514,21 +519,30 @@ fn a_failed_seat_is_revived_after_its_delay_and_serves_again() {
             events.lock().unwrap().last(),
             Some(PoolEvent::WorkerRestarted { worker: 0, .. })
         ));
-        // A failed seat that is retired stays retired.
+        // Failed again; a spawn meanwhile goes to a free seat that is not the failed one.
         std::fs::write(&marker, b"x").unwrap();
         assert!(matches!(
             pool.execute(&Cmd::KillSelf),
             Err(TaskError::WorkerDied { .. })
         ));
         assert!(wait_until(60, || pool.workers()[0].state == WorkerState::Failed));
+        pool.spawn(&Spawn::ok("extra")).unwrap();
+        assert_eq!(pool.workers()[1].state, WorkerState::Ready);
+        // Revived starts now wait in their spawn step (the gate is gone) instead of dying:
+        // the seat is caught starting up (one of those, or one that passed the gate just
+        // before and is about to die) and retired.
+        std::fs::remove_file(&gate).unwrap();
+        assert!(wait_until(60, || pool.workers()[0].state == WorkerState::Starting));
         pool.retire_worker(0).unwrap();
-        std::fs::remove_file(&marker).unwrap();
+        assert_eq!(pool.workers()[0].state, WorkerState::Stopped);
         let after = revivals();
         // Absence can only be waited for: ten times the revival delay.
         std::thread::sleep(Duration::from_secs(1));
         assert_eq!(revivals(), after);
         assert_eq!(pool.workers()[0].state, WorkerState::Stopped);
-        assert_eq!(pool.execute(&Cmd::Echo(1)), Err(TaskError::NoWorkers));
+        assert_eq!(pool.num_workers(), 1);
+        assert_eq!(pool.execute(&Cmd::Echo(3)).unwrap().value, 3);
+        let _ = std::fs::remove_file(&marker);
     });
 }
 

@@ -334,16 +334,20 @@ impl<W: Worker> PoolBuilder<W> {
     /// after it failed, with the same spawn arguments and options and its restart budget
     /// afresh: a long-running service recovers from a fault that outlasted the budget (a
     /// device reset, a dependency down for a while) without a restart of the process. A seat
-    /// that fails again is revived again `d` later, so a lasting fault costs one start-up
-    /// (and its back-offs) per `d`. Meanwhile the seat reads
+    /// that fails again is revived again `d` after that, so a lasting fault costs one
+    /// restart budget (up to `max_restarts + 1` start-ups, with their back-offs) per cycle of
+    /// `d` plus the time the budget took. `d` is at least 100 ms (a shorter one is raised to
+    /// it: a revival loop with no delay would be a crash loop). Meanwhile the seat reads
     /// [`WorkerState::Failed`](crate::WorkerState::Failed), and with no other worker tasks
     /// fail with `NoWorkers` at once, as without revival; the revived worker serves once its
     /// spawn step succeeds ([`PoolEvent::WorkerReviving`](crate::PoolEvent::WorkerReviving), then
-    /// [`PoolEvent::WorkerRestarted`](crate::PoolEvent::WorkerRestarted)). A spawn into the free seat meanwhile, retiring it
-    /// ([`Pool::retire_worker`](crate::Pool::retire_worker)) or a shutdown cancels the
-    /// revival. Default: off (a failed seat stays failed until a spawn fills it).
+    /// [`PoolEvent::WorkerRestarted`](crate::PoolEvent::WorkerRestarted)). A spawn goes to
+    /// another free seat if there is one, and into this one only if not (then it replaces
+    /// the revival); retiring the seat ([`Pool::retire_worker`](crate::Pool::retire_worker))
+    /// or a shutdown cancels the revival. Default: off (a failed seat stays failed until a
+    /// spawn fills it).
     pub fn revive_failed_after(mut self, d: Duration) -> Self {
-        self.cfg.revive_after = Some(d);
+        self.cfg.revive_after = Some(d.max(Duration::from_millis(100)));
         self
     }
 

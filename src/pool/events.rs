@@ -90,7 +90,8 @@ pub enum PoolEvent {
         /// Its process id.
         pid: u32,
     },
-    /// The seat ran out of restarts: it is marked failed and the pool serves without it.
+    /// The seat ran out of restarts: it is marked failed and the pool serves without it (until
+    /// its revival, with [`PoolBuilder::revive_failed_after`](crate::PoolBuilder::revive_failed_after)).
     WorkerFailed {
         /// Seat index.
         worker: usize,
@@ -105,7 +106,7 @@ pub enum PoolEvent {
         worker: usize,
     },
     /// No worker is left alive: queued and new tasks fail with `NoWorkers` until a worker is
-    /// spawned again.
+    /// spawned again (or a failed one revived).
     NoWorkersLeft,
 }
 
@@ -117,7 +118,8 @@ pub struct PoolStats {
     pub worker_deaths: u64,
     /// Replacements that finished their spawn step.
     pub restarts: u64,
-    /// Seats marked failed after running out of restarts.
+    /// Times a seat was marked failed after running out of restarts (a seat that is revived
+    /// and fails again counts again).
     pub failed_workers: u64,
     /// Tasks that failed because their worker died (`WorkerDied`).
     pub tasks_died: u64,
@@ -176,7 +178,8 @@ pub enum WorkerState {
     Ready,
     /// Dead; waiting out its back-off before the restart.
     Restarting,
-    /// Out of restarts; the pool serves without it.
+    /// Out of restarts; the pool serves without it (until its revival, if the pool revives
+    /// failed seats).
     Failed,
     /// Stopped by shutdown.
     Stopped,

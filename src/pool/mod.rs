@@ -317,7 +317,13 @@ impl<W: Worker> Pool<W> {
         }
         let seat = {
             let mut seats = shared.lock_seats();
-            let Some(i) = seats.iter().position(|s| !s.in_use) else {
+            // A free seat that is not a failed one first: a failed seat may be waiting for its
+            // revival (`PoolBuilder::revive_failed_after`), which a spawn into it replaces.
+            let Some(i) = seats
+                .iter()
+                .position(|s| !s.in_use && s.state != events::WorkerState::Failed)
+                .or_else(|| seats.iter().position(|s| !s.in_use))
+            else {
                 return Err(SpawnError::NoCapacity { max: seats.len() });
             };
             shared.set_seat_in_use(&mut seats, i, true);
@@ -417,7 +423,11 @@ impl<W: Worker> Pool<W> {
     /// other, runs its state's destructor and exits; its seat is freed, not restarted. Tasks
     /// queued go to the other workers (if it was the last one, they fail with `NoWorkers`, as
     /// new submits do). Blocks until the worker is gone; one that does not finish its task
-    /// within the pool's shutdown timeout is killed (that task is answered `Cancelled`).
+    /// within the pool's shutdown timeout is killed (that task is answered `Cancelled`). A
+    /// seat waiting to restart, or starting up again (a restart, or a revival), is freed at
+    /// once; a failed seat waiting for its revival
+    /// ([`PoolBuilder::revive_failed_after`](crate::PoolBuilder::revive_failed_after)) answers
+    /// `Ok` and is not revived. Any other seat with no worker answers `NoSuchWorker`.
     pub fn retire_worker(&self, index: usize) -> Result<(), WorkerError> {
         if self.is_closing() {
             return Err(WorkerError::Shutdown);

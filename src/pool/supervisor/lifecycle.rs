@@ -30,13 +30,36 @@ impl Sup {
 
     /// A retirement request (scale-down): a serving worker is told to leave after its current
     /// task (the `RETIRE` hold bit, and a wake-up in case it is parked); a seat waiting to
-    /// restart is simply freed. Past the shutdown timeout a worker that has not left is killed.
+    /// restart is simply freed, and so is one starting up again (a restart or a revival: its
+    /// process is killed); a failed seat's pending revival is cancelled. Past the shutdown
+    /// timeout a worker that has not left is killed.
     pub(super) fn begin_retire(&mut self, seat: u32, done: Sender<bool>) {
         let shared = self.shared.clone();
-        let Some(s) = self.seats.get_mut(seat as usize) else {
+        if self.seats.get(seat as usize).is_none() {
             let _ = done.send(false);
             return;
-        };
+        }
+        if matches!(self.seats[seat as usize].phase, Phase::Starting { .. }) {
+            // It may have reported ready since the last look: then it is a serving worker.
+            self.check_start(seat);
+        }
+        if self.shutdown.is_none()
+            && matches!(
+                self.seats[seat as usize].phase,
+                Phase::Starting { reply: None, .. }
+            )
+        {
+            // A restart or revival still in its start-up (no caller waits on it).
+            let cause = self
+                .reap_now(seat)
+                .unwrap_or(ExitCause::Signal(libc::SIGKILL));
+            let pid = self.seats[seat as usize].pid;
+            self.recover_tasks(seat, pid, cause, Some(KillReason::Shutdown));
+            self.free_seat(seat, WorkerState::Stopped);
+            let _ = done.send(true);
+            return;
+        }
+        let s = &mut self.seats[seat as usize];
         match s.phase {
             Phase::Ready if s.child.is_some() && self.shutdown.is_none() => {
                 let ctl = shared.ctl(seat);
@@ -61,8 +84,13 @@ impl Sup {
                 self.free_seat(seat, WorkerState::Stopped);
                 let _ = done.send(true);
             }
-            // Failed, waiting for its revival: it will not come back.
-            Phase::Idle if s.revive_at.is_some() && self.shutdown.is_none() => {
+            // Failed, waiting for its revival (and not taken by a spawn meanwhile): it will
+            // not come back.
+            Phase::Idle
+                if s.revive_at.is_some()
+                    && self.shutdown.is_none()
+                    && !shared.lock_seats()[seat as usize].in_use =>
+            {
                 s.revive_at = None;
                 shared.lock_seats()[seat as usize].state = WorkerState::Stopped;
                 let _ = done.send(true);
@@ -413,7 +441,10 @@ impl Sup {
     pub(super) fn revive(&mut self, seat: u32) {
         let s = &mut self.seats[seat as usize];
         s.revive_at = None;
-        if self.shutdown.is_some() || !matches!(s.phase, Phase::Idle) {
+        if self.shutdown.is_some()
+            || self.shared.closing.load(Ordering::SeqCst)
+            || !matches!(s.phase, Phase::Idle)
+        {
             return;
         }
         {
