@@ -3,6 +3,8 @@
 //! zero-length and oversized buffers), double frees, worker-side errors, and many threads at once.
 //! This test binary is also the worker program: its callbacks are registered before `main`.
 
+mod common;
+use common::*;
 use stateful_pool_ffi::*;
 use std::ffi::{CStr, c_void};
 use std::ptr::{null, null_mut};
@@ -263,52 +265,7 @@ static WORKER_HOOK: extern "C" fn() = {
 
 // ---- helpers ----
 
-/// Runs `f` on a thread and fails the test if it does not finish within `secs` (a hang becomes
-/// a failure instead of stalling CI).
-fn watchdog(secs: u64, f: impl FnOnce() + Send + 'static) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let t = std::thread::spawn(move || {
-        f();
-        let _ = tx.send(());
-    });
-    match rx.recv_timeout(std::time::Duration::from_secs(secs)) {
-        Ok(()) => t.join().unwrap(),
-        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-            if let Err(p) = t.join() {
-                std::panic::resume_unwind(p)
-            }
-        }
-        Err(_) => panic!("watchdog: test did not finish within {secs} s"),
-    }
-}
-
 use sp_status::*;
-
-fn last_error() -> String {
-    // SAFETY: sp_last_error returns a valid NUL-terminated string.
-    unsafe { CStr::from_ptr(sp_last_error()) }
-        .to_string_lossy()
-        .into_owned()
-}
-
-fn new_pool(f: impl FnOnce(&mut sp_pool_options)) -> sp_pool {
-    let mut o = std::mem::MaybeUninit::<sp_pool_options>::uninit();
-    // SAFETY: writable storage; initialised by the call.
-    let mut o = unsafe {
-        assert_eq!(sp_pool_options_init(o.as_mut_ptr()), SP_OK);
-        o.assume_init()
-    };
-    f(&mut o);
-    let mut p = sp_pool { id: 0 };
-    assert_eq!(
-        // SAFETY: valid pointers.
-        unsafe { sp_pool_new(&o, &mut p) },
-        SP_OK,
-        "{}",
-        last_error()
-    );
-    p
-}
 
 fn spawn(p: sp_pool, args: &[u8]) -> Result<String, (sp_status, String)> {
     let mut r = sp_result { id: 0 };
@@ -318,24 +275,6 @@ fn spawn(p: sp_pool, args: &[u8]) -> Result<String, (sp_status, String)> {
         return Err((s, last_error()));
     }
     Ok(take(r))
-}
-
-/// Reads a result's bytes as text and frees it.
-fn take(r: sp_result) -> String {
-    let (mut d, mut n) = (null(), 0usize);
-    // SAFETY: valid out-pointers.
-    assert_eq!(unsafe { sp_result_bytes(r, &mut d, &mut n) }, SP_OK);
-    // Every result's bytes are 16-byte aligned, spawn outputs included (whatever the
-    // allocator does for small blocks).
-    assert_eq!(d as usize % 16, 0, "result bytes at {d:?}");
-    let s = if n == 0 {
-        String::new()
-    } else {
-        // SAFETY: the library returned `n` bytes at `d`, valid until the free below.
-        String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(d, n) }).into_owned()
-    };
-    assert_eq!(sp_result_free(r), SP_OK);
-    s
 }
 
 fn submit(p: sp_pool, task: &[u8]) -> Result<sp_task, sp_status> {
@@ -1694,19 +1633,6 @@ fn broadcast_retire_and_replace_workers() {
         }
         assert_eq!(sp_pool_free(p), SP_OK);
     });
-}
-
-/// Waits (at most 60 s) for the completion queue's descriptor to become readable.
-fn poll_readable(fd: i32, timeout_ms: i32) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-    assert!(n >= 0, "poll failed");
-    n == 1 && pfd.revents & libc::POLLIN != 0
 }
 
 #[test]

@@ -5,8 +5,10 @@
 //! "at once" is an ordering (answered while the gate is shut), not a timing.
 //! This test binary is also the worker program: its callbacks are registered before `main`.
 
+mod common;
+use common::*;
 use stateful_pool_ffi::*;
-use std::ffi::{CStr, c_void};
+use std::ffi::c_void;
 use std::path::{Path, PathBuf};
 use std::ptr::{null, null_mut};
 use std::time::{Duration, Instant};
@@ -94,75 +96,15 @@ static WORKER_HOOK: extern "C" fn() = {
 
 use sp_status::*;
 
-fn watchdog(secs: u64, f: impl FnOnce() + Send + 'static) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let t = std::thread::spawn(move || {
-        f();
-        let _ = tx.send(());
-    });
-    match rx.recv_timeout(Duration::from_secs(secs)) {
-        Ok(()) => t.join().unwrap(),
-        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-            if let Err(p) = t.join() {
-                std::panic::resume_unwind(p)
-            }
-        }
-        Err(_) => panic!("watchdog: test did not finish within {secs} s"),
-    }
-}
-
-fn wait_until(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() > end {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-fn last_error() -> String {
-    // SAFETY: a valid NUL-terminated string.
-    unsafe { CStr::from_ptr(sp_last_error()) }
-        .to_string_lossy()
-        .into_owned()
-}
-
-fn new_pool(f: impl FnOnce(&mut sp_pool_options)) -> sp_pool {
-    let mut o = std::mem::MaybeUninit::<sp_pool_options>::uninit();
-    // SAFETY: writable storage, initialised by the call.
-    let mut o = unsafe {
-        assert_eq!(sp_pool_options_init(o.as_mut_ptr()), SP_OK);
-        o.assume_init()
-    };
-    f(&mut o);
-    let mut p = sp_pool { id: 0 };
-    // SAFETY: valid pointers.
-    let status = unsafe { sp_pool_new(&o, &mut p) };
-    assert_eq!(status, SP_OK, "{}", last_error());
+/// A pool with the options `f` sets and one worker.
+fn pool_with_worker(f: impl FnOnce(&mut sp_pool_options)) -> sp_pool {
+    let p = new_pool(f);
     let mut r = sp_result { id: 0 };
     // SAFETY: valid pointers.
     let s = unsafe { sp_pool_spawn(p, b"w".as_ptr(), 1, &mut r, null_mut()) };
     assert_eq!(s, SP_OK, "{}", last_error());
     assert_eq!(sp_result_free(r), SP_OK);
     p
-}
-
-fn take(r: sp_result) -> String {
-    let (mut d, mut n) = (null(), 0usize);
-    // SAFETY: valid out-pointers.
-    assert_eq!(unsafe { sp_result_bytes(r, &mut d, &mut n) }, SP_OK);
-    let s = if n == 0 {
-        String::new()
-    } else {
-        // SAFETY: `n` bytes at `d` until the free.
-        String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(d, n) }).into_owned()
-    };
-    assert_eq!(sp_result_free(r), SP_OK);
-    s
 }
 
 fn submit(p: sp_pool, task: &[u8]) -> sp_task {
@@ -243,17 +185,6 @@ fn pending(t: sp_task) -> bool {
     unsafe { sp_task_wait_timeout(t, 0, &mut r) == SP_TIMEOUT }
 }
 
-fn poll_readable(fd: i32, timeout_ms: i32) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-    n == 1 && pfd.revents & libc::POLLIN != 0
-}
-
 // ---- tests ----
 
 /// Laps on one seat with an 8-slot queue: five cancelled tasks each lap, collected every way
@@ -262,7 +193,7 @@ fn poll_readable(fd: i32, timeout_ms: i32) -> bool {
 #[test]
 fn bb_abi_cancel_answers_at_once_however_collected() {
     watchdog(240, || {
-        let p = new_pool(|o| o.queue_size = 8);
+        let p = pool_with_worker(|o| o.queue_size = 8);
         let mut markers = Vec::new();
         for lap in 0..20 {
             let (gate, blocker) = hold(p, &format!("laps-{lap}"));
@@ -317,7 +248,7 @@ fn bb_abi_cancel_answers_at_once_however_collected() {
 #[test]
 fn bb_abi_cancel_pushes_a_registered_completion_at_once() {
     watchdog(120, || {
-        let p = new_pool(|o| o.queue_size = 8);
+        let p = pool_with_worker(|o| o.queue_size = 8);
         let (gate, blocker) = hold(p, "cq");
         let mut cq = sp_completion_queue { id: 0 };
         let mut fd = -1;
@@ -358,7 +289,7 @@ fn bb_abi_cancel_pushes_a_registered_completion_at_once() {
 #[test]
 fn bb_abi_a_cancelled_task_completes_into_the_queue_once() {
     watchdog(120, || {
-        let p = new_pool(|o| o.queue_size = 8);
+        let p = pool_with_worker(|o| o.queue_size = 8);
         let (gate, blocker) = hold(p, "cq-once");
         let mut cq = sp_completion_queue { id: 0 };
         let (mut ud, mut t2) = (0u64, sp_task { id: 0 });
@@ -401,7 +332,7 @@ fn bb_abi_a_cancelled_task_completes_into_the_queue_once() {
 #[test]
 fn bb_abi_cancel_on_one_thread_wait_on_another() {
     watchdog(120, || {
-        let p = new_pool(|o| o.queue_size = 8);
+        let p = pool_with_worker(|o| o.queue_size = 8);
         let (gate, blocker) = hold(p, "xthread");
         // Handed over after the cancel.
         let t = submit(p, b"a");
@@ -470,7 +401,7 @@ fn bb_abi_cancel_on_one_thread_wait_on_another() {
 #[test]
 fn bb_abi_batch_cancel_answers_at_once() {
     watchdog(120, || {
-        let p = new_pool(|o| o.queue_size = 8);
+        let p = pool_with_worker(|o| o.queue_size = 8);
         let (gate, blocker) = hold(p, "batch");
         let m1 = tmp("batch-ran-1");
         let m2 = tmp("batch-ran-2");
@@ -522,7 +453,7 @@ fn bb_abi_batch_cancel_answers_at_once() {
 #[test]
 fn bb_abi_cancel_of_a_running_task_gets_its_result() {
     watchdog(120, || {
-        let p = new_pool(|o| o.queue_size = 4);
+        let p = pool_with_worker(|o| o.queue_size = 4);
         let (gate, t) = hold(p, "running");
         assert_eq!(sp_task_cancel(t), SP_OK);
         assert!(pending(t), "a running task is not settled by a cancel");
@@ -538,7 +469,7 @@ fn bb_abi_cancel_of_a_running_task_gets_its_result() {
 fn bb_abi_loans_of_cancelled_tasks_come_back() {
     watchdog(240, || {
         const LOAN: usize = 600 << 10;
-        let p = new_pool(|o| {
+        let p = pool_with_worker(|o| {
             o.queue_size = 4;
             o.task_arena_bytes = 1 << 20;
         });
@@ -578,7 +509,7 @@ fn bb_abi_loans_of_cancelled_tasks_come_back() {
 #[test]
 fn abi_a_deadline_no_worker_meets_is_answered_at_the_deadline() {
     watchdog(240, || {
-        let p = new_pool(|o| o.queue_size = 8);
+        let p = pool_with_worker(|o| o.queue_size = 8);
         let opts = sp_task_options {
             deadline_ms: 30,
             ..Default::default()

@@ -235,12 +235,7 @@ impl Shared {
                 let (off, len) = match encoded {
                     Ok(r) => r?,
                     Err(panic) => {
-                        let blk = meta.task_blk.1.swap(0, Ordering::Relaxed);
-                        if blk != 0 {
-                            self.arena
-                                .free(meta.task_blk.0.load(Ordering::Relaxed), blk);
-                        }
-                        self.release_slot(slot);
+                        self.give_back(slot);
                         std::panic::resume_unwind(panic);
                     }
                 };
@@ -267,11 +262,6 @@ impl Shared {
         // Checked after the size checks (a task too large is that, whatever the workers), and
         // before anything is queued.
         if self.workerless() {
-            let len = meta.task_blk.1.swap(0, Ordering::Relaxed);
-            if len != 0 {
-                self.arena
-                    .free(meta.task_blk.0.load(Ordering::Relaxed), len);
-            }
             return Err(self.abort_submit(slot, SubmitError::NoWorkers));
         }
         if let Some((off, _, blk)) = placed {
@@ -456,11 +446,7 @@ impl Shared {
                 // push publishes it.
                 match unsafe { encode_into(task, self.seg.bytes_ptr(off as usize, len), len) } {
                     Ok(n) => (off, n as u64),
-                    Err(e) => {
-                        meta.task_blk.1.store(0, Ordering::Relaxed);
-                        self.arena.free(off, blk);
-                        return Err(self.abort_submit(slot, encode_err(e)));
-                    }
+                    Err(e) => return Err(self.abort_submit(slot, encode_err(e))),
                 }
             }
             Err(e) => return Err(self.abort_submit(slot, encode_err(e))),
@@ -522,9 +508,25 @@ impl Shared {
         true
     }
 
+    /// A submit gives up before queueing: gives the slot back ([`give_back`](Self::give_back))
+    /// and returns `e`.
     fn abort_submit(&self, slot: u32, e: SubmitError) -> SubmitError {
-        self.release_slot(slot);
+        self.give_back(slot);
         e
+    }
+
+    /// Gives back a slot taken by a submit that queued nothing, with the arena block its
+    /// task was encoded into, if any (recorded in `task_blk` as soon as it was taken; a
+    /// loan's block is recorded only after the last point where a submit gives up, so it
+    /// stays the caller's).
+    fn give_back(&self, slot: u32) {
+        let meta = &self.meta[slot as usize];
+        let blk = meta.task_blk.1.swap(0, Ordering::Relaxed);
+        if blk != 0 {
+            self.arena
+                .free(meta.task_blk.0.load(Ordering::Relaxed), blk);
+        }
+        self.release_slot(slot);
     }
 
     /// After offering the task in `slot` to `seat` alone: if the seat has meanwhile been freed

@@ -39,23 +39,15 @@ impl Sup {
             let _ = done.send(false);
             return;
         }
-        if matches!(self.seats[seat as usize].phase, Phase::Starting { .. }) {
-            // It may have reported ready since the last look: then it is a serving worker.
-            self.check_start(seat);
-        }
+        self.look_at_start_up(seat);
         if self.shutdown.is_none()
             && matches!(
                 self.seats[seat as usize].phase,
                 Phase::Starting { reply: None, .. }
             )
         {
-            // A restart or revival still in its start-up (no caller waits on it).
-            let cause = self
-                .reap_now(seat)
-                .unwrap_or(ExitCause::Signal(libc::SIGKILL));
-            let pid = self.seats[seat as usize].pid;
-            self.recover_tasks(seat, pid, cause, Some(KillReason::Shutdown));
-            self.free_seat(seat, WorkerState::Stopped);
+            // A restart or revival still in its start-up (no spawn call waits on it).
+            self.abandon_start_up(seat);
             let _ = done.send(true);
             return;
         }

@@ -14,34 +14,9 @@ impl Sup {
         }
         // Start-ups in progress are abandoned; back-offs are not restarted.
         for seat in 0..self.seats.len() as u32 {
-            if matches!(self.seats[seat as usize].phase, Phase::Starting { .. })
-                && matches!(
-                    shared.ctl(seat).state.load(Ordering::Acquire),
-                    ctl_state::READY | ctl_state::RETIRING | ctl_state::EXITED
-                )
-            {
-                // It reported ready since the last look, and may already hold a task: a
-                // serving worker, which the shutdown reaches as any other (a graceful one
-                // lets it finish its task).
-                self.check_start(seat);
-            }
+            self.look_at_start_up(seat);
             match &self.seats[seat as usize].phase {
-                Phase::Starting { .. } => {
-                    let cause = self
-                        .reap_now(seat)
-                        .unwrap_or(ExitCause::Signal(libc::SIGKILL));
-                    // One that reported ready between that look and the kill may have taken
-                    // a task: answered as a shutdown's leftover, not left for the final sweep.
-                    let pid = self.seats[seat as usize].pid;
-                    self.recover_tasks(seat, pid, cause, Some(KillReason::Shutdown));
-                    let s = &mut self.seats[seat as usize];
-                    if let Phase::Starting { reply: Some(r), .. } =
-                        std::mem::replace(&mut s.phase, Phase::Idle)
-                    {
-                        r.complete(SpawnOutcome::Failed(SpawnError::Shutdown));
-                    }
-                    self.free_seat(seat, WorkerState::Stopped);
-                }
+                Phase::Starting { .. } => self.abandon_start_up(seat),
                 Phase::Backoff { .. } => self.free_seat(seat, WorkerState::Stopped),
                 _ => {}
             }
@@ -53,6 +28,39 @@ impl Sup {
         // asleep until the shutdown timeout kills it.
         hdr.task_ready.wake_all_unconditionally();
         hdr.space.wake_all_unconditionally();
+    }
+
+    /// Before a start-up of `seat` is abandoned: one that reported ready since the last look,
+    /// and may already hold a task, is recorded as serving (then it is stopped as any serving
+    /// worker is: a graceful stop lets it finish its task).
+    pub(super) fn look_at_start_up(&mut self, seat: u32) {
+        if matches!(self.seats[seat as usize].phase, Phase::Starting { .. })
+            && matches!(
+                self.shared.ctl(seat).state.load(Ordering::Acquire),
+                ctl_state::READY | ctl_state::RETIRING | ctl_state::EXITED
+            )
+        {
+            self.check_start(seat);
+        }
+    }
+
+    /// Abandons `seat`'s start-up (a shutdown, or a retire of a restart or revival): kills and
+    /// reaps its process, answers a spawn call waiting on it `Shutdown`, and frees the seat as
+    /// `Stopped`.
+    pub(super) fn abandon_start_up(&mut self, seat: u32) {
+        let cause = self
+            .reap_now(seat)
+            .unwrap_or(ExitCause::Signal(libc::SIGKILL));
+        // One that reported ready between the last look and the kill may have taken a task:
+        // answered as a shutdown's leftover, not left for the final sweep.
+        let pid = self.seats[seat as usize].pid;
+        self.recover_tasks(seat, pid, cause, Some(KillReason::Shutdown));
+        let s = &mut self.seats[seat as usize];
+        if let Phase::Starting { reply: Some(r), .. } = std::mem::replace(&mut s.phase, Phase::Idle)
+        {
+            r.complete(SpawnOutcome::Failed(SpawnError::Shutdown));
+        }
+        self.free_seat(seat, WorkerState::Stopped);
     }
 
     /// A `close_by` deadline passed: kill every worker that holds a task (running it, or
