@@ -1765,7 +1765,8 @@ fn futures_dropped_part_way_leave_no_slot_taken() {
                 Poll::Pending => {
                     if rng.chance(50) {
                         // Free a slot: the future is woken (bounded look) but never polled again.
-                        let (h, j) = held.into_iter().next().unwrap();
+                        let mut held = held.into_iter();
+                        let (h, j) = held.next().unwrap();
                         fates.push((j.id, judge(h.wait(), &j, None, 0, false, &what)));
                         let woken = wait_until(20, || count.0.load(SeqCst) >= 1);
                         assert!(
@@ -1776,6 +1777,9 @@ fn futures_dropped_part_way_leave_no_slot_taken() {
                         drop(fut);
                         // Not polled again: never queued.
                         dropped_fut_id = Some(job.id);
+                        for (h, j) in held {
+                            fates.push((j.id, judge(h.wait(), &j, None, 0, false, &what)));
+                        }
                     } else {
                         drop(fut);
                         dropped_fut_id = Some(job.id);
