@@ -67,13 +67,22 @@ impl Sup {
     /// forming a batch with it), which may be a task nobody waits for any more; idle workers
     /// go on leaving (their state's destructor runs) under the shutdown timeout. What a worker
     /// says it holds is only a hint here: one that lies is killed at that timeout instead.
+    ///
+    /// "Holds" is decided as for a dead worker (`slot::held_by_dead_worker`): a worker that has
+    /// published its task's outcome but not yet cleared its words is idle, not busy; the last
+    /// answer before a drained shutdown is often read in exactly that window.
     pub(super) fn kill_busy(&mut self) {
+        let shared = &self.shared;
+        let n_slots = shared.n_slots();
+        let holds = |slot: u32, task: u64| {
+            held_by_dead_worker(slot, task, n_slots, |s| Some(shared.slot(s).state_and_task()))
+                .is_some()
+        };
         for seat in 0..self.seats.len() as u32 {
-            let ctl = self.shared.ctl(seat);
-            let bc = self.shared.batch_ctl(seat);
-            let busy = ctl.current_slot.load(Ordering::SeqCst) != u32::MAX
-                || ctl.current_task.load(Ordering::SeqCst) != 0
-                || bc.held_slots.iter().any(|h| h.load(Ordering::SeqCst) != 0);
+            let ctl = shared.ctl(seat);
+            let cur = ctl.current_slot.load(Ordering::SeqCst);
+            let busy = holds(cur, ctl.current_task.load(Ordering::SeqCst))
+                || shared.batch_ctl(seat).held().any(|(s, t)| holds(s, t));
             let s = &mut self.seats[seat as usize];
             if busy && s.child.is_some() {
                 s.kill = Some(KillReason::Shutdown);
