@@ -111,6 +111,10 @@ pub enum PoolEvent {
 }
 
 /// Counters of the pool's fault handling since it was built.
+///
+/// A fault is counted before any task it touched is answered: once a caller holds a
+/// `WorkerDied`, a `Timeout` from a kill, or the answer of a retried task, the stats it reads
+/// next include that death, timeout or retry.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PoolStats {

@@ -285,15 +285,19 @@ impl Shared {
         // Times only when something reads them: a batching pool (queue delay, the oldest
         // task's wait) or a deadline. Always stored: stale values must not outlive a task.
         let batching = self.header().batch.max.load(Ordering::Relaxed) > 1;
-        let submitted_ns = if batching || opts.deadline.is_some() {
+        // The time left is read before the clock it is added to, so the deadline in shared
+        // memory is never earlier than the caller's `Instant` (a preemption in between moves
+        // it later, not earlier: nothing is answered `Timeout` before its deadline).
+        let left = opts
+            .deadline
+            .map(|d| d.saturating_duration_since(Instant::now()).as_nanos());
+        let submitted_ns = if batching || left.is_some() {
             crate::sys::mono_ns()
         } else {
             0
         };
-        let deadline_ns = opts.deadline.map(|d| {
-            let left = d.saturating_duration_since(Instant::now()).as_nanos();
-            submitted_ns.saturating_add(left.min(u64::MAX as u128) as u64)
-        });
+        let deadline_ns =
+            left.map(|left| submitted_ns.saturating_add(left.min(u64::MAX as u128) as u64));
         let times = self.times(slot);
         times.submitted_ns.store(submitted_ns, Ordering::Relaxed);
         // A load first, as in `retire`: most tasks have no deadline and were not cancelled,

@@ -236,19 +236,26 @@ impl Sup {
                 // signalling on it would only keep waking us).
                 s.line = None;
                 let pid = s.pid;
+                let restarted = reply.is_none();
+                // Everything a caller may check once it sees the seat `Ready` is in place
+                // before: submits accepted again, the restart counted.
+                shared.seat_reserved(seat);
+                shared.no_workers.store(false, Ordering::SeqCst);
+                if restarted {
+                    StatCounters::add(&shared.stats.restarts, 1);
+                }
                 {
                     let mut seats = shared.lock_seats();
                     seats[worker].state = WorkerState::Ready;
                     seats[worker].pid = pid;
+                    if restarted {
+                        seats[worker].restarts += 1;
+                    }
                 }
                 crate::telemetry::ready(seat, pid);
-                shared.seat_reserved(seat);
-                shared.no_workers.store(false, Ordering::SeqCst);
                 match reply {
                     Some(r) => r.complete(SpawnOutcome::Ready(spawn_report(&shared, seat))),
                     None => {
-                        StatCounters::add(&shared.stats.restarts, 1);
-                        shared.lock_seats()[worker].restarts += 1;
                         self.emit(PoolEvent::WorkerRestarted {
                             worker,
                             pid,

@@ -83,6 +83,15 @@ impl Sup {
         } else {
             WorkerState::Restarting
         };
+        // A death (not a retirement, nor the normal end at shutdown) is counted before its
+        // tasks are answered: a caller told `WorkerDied` must find it in the stats.
+        let ended_normally = self.seats[worker].retiring.is_some()
+            || (kill.is_none()
+                && ctl_state_now == ctl_state::EXITED
+                && self.shutdown.is_some());
+        if !ended_normally {
+            StatCounters::add(&shared.stats.worker_deaths, 1);
+        }
         let (failed, retried) = self.recover_tasks(seat, pid, cause, kill);
         ctl.state.store(ctl_state::EXITED, Ordering::Release);
         if let Some((_, waiters)) = self.seats[worker].retiring.take() {
@@ -100,7 +109,6 @@ impl Sup {
             self.free_seat(seat, WorkerState::Stopped);
             return;
         }
-        StatCounters::add(&shared.stats.worker_deaths, 1);
         self.emit(PoolEvent::WorkerDied {
             worker,
             pid,
@@ -325,9 +333,8 @@ impl Sup {
                     && !in_batch
                     && !cancelled
                     && self.shutdown.is_none()
-                    && shared.requeue(slot) =>
+                    && requeue_counted(&shared, slot) =>
             {
-                StatCounters::add(&shared.stats.tasks_retried, 1);
                 return true;
             }
             Some(KillReason::Shutdown) => {
@@ -343,8 +350,7 @@ impl Sup {
         let left = meta.retries_left.load(Ordering::Relaxed);
         if left > 0 && self.shutdown.is_none() {
             meta.retries_left.store(left - 1, Ordering::Relaxed);
-            if shared.requeue(slot) {
-                StatCounters::add(&shared.stats.tasks_retried, 1);
+            if requeue_counted(&shared, slot) {
                 // A retried task may be alone in the queue with no live worker left: the
                 // supervisor's loop drains it while `no_workers` holds.
                 return true;
@@ -433,4 +439,16 @@ fn running(shared: &Shared, seat: u32, n_slots: u32) -> Option<(u64, u64)> {
         }
     }
     key.map(|k| (k, limit))
+}
+
+/// [`Shared::requeue`], counted in `tasks_retried` before the task is back in the queue: its
+/// next worker may answer it before the supervisor runs again, and a caller holding that
+/// answer must find the retry in the stats. A queue that refuses it takes the count back.
+fn requeue_counted(shared: &Shared, slot: u32) -> bool {
+    StatCounters::add(&shared.stats.tasks_retried, 1);
+    let queued = shared.requeue(slot);
+    if !queued {
+        shared.stats.tasks_retried.fetch_sub(1, Ordering::Relaxed);
+    }
+    queued
 }
