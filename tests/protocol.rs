@@ -95,16 +95,16 @@ fn check(shape: Shape, i: u64, r: Result<Out, TaskError>, ctx: &str) -> Result<(
     Ok(())
 }
 
-/// One worker that dies at the third hit of failpoint `point` (in its first life only), with
-/// a small completion ring, so that large results take the ring-record path.
-fn matrix_pool(point: &str, batch: BatchPolicy) -> Pool<TestWorker> {
+/// One worker that dies at hit `hit` of failpoint `point` (in its first life only), with a
+/// small completion ring, so that large results take the ring-record path.
+fn matrix_pool(point: &str, batch: BatchPolicy, hit: u32) -> Pool<TestWorker> {
     let pool = Pool::<TestWorker>::builder()
         .queue_size(16)
         .max_workers(1)
         .result_ring_bytes(RING)
         .restart_on_panic(false)
         .batch_policy(batch)
-        .worker_env("STATEFUL_POOL_FAILPOINTS", format!("{point}@3/1"))
+        .worker_env("STATEFUL_POOL_FAILPOINTS", format!("{point}@{hit}/1"))
         .build()
         .unwrap();
     pool.spawn(&Spawn::ok("fp")).unwrap();
@@ -158,7 +158,7 @@ fn a_worker_killed_at_any_step_with_any_result_shape_costs_only_its_task_and_its
         for point in POINTS {
             for shape in SHAPES {
                 let ctx = format!("{point} × {shape:?}");
-                let pool = matrix_pool(point, BatchPolicy::none());
+                let pool = matrix_pool(point, BatchPolicy::none(), 3);
                 the_death_costs_one_task(
                     &pool,
                     point,
@@ -287,7 +287,9 @@ fn a_batching_worker_killed_at_any_step_with_any_result_shape_costs_only_its_bat
         for point in POINTS {
             for shape in SHAPES {
                 let ctx = format!("batching: {point} × {shape:?}");
-                let pool = matrix_pool(point, BatchPolicy::new(4));
+                // The second hit: some points are hit once per batch, and 8 tasks make at
+                // least 2 batches of at most 4 (but only 2 if the worker wakes late).
+                let pool = matrix_pool(point, BatchPolicy::new(4), 2);
                 let handles: Vec<TaskHandle<Out>> = (0..8u64)
                     .map(|i| pool.submit(&task(shape, i)))
                     .collect::<Result<_, _>>()
@@ -307,8 +309,8 @@ fn a_batching_worker_killed_at_any_step_with_any_result_shape_costs_only_its_bat
                     }
                 }
                 assert!(died <= 4, "{ctx}: {died} tasks lost, more than one batch");
-                // `after_publish` is hit once per batch: with 8 tasks in a few batches its
-                // third hit may not come.
+                // `after_publish` is hit once per batch, after its answers: its death costs
+                // no task (and may not be counted yet when the last answer is read).
                 let deaths = pool.stats().worker_deaths;
                 if point == "after_publish" {
                     assert!(

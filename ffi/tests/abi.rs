@@ -1157,9 +1157,13 @@ fn per_task_options_set_a_timeout_and_flags_are_checked() {
             let (s, msg) = wait(t).unwrap_err();
             assert_eq!(s, SP_TASK_TIMED_OUT, "{msg}");
             assert_eq!(execute(p, b"after").unwrap(), "echo:after");
-            // Non-blocking and with options at once.
+            // Non-blocking and with options at once (a limit no stall reaches).
+            let roomy = sp_task_options {
+                timeout_ms: 60_000,
+                ..opts
+            };
             assert_eq!(
-                sp_pool_submit_with(p, b"x".as_ptr(), 1, &opts, SP_SUBMIT_TRY, &mut t2),
+                sp_pool_submit_with(p, b"x".as_ptr(), 1, &roomy, SP_SUBMIT_TRY, &mut t2),
                 SP_OK
             );
             assert_eq!(wait(t2).unwrap(), "echo:x");

@@ -37,6 +37,10 @@ defaults
     timeout server 30s
     # A request waits this long in HAProxy's queue for a server slot, then gets a 503.
     timeout queue 10s
+    # A health check's answer may take this long (without it HAProxy allows only `inter`,
+    # 200 ms, and a busy but healthy instance would be marked down under load). A dead one is
+    # still seen at once: its connection fails (`observe layer4`), within min(connect, inter).
+    timeout check 5s
     # Retried on another server: a connection refused (a dead instance not yet marked down)
     # and an instance's 503 (it did not take the request: at capacity, or draining). Not
     # retried: a request an instance took and then failed to answer (it may have run).

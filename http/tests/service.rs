@@ -45,6 +45,9 @@ impl Svc {
         std::fs::create_dir_all(&faults).unwrap();
         let mut args: Vec<String> = SMALL.map(String::from).to_vec();
         args.extend(["--fault-injection".into(), faults.to_str().unwrap().into()]);
+        // A generous default deadline: a debug build on a loaded 2-core machine takes seconds
+        // for the large images. Tests of the deadline shorten it per request.
+        args.extend(["--timeout-ms".into(), "60000".into()]);
         args.extend(extra.iter().map(|s| s.to_string()));
         let inst = Instance::start(PROGRAM.as_ref(), &args, T).expect("the service starts");
         Svc { inst, faults }
@@ -224,7 +227,7 @@ async fn a_prediction_through_the_pool_equals_the_direct_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requests_get_a_4xx_with_a_reason() {
-    let svc = Svc::start(&["--max-body-bytes", "100000", "--body-timeout-ms", "300"]);
+    let svc = Svc::start(&["--max-body-bytes", "100000", "--body-timeout-ms", "1500"]);
     let (code, _, body) = svc.post(b"not an image at all".to_vec(), &[]).await;
     assert_eq!(code, 400);
     assert!(error(&body).error.starts_with("bad image"), "{body:?}");
@@ -370,7 +373,7 @@ async fn a_passed_deadline_is_504_and_worker_faults_are_500_naming_the_stage() {
     let (code, _, body) = svc
         .post(
             samples::png(0, 64),
-            &[("x-fault", "sleep=3000"), ("x-timeout-ms", "200")],
+            &[("x-fault", "sleep=3000"), ("x-timeout-ms", "1500")],
         )
         .await;
     assert_eq!(code, 504);
@@ -508,7 +511,7 @@ async fn a_client_that_half_closes_mid_body_reads_a_400() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_and_slow_connections_are_closed() {
-    let svc = Svc::start(&["--header-timeout-ms", "300"]);
+    let svc = Svc::start(&["--header-timeout-ms", "1000"]);
     // A connection that sends nothing, and one that sends half a request head: both are
     // closed by the service (read returns 0), not kept forever.
     for bytes in [&b""[..], &b"POST /predict HTTP/1.1\r\nhost: x\r\n"[..]] {
