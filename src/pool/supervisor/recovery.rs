@@ -86,9 +86,7 @@ impl Sup {
         // A death (not a retirement, nor the normal end at shutdown) is counted before its
         // tasks are answered: a caller told `WorkerDied` must find it in the stats.
         let ended_normally = self.seats[worker].retiring.is_some()
-            || (kill.is_none()
-                && ctl_state_now == ctl_state::EXITED
-                && self.shutdown.is_some());
+            || (kill.is_none() && ctl_state_now == ctl_state::EXITED && self.shutdown.is_some());
         if !ended_normally {
             StatCounters::add(&shared.stats.worker_deaths, 1);
         }

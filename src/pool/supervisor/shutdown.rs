@@ -75,8 +75,10 @@ impl Sup {
         let shared = &self.shared;
         let n_slots = shared.n_slots();
         let holds = |slot: u32, task: u64| {
-            held_by_dead_worker(slot, task, n_slots, |s| Some(shared.slot(s).state_and_task()))
-                .is_some()
+            held_by_dead_worker(slot, task, n_slots, |s| {
+                Some(shared.slot(s).state_and_task())
+            })
+            .is_some()
         };
         for seat in 0..self.seats.len() as u32 {
             let ctl = shared.ctl(seat);
