@@ -58,7 +58,8 @@ backend instances
     http-check expect status 200
     # Which instance answered (HAProxy's own answers too, e.g. a 502 from a dead one).
     http-after-response set-header x-server %s
-    # A connection error marks the server down at once (least-connections would otherwise
+    # A connection error counts as a failed check and the next check follows within `inter`,
+    # so a dead server is down within about 200 ms (least-connections would otherwise
     # send every new request to a dead server: it holds the fewest), until the health check
     # sees it healthy again.
     default-server check inter 200ms fall 2 rise 2 maxconn {maxconn} observe layer4 error-limit 1 on-error fail-check

@@ -486,9 +486,9 @@ impl Shared {
     }
 
     /// Puts a task whose worker died back in the queue, for another worker to run (its retry
-    /// policy allowed it). Waiter bits are kept; the claim is undone. Returns `false` (and
-    /// leaves the task unanswered, for the caller to answer) if the queue refuses it, or if
-    /// the task was offered to one worker alone.
+    /// policy allowed it), counted in `tasks_retried`. Waiter bits are kept; the claim is
+    /// undone. Returns `false` (and leaves the task unanswered, for the caller to answer) if
+    /// the queue refuses it, or if the task was offered to one worker alone.
     pub(crate) fn requeue(&self, slot: u32) -> bool {
         if self.meta(slot).directed_to.load(Ordering::Relaxed) != 0 {
             // A task offered to one worker alone (a broadcast) never goes to the shared queue:
@@ -496,7 +496,12 @@ impl Shared {
             return false;
         }
         self.slot(slot).unclaim();
+        // Counted before the push: the task's next worker may answer it before this thread
+        // runs again, and a caller holding that answer must find the retry in the stats. (A
+        // push fails only on a corrupted queue; the count is then taken back.)
+        self.stats.tasks_retried.fetch_add(1, Ordering::Relaxed);
         if self.task_ring().push(slot).is_err() {
+            self.stats.tasks_retried.fetch_sub(1, Ordering::Relaxed);
             return false;
         }
         self.header().task_ready.notify_one();

@@ -331,7 +331,7 @@ impl Sup {
                     && !in_batch
                     && !cancelled
                     && self.shutdown.is_none()
-                    && requeue_counted(&shared, slot) =>
+                    && shared.requeue(slot) =>
             {
                 return true;
             }
@@ -348,7 +348,7 @@ impl Sup {
         let left = meta.retries_left.load(Ordering::Relaxed);
         if left > 0 && self.shutdown.is_none() {
             meta.retries_left.store(left - 1, Ordering::Relaxed);
-            if requeue_counted(&shared, slot) {
+            if shared.requeue(slot) {
                 // A retried task may be alone in the queue with no live worker left: the
                 // supervisor's loop drains it while `no_workers` holds.
                 return true;
@@ -437,16 +437,4 @@ fn running(shared: &Shared, seat: u32, n_slots: u32) -> Option<(u64, u64)> {
         }
     }
     key.map(|k| (k, limit))
-}
-
-/// [`Shared::requeue`], counted in `tasks_retried` before the task is back in the queue: its
-/// next worker may answer it before the supervisor runs again, and a caller holding that
-/// answer must find the retry in the stats. A queue that refuses it takes the count back.
-fn requeue_counted(shared: &Shared, slot: u32) -> bool {
-    StatCounters::add(&shared.stats.tasks_retried, 1);
-    let queued = shared.requeue(slot);
-    if !queued {
-        shared.stats.tasks_retried.fetch_sub(1, Ordering::Relaxed);
-    }
-    queued
 }

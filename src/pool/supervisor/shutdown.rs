@@ -82,8 +82,17 @@ impl Sup {
         };
         for seat in 0..self.seats.len() as u32 {
             let ctl = shared.ctl(seat);
-            let cur = ctl.current_slot.load(Ordering::SeqCst);
-            let busy = holds(cur, ctl.current_task.load(Ordering::SeqCst))
+            // The worker moves on while we read: a pair read twice alike is one it held (or
+            // left) at one time; a pair that changed in between is a worker at work.
+            let window = || {
+                (
+                    ctl.current_slot.load(Ordering::SeqCst),
+                    ctl.current_task.load(Ordering::SeqCst),
+                )
+            };
+            let (first, second) = (window(), window());
+            let busy = first != second
+                || holds(first.0, first.1)
                 || shared.batch_ctl(seat).held().any(|(s, t)| holds(s, t));
             let s = &mut self.seats[seat as usize];
             if busy && s.child.is_some() {
