@@ -5,6 +5,10 @@ use rkyv::{Archive, Deserialize, Serialize};
 use stateful_pool::{BoxError, TaskContext, Worker, WorkerContext};
 use std::time::{Duration, Instant};
 
+mod wait;
+#[allow(unused_imports)] // each test binary uses what it needs
+pub use wait::{wait_until, watchdog};
+
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct Spawn {
     pub tag: String,
@@ -430,20 +434,6 @@ pub fn allowed_cpus() -> Vec<usize> {
     }
 }
 
-/// Polls `cond` every 5 ms until it holds or `secs` pass; returns whether it held.
-pub fn wait_until(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() > end {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// Allocation counting, for the no-allocation test (the test binary installs the allocator).
 pub static ALLOCS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -461,25 +451,6 @@ pub fn gate_path(name: &str) -> std::path::PathBuf {
             .unwrap()
             .as_nanos()
     ))
-}
-
-/// Runs `f` on a thread and fails the test if it does not finish within `secs` (a hang becomes
-/// a failure instead of stalling CI).
-pub fn watchdog<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let t = std::thread::spawn(move || {
-        let r = f();
-        let _ = tx.send(());
-        r
-    });
-    match rx.recv_timeout(Duration::from_secs(secs)) {
-        Ok(()) => t.join().unwrap(),
-        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => match t.join() {
-            Ok(v) => v,
-            Err(p) => std::panic::resume_unwind(p),
-        },
-        Err(_) => panic!("watchdog: test did not finish within {secs} s"),
-    }
 }
 
 /// A worker whose task is one `u64`, so every task travels in its slot header's word (tasks of

@@ -6,40 +6,12 @@ use stateful_pool_ffi::sp_status::*;
 use stateful_pool_ffi::*;
 use std::ffi::CStr;
 use std::ptr::null;
-use std::time::{Duration, Instant};
 
-/// Runs `f` on a thread and fails the test if it does not finish within `secs` (a hang becomes
-/// a failure instead of stalling CI).
-pub fn watchdog(secs: u64, f: impl FnOnce() + Send + 'static) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let t = std::thread::spawn(move || {
-        f();
-        let _ = tx.send(());
-    });
-    match rx.recv_timeout(Duration::from_secs(secs)) {
-        Ok(()) => t.join().unwrap(),
-        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-            if let Err(p) = t.join() {
-                std::panic::resume_unwind(p)
-            }
-        }
-        Err(_) => panic!("watchdog: test did not finish within {secs} s"),
-    }
-}
-
-/// Polls `cond` every 2 ms for up to `secs`; whether it came true.
-pub fn wait_until(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() > end {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
+// The bounded waits of the main crate's tests, shared as a file.
+#[path = "../../../tests/common/wait.rs"]
+mod wait;
+#[allow(unused_imports)] // each test binary uses what it needs
+pub use wait::{wait_until, watchdog};
 
 /// This thread's last error message.
 pub fn last_error() -> String {
