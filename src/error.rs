@@ -278,8 +278,12 @@ pub enum TaskError {
         /// [`PoolBuilder::worker_env`](crate::PoolBuilder::worker_env)); `None` otherwise.
         backtrace: Option<String>,
     },
-    /// The task's result archive is larger than the worker's completion ring.
-    #[error("worker {worker}: result of {len} bytes exceeds the maximum of {max} bytes")]
+    /// The task's result archive is larger than a result may be: half of the worker's
+    /// completion ring, less a 32-byte record header.
+    #[error(
+        "worker {worker}: result of {len} bytes exceeds the maximum of {max} bytes \
+         (half of PoolBuilder::result_ring_bytes)"
+    )]
     ResultTooLarge {
         /// Seat index of the worker.
         worker: usize,

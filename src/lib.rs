@@ -7,8 +7,9 @@
 //! Tasks and results are [rkyv](https://docs.rs/rkyv) archives written directly into a
 //! shared-memory segment and carried by lock-free rings: a bounded task queue that the next idle
 //! worker pulls from, and one completion ring per worker back to the parent. Workers read tasks
-//! in place; the parent reads results in place. Large payloads are written once into a buffer
-//! loaned from shared memory ([`Pool::loan`]).
+//! in place; the parent copies each result out of shared memory and validates the copy before
+//! it reads it, so nothing a worker does afterwards can change it. Large payloads are written
+//! once into a buffer loaned from shared memory ([`Pool::loan`]).
 //!
 //! ## Quick start
 //!

@@ -711,16 +711,37 @@ fn failed_spawns_report_clearly_and_leave_no_process_and_the_pool_usable() {
         pool.spawn(&Spawn::ok("b")).unwrap();
         assert_eq!(pool.execute(&Cmd::Echo(4)).unwrap().value, 4);
 
-        // A worker program that does not exist is refused when the pool is built, by name.
-        match Pool::<TestWorker>::builder()
+        // A worker program that does not exist: the spawn fails, naming it, and nothing
+        // is left behind.
+        let missing = Pool::<TestWorker>::builder()
             .program("/nonexistent/stateful-pool-worker")
             .build()
-        {
-            Err(BuildError::InvalidConfig(m)) => {
-                assert!(m.contains("/nonexistent/stateful-pool-worker"), "{m}")
+            .unwrap();
+        for _ in 0..2 {
+            let err = missing.spawn(&Spawn::ok("x")).unwrap_err();
+            match &err {
+                SpawnError::Launch { source, .. } => {
+                    assert_eq!(source.kind(), std::io::ErrorKind::NotFound, "{err}");
+                    assert!(
+                        err.to_string()
+                            .contains("/nonexistent/stateful-pool-worker"),
+                        "{err}"
+                    );
+                }
+                other => panic!("expected Launch, got {other}"),
             }
-            other => panic!("expected InvalidConfig, got {:?}", other.map(|_| ())),
+            assert_eq!(missing.num_workers(), 0);
+            assert!(
+                missing
+                    .workers()
+                    .iter()
+                    .all(|w| w.state == WorkerState::Empty)
+            );
         }
+        assert!(matches!(
+            missing.execute(&Cmd::Echo(1)),
+            Err(TaskError::NoWorkers)
+        ));
     });
 }
 

@@ -1037,6 +1037,26 @@ fn a_closed_thread_stage_refuses_to_spawn() {
     });
 }
 
+#[test]
+fn a_thread_stage_refuses_a_batch_size_out_of_range_at_spawn() {
+    watchdog(60, || {
+        for n in [0, 65, usize::MAX] {
+            let t = Threads::<Step>::new("B").max_batch(n);
+            match t.spawn(&"B".to_string()) {
+                Err(stateful_pool::SpawnError::Launch { source, .. }) => {
+                    assert_eq!(source.kind(), std::io::ErrorKind::InvalidInput);
+                    assert!(source.to_string().contains("max_batch"), "{source}");
+                }
+                r => panic!("max_batch({n}): {:?}", r.map(|_| ())),
+            }
+            assert_eq!(t.num_workers(), 0);
+        }
+        let t = Threads::<Step>::new("B").max_batch(64);
+        t.spawn(&"B".to_string()).unwrap();
+        assert_eq!(names(&t.execute(&msg(1)).unwrap()), ["B", "batch1"]);
+    });
+}
+
 /// Where a thread runs: its CPU affinity and the GPU ids its context was given.
 struct Placed {
     gpus: Vec<u32>,

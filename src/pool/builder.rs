@@ -318,7 +318,10 @@ impl<W: Worker> PoolBuilder<W> {
     /// [`init`](crate::init), or it is any program whose `main` calls
     /// [`serve::<W>()`](crate::serve) for this pool's worker type. A different binary that calls
     /// `init()` is refused at start-up (exit code 121,
-    /// [`SpawnError::Exited`](crate::SpawnError::Exited)).
+    /// [`SpawnError::Exited`](crate::SpawnError::Exited)). A relative path is resolved
+    /// against the current directory when the pool is built (never looked up in `PATH`). A
+    /// program that does not exist or cannot be executed fails each spawn with
+    /// [`SpawnError::Launch`](crate::SpawnError::Launch), whose message names it.
     pub fn program(mut self, path: impl Into<PathBuf>) -> Self {
         self.cfg.program = Some(path.into());
         self

@@ -192,10 +192,14 @@ impl<W: Worker> Pool<W> {
 
         let program = match &cfg.program {
             // Resolved now, against the current directory (never through PATH: an unrelated
-            // program found there would be handed the segment).
-            Some(p) => std::fs::canonicalize(p).map_err(|e| {
-                BuildError::InvalidConfig(format!("worker program {}: {e}", p.display()))
-            })?,
+            // program found there would be handed the segment). One that does not exist (yet)
+            // is the spawn's error (`SpawnError::Launch`, naming it), as any program that
+            // cannot start.
+            Some(p) => std::fs::canonicalize(p)
+                .or_else(|_| std::path::absolute(p))
+                .map_err(|e| {
+                    BuildError::InvalidConfig(format!("worker program {}: {e}", p.display()))
+                })?,
             None => crate::process::current_program(),
         };
         cfg.batch.check()?;

@@ -6,8 +6,8 @@
 //! async-signal-safe functions, and CUDA state does not survive a fork. The child gets the
 //! segment's memfd on fd 3 and its notify line to the supervisor on fd 4, `/dev/null` as stdin,
 //! stdout and stderr as they are, no other descriptor of the parent, and a process group of its
-//! own (a terminal's Ctrl-C, SIGINT to the foreground group, reaches the parent only, which then
-//! shuts the pool down).
+//! own (a terminal's Ctrl-C, SIGINT to the foreground group, reaches the parent only, whose own
+//! handling decides: a handler that drops the pool shuts it down gracefully).
 //!
 //! Two launchers do that:
 //! - [`vfork`]: `posix_spawn`, which glibc runs as `clone(CLONE_VM | CLONE_VFORK)`: the child
@@ -119,10 +119,17 @@ pub(crate) fn launch_with(how: Launcher, recipe: &Recipe<'_>) -> io::Result<Laun
             // A spawned child has no step of its own before its exec: it inherits the CPU set
             // of the thread that starts it, so this thread takes the set for the spawn.
             let _pinned = cpus.as_ref().map(Pinned::new).transpose()?;
-            vfork::launch(recipe)?
+            vfork::launch(recipe)
         }
-        Launcher::Fork => fork::launch(recipe, cpus)?,
-    };
+        Launcher::Fork => fork::launch(recipe, cpus),
+    }
+    // The OS error alone ("No such file or directory") does not say which file.
+    .map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("worker program {}: {e}", recipe.program.display()),
+        )
+    })?;
     Ok(Launched { pid, status: None })
 }
 
@@ -415,6 +422,7 @@ mod tests {
         for how in [Launcher::Fork, Launcher::best()] {
             let e = launch_with(how, &recipe(program, &seg, &theirs, &env)).unwrap_err();
             assert_eq!(e.kind(), io::ErrorKind::NotFound, "{how:?}: {e}");
+            assert!(e.to_string().contains(&*program.to_string_lossy()), "{e}");
             assert_eq!(crate::sys::allowed_cpus(), own, "{how:?}");
         }
         // Malformed input, refused before anything starts.

@@ -109,11 +109,11 @@ impl<W: Worker> Threads<W> {
     /// Up to `n` queued tasks (1..=64) per [`Worker::execute_batch`] step. A thread takes what
     /// is queued when it is free and never waits for more. With `n` above 1 every step goes
     /// through `execute_batch`, a lone task as a batch of one (as in a batching pool); with 1
-    /// (the default), through [`Worker::execute`].
+    /// (the default), through [`Worker::execute`]. A value outside 1..=64 is refused by the
+    /// next [`spawn`](Self::spawn) ([`SpawnError::Launch`] with `InvalidInput`), as a
+    /// batching pool's [`BatchPolicy`](crate::BatchPolicy) is refused when it is set.
     pub fn max_batch(self, n: usize) -> Self {
-        self.inner
-            .max_batch
-            .store(n.clamp(1, 64), Ordering::Relaxed);
+        self.inner.max_batch.store(n, Ordering::Relaxed);
         self
     }
 
@@ -157,6 +157,16 @@ impl<W: Worker> Threads<W> {
         }
         if opts.thread_env {
             return Err(refuse("thread-count variables (thread_env_from_cpus)"));
+        }
+        let max_batch = self.inner.max_batch.load(Ordering::Relaxed);
+        if !(1..=64).contains(&max_batch) {
+            return Err(SpawnError::Launch {
+                worker: index,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("max_batch({max_batch}): a thread stage takes 1..=64 tasks per step"),
+                ),
+            });
         }
         opts.check_cpus()?;
         // `None` for no pinning: the CPUs are allowed ones now, which a mask always holds.
@@ -395,10 +405,10 @@ fn serve<W: Worker>(
     let _live = Live(&inner);
     let mut jobs: Vec<Job<W::Output>> = Vec::new();
     // Jobs of callers that gave up are dropped unanswered on the way (nobody listens).
-    while let Some(max) = inner
-        .queue
-        .take(|| inner.max_batch.load(Ordering::Relaxed), &mut jobs)
-    {
+    while let Some(max) = inner.queue.take(
+        || inner.max_batch.load(Ordering::Relaxed).clamp(1, 64),
+        &mut jobs,
+    ) {
         let now = Instant::now();
         let poisoned = run_jobs(&mut state, &wctx, &mut jobs, now, max > 1);
         jobs.clear();
