@@ -153,14 +153,22 @@ impl<T: ?Sized> Encode for T where
 /// |---|---|
 /// | any [`Message`] | `&T` |
 /// | `String` | `&str` |
-/// | `Vec<E>` | `&[E]` (so `Vec<u8>` takes a `&[u8]`) |
+/// | `Vec<E>` | `&[E]`, `&[E; N]` (so `Vec<u8>` takes a `&[u8]` or a `b"bytes"`) |
+///
+/// The elements of a batch ([`Pool::batch`](crate::Pool::batch)) and a map's inputs
+/// ([`Pool::map`](crate::Pool::map)) are the same forms one level down: `T`, `&T`, `&str`
+/// for `String`, `&[E]` or `[E; N]` for `Vec<E>`.
 ///
 /// ```
 /// # use stateful_pool::ArchivesAs;
 /// fn accepts<A: ArchivesAs<T> + ?Sized, T>(_: &A) {}
 /// accepts::<str, String>("hello");
 /// accepts::<[u8], Vec<u8>>(&b"bytes"[..]);
+/// accepts::<[u8; 5], Vec<u8>>(b"bytes");
 /// accepts::<u64, u64>(&7);
+/// // Elements of a batch or a map:
+/// accepts::<&str, String>(&"hello");
+/// accepts::<&u64, u64>(&&7);
 /// ```
 ///
 /// The trait is sealed: the worker reads what arrives as `T`'s archived form, so only forms
@@ -197,6 +205,45 @@ impl sealed::Sealed<String> for str {
 
 impl<E: Message> sealed::Sealed<Vec<E>> for [E] {
     type Enc<'a> = Slice<'a, E>;
+    fn enc(&self) -> Slice<'_, E> {
+        Slice(self)
+    }
+}
+
+impl<E: Message, const N: usize> sealed::Sealed<Vec<E>> for [E; N] {
+    type Enc<'a> = Slice<'a, E>;
+    fn enc(&self) -> Slice<'_, E> {
+        Slice(self)
+    }
+}
+
+// The references, so that a batch or a map can take `&str`s, `&[u8]`s or `&T`s as its
+// elements. (One impl for `&A` over any accepted `A` would overlap the first impl above.)
+impl<T: Message> sealed::Sealed<T> for &T {
+    type Enc<'a>
+        = Same<'a, T>
+    where
+        Self: 'a;
+    fn enc(&self) -> Same<'_, T> {
+        Same(self)
+    }
+}
+
+impl sealed::Sealed<String> for &str {
+    type Enc<'a>
+        = Str<'a>
+    where
+        Self: 'a;
+    fn enc(&self) -> Str<'_> {
+        Str(self)
+    }
+}
+
+impl<E: Message> sealed::Sealed<Vec<E>> for &[E] {
+    type Enc<'a>
+        = Slice<'a, E>
+    where
+        Self: 'a;
     fn enc(&self) -> Slice<'_, E> {
         Slice(self)
     }
@@ -280,12 +327,20 @@ where
 /// `KIND_CANCELLED` for a task not run because the worker retired during the batch).
 pub(crate) type BatchOut<O> = (u32, Vec<Result<O, (u32, String)>>);
 
-/// A batch of tasks borrowed from the caller, archived exactly as a `Vec<T>` of them.
+/// A batch of tasks, archived exactly as a `Vec` of them: `I` yields each task's encoder
+/// (`ArchivesAs::enc`), so the tasks stay where the caller has them, in any accepted form.
 #[derive(Debug)]
-pub(crate) struct BatchRef<'a, In, T>(pub(crate) &'a [In], pub(crate) std::marker::PhantomData<T>);
+pub(crate) struct BatchOf<I>(pub(crate) I);
 
-impl<In: std::borrow::Borrow<T>, T: Archive> Archive for BatchRef<'_, In, T> {
-    type Archived = rkyv::vec::ArchivedVec<T::Archived>;
+/// The batch of `tasks`, each in a form that archives as a `T`.
+pub(crate) fn batch_of<'a, T, In: sealed::Sealed<T> + 'a>(
+    tasks: impl ExactSizeIterator<Item = &'a In> + Clone,
+) -> BatchOf<impl ExactSizeIterator<Item = In::Enc<'a>> + Clone> {
+    BatchOf(tasks.map(|t| t.enc()))
+}
+
+impl<I: ExactSizeIterator<Item: Archive>> Archive for BatchOf<I> {
+    type Archived = rkyv::vec::ArchivedVec<<I::Item as Archive>::Archived>;
     type Resolver = rkyv::vec::VecResolver;
 
     fn resolve(&self, resolver: Self::Resolver, out: rkyv::Place<Self::Archived>) {
@@ -293,17 +348,13 @@ impl<In: std::borrow::Borrow<T>, T: Archive> Archive for BatchRef<'_, In, T> {
     }
 }
 
-impl<In, T, S> Serialize<S> for BatchRef<'_, In, T>
+impl<I, S> Serialize<S> for BatchOf<I>
 where
-    In: std::borrow::Borrow<T>,
-    T: Serialize<S>,
+    I: ExactSizeIterator<Item: Serialize<S>> + Clone,
     S: rkyv::rancor::Fallible + rkyv::ser::Allocator + Writer + ?Sized,
 {
     fn serialize(&self, serializer: &mut S) -> Result<Self::Resolver, S::Error> {
-        rkyv::vec::ArchivedVec::<T::Archived>::serialize_from_iter::<T, _, _>(
-            self.0.iter().map(|x| x.borrow()),
-            serializer,
-        )
+        rkyv::vec::ArchivedVec::serialize_from_iter::<I::Item, _, _>(self.0.clone(), serializer)
     }
 }
 
@@ -463,7 +514,7 @@ mod tests {
         let refs: Vec<&u64> = tasks.iter().collect();
         let mut a = vec![0u8; 256];
         let mut b = vec![0u8; 256];
-        let n = enc(&BatchRef::<_, u64>(&refs, std::marker::PhantomData), &mut a).unwrap();
+        let n = enc(&batch_of::<u64, _>(refs.iter()), &mut a).unwrap();
         let m = enc(&tasks, &mut b).unwrap();
         assert_eq!(a[..n], b[..m]);
     }
@@ -503,6 +554,22 @@ mod tests {
             &Sealed::<Vec<u32>>::enc(&[1u32, 2, 3][..]),
         );
         same_bytes(&42u64, &Sealed::<u64>::enc(&42u64));
+        // The forms a batch's elements and a map's inputs take.
+        same_bytes(&vec![1u8, 2, 3], &Sealed::<Vec<u8>>::enc(&[1u8, 2, 3]));
+        same_bytes(&vec![1u8, 2], &Sealed::<Vec<u8>>::enc(&&[1u8, 2][..]));
+        same_bytes(&"x".to_string(), &Sealed::<String>::enc(&"x"));
+        same_bytes(&7u64, &Sealed::<u64>::enc(&&7u64));
+        let owned = vec!["a".to_string(), "a longer string, out of line".to_string()];
+        same_bytes(&owned, &batch_of::<String, _>(["a", &owned[1]].iter()));
+        same_bytes(&owned, &batch_of::<String, _>(owned.iter()));
+        let refs: Vec<&String> = owned.iter().collect();
+        same_bytes(&owned, &batch_of::<String, _>(refs.iter()));
+        let bytes = vec![vec![1u8, 2], vec![3u8, 4]];
+        same_bytes(&bytes, &batch_of::<Vec<u8>, _>([[1u8, 2], [3, 4]].iter()));
+        same_bytes(
+            &bytes,
+            &batch_of::<Vec<u8>, _>([&[1u8, 2][..], &[3, 4]].iter()),
+        );
     }
 
     #[repr(C, align(16))]

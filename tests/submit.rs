@@ -295,6 +295,57 @@ fn borrowed_forms_stand_in_for_owned_tasks() {
         let big = vec![1u8; 3 << 20];
         assert_eq!(bytes.execute(&big[..]).unwrap(), 3 << 20);
         assert_eq!(bytes.execute(&big).unwrap(), 3 << 20);
+        // A byte array, as a literal is.
+        assert_eq!(bytes.execute(b"\x01\x02").unwrap(), 3);
+        assert_eq!(bytes.execute(&[4u8; 4]).unwrap(), 16);
+
+        // The same forms one level down: a batch's elements and a map's inputs.
+        let sums =
+            |r: Vec<Result<u64, TaskError>>| r.into_iter().map(Result::unwrap).collect::<Vec<_>>();
+        assert_eq!(
+            sums(
+                strings
+                    .batch(&["a", "bb", long.as_str()])
+                    .execute()
+                    .unwrap()
+            ),
+            [1, 2, 10_000]
+        );
+        let owned = ["abc".to_string(), "de".to_string()];
+        assert_eq!(sums(strings.batch(&owned).execute().unwrap()), [3, 2]);
+        assert_eq!(
+            sums(strings.batch(&[&owned[0], &owned[1]]).execute().unwrap()),
+            [3, 2]
+        );
+        assert_eq!(
+            sums(block_on(strings.batch(&["xyz"]).execute_async()).unwrap()),
+            [3]
+        );
+        let lens: Vec<u64> = strings
+            .map(["a", "bb", "ccc"])
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(lens, [1, 2, 3]);
+        let lens: Vec<u64> = strings.map(owned.iter()).map(Result::unwrap).collect();
+        assert_eq!(lens, [3, 2]);
+        // Batched inputs, and a batch that its worker could not finish sent again.
+        let lens: Vec<u64> = strings
+            .map(vec!["a"; 50])
+            .batch(8)
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(lens, [1; 50]);
+        let slices: Vec<&[u8]> = vec![&[1, 2], &[3], &big[..]];
+        assert_eq!(
+            sums(bytes.batch(&slices).execute().unwrap()),
+            [3, 3, 3 << 20]
+        );
+        assert_eq!(
+            sums(bytes.batch(&[[1u8, 1], [2, 2]]).execute().unwrap()),
+            [2, 4]
+        );
+        let totals: Vec<u64> = bytes.map(slices).map(Result::unwrap).collect();
+        assert_eq!(totals, [3, 3, 3 << 20]);
     });
 }
 

@@ -37,10 +37,10 @@ use super::arena::Block;
 use super::handle::{BatchHandle, TaskHandle};
 use super::options::TaskOptions;
 use super::shared::Shared;
+use crate::codec::ArchivesAs;
 use crate::error::{SubmitError, TaskError};
 use crate::worker::Worker;
 use futures_core::Stream;
-use std::borrow::Borrow;
 use std::collections::VecDeque;
 use std::fmt;
 use std::marker::PhantomData;
@@ -404,7 +404,7 @@ struct Engine<W: Worker, In> {
     spare_items: Vec<VecDeque<Item<W::Output, In>>>,
 }
 
-impl<W: Worker, In: Borrow<W::Task>> Engine<W, In> {
+impl<W: Worker, In: ArchivesAs<W::Task>> Engine<W, In> {
     fn new(shared: Arc<Shared>, keep_inputs: bool) -> Self {
         let window = shared.layout.params.n_slots as usize;
         let notify = Arc::new(Notify::default());
@@ -473,15 +473,20 @@ impl<W: Worker, In: Borrow<W::Task>> Engine<W, In> {
     }
 
     /// Sends `tasks` as one task (one input) or one batch.
-    fn send<T: Borrow<W::Task>>(
+    fn send<'t>(
         &self,
-        tasks: &[T],
+        tasks: impl ExactSizeIterator<Item = &'t In> + Clone,
         block: Block,
-    ) -> Result<Pending<W::Output>, SubmitError> {
-        if let [task] = tasks {
+    ) -> Result<Pending<W::Output>, SubmitError>
+    where
+        In: 't,
+    {
+        let len = tasks.len();
+        if len == 1 {
+            let task = tasks.clone().next().expect("one task");
             return self
                 .shared
-                .submit_with(task.borrow(), None, block, self.opts)
+                .submit_with(&task.enc(), None, block, self.opts)
                 .map(|(slot, id)| Pending::One(TaskHandle::new(self.shared.clone(), slot, id)));
         }
         let mut opts = self.opts;
@@ -490,14 +495,14 @@ impl<W: Worker, In: Borrow<W::Task>> Engine<W, In> {
         opts.timeout = opts
             .timeout
             .or(self.shared.cfg.task_timeout)
-            .map(|d| d.saturating_mul(tasks.len().min(u32::MAX as usize) as u32));
-        let batch = crate::codec::BatchRef::<T, W::Task>(tasks, PhantomData);
+            .map(|d| d.saturating_mul(len.min(u32::MAX as usize) as u32));
+        let batch = crate::codec::batch_of::<W::Task, In>(tasks);
         self.shared
             .submit_with(&batch, None, block, opts)
             .map(|(slot, id)| {
                 Pending::Batch(BatchHandle {
                     inner: TaskHandle::new(self.shared.clone(), slot, id),
-                    len: tasks.len(),
+                    len,
                 })
             })
     }
@@ -512,7 +517,7 @@ impl<W: Worker, In: Borrow<W::Task>> Engine<W, In> {
         };
         let mut n = inputs.len();
         let r = loop {
-            match self.send(&inputs[..n], block) {
+            match self.send(inputs[..n].iter(), block) {
                 Err(SubmitError::PayloadTooLarge { .. }) if n > 1 => n = n.div_ceil(2),
                 r => break r,
             }
@@ -558,13 +563,13 @@ impl<W: Worker, In: Borrow<W::Task>> Engine<W, In> {
                 continue;
             }
             let e = &self.entries[i];
-            let tasks: Vec<&W::Task> = e
+            let tasks: Vec<&In> = e
                 .items
                 .iter()
                 .skip(e.from)
-                .filter_map(|i| i.input.as_ref().map(Borrow::borrow))
+                .filter_map(|i| i.input.as_ref())
                 .collect();
-            let r = self.send(&tasks, block);
+            let r = self.send(tasks.iter().copied(), block);
             let e = &mut self.entries[i];
             match r {
                 Ok(p) => e.pending = Some(p),
@@ -1110,7 +1115,7 @@ pub struct Map<W: Worker, I: Iterator, S = Plain, L = Exact> {
 
 impl<W: Worker, I> Map<W, I, Plain>
 where
-    I: Iterator<Item: Borrow<W::Task>>,
+    I: Iterator<Item: ArchivesAs<W::Task>>,
 {
     pub(crate) fn new(shared: Arc<Shared>, inputs: I) -> Self {
         Map {
@@ -1123,7 +1128,7 @@ where
 
 impl<W: Worker, I, S, L> Map<W, I, S, L>
 where
-    I: Iterator<Item: Borrow<W::Task>>,
+    I: Iterator<Item: ArchivesAs<W::Task>>,
     S: Shape<I::Item, W::Output>,
 {
     map_options!(Map, I);
@@ -1131,7 +1136,7 @@ where
 
 impl<W: Worker, I, S, L> Iterator for Map<W, I, S, L>
 where
-    I: Iterator<Item: Borrow<W::Task>>,
+    I: Iterator<Item: ArchivesAs<W::Task>>,
     S: Shape<I::Item, W::Output>,
 {
     type Item = S::Item;
@@ -1149,14 +1154,14 @@ where
 /// the map early makes the length a [`Hint`]).
 impl<W: Worker, I, S> ExactSizeIterator for Map<W, I, S, Exact>
 where
-    I: ExactSizeIterator<Item: Borrow<W::Task>>,
+    I: ExactSizeIterator<Item: ArchivesAs<W::Task>>,
     S: Shape<I::Item, W::Output>,
 {
 }
 
 impl<W: Worker, I, S, L> std::iter::FusedIterator for Map<W, I, S, L>
 where
-    I: Iterator<Item: Borrow<W::Task>>,
+    I: Iterator<Item: ArchivesAs<W::Task>>,
     S: Shape<I::Item, W::Output>,
 {
 }
@@ -1181,7 +1186,7 @@ pub struct MapStream<W: Worker, St: Stream, S = Plain, L = Exact> {
 
 impl<W: Worker, St> MapStream<W, St, Plain>
 where
-    St: Stream<Item: Borrow<W::Task>>,
+    St: Stream<Item: ArchivesAs<W::Task>>,
 {
     pub(crate) fn new(shared: Arc<Shared>, inputs: St) -> Self {
         MapStream {
@@ -1194,7 +1199,7 @@ where
 
 impl<W: Worker, St, S, L> MapStream<W, St, S, L>
 where
-    St: Stream<Item: Borrow<W::Task>>,
+    St: Stream<Item: ArchivesAs<W::Task>>,
     S: Shape<St::Item, W::Output>,
 {
     map_options!(MapStream, St);
@@ -1202,7 +1207,7 @@ where
 
 impl<W: Worker, St, S, L> Stream for MapStream<W, St, S, L>
 where
-    St: Stream<Item: Borrow<W::Task>>,
+    St: Stream<Item: ArchivesAs<W::Task>>,
     S: Shape<St::Item, W::Output>,
 {
     type Item = S::Item;
@@ -1253,7 +1258,9 @@ impl<W: Worker> Pool<W> {
     /// Results come in input order unless [`unordered`](Map::unordered); each is a
     /// `Result<W::Output, MapError>`, the error naming the failing input's position. See the
     /// [`map` module](crate::map) for the options and [`ErrorPolicy`] for what happens on an
-    /// error. Inputs may be owned tasks or references to them.
+    /// error. Inputs may be in any form that archives as the task type
+    /// ([`ArchivesAs`](crate::ArchivesAs)): owned tasks, references to them, or borrowed forms
+    /// (`&str`s for a `String` task, `&[u8]`s for `Vec<u8>`).
     ///
     /// ```no_run
     /// # use stateful_pool::{BoxError, Pool, TaskContext, Worker, WorkerContext};
@@ -1277,7 +1284,7 @@ impl<W: Worker> Pool<W> {
     /// ```
     pub fn map<I>(&self, inputs: I) -> Map<W, I::IntoIter>
     where
-        I: IntoIterator<Item: Borrow<W::Task>>,
+        I: IntoIterator<Item: ArchivesAs<W::Task>>,
     {
         Map::new(self.shared.clone(), inputs.into_iter())
     }
@@ -1287,7 +1294,7 @@ impl<W: Worker> Pool<W> {
     /// thread, and works on any executor. The stream does not borrow the pool.
     pub fn map_stream<St>(&self, inputs: St) -> MapStream<W, St>
     where
-        St: Stream<Item: Borrow<W::Task>>,
+        St: Stream<Item: ArchivesAs<W::Task>>,
     {
         MapStream::new(self.shared.clone(), inputs)
     }
@@ -1295,7 +1302,7 @@ impl<W: Worker> Pool<W> {
     /// As [`map_stream`](Self::map_stream), over an iterator of inputs.
     pub fn map_async<I>(&self, inputs: I) -> MapStream<W, IterStream<I::IntoIter>>
     where
-        I: IntoIterator<Item: Borrow<W::Task>, IntoIter: Unpin>,
+        I: IntoIterator<Item: ArchivesAs<W::Task>, IntoIter: Unpin>,
     {
         MapStream::new(self.shared.clone(), IterStream(inputs.into_iter()))
     }

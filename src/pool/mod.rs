@@ -29,7 +29,6 @@ use crate::error::{BuildError, SpawnError, SubmitError, TaskError, WorkerError};
 use crate::shm::layout::{FLAG_RESTART_ON_PANIC, Layout, Params};
 use crate::worker::Worker;
 use crate::worker::boot::{BOOT_ENV, Boot, RingReserve, entry_offset, fingerprint, protocol_hash};
-use std::borrow::Borrow;
 use std::marker::PhantomData;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Sender, channel};
@@ -648,9 +647,10 @@ impl<W: Worker> Pool<W> {
     /// it in the batch are not run on that worker: each is answered
     /// [`TaskError::Cancelled`](crate::TaskError::Cancelled) (a map with
     /// [`ErrorPolicy::Deferred`](crate::ErrorPolicy::Deferred) runs them again). Configured and
-    /// sent as [`task`](Self::task)'s request is (see [`SubmitBatch`]). Inputs may be owned
-    /// tasks or references.
-    pub fn batch<'p, 'a, T: Borrow<W::Task>>(
+    /// sent as [`task`](Self::task)'s request is (see [`SubmitBatch`]). The tasks may be in any
+    /// form that archives as the task type ([`ArchivesAs`]): owned tasks, references to them,
+    /// or borrowed forms (`&["a", "b"]` for a `String` task).
+    pub fn batch<'p, 'a, T: ArchivesAs<W::Task>>(
         &'p self,
         tasks: &'a [T],
     ) -> SubmitBatch<'p, 'a, W, T> {

@@ -21,9 +21,7 @@ use super::options::TaskOptions;
 use crate::codec::{self, ArchivesAs, Encode};
 use crate::error::{Rejected, SubmitError, TaskError};
 use crate::worker::Worker;
-use std::borrow::Borrow;
 use std::future::poll_fn;
-use std::marker::PhantomData;
 use std::sync::atomic::Ordering;
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -272,7 +270,7 @@ impl<W: Worker, T, P: Payload> std::fmt::Debug for SubmitBatch<'_, '_, W, T, P> 
 /// whole.
 pub(crate) type BatchResult<O> = Result<Vec<Result<O, TaskError>>, TaskError>;
 
-impl<'p, 'a, W: Worker, T: Borrow<W::Task>> SubmitBatch<'p, 'a, W, T> {
+impl<'p, 'a, W: Worker, T: ArchivesAs<W::Task>> SubmitBatch<'p, 'a, W, T> {
     pub(crate) fn new(pool: &'p Pool<W>, tasks: &'a [T]) -> Self {
         SubmitBatch {
             pool,
@@ -295,7 +293,7 @@ impl<'p, 'a, W: Worker, T: Borrow<W::Task>> SubmitBatch<'p, 'a, W, T> {
     }
 }
 
-impl<'p, 'a, W: Worker, T: Borrow<W::Task>, P: Payload> SubmitBatch<'p, 'a, W, T, P> {
+impl<'p, 'a, W: Worker, T: ArchivesAs<W::Task>, P: Payload> SubmitBatch<'p, 'a, W, T, P> {
     request_verbs!("batch", BatchHandle<W::Output>);
 
     /// Queues the batch without blocking the thread.
@@ -309,7 +307,7 @@ impl<'p, 'a, W: Worker, T: Borrow<W::Task>, P: Payload> SubmitBatch<'p, 'a, W, T
         } = self;
         let mut payload = payload.into_loan();
         opts.batch = true;
-        let enc = codec::BatchRef::<T, W::Task>(tasks, PhantomData);
+        let enc = codec::batch_of::<W::Task, T>(tasks.iter());
         let r = pool.send_async(&enc, &mut payload, opts).await;
         finish::<W, P, _>(pool, r, payload, |s, slot, id| {
             BatchHandle::new(TaskHandle::new(s, slot, id), len)
@@ -334,7 +332,7 @@ impl<'p, 'a, W: Worker, T: Borrow<W::Task>, P: Payload> SubmitBatch<'p, 'a, W, T
         let mut opts = self.opts;
         opts.batch = true;
         let mut payload = self.payload.into_loan();
-        let enc = codec::BatchRef::<T, W::Task>(self.tasks, PhantomData);
+        let enc = codec::batch_of::<W::Task, T>(self.tasks.iter());
         let r = self.pool.send(&enc, &mut payload, block, opts);
         finish::<W, P, _>(self.pool, r, payload, |s, slot, id| {
             BatchHandle::new(TaskHandle::new(s, slot, id), len)

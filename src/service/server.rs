@@ -232,8 +232,10 @@ impl<S: Stage> Server<S> {
     /// in flight at the timeout are abandoned: every stage is stopped at once, queued tasks
     /// are cancelled and process workers still running one are killed without waiting for
     /// their pools' shutdown timeouts, so those items fail. (A thread stage's running task
-    /// cannot be stopped: it finishes on its own.) Bounded: returns within about `timeout`
-    /// when it drains, and shortly after it otherwise.
+    /// cannot be stopped: it finishes on its own. Its item, counted as abandoned in the
+    /// report, is answered only when that task ends, after this returned: with the task's
+    /// outcome, or the error of a later stage, closed by then.) Bounded: returns within about
+    /// `timeout` when it drains, and shortly after it otherwise.
     pub fn shutdown(&self, timeout: Duration) -> ShutdownReport {
         self.closing.store(true, Ordering::SeqCst);
         // Callers waiting for a place: answered `Shutdown` now, not when a place frees.
