@@ -12,15 +12,39 @@ use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Metadata, Subscriber};
 
-/// A subscriber that keeps every event's target and message.
-struct Capture(Arc<Mutex<Vec<(String, String)>>>);
+/// What the subscriber saw: each event's target, message and parent span (its name), and
+/// each span's name, `worker` field, and whether it closed.
+#[derive(Debug, Default)]
+struct Seen {
+    events: Vec<(String, String, Option<String>)>,
+    /// By id - 1.
+    spans: Vec<SpanSeen>,
+}
 
-struct Message(String);
+#[derive(Debug)]
+struct SpanSeen {
+    name: &'static str,
+    worker: Option<u64>,
+    closed: bool,
+}
 
-impl Visit for Message {
+/// A subscriber that keeps what it sees in a `Seen`.
+struct Capture(Arc<Mutex<Seen>>);
+
+struct Fields {
+    message: String,
+    worker: Option<u64>,
+}
+
+impl Visit for Fields {
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        if field.name() == "worker" {
+            self.worker = Some(value);
+        }
+    }
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
         if field.name() == "message" {
-            self.0 = format!("{value:?}");
+            self.message = format!("{value:?}");
         }
     }
 }
@@ -29,24 +53,46 @@ impl Subscriber for Capture {
     fn enabled(&self, _: &Metadata<'_>) -> bool {
         true
     }
-    fn new_span(&self, _: &Attributes<'_>) -> Id {
-        Id::from_u64(1)
+    fn new_span(&self, a: &Attributes<'_>) -> Id {
+        let mut f = Fields {
+            message: String::new(),
+            worker: None,
+        };
+        a.record(&mut f);
+        let mut seen = self.0.lock().unwrap();
+        seen.spans.push(SpanSeen {
+            name: a.metadata().name(),
+            worker: f.worker,
+            closed: false,
+        });
+        Id::from_u64(seen.spans.len() as u64)
     }
     fn record(&self, _: &Id, _: &Record<'_>) {}
     fn record_follows_from(&self, _: &Id, _: &Id) {}
     fn event(&self, e: &Event<'_>) {
-        let mut m = Message(String::new());
-        e.record(&mut m);
+        let mut f = Fields {
+            message: String::new(),
+            worker: None,
+        };
+        e.record(&mut f);
         let target = e.metadata().target().to_string();
-        self.0.lock().unwrap().push((target, m.0));
+        let mut seen = self.0.lock().unwrap();
+        let parent = e
+            .parent()
+            .map(|id| seen.spans[id.into_u64() as usize - 1].name.to_string());
+        seen.events.push((target, f.message, parent));
     }
     fn enter(&self, _: &Id) {}
     fn exit(&self, _: &Id) {}
+    fn try_close(&self, id: Id) -> bool {
+        self.0.lock().unwrap().spans[id.into_u64() as usize - 1].closed = true;
+        true
+    }
 }
 
 #[test]
 fn the_pool_reports_worker_lives_and_task_timings() {
-    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::new(Mutex::new(Seen::default()));
     // Global: the pool's own threads (the supervisor) report too.
     tracing::subscriber::set_global_default(Capture(seen.clone())).unwrap();
     watchdog(120, move || {
@@ -62,19 +108,39 @@ fn the_pool_reports_worker_lives_and_task_timings() {
         pool.retire_worker(1).unwrap();
         drop(pool);
         let seen = seen.lock().unwrap();
-        let has = |m: &str| {
-            seen.iter()
-                .any(|(t, msg)| t == "stateful_pool" && msg.contains(m))
+        let event = |m: &str| {
+            seen.events
+                .iter()
+                .find(|(t, msg, _)| t == "stateful_pool" && msg.contains(m))
         };
-        for m in [
-            "worker process launched",
-            "worker ready",
-            "task done",
-            "worker died",
-            "worker restarted",
-            "worker retired",
+        // Each worker's events are told in its spans: `spawn` (launch to ready) inside
+        // `worker` (its process's life).
+        for (m, span) in [
+            ("worker process launched", Some("spawn")),
+            ("worker ready", Some("spawn")),
+            ("task done", None),
+            ("worker died", Some("worker")),
+            ("worker restarted", Some("worker")),
+            ("worker retired", Some("worker")),
         ] {
-            assert!(has(m), "no {m:?} event in {seen:?}");
+            let Some((_, _, parent)) = event(m) else {
+                panic!("no {m:?} event in {seen:?}")
+            };
+            if span.is_some() {
+                assert_eq!(parent.as_deref(), span, "{m:?}");
+            }
         }
+        // Three worker processes (two spawned, one restarted), each with its spawn span, all
+        // closed once the pool is gone.
+        let named = |n: &str| seen.spans.iter().filter(|s| s.name == n).collect::<Vec<_>>();
+        let (workers, spawns) = (named("worker"), named("spawn"));
+        assert_eq!(workers.len(), 3, "{seen:?}");
+        assert_eq!(spawns.len(), 3, "{seen:?}");
+        for s in workers.iter().chain(&spawns) {
+            assert!(s.closed && s.worker.is_some(), "{s:?}");
+        }
+        let mut seats: Vec<u64> = workers.iter().filter_map(|s| s.worker).collect();
+        seats.sort();
+        assert_eq!(seats, [0, 0, 1], "the restart is seat 0's");
     });
 }

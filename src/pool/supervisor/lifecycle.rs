@@ -168,7 +168,7 @@ impl Sup {
                 s.line = Some(line);
                 s.pid = child.id();
                 s.pidfd = crate::sys::pidfd_open(child.id()).ok();
-                crate::telemetry::launched(seat, child.id());
+                s.life = crate::telemetry::launched(seat, child.id(), restart);
                 s.child = Some(child);
                 ctl.pid.store(s.pid, Ordering::Relaxed);
                 s.phase = Phase::Starting {
@@ -203,6 +203,7 @@ impl Sup {
         let s = &mut self.seats[seat as usize];
         s.phase = Phase::Idle;
         s.forget_process();
+        s.life = Default::default();
         self.shared
             .ctl(seat)
             .state
@@ -252,7 +253,7 @@ impl Sup {
                         seats[worker].restarts += 1;
                     }
                 }
-                crate::telemetry::ready(seat, pid);
+                crate::telemetry::ready(&mut self.seats[worker].life, seat, pid);
                 match reply {
                     Some(r) => r.complete(SpawnOutcome::Ready(spawn_report(&shared, seat))),
                     None => {

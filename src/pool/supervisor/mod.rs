@@ -171,6 +171,9 @@ struct SupSeat {
     retiring: Option<(Instant, Vec<Sender<bool>>)>,
     /// A failed seat to start again then (`PoolBuilder::revive_failed_after`).
     revive_at: Option<Instant>,
+    /// The `tracing` spans of its process (empty without the feature); they close when the
+    /// process is gone and its events are out.
+    life: crate::telemetry::Life,
 }
 
 impl SupSeat {
@@ -213,6 +216,7 @@ pub(crate) fn supervisor_loop(shared: Arc<Shared>, rx: Receiver<SupMsg>, program
                 boot: Boot::default(),
                 env: Vec::new(),
                 recent: VecDeque::new(),
+                life: Default::default(),
                 watch: (0, now),
                 kill: None,
                 retiring: None,
@@ -384,7 +388,17 @@ impl Sup {
     }
 
     fn emit(&self, e: PoolEvent) {
-        crate::telemetry::pool_event(&e);
+        let worker = match &e {
+            PoolEvent::WorkerDied { worker, .. }
+            | PoolEvent::WorkerRestarted { worker, .. }
+            | PoolEvent::RestartFailed { worker, .. }
+            | PoolEvent::WorkerRetired { worker, .. }
+            | PoolEvent::WorkerFailed { worker, .. }
+            | PoolEvent::WorkerReviving { worker } => Some(*worker),
+            _ => None,
+        };
+        let life = worker.and_then(|w| self.seats.get(w)).map(|s| &s.life);
+        crate::telemetry::pool_event(&e, life);
         if let Some(h) = &self.shared.cfg.on_event {
             let f = &h.0;
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&e)));

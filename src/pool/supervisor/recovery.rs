@@ -94,8 +94,12 @@ impl Sup {
         ctl.state.store(ctl_state::EXITED, Ordering::Release);
         if let Some((_, waiters)) = self.seats[worker].retiring.take() {
             // Retired on request (or killed past its retirement deadline): the seat is free.
+            // Its event is still told in its spans, which close after it.
+            let life = std::mem::take(&mut self.seats[worker].life);
             self.free_seat(seat, WorkerState::Stopped);
+            self.seats[worker].life = life;
             self.emit(PoolEvent::WorkerRetired { worker, pid });
+            self.seats[worker].life = Default::default();
             for w in waiters {
                 let _ = w.send(true);
             }
@@ -115,6 +119,8 @@ impl Sup {
             tasks_failed: failed,
             tasks_retried: retried,
         });
+        // Its process is gone and reported: its spans close (a restart opens new ones).
+        self.seats[worker].life = Default::default();
         if self.shutdown.is_some() || shared.closing.load(Ordering::SeqCst) {
             self.free_seat(seat, WorkerState::Stopped);
             return;
