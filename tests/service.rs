@@ -1037,6 +1037,103 @@ fn a_closed_thread_stage_refuses_to_spawn() {
     });
 }
 
+/// A thread stage on its own has the pool's task API: handles (blocking, bounded, at once,
+/// awaited, cancelled), deadlines, and an ordered lazy map.
+#[test]
+fn a_thread_stage_has_handles_deadlines_cancels_and_a_map() {
+    use stateful_pool::{MapError, SubmitError, WaitTimeoutError};
+    watchdog(120, || {
+        let t = threads("T", 1);
+        assert_eq!(t.submit(&msg(1)).unwrap().wait().unwrap().v, 2);
+        assert_eq!(
+            futures_executor::block_on(t.submit(&msg(5)).unwrap())
+                .unwrap()
+                .v,
+            6
+        );
+
+        // The only thread held at a gate, so what follows stays queued.
+        let gate = gate_path("tt-gate");
+        let started = gate_path("tt-started");
+        let never_ran = gate_path("tt-never");
+        let held = t
+            .submit(&with(
+                with(msg(0), "T", Cmd::Touch(started.display().to_string())),
+                "T",
+                Cmd::Gate(gate.display().to_string()),
+            ))
+            .unwrap();
+        assert!(wait_until(30, || started.exists()));
+        let queued = t.submit(&msg(10)).unwrap();
+        let id = queued.task_id();
+        let queued = match queued.try_wait() {
+            Err(WaitTimeoutError::Timeout(h)) => h,
+            r => panic!("{:?}", r.map(|m| m.v)),
+        };
+        let queued = match queued.wait_timeout(Duration::from_millis(20)) {
+            Err(WaitTimeoutError::Timeout(h)) => h,
+            r => panic!("{:?}", r.map(|m| m.v)),
+        };
+        assert_eq!(queued.task_id(), id);
+        // Cancelled before a thread took it: answered at once, and never run.
+        let cancelled = t
+            .submit(&with(
+                msg(0),
+                "T",
+                Cmd::Touch(never_ran.display().to_string()),
+            ))
+            .unwrap();
+        cancelled.cancel();
+        assert!(matches!(cancelled.wait(), Err(TaskError::Cancelled)));
+        // Past its deadline when the thread reaches it: `Timeout`, not run.
+        let late = t
+            .submit_before(
+                &with(msg(0), "T", Cmd::Touch(never_ran.display().to_string())),
+                Some(Instant::now()),
+            )
+            .unwrap();
+        std::fs::write(&gate, b"").unwrap();
+        assert_eq!(held.wait().unwrap().v, 1);
+        assert_eq!(queued.wait().unwrap().v, 11);
+        assert!(matches!(late.wait(), Err(TaskError::Timeout { .. })));
+        assert!(!never_ran.exists());
+
+        // An ordered map: every input its result, an error by its position.
+        let inputs: Vec<Msg> = (0..20)
+            .map(|i| match i {
+                7 => with(msg(i), "T", Cmd::Fail("seven".into())),
+                _ => msg(i),
+            })
+            .collect();
+        let map = t.map(&inputs).window(4);
+        assert_eq!(map.len(), 20);
+        for (i, r) in map.enumerate() {
+            match r {
+                Err(MapError {
+                    index: 7,
+                    error: TaskError::Failed { message, .. },
+                }) if i == 7 => assert_eq!(message, "seven"),
+                Ok(m) if i != 7 => assert_eq!(m.v, i as u64 + 1),
+                r => panic!("input {i}: {r:?}"),
+            }
+        }
+        // No thread serving: refused at once.
+        let empty = Threads::<Step>::new("E");
+        assert!(matches!(empty.submit(&msg(1)), Err(SubmitError::NoWorkers)));
+        let all: Vec<_> = empty.map([msg(1), msg(2)]).collect();
+        assert!(
+            all.iter().all(|r| matches!(
+                r,
+                Err(MapError {
+                    error: TaskError::NoWorkers,
+                    ..
+                })
+            )),
+            "{all:?}"
+        );
+    });
+}
+
 #[test]
 fn a_thread_stage_refuses_a_batch_size_out_of_range_at_spawn() {
     watchdog(60, || {

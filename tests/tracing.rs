@@ -132,7 +132,12 @@ fn the_pool_reports_worker_lives_and_task_timings() {
         }
         // Three worker processes (two spawned, one restarted), each with its spawn span, all
         // closed once the pool is gone.
-        let named = |n: &str| seen.spans.iter().filter(|s| s.name == n).collect::<Vec<_>>();
+        let named = |n: &str| {
+            seen.spans
+                .iter()
+                .filter(|s| s.name == n)
+                .collect::<Vec<_>>()
+        };
         let (workers, spawns) = (named("worker"), named("spawn"));
         assert_eq!(workers.len(), 3, "{seen:?}");
         assert_eq!(spawns.len(), 3, "{seen:?}");

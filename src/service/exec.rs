@@ -35,6 +35,19 @@ impl Wake for Unpark {
 /// Runs `f` to completion on this thread.
 pub(crate) fn block_on<F: Future>(f: F) -> F::Output {
     let mut f = std::pin::pin!(f);
+    loop {
+        if let Some(v) = block_on_until(f.as_mut(), None) {
+            return v;
+        }
+    }
+}
+
+/// Runs `f` on this thread until it completes (`Some`) or `until` passes (`None`: `f` can be
+/// polled again later).
+pub(crate) fn block_on_until<F: Future>(
+    mut f: std::pin::Pin<&mut F>,
+    until: Option<Instant>,
+) -> Option<F::Output> {
     let unpark = Arc::new(Unpark {
         thread: std::thread::current(),
         woken: AtomicBool::new(false),
@@ -46,7 +59,7 @@ pub(crate) fn block_on<F: Future>(f: F) -> F::Output {
     let mut spin_until = Instant::now() + SPIN;
     loop {
         if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
-            return v;
+            return Some(v);
         }
         let mut spins = 0u32;
         loop {
@@ -54,7 +67,11 @@ pub(crate) fn block_on<F: Future>(f: F) -> F::Output {
                 spin_until = Instant::now() + SPIN;
                 break;
             }
-            if Instant::now() < spin_until {
+            let now = Instant::now();
+            if until.is_some_and(|u| now >= u) {
+                return None;
+            }
+            if now < spin_until {
                 spins += 1;
                 if spins % 16 == 0 {
                     // Re-poll now and then: a finished task is seen without its wake-up.
@@ -63,7 +80,10 @@ pub(crate) fn block_on<F: Future>(f: F) -> F::Output {
                 std::hint::spin_loop();
                 continue;
             }
-            std::thread::park();
+            match until {
+                Some(u) => std::thread::park_timeout(u.saturating_duration_since(now)),
+                None => std::thread::park(),
+            }
         }
     }
 }

@@ -70,6 +70,7 @@ mod server;
 mod stage;
 mod stream;
 mod thread;
+mod thread_task;
 mod timer;
 
 pub use compose::{
@@ -85,3 +86,4 @@ pub use server::{Server, ServerStats, ShutdownReport};
 pub use stage::{Item, Percentiles, Stage, StageFuture, StageStats};
 pub use stream::{Outputs, ServiceStream, StreamShape, WithInputs};
 pub use thread::Threads;
+pub use thread_task::{ThreadMap, ThreadTask};

@@ -4,7 +4,10 @@
 use super::error::ServiceError;
 use super::jobs::{Abandoned, JobQueue};
 use super::stage::{Item, Meter, Stage, StageFuture, StageStats};
+use super::thread_task::{ThreadMap, ThreadTask};
 use crate::codec;
+use crate::codec::ArchivesAs;
+use crate::slot::bits;
 use crate::slot::outcome::{KIND_PANIC, KIND_POISONED};
 use crate::worker::main_loop::{error_kind, error_message, panic_message};
 use crate::worker::{BatchTask, TaskContext, WorkerContext};
@@ -30,13 +33,12 @@ struct Job<O> {
 
 impl<O> Abandoned for Job<O> {
     fn abandoned(&self) -> bool {
-        self.reply.is_canceled()
-            || self.state.load(Ordering::Relaxed) & crate::slot::bits::CANCELLED != 0
+        self.reply.is_canceled() || self.state.load(Ordering::Relaxed) & bits::CANCELLED != 0
     }
 }
 
-struct Reply<O> {
-    result: Result<O, TaskError>,
+pub(super) struct Reply<O> {
+    pub(super) result: Result<O, TaskError>,
     queued: Duration,
 }
 
@@ -59,8 +61,10 @@ struct Inner<W: Worker> {
 /// step, never waiting for company) and deadlines, without a process boundary. Each thread
 /// holds its own worker state, made by [`spawn`](Self::spawn).
 ///
-/// Use it directly ([`execute`](Self::execute), [`execute_async`](Self::execute_async)) or as
-/// a stage in a service graph (its input is the worker's task type, its output the worker's
+/// Use it directly, with a pool's task API ([`execute`](Self::execute),
+/// [`execute_async`](Self::execute_async), [`submit`](Self::submit) for a [`ThreadTask`]
+/// handle, [`submit_before`](Self::submit_before) with a deadline, [`map`](Self::map) for a
+/// lazy ordered map), or as a stage in a service graph (its input is the worker's task type, its output the worker's
 /// output, handed over without serialising it). A panic in a task fails that task and the
 /// thread serves on; [`Poisoned`](crate::Poisoned) rebuilds the thread's state from its spawn arguments.
 /// Threads cannot be killed: a task that never returns holds its thread, and a thread stage
@@ -206,24 +210,76 @@ impl<W: Worker> Threads<W> {
         self.inner.live.load(Ordering::SeqCst)
     }
 
-    /// Runs a task on a worker thread and blocks for its result.
-    pub fn execute(&self, task: &W::Task) -> Result<W::Output, TaskError> {
+    /// Runs a task on a worker thread and blocks for its result. The task is a `&W::Task` or
+    /// any form that archives the same ([`ArchivesAs`]: `&str` for a `String` task), as for a
+    /// pool.
+    pub fn execute<A: ?Sized + ArchivesAs<W::Task>>(
+        &self,
+        task: &A,
+    ) -> Result<W::Output, TaskError> {
         super::exec::block_on(self.execute_async(task))
     }
 
     /// Runs a task on a worker thread and resolves to its result (any executor). Dropping the
     /// future before a thread took the task cancels it.
-    pub async fn execute_async(&self, task: &W::Task) -> Result<W::Output, TaskError> {
+    pub async fn execute_async<A: ?Sized + ArchivesAs<W::Task>>(
+        &self,
+        task: &A,
+    ) -> Result<W::Output, TaskError> {
         self.send(task, None)?.await.result
     }
 
-    /// Queues `task`; the returned future resolves to its outcome.
-    fn send(
+    /// Queues `task` and returns a handle at once: wait on it (blocking, bounded, or
+    /// non-blocking), `.await` it, or cancel it, as a pool's
+    /// [`TaskHandle`](crate::TaskHandle). Fails at once with
+    /// [`SubmitError::NoWorkers`](crate::SubmitError::NoWorkers) while no thread serves, and
+    /// with `Shutdown` once the stage is closed. (A thread stage's queue has no bound: a
+    /// submit never waits for room.)
+    pub fn submit<A: ?Sized + ArchivesAs<W::Task>>(
         &self,
-        task: &W::Task,
+        task: &A,
+    ) -> Result<ThreadTask<W::Output>, crate::SubmitError> {
+        self.submit_before(task, None)
+    }
+
+    /// As [`submit`](Self::submit), with a deadline: a task no thread has started by then is
+    /// answered [`TaskError::Timeout`] instead of run (a running one is not stopped: threads
+    /// cannot be killed).
+    pub fn submit_before<A: ?Sized + ArchivesAs<W::Task>>(
+        &self,
+        task: &A,
+        deadline: Option<Instant>,
+    ) -> Result<ThreadTask<W::Output>, crate::SubmitError> {
+        match self.send(task, deadline) {
+            Ok(call) => Ok(ThreadTask::new(call)),
+            Err(TaskError::Submit(e)) => Err(e),
+            Err(TaskError::NoWorkers) => Err(crate::SubmitError::NoWorkers),
+            Err(e) => Err(crate::SubmitError::Broken {
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// Runs `inputs` through the threads lazily, in input order, with at most
+    /// [`window`](ThreadMap::window) tasks in flight (64 by default), so an endless input
+    /// uses bounded memory. Every input gets its result (`Result<W::Output, MapError>`, the
+    /// error naming the input's position). Inputs may be in any form `submit` accepts. For
+    /// unordered results and the other error policies, run the stage behind a
+    /// [`Server`](super::Server) and use its [`stream`](super::Server::stream).
+    pub fn map<I>(&self, inputs: I) -> ThreadMap<'_, W, I::IntoIter>
+    where
+        I: IntoIterator<Item: ArchivesAs<W::Task>>,
+    {
+        ThreadMap::new(self, inputs.into_iter())
+    }
+
+    /// Queues `task`; the returned future resolves to its outcome.
+    fn send<A: ?Sized + ArchivesAs<W::Task>>(
+        &self,
+        task: &A,
         deadline: Option<Instant>,
     ) -> Result<Call<W::Output>, TaskError> {
-        let bytes = codec::encode_owned(task)
+        let bytes = codec::encode_owned(&task.enc())
             .map_err(|e| TaskError::Submit(crate::SubmitError::Encode(e.message())))?;
         let (tx, rx) = oneshot::channel();
         let state = Arc::new(AtomicU32::new(0));
@@ -231,12 +287,13 @@ impl<W: Worker> Threads<W> {
             let left = d.saturating_duration_since(Instant::now()).as_nanos();
             crate::sys::mono_ns().saturating_add(left.min(u64::MAX as u128) as u64)
         });
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let job = Job {
             task: bytes,
             deadline_ns,
             deadline,
             queued_at: Instant::now(),
-            id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
+            id,
             state: state.clone(),
             reply: tx,
         };
@@ -252,7 +309,7 @@ impl<W: Worker> Threads<W> {
         q.push(job);
         drop(q);
         self.inner.queue.job_added();
-        Ok(Call { rx, state })
+        Ok(Call { rx, state, id })
     }
 
     /// Stops intake; the threads finish what is queued and exit. Does not wait for them.
@@ -313,9 +370,12 @@ impl<W: Worker> Drop for Threads<W> {
 }
 
 /// A queued task's reply; dropping it before a thread took the task cancels the task.
-struct Call<O> {
+pub(super) struct Call<O> {
     rx: oneshot::Receiver<Reply<O>>,
-    state: Arc<AtomicU32>,
+    /// The job's word: `CANCELLED` from the caller's side, `CLAIMED` from the thread's.
+    pub(super) state: Arc<AtomicU32>,
+    /// The task's id (per stage).
+    pub(super) id: u64,
 }
 
 impl<O> std::future::Future for Call<O> {
@@ -336,8 +396,7 @@ impl<O> std::future::Future for Call<O> {
 
 impl<O> Drop for Call<O> {
     fn drop(&mut self) {
-        self.state
-            .fetch_or(crate::slot::bits::CANCELLED, Ordering::Relaxed);
+        self.state.fetch_or(bits::CANCELLED, Ordering::Relaxed);
     }
 }
 
@@ -468,6 +527,10 @@ fn run_jobs<W: Worker>(
     batching: bool,
 ) -> bool {
     let index = wctx.index;
+    // The claim: one RMW order on each job's word with its caller's cancel
+    // (`ThreadTask::cancel`), so exactly one of them decides. A job cancelled first is
+    // dropped unanswered: its handle answered `Cancelled` itself.
+    jobs.retain(|j| j.state.fetch_or(bits::CLAIMED, Ordering::AcqRel) & bits::CANCELLED == 0);
     // Expired jobs first: answered, never run.
     let mut live = Vec::with_capacity(jobs.len());
     for j in jobs.drain(..) {
