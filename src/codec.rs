@@ -157,7 +157,7 @@ impl<T: ?Sized> Encode for T where
 ///
 /// The elements of a batch ([`Pool::batch`](crate::Pool::batch)) and a map's inputs
 /// ([`Pool::map`](crate::Pool::map)) are the same forms one level down: `T`, `&T`, `&str`
-/// for `String`, `&[E]` or `[E; N]` for `Vec<E>`.
+/// for `String`, `&[E]`, `[E; N]` or `&[E; N]` for `Vec<E>` (so `b"bytes"` literals too).
 ///
 /// ```
 /// # use stateful_pool::ArchivesAs;
@@ -236,6 +236,16 @@ impl sealed::Sealed<String> for &str {
         Self: 'a;
     fn enc(&self) -> Str<'_> {
         Str(self)
+    }
+}
+
+impl<E: Message, const N: usize> sealed::Sealed<Vec<E>> for &[E; N] {
+    type Enc<'a>
+        = Slice<'a, E>
+    where
+        Self: 'a;
+    fn enc(&self) -> Slice<'_, E> {
+        Slice(*self)
     }
 }
 
@@ -569,6 +579,10 @@ mod tests {
         same_bytes(
             &bytes,
             &batch_of::<Vec<u8>, _>([&[1u8, 2][..], &[3, 4]].iter()),
+        );
+        same_bytes(
+            &bytes,
+            &batch_of::<Vec<u8>, _>([b"\x01\x02", b"\x03\x04"].iter()),
         );
     }
 

@@ -172,11 +172,43 @@ fn crashes_inside_execute_are_named_by_signal_or_exit_code() {
     });
 }
 
+/// Issue 2: "an error … or a panic in it reaches that task's caller …; the worker keeps
+/// serving": by default the same process, its state kept.
 #[test]
-fn a_panic_replaces_the_worker_by_default_and_a_poisoned_worker_too() {
+fn by_default_a_panic_fails_its_task_and_the_worker_keeps_serving_with_its_state() {
     watchdog(60, || {
         let events = Events::default();
         let pool = builder(&events).build().unwrap();
+        pool.spawn(&Spawn::ok("p")).unwrap();
+        assert_eq!(pool.execute(&Cmd::Count).unwrap().value, 0);
+        let pid = pid_of(&pool);
+        for round in 1..=3u64 {
+            match pool.execute(&Cmd::Panic("boom".into())) {
+                Err(TaskError::Panicked {
+                    worker: 0, message, ..
+                }) => assert_eq!(message, "boom"),
+                other => panic!("expected Panicked, got {other:?}"),
+            }
+            // `Count` answers how many tasks this state ran before it: per round the panic,
+            // the count and the pid check, after the first count and pid check.
+            assert_eq!(pool.execute(&Cmd::Count).unwrap().value, 3 * round);
+            assert_eq!(pid_of(&pool), pid);
+        }
+        assert_eq!(pool.stats().restarts, 0);
+        assert_eq!(pool.workers()[0].generation, 1);
+        assert!(
+            events.lock().unwrap().is_empty(),
+            "{:?}",
+            events.lock().unwrap()
+        );
+    });
+}
+
+#[test]
+fn restart_on_panic_replaces_the_worker_and_a_poisoned_worker_is_replaced_too() {
+    watchdog(60, || {
+        let events = Events::default();
+        let pool = builder(&events).restart_on_panic(true).build().unwrap();
         pool.spawn(&Spawn::ok("p")).unwrap();
         assert_eq!(pool.execute(&Cmd::Count).unwrap().value, 0);
         let pid = pid_of(&pool);

@@ -1134,6 +1134,177 @@ fn a_thread_stage_has_handles_deadlines_cancels_and_a_map() {
     });
 }
 
+/// Task ids a `Mark` thread ran (thread stages run in this process).
+static RAN: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::new(Vec::new());
+
+fn ran(id: u64) -> bool {
+    RAN.lock().unwrap().contains(&id)
+}
+
+/// Records each task's id as it runs, after waiting for the task's gate file (if any).
+struct Mark;
+
+impl Worker for Mark {
+    type SpawnArgs = ();
+    type SpawnOutput = ();
+    type Task = (u64, String);
+    type Output = u64;
+
+    fn spawn(_: (), _: &WorkerContext) -> Result<(Self, ()), BoxError> {
+        Ok((Mark, ()))
+    }
+
+    fn execute(
+        &mut self,
+        t: &rkyv::Archived<(u64, String)>,
+        _: &TaskContext<'_>,
+    ) -> Result<u64, BoxError> {
+        if !t.1.is_empty() {
+            wait_file(t.1.as_str());
+        }
+        let id = t.0.to_native();
+        RAN.lock().unwrap().push(id);
+        Ok(id)
+    }
+}
+
+fn marks(n: usize, max_batch: usize) -> Threads<Mark> {
+    let t = Threads::<Mark>::new("M").max_batch(max_batch);
+    for _ in 0..n {
+        t.spawn(&()).unwrap();
+    }
+    t
+}
+
+/// A thread-stage handle's deadline answers a waiting caller at the deadline while every
+/// thread is busy, blocking or awaited; the task then never runs.
+#[test]
+fn a_thread_task_past_its_deadline_is_answered_then_and_never_runs() {
+    use stateful_pool::WaitTimeoutError;
+    watchdog(120, || {
+        let t = marks(1, 1);
+        let gate = gate_path("td-gate");
+        let g = gate.display().to_string();
+        let held = t.submit(&(100, g)).unwrap();
+        let soon = || Some(Instant::now() + Duration::from_millis(50));
+        let late = t.submit_before(&(101, String::new()), soon()).unwrap();
+        match late.wait() {
+            Err(TaskError::Timeout { after, .. }) => assert!(after <= Duration::from_millis(50)),
+            r => panic!("{r:?}"),
+        }
+        let late = t.submit_before(&(102, String::new()), soon()).unwrap();
+        assert!(matches!(
+            futures_executor::block_on(late),
+            Err(TaskError::Timeout { .. })
+        ));
+        // A bounded wait shorter than the deadline times out first and gives the handle back.
+        let later = t
+            .submit_before(
+                &(103, String::new()),
+                Some(Instant::now() + Duration::from_secs(60)),
+            )
+            .unwrap();
+        let later = match later.wait_timeout(Duration::from_millis(20)) {
+            Err(WaitTimeoutError::Timeout(h)) => h,
+            r => panic!("{r:?}"),
+        };
+        // A deadline far enough out: the task is claimed in time and runs.
+        std::fs::write(&gate, b"").unwrap();
+        assert_eq!(held.wait().unwrap(), 100);
+        assert_eq!(later.wait().unwrap(), 103);
+        assert!(!ran(101) && !ran(102));
+        // A closed stage refuses, whether its threads have left yet or not.
+        t.close();
+        assert!(matches!(
+            t.submit(&(106, String::new())),
+            Err(stateful_pool::SubmitError::Shutdown)
+        ));
+    });
+}
+
+/// Cancels racing the threads' claims: each handle gets exactly one answer, its result or
+/// `Cancelled` (never `NoWorkers`), and a task answered `Cancelled` never ran; with and
+/// without batching.
+#[test]
+fn thread_task_cancels_racing_claims_answer_once() {
+    watchdog(120, || {
+        for (base, max_batch) in [(10_000u64, 1), (20_000, 4)] {
+            let t = marks(2, max_batch);
+            let hs: Vec<_> = (0..400u64)
+                .map(|i| {
+                    let h = t.submit(&(base + i, String::new())).unwrap();
+                    if i % 2 == 0 {
+                        h.cancel();
+                    }
+                    (base + i, h)
+                })
+                .collect();
+            let mut cancelled = 0;
+            for (id, h) in hs {
+                match h.wait() {
+                    Ok(v) => assert_eq!(v, id),
+                    Err(TaskError::Cancelled) => {
+                        assert_eq!((id - base) % 2, 0, "{id} was not cancelled");
+                        cancelled += 1;
+                    }
+                    Err(e) => panic!("{id}: {e}"),
+                }
+            }
+            // What the threads still have queued is skipped; a last task on each thread
+            // after it, then the check.
+            for i in 0..2 {
+                t.execute(&(base + 1000 + i, String::new())).unwrap();
+            }
+            t.shutdown();
+            let ran_cancelled = (0..400u64)
+                .filter(|i| i % 2 == 0)
+                .filter(|i| ran(base + i))
+                .count();
+            // Each cancelled task either ran (its cancel came late) or was answered
+            // `Cancelled`, never both.
+            assert_eq!(
+                ran_cancelled + cancelled,
+                200,
+                "{ran_cancelled} + {cancelled}"
+            );
+        }
+    });
+}
+
+/// Dropping a thread map part way cancels the inputs no thread has taken.
+#[test]
+fn dropping_a_thread_map_cancels_its_queued_inputs() {
+    watchdog(120, || {
+        let t = marks(1, 1);
+        let gate = gate_path("tm-gate");
+        let inputs: Vec<(u64, String)> = (0..50u64)
+            .map(|i| {
+                (
+                    30_000 + i,
+                    if i == 1 {
+                        gate.display().to_string()
+                    } else {
+                        String::new()
+                    },
+                )
+            })
+            .collect();
+        let mut map = t.map(&inputs).window(8);
+        assert_eq!(map.next().unwrap().unwrap(), 30_000);
+        drop(map);
+        std::fs::write(&gate, b"").unwrap();
+        // FIFO on one thread: once this ran, every input before it was run or skipped.
+        t.execute(&(30_999, String::new())).unwrap();
+        // (Input 1 may have been taken before the drop, and then runs: it holds the only
+        // thread at its gate until after the drop, so nothing after it can have been.)
+        assert!(
+            (2..50).all(|i| !ran(30_000 + i)),
+            "{:?}",
+            RAN.lock().unwrap()
+        );
+    });
+}
+
 #[test]
 fn a_thread_stage_refuses_a_batch_size_out_of_range_at_spawn() {
     watchdog(60, || {

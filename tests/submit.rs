@@ -346,6 +346,16 @@ fn borrowed_forms_stand_in_for_owned_tasks() {
         );
         let totals: Vec<u64> = bytes.map(slices).map(Result::unwrap).collect();
         assert_eq!(totals, [3, 3, 3 << 20]);
+        // Byte-string literals (`&[u8; N]`) as elements and inputs.
+        assert_eq!(
+            sums(bytes.batch(&[b"\x01", b"\x02"]).execute().unwrap()),
+            [1, 2]
+        );
+        let totals: Vec<u64> = bytes
+            .map([b"\x05\x05", b"\x01\x01"])
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(totals, [10, 2]);
     });
 }
 

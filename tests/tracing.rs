@@ -25,7 +25,8 @@ struct Seen {
 struct SpanSeen {
     name: &'static str,
     worker: Option<u64>,
-    closed: bool,
+    /// When it was closed, as a count of spans created by then.
+    closed: Option<usize>,
 }
 
 /// A subscriber that keeps what it sees in a `Seen`.
@@ -63,7 +64,7 @@ impl Subscriber for Capture {
         seen.spans.push(SpanSeen {
             name: a.metadata().name(),
             worker: f.worker,
-            closed: false,
+            closed: None,
         });
         Id::from_u64(seen.spans.len() as u64)
     }
@@ -85,7 +86,9 @@ impl Subscriber for Capture {
     fn enter(&self, _: &Id) {}
     fn exit(&self, _: &Id) {}
     fn try_close(&self, id: Id) -> bool {
-        self.0.lock().unwrap().spans[id.into_u64() as usize - 1].closed = true;
+        let mut seen = self.0.lock().unwrap();
+        let created = seen.spans.len();
+        seen.spans[id.into_u64() as usize - 1].closed = Some(created);
         true
     }
 }
@@ -142,8 +145,21 @@ fn the_pool_reports_worker_lives_and_task_timings() {
         assert_eq!(workers.len(), 3, "{seen:?}");
         assert_eq!(spawns.len(), 3, "{seen:?}");
         for s in workers.iter().chain(&spawns) {
-            assert!(s.closed && s.worker.is_some(), "{s:?}");
+            assert!(s.closed.is_some() && s.worker.is_some(), "{s:?}");
         }
+        // The killed worker's spans closed when it died, before its restart's opened.
+        let restart = seen
+            .spans
+            .iter()
+            .rposition(|s| s.name == "worker" && s.worker == Some(0))
+            .unwrap();
+        let first = seen
+            .spans
+            .iter()
+            .position(|s| s.name == "worker" && s.worker == Some(0))
+            .unwrap();
+        assert!(first < restart);
+        assert!(seen.spans[first].closed.unwrap() <= restart, "{seen:?}");
         let mut seats: Vec<u64> = workers.iter().filter_map(|s| s.worker).collect();
         seats.sort();
         assert_eq!(seats, [0, 0, 1], "the restart is seat 0's");

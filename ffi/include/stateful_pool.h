@@ -351,7 +351,7 @@ typedef struct sp_pool_options {
   int64_t restart_backoff_max_ms;
   /**
    * Whether a worker whose task panicked (in a Rust worker) is replaced by a fresh one.
-   * 0: the default (yes); positive: yes; negative: no, it keeps serving.
+   * 0: the default (no, it keeps serving); positive: yes; negative: no.
    */
   int32_t restart_on_panic;
   /**

@@ -102,7 +102,7 @@ pub struct sp_pool_options {
     /// Upper bound of the restart delay, ms (0: the default, 2 s; negative: no delay).
     pub restart_backoff_max_ms: i64,
     /// Whether a worker whose task panicked (in a Rust worker) is replaced by a fresh one.
-    /// 0: the default (yes); positive: yes; negative: no, it keeps serving.
+    /// 0: the default (no, it keeps serving); positive: yes; negative: no.
     pub restart_on_panic: i32,
     /// Dynamic batching: the most tasks a worker runs in one batch step (its
     /// `execute_batch` callback, or `execute` on each). 0 or 1: no batching (the default);

@@ -259,7 +259,8 @@ fn content_length(headers: &HeaderMap) -> Result<usize, Failure> {
 
 /// A `Content-Length` value: one number, or a list of the same number repeated (RFC 9110,
 /// 8.6, which hyper accepts as such); anything else is `None`. A number too large for a
-/// `usize` is `usize::MAX`: a body too large (413), not a malformed header.
+/// `usize` is `usize::MAX`: a body too large (413), not a malformed header. (Where `usize` has
+/// 64 bits, hyper refuses a value past `u64::MAX` itself, with a 400, before this runs.)
 fn declared_length(v: &str) -> Option<usize> {
     let mut n = None;
     for part in v.split(',') {

@@ -167,7 +167,7 @@ impl Default for Config {
             program: None,
             restart: RestartPolicy::default(),
             revive_after: None,
-            restart_on_panic: true,
+            restart_on_panic: false,
             task_timeout: None,
             task_retries: 0,
             on_event: None,
@@ -354,10 +354,13 @@ impl<W: Worker> PoolBuilder<W> {
         self
     }
 
-    /// Whether a worker whose task panicked is replaced by a fresh one (default `true`: a
-    /// panic may have left its state half-updated). The task fails with
-    /// [`TaskError::Panicked`](crate::TaskError::Panicked) either way; with `false` the worker
-    /// keeps serving with its state as the panic left it.
+    /// Whether a worker whose task panicked is replaced by a fresh one. The task fails with
+    /// [`TaskError::Panicked`](crate::TaskError::Panicked) either way. Default `false`: the
+    /// worker keeps serving, its state as the panic left it (an expensive state, a loaded
+    /// model, is not rebuilt for one bad task; a thread stage does the same). Turn it on when
+    /// a panic may leave the state half-updated and a fresh one is worth its spawn step; a
+    /// worker can also ask for that itself, task by task, by returning
+    /// [`Poisoned`](crate::Poisoned).
     pub fn restart_on_panic(mut self, yes: bool) -> Self {
         self.cfg.restart_on_panic = yes;
         self

@@ -640,10 +640,10 @@ impl<W: Worker> Pool<W> {
 
     /// A request to run `tasks` as one batch: one slot, one queue hand-off and one answer
     /// holding each task's outcome, so tiny tasks cost far less each; an error fails only its
-    /// own task, and so does a panic while the worker keeps serving after panics
-    /// ([`PoolBuilder::restart_on_panic`](crate::PoolBuilder::restart_on_panic)`(false)`).
-    /// A task that makes the worker leave (a panic under the default restart-on-panic policy,
-    /// or a [`Poisoned`](crate::Poisoned) error) fails with its own error, and the tasks after
+    /// own task, and so does a panic while the worker keeps serving after panics (the
+    /// default). A task that makes the worker leave (a [`Poisoned`](crate::Poisoned) error,
+    /// or a panic under
+    /// [`PoolBuilder::restart_on_panic`](crate::PoolBuilder::restart_on_panic)`(true)`) fails with its own error, and the tasks after
     /// it in the batch are not run on that worker: each is answered
     /// [`TaskError::Cancelled`](crate::TaskError::Cancelled) (a map with
     /// [`ErrorPolicy::Deferred`](crate::ErrorPolicy::Deferred) runs them again). Configured and

@@ -26,7 +26,9 @@ struct Job<O> {
     deadline: Option<Instant>,
     queued_at: Instant,
     id: u64,
-    /// `slot::bits::CANCELLED` once the caller gave up (read by `TaskContext::is_cancelled`).
+    /// The caller's `slot::bits::CANCELLED` once it gave up (read by
+    /// `TaskContext::is_cancelled`) and the thread's `CLAIMED` once it took the job (or
+    /// answered it without running it): one RMW order decides between them.
     state: Arc<AtomicU32>,
     reply: oneshot::Sender<Reply<O>>,
 }
@@ -233,7 +235,8 @@ impl<W: Worker> Threads<W> {
     /// non-blocking), `.await` it, or cancel it, as a pool's
     /// [`TaskHandle`](crate::TaskHandle). Fails at once with
     /// [`SubmitError::NoWorkers`](crate::SubmitError::NoWorkers) while no thread serves, and
-    /// with `Shutdown` once the stage is closed. (A thread stage's queue has no bound: a
+    /// with `Shutdown` once the stage is closed ([`close`](Self::close),
+    /// [`shutdown`](Self::shutdown)). (A thread stage's queue has no bound: a
     /// submit never waits for room.)
     pub fn submit<A: ?Sized + ArchivesAs<W::Task>>(
         &self,
@@ -243,15 +246,16 @@ impl<W: Worker> Threads<W> {
     }
 
     /// As [`submit`](Self::submit), with a deadline: a task no thread has started by then is
-    /// answered [`TaskError::Timeout`] instead of run (a running one is not stopped: threads
-    /// cannot be killed).
+    /// answered [`TaskError::Timeout`] instead of run, and a caller waiting on its handle
+    /// gets that answer at the deadline, even while every thread is busy (a running task is
+    /// not stopped: threads cannot be killed, and its outcome is delivered when it ends).
     pub fn submit_before<A: ?Sized + ArchivesAs<W::Task>>(
         &self,
         task: &A,
         deadline: Option<Instant>,
     ) -> Result<ThreadTask<W::Output>, crate::SubmitError> {
         match self.send(task, deadline) {
-            Ok(call) => Ok(ThreadTask::new(call)),
+            Ok(call) => Ok(ThreadTask::new(call, deadline)),
             Err(TaskError::Submit(e)) => Err(e),
             Err(TaskError::NoWorkers) => Err(crate::SubmitError::NoWorkers),
             Err(e) => Err(crate::SubmitError::Broken {
@@ -300,11 +304,13 @@ impl<W: Worker> Threads<W> {
         // Under the queue's lock, as the last thread's exit (`Live::drop`): a job is either
         // queued while a thread lives, or refused here; never queued to no thread.
         let mut q = self.inner.queue.lock();
-        if self.inner.live.load(Ordering::SeqCst) == 0 {
-            return Err(TaskError::NoWorkers);
-        }
+        // Closed first: after `close` the threads finish the queue and leave, and a submit
+        // then is refused for the closing, whether they have left yet or not.
         if !q.open {
             return Err(TaskError::Submit(crate::SubmitError::Shutdown));
+        }
+        if self.inner.live.load(Ordering::SeqCst) == 0 {
+            return Err(TaskError::NoWorkers);
         }
         q.push(job);
         drop(q);
@@ -349,6 +355,8 @@ impl<W: Worker> Threads<W> {
     /// Stops intake and answers what is queued `Cancelled`; the running tasks go on.
     fn close_and_cancel(&self) {
         for j in self.inner.queue.close(true) {
+            // Answered here: a later cancel by its handle must not change the answer.
+            j.state.fetch_or(bits::CLAIMED, Ordering::AcqRel);
             let _ = j.reply.send(Reply {
                 result: Err(TaskError::Cancelled),
                 queued: j.queued_at.elapsed(),
@@ -507,6 +515,8 @@ impl<W: Worker> Drop for Live<'_, W> {
             let left = q.take_all();
             drop(q);
             for j in left {
+                // Answered here: a later cancel by its handle must not change the answer.
+                j.state.fetch_or(bits::CLAIMED, Ordering::AcqRel);
                 let _ = j.reply.send(Reply {
                     result: Err(TaskError::NoWorkers),
                     queued: j.queued_at.elapsed(),

@@ -4,6 +4,7 @@
 use super::exec::block_on_until;
 use super::thread::Call;
 use super::thread::Threads;
+use super::timer::Sleep;
 use crate::MapError;
 use crate::codec::ArchivesAs;
 use crate::error::{TaskError, WaitTimeoutError};
@@ -12,7 +13,7 @@ use crate::worker::Worker;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -22,10 +23,21 @@ use std::time::{Duration, Instant};
 #[must_use = "dropping a handle cancels its task unless a thread has taken it"]
 pub struct ThreadTask<O> {
     call: Call<O>,
-    /// Set when this handle's cancel came before any thread's claim: the task never runs,
-    /// and the answer is `Cancelled`, given here without waiting for a thread.
-    cancelled: AtomicBool,
+    /// The answer this handle settled itself, before any thread's claim (the task then
+    /// never runs): `CANCELLED` by its cancel, `EXPIRED` at its deadline; 0 for none.
+    settled: AtomicU8,
+    /// The task's deadline, while no thread has claimed it (see `Threads::submit_before`).
+    deadline: Option<Instant>,
+    /// When it was queued (a timeout's `after`).
+    queued_at: Instant,
+    /// Wakes a waiting caller at the deadline.
+    alarm: Option<Sleep>,
 }
+
+/// `ThreadTask::settled`: the handle's own cancel won.
+const CANCELLED: u8 = 1;
+/// `ThreadTask::settled`: the deadline passed before any thread claimed the task.
+const EXPIRED: u8 = 2;
 
 impl<O> std::fmt::Debug for ThreadTask<O> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -36,11 +48,31 @@ impl<O> std::fmt::Debug for ThreadTask<O> {
 }
 
 impl<O> ThreadTask<O> {
-    pub(super) fn new(call: Call<O>) -> Self {
+    pub(super) fn new(call: Call<O>, deadline: Option<Instant>) -> Self {
         ThreadTask {
             call,
-            cancelled: AtomicBool::new(false),
+            settled: AtomicU8::new(0),
+            deadline,
+            queued_at: Instant::now(),
+            alarm: None,
         }
+    }
+
+    /// Adds the caller's `CANCELLED` to the job's word; `true` if no thread had claimed the
+    /// task (nor answered it otherwise): it will never run, and this handle answers it.
+    /// With `only_unclaimed` the word is left as it is for a claimed task (a deadline passing
+    /// is no cancel: the running task must not see `is_cancelled`).
+    fn settle(&self, only_unclaimed: bool) -> bool {
+        let state = &self.call.state;
+        if !only_unclaimed {
+            return state.fetch_or(bits::CANCELLED, Ordering::AcqRel) & bits::CLAIMED == 0;
+        }
+        // Only this handle and the job's thread change the word, each once: a few tries.
+        state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                (w & bits::CLAIMED == 0).then_some(w | bits::CANCELLED)
+            })
+            .is_ok()
     }
 
     /// The task's id, unique within its stage.
@@ -53,9 +85,11 @@ impl<O> ThreadTask<O> {
     /// [`TaskContext::is_cancelled`](crate::TaskContext::is_cancelled) and its outcome is
     /// still delivered. (One atomic order decides between the cancel and a thread's claim.)
     pub fn cancel(&self) {
-        let prev = self.call.state.fetch_or(bits::CANCELLED, Ordering::AcqRel);
-        if prev & bits::CLAIMED == 0 {
-            self.cancelled.store(true, Ordering::Relaxed);
+        if self.settle(false) {
+            // First answer stands (a deadline that settled it already).
+            let _ =
+                self.settled
+                    .compare_exchange(0, CANCELLED, Ordering::Relaxed, Ordering::Relaxed);
         }
     }
 
@@ -88,10 +122,44 @@ impl<O> Future for ThreadTask<O> {
     type Output = Result<O, TaskError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        if self.cancelled.load(Ordering::Relaxed) {
-            return Poll::Ready(Err(TaskError::Cancelled));
+        loop {
+            match self.settled.load(Ordering::Relaxed) {
+                CANCELLED => return Poll::Ready(Err(TaskError::Cancelled)),
+                EXPIRED => {
+                    let after = self.deadline.map_or(Duration::ZERO, |d| {
+                        d.saturating_duration_since(self.queued_at)
+                    });
+                    return Poll::Ready(Err(TaskError::Timeout {
+                        worker: crate::NO_WORKER,
+                        after,
+                    }));
+                }
+                _ => {}
+            }
+            if let Poll::Ready(reply) = Pin::new(&mut self.call).poll(cx) {
+                return Poll::Ready(reply.result);
+            }
+            let Some(deadline) = self.deadline else {
+                return Poll::Pending;
+            };
+            if Instant::now() < deadline {
+                let this = &mut *self;
+                let alarm = this.alarm.get_or_insert_with(|| Sleep::until(deadline));
+                if Pin::new(alarm).poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+            }
+            // The deadline passed: answered `Timeout` here unless a thread claimed the task
+            // in time (then it runs, and its outcome comes as usual).
+            self.alarm = None;
+            if self.settle(true) {
+                let _ =
+                    self.settled
+                        .compare_exchange(0, EXPIRED, Ordering::Relaxed, Ordering::Relaxed);
+            } else {
+                self.deadline = None;
+            }
         }
-        Pin::new(&mut self.call).poll(cx).map(|reply| reply.result)
     }
 }
 

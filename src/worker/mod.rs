@@ -73,8 +73,9 @@ pub trait Worker: Sized + 'static {
     /// Runs for every task this worker takes. `task` is the archived task, read in place in
     /// shared memory. An `Err` becomes that task's [`TaskError::Failed`](crate::TaskError)
     /// carrying the message, and the worker keeps serving. A panic becomes
-    /// [`TaskError::Panicked`](crate::TaskError); the worker is then replaced by a fresh one
-    /// unless [`PoolBuilder::restart_on_panic`](crate::PoolBuilder::restart_on_panic) is off.
+    /// [`TaskError::Panicked`](crate::TaskError), and the worker keeps serving too, unless
+    /// [`PoolBuilder::restart_on_panic`](crate::PoolBuilder::restart_on_panic) is on (then it
+    /// is replaced by a fresh one).
     /// Returning a [`Poisoned`] error fails the task and replaces the worker.
     fn execute(
         &mut self,

@@ -469,6 +469,9 @@ impl Sup {
             worker: seat as usize,
             message,
         });
+        // The failed start's process (if any) is done with: its spans close before the
+        // back-off, not at the next launch.
+        self.seats[seat as usize].life = Default::default();
         if self.shutdown.is_some() {
             self.free_seat(seat, WorkerState::Stopped);
         } else {
