@@ -259,14 +259,14 @@ fn a_panic_fails_each_task_of_the_step_and_restart_on_panic_replaces_the_worker(
         assert_eq!(pool.execute(&Job::Echo(5)).unwrap().value, 5);
 
         // By default the same worker serves on after the step's panic.
-        let pool = pool(1, BatchPolicy::new(16));
-        let pid = pool.worker_pids()[0].1;
-        for r in queued_behind_a_gate(&pool, "panic2", &[Job::Echo(1), Job::PanicAll]) {
+        let kept = self::pool(1, BatchPolicy::new(16));
+        let pid = kept.worker_pids()[0].1;
+        for r in queued_behind_a_gate(&kept, "panic2", &[Job::Echo(1), Job::PanicAll]) {
             assert!(matches!(r, Err(TaskError::Panicked { .. })), "{r:?}");
         }
-        assert_eq!(pool.execute(&Job::Echo(5)).unwrap().value, 5);
-        assert_eq!(pool.worker_pids()[0].1, pid);
-        assert_eq!(pool.stats().restarts, 0);
+        assert_eq!(kept.execute(&Job::Echo(5)).unwrap().value, 5);
+        assert_eq!(kept.worker_pids()[0].1, pid);
+        assert_eq!(kept.stats().restarts, 0);
     });
 }
 

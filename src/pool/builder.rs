@@ -385,7 +385,11 @@ impl<W: Worker> PoolBuilder<W> {
 
     /// Calls `f` for every [`PoolEvent`] (a worker died, restarted, failed; a task timed
     /// out). It runs on the pool's supervisor thread: keep it short and do not call back into
-    /// the pool's spawn or shutdown from it.
+    /// the pool's spawn or shutdown from it. An event is reported after the tasks it is
+    /// about were answered, so a caller holding a `WorkerDied` may not have seen its
+    /// `WorkerDied` event yet: wait for the event (bounded) rather than read it at once.
+    /// [`Pool::stats`](crate::Pool::stats) counts a fault *before* any task it touched is
+    /// answered.
     pub fn on_event(mut self, f: impl Fn(&PoolEvent) + Send + Sync + 'static) -> Self {
         self.cfg.on_event = Some(EventHook(Arc::new(f)));
         self
