@@ -6,22 +6,9 @@ stateful_pool::worker_hook!();
 
 mod common;
 
-use common::{Cmd, Counters, Spawn, TestWorker, gate_path, wait_until, watchdog};
+use common::{Cmd, Counters, Spawn, TestWorker, gate_path, pool_with, wait_until, watchdog};
 use futures_util::{Stream, StreamExt};
 use stateful_pool::{ErrorPolicy, MapError, Pool, SubmitError, TaskError};
-
-/// A pool of `workers` test workers counting into `counters`, every spawn checked.
-fn pool_with(counters: &Counters, workers: usize, queue: usize) -> Pool<TestWorker> {
-    let pool = Pool::<TestWorker>::builder()
-        .queue_size(queue)
-        .build()
-        .unwrap();
-    for r in pool.spawn_n(&counters.spawn_args("map"), workers) {
-        r.unwrap();
-    }
-    assert_eq!(pool.num_workers(), workers);
-    pool
-}
 
 fn plain_pool(workers: usize, queue: usize) -> Pool<TestWorker> {
     let pool = Pool::<TestWorker>::builder()

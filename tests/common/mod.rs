@@ -511,3 +511,20 @@ pub fn counting_waker() -> (std::sync::Arc<Count>, std::task::Waker) {
     let c = std::sync::Arc::new(Count(std::sync::atomic::AtomicUsize::new(0)));
     (c.clone(), std::task::Waker::from(c))
 }
+
+/// A pool of `workers` test workers counting into `counters`, every spawn checked.
+pub fn pool_with(
+    counters: &Counters,
+    workers: usize,
+    queue: usize,
+) -> stateful_pool::Pool<TestWorker> {
+    let pool = stateful_pool::Pool::<TestWorker>::builder()
+        .queue_size(queue)
+        .build()
+        .unwrap();
+    for r in pool.spawn_n(&counters.spawn_args("map"), workers) {
+        r.unwrap();
+    }
+    assert_eq!(pool.num_workers(), workers);
+    pool
+}
