@@ -138,6 +138,89 @@ fn waiting_callers_are_answered_at_the_deadline_and_expired_tasks_never_run() {
     });
 }
 
+/// Tasks settled without a worker (past their deadline, cancelled, their handles dropped)
+/// give their queue places back while the only worker stays busy: the supervisor takes them
+/// off the head of the queue. A full queue of them, then a full queue of new tasks, all while
+/// the gate is shut; none of the settled ones ever runs.
+#[test]
+fn settled_tasks_give_their_places_back_while_every_worker_is_busy() {
+    watchdog(240, || {
+        let (counters, pool, _rt) = one_worker("settled-places", 4);
+        let (blocker, gate) = hold(&pool, "settled-places-gate");
+        // The blocker holds one place: 3 left. Three kinds of settling, a lap each.
+        let soon = || Instant::now() + Duration::from_millis(30);
+        for lap in 0..3u32 {
+            let hs: Vec<_> = (0..3)
+                .map(|k| {
+                    let t = Cmd::Tick(lap * 10 + k);
+                    let req = pool.task(&t);
+                    match lap {
+                        0 => req.deadline(soon()).submit().unwrap(),
+                        _ => req.submit().unwrap(),
+                    }
+                })
+                .collect();
+            assert!(matches!(
+                pool.try_submit(&Cmd::Echo(0)).map(drop),
+                Err(stateful_pool::SubmitError::QueueFull)
+            ));
+            match lap {
+                // Past their deadline: collected as `Timeout`.
+                0 => {
+                    for h in hs {
+                        expired(h.wait(), "queued past its deadline");
+                    }
+                }
+                // Cancelled, then collected as `Cancelled`.
+                1 => {
+                    for h in hs {
+                        h.cancel();
+                        assert!(matches!(h.wait(), Err(TaskError::Cancelled)));
+                    }
+                }
+                // Dropped uncollected.
+                _ => drop(hs),
+            }
+            // Their places come back without the worker: a new task fits (the supervisor
+            // takes them off the queue's head, and the reactor retires their slots).
+            assert!(
+                wait_until(60, || pool.queued() <= 1),
+                "lap {lap}: the settled tasks left the queue"
+            );
+            let fits: Vec<_> = (0..3)
+                .map(|k| {
+                    let mut h = None;
+                    assert!(
+                        wait_until(60, || {
+                            h = pool.try_submit(&Cmd::Echo(k)).ok();
+                            h.is_some()
+                        }),
+                        "lap {lap}: place {k} came back"
+                    );
+                    h.unwrap()
+                })
+                .collect();
+            // …and those are cancelled in turn, to leave the places for the next lap.
+            drop(fits);
+            assert!(wait_until(60, || pool.queued() <= 1));
+            assert!(!blocker.is_finished(), "the worker is still held");
+        }
+        std::fs::write(&gate, b"").unwrap();
+        assert_eq!(blocker.wait().unwrap().value, 1);
+        for id in 0..30 {
+            assert_eq!(counters.get(id), 0, "settled task {id} never ran");
+        }
+        // The seat serves on, with every place.
+        let hs: Vec<_> = (0..4)
+            .map(|i| pool.submit(&Cmd::Echo(i)).unwrap())
+            .collect();
+        for (i, h) in hs.into_iter().enumerate() {
+            assert_eq!(h.wait().unwrap().value, i as u64);
+        }
+        let _ = std::fs::remove_file(&gate);
+    });
+}
+
 /// A task whose worker claimed it before its deadline: the deadline passes while it runs,
 /// and the caller, woken at the deadline, finds it claimed and waits on for its result.
 #[test]

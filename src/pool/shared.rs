@@ -104,6 +104,10 @@ pub(crate) struct Shared {
     pub(crate) wake: OwnedFd,
     /// Set while every worker has failed for good: submits fail fast with `NoWorkers`.
     pub(crate) no_workers: AtomicBool,
+    /// Set when a queued task was settled without a worker (cancelled, past its deadline):
+    /// the supervisor takes such tasks off the head of the queue, so they stop holding
+    /// places while every worker is busy (`Shared::take_settled_heads`).
+    pub(crate) settled_queued: AtomicBool,
     /// Set when the pool broke down (see [`Shared::declare_broken`]).
     pub(crate) broken: AtomicBool,
     broken_reason: Mutex<Option<String>>,
@@ -161,6 +165,7 @@ impl Shared {
             id: NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed),
             wake,
             no_workers: AtomicBool::new(false),
+            settled_queued: AtomicBool::new(false),
             broken: AtomicBool::new(false),
             broken_reason: Mutex::new(None),
             timed_in_flight: AtomicUsize::new(0),
@@ -341,6 +346,14 @@ impl Shared {
     /// Wakes the supervisor thread.
     pub(crate) fn wake_supervisor(&self) {
         crate::sys::eventfd_signal(self.wake.as_fd());
+    }
+
+    /// A queued task was just settled without a worker: has the supervisor look at the
+    /// head of the queue (one wake-up per look, however many settle meanwhile).
+    pub(crate) fn settled_in_queue(&self) {
+        if !self.settled_queued.swap(true, Ordering::SeqCst) {
+            self.wake_supervisor();
+        }
     }
 
     /// The parent found seat `seat`'s completion ring corrupt (its worker wrote garbage into

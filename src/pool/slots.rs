@@ -679,17 +679,47 @@ impl Shared {
             return decided;
         }
         let at = meta.settle_at.load(Ordering::Relaxed);
-        if at <= 1 || crate::sys::mono_ns() < at || !self.slot(slot).expire() {
+        if at <= 1 || crate::sys::mono_ns() < at {
             return 0;
         }
+        if !self.slot(slot).expire() {
+            return self.settled_by_another(slot);
+        }
         // Another thread may have settled it meanwhile (a cancel: keep the first answer).
-        match meta
-            .settled
-            .compare_exchange(0, SETTLED_TIMEOUT, Ordering::AcqRel, Ordering::Acquire)
-        {
+        let decided = match meta.settled.compare_exchange(
+            0,
+            SETTLED_TIMEOUT,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
             Ok(_) => SETTLED_TIMEOUT,
             Err(first) => first,
+        };
+        // Recorded: the task is `CANCELLED` and unclaimed, off the queue's head with it (only
+        // now, so that whoever sees it answered finds the answer recorded).
+        self.settled_in_queue();
+        decided
+    }
+
+    /// `settle` found the task no longer expirable. If it was answered `Cancelled` without a
+    /// worker's claim (a worker or the supervisor skipped it), another thread's settle won the
+    /// deadline or a cancel came first, and records its answer right after: waits (bounded:
+    /// a few instructions of a parent thread, unless it is descheduled) and returns it. 0 for
+    /// a claimed task, or a skip nobody settled (a shutdown's cancellation).
+    fn settled_by_another(&self, slot: u32) -> u8 {
+        let meta = self.meta(slot);
+        let st = self.slot(slot).state_bits();
+        if st & (bits::DONE | bits::CANCELLED | bits::CLAIMED) != bits::DONE | bits::CANCELLED {
+            return meta.settled.load(Ordering::Acquire);
         }
+        for _ in 0..SETTLE_WAIT_TRIES {
+            let decided = meta.settled.load(Ordering::Acquire);
+            if decided != 0 {
+                return decided;
+            }
+            std::thread::yield_now();
+        }
+        meta.settled.load(Ordering::Acquire)
     }
 
     /// Collecting task `task_id`, if its answer is settled without a worker
@@ -821,6 +851,7 @@ impl Shared {
             meta.settle_at.store(1, Ordering::Relaxed);
         }
         self.wake_settled(slot);
+        self.settled_in_queue();
     }
 
     /// The handle of `slot` was dropped before collecting: cancel the task if it has not
@@ -830,7 +861,38 @@ impl Shared {
         meta.waker.lock().unwrap_or_else(|e| e.into_inner()).take();
         if meta.arb.detach(self.slot(slot), task_id) {
             self.retire(slot);
+        } else if self.slot(slot).is_takeable() {
+            // Cancelled by the detach before any worker claimed it.
+            self.settled_in_queue();
         }
+    }
+
+    /// Supervisor thread only: takes the tasks settled without a worker (`CANCELLED`, not
+    /// claimed: cancelled, past their deadline, or their handles dropped) off the head of the
+    /// queue and answers them `Cancelled`, as the worker that popped them would (a caller's
+    /// settled answer stands; a detached slot goes to the reactor, which retires it). Without
+    /// this, such tasks hold their places until a worker reaches them, which a worker busy
+    /// for long does not. Stops at the first task that is not settled (tasks behind it wait
+    /// for a worker, as before); bounded by the queue's capacity.
+    pub(crate) fn take_settled_heads(&self) -> usize {
+        if !self.settled_queued.swap(false, Ordering::SeqCst) {
+            return 0;
+        }
+        let ring = self.task_ring();
+        let mut n = 0;
+        for _ in 0..=self.layout.ring_cap {
+            let takeable = |slot: u32| {
+                slot < self.n_slots()
+                    && self.meta[slot as usize].phase.load(Ordering::SeqCst) == QUEUED
+                    && self.slot(slot).is_takeable()
+            };
+            let Some(slot) = ring.pop_head_if(takeable) else {
+                break;
+            };
+            self.complete_from_parent(slot, RawOutcome::new(KIND_CANCELLED, u32::MAX, 0, 0));
+            n += 1;
+        }
+        n
     }
 
     /// Releases everything `slot` holds and returns it to the free list. Exactly once per task.
@@ -927,6 +989,10 @@ pub(super) const FREE: u8 = 0;
 pub(super) const SUBMITTING: u8 = 1;
 /// `SlotMeta::phase`: its task is queued (or offered to one worker), until retirement.
 pub(super) const QUEUED: u8 = 2;
+
+/// How many times `settled_by_another` looks for the other thread's answer (yielding between
+/// looks) before it takes the task as unsettled.
+const SETTLE_WAIT_TRIES: u32 = 1000;
 
 /// `SlotMeta::settled`: the deadline passed with no worker on the task.
 const SETTLED_TIMEOUT: u8 = 1;

@@ -28,6 +28,10 @@
 //! `seq = p + cap` itself (see [`MpmcRing::repair`]). If `seq != p + 1` the pop completed (or the
 //! CAS was lost) and there is nothing to repair.
 //!
+//! The supervisor also pops, conditionally and only the head ([`MpmcRing::pop_head_if`]), to
+//! take tasks settled without a worker off the queue; it needs no intent record, since it
+//! is the thread that repairs.
+//!
 //! A worker pops with [`MpmcRing::pop_tracked`], which also stores the value it won in the
 //! worker's `current_slot` word *before* releasing the cell: after the CAS, the value is always
 //! either still in the cell (repairable) or in `current_slot`, so a death at any instant
@@ -161,6 +165,41 @@ impl<'a> MpmcRing<'a> {
     /// module docs so a crash mid-pop can be repaired.
     pub(crate) fn pop(&self, claim: Option<&AtomicU64>) -> Option<u32> {
         self.pop_inner(claim, None, || {}, false)
+    }
+
+    /// Pops the value at the head if `take` accepts it; `None` (and nothing changed) if the
+    /// head's cell is empty or mid-push, `take` declines, or another consumer took the head
+    /// first. One try, no waiting: for the supervisor thread, which takes tasks settled
+    /// without a worker off the head of the queue (no intent record: the supervisor is also
+    /// the only thread that repairs, so it never races its own pops).
+    ///
+    /// Reading the value before the `head` CAS is sound: the cell held it for position `pos`
+    /// (`seq == pos + 1`, Acquired), and it can change only after a consumer that won `pos`
+    /// releases the cell; a CAS of `head` from `pos` that succeeds means nobody won it.
+    pub(crate) fn pop_head_if(&self, take: impl FnOnce(u32) -> bool) -> Option<u32> {
+        let cap = self.cells.len() as u64;
+        let head = self.hdr.head.load(Ordering::SeqCst);
+        let cell = self.cell(head);
+        // SYNC POINT: Acquire pairs with the producer's Release store of `seq = pos + 1`.
+        if cell.seq.load(Ordering::Acquire) != head.wrapping_add(1) {
+            return None;
+        }
+        let value = cell.value.load(Ordering::Relaxed);
+        if !take(value) {
+            return None;
+        }
+        self.hdr
+            .head
+            .compare_exchange(
+                head,
+                head.wrapping_add(1),
+                Ordering::SeqCst,
+                Ordering::Relaxed,
+            )
+            .ok()?;
+        // SYNC POINT: our read of the value happened before the next lap's producer writes it.
+        cell.seq.store(head.wrapping_add(cap), Ordering::Release);
+        Some(value)
     }
 
     /// A worker's pop: records the intent in `claim` (module docs) and stores the value it won

@@ -97,6 +97,33 @@ mod std_tests {
     }
 
     #[test]
+    fn pop_head_if_takes_only_an_accepted_head() {
+        let q = HeapMpmc::with_capacity(4);
+        let r = q.ring();
+        assert_eq!(r.pop_head_if(|_| true), None, "empty");
+        for v in [10, 11, 12] {
+            r.push(v).unwrap();
+        }
+        // Only the head is ever looked at: 11 behind a declined 10 stays.
+        assert_eq!(r.pop_head_if(|v| v == 11), None);
+        assert_eq!(r.len(), 3);
+        assert_eq!(r.pop_head_if(|v| v == 10), Some(10));
+        assert_eq!(r.pop_head_if(|v| v == 11), Some(11));
+        // The cells it released serve the next laps, with ordinary pops beside it.
+        for v in 0..40 {
+            r.push(v).unwrap();
+            let got = if v % 2 == 0 {
+                r.pop_head_if(|_| true)
+            } else {
+                r.pop(None)
+            };
+            assert_eq!(got, Some(if v == 0 { 12 } else { v - 1 }));
+        }
+        assert_eq!(r.pop(None), Some(39));
+        assert!(r.is_empty());
+    }
+
+    #[test]
     fn mpmc_every_item_exactly_once_across_threads() {
         const THREADS: u32 = 4;
         let q = HeapMpmc::with_capacity(16);
@@ -635,6 +662,35 @@ pub(crate) mod loom_tests {
             }
             got.sort();
             assert_eq!(got, vec![0, 1]);
+        });
+    }
+
+    #[test]
+    fn loom_pop_head_if_races_a_pop_and_a_push_losing_nothing() {
+        // The supervisor's conditional pop of the head against a worker's tracked pop and a
+        // producer's push (which may wrap into the cell just released): every value is taken
+        // exactly once, and a declined head stays for the others.
+        model(|| {
+            let q = Arc::new(HeapMpmc::with_capacity(2));
+            q.ring().push(0).unwrap();
+            q.ring().push(1).unwrap();
+            let (q2, q3) = (q.clone(), q.clone());
+            let claim = Arc::new(AtomicU64::new(0));
+            let c2 = claim.clone();
+            let worker = loom::thread::spawn(move || q2.ring().pop(Some(&c2)));
+            let producer = loom::thread::spawn(move || q3.ring().push(2).is_ok());
+            let took = q.ring().pop_head_if(|v| v != 1);
+            let mut got: Vec<u32> = took.into_iter().collect();
+            got.extend(worker.join().unwrap());
+            let pushed = producer.join().unwrap();
+            while let Some(v) = q.ring().pop(None) {
+                got.push(v);
+            }
+            got.sort();
+            let want: Vec<u32> = if pushed { vec![0, 1, 2] } else { vec![0, 1] };
+            assert_eq!(got, want, "every value exactly once");
+            assert_ne!(took, Some(1), "a declined value is never taken");
+            assert_eq!(claim.load(Ordering::SeqCst), 0);
         });
     }
 

@@ -166,6 +166,18 @@ impl SlotHeader {
         false
     }
 
+    /// Whether the task is `CANCELLED` with no worker's claim and not done: nobody will run it,
+    /// and whoever pops it answers it `Cancelled`.
+    pub(crate) fn is_takeable(&self) -> bool {
+        self.state.load(Ordering::Acquire) & (bits::CANCELLED | bits::CLAIMED | bits::DONE)
+            == bits::CANCELLED
+    }
+
+    /// The state word's bits (Acquire).
+    pub(crate) fn state_bits(&self) -> u32 {
+        self.state.load(Ordering::Acquire)
+    }
+
     /// Whether the outcome is published (Acquire: the result fields are then visible).
     pub(crate) fn is_done(&self) -> bool {
         self.state.load(Ordering::Acquire) & bits::DONE != 0

@@ -313,6 +313,7 @@ impl Sup {
             sup.check_all();
             sup.check_retire_deadlines();
             sup.retry_repairs();
+            sup.shared.take_settled_heads();
             if sup.shared.workerless() && sup.shutdown.is_none() {
                 // No worker left or coming (or a submit raced with that): answer what is
                 // queued, nothing would ever run it, and wake submitters waiting for a slot.
