@@ -181,12 +181,8 @@ fn settled_tasks_give_their_places_back_while_every_worker_is_busy() {
                 // Dropped uncollected.
                 _ => drop(hs),
             }
-            // Their places come back without the worker: a new task fits (the supervisor
-            // takes them off the queue's head, and the reactor retires their slots).
-            assert!(
-                wait_until(60, || pool.queued() <= 1),
-                "lap {lap}: the settled tasks left the queue"
-            );
+            // Their places come back without the worker: new tasks fit (the supervisor takes
+            // them off the queue's head, and the reactor retires their slots).
             let fits: Vec<_> = (0..3)
                 .map(|k| {
                     let mut h = None;
@@ -202,7 +198,6 @@ fn settled_tasks_give_their_places_back_while_every_worker_is_busy() {
                 .collect();
             // …and those are cancelled in turn, to leave the places for the next lap.
             drop(fits);
-            assert!(wait_until(60, || pool.queued() <= 1));
             assert!(!blocker.is_finished(), "the worker is still held");
         }
         std::fs::write(&gate, b"").unwrap();

@@ -68,7 +68,8 @@ impl<T: Message> TaskHandle<T> {
     /// delivered as usual (except that it is not retried: should its worker die, the outcome
     /// is `Cancelled`). The handle stays valid either way: wait on it to see which happened.
     /// Dropping the handle cancels too, but discards the outcome. (A cancelled task's slot
-    /// is reclaimed once a worker pops and skips it.)
+    /// is reclaimed once it leaves the queue: the supervisor takes cancelled tasks off its
+    /// head, and a worker skips those it reaches.)
     pub fn cancel(&self) {
         // After a `.await` through `&mut` answered, the slot may hold another task already.
         if !self.taken {

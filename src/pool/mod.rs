@@ -768,9 +768,10 @@ impl<W: Worker> Pool<W> {
     }
 
     /// Tasks queued and not yet taken by a worker (a snapshot). Tasks already answered
-    /// without a worker are not counted, though they hold their slots until a worker skips
-    /// them: cancelled or dropped ones, and those whose deadline passed once a wait on them
-    /// (or the reactor, for an awaited one) has answered `Timeout`. A batch counts once.
+    /// without a worker are not counted, though they hold their slots until they leave the
+    /// queue (the supervisor takes them off its head; a worker skips those it reaches):
+    /// cancelled or dropped ones, and those whose deadline passed once a wait on them (or the
+    /// reactor, for an awaited one) has answered `Timeout`. A batch counts once.
     /// Scans the slots (for statistics, not for a hot loop).
     pub fn queued(&self) -> usize {
         self.shared.waiting_tasks()

@@ -70,6 +70,10 @@ pub(crate) struct SlotMeta {
     /// the next task: a worker that pops the task later skips it and publishes `Cancelled`,
     /// which must not change what the caller is told.
     pub(super) settled: AtomicU8,
+    /// The caller cancelled the task after a worker had claimed it (the worker may still
+    /// answer it `Cancelled`: that answer is the caller's cancel, not a deadline's). Reset
+    /// with `settled`.
+    pub(super) cancel_late: AtomicBool,
     /// The time from the task's submit to its deadline (the `Timeout`'s `after`).
     pub(super) budget_ns: AtomicU64,
     /// The reactor's alarm for a future waiting on this task: the deadline, until the reactor
@@ -306,6 +310,7 @@ impl Shared {
         if own != 0 || meta.settle_at.load(Ordering::Relaxed) != 0 {
             meta.settle_at.store(own, Ordering::Relaxed);
             meta.settled.store(0, Ordering::Relaxed);
+            meta.cancel_late.store(false, Ordering::Relaxed);
             meta.alarm_ns.store(own, Ordering::Relaxed);
             meta.budget_ns
                 .store(own.saturating_sub(submitted_ns), Ordering::Relaxed);
@@ -701,25 +706,28 @@ impl Shared {
         decided
     }
 
-    /// `settle` found the task no longer expirable. If it was answered `Cancelled` without a
-    /// worker's claim (a worker or the supervisor skipped it), another thread's settle won the
-    /// deadline or a cancel came first, and records its answer right after: waits (bounded:
-    /// a few instructions of a parent thread, unless it is descheduled) and returns it. 0 for
-    /// a claimed task, or a skip nobody settled (a shutdown's cancellation).
+    /// `settle` found the task, past its deadline, no longer expirable. If it is done and
+    /// `CANCELLED`, and its caller did not cancel it after a worker's claim, the `CANCELLED`
+    /// came from the deadline (another thread's `expire`, whose record of `Timeout` may still
+    /// be on its way) or from a cancel before any claim (which records `Cancelled`), and
+    /// whoever popped it skipped it (a worker, which sets `CLAIMED` as it skips, or the
+    /// supervisor): the answer is the recorded one, or `Timeout`, recorded here (first one
+    /// stands). No waiting. Otherwise whatever is recorded (0: the outcome answers).
     fn settled_by_another(&self, slot: u32) -> u8 {
         let meta = self.meta(slot);
         let st = self.slot(slot).state_bits();
-        if st & (bits::DONE | bits::CANCELLED | bits::CLAIMED) != bits::DONE | bits::CANCELLED {
+        if st & (bits::DONE | bits::CANCELLED) != bits::DONE | bits::CANCELLED
+            || meta.cancel_late.load(Ordering::Acquire)
+        {
             return meta.settled.load(Ordering::Acquire);
         }
-        for _ in 0..SETTLE_WAIT_TRIES {
-            let decided = meta.settled.load(Ordering::Acquire);
-            if decided != 0 {
-                return decided;
-            }
-            std::thread::yield_now();
+        match meta
+            .settled
+            .compare_exchange(0, SETTLED_TIMEOUT, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => SETTLED_TIMEOUT,
+            Err(first) => first,
         }
-        meta.settled.load(Ordering::Acquire)
     }
 
     /// Collecting task `task_id`, if its answer is settled without a worker
@@ -838,6 +846,8 @@ impl Shared {
     /// task's (nobody else can retire it) and the bit lands on the right task.
     pub(crate) fn cancel(&self, slot: u32) {
         if !self.slot(slot).cancel() {
+            // A worker has it (or it is done): a `Cancelled` it may answer is this cancel's.
+            self.meta(slot).cancel_late.store(true, Ordering::Release);
             return;
         }
         // No worker had claimed it: it never runs, and its answer is `Cancelled` now (unless
@@ -862,7 +872,8 @@ impl Shared {
         if meta.arb.detach(self.slot(slot), task_id) {
             self.retire(slot);
         } else if self.slot(slot).is_takeable() {
-            // Cancelled by the detach before any worker claimed it.
+            // Cancelled by the detach before any worker claimed it (or, if the reactor
+            // retired the slot and a submit reused it meanwhile, a needless look).
             self.settled_in_queue();
         }
     }
@@ -989,10 +1000,6 @@ pub(super) const FREE: u8 = 0;
 pub(super) const SUBMITTING: u8 = 1;
 /// `SlotMeta::phase`: its task is queued (or offered to one worker), until retirement.
 pub(super) const QUEUED: u8 = 2;
-
-/// How many times `settled_by_another` looks for the other thread's answer (yielding between
-/// looks) before it takes the task as unsettled.
-const SETTLE_WAIT_TRIES: u32 = 1000;
 
 /// `SlotMeta::settled`: the deadline passed with no worker on the task.
 const SETTLED_TIMEOUT: u8 = 1;
