@@ -1131,6 +1131,8 @@ fn a_thread_stage_has_handles_deadlines_cancels_and_a_map() {
             )),
             "{all:?}"
         );
+        let _ = std::fs::remove_file(&gate);
+        let _ = std::fs::remove_file(&started);
     });
 }
 
@@ -1219,6 +1221,7 @@ fn a_thread_task_past_its_deadline_is_answered_then_and_never_runs() {
             t.submit(&(106, String::new())),
             Err(stateful_pool::SubmitError::Shutdown)
         ));
+        let _ = std::fs::remove_file(&gate);
     });
 }
 
@@ -1302,6 +1305,7 @@ fn dropping_a_thread_map_cancels_its_queued_inputs() {
             "{:?}",
             RAN.lock().unwrap()
         );
+        let _ = std::fs::remove_file(&gate);
     });
 }
 
