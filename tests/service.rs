@@ -1536,13 +1536,21 @@ fn callers_waiting_for_a_place_are_answered_when_the_server_shuts_down() {
 fn a_held_thread_stage_drops_the_jobs_of_callers_that_gave_up() {
     watchdog(180, || {
         let gate = gate_path("held-thread-gate");
+        let started = gate_path("held-thread-started");
         let mark = gate_path("gave-up-mark");
         let server = Arc::new(Server::new(threads("T", 1).max_in_flight(4), 8));
         let holder = {
             let server = server.clone();
-            let item = with(msg(0), "T", Cmd::Gate(gate.display().to_string()));
+            let item = with(
+                with(msg(0), "T", Cmd::Touch(started.display().to_string())),
+                "T",
+                Cmd::Gate(gate.display().to_string()),
+            );
             std::thread::spawn(move || server.call(item))
         };
+        // The thread runs the holder's item (not merely: the item is in the server, which
+        // holds before its job is queued, so a later item could overtake it).
+        assert!(wait_until(60, || started.exists()));
         assert!(wait_until(60, || server.stats().stages[0].queued == 0
             && server.in_flight() == 1));
         for i in 0..300 {
@@ -1559,6 +1567,7 @@ fn a_held_thread_stage_drops_the_jobs_of_callers_that_gave_up() {
         assert_eq!(server.call(msg(7)).unwrap().v, 8);
         assert!(!mark.exists(), "an item whose caller gave up ran");
         let _ = std::fs::remove_file(&gate);
+        let _ = std::fs::remove_file(&started);
     });
 }
 
