@@ -305,14 +305,16 @@ fn ub_shutdown_finishes_queued_and_shutdown_now_cancels_them() {
             .map(|i| pool.submit(&Cmd::Echo(i)).unwrap())
             .collect();
         assert!(wait_until(30, || started.exists()));
-        let g = gate.clone();
-        let opener = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(100));
-            std::fs::write(&g, b"").unwrap();
+        // The gate opens once the queued tasks are answered (cancelled), not on a timer: a
+        // worker freed earlier would run them.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                assert!(wait_until(60, || queued.iter().all(|h| h.is_finished())));
+                std::fs::write(&gate, b"").unwrap();
+            });
+            pool.shutdown_now();
         });
-        pool.shutdown_now();
-        opener.join().unwrap();
-        // running one finishes (it needs counters: Step without counters panics -> so accept Panicked? no)
+        // The running one finishes (its outcome is not the point here).
         let _ = first.wait();
         for h in queued {
             match h.wait() {
@@ -341,7 +343,7 @@ fn ub_many_threads_mixed_verbs() {
                         2 => {
                             let h = p.submit(&Cmd::Echo(v)).unwrap();
                             let mut h = h;
-                            let mut n = 0;
+                            let end = Instant::now() + Duration::from_secs(60);
                             loop {
                                 match h.try_wait() {
                                     Ok(o) => {
@@ -351,8 +353,7 @@ fn ub_many_threads_mixed_verbs() {
                                     Err(WaitTimeoutError::Timeout(hh)) => h = hh,
                                     Err(e) => panic!("{e:?}"),
                                 }
-                                n += 1;
-                                assert!(n < 10_000_000);
+                                assert!(Instant::now() < end, "no answer in 60 s");
                                 std::thread::yield_now();
                             }
                         }
