@@ -200,9 +200,42 @@ fn settled_tasks_give_their_places_back_while_every_worker_is_busy() {
             drop(fits);
             assert!(!blocker.is_finished(), "the worker is still held");
         }
+        // Large tasks (archives in the task arena) and a batch: their arena space comes back
+        // too. Two 20 MiB tasks hold 40 of the arena's 64 MiB; three fit only once both left.
+        let big = Cmd::SumVec(vec![1; 20 << 20]);
+        let large: Vec<_> = (0..2)
+            .map(|_| pool.task(&big).deadline(soon()).submit().unwrap())
+            .collect();
+        let batch = pool
+            .batch(&[Cmd::Tick(40), Cmd::Tick(41)])
+            .deadline(soon())
+            .submit()
+            .unwrap();
+        for h in large {
+            expired(h.wait(), "a large task past its deadline");
+        }
+        match batch.wait() {
+            Err(TaskError::Timeout { .. }) => {}
+            other => panic!("a batch past its deadline: {other:?}"),
+        }
+        let fits: Vec<_> = (0..3)
+            .map(|k| {
+                let mut h = None;
+                assert!(
+                    wait_until(60, || {
+                        h = pool.try_submit(&big).ok();
+                        h.is_some()
+                    }),
+                    "large task {k}: its place and arena space came back"
+                );
+                h.unwrap()
+            })
+            .collect();
+        drop(fits);
+        assert!(!blocker.is_finished(), "the worker is still held");
         std::fs::write(&gate, b"").unwrap();
         assert_eq!(blocker.wait().unwrap().value, 1);
-        for id in 0..30 {
+        for id in (0..30).chain([40, 41]) {
             assert_eq!(counters.get(id), 0, "settled task {id} never ran");
         }
         // The seat serves on, with every place.

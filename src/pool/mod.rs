@@ -643,8 +643,9 @@ impl<W: Worker> Pool<W> {
     /// own task, and so does a panic while the worker keeps serving after panics (the
     /// default). A task that makes the worker leave (a [`Poisoned`](crate::Poisoned) error,
     /// or a panic under
-    /// [`PoolBuilder::restart_on_panic`](crate::PoolBuilder::restart_on_panic)`(true)`) fails with its own error, and the tasks after
-    /// it in the batch are not run on that worker: each is answered
+    /// [`PoolBuilder::restart_on_panic`](crate::PoolBuilder::restart_on_panic)`(true)`)
+    /// fails with its own error, and the tasks after it in the batch are not run on that
+    /// worker: each is answered
     /// [`TaskError::Cancelled`](crate::TaskError::Cancelled) (a map with
     /// [`ErrorPolicy::Deferred`](crate::ErrorPolicy::Deferred) runs them again). Configured and
     /// sent as [`task`](Self::task)'s request is (see [`SubmitBatch`]). The tasks may be in any

@@ -691,15 +691,7 @@ impl Shared {
             return self.settled_by_another(slot);
         }
         // Another thread may have settled it meanwhile (a cancel: keep the first answer).
-        let decided = match meta.settled.compare_exchange(
-            0,
-            SETTLED_TIMEOUT,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        ) {
-            Ok(_) => SETTLED_TIMEOUT,
-            Err(first) => first,
-        };
+        let decided = record_timeout(meta);
         // Recorded: the task is `CANCELLED` and unclaimed, off the queue's head with it (only
         // now, so that whoever sees it answered finds the answer recorded).
         self.settled_in_queue();
@@ -721,13 +713,7 @@ impl Shared {
         {
             return meta.settled.load(Ordering::Acquire);
         }
-        match meta
-            .settled
-            .compare_exchange(0, SETTLED_TIMEOUT, Ordering::AcqRel, Ordering::Acquire)
-        {
-            Ok(_) => SETTLED_TIMEOUT,
-            Err(first) => first,
-        }
+        record_timeout(meta)
     }
 
     /// Collecting task `task_id`, if its answer is settled without a worker
@@ -1000,6 +986,18 @@ pub(super) const FREE: u8 = 0;
 pub(super) const SUBMITTING: u8 = 1;
 /// `SlotMeta::phase`: its task is queued (or offered to one worker), until retirement.
 pub(super) const QUEUED: u8 = 2;
+
+/// Records `Timeout` as the task's settled answer, unless one is recorded already (the first
+/// stands); returns the answer that stands.
+fn record_timeout(meta: &SlotMeta) -> u8 {
+    match meta
+        .settled
+        .compare_exchange(0, SETTLED_TIMEOUT, Ordering::AcqRel, Ordering::Acquire)
+    {
+        Ok(_) => SETTLED_TIMEOUT,
+        Err(first) => first,
+    }
+}
 
 /// `SlotMeta::settled`: the deadline passed with no worker on the task.
 const SETTLED_TIMEOUT: u8 = 1;

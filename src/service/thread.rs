@@ -66,8 +66,8 @@ struct Inner<W: Worker> {
 /// Use it directly, with a pool's task API ([`execute`](Self::execute),
 /// [`execute_async`](Self::execute_async), [`submit`](Self::submit) for a [`ThreadTask`]
 /// handle, [`submit_before`](Self::submit_before) with a deadline, [`map`](Self::map) for a
-/// lazy ordered map), or as a stage in a service graph (its input is the worker's task type, its output the worker's
-/// output, handed over without serialising it). A panic in a task fails that task and the
+/// lazy ordered map), or as a stage in a service graph (its input is the worker's task type,
+/// its output the worker's output, handed over without serialising it). A panic in a task fails that task and the
 /// thread serves on; [`Poisoned`](crate::Poisoned) rebuilds the thread's state from its spawn arguments.
 /// Threads cannot be killed: a task that never returns holds its thread, and a thread stage
 /// has no task timeouts (deadlines still skip tasks that have not started).

@@ -169,8 +169,7 @@ impl SlotHeader {
     /// Whether the task is `CANCELLED` with no worker's claim and not done: nobody will run it,
     /// and whoever pops it answers it `Cancelled`.
     pub(crate) fn is_takeable(&self) -> bool {
-        self.state.load(Ordering::Acquire) & (bits::CANCELLED | bits::CLAIMED | bits::DONE)
-            == bits::CANCELLED
+        self.state_bits() & (bits::CANCELLED | bits::CLAIMED | bits::DONE) == bits::CANCELLED
     }
 
     /// The state word's bits (Acquire).

@@ -388,6 +388,8 @@ impl Sup {
         }
     }
 
+    /// Reports `e` (to `tracing`, inside the spans of the worker it is about, and to the
+    /// event hook).
     fn emit(&self, e: PoolEvent) {
         let worker = match &e {
             PoolEvent::WorkerDied { worker, .. }
@@ -399,6 +401,11 @@ impl Sup {
             _ => None,
         };
         let life = worker.and_then(|w| self.seats.get(w)).map(|s| &s.life);
+        self.emit_in(e, life);
+    }
+
+    /// [`emit`](Self::emit) inside the spans `life` (of a process its seat no longer holds).
+    fn emit_in(&self, e: PoolEvent, life: Option<&crate::telemetry::Life>) {
         crate::telemetry::pool_event(&e, life);
         if let Some(h) = &self.shared.cfg.on_event {
             let f = &h.0;

@@ -97,9 +97,7 @@ impl Sup {
             // Its event is still told in its spans, which close after it.
             let life = std::mem::take(&mut self.seats[worker].life);
             self.free_seat(seat, WorkerState::Stopped);
-            self.seats[worker].life = life;
-            self.emit(PoolEvent::WorkerRetired { worker, pid });
-            self.seats[worker].life = Default::default();
+            self.emit_in(PoolEvent::WorkerRetired { worker, pid }, Some(&life));
             for w in waiters {
                 let _ = w.send(true);
             }
