@@ -65,7 +65,13 @@ impl Positional for ShmWriter {
 }
 
 impl<E: Source> Writer<E> for ShmWriter {
+    #[inline]
     fn write(&mut self, bytes: &[u8]) -> Result<(), E> {
+        // rkyv pads with `write(&ZEROS[..n])` before every aligned value, mostly with n = 0,
+        // which the copy below would turn into a call to `memset` for nothing.
+        if bytes.is_empty() {
+            return Ok(());
+        }
         let end = self.pos.checked_add(bytes.len());
         match end {
             Some(end) if end <= self.cap => {
@@ -392,6 +398,7 @@ impl EncodeError {
 /// # Safety
 /// As for [`ShmWriter::new`]: `ptr..ptr + cap` is valid for writes and the caller's alone
 /// while this runs.
+#[inline]
 pub(crate) unsafe fn encode_into<T: Encode>(
     value: &T,
     ptr: *mut u8,
@@ -420,6 +427,7 @@ pub(crate) unsafe fn encode_into_private<T: Encode>(
 ///
 /// # Safety
 /// As for [`encode_into`].
+#[inline]
 unsafe fn encode_with<T: Encode>(
     value: &T,
     ptr: *mut u8,
@@ -498,11 +506,13 @@ pub(crate) fn encode_owned<T: Encode>(value: &T) -> Result<AlignedVec<16>, Encod
 }
 
 /// Validates `bytes` as an archive of `T` and returns a reference into them.
+#[inline]
 pub(crate) fn access<T: Message>(bytes: &[u8]) -> Result<&T::Archived, String> {
     rkyv::access::<T::Archived, BoxedError>(bytes).map_err(|e| e.to_string())
 }
 
 /// Validates and deserialises `bytes` into an owned `T`.
+#[inline]
 pub(crate) fn decode<T: Message>(bytes: &[u8]) -> Result<T, String> {
     let archived = access::<T>(bytes)?;
     rkyv::deserialize::<T, BoxedError>(archived).map_err(|e| e.to_string())

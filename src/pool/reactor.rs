@@ -85,6 +85,7 @@ impl Shared {
     /// A submit took its slot (after the SeqCst swap of its `phase`): wakes the reactor if
     /// it sleeps with no periodic look. One load while the reactor is awake or looking; the
     /// submit that finds the flag up takes it down and rings the bell.
+    #[inline]
     pub(crate) fn reactor_wake_if_idle(&self) {
         if self.reactor_untimed.load(Ordering::SeqCst)
             && self.reactor_untimed.swap(false, Ordering::SeqCst)

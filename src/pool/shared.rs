@@ -179,6 +179,7 @@ impl Shared {
         }
     }
 
+    #[inline]
     pub(crate) fn header(&self) -> &SegmentHeader {
         self.seg.get(0)
     }
@@ -199,6 +200,7 @@ impl Shared {
     }
 
     /// The header of `slot` (the caller has a slot index it made or checked).
+    #[inline]
     pub(crate) fn slot(&self, slot: u32) -> &SlotHeader {
         self.seg
             .get(self.layout.slots + slot as usize * size_of::<SlotHeader>())
@@ -257,6 +259,7 @@ impl Shared {
     }
 
     /// The submit time and deadline of `slot`'s task.
+    #[inline]
     pub(crate) fn times(&self, slot: u32) -> &SlotTimes {
         self.seg.get(self.layout.slot_times_off(slot))
     }
@@ -266,10 +269,12 @@ impl Shared {
         self.seg.get(self.layout.batch_ctl_off(seat))
     }
 
+    #[inline]
     pub(crate) fn ctl(&self, seat: u32) -> &WorkerCtl {
         self.seg.get(self.layout.ctl_off(seat))
     }
 
+    #[inline]
     pub(crate) fn n_slots(&self) -> u32 {
         self.layout.params.n_slots
     }
@@ -278,6 +283,7 @@ impl Shared {
         self.layout.params.max_workers
     }
 
+    #[inline]
     pub(crate) fn task_ring(&self) -> MpmcRing<'_> {
         MpmcRing::new(
             &self.header().task_ring,
@@ -339,6 +345,7 @@ impl Shared {
 
     /// Whether no worker serves and none is starting or waiting to restart: a task would wait
     /// forever, so it is refused (`NoWorkers`) instead.
+    #[inline]
     pub(crate) fn workerless(&self) -> bool {
         self.no_workers.load(Ordering::SeqCst) || self.seats_in_use.load(Ordering::SeqCst) == 0
     }

@@ -95,6 +95,7 @@ pub(crate) struct SlotMeta {
 
 impl SlotMeta {
     /// Id of the task now in the slot.
+    #[inline]
     pub(crate) fn task_id(&self) -> u64 {
         self.task_id.load(Ordering::Relaxed)
     }
@@ -148,6 +149,7 @@ impl Shared {
 
     /// A submit took `slot`: marks it `SUBMITTING` (SeqCst: the submit's half of the Dekker
     /// pairs in `SlotMeta::phase`), then wakes the reactor if it sleeps with no timer.
+    #[inline]
     fn announce(&self, slot: u32) -> u32 {
         self.meta[slot as usize]
             .phase
@@ -158,7 +160,19 @@ impl Shared {
 
     /// Why no task can be submitted now, if so: broken down, or shut down. (No worker is
     /// checked later, after the task's own checks.)
+    #[inline]
     fn refusal(&self) -> Option<SubmitError> {
+        // The usual answer, with no error built: two loads, inlined into every submit.
+        if !self.broken.load(Ordering::SeqCst) && !self.closing.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.refusal_of_a_closed_pool()
+    }
+
+    /// [`refusal`](Self::refusal) once the pool is broken or closing.
+    #[cold]
+    #[inline(never)]
+    fn refusal_of_a_closed_pool(&self) -> Option<SubmitError> {
         if let Some(reason) = self.broken_reason() {
             return Some(SubmitError::Broken { reason });
         }
@@ -932,6 +946,7 @@ impl Shared {
         self.release_slot(slot);
     }
 
+    #[inline]
     fn release_slot(&self, slot: u32) {
         // The slot's state keeps DONE until the next submit resets it: a supervisor checking a
         // dead worker's stale claim on this slot must never mistake it for a task in progress.

@@ -93,6 +93,7 @@ impl MpmcCell {
 impl<'a> MpmcRing<'a> {
     /// A view over initialised storage: `cells[i].seq == i` before first use (or any state the
     /// protocol reached), `cells.len()` a power of two.
+    #[inline]
     pub(crate) fn new(hdr: &'a MpmcHeader, cells: &'a [MpmcCell]) -> Self {
         assert!(
             cells.len().is_power_of_two(),
@@ -121,6 +122,7 @@ impl<'a> MpmcRing<'a> {
     /// stuck past [`Patience`](crate::sync::Patience) (a cell that a consumer never releases:
     /// a dead consumer awaiting repair, or a worker that wrote garbage into the queue), so a
     /// producer never spins without bound on what another process wrote.
+    #[inline]
     pub(crate) fn push(&self, value: u32) -> Result<(), u32> {
         let cap = self.cells.len() as u64;
         let mut patience = crate::sync::Patience::new();
@@ -163,6 +165,7 @@ impl<'a> MpmcRing<'a> {
     /// Pops a value, or `None` if the ring is empty (or stays stuck past
     /// [`Patience`](crate::sync::Patience)). With `claim`, records the intent described in the
     /// module docs so a crash mid-pop can be repaired.
+    #[inline]
     pub(crate) fn pop(&self, claim: Option<&AtomicU64>) -> Option<u32> {
         self.pop_inner(claim, None, || {}, false)
     }
@@ -309,6 +312,7 @@ impl<'a> MpmcRing<'a> {
     /// positions are already filled: so it is for spinning only. A consumer about to sleep
     /// must ask [`is_empty`](Self::is_empty), because the wake-up for a later position may
     /// have been spent on a consumer that saw this cell still empty.
+    #[inline]
     pub(crate) fn has_ready(&self) -> bool {
         let head = self.hdr.head.load(Ordering::SeqCst);
         self.cell(head).seq.load(Ordering::SeqCst) != head

@@ -189,6 +189,7 @@ impl EventCount {
     /// Wakes one sleeper, if any, unless every sleeper already has a wake-up on its way. Costs
     /// one load when nobody sleeps. Only for a condition every waiter shares and whoever wakes
     /// drains, and only from the parent (module docs, *The contract of `notify_one`*).
+    #[inline]
     pub(crate) fn notify_one(&self) {
         self.notify(1);
     }

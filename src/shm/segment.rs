@@ -63,11 +63,13 @@ impl Segment {
     }
 
     /// Base address of the mapping in this process.
+    #[inline]
     pub(crate) fn base(&self) -> *mut u8 {
         self.map.as_mut_ptr()
     }
 
     /// Length in bytes.
+    #[inline]
     pub(crate) fn len(&self) -> usize {
         self.map.len()
     }
@@ -118,6 +120,7 @@ impl Segment {
 
     /// Raw pointer to `len` bytes at `offset`, bounds-checked. Who may read or write them when
     /// is decided by the protocol that hands the region out.
+    #[inline]
     pub(crate) fn bytes_ptr(&self, offset: usize, len: usize) -> *mut u8 {
         assert!(
             offset.checked_add(len).is_some_and(|end| end <= self.len()),

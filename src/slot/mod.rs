@@ -101,6 +101,7 @@ impl SlotHeader {
     /// Parent, at submit: fills in a new task and resets the state (last, Release) to `kind`
     /// (`BATCH` and `DEADLINE` bits, or 0). The slot came off the free list, so no worker
     /// holds it and no waiter watches it.
+    #[inline]
     pub(crate) fn prepare(&self, task_id: u64, task: (u64, u32), payload: (u64, u64), kind: u32) {
         self.task_id.store(task_id, Ordering::Relaxed);
         self.task_off.store(task.0, Ordering::Relaxed);
@@ -120,6 +121,7 @@ impl SlotHeader {
     /// `CANCELLED` and `BATCH`). The first touch of the header's line is this RMW (expecting
     /// a plain task that nobody waits on yet), so the line comes over once, for writing; read
     /// the task fields after it.
+    #[inline]
     pub(crate) fn claim(&self, owner: u32) -> u32 {
         let prev = fetch_or_from(&self.state, 0, bits::CLAIMED);
         self.owner.store(owner, Ordering::Relaxed);
@@ -184,6 +186,7 @@ impl SlotHeader {
 
     /// Publishes `o` (worker: its own task; parent: a task whose worker is dead, or that no
     /// worker took). Returns who must be woken.
+    #[inline]
     pub(crate) fn publish(&self, o: RawOutcome) -> Wake {
         self.result_worker.store(o.worker, Ordering::Relaxed);
         self.result_rec.store(o.rec, Ordering::Relaxed);
@@ -206,6 +209,7 @@ impl SlotHeader {
     /// Reads the published outcome. Call only after [`is_done`](Self::is_done) returned true.
     /// The values are whatever the publisher (possibly a misbehaving worker) wrote: validate
     /// with [`RawOutcome::decode`].
+    #[inline]
     pub(crate) fn outcome(&self) -> RawOutcome {
         RawOutcome {
             kind: self.result_kind.load(Ordering::Relaxed),

@@ -505,12 +505,14 @@ impl Server<'_> {
     }
 
     /// Whether the task has a deadline that has passed (checked just before it would start).
+    #[inline]
     pub(super) fn expired(&self, t: &Task<'_>, state: u32) -> bool {
         let d = self.deadline_ns(t, state);
         d != 0 && crate::sys::mono_ns() > d
     }
 
     /// The task's deadline (`mono_ns`), or 0 for none, given its slot's `state` word.
+    #[inline]
     pub(super) fn deadline_ns(&self, t: &Task<'_>, state: u32) -> u64 {
         if state & bits::DEADLINE == 0 {
             return 0;
@@ -519,6 +521,7 @@ impl Server<'_> {
     }
 
     /// The submit time and deadline words of `slot` (an index the caller checked).
+    #[inline]
     pub(super) fn times(&self, slot: u32) -> &SlotTimes {
         self.wp.seg.get(self.wp.layout.slot_times_off(slot))
     }
@@ -595,6 +598,7 @@ impl Server<'_> {
     }
 
     /// The header of `slot` (an index the pop returned and the caller checked).
+    #[inline]
     fn slot_header(&self, slot: u32) -> &SlotHeader {
         let layout = &self.wp.layout;
         self.wp
@@ -604,6 +608,7 @@ impl Server<'_> {
 
     /// The task's archive and payload in shared memory, and where an inline result may start;
     /// `None` (with the task answered `BadTask`) if the slot points outside the segment.
+    #[inline]
     fn task_bytes(&self, t: &Task<'_>) -> Option<(&[u8], &[u8], usize)> {
         let seg = &self.wp.seg;
         let sh = t.sh;
@@ -733,8 +738,15 @@ impl Server<'_> {
             Encoded::Written(n) if n <= WORD_BYTES => {
                 let mut word = [0u8; WORD_BYTES];
                 // SAFETY: `n <= WORD_BYTES` bytes were just written at `src` (our scratch);
-                // `word` is ours.
-                unsafe { std::ptr::copy_nonoverlapping(src, word.as_mut_ptr(), n) };
+                // `word` is ours. (A full word, the common case, as a constant-size copy: one
+                // load and one store, where a variable length calls `memcpy`.)
+                unsafe {
+                    if n == WORD_BYTES {
+                        std::ptr::copy_nonoverlapping(src, word.as_mut_ptr(), WORD_BYTES)
+                    } else {
+                        std::ptr::copy_nonoverlapping(src, word.as_mut_ptr(), n)
+                    }
+                };
                 let rec = u64::from_ne_bytes(word);
                 self.publish(
                     t,
@@ -834,6 +846,7 @@ impl Server<'_> {
     }
 
     /// Publishes the outcome in the slot and wakes whoever waits for it.
+    #[inline]
     pub(super) fn publish(&self, t: &Task<'_>, o: RawOutcome) {
         failpoint::hit("after_result_write");
         #[cfg(feature = "failpoints")]
