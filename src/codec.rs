@@ -9,6 +9,8 @@
 //! and a C host can send anything, so bytes from another process are checked before use. For the
 //! plain-data types typical of tasks this costs nanoseconds.
 
+pub(crate) mod plain;
+
 use rkyv::api::high::{HighDeserializer, HighSerializer, HighValidator};
 use rkyv::bytecheck::CheckBytes;
 use rkyv::rancor::{BoxedError, Source};
@@ -187,13 +189,39 @@ pub(crate) mod sealed {
     /// The encoder behind [`ArchivesAs`](super::ArchivesAs) (not nameable outside the crate).
     pub trait Sealed<T> {
         /// A value rkyv serialises as `T`'s archive.
-        type Enc<'a>: super::Encode
+        type Enc<'a>: super::Encode + Plain
         where
             Self: 'a;
         /// That value, borrowing `self`.
         fn enc(&self) -> Self::Enc<'_>;
     }
+
+    /// An encoder whose value may be a plain number ([`super::plain`]): its archive, made
+    /// without rkyv's serialiser; `None` for every other value.
+    pub trait Plain {
+        /// The archive, if the value is a plain number.
+        #[inline(always)]
+        fn plain(&self) -> Option<super::plain::Word> {
+            None
+        }
+    }
 }
+
+impl<T: Message> sealed::Plain for Same<'_, T> {
+    #[inline(always)]
+    fn plain(&self) -> Option<plain::Word> {
+        plain::archive(self.0)
+    }
+}
+
+impl sealed::Plain for Str<'_> {}
+
+impl<E> sealed::Plain for Slice<'_, E> {}
+
+impl<I> sealed::Plain for BatchOf<I> {}
+
+/// A task already archived (a loan's placed archive): nothing to encode.
+impl sealed::Plain for () {}
 
 impl<T: Message> sealed::Sealed<T> for T {
     type Enc<'a> = Same<'a, T>;
@@ -508,12 +536,19 @@ pub(crate) fn encode_owned<T: Encode>(value: &T) -> Result<AlignedVec<16>, Encod
 /// Validates `bytes` as an archive of `T` and returns a reference into them.
 #[inline]
 pub(crate) fn access<T: Message>(bytes: &[u8]) -> Result<&T::Archived, String> {
+    // A plain number needs no validator (`plain`: it accepts exactly what rkyv accepts).
+    if let Some(a) = plain::access::<T>(bytes) {
+        return Ok(a);
+    }
     rkyv::access::<T::Archived, BoxedError>(bytes).map_err(|e| e.to_string())
 }
 
 /// Validates and deserialises `bytes` into an owned `T`.
 #[inline]
 pub(crate) fn decode<T: Message>(bytes: &[u8]) -> Result<T, String> {
+    if let Some(v) = plain::decode::<T>(bytes) {
+        return Ok(v);
+    }
     let archived = access::<T>(bytes)?;
     rkyv::deserialize::<T, BoxedError>(archived).map_err(|e| e.to_string())
 }

@@ -10,6 +10,7 @@
 use super::arena::Block;
 use super::options::TaskOptions;
 use super::shared::Shared;
+use crate::codec::sealed::Plain;
 use crate::error::{SubmitError, TaskError};
 use crate::ring::wait::{spin_until, spin_within, wait_on};
 use crate::slot::outcome::{KIND_CANCELLED, WORD_BYTES};
@@ -201,7 +202,7 @@ impl Shared {
 
     /// Submits a task: serialises it into its slot (or an arena block if it is too big) and
     /// queues it. `payload` is `(offset, len, block len)` of an arena block a loan filled.
-    pub(crate) fn submit_with<T: crate::codec::Encode>(
+    pub(crate) fn submit_with<T: crate::codec::Encode + Plain>(
         &self,
         task: &T,
         payload: Option<(u64, u64, u64)>,
@@ -223,7 +224,7 @@ impl Shared {
         self.submit_inner::<()>(TaskSrc::Placed(placed), None, block, opts)
     }
 
-    fn submit_inner<T: crate::codec::Encode>(
+    fn submit_inner<T: crate::codec::Encode + Plain>(
         &self,
         task: TaskSrc<'_, T>,
         payload: Option<(u64, u64, u64)>,
@@ -244,38 +245,58 @@ impl Shared {
         let meta = &self.meta[slot as usize];
         let (task_off, task_len, placed) = match task {
             TaskSrc::Placed(p) => (p.0, p.1, Some(p)),
-            TaskSrc::Encode(task) => {
-                // The user's `Serialize` runs here: one that panics must not leave the slot
-                // taken (`SUBMITTING` for ever would hang the pool's shutdown).
-                let encoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    self.encode_task(slot, task, inline_off, inline_cap, block)
-                }));
-                let (off, len) = match encoded {
-                    Ok(r) => r?,
-                    Err(panic) => {
-                        self.give_back(slot);
-                        std::panic::resume_unwind(panic);
+            TaskSrc::Encode(task) => match task.plain() {
+                // A plain number goes straight into the header word (`codec::plain`:
+                // rkyv's bytes without rkyv's serialiser), as a tiny archive would below.
+                Some(w) => {
+                    if w.len > self.max_task_bytes {
+                        return Err(self.abort_submit(
+                            slot,
+                            SubmitError::PayloadTooLarge {
+                                len: w.len,
+                                max: self.max_task_bytes,
+                            },
+                        ));
                     }
-                };
-                if off == inline_off as u64 && len <= WORD_BYTES as u64 {
-                    // A tiny task travels in its slot header's own line (written below by
-                    // `prepare`): the worker never reads the data area for it, so that line
-                    // stays in this thread's cache.
-                    let mut word = [0u8; WORD_BYTES];
-                    // SAFETY: the slot's inline area (at least 64 bytes) is ours alone until
-                    // the push; its first `len <= 8` bytes were just written.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            self.seg.bytes_ptr(inline_off, WORD_BYTES),
-                            word.as_mut_ptr(),
-                            WORD_BYTES,
-                        )
-                    };
-                    (u64::from_ne_bytes(word), len | TASK_IN_HEADER as u64, None)
-                } else {
-                    (off, len, None)
+                    (
+                        u64::from_ne_bytes(w.bytes),
+                        w.len as u64 | TASK_IN_HEADER as u64,
+                        None,
+                    )
                 }
-            }
+                None => {
+                    // The user's `Serialize` runs here: one that panics must not leave the slot
+                    // taken (`SUBMITTING` for ever would hang the pool's shutdown).
+                    let encoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        self.encode_task(slot, task, inline_off, inline_cap, block)
+                    }));
+                    let (off, len) = match encoded {
+                        Ok(r) => r?,
+                        Err(panic) => {
+                            self.give_back(slot);
+                            std::panic::resume_unwind(panic);
+                        }
+                    };
+                    if off == inline_off as u64 && len <= WORD_BYTES as u64 {
+                        // A tiny task travels in its slot header's own line (written below by
+                        // `prepare`): the worker never reads the data area for it, so that line
+                        // stays in this thread's cache.
+                        let mut word = [0u8; WORD_BYTES];
+                        // SAFETY: the slot's inline area (at least 64 bytes) is ours alone until
+                        // the push; its first `len <= 8` bytes were just written.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                self.seg.bytes_ptr(inline_off, WORD_BYTES),
+                                word.as_mut_ptr(),
+                                WORD_BYTES,
+                            )
+                        };
+                        (u64::from_ne_bytes(word), len | TASK_IN_HEADER as u64, None)
+                    } else {
+                        (off, len, None)
+                    }
+                }
+            },
         };
         // Checked after the size checks (a task too large is that, whatever the workers), and
         // before anything is queued.

@@ -18,6 +18,7 @@ use super::Pool;
 use super::arena::Block;
 use super::handle::{BatchHandle, Loan, TaskHandle};
 use super::options::TaskOptions;
+use crate::codec::sealed::Plain;
 use crate::codec::{self, ArchivesAs, Encode};
 use crate::error::{Rejected, SubmitError, TaskError};
 use crate::worker::Worker;
@@ -357,7 +358,7 @@ fn finish<W: Worker, P: Payload, H>(
 impl<W: Worker> Pool<W> {
     /// Queues an encoded task. The loan in `payload` passes to the slot only if the submit
     /// succeeds (it is taken out of the option then); on an error it stays with the caller.
-    pub(crate) fn send<E: Encode>(
+    pub(crate) fn send<E: Encode + Plain>(
         &self,
         task: &E,
         payload: &mut Option<Loan>,
@@ -400,7 +401,7 @@ impl<W: Worker> Pool<W> {
 
     /// As [`send`](Self::send) without blocking the thread: while the queue is full, the
     /// future waits for a slot to free up.
-    async fn send_async<E: Encode>(
+    async fn send_async<E: Encode + Plain>(
         &self,
         task: &E,
         payload: &mut Option<Loan>,

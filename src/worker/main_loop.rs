@@ -726,6 +726,16 @@ impl Server<'_> {
         out: &T,
     ) {
         let seat = self.wp.seat;
+        // A plain number: rkyv's bytes without rkyv's serialiser (`codec::plain`), into the
+        // header word as a tiny output below would go.
+        if let Some(w) = codec::plain::archive(out) {
+            let rec = u64::from_ne_bytes(w.bytes);
+            self.publish(
+                t,
+                RawOutcome::new(KIND_OK, seat, rec, w.len as u32 | LEN_IN_HEADER),
+            );
+            return;
+        }
         // Fastest path: a small output, serialised in the scratch buffer, then either the
         // slot header's `rec` word (at most 8 bytes: it travels in the header's own line, which
         // the parent reads anyway to see DONE) or the task's own slot, after the task archive.
