@@ -62,7 +62,8 @@ pub(crate) fn archive<T: 'static>(value: &T) -> Option<Word> {
 /// rkyv's archive of one plain number `v` (its resolver is `()`).
 #[inline(always)]
 fn resolve<P: Archive<Resolver = ()>>(v: &P) -> Word {
-    const { assert!(size_of::<Archived<u64>>() <= 8) };
+    // The word holds it: true of every type `for_plain!` lists, under every rkyv feature.
+    const { assert!(size_of::<P::Archived>() <= 8) };
     let mut out = MaybeUninit::<P::Archived>::zeroed();
     // SAFETY: `out` is aligned for `P::Archived`, dereferenceable, and all its bytes are
     // initialised (zeroed), as `Place::new_unchecked` requires; position 0 is where the root
@@ -71,11 +72,9 @@ fn resolve<P: Archive<Resolver = ()>>(v: &P) -> Word {
     v.resolve((), place);
     let len = size_of::<P::Archived>();
     let mut bytes = [0u8; 8];
-    // SAFETY: a plain number's archive is at most 8 bytes (the archived `u64` is the largest
-    // here); `out` holds `len` initialised bytes, and `bytes` is ours.
-    unsafe {
-        std::ptr::copy_nonoverlapping(out.as_ptr().cast::<u8>(), bytes.as_mut_ptr(), len.min(8))
-    };
+    // SAFETY: `len <= 8` (asserted at compile time above); `out` holds `len` initialised
+    // bytes, and `bytes` is ours.
+    unsafe { std::ptr::copy_nonoverlapping(out.as_ptr().cast::<u8>(), bytes.as_mut_ptr(), len) };
     Word { bytes, len }
 }
 
@@ -200,6 +199,11 @@ mod tests {
         assert!(archive(&true).is_none());
         assert!(archive(&'x').is_none());
         assert!(archive(&7usize).is_none());
+        assert!(archive(&-7isize).is_none());
+        assert!(archive(&7u128).is_none());
+        assert!(archive(&-7i128).is_none());
+        assert!(archive(&std::num::NonZeroU64::new(7).unwrap()).is_none());
+        assert!(archive(&Some(7u64)).is_none());
         assert!(archive(&(1u32, 2u32)).is_none());
         assert!(archive(&String::from("hi")).is_none());
         assert!(access::<bool>(&[1]).is_none());
