@@ -126,15 +126,23 @@ fn plain_tasks_through_every_verb_batches_and_maps() {
     });
 }
 
+/// A pool of one `F` worker with `queue` slots and tasks of at most `max` bytes.
+fn limited<F: stateful_pool::TaskFn>(queue: usize, max: usize) -> Pool<FnWorker<F>> {
+    let pool = Pool::<FnWorker<F>>::builder()
+        .queue_size(queue)
+        .max_task_bytes(max)
+        .build()
+        .unwrap();
+    pool.spawn(&()).unwrap();
+    pool
+}
+
 #[test]
 fn a_plain_task_over_max_task_bytes_is_refused_and_the_slot_serves_on() {
     watchdog(60, || {
-        let p = Pool::<FnWorker<F64Bits>>::builder()
-            .queue_size(2)
-            .max_task_bytes(4)
-            .build()
-            .unwrap();
-        p.spawn(&()).unwrap();
+        // Two slots, eight refusals: a refusal that kept its slot would leave the next submits
+        // with none (`try_submit` would say `QueueFull`, `execute` would wait for ever).
+        let p = limited::<F64Bits>(2, 4);
         for _ in 0..4 {
             assert!(
                 matches!(
@@ -152,13 +160,8 @@ fn a_plain_task_over_max_task_bytes_is_refused_and_the_slot_serves_on() {
                 "{r:?}"
             );
         }
-        // A 4-byte task fits: the refused ones left their slots free.
-        let q = Pool::<FnWorker<NegF32>>::builder()
-            .queue_size(1)
-            .max_task_bytes(4)
-            .build()
-            .unwrap();
-        q.spawn(&()).unwrap();
+        // A 4-byte task fits the same limit, lap after lap in one slot.
+        let q = limited::<NegF32>(1, 4);
         for _ in 0..3 {
             assert_eq!(q.execute(&0x3fc0_0000).unwrap(), -1.5);
         }
