@@ -250,13 +250,7 @@ impl Shared {
                 // rkyv's bytes without rkyv's serialiser), as a tiny archive would below.
                 Some(w) => {
                     if w.len > self.max_task_bytes {
-                        return Err(self.abort_submit(
-                            slot,
-                            SubmitError::PayloadTooLarge {
-                                len: w.len,
-                                max: self.max_task_bytes,
-                            },
-                        ));
+                        return Err(self.too_large(slot, w.len));
                     }
                     (
                         u64::from_ne_bytes(w.bytes),
@@ -427,6 +421,19 @@ impl Shared {
         Ok((slot, task_id))
     }
 
+    /// Gives `slot` back, refusing a task whose archive of `len` bytes exceeds
+    /// `max_task_bytes` (the limit holds for every task, also one that fits its slot).
+    #[cold]
+    fn too_large(&self, slot: u32, len: usize) -> SubmitError {
+        self.abort_submit(
+            slot,
+            SubmitError::PayloadTooLarge {
+                len,
+                max: self.max_task_bytes,
+            },
+        )
+    }
+
     /// Writes `task`'s archive into `slot`'s inline area, or an arena block when it does not
     /// fit (recorded in the slot's meta to be freed at retirement). On an error the slot is
     /// given back.
@@ -446,15 +453,7 @@ impl Shared {
             unsafe { encode_into(task, self.seg.bytes_ptr(inline_off, inline_cap), inline_cap) };
         Ok(match first {
             // The limit holds for every task, also one that fits its slot's inline area.
-            Ok(n) if n > self.max_task_bytes => {
-                return Err(self.abort_submit(
-                    slot,
-                    SubmitError::PayloadTooLarge {
-                        len: n,
-                        max: self.max_task_bytes,
-                    },
-                ));
-            }
+            Ok(n) if n > self.max_task_bytes => return Err(self.too_large(slot, n)),
             Ok(n) => (inline_off as u64, n as u64),
             Err(EncodeError::Overflow) => {
                 let len = match encoded_len(task) {
@@ -462,13 +461,7 @@ impl Shared {
                     Err(e) => return Err(self.abort_submit(slot, encode_err(e))),
                 };
                 if len > self.max_task_bytes {
-                    return Err(self.abort_submit(
-                        slot,
-                        SubmitError::PayloadTooLarge {
-                            len,
-                            max: self.max_task_bytes,
-                        },
-                    ));
+                    return Err(self.too_large(slot, len));
                 }
                 let Some((off, blk)) = self.arena.alloc(len as u64, block, || {
                     self.closing.load(Ordering::SeqCst) || self.broken.load(Ordering::SeqCst)

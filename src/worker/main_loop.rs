@@ -725,15 +725,10 @@ impl Server<'_> {
         inline_from: usize,
         out: &T,
     ) {
-        let seat = self.wp.seat;
         // A plain number: rkyv's bytes without rkyv's serialiser (`codec::plain`), into the
         // header word as a tiny output below would go.
         if let Some(w) = codec::plain::archive(out) {
-            let rec = u64::from_ne_bytes(w.bytes);
-            self.publish(
-                t,
-                RawOutcome::new(KIND_OK, seat, rec, w.len as u32 | LEN_IN_HEADER),
-            );
+            self.publish_word(t, w.bytes, w.len);
             return;
         }
         // Fastest path: a small output, serialised in the scratch buffer, then either the
@@ -757,11 +752,7 @@ impl Server<'_> {
                         std::ptr::copy_nonoverlapping(src, word.as_mut_ptr(), n)
                     }
                 };
-                let rec = u64::from_ne_bytes(word);
-                self.publish(
-                    t,
-                    RawOutcome::new(KIND_OK, seat, rec, n as u32 | LEN_IN_HEADER),
-                );
+                self.publish_word(t, word, n);
                 return;
             }
             Encoded::Written(n) => {
@@ -774,7 +765,7 @@ impl Server<'_> {
                 // this worker owns until it publishes. The two never overlap.
                 unsafe { std::ptr::copy_nonoverlapping(src, dst, n) };
                 let rec = REC_INLINE | inline_from as u64;
-                self.publish(t, RawOutcome::new(KIND_OK, seat, rec, n as u32));
+                self.publish(t, RawOutcome::new(KIND_OK, self.wp.seat, rec, n as u32));
                 return;
             }
             Encoded::Reported => return,
@@ -827,6 +818,15 @@ impl Server<'_> {
                 self.write_message(t, KIND_ERR, "output changed size while serialising")
             }
         }
+    }
+
+    /// Publishes an output of `len <= 8` bytes in the slot header's `rec` word (the parent
+    /// reads it from the outcome words it copies anyway).
+    #[inline]
+    fn publish_word(&self, t: &Task<'_>, word: [u8; WORD_BYTES], len: usize) {
+        let rec = u64::from_ne_bytes(word);
+        let o = RawOutcome::new(KIND_OK, self.wp.seat, rec, len as u32 | LEN_IN_HEADER);
+        self.publish(t, o);
     }
 
     pub(super) fn write_message(&self, t: &Task<'_>, kind: u32, msg: &str) {
